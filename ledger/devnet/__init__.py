@@ -1,0 +1,1 @@
+"""Single-node dev validator speaking Sawtooth 1.2 protocols."""
