@@ -32,8 +32,8 @@ def is_address(text: str) -> bool:
 
 
 def is_address_prefix(text: str) -> bool:
-    """Inputs/outputs may name a whole subtree: any even-length hex prefix up to 70."""
-    return len(text) <= ADDRESS_LENGTH and len(text) % 2 == 0 and is_hex(text)
+    """Inputs/outputs may name a whole subtree: any lowercase hex prefix up to 70 chars."""
+    return len(text) <= ADDRESS_LENGTH and is_hex(text)
 
 
 def covers(prefixes, address: str) -> bool:

@@ -51,7 +51,11 @@ class ValidatorConnection:
         self._tasks: set[asyncio.Task] = set()
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:12]
+        self._monitor: zmq.asyncio.Socket | None = None
         self.connected = asyncio.Event()
+        # Bumped on every disconnect: work that began on an older link belongs to a validator
+        # session that no longer exists, so owners compare generations before answering.
+        self.generation = 0
 
     async def start(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
@@ -62,6 +66,7 @@ class ValidatorConnection:
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.url)
         self._socket = sock
+        self._monitor = monitor
         self._spawn(self._receive_loop())
         self._spawn(self._monitor_loop(monitor))
 
@@ -76,6 +81,8 @@ class ValidatorConnection:
 
     async def send(self, message_type: int, content, correlation_id: str | None = None) -> str:
         """Send without waiting for a reply (used for replies to the validator's requests)."""
+        if self._socket is None:
+            raise ConnectionLost(f"connection to {self.url} is closed")
         correlation_id = correlation_id or self.new_correlation_id()
         body = content if isinstance(content, bytes) else content.SerializeToString()
         frame = pb.Message(message_type=message_type, correlation_id=correlation_id, content=body)
@@ -131,6 +138,7 @@ class ValidatorConnection:
                 first = False
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.connected.clear()
+                self.generation += 1
                 LOGGER.warning("lost the validator at %s; waiting for it to come back", self.url)
                 for future in list(self._pending.values()):
                     if not future.done():
@@ -143,7 +151,10 @@ class ValidatorConnection:
             LOGGER.exception("re-establishing the session with %s failed", self.url)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        # close() may run inside one of our own dispatch tasks (a handler stopping its owner):
+        # never cancel or await the caller itself.
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        for task in tasks:
             task.cancel()
         for future in self._pending.values():
             if not future.done():
@@ -152,4 +163,7 @@ class ValidatorConnection:
             self._socket.disable_monitor()
             self._socket.close(linger=0)
             self._socket = None
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._monitor is not None:  # the PAIR socket is ours to close, not libzmq's
+            self._monitor.close(linger=0)
+            self._monitor = None
+        await asyncio.gather(*tasks, return_exceptions=True)

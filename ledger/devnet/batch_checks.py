@@ -1,0 +1,100 @@
+"""Checks a submitted batch must pass before it may wait for a block.
+
+The same rules a Sawtooth 1.2 validator applies on receipt (structure and signature
+verifiers), each failure named in words a client author can act on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from .. import protos as pb
+from ..addressing import is_address_prefix
+from ..signing import verify
+
+
+class BatchRejected(ValueError):
+    """The batch breaks a rule; str() says which, and which transaction if one is at fault."""
+
+    def __init__(self, message: str, transaction_id: str = ""):
+        super().__init__(message)
+        self.transaction_id = transaction_id
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_transactions_per_batch: int = 1000
+    max_payload_bytes: int = 1024 * 1024  # per transaction; bigger data goes off-chain
+
+
+@dataclass(frozen=True)
+class CheckedBatch:
+    """A batch with its headers parsed once, so later stages never parse them again."""
+
+    batch: "pb.Batch"
+    header: "pb.BatchHeader"
+    txn_headers: tuple
+
+    @property
+    def id(self) -> str:
+        return self.batch.header_signature
+
+
+def _parse(cls, data: bytes, what: str):
+    try:
+        return cls.FromString(data)
+    except Exception:
+        raise BatchRejected(f"{what} is not a valid {cls.__name__} protobuf") from None
+
+
+def check_batch(batch: "pb.Batch", limits: Limits = Limits()) -> CheckedBatch:
+    batch_id = batch.header_signature
+    header = _parse(pb.BatchHeader, batch.header, f"batch {batch_id[:16]} header")
+    if not verify(header.signer_public_key, batch_id, batch.header):
+        raise BatchRejected(f"batch {batch_id[:16]}: header_signature does not verify with signer_public_key")
+    if not batch.transactions:
+        raise BatchRejected(f"batch {batch_id[:16]} holds no transactions")
+    if len(batch.transactions) > limits.max_transactions_per_batch:
+        raise BatchRejected(
+            f"batch {batch_id[:16]} holds {len(batch.transactions)} transactions; "
+            f"the limit is {limits.max_transactions_per_batch}"
+        )
+    ids = list(header.transaction_ids)
+    if len(ids) != len(set(ids)):
+        raise BatchRejected(f"batch {batch_id[:16]} lists the same transaction twice")
+    if ids != [t.header_signature for t in batch.transactions]:
+        raise BatchRejected(
+            f"batch {batch_id[:16]}: header transaction_ids do not match the transactions in order"
+        )
+    return CheckedBatch(batch, header, tuple(_check_transaction(t, header, limits) for t in batch.transactions))
+
+
+def _check_transaction(txn: "pb.Transaction", batch_header: "pb.BatchHeader", limits: Limits):
+    txn_id = txn.header_signature
+    short = txn_id[:16]
+    header = _parse(pb.TransactionHeader, txn.header, f"transaction {short} header")
+    if not verify(header.signer_public_key, txn_id, txn.header):
+        raise BatchRejected(f"transaction {short}: header_signature does not verify with signer_public_key", txn_id)
+    if len(txn.payload) > limits.max_payload_bytes:
+        raise BatchRejected(
+            f"transaction {short}: payload is {len(txn.payload)} bytes; the limit is "
+            f"{limits.max_payload_bytes} (store large data off-chain and put its sha256 on chain)",
+            txn_id,
+        )
+    if hashlib.sha512(txn.payload).hexdigest() != header.payload_sha512:
+        raise BatchRejected(f"transaction {short}: payload does not match payload_sha512 (tampered or truncated)", txn_id)
+    if header.batcher_public_key != batch_header.signer_public_key:
+        raise BatchRejected(f"transaction {short}: batcher_public_key is not the batch's signer", txn_id)
+    if not header.family_name or not header.family_version:
+        raise BatchRejected(f"transaction {short}: family_name and family_version are required", txn_id)
+    for field in ("inputs", "outputs"):
+        for prefix in getattr(header, field):
+            if not is_address_prefix(prefix):
+                raise BatchRejected(
+                    f"transaction {short}: {field} entry {prefix!r} is not a lowercase hex address prefix of at most 70 characters",
+                    txn_id,
+                )
+    if any(not dep for dep in header.dependencies):
+        raise BatchRejected(f"transaction {short}: empty dependency id", txn_id)
+    return header

@@ -1,0 +1,313 @@
+"""The dev validator's chain: pending batches, block publishing, batch statuses.
+
+Devmode-like: one node, and a block is published as soon as batches are pending. Batches that
+arrive while a block is being built go into the next one, so blocks grow with load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Sequence
+
+from .. import protos as pb
+from ..signing import PrivateKey
+from .batch_checks import BatchRejected, CheckedBatch, Limits, check_batch
+from .execution import BatchOutcome, BlockExecutor
+from .merkle import EMPTY_ROOT, MerkleRadix, encode_node
+from .store import ChainStore
+
+LOGGER = logging.getLogger(__name__)
+
+NULL_BLOCK_ID = "0000000000000000"
+CONSENSUS = b"Devmode"
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class ChainSettings:
+    max_batches_per_block: int = 100
+    max_pending_batches: int = 4096     # beyond this, submissions get QUEUE_FULL (HTTP 429)
+    invalid_status_cache: int = 100_000  # how many INVALID verdicts are remembered for status queries
+    limits: Limits = Limits()
+
+
+@dataclass(frozen=True)
+class InvalidVerdict:
+    transaction_id: str
+    message: str
+    extended_data: bytes = b""
+
+
+class Chain:
+    def __init__(
+        self,
+        store: ChainStore,
+        merkle: MerkleRadix,
+        executor: BlockExecutor,
+        signer: PrivateKey,
+        settings: ChainSettings = ChainSettings(),
+        *,
+        injector: Callable[["pb.Block", int], "pb.Batch"] | None = None,
+        injected_timestamp: Callable[[str], Awaitable[int | None]] | None = None,
+        on_commit: Callable[["pb.Block", list], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.store = store
+        self.merkle = merkle
+        self._executor = executor
+        self._signer = signer
+        self._public_key = signer.public_key().as_hex()
+        self.settings = settings
+        self._injector = injector
+        self._injected_timestamp = injected_timestamp  # the last agreed block time in a state root
+        self._on_commit = on_commit
+        self._clock = clock
+        self._pending: "collections.OrderedDict[str, CheckedBatch]" = collections.OrderedDict()
+        self._pending_txns: dict[str, str] = {}  # txn id -> batch id
+        self._invalid: "collections.OrderedDict[str, InvalidVerdict]" = collections.OrderedDict()
+        self._waiters: set[asyncio.Future] = set()
+        self._wakeup = asyncio.Event()
+        self.commit_lock = asyncio.Lock()  # block commit + event fan-out vs. subscriber catch-up
+        if store.head is None:
+            self._write_genesis()
+
+    # -- heads and statuses -----------------------------------------------------------
+
+    @property
+    def head(self) -> "pb.Block":
+        return self.store.head
+
+    def head_header(self) -> "pb.BlockHeader":
+        return pb.BlockHeader.FromString(self.store.head.header)
+
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def batch_status(self, batch_id: str) -> "pb.ClientBatchStatus":
+        status = pb.ClientBatchStatus(batch_id=batch_id)
+        if batch_id in self._pending:
+            status.status = pb.ClientBatchStatus.PENDING
+        elif batch_id in self._invalid:
+            verdict = self._invalid[batch_id]
+            status.status = pb.ClientBatchStatus.INVALID
+            status.invalid_transactions.add(
+                transaction_id=verdict.transaction_id, message=verdict.message, extended_data=verdict.extended_data
+            )
+        elif self.store.batch_location(batch_id) is not None:
+            status.status = pb.ClientBatchStatus.COMMITTED
+        else:
+            status.status = pb.ClientBatchStatus.UNKNOWN
+        return status
+
+    async def wait_until_settled(self, batch_ids: Sequence[str], timeout: float) -> None:
+        """Return when none of the batches is PENDING any more, or after timeout."""
+        deadline = time.monotonic() + timeout
+        while any(b in self._pending for b in batch_ids):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.add(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except asyncio.TimeoutError:
+                return
+            finally:
+                self._waiters.discard(waiter)
+
+    def _notify_waiters(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    # -- submission --------------------------------------------------------------------
+
+    def submit(self, batches: Sequence["pb.Batch"]) -> list[BatchRejected]:
+        """Queue the batches, all or none: any rejection leaves the queue untouched.
+
+        Rejections are returned and also kept as INVALID statuses, so a client that only polls
+        batch_statuses still learns why. Raises QueueFull when the list does not fit.
+        """
+        fresh = [b for b in batches if b.header_signature not in self._pending
+                 and self.store.batch_location(b.header_signature) is None]
+        fresh = list({b.header_signature: b for b in fresh}.values())  # resubmitted ids count once
+        if len(self._pending) + len(fresh) > self.settings.max_pending_batches:
+            raise QueueFull(f"{len(self._pending)} batches are already waiting")
+        accepted, rejected = [], []
+        seen_txns: dict[str, str] = {}
+        for batch in fresh:
+            try:
+                checked = check_batch(batch, self.settings.limits)
+                self._check_not_duplicate(checked, seen_txns)
+            except BatchRejected as exc:
+                LOGGER.info("rejected batch %s: %s", batch.header_signature[:16], exc)
+                self._remember_invalid(batch.header_signature, InvalidVerdict(exc.transaction_id, str(exc)))
+                rejected.append(exc)
+                continue
+            accepted.append(checked)
+        if rejected:
+            return rejected
+        for checked in accepted:
+            self._invalid.pop(checked.id, None)  # a corrected resubmission of a failed id
+            self._pending[checked.id] = checked
+            for txn in checked.batch.transactions:
+                self._pending_txns[txn.header_signature] = checked.id
+        if accepted:
+            self._wakeup.set()
+        return []
+
+    def _check_not_duplicate(self, checked: CheckedBatch, seen_txns: dict[str, str]) -> None:
+        ids = [t.header_signature for t in checked.batch.transactions]
+        for txn_id in ids:
+            other = self._pending_txns.get(txn_id) or seen_txns.get(txn_id)
+            if other is not None:
+                raise BatchRejected(f"transaction {txn_id[:16]} is already pending in batch {other[:16]}", txn_id)
+            seen_txns[txn_id] = checked.id
+        for txn_id in self.store.committed_transactions(ids):
+            block_num = self.store.transaction_location(txn_id)[0]
+            raise BatchRejected(f"transaction {txn_id[:16]} is already committed in block {block_num}", txn_id)
+
+    def _remember_invalid(self, batch_id: str, verdict: InvalidVerdict) -> None:
+        self._invalid[batch_id] = verdict
+        self._invalid.move_to_end(batch_id)
+        while len(self._invalid) > self.settings.invalid_status_cache:
+            self._invalid.popitem(last=False)
+
+    def _drop_pending(self, checked: CheckedBatch) -> None:
+        self._pending.pop(checked.id, None)
+        for txn in checked.batch.transactions:
+            self._pending_txns.pop(txn.header_signature, None)
+
+    # -- publishing --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Publish blocks for as long as the validator runs."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                try:
+                    await self.publish_once()
+                except Exception:
+                    LOGGER.exception("building a block failed; the batches stay pending")
+                    await asyncio.sleep(0.5)
+
+    def _select(self) -> list[CheckedBatch]:
+        """The next block's batches in arrival order; dependency rules decide who waits."""
+        chosen: list[CheckedBatch] = []
+        for checked in list(self._pending.values()):
+            if len(chosen) >= self.settings.max_batches_per_block:
+                break
+            deps = [d for h in checked.txn_headers for d in h.dependencies]
+            if deps:
+                committed = self.store.committed_transactions(deps)
+                missing = [d for d in deps if d not in committed]
+                unknown = [d for d in missing if d not in self._pending_txns]
+                if unknown:
+                    self._fail_pending(checked, InvalidVerdict(
+                        checked.batch.transactions[0].header_signature,
+                        f"depends on transaction {unknown[0][:16]}, which is neither committed nor pending",
+                    ))
+                    continue
+                if missing:  # its dependency is still queued: it waits for a later block
+                    continue
+            chosen.append(checked)
+        return chosen
+
+    def _fail_pending(self, checked: CheckedBatch, verdict: InvalidVerdict) -> None:
+        self._drop_pending(checked)
+        self._remember_invalid(checked.id, verdict)
+        LOGGER.info("batch %s invalid: %s", checked.id[:16], verdict.message)
+
+    async def publish_once(self) -> "pb.Block | None":
+        chosen = self._select()
+        if not chosen:
+            self._notify_waiters()
+            if self._pending:  # only batches waiting for dependencies that are not committable now
+                await asyncio.sleep(0.05)
+            return None
+        parent = self.store.head
+        parent_header = pb.BlockHeader.FromString(parent.header)
+        parent_root = parent_header.state_root_hash
+        injected = []
+        if self._injector is not None:
+            # Block time never runs backwards, even if this machine's clock steps back.
+            last = await self._injected_timestamp(parent_root) if self._injected_timestamp else None
+            timestamp = max(int(self._clock()), last or 0)
+            injected = [check_batch(self._injector(parent, timestamp), self.settings.limits)]
+        outcomes = await self._executor.execute(
+            injected + chosen, lambda address: self.merkle.get(parent_root, address)
+        )
+        injected_outcomes, user_outcomes = outcomes[: len(injected)], outcomes[len(injected):]
+        for o in injected_outcomes:
+            if not o.valid:
+                LOGGER.warning("BlockInfo batch failed (%s); publishing without it", o.message)
+        for o in user_outcomes:
+            if not o.valid:
+                self._fail_pending(o.checked, InvalidVerdict(o.invalid_txn_id, o.message, o.extended_data))
+        valid = [o for o in outcomes if o.valid]
+        if not any(o.valid for o in user_outcomes):
+            self._notify_waiters()
+            return None
+        block, new_nodes, receipts = self._build_block(parent, parent_header, valid)
+        async with self.commit_lock:
+            self.store.commit_block(block, new_nodes, receipts)
+            for o in user_outcomes:
+                if o.valid:
+                    self._drop_pending(o.checked)
+            self._notify_waiters()
+            LOGGER.info(
+                "committed block %d (%s) with %d batches, %d transactions",
+                pb.BlockHeader.FromString(block.header).block_num, block.header_signature[:16],
+                len(block.batches), sum(len(b.transactions) for b in block.batches),
+            )
+            if self._on_commit is not None:
+                await self._on_commit(block, receipts)
+        return block
+
+    def _build_block(self, parent, parent_header, valid: list[BatchOutcome]):
+        final: dict[str, bytes | None] = {}
+        for outcome in valid:
+            final.update(outcome.writes)
+        sets = {a: v for a, v in final.items() if v is not None}
+        parent_root = parent_header.state_root_hash
+        # Deleting an address that never existed changes nothing; the tree must not see it.
+        deletes = [a for a, v in final.items() if v is None and self.merkle.get(parent_root, a) is not None]
+        new_root, new_nodes = self.merkle.update(parent_root, sets, deletes)
+        header = pb.BlockHeader(
+            block_num=parent_header.block_num + 1,
+            previous_block_id=parent.header_signature,
+            signer_public_key=self._public_key,
+            batch_ids=[o.checked.id for o in valid],
+            consensus=CONSENSUS,
+            state_root_hash=new_root,
+        )
+        header_bytes = header.SerializeToString()
+        block = pb.Block(
+            header=header_bytes,
+            header_signature=self._signer.sign(header_bytes),
+            batches=[o.checked.batch for o in valid],
+        )
+        receipts = [r for o in valid for r in o.receipts]
+        return block, new_nodes, receipts
+
+    def _write_genesis(self) -> None:
+        header = pb.BlockHeader(
+            block_num=0,
+            previous_block_id=NULL_BLOCK_ID,
+            signer_public_key=self._public_key,
+            consensus=b"Genesis",
+            state_root_hash=EMPTY_ROOT,
+        )
+        header_bytes = header.SerializeToString()
+        block = pb.Block(header=header_bytes, header_signature=self._signer.sign(header_bytes))
+        self.store.commit_block(block, {EMPTY_ROOT: encode_node(None, {})}, [])
+        LOGGER.info("wrote genesis block %s", block.header_signature[:16])

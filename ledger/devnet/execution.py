@@ -1,0 +1,224 @@
+"""Executing a block's batches through the registered transaction processors.
+
+Batches run in parallel where they cannot see each other's writes: batch B waits only for
+earlier batches whose outputs overlap B's inputs. A batch's transactions run one after the other
+in a private write buffer; a batch's writes become visible to later batches only when all its
+transactions succeed, which keeps batches atomic. Reads see (own buffer) → (earlier valid
+batches of this block, newest first) → (the parent block's state root), so the result equals
+running the batches serially in block order — what every Sawtooth validator must agree on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .. import protos as pb
+from ..addressing import is_address
+from .batch_checks import CheckedBatch
+from .processors import NoProcessor, ProcessorGone, ProcessorRegistry
+
+LOGGER = logging.getLogger(__name__)
+
+_DELETED = None  # a buffered delete
+
+
+class AuthorizationError(Exception):
+    pass
+
+
+class ExecutionContext:
+    """State view of one transaction, limited to its declared inputs and outputs."""
+
+    def __init__(self, context_id: str, header: "pb.TransactionHeader", read: Callable[[str], bytes | None]):
+        self.context_id = context_id
+        self._inputs = tuple(header.inputs)
+        self._outputs = tuple(header.outputs)
+        self._read = read
+        self.changes: dict[str, bytes | None] = {}
+        self.events: list[pb.Event] = []
+        self.data: list[bytes] = []
+
+    def _check(self, addresses, allowed, what):
+        for address in addresses:
+            if not is_address(address) or not any(address.startswith(p) for p in allowed):
+                raise AuthorizationError(f"{what} of {address!r} is outside the transaction's declared {what}s")
+
+    def get(self, addresses: Sequence[str]) -> list[tuple[str, bytes]]:
+        self._check(addresses, self._inputs, "input")
+        found = []
+        for address in addresses:
+            value = self.changes[address] if address in self.changes else self._read(address)
+            if value is not None:
+                found.append((address, value))
+        return found
+
+    def set(self, entries: Sequence[tuple[str, bytes]]) -> None:
+        self._check([a for a, _ in entries], self._outputs, "output")
+        for address, value in entries:
+            self.changes[address] = value
+
+    def delete(self, addresses: Sequence[str]) -> None:
+        self._check(addresses, self._outputs, "output")
+        for address in addresses:
+            self.changes[address] = _DELETED
+
+    def state_changes(self) -> list["pb.StateChange"]:
+        sets = [pb.StateChange(address=a, value=v, type=pb.StateChange.SET)
+                for a, v in self.changes.items() if v is not None]
+        deletes = [pb.StateChange(address=a, type=pb.StateChange.DELETE)
+                   for a, v in self.changes.items() if v is None]
+        return sets + deletes
+
+
+@dataclass
+class BatchOutcome:
+    checked: CheckedBatch
+    valid: bool = False
+    writes: dict[str, bytes | None] = field(default_factory=dict)
+    receipts: list = field(default_factory=list)
+    invalid_txn_id: str = ""
+    message: str = ""
+    extended_data: bytes = b""
+
+
+@dataclass
+class ExecutorSettings:
+    missing_processor_grace: float = 10.0  # how long a family may stay unregistered before INVALID
+    internal_error_retries: int = 8        # INTERNAL_ERROR is retried this often, with backoff
+    internal_error_backoff: float = 0.05
+    request_timeout: float = 60.0          # a processor that never answers is treated as gone
+
+
+def _overlaps(a: Sequence[str], b: Sequence[str]) -> bool:
+    return any(x.startswith(y) or y.startswith(x) for x in a for y in b)
+
+
+class BlockExecutor:
+    def __init__(self, registry: ProcessorRegistry, send_request, settings: ExecutorSettings = ExecutorSettings()):
+        self._registry = registry
+        self._send = send_request  # async (identity, correlation_id, TpProcessRequest) -> None
+        self._settings = settings
+        self.contexts: dict[str, ExecutionContext] = {}
+
+    async def execute(self, batches: Sequence[CheckedBatch], read_base: Callable[[str], bytes | None]) -> list[BatchOutcome]:
+        outcomes = [BatchOutcome(b) for b in batches]
+        done = [asyncio.get_running_loop().create_future() for _ in batches]
+        io = [self._io_sets(b) for b in batches]
+
+        def read_through(index: int) -> Callable[[str], bytes | None]:
+            def read(address: str) -> bytes | None:
+                for earlier in range(index - 1, -1, -1):
+                    o = outcomes[earlier]
+                    if o.valid and address in o.writes:
+                        return o.writes[address]
+                return read_base(address)
+            return read
+
+        async def run(index: int) -> None:
+            inputs, _ = io[index]
+            waits = [done[j] for j in range(index) if _overlaps(io[j][1], inputs)]
+            try:
+                if waits:
+                    await asyncio.gather(*waits)
+                await self._run_batch(outcomes[index], read_through(index))
+            except Exception as exc:  # a bug here must fail one batch, not the validator
+                LOGGER.exception("executing batch %s failed", batches[index].id[:16])
+                outcomes[index].valid = False
+                outcomes[index].message = f"validator error while executing the batch: {exc}"
+            finally:
+                done[index].set_result(None)
+
+        await asyncio.gather(*(run(i) for i in range(len(batches))))
+        return outcomes
+
+    @staticmethod
+    def _io_sets(batch: CheckedBatch) -> tuple[list[str], list[str]]:
+        inputs = [p for h in batch.txn_headers for p in h.inputs]
+        outputs = [p for h in batch.txn_headers for p in h.outputs]
+        return inputs, outputs
+
+    async def _run_batch(self, outcome: BatchOutcome, read_before: Callable[[str], bytes | None]) -> None:
+        writes: dict[str, bytes | None] = {}
+
+        def read(address: str) -> bytes | None:
+            return writes[address] if address in writes else read_before(address)
+
+        receipts = []
+        for txn, header in zip(outcome.checked.batch.transactions, outcome.checked.txn_headers):
+            ok, receipt_or_reason = await self._run_transaction(txn, header, read)
+            if not ok:
+                message, extended = receipt_or_reason
+                outcome.invalid_txn_id, outcome.message, outcome.extended_data = txn.header_signature, message, extended
+                return
+            for change in receipt_or_reason.state_changes:
+                writes[change.address] = change.value if change.type == pb.StateChange.SET else _DELETED
+            receipts.append(receipt_or_reason)
+        outcome.valid, outcome.writes, outcome.receipts = True, writes, receipts
+
+    async def _run_transaction(self, txn, header, read):
+        settings = self._settings
+        for attempt in range(settings.internal_error_retries + 1):
+            context = ExecutionContext(uuid.uuid4().hex, header, read)
+            self.contexts[context.context_id] = context
+            try:
+                status, message, extended = await self._process(txn, header, context)
+            finally:
+                del self.contexts[context.context_id]
+            if status == pb.TpProcessResponse.OK:
+                receipt = pb.TransactionReceipt(
+                    transaction_id=txn.header_signature,
+                    state_changes=context.state_changes(),
+                    events=context.events,
+                    data=context.data,
+                )
+                return True, receipt
+            if status == pb.TpProcessResponse.INVALID_TRANSACTION:
+                return False, (message or "transaction processor rejected the transaction", extended)
+            if status is None:  # no processor: already a clear message
+                return False, (message, b"")
+            delay = settings.internal_error_backoff * (2 ** attempt)
+            LOGGER.warning(
+                "processor %s %s reported an internal error for %s (attempt %d): %s; retrying in %.2f s",
+                header.family_name, header.family_version, txn.header_signature[:16], attempt + 1, message, delay,
+            )
+            await asyncio.sleep(delay)
+        return False, (
+            f"transaction processor for {header.family_name} {header.family_version} kept failing "
+            f"with an internal error after {settings.internal_error_retries + 1} attempts: {message}",
+            b"",
+        )
+
+    async def _process(self, txn, header, context) -> tuple[int | None, str, bytes]:
+        """Send one TpProcessRequest; (status, message, extended_data). Gone processors are retried."""
+        while True:
+            correlation_id = uuid.uuid4().hex
+            try:
+                proc, future = await self._registry.acquire(
+                    header.family_name, header.family_version, correlation_id, self._settings.missing_processor_grace
+                )
+            except NoProcessor as exc:
+                return None, str(exc), b""
+            request = pb.TpProcessRequest(signature=txn.header_signature, payload=txn.payload, context_id=context.context_id)
+            if proc.header_style == pb.TpRegisterRequest.RAW:
+                request.header_bytes = txn.header
+            else:
+                request.header.CopyFrom(header)
+            try:
+                await self._send(proc.identity, correlation_id, request)
+                reply = await asyncio.wait_for(future, self._settings.request_timeout)
+            except (ProcessorGone, asyncio.TimeoutError, ConnectionError) as exc:
+                LOGGER.warning("processor for %s %s went away mid-request (%s); sending again",
+                               header.family_name, header.family_version, exc or "timeout")
+                context.changes.clear(), context.events.clear(), context.data.clear()
+                continue
+            finally:
+                self._registry.release(proc, correlation_id)
+            try:
+                response = pb.TpProcessResponse.FromString(reply.content)
+            except Exception:
+                return pb.TpProcessResponse.INTERNAL_ERROR, "processor sent a malformed TpProcessResponse", b""
+            return response.status, response.message, response.extended_data

@@ -1,0 +1,519 @@
+"""Sawtooth 1.2 Merkle-Radix global state tree, computed bit for bit like the real validator.
+
+Layout: a 70-hex-char address is split into 35 two-char tokens; the root is at depth 0 and
+each value sits in a leaf at depth 35. A node is the CBOR map {"c": {token: child_hash_hex},
+"v": bytes or null}; its hash is the first 32 bytes of sha512(encoded node), as hex.
+
+Two encodings meet here, exactly as in Sawtooth 1.2:
+  * the validator's Python layer wraps every state value in CBOR (``cbor.dumps(value)``, a
+    canonical byte string) before it reaches the tree, and unwraps it on the way out, so a
+    leaf's "v" holds the *wrapped* value; this module does both, callers see plain bytes;
+  * the Rust tree encodes nodes with cbor-codec 0.7.1, whose length header has a gap:
+    lengths 0x10000..0xFFFFF are written with the 8-byte form (0x..1b) instead of the
+    4-byte one. It only shows for state values of 64 KiB..1 MiB, and is reproduced here
+    because those bytes feed the state root hash.
+
+Nodes are immutable and content addressed, so this module keeps no storage of its own: it
+reads nodes through ``read_node`` and ``update`` returns the new nodes for the caller to
+persist (in the same transaction as the block that carries the new root).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections import OrderedDict
+from typing import Callable, Iterable, Iterator, Mapping
+
+import cbor2
+
+__all__ = [
+    "EMPTY_ROOT",
+    "AddressNotFound",
+    "InvalidAddress",
+    "InvalidNode",
+    "MerkleRadix",
+    "MissingStateNode",
+    "UnknownStateRoot",
+    "decode_node",
+    "encode_node",
+    "node_hash",
+]
+
+ADDRESS_LENGTH = 70
+TOKEN_SIZE = 2
+DEPTH = ADDRESS_LENGTH // TOKEN_SIZE  # leaves live at depth 35
+
+_ADDRESS_RE = re.compile(r"[0-9a-f]{70}")
+_HEX_RE = re.compile(r"[0-9a-f]*")
+
+
+class _MessageError:
+    """KeyError's str() shows repr(args[0]); our errors should read as plain sentences."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownStateRoot(_MessageError, KeyError):
+    """The state root hash is not in the node store."""
+
+
+class MissingStateNode(_MessageError, KeyError):
+    """A node below a known root is missing from the store (store damaged or half-written)."""
+
+
+class AddressNotFound(_MessageError, KeyError):
+    """A delete names an address that holds no value under the root (Sawtooth refuses it too)."""
+
+
+class InvalidAddress(ValueError):
+    """Not a 70-char lowercase hex state address."""
+
+
+class InvalidNode(ValueError):
+    """Stored bytes are not a Merkle node Sawtooth would accept."""
+
+
+# --- encoding ---------------------------------------------------------------------------
+
+def _head(major: int, n: int) -> bytes:
+    """CBOR major-type header as cbor-codec 0.7.1's ``type_len`` writes it (gap included)."""
+    m = major << 5
+    if n < 24:
+        return bytes((m | n,))
+    if n < 0x100:
+        return bytes((m | 24, n))
+    if n < 0x10000:
+        return bytes((m | 25,)) + n.to_bytes(2, "big")
+    if 0x100000 <= n <= 0xFFFFFFFF:
+        return bytes((m | 26,)) + n.to_bytes(4, "big")
+    # cbor-codec's match arms skip 0x10000..0xFFFFF, so those fall through to 8 bytes.
+    return bytes((m | 27,)) + n.to_bytes(8, "big")
+
+
+def _canonical_head(major: int, n: int) -> bytes:
+    """Shortest-form header, as the Python ``cbor`` package writes the value wrapper."""
+    m = major << 5
+    if n < 24:
+        return bytes((m | n,))
+    if n < 0x100:
+        return bytes((m | 24, n))
+    if n < 0x10000:
+        return bytes((m | 25,)) + n.to_bytes(2, "big")
+    if n <= 0xFFFFFFFF:
+        return bytes((m | 26,)) + n.to_bytes(4, "big")
+    return bytes((m | 27,)) + n.to_bytes(8, "big")
+
+
+def _text(s: str) -> bytes:
+    b = s.encode()
+    return _head(3, len(b)) + b
+
+
+_C_KEY = b"\x61c"
+_V_KEY_NULL = b"\x61v\xf6"
+_V_KEY = b"\x61v"
+_EMPTY_NODE = b"\xa2\x61c\xa0\x61v\xf6"
+
+
+def encode_node(value: bytes | None, children: Mapping[str, str]) -> bytes:
+    """Encode one node exactly as Sawtooth 1.2 stores it.
+
+    ``value`` is the node's raw "v" (for a leaf: the CBOR-wrapped state value); children
+    map a token to the child's hash hex. Keys come out in BTreeMap order ("c", "v"; tokens
+    by their UTF-8 bytes), every length definite.
+    """
+    parts = [b"\xa2", _C_KEY, _head(5, len(children))]
+    tokens = sorted(children)  # code point order == UTF-8 byte order == Rust String order
+    if all(len(t) == 2 and len(children[t]) == 64 for t in tokens):
+        # Usual shape: headers of a 2- and a 64-char text are "b" and "x@" in ASCII.
+        body = "".join(["b" + t + "x@" + children[t] for t in tokens])
+        if body.isascii():
+            tokens = ()
+            parts.append(body.encode())
+    for token in tokens:
+        parts.append(_text(token))
+        parts.append(_text(children[token]))
+    if value is None:
+        parts.append(_V_KEY_NULL)
+    else:
+        value = bytes(value)
+        parts.append(_V_KEY)
+        parts.append(_head(2, len(value)))
+        parts.append(value)
+    return b"".join(parts)
+
+
+_CHILD_ENTRIES_RE = re.compile(rb"(?:b[0-9a-f]{2}x@[0-9a-f]{64})*")
+_ENTRY = 69  # b"b" + token + b"x@" + hash
+
+
+def _decode_usual(data: bytes) -> tuple[bytes | None, dict[str, str]] | None:
+    """Fast path for the layout encode_node writes (2-char tokens, 64-char hashes, "c"
+    first); None when the bytes look any different, so the general decoder takes over."""
+    if len(data) == 76 and data[:5] == b"\xa2\x61c\xa1\x62" and data[7:9] == b"\x78\x40" \
+            and data[73:] == _V_KEY_NULL and data[5:73].isascii():
+        return None, {data[5:7].decode(): data[9:73].decode()}  # one-child node: most of a tree
+    if data[:3] != b"\xa2\x61c":
+        return None
+    n = data[3]
+    if 0xA0 <= n < 0xB8:
+        n, pos = n - 0xA0, 4
+    elif n == 0xB8:
+        n, pos = data[4], 5
+    elif n == 0xB9:
+        n, pos = int.from_bytes(data[4:6], "big"), 6
+    else:
+        return None
+    end = pos + n * _ENTRY
+    if data[end:end + 2] != b"\x61v" or not _CHILD_ENTRIES_RE.fullmatch(data, pos, end):
+        return None
+    s = data[pos:end].decode("ascii")
+    children = {s[i + 1:i + 3]: s[i + 5:i + _ENTRY] for i in range(0, len(s), _ENTRY)}
+    if len(children) != n:
+        return None  # repeated token
+    rest = data[end + 2:]
+    if rest == b"\xf6":
+        return None, children
+    if not rest or rest[0] >> 5 != 2:
+        return None
+    info = rest[0] & 0x1F
+    if info < 24:
+        start, length = 1, info
+    elif info <= 27:
+        start = 1 + (1 << (info - 24))
+        length = int.from_bytes(rest[1:start], "big")
+    else:
+        return None
+    if len(rest) != start + length:
+        return None
+    return rest[start:], children
+
+
+def decode_node(data: bytes) -> tuple[bytes | None, dict[str, str]]:
+    """Decode stored node bytes into (raw value, children); accepts what Sawtooth accepts
+    (any key order, any length form, extra keys ignored)."""
+    data = bytes(data)
+    usual = _decode_usual(data)
+    if usual is not None:
+        return usual
+    try:
+        obj = cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises several types for malformed input
+        raise InvalidNode(f"node is not valid CBOR: {exc}") from None
+    if not isinstance(obj, dict) or "v" not in obj:
+        raise InvalidNode("node is not a CBOR map with a 'v' entry")
+    value = obj["v"]
+    if value is not None and not isinstance(value, bytes):
+        raise InvalidNode("node value is neither bytes nor null")
+    children = obj.get("c", {})
+    if not isinstance(children, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in children.items()
+    ):
+        raise InvalidNode("node children are not a text-to-text map")
+    return value, children
+
+
+def node_hash(encoded: bytes) -> str:
+    return hashlib.sha512(encoded).digest()[:32].hex()
+
+
+def _wrap(value: bytes) -> bytes:
+    """State value -> leaf "v": the CBOR byte string Sawtooth's Python layer stores."""
+    return _canonical_head(2, len(value)) + value
+
+
+def _unwrap(stored: bytes) -> bytes:
+    """Leaf "v" -> state value (inverse of _wrap; any definite length form accepted)."""
+    if not stored or stored[0] >> 5 != 2:
+        raise InvalidNode("leaf value is not a CBOR byte string")
+    info = stored[0] & 0x1F
+    if info < 24:
+        start, length = 1, info
+    elif info <= 27:
+        start = 1 + (1 << (info - 24))
+        length = int.from_bytes(stored[1:start], "big")
+    else:
+        raise InvalidNode("leaf value uses an indefinite-length byte string")
+    if len(stored) != start + length:
+        raise InvalidNode("leaf value length does not match its CBOR header")
+    return stored[start:]
+
+
+EMPTY_ROOT = node_hash(_EMPTY_NODE)
+assert EMPTY_ROOT == "708ca7fbb701799bb387f2e50deaca402e8502abe229f705693d2d4f350e1ad6"
+
+
+def _check_address(address: str) -> None:
+    if not isinstance(address, str) or not _ADDRESS_RE.fullmatch(address):
+        raise InvalidAddress(f"state address must be 70 lowercase hex characters, got {address!r}")
+
+
+def _check_hex_prefix(name: str, s: str) -> None:
+    if not isinstance(s, str) or len(s) > ADDRESS_LENGTH or not _HEX_RE.fullmatch(s):
+        raise InvalidAddress(f"{name} must be at most 70 lowercase hex characters, got {s!r}")
+
+
+_DELETE = object()  # marks a delete in update()'s change list
+
+
+class MerkleRadix:
+    """Read and update Merkle-Radix state trees stored as content-addressed nodes."""
+
+    def __init__(self, read_node: Callable[[str], bytes | None], cache_size: int = 100_000):
+        self._read_node = read_node
+        self._cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[bytes | None, dict[str, str]]] = OrderedDict()
+        self._lock = threading.Lock()  # REST reads and block building may share one instance
+
+    # --- node access -------------------------------------------------------------------
+
+    def _load(self, h: str, remember: bool = True) -> tuple[bytes | None, dict[str, str]] | None:
+        cache = self._cache
+        node = cache.get(h)
+        if node is not None:
+            try:
+                cache.move_to_end(h)
+            except KeyError:  # evicted meanwhile by another thread; the node is still good
+                pass
+            return node
+        if h == EMPTY_ROOT:
+            node = (None, {})  # known without a store, like Sawtooth's initialised db
+        else:
+            data = self._read_node(h)
+            if data is None:
+                return None
+            node = decode_node(data)
+        if remember:
+            with self._lock:  # single-call OrderedDict ops are atomic; insert+evict is not
+                cache[h] = node
+                if len(cache) > self._cache_size:
+                    cache.popitem(last=False)
+        return node
+
+    def _root(self, root: str) -> tuple[bytes | None, dict[str, str]]:
+        node = self._load(root)
+        if node is None:
+            raise UnknownStateRoot(f"state root {root} is not in the node store")
+        return node
+
+    def _child(self, root: str, h: str, remember: bool = True) -> tuple[bytes | None, dict[str, str]]:
+        node = self._load(h, remember)
+        if node is None:
+            raise MissingStateNode(f"node {h} under state root {root} is missing from the store")
+        return node
+
+    # --- reads -------------------------------------------------------------------------
+
+    def get(self, root: str, address: str) -> bytes | None:
+        """The value at ``address`` under ``root``, or None if it holds none."""
+        _check_address(address)
+        value, children = self._root(root)
+        for i in range(0, ADDRESS_LENGTH, TOKEN_SIZE):
+            h = children.get(address[i:i + TOKEN_SIZE])
+            if h is None:
+                return None
+            value, children = self._child(root, h)
+        return None if value is None else _unwrap(value)
+
+    def get_many(self, root: str, addresses: Iterable[str]) -> dict[str, bytes]:
+        """Values of the present addresses; one descent shared by addresses with common prefixes."""
+        wanted = sorted(set(addresses))
+        for a in wanted:
+            _check_address(a)
+        found: dict[str, bytes] = {}
+        self._collect(root, self._root(root), 0, wanted, 0, len(wanted), found)
+        return found
+
+    def _collect(self, root, node, depth, wanted, lo, hi, found) -> None:
+        value, children = node
+        if depth == DEPTH:
+            if value is not None:
+                found[wanted[lo]] = _unwrap(value)
+            return
+        at = depth * TOKEN_SIZE
+        while lo < hi:
+            token = wanted[lo][at:at + TOKEN_SIZE]
+            end = lo + 1
+            while end < hi and wanted[end][at:at + TOKEN_SIZE] == token:
+                end += 1
+            h = children.get(token)
+            if h is not None:
+                self._collect(root, self._child(root, h), depth + 1, wanted, lo, end, found)
+            lo = end
+
+    def leaves(
+        self, root: str, prefix: str = "", start: str | None = None, reverse: bool = False
+    ) -> Iterator[tuple[str, bytes]]:
+        """(address, value) pairs under ``root`` in address order (descending if ``reverse``),
+        limited to addresses starting with ``prefix`` and, given ``start``, to addresses
+        >= start (<= start when reversed). Lazy: nodes are read as the iterator advances."""
+        _check_hex_prefix("prefix", prefix)
+        if start is not None:
+            _check_hex_prefix("start", start)
+        node = self._root(root)  # fail now, not at the first next()
+        return self._iter_leaves(root, node, prefix, start, reverse)
+
+    def _iter_leaves(self, root, node, prefix, start, reverse):
+        # Walk down the whole tokens of the prefix; a trailing half token filters children.
+        path = ""
+        full = len(prefix) - len(prefix) % TOKEN_SIZE
+        for i in range(0, full, TOKEN_SIZE):
+            h = node[1].get(prefix[i:i + TOKEN_SIZE])
+            if h is None:
+                return
+            node = self._child(root, h)
+            path = prefix[:i + TOKEN_SIZE]
+        partial = prefix[full:]
+
+        # Depth-first with an explicit stack of (path, node hash), next-to-visit on top.
+        stack: list[tuple[str, str]] = []
+
+        def push_children(base: str, children: dict[str, str], filt: str) -> None:
+            tokens = sorted(children, reverse=not reverse)  # pushed so the first pops first
+            for token in tokens:
+                if filt and not token.startswith(filt):
+                    continue
+                p = base + token
+                if start is not None:
+                    s = start[:len(p)]
+                    # Skip subtrees whose every address falls before start (after, reversed).
+                    if (p > s) if reverse else (p < s):
+                        continue
+                stack.append((p, children[token]))
+
+        value, children = node
+        if value is not None:
+            if self._in_range(path, start, reverse):
+                yield path, _unwrap(value)
+            return
+        push_children(path, children, partial)
+        while stack:
+            p, h = stack.pop()
+            # A scan touches every node once; caching them would only evict the hot ones.
+            value, children = self._child(root, h, remember=len(p) <= 4)
+            if value is not None:  # like Sawtooth: a node with a value is a leaf
+                if self._in_range(p, start, reverse):
+                    yield p, _unwrap(value)
+                continue
+            push_children(p, children, "")
+
+    @staticmethod
+    def _in_range(address: str, start: str | None, reverse: bool) -> bool:
+        if start is None:
+            return True
+        return address <= start if reverse else address >= start
+
+    # --- update ------------------------------------------------------------------------
+
+    def update(
+        self, root: str, sets: Mapping[str, bytes], deletes: Iterable[str] = ()
+    ) -> tuple[str, dict[str, bytes]]:
+        """Apply sets and deletes to the tree at ``root``; pure.
+
+        Returns (new_root, new_nodes) where new_nodes maps hash -> encoded node for every
+        node this update created; the caller persists them. Matches Sawtooth 1.2
+        (MerkleDatabase::update) including its edge cases:
+          * deleting an address with no value raises AddressNotFound;
+          * an address both set and deleted ends up deleted, but the nodes on its path are
+            kept even if left empty (Sawtooth keeps nodes on any set path).
+        """
+        changes: dict[str, object] = {}
+        for address, value in sets.items():
+            _check_address(address)
+            if not isinstance(value, (bytes, bytearray, memoryview)):
+                raise TypeError(f"value for {address} must be bytes, got {type(value).__name__}")
+            changes[address] = _wrap(bytes(value))
+        for address in deletes:
+            _check_address(address)
+            changes[address] = _DELETE
+        base = self._root(root)
+        if not changes:
+            return root, {}
+        # Sorted so each subtree's changes are one contiguous run; each node is visited once.
+        items = [(a, changes[a], a in sets) for a in sorted(changes)]
+        new_nodes: dict[str, bytes] = {}
+        new_root = self._apply(root, base, 0, items, 0, len(items), new_nodes)
+        return new_root, new_nodes
+
+    def _apply(self, root, node, depth, items, lo, hi, new_nodes) -> str | None:
+        """Rebuild the subtree ``node`` (None: no such branch yet) at ``depth`` with the
+        changes items[lo:hi]; returns its new hash, or None if it is pruned away."""
+        if hi - lo == 1:
+            return self._apply_one(root, node, depth, *items[lo], new_nodes)
+        value, children = (None, {}) if node is None else (node[0], dict(node[1]))
+        at = depth * TOKEN_SIZE
+        on_set_path = False
+        while lo < hi:
+            token = items[lo][0][at:at + TOKEN_SIZE]
+            end = lo + 1
+            while end < hi and items[end][0][at:at + TOKEN_SIZE] == token:
+                end += 1
+            on_set_path = on_set_path or any(items[i][2] for i in range(lo, end))
+            child_h = children.get(token)
+            child = None if child_h is None else self._child(root, child_h)
+            new_child = self._apply(root, child, depth + 1, items, lo, end, new_nodes)
+            if new_child is None:
+                children.pop(token, None)
+            else:
+                children[token] = new_child
+            lo = end
+        # Sawtooth prunes a node left without children unless some set's path runs through it.
+        if depth > 0 and not children and not on_set_path:
+            return None
+        return self._store(encode_node(value, children), new_nodes)
+
+    def _apply_one(self, root, node, depth, address, change, from_set, new_nodes) -> str | None:
+        """_apply for a single change: below the point where changes part ways (most of
+        the 35 levels) a path is walked down and rebuilt up in a loop, not by recursion."""
+        path = []  # (depth, token, node) for the existing nodes above the change
+        d = depth
+        while d < DEPTH and node is not None:
+            token = address[d * TOKEN_SIZE:(d + 1) * TOKEN_SIZE]
+            path.append((d, token, node))
+            h = node[1].get(token)
+            node = None if h is None else self._child(root, h)
+            d += 1
+        if change is _DELETE:
+            if d < DEPTH or node is None or node[0] is None:
+                raise AddressNotFound(f"cannot delete {address}: no value under state root {root}")
+            h = None
+        elif d == DEPTH:
+            h = self._store(encode_node(change, {}), new_nodes)
+        else:
+            h = self._new_branch(address, change, d, new_nodes)
+        for d, token, (value, children) in reversed(path):
+            alone = len(children) == (token in children)  # no children besides this path
+            if h is None and alone and d > 0 and not from_set:
+                continue  # left without children: pruned, like Sawtooth (h stays None)
+            if alone and value is None:  # the usual case, encoded without building a dict
+                h = self._store(_EMPTY_NODE if h is None else _one_child(token, h), new_nodes)
+                continue
+            children = dict(children)
+            if h is None:
+                children.pop(token, None)
+            else:
+                children[token] = h
+            h = self._store(encode_node(value, children), new_nodes)
+        return h
+
+    def _new_branch(self, address: str, wrapped: bytes, depth: int, new_nodes) -> str:
+        """A fresh single-leaf chain from ``depth`` down (most new addresses in a sparse tree
+        need ~30 such one-child nodes)."""
+        h = self._store(encode_node(wrapped, {}), new_nodes)
+        for d in range(DEPTH - 1, depth - 1, -1):
+            h = self._store(_one_child(address[d * TOKEN_SIZE:(d + 1) * TOKEN_SIZE], h), new_nodes)
+        return h
+
+    @staticmethod
+    def _store(encoded: bytes, new_nodes: dict[str, bytes]) -> str:
+        h = hashlib.sha512(encoded).digest()[:32].hex()
+        new_nodes[h] = encoded
+        return h
+
+
+def _one_child(token: str, child: str) -> bytes:
+    """== encode_node(None, {token: child}) for a 2-char hex token and a 64-char hash."""
+    return b"\xa2\x61c\xa1\x62" + token.encode() + b"\x78\x40" + child.encode() + _V_KEY_NULL

@@ -1,0 +1,317 @@
+"""Async client for a Sawtooth 1.2 REST API (the real one or ledger/devnet/rest_api.py).
+
+Only 429 (validator queue full), 503 (validator unreachable / not ready / timed out) and
+connection-level failures are retried, with bounded exponential backoff and jitter; every
+other answer is final. Resubmitting a batch is safe: the validator drops a batch id it
+already has, so a retried POST /batches cannot commit twice.
+
+    async with RestClient("http://127.0.0.1:8008") as rest:
+        ids = await rest.submit_batches([batch])
+        await rest.wait_for_batches(ids, timeout=30)      # raises BatchInvalidError / BatchTimeoutError
+        value = await rest.get_state(address)             # bytes, or None if nothing is there
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import random
+from typing import AsyncIterator, Iterable, Sequence
+from urllib.parse import urlencode
+
+import aiohttp
+
+from . import protos as pb
+
+LOGGER = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({429, 503})
+FINAL_BATCH_STATUSES = frozenset({"COMMITTED", "INVALID"})
+_MAX_SERVER_WAIT = 60  # seconds per long-poll of /batch_statuses; we loop for longer waits
+
+# Sawtooth REST API error codes the client reacts to.
+STATE_NOT_FOUND = 75
+BLOCK_NOT_FOUND = 70
+BATCH_NOT_FOUND = 71
+TRANSACTION_NOT_FOUND = 72
+
+
+class RestError(Exception):
+    """A request that failed for good.
+
+    status is the HTTP status, or 0 when no HTTP answer came (connection refused, reset,
+    client timeout); code/title/message come from Sawtooth's error body when there is one.
+    """
+
+    def __init__(self, method: str, url: str, status: int, code: int | None, title: str, message: str,
+                 attempts: int = 1):
+        self.method = method
+        self.url = url
+        self.status = status
+        self.code = code
+        self.title = title
+        self.message = message
+        self.attempts = attempts
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        tries = f" (gave up after {self.attempts} attempts)" if self.attempts > 1 else ""
+        if self.status == 0:
+            return f"{self.method} {self.url}: no response: {self.message}{tries}"
+        code = f" [code {self.code}]" if self.code is not None else ""
+        return f"{self.method} {self.url}: HTTP {self.status} {self.title}{code}: {self.message}{tries}"
+
+
+class BatchInvalidError(Exception):
+    """Some batches were rejected; .invalid holds their statuses, .statuses all of them."""
+
+    def __init__(self, statuses: list[dict]):
+        self.statuses = statuses
+        self.invalid = [s for s in statuses if s.get("status") == "INVALID"]
+        reasons = []
+        for status in self.invalid:
+            txns = status.get("invalid_transactions") or [{}]
+            why = "; ".join(f"transaction {t.get('id', '?')[:16]}: {t.get('message', 'no message')}" for t in txns)
+            reasons.append(f"batch {status['id'][:16]} INVALID ({why})")
+        super().__init__(f"{len(self.invalid)} of {len(statuses)} batches invalid: " + ", ".join(reasons))
+
+
+class BatchTimeoutError(TimeoutError):
+    """Some batches were still PENDING/UNKNOWN at the deadline; .statuses has the last view."""
+
+    def __init__(self, statuses: list[dict], timeout: float):
+        self.statuses = statuses
+        self.unfinished = [s for s in statuses if s.get("status") not in FINAL_BATCH_STATUSES]
+        names = ", ".join(f"{s['id'][:16]} {s.get('status')}" for s in self.unfinished)
+        super().__init__(f"{len(self.unfinished)} of {len(statuses)} batches not final after {timeout:g}s: {names}")
+
+
+def _short(url: str, limit: int = 200) -> str:
+    # Status and receipt URLs carry 128-char ids; keep error lines readable.
+    return url if len(url) <= limit else url[: limit - 3] + "..."
+
+
+class RestClient:
+    def __init__(self, base_url: str, *, retries: int = 5, backoff: float = 0.1, max_backoff: float = 5.0,
+                 timeout: float = 30):
+        """retries: extra attempts after the first (429/503/connection errors only);
+        backoff: first delay in seconds, doubled per retry up to max_backoff, with jitter;
+        timeout: seconds per HTTP request (long-polls add their wait to it)."""
+        self.base_url = base_url.rstrip("/")
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> "RestClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _delay(self, attempt: int) -> float:
+        # "Equal jitter": at least half the exponential step, so retries never bunch at zero.
+        step = min(self.max_backoff, self.backoff * 2**attempt)
+        return step / 2 + random.uniform(0, step / 2)
+
+    async def _request(self, method: str, path: str, *, params: dict | None = None, body: bytes | None = None,
+                       content_type: str | None = None, ok: Iterable[int] = (200,),
+                       extra_timeout: float = 0) -> tuple[int, dict]:
+        """One REST call with retries; returns (status, JSON body) for a status in ok."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        url = self.base_url + path
+        shown = _short(url + ("?" + urlencode(params) if params else ""))
+        headers = {"Content-Type": content_type} if content_type else None
+        timeout = aiohttp.ClientTimeout(total=self.timeout + extra_timeout)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self._session.request(method, url, params=params, data=body, headers=headers,
+                                                 timeout=timeout) as response:
+                    status = response.status
+                    raw = await response.read()
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                error = RestError(method, shown, 0, None, "No Response", str(exc) or type(exc).__name__, attempt)
+            else:
+                if status in ok:
+                    try:
+                        return status, json.loads(raw) if raw else {}
+                    except ValueError:
+                        raise RestError(method, shown, status, None, "Bad Response",
+                                        f"body is not JSON: {raw[:80]!r}", attempt) from None
+                error = self._error(method, shown, status, raw, attempt)
+                if status not in RETRY_STATUSES:
+                    raise error
+            if attempt > self.retries:
+                raise error
+            delay = self._delay(attempt - 1)
+            LOGGER.debug("%s; retrying in %.2fs", error, delay)
+            await asyncio.sleep(delay)
+
+    @staticmethod
+    def _error(method: str, url: str, status: int, raw: bytes, attempts: int) -> RestError:
+        try:
+            err = json.loads(raw)["error"]
+            return RestError(method, url, status, err.get("code"), err.get("title", ""), err.get("message", ""),
+                             attempts)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            text = raw.decode("utf-8", "replace").strip().replace("\n", " ")[:200]
+            return RestError(method, url, status, None, "", text or "(empty body)", attempts)
+
+    async def _get_json(self, path: str, params: dict | None = None) -> dict:
+        return (await self._request("GET", path, params=params))[1]
+
+    async def _get_or_none(self, path: str, not_found_code: int, params: dict | None = None) -> dict | None:
+        try:
+            return await self._get_json(path, params)
+        except RestError as exc:
+            if exc.status == 404 and exc.code == not_found_code:
+                return None
+            raise
+
+    async def _pages(self, path: str, params: dict) -> AsyncIterator[dict]:
+        """Items of a paged list; every page after the first is read at the first page's head."""
+        params = {k: v for k, v in params.items() if v is not None}
+        while True:
+            page = await self._get_json(path, params)
+            for item in page.get("data", []):
+                yield item
+            next_position = page.get("paging", {}).get("next_position")
+            if not next_position:
+                return
+            params = {**params, "head": page["head"], "start": next_position}
+
+    @staticmethod
+    def _list_params(head, ids, page_size, reverse) -> dict:
+        return {"head": head, "id": ",".join(ids) if ids else None, "limit": page_size,
+                "reverse": "" if reverse else None}
+
+    # -- batches -------------------------------------------------------------------------------
+
+    async def submit_batches(self, batches: Sequence["pb.Batch"]) -> list[str]:
+        """POST /batches; returns the batch ids. Raises RestError (400 INVALID, 429 after retries...)."""
+        if not batches:
+            raise ValueError("submit_batches needs at least one batch")
+        body = pb.BatchList(batches=list(batches)).SerializeToString()
+        await self._request("POST", "/batches", body=body, content_type="application/octet-stream", ok=(202,))
+        return [b.header_signature for b in batches]
+
+    async def batch_statuses(self, ids: Sequence[str], wait: float | None = None) -> list[dict]:
+        """[{"id", "status": COMMITTED|INVALID|PENDING|UNKNOWN, "invalid_transactions": [...]}, ...].
+
+        wait: let the validator hold the answer up to this many seconds (whole seconds, at least
+        1) until none is PENDING. UNKNOWN does not hold it: the validator has not seen that batch.
+        """
+        params = None
+        if wait is not None:
+            # Sawtooth takes whole seconds (floor: never past the caller's deadline), and 0
+            # would mean its 300 s default.
+            params = {"wait": str(max(1, int(wait)))}
+        body = json.dumps(list(ids)).encode()
+        # POST: any number of ids, none of the URL length limits a GET ?id=... list runs into.
+        _, page = await self._request("POST", "/batch_statuses", params=params, body=body,
+                                      content_type="application/json", extra_timeout=wait or 0)
+        return page["data"]
+
+    async def wait_for_batches(self, ids: Sequence[str], timeout: float, *, raise_invalid: bool = True) -> list[dict]:
+        """Wait until every batch is COMMITTED or INVALID; return their statuses.
+
+        UNKNOWN is waited on like PENDING (right after a submission the validator may not have
+        queued the batch yet). Raises BatchTimeoutError when some are not final after timeout
+        seconds, and BatchInvalidError (naming each rejected transaction and the processor's
+        message) when some are INVALID, unless raise_invalid=False.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pause = 0.05
+        while True:
+            remaining = deadline - loop.time()
+            wait = min(remaining, _MAX_SERVER_WAIT) if remaining >= 1 else None
+            statuses = await self.batch_statuses(ids, wait=wait)
+            if all(s.get("status") in FINAL_BATCH_STATUSES for s in statuses):
+                break
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise BatchTimeoutError(statuses, timeout)
+            # The validator answers at once while a batch is UNKNOWN, so don't spin.
+            await asyncio.sleep(min(pause, remaining))
+            pause = min(pause * 2, 1.0)
+        if raise_invalid and any(s.get("status") == "INVALID" for s in statuses):
+            raise BatchInvalidError(statuses)
+        return statuses
+
+    async def list_batches(self, *, head: str | None = None, ids: Sequence[str] | None = None,
+                           page_size: int | None = None, reverse: bool = False) -> AsyncIterator[dict]:
+        async for batch in self._pages("/batches", self._list_params(head, ids, page_size, reverse)):
+            yield batch
+
+    async def get_batch(self, batch_id: str) -> dict | None:
+        page = await self._get_or_none(f"/batches/{batch_id}", BATCH_NOT_FOUND)
+        return None if page is None else page["data"]
+
+    # -- state ---------------------------------------------------------------------------------
+
+    async def get_state(self, address: str, head: str | None = None) -> bytes | None:
+        """The value at a full 70-char address, or None when nothing is stored there."""
+        params = {"head": head} if head else None
+        page = await self._get_or_none(f"/state/{address}", STATE_NOT_FOUND, params)
+        return None if page is None else base64.b64decode(page["data"])
+
+    async def list_state(self, prefix: str = "", head: str | None = None, *, page_size: int | None = None,
+                         reverse: bool = False) -> AsyncIterator[tuple[str, bytes]]:
+        """(address, value) under prefix, in address order, all read at one head."""
+        params = {"address": prefix or None, "head": head, "limit": page_size, "reverse": "" if reverse else None}
+        async for entry in self._pages("/state", params):
+            yield entry["address"], base64.b64decode(entry["data"])
+
+    # -- blocks, transactions, receipts, node --------------------------------------------------
+
+    async def list_blocks(self, *, head: str | None = None, ids: Sequence[str] | None = None,
+                          page_size: int | None = None, reverse: bool = False) -> AsyncIterator[dict]:
+        """Blocks with JSON headers, newest first (oldest first with reverse=True)."""
+        async for block in self._pages("/blocks", self._list_params(head, ids, page_size, reverse)):
+            yield block
+
+    async def get_block(self, block_id: str) -> dict | None:
+        page = await self._get_or_none(f"/blocks/{block_id}", BLOCK_NOT_FOUND)
+        return None if page is None else page["data"]
+
+    async def head(self) -> dict:
+        """The chain head block."""
+        page = await self._get_json("/blocks", {"limit": 1})
+        return page["data"][0]
+
+    async def list_transactions(self, *, head: str | None = None, ids: Sequence[str] | None = None,
+                                page_size: int | None = None, reverse: bool = False) -> AsyncIterator[dict]:
+        async for txn in self._pages("/transactions", self._list_params(head, ids, page_size, reverse)):
+            yield txn
+
+    async def get_transaction(self, transaction_id: str) -> dict | None:
+        page = await self._get_or_none(f"/transactions/{transaction_id}", TRANSACTION_NOT_FOUND)
+        return None if page is None else page["data"]
+
+    async def get_receipts(self, transaction_ids: Sequence[str]) -> list[dict]:
+        """Receipts in the order asked; RestError 404 [code 80] if any one is missing."""
+        body = json.dumps(list(transaction_ids)).encode()
+        _, page = await self._request("POST", "/receipts", body=body, content_type="application/json")
+        return page["data"]
+
+    async def get_status(self) -> dict:
+        """{"endpoint": ..., "peers": [{"endpoint": ...}, ...]}"""
+        return (await self._get_json("/status"))["data"]
+
+    async def get_peers(self) -> list[str]:
+        return (await self._get_json("/peers"))["data"]
+
+
+__all__ = ["RestClient", "RestError", "BatchInvalidError", "BatchTimeoutError"]
