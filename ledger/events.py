@@ -137,6 +137,7 @@ class EventSubscriber:
             subs.insert(0, block_commit_subscription())
         self.subscriptions = subs
         self._initial_known = list(last_known_block_ids)
+        self._anchor: str | None = None  # chain head at first subscription, when nothing else is known
         self._conn = ValidatorConnection(url, on_message=self._on_message, on_reconnect=self._on_reconnect)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._last: BlockEvents | None = None  # last block handed to the queue
@@ -153,7 +154,18 @@ class EventSubscriber:
         return self._last.block_id if self._last else None
 
     def _resume_ids(self) -> list[str]:
-        return [self._last.block_id] if self._last else list(self._initial_known)
+        if self._last:
+            return [self._last.block_id]
+        return list(self._initial_known) or ([self._anchor] if self._anchor else [])
+
+    async def _chain_head_id(self) -> str | None:
+        """The head when we first subscribe: a resume point even before any block arrives."""
+        request = pb.ClientBlockListRequest(paging=pb.ClientPagingControls(limit=1))
+        reply = await self._conn.request(_MSG.CLIENT_BLOCK_LIST_REQUEST, request)
+        response = pb.ClientBlockListResponse.FromString(reply.content)
+        if response.status == pb.ClientBlockListResponse.OK and response.blocks:
+            return response.blocks[0].header_signature
+        return None
 
     # -- subscribing -------------------------------------------------------------------------
 
@@ -177,6 +189,11 @@ class EventSubscriber:
                 generation = self._conn.generation
                 if not force and self._subscribed_generation == generation:
                     return
+                if not self._resume_ids():
+                    try:
+                        self._anchor = await self._chain_head_id()
+                    except ConnectionLost:
+                        continue
                 known = self._resume_ids()
                 request = pb.ClientEventsSubscribeRequest(
                     subscriptions=self.subscriptions, last_known_block_ids=known

@@ -338,3 +338,35 @@ def test_restart_after_kill_keeps_chain_and_peers_reconnect(tmp_path):
         run(scenario())
     finally:
         node.stop()
+
+
+def test_parallel_execution_equals_serial_order_and_failed_batches_leak_nothing(tmp_path):
+    """Many batches in one block touching the same key: the result is the serial one, and a
+    batch that fails after writing leaves no trace for the batches after it."""
+    from devnet_process import DevnetProcess
+
+    node = DevnetProcess(tmp_path / "d", "--max-batches-per-block", "100").start()
+    try:
+        async def scenario():
+            async with running_processor(node.component_url, max_occupancy=16), rest(node.rest_url) as client:
+                await submit_and_wait(client, [intkey_batch(SIGNER, ("set", "shared", 0), ("set", "other", 0))])
+                batches = []
+                for i in range(30):
+                    if i == 10:  # writes shared (+1000), then fails: must be rolled back whole
+                        batches.append(intkey_batch(SIGNER, ("inc", "shared", 1000), ("dec", "other", 5)))
+                    elif i % 3 == 0:
+                        batches.append(intkey_batch(SIGNER, ("set", f"solo{i}", i)))  # independent
+                    else:
+                        batches.append(intkey_batch(SIGNER, ("inc", "shared", 1)))
+                statuses = await submit_and_wait(client, batches)
+                by_id = {s["id"]: s["status"] for s in statuses}
+                assert by_id[batches[10].header_signature] == "INVALID"
+                assert sum(v == "COMMITTED" for v in by_id.values()) == 29
+                expected = sum(1 for i in range(30) if i != 10 and i % 3 != 0)
+                assert cbor.decode(await client.get_state(intkey.address("shared"))) == {"shared": expected}
+                blocks = [b async for b in client.list_blocks()]
+                assert len(blocks) <= 4  # they really were executed together, not one block each
+
+        run(scenario())
+    finally:
+        node.stop()

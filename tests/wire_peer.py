@@ -87,6 +87,7 @@ class WirePeer:
             M.TP_RECEIPT_ADD_DATA_REQUEST: self._on_receipt_add,
             M.CLIENT_EVENTS_SUBSCRIBE_REQUEST: self._on_subscribe,
             M.CLIENT_EVENTS_UNSUBSCRIBE_REQUEST: self._on_unsubscribe,
+            M.CLIENT_BLOCK_LIST_REQUEST: self._on_block_list,
         }
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -338,6 +339,16 @@ class WirePeer:
         for _, _, events in self.chain[max(0, start - self.catchup_overlap):]:  # catch-up, one list per block
             await self.send(identity, M.CLIENT_EVENTS, events)
         self.subscribers[identity] = list(request.subscriptions)
+
+    async def _on_block_list(self, identity, message):
+        """Only what subscribers ask: the chain head (newest block first, limit 1)."""
+        Response = pb.ClientBlockListResponse
+        if not self.chain:
+            response = Response(status=Response.NOT_READY)
+        else:
+            response = Response(status=Response.OK, head_id=self.chain[-1][0],
+                                blocks=[pb.Block(header_signature=self.chain[-1][0])])
+        await self.reply(identity, message, M.CLIENT_BLOCK_LIST_RESPONSE, response)
 
     async def _on_unsubscribe(self, identity, message):
         self.subscribers.pop(identity, None)
