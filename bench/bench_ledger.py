@@ -10,6 +10,7 @@ Targets (issue 2): >= 1,000 committed txn/s and p50 <= 50 ms on 2 cores.
 from __future__ import annotations
 
 import argparse
+import re
 import asyncio
 import pathlib
 import statistics
@@ -95,6 +96,17 @@ async def latency(rest_url: str, component_url: str, signer, samples: int) -> li
     return results
 
 
+def _block_phases(log: str) -> dict[str, float]:
+    """Where the validator spent its block time, from its 'committed block' log lines."""
+    totals = {"execute": 0.0, "state": 0.0, "store": 0.0, "blocks": 0}
+    for m in re.finditer(r"execute (\d+) ms, state (\d+) ms, store (\d+) ms", log):
+        totals["execute"] += float(m.group(1))
+        totals["state"] += float(m.group(2))
+        totals["store"] += float(m.group(3))
+        totals["blocks"] += 1
+    return totals
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--txns", type=int, default=20000)
@@ -118,6 +130,11 @@ def main() -> None:
             tp.terminate()
             tp.wait()
             node.stop()
+            phases = _block_phases(node.log())
+    busy = phases["execute"] + phases["state"] + phases["store"]
+    if busy:
+        print(f"validator block time over {phases['blocks']} blocks: "
+              + ", ".join(f"{k} {phases[k] / busy:.0%}" for k in ("execute", "state", "store")))
     lat.sort()
     p50 = statistics.median(lat)
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]

@@ -25,7 +25,6 @@ CREATE TABLE IF NOT EXISTS transactions (
     txn_id TEXT PRIMARY KEY, block_num INTEGER NOT NULL, batch_id TEXT NOT NULL,
     position INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS receipts (txn_id TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -35,12 +34,15 @@ class ChainStore:
     def __init__(self, data_dir: str | pathlib.Path):
         self.path = pathlib.Path(data_dir) / "chain.sqlite3"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # One connection, used from the event loop thread and the merkle reads it makes.
+        # Reads use one connection on the event loop's thread; commit_block writes through its
+        # own connection so it can run in a worker thread (WAL lets the reader go on meanwhile).
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._writer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._writer.execute("PRAGMA synchronous=FULL")
+        self._lock = threading.Lock()
         self._head: pb.Block | None = None
         row = self._db.execute("SELECT data FROM blocks ORDER BY block_num DESC LIMIT 1").fetchone()
         if row:
@@ -134,10 +136,6 @@ class ChainStore:
         row = self._db.execute("SELECT data FROM receipts WHERE txn_id = ?", (txn_id,)).fetchone()
         return pb.TransactionReceipt.FromString(row[0]) if row else None
 
-    def get_meta(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
-
     # -- the one write path ------------------------------------------------------------
 
     def commit_block(
@@ -148,7 +146,7 @@ class ChainStore:
     ) -> None:
         header = pb.BlockHeader.FromString(block.header)
         with self._lock:
-            cur = self._db.cursor()
+            cur = self._writer.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
                 cur.executemany(
@@ -180,9 +178,7 @@ class ChainStore:
                 raise
         self._head = block
 
-    def set_meta(self, key: str, value: str) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
-
     def close(self) -> None:
+        with self._lock:
+            self._writer.close()
         self._db.close()
