@@ -46,6 +46,19 @@ def _devnet(args) -> int:
     return _run_until_signal(run_devnet(config, ready))
 
 
+def _processors(args) -> int:
+    from trustmesh.ledger.processor import TransactionProcessor
+    from trustmesh.scheduling.handlers import federation_handlers
+
+    async def serve():
+        processor = TransactionProcessor(args.endpoint, max_occupancy=args.max_occupancy)
+        for handler in federation_handlers():
+            processor.add_handler(handler)
+        await processor.run()
+
+    return _run_until_signal(serve())
+
+
 def _demo(args) -> int:
     from trustmesh.demo import main as demo_main
 
@@ -87,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "it is marked INVALID (default %(default)s)")
     devnet.add_argument("--no-block-info", action="store_true", help="do not inject BlockInfo transactions")
     devnet.set_defaults(func=_devnet)
+
+    procs = sub.add_parser("processors", help="run the federation's transaction processors "
+                                               "(workflow, peer, federation, schedule families)")
+    procs.add_argument("--endpoint", default="tcp://127.0.0.1:4004",
+                       help="the validator's component endpoint (default %(default)s)")
+    procs.add_argument("--max-occupancy", type=int, default=10,
+                       help="transactions processed at once (default %(default)s)")
+    procs.set_defaults(func=_processors)
 
     demo = sub.add_parser("demo", help="run the embedded default end to end on loopback")
     demo.add_argument("--data-dir", help="keep the chain here (default: a temporary folder)")

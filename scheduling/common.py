@@ -1,0 +1,115 @@
+"""What every federation family shares: payload parsing, state records, field checks, events.
+
+Handlers raise InvalidTransaction with a message a person can act on for every bad input; any
+other exception would surface as an INTERNAL_ERROR and be retried, which a bad payload must
+never cause.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Mapping
+
+from trustmesh.ledger import payload as cbor
+from trustmesh.ledger.devnet.block_info import latest_block_timestamp
+from trustmesh.ledger.processor import InvalidTransaction
+
+HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
+PUBLIC_KEY = re.compile(r"\A0[23][0-9a-f]{64}\Z")
+IDENTIFIER = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+MAX_PAYLOAD_BYTES = 64 * 1024  # definitions and digests only; blobs live off-chain
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A value for an error message: bounded, and safe for integers too long to print."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except ValueError:  # a huge integer inside a container
+        return f"a {type(value).__name__} too large to show"
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def signer_of(transaction) -> str:
+    return transaction.header.signer_public_key
+
+
+def parse_payload(transaction, actions: Iterable[str]) -> tuple[str, dict]:
+    """Decode a canonical-CBOR map {"action": ..., ...}; return (action, the map)."""
+    try:
+        body = cbor.decode(transaction.payload, max_bytes=MAX_PAYLOAD_BYTES)
+    except cbor.PayloadError as exc:
+        raise InvalidTransaction(str(exc)) from None
+    if not isinstance(body, dict):
+        raise InvalidTransaction("payload must be a CBOR map with an 'action' field")
+    action = body.get("action")
+    allowed = sorted(actions)
+    if action not in allowed:
+        raise InvalidTransaction(f"action must be one of {', '.join(allowed)}; got {shown(action)}")
+    return action, body
+
+
+def require(body: Mapping, name: str, kind: type | tuple, *, where: str = "payload") -> Any:
+    """A present field of the given type (bool is never accepted as int)."""
+    if name not in body:
+        raise InvalidTransaction(f"{where} lacks the required field {name!r}")
+    value = body[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise InvalidTransaction(f"{where} field {name!r} must be {_names(kinds)}, not a boolean")
+    if not isinstance(value, kinds):
+        raise InvalidTransaction(f"{where} field {name!r} must be {_names(kinds)}, got {type(value).__name__}")
+    return value
+
+
+def require_match(body: Mapping, name: str, pattern: re.Pattern, what: str, *, where: str = "payload") -> str:
+    value = require(body, name, str, where=where)
+    if not pattern.match(value):
+        raise InvalidTransaction(f"{where} field {name!r} must be {what}; got {shown(value)}")
+    return value
+
+
+def require_int(body: Mapping, name: str, low: int, high: int, *, where: str = "payload") -> int:
+    value = require(body, name, int, where=where)
+    if not low <= value <= high:
+        raise InvalidTransaction(f"{where} field {name!r} must be between {low} and {high}; got {shown(value)}")
+    return value
+
+
+def _names(kinds) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", dict: "a map", list: "a list",
+             bytes: "bytes", bool: "a boolean"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+async def read_record(context, address: str) -> dict | None:
+    """A state record written by these families, or None where nothing is stored."""
+    found = await context.get_state([address])
+    if address not in found:
+        return None
+    return cbor.decode(found[address], max_bytes=10 * 1024 * 1024)
+
+
+async def read_records(context, addresses: list[str]) -> dict[str, dict]:
+    found = await context.get_state(addresses)
+    return {a: cbor.decode(v, max_bytes=10 * 1024 * 1024) for a, v in found.items()}
+
+
+async def write_records(context, records: Mapping[str, Any]) -> None:
+    await context.set_state({a: cbor.encode(r) for a, r in records.items()})
+
+
+async def chain_time(context) -> int:
+    """Agreed time of the block being built (BlockInfo); never this machine's clock."""
+    timestamp = await latest_block_timestamp(context)
+    if timestamp is None:
+        raise InvalidTransaction(
+            "no BlockInfo on chain: the validator must inject BlockInfo (batch injector block_info) "
+            "for round clocks and deadlines"
+        )
+    return timestamp
+
+
+async def emit(context, event_type: str, **attributes: Any) -> None:
+    await context.add_event(event_type, [(k, str(v)) for k, v in sorted(attributes.items())])

@@ -1,0 +1,93 @@
+"""Families, namespaces and state addresses of the federation's on-chain rules.
+
+Four families (version 1.0, canonical-CBOR payloads, canonical-CBOR state records):
+
+| family                | namespace = sha512(name)[:6] | holds                                      |
+|-----------------------|------------------------------|--------------------------------------------|
+| trustmesh-workflow    | WORKFLOW_NS                  | workflow definitions, owner, version       |
+| trustmesh-peer        | PEER_NS                      | compute-node registry and its index        |
+| trustmesh-federation  | FEDERATION_NS                | rounds: schedule_id, submissions, status   |
+| trustmesh-schedule    | SCHEDULE_NS                  | task assignments, task status, node load,  |
+|                       |                              | round results                              |
+
+Task status and round results live in the schedule family (the issue lists them apart): a task's
+completion changes its node's queue length in the same transaction, which would otherwise need
+two families to agree.
+
+Every address is namespace + a 2-hex "kind" + 62 hex of sha512 over the record's key, so an
+auditor can compute any address with sha512 alone. Kinds below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from trustmesh.ledger.addressing import namespace
+
+VERSION = "1.0"
+
+WORKFLOW_FAMILY = "trustmesh-workflow"
+PEER_FAMILY = "trustmesh-peer"
+FEDERATION_FAMILY = "trustmesh-federation"
+SCHEDULE_FAMILY = "trustmesh-schedule"
+
+WORKFLOW_NS = namespace(WORKFLOW_FAMILY)
+PEER_NS = namespace(PEER_FAMILY)
+FEDERATION_NS = namespace(FEDERATION_FAMILY)
+SCHEDULE_NS = namespace(SCHEDULE_FAMILY)
+BLOCK_INFO_NS = "00b10c"  # agreed block timestamps (round clocks, deadlines)
+
+# kinds: the two hex characters after the namespace
+WORKFLOW_RECORD = "00"      # key: workflow_id
+PEER_RECORD = "00"          # key: node public key (hex)
+PEER_INDEX = "01"           # single record: sorted list of registered node public keys
+ROUND_RECORD = "00"         # key: schedule_id
+WORKFLOW_ROUNDS = "01"      # key: workflow_id -> {round number: schedule_id}
+ASSIGNMENTS = "00"          # key: schedule_id -> task assignments of that round
+TASK_STATUS = "01"          # key: schedule_id + "/" + task_id
+NODE_LOAD = "02"            # key: node public key -> queue length, done, missed (reputation)
+ROUND_RESULT = "03"         # key: schedule_id
+
+
+def _address(ns: str, kind: str, key: str) -> str:
+    return ns + kind + hashlib.sha512(key.encode()).hexdigest()[:62]
+
+
+def workflow_address(workflow_id: str) -> str:
+    return _address(WORKFLOW_NS, WORKFLOW_RECORD, workflow_id)
+
+
+def peer_address(public_key: str) -> str:
+    return _address(PEER_NS, PEER_RECORD, public_key)
+
+
+PEER_INDEX_ADDRESS = PEER_NS + PEER_INDEX + "0" * 62
+
+
+def round_address(schedule_id: str) -> str:
+    return _address(FEDERATION_NS, ROUND_RECORD, schedule_id)
+
+
+def workflow_rounds_address(workflow_id: str) -> str:
+    return _address(FEDERATION_NS, WORKFLOW_ROUNDS, workflow_id)
+
+
+def assignments_address(schedule_id: str) -> str:
+    return _address(SCHEDULE_NS, ASSIGNMENTS, schedule_id)
+
+
+def task_status_address(schedule_id: str, task_id: str) -> str:
+    return _address(SCHEDULE_NS, TASK_STATUS, f"{schedule_id}/{task_id}")
+
+
+def node_load_address(public_key: str) -> str:
+    return _address(SCHEDULE_NS, NODE_LOAD, public_key)
+
+
+def round_result_address(schedule_id: str) -> str:
+    return _address(SCHEDULE_NS, ROUND_RESULT, schedule_id)
+
+
+def schedule_id_for(workflow_id: str, round_number: int, coordinator: str) -> str:
+    """The shared id of a round: derived, not drawn, so every validator computes the same one."""
+    return hashlib.sha256(f"{workflow_id}/{round_number}/{coordinator}".encode()).hexdigest()

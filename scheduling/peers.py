@@ -1,0 +1,249 @@
+"""trustmesh-peer 1.0: the registry of compute nodes.
+
+A compute node signs its own registration; the signer's public key IS the node, so the record
+lives at `layout.peer_address(signer)` and nobody else can write it.
+
+Payload (canonical CBOR map):
+
+    {"action": "register" | "update",
+     "name": identifier,                                   # e.g. "gpu-box-3"
+     "encryption_public_key": 64 hex,                      # X25519, what IoT nodes encrypt for
+     "resources": {"cpu_cores": int >= 1, "memory_mb": int >= 1, "accelerator": str (optional)}}
+
+"register" creates the record (once); "update" replaces name, key and resources of an existing
+record (all fields again). Unknown fields are refused, so a payload can never claim to speak for
+another node.
+
+State:
+
+    peer_address(node)   {"node", "name", "encryption_public_key", "resources", "revision"}
+                         revision: 1 at register, +1 per update
+    PEER_INDEX_ADDRESS   CBOR list of every registered node key, sorted; how the schedule
+                         family enumerates nodes (register writes it, update does not touch it)
+
+Events (attributes are strings; enough to rebuild a cache of the registry):
+
+    trustmesh/peer-registered, trustmesh/peer-updated
+        node, name, encryption_public_key, cpu_cores, memory_mb, revision[, accelerator]
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+from trustmesh.ledger import payload as cbor
+from trustmesh.ledger.builders import make_transaction
+from trustmesh.ledger.processor import InvalidTransaction, TransactionHandler
+
+from . import layout
+from .common import (
+    HEX64,
+    IDENTIFIER,
+    emit,
+    parse_payload,
+    read_record,
+    require,
+    require_int,
+    require_match,
+    signer_of,
+    write_records,
+)
+
+FAMILY_NAME = layout.PEER_FAMILY
+FAMILY_VERSION = layout.VERSION
+NAMESPACE = layout.PEER_NS
+
+ACTIONS = ("register", "update")
+EVENT_REGISTERED = "trustmesh/peer-registered"
+EVENT_UPDATED = "trustmesh/peer-updated"
+
+MAX_PEERS = 10_000            # bounds the index record (~67 bytes a key)
+MAX_CPU_CORES = 4096
+MAX_MEMORY_MB = 16 * 1024 * 1024  # 16 TiB
+ACCELERATOR = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9 ._:/+()-]{0,63}\Z")
+
+_PAYLOAD_FIELDS = frozenset({"action", "name", "encryption_public_key", "resources"})
+_RESOURCE_FIELDS = frozenset({"cpu_cores", "memory_mb", "accelerator"})
+
+# X25519 public keys of small order (RFC 7748; libsodium's blacklist): a shared secret with any
+# of them is all zeros, so data "encrypted for" such a node would be readable by anyone.
+_P25519 = 2**255 - 19
+_SMALL_ORDER_U = frozenset({
+    0, 1, _P25519 - 1,
+    325606250916557431795983626356110631294008115727848805560023387167927233504,
+    39382357235489614581723060781553021112529911719440698176882885853963445705823,
+})
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_fields(body: Mapping, allowed: frozenset, where: str = "payload") -> None:
+    unknown = sorted(str(k) for k in body if k not in allowed)
+    if unknown:
+        raise InvalidTransaction(
+            f"{where} has unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def check_encryption_key(value: str) -> str:
+    """64 lowercase hex of a 32-byte X25519 public key that is not of small order."""
+    u = (int.from_bytes(bytes.fromhex(value), "little") & ((1 << 255) - 1)) % _P25519
+    if u in _SMALL_ORDER_U:
+        raise InvalidTransaction(
+            "payload field 'encryption_public_key' is a small-order X25519 point (shared secrets with it "
+            "are all zeros); send the node's real X25519 public key"
+        )
+    return value
+
+
+def parse_resources(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise InvalidTransaction(
+            "payload field 'resources' must be a map {cpu_cores, memory_mb[, accelerator]}, "
+            f"got {type(value).__name__}"
+        )
+    where = "resources"
+    check_fields(value, _RESOURCE_FIELDS, where)
+    resources = {
+        "cpu_cores": require_int(value, "cpu_cores", 1, MAX_CPU_CORES, where=where),
+        "memory_mb": require_int(value, "memory_mb", 1, MAX_MEMORY_MB, where=where),
+    }
+    if "accelerator" in value:
+        resources["accelerator"] = require_match(
+            value, "accelerator", ACCELERATOR,
+            "1-64 characters: letters, digits, space and . _ : / + ( ) - (e.g. 'nvidia-a100')", where=where,
+        )
+    return resources
+
+
+def parse_peer_payload(transaction) -> tuple[str, dict]:
+    """(action, {name, encryption_public_key, resources}) of a valid payload."""
+    action, body = parse_payload(transaction, ACTIONS)
+    if "node" in body:
+        raise InvalidTransaction(
+            "payload field 'node' is not allowed: the transaction's signer is the node, so a node "
+            "can only register or update itself"
+        )
+    check_fields(body, _PAYLOAD_FIELDS)
+    fields = {
+        "name": require_match(body, "name", IDENTIFIER, "an identifier (1-64 of A-Z a-z 0-9 . _ -, "
+                              "starting with a letter or digit)"),
+        "encryption_public_key": check_encryption_key(
+            require_match(body, "encryption_public_key", HEX64, "a 32-byte X25519 public key as 64 lowercase hex")
+        ),
+        "resources": parse_resources(require(body, "resources", dict)),
+    }
+    return action, fields
+
+
+# --------------------------------------------------------------------------- handler
+
+
+class PeerHandler(TransactionHandler):
+    family_name = FAMILY_NAME
+    family_versions = [FAMILY_VERSION]
+    namespaces = [NAMESPACE]
+
+    async def apply(self, transaction, context) -> None:
+        action, fields = parse_peer_payload(transaction)
+        node = signer_of(transaction)
+        address = layout.peer_address(node)
+        current = await read_record(context, address)
+
+        if action == "register":
+            if current is not None:
+                raise InvalidTransaction(
+                    f"node {node} is already registered (as {current.get('name')!r}, revision "
+                    f"{current.get('revision')}); send action 'update' to change its record"
+                )
+            index = await read_peer_index(context)
+            if len(index) >= MAX_PEERS:
+                raise InvalidTransaction(
+                    f"the peer registry is full ({MAX_PEERS} nodes); no further node can register"
+                )
+            record = {"node": node, **fields, "revision": 1}
+            await write_records(context, {address: record, layout.PEER_INDEX_ADDRESS: sorted({*index, node})})
+            await _emit(context, EVENT_REGISTERED, record)
+        else:
+            if current is None:
+                raise InvalidTransaction(
+                    f"node {node} is not registered; send action 'register' first (a node can only "
+                    f"update its own record)"
+                )
+            record = {"node": node, **fields, "revision": int(current.get("revision", 0)) + 1}
+            await write_records(context, {address: record})
+            await _emit(context, EVENT_UPDATED, record)
+
+
+async def _emit(context, event_type: str, record: dict) -> None:
+    resources = record["resources"]
+    extra = {"accelerator": resources["accelerator"]} if "accelerator" in resources else {}
+    await emit(
+        context, event_type,
+        node=record["node"], name=record["name"], encryption_public_key=record["encryption_public_key"],
+        cpu_cores=resources["cpu_cores"], memory_mb=resources["memory_mb"], revision=record["revision"], **extra,
+    )
+
+
+# --------------------------------------------------------------------------- readers
+
+
+async def read_peer_index(context) -> list[str]:
+    """Sorted keys of every registered node (inside a handler: PEER_INDEX_ADDRESS in inputs)."""
+    found = await context.get_state([layout.PEER_INDEX_ADDRESS])
+    try:
+        return decode_peer_index(found.get(layout.PEER_INDEX_ADDRESS))
+    except ValueError as exc:
+        raise InvalidTransaction(f"peer registry state is unreadable: {exc}") from None
+
+
+async def read_peer(context, node: str) -> dict | None:
+    """A node's registry record, or None (inside a handler: its peer_address in inputs)."""
+    return await read_record(context, layout.peer_address(node))
+
+
+def decode_peer_index(data: bytes | None) -> list[str]:
+    """The index as stored (e.g. from RestClient.get_state(PEER_INDEX_ADDRESS)); [] when absent."""
+    if data is None:
+        return []
+    value = cbor.decode(data, max_bytes=10 * 1024 * 1024)
+    if not isinstance(value, list):
+        raise ValueError(f"peer index at {layout.PEER_INDEX_ADDRESS} is not a CBOR list")
+    return value
+
+
+def decode_peer(data: bytes | None) -> dict | None:
+    return None if data is None else cbor.decode(data, max_bytes=10 * 1024 * 1024)
+
+
+# --------------------------------------------------------------------------- client
+
+
+def make_peer_payload(action: str, *, name: str, encryption_public_key: str, cpu_cores: int, memory_mb: int,
+                      accelerator: str | None = None) -> bytes:
+    resources: dict = {"cpu_cores": cpu_cores, "memory_mb": memory_mb}
+    if accelerator is not None:
+        resources["accelerator"] = accelerator
+    return cbor.encode({"action": action, "name": name, "encryption_public_key": encryption_public_key,
+                        "resources": resources})
+
+
+def make_register_transaction(signer, *, name: str, encryption_public_key: str, cpu_cores: int, memory_mb: int,
+                              accelerator: str | None = None, **kwargs):
+    """Register the signer as a compute node. Reads/writes its record and the peer index."""
+    node = signer.public_key().as_hex()
+    addresses = [layout.peer_address(node), layout.PEER_INDEX_ADDRESS]
+    payload = make_peer_payload("register", name=name, encryption_public_key=encryption_public_key,
+                                cpu_cores=cpu_cores, memory_mb=memory_mb, accelerator=accelerator)
+    return make_transaction(signer, FAMILY_NAME, FAMILY_VERSION, payload, addresses, addresses, **kwargs)
+
+
+def make_update_transaction(signer, *, name: str, encryption_public_key: str, cpu_cores: int, memory_mb: int,
+                            accelerator: str | None = None, **kwargs):
+    """Replace the signer's own record (all fields). Reads/writes only that record."""
+    addresses = [layout.peer_address(signer.public_key().as_hex())]
+    payload = make_peer_payload("update", name=name, encryption_public_key=encryption_public_key,
+                                cpu_cores=cpu_cores, memory_mb=memory_mb, accelerator=accelerator)
+    return make_transaction(signer, FAMILY_NAME, FAMILY_VERSION, payload, addresses, addresses, **kwargs)

@@ -1,0 +1,842 @@
+"""`trustmesh-schedule` 1.0: task assignment, task status, node load and round results.
+
+One family, so that a task's completion and its node's queue length change in one transaction.
+
+Actions (canonical-CBOR map {"action": ..., ...}; unknown fields are refused):
+
+  assign        {schedule_id, deadline_seconds?}
+      The round (trustmesh-federation) must be "ready" and not yet assigned; anyone may send it.
+      Expands the workflow's task DAG into task instances: one per submitted node for each
+      local_train task (task_id "<task>:<node key[:16]>", input = that submission's digest), one
+      for each aggregate / evaluate / preprocess task. An instance's fetch_dependency_outputs
+      lists every instance of every task it depends on *transitively*. local_train instances go
+      to the submitting IoT node itself when federation.train_on == "iot"; everything else goes
+      to registered compute nodes (trustmesh-peer index) by `rank_nodes` (below).
+  report        {schedule_id, task_id, status: running|done|failed, output_digest?, metrics?,
+                 attempt?, reason?}
+      Only the task's current node; statuses only move forward (assigned -> running ->
+      done|failed, assigned -> done|failed); done needs output_digest and every
+      fetch_dependency_output done. done: node queue -1, done +1. failed: queue -1, missed +1.
+  reassign      {schedule_id, task_id}
+      Anyone, once chain time is past the task's deadline and the task is not done (and, for a
+      task that is not failed, once its dependencies are done: a task waiting for inputs cannot
+      be late), or at any time after it failed. The next node by `rank_nodes` excluding the
+      node that missed (which gets missed +1, queue -1); if no other candidate exists (a single
+      compute node, or local_train on an IoT node's own data) the same node gets a new attempt.
+  round_result  {schedule_id, global_model_digest, participants, aggregation_weights, metrics,
+                 task_id?}
+      From the node of the (final) aggregate task, after that task reported done with the same
+      digest. The round is final once the result exists and every evaluate instance is done,
+      whichever comes last.
+
+Deadlines (chain time, BlockInfo): a task without dependencies gets chain_time +
+deadline_seconds; a task with dependencies first gets chain_time + deadline_seconds * (1 + its
+depth) as an estimate, and chain_time + deadline_seconds again when its last dependency is done.
+
+Scoring (integers and exact fractions only, so every validator ranks alike):
+
+    points      = clamp(cpu_cores, 1, 256) + clamp(memory_mb // 1024, 0, 1024)
+    reliability = (done + 1) / (done + missed + 1)
+    score       = points * reliability / (queue + 1)
+
+Only nodes whose queue is at most the smallest queue among the candidates + MAX_QUEUE_SKEW are
+eligible (so an idle node is never passed over for long), highest score first, ties broken by
+sha256(schedule_id + node key) ascending. Assign updates the simulated queues after every
+instance, so one transaction spreads its instances.
+
+Records (canonical CBOR):
+  assignments_address(sid)  {schedule_id, workflow_id, round, train_on, deadline_seconds,
+                              order: [task_id, ...] (topological; canonical CBOR sorts map keys),
+                              tasks: {task_id: {kind, task, node, inputs, fetch_dependency_outputs,
+                                                deadline, attempt[, data_owner, samples]}}}
+  task_status_address(sid, task_id)
+                            {schedule_id, task_id, status, node, attempt, deadline, history:
+                              [{status, node, attempt, at[, output_digest | reason]}]
+                              [, output_digest, metrics, reason]}
+  node_load_address(key)    {node, queue, done, missed}
+  round_result_address(sid) {schedule_id, workflow_id, round, aggregate_task, global_model_digest,
+                              participants, aggregation_weights, metrics, reported_by,
+                              recorded_at, final[, finalized_at, evaluations:
+                              {task_id: {output_digest, metrics}}]}
+
+Events: trustmesh/task-assigned, trustmesh/round-scheduled, trustmesh/task-running,
+trustmesh/task-done, trustmesh/task-failed, trustmesh/task-reassigned, trustmesh/round-result,
+trustmesh/round-finalized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from fractions import Fraction
+from typing import Any, Iterable, Mapping
+
+from trustmesh.ledger import payload as cbor
+from trustmesh.ledger.builders import make_transaction
+from trustmesh.ledger.processor import InvalidTransaction, TransactionHandler
+
+from . import layout
+from .common import (
+    HEX64,
+    PUBLIC_KEY,
+    chain_time,
+    emit,
+    parse_payload,
+    read_record,
+    read_records,
+    require,
+    require_int,
+    require_match,
+    shown,
+    signer_of,
+    write_records,
+)
+
+FAMILY_NAME = layout.SCHEDULE_FAMILY
+FAMILY_VERSION = layout.VERSION
+NAMESPACE = layout.SCHEDULE_NS
+
+ACTIONS = ("assign", "report", "reassign", "round_result")
+TASK_KINDS = ("local_train", "aggregate", "evaluate", "preprocess")
+REPORT_STATUSES = ("running", "done", "failed")
+DEFAULT_DEADLINE_SECONDS = 300
+MAX_DEADLINE_SECONDS = 7 * 24 * 3600
+MAX_QUEUE_SKEW = 2
+MAX_METRICS = 32
+MAX_REASON_CHARS = 500
+WEIGHT_TOLERANCE = 1e-9
+
+# prefixes that cover every record of one kind (inputs/outputs of transactions whose exact
+# addresses depend on state the client has not read)
+TASK_STATUS_PREFIX = NAMESPACE + layout.TASK_STATUS
+NODE_LOAD_PREFIX = NAMESPACE + layout.NODE_LOAD
+
+TASK_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:-]{0,199}\Z")
+METRIC_NAME = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,63}\Z")
+
+_FIELDS = {
+    "assign": ({"schedule_id"}, {"deadline_seconds"}),
+    "report": ({"schedule_id", "task_id", "status"}, {"output_digest", "metrics", "attempt", "reason"}),
+    "reassign": ({"schedule_id", "task_id"}, set()),
+    "round_result": (
+        {"schedule_id", "global_model_digest", "participants", "aggregation_weights", "metrics"},
+        {"task_id"},
+    ),
+}
+_RANK = {"assigned": 0, "running": 1, "done": 2, "failed": 2}
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _clamp_int(value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return low
+    return max(low, min(high, int(value)))
+
+
+def resource_points(peer: Mapping | None) -> int:
+    """cpu cores (1..256) + whole GiB of memory (0..1024), from a trustmesh-peer record."""
+    resources = peer.get("resources") if isinstance(peer, Mapping) else None
+    if not isinstance(resources, Mapping):
+        resources = {}
+    cores = _clamp_int(resources.get("cpu_cores"), 1, 256)
+    memory_gib = _clamp_int(resources.get("memory_mb"), 0, 1 << 30) // 1024
+    return cores + min(memory_gib, 1024)
+
+
+def empty_load(node: str) -> dict:
+    return {"node": node, "queue": 0, "done": 0, "missed": 0}
+
+
+def node_score(points: int, load: Mapping) -> Fraction:
+    """points * (done + 1) / ((done + missed + 1) * (queue + 1)), exactly."""
+    done, missed, queue = (max(0, int(load.get(k, 0))) for k in ("done", "missed", "queue"))
+    return Fraction(points * (done + 1), (done + missed + 1) * (queue + 1))
+
+
+def tie_break(schedule_id: str, node: str) -> str:
+    return hashlib.sha256((schedule_id + node).encode()).hexdigest()
+
+
+def rank_nodes(schedule_id: str, candidates: Mapping[str, int], loads: Mapping[str, Mapping]) -> list[str]:
+    """Eligible candidates (queue within MAX_QUEUE_SKEW of the least loaded), best first.
+
+    candidates: node key -> resource points; loads: node key -> node load record.
+    """
+    if not candidates:
+        return []
+    queue = {n: max(0, int(loads.get(n, {}).get("queue", 0))) for n in candidates}
+    limit = min(queue.values()) + MAX_QUEUE_SKEW
+    eligible = [n for n in candidates if queue[n] <= limit]
+    return sorted(eligible, key=lambda n: (-node_score(candidates[n], loads.get(n, empty_load(n))),
+                                           tie_break(schedule_id, n)))
+
+
+# --------------------------------------------------------------------------- payload checks
+
+
+def _check_fields(action: str, body: Mapping) -> None:
+    required, optional = _FIELDS[action]
+    extra = sorted(set(body) - required - optional - {"action"})
+    if extra:
+        allowed = ", ".join(sorted(required | optional))
+        raise InvalidTransaction(
+            f"payload field(s) {', '.join(repr(e) for e in extra)} are not part of action {action!r} "
+            f"(its fields: {allowed})"
+        )
+
+
+def _number(value: Any) -> bool:
+    """A finite metric: floats that are not NaN/inf, and integers a float can hold."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= 2**53
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _metrics(body: Mapping, name: str, *, required: Iterable[str] = ()) -> dict:
+    metrics = require(body, name, dict)
+    if len(metrics) > MAX_METRICS:
+        raise InvalidTransaction(f"payload field {name!r} holds {len(metrics)} entries; at most {MAX_METRICS}")
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not METRIC_NAME.match(key):
+            raise InvalidTransaction(
+                f"payload field {name!r}: metric names are 1-64 characters of letters, digits, "
+                f"'_', '.', ':', '/', '-'; got {str(key)[:80]!r}"
+            )
+        if not _number(value):
+            raise InvalidTransaction(f"payload field {name!r}: metric {key!r} must be a finite number, got {shown(value)}")
+    missing = [k for k in required if k not in metrics]
+    if missing:
+        raise InvalidTransaction(f"payload field {name!r} lacks the metric(s) {', '.join(missing)}")
+    return metrics
+
+
+def _schedule_id(body: Mapping) -> str:
+    return require_match(body, "schedule_id", HEX64, "a schedule_id (64 lowercase hex, layout.schedule_id_for)")
+
+
+def _task_id(body: Mapping) -> str:
+    return require_match(body, "task_id", TASK_ID, "a task instance id from the round's assignments")
+
+
+# --------------------------------------------------------------------------- DAG expansion
+
+
+def _workflow_tasks(workflow_id: str, definition: Any) -> list[dict]:
+    """The definition's tasks in a stable topological order (definition order among the ready)."""
+    where = f"workflow {workflow_id!r}"
+    tasks = definition.get("tasks") if isinstance(definition, Mapping) else None
+    if not isinstance(tasks, list) or not tasks:
+        raise InvalidTransaction(f"{where} has no task list in its definition; deploy a workflow with tasks")
+    by_id: dict[str, dict] = {}
+    for task in tasks:
+        if not isinstance(task, Mapping):
+            raise InvalidTransaction(f"{where}: every task must be a map")
+        tid = task.get("id")
+        if not isinstance(tid, str) or not re.match(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z", tid):
+            raise InvalidTransaction(f"{where}: task id {str(tid)[:80]!r} is not a plain identifier")
+        if tid in by_id:
+            raise InvalidTransaction(f"{where}: task id {tid!r} appears twice")
+        if task.get("kind") not in TASK_KINDS:
+            raise InvalidTransaction(f"{where}: task {tid!r} has kind {task.get('kind')!r}; one of {', '.join(TASK_KINDS)}")
+        deps = task.get("depends_on", [])
+        if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+            raise InvalidTransaction(f"{where}: depends_on of task {tid!r} must be a list of task ids")
+        by_id[tid] = {"id": tid, "kind": task["kind"], "depends_on": list(dict.fromkeys(deps))}
+    for tid, task in by_id.items():
+        unknown = [d for d in task["depends_on"] if d not in by_id]
+        if unknown:
+            raise InvalidTransaction(f"{where}: task {tid!r} depends on unknown task(s) {', '.join(map(repr, unknown))}")
+    ordered: list[dict] = []
+    placed: set[str] = set()
+    pending = list(by_id.values())
+    while pending:
+        ready = [t for t in pending if all(d in placed for d in t["depends_on"])]
+        if not ready:
+            raise InvalidTransaction(
+                f"{where}: depends_on edges form a cycle among {', '.join(repr(t['id']) for t in pending)}"
+            )
+        for task in ready:
+            ordered.append(task)
+            placed.add(task["id"])
+        pending = [t for t in pending if t["id"] not in placed]
+    return ordered
+
+
+def _closures(ordered: list[dict]) -> tuple[dict[str, set[str]], dict[str, int]]:
+    """Transitive dependencies and depth (longest chain below) of every task."""
+    closure: dict[str, set[str]] = {}
+    depth: dict[str, int] = {}
+    for task in ordered:
+        deps: set[str] = set()
+        level = 0
+        for dep in task["depends_on"]:
+            deps.add(dep)
+            deps |= closure[dep]
+            level = max(level, depth[dep] + 1)
+        closure[task["id"]] = deps
+        depth[task["id"]] = level
+    return closure, depth
+
+
+def _final_aggregates(assignments: Mapping) -> list[str]:
+    """Aggregate instances no other aggregate instance depends on: the round's global model."""
+    tasks = assignments["tasks"]
+    aggregates = [t for t in assignments.get("order", sorted(tasks)) if tasks[t]["kind"] == "aggregate"]
+    inner = {d for t in aggregates for d in tasks[t]["fetch_dependency_outputs"]}
+    return [t for t in aggregates if t not in inner]
+
+
+# --------------------------------------------------------------------------- handler
+
+
+class ScheduleHandler(TransactionHandler):
+    family_name = FAMILY_NAME
+    family_versions = [FAMILY_VERSION]
+    namespaces = [NAMESPACE]
+
+    async def apply(self, transaction, context) -> None:
+        action, body = parse_payload(transaction, ACTIONS)
+        _check_fields(action, body)
+        signer = signer_of(transaction)
+        await getattr(self, "_" + action)(body, signer, context)
+
+    # -- shared reads ----------------------------------------------------------------------
+
+    @staticmethod
+    async def _assignments(context, schedule_id: str) -> dict:
+        record = await read_record(context, layout.assignments_address(schedule_id))
+        if record is None:
+            raise InvalidTransaction(
+                f"no tasks are assigned for schedule {schedule_id!r}; send 'assign' once its round is ready"
+            )
+        return record
+
+    @staticmethod
+    def _task(assignments: Mapping, schedule_id: str, task_id: str) -> dict:
+        task = assignments["tasks"].get(task_id)
+        if task is None:
+            known = ", ".join(sorted(assignments["tasks"]))
+            raise InvalidTransaction(f"schedule {schedule_id!r} has no task {task_id!r} (its tasks: {known})"[:1000])
+        return task
+
+    @staticmethod
+    async def _statuses(context, schedule_id: str, task_ids: Iterable[str]) -> dict[str, dict]:
+        ids = list(dict.fromkeys(task_ids))
+        addresses = {layout.task_status_address(schedule_id, t): t for t in ids}
+        found = await read_records(context, list(addresses))
+        statuses = {addresses[a]: r for a, r in found.items()}
+        missing = [t for t in ids if t not in statuses]
+        if missing:  # written together with the assignments: only a broken state lacks them
+            raise InvalidTransaction(f"schedule {schedule_id!r}: task status of {', '.join(missing)} is missing from state")
+        return statuses
+
+    @staticmethod
+    async def _compute_nodes(context) -> dict[str, int]:
+        """Registered compute nodes -> resource points (peer index order)."""
+        index = await read_record(context, layout.PEER_INDEX_ADDRESS)
+        keys = [k for k in index if isinstance(k, str)] if isinstance(index, list) else []
+        if not keys:
+            return {}
+        peers = await read_records(context, [layout.peer_address(k) for k in keys])
+        return {k: resource_points(peers[layout.peer_address(k)]) for k in keys if layout.peer_address(k) in peers}
+
+    @staticmethod
+    async def _loads(context, nodes: Iterable[str]) -> dict[str, dict]:
+        nodes = list(dict.fromkeys(nodes))
+        found = await read_records(context, [layout.node_load_address(n) for n in nodes])
+        return {n: dict(found.get(layout.node_load_address(n)) or empty_load(n)) for n in nodes}
+
+    # -- assign ----------------------------------------------------------------------------
+
+    async def _assign(self, body: dict, signer: str, context) -> None:
+        schedule_id = _schedule_id(body)
+        deadline_seconds = DEFAULT_DEADLINE_SECONDS
+        if "deadline_seconds" in body:
+            deadline_seconds = require_int(body, "deadline_seconds", 1, MAX_DEADLINE_SECONDS)
+
+        if await read_record(context, layout.assignments_address(schedule_id)) is not None:
+            raise InvalidTransaction(f"schedule {schedule_id!r} is already assigned; a round is assigned once")
+        round_ = await read_record(context, layout.round_address(schedule_id))
+        if round_ is None:
+            raise InvalidTransaction(
+                f"no round with schedule id {schedule_id!r} on chain; the coordinator opens it (trustmesh-federation)"
+            )
+        status = round_.get("status")
+        if status != "ready":
+            submitted = len(round_.get("submissions") or {})
+            hint = {
+                "collecting": f"it is still collecting submissions ({submitted} of "
+                              f"{round_.get('expected_nodes')}); assign once it is ready",
+                "timeout": "it timed out below min_nodes_required; it has nothing to train on",
+            }.get(status, "only a ready round can be assigned")
+            raise InvalidTransaction(f"round {schedule_id!r} is {status!r}, not 'ready': {hint}")
+        workflow_id = round_.get("workflow_id")
+        workflow = await read_record(context, layout.workflow_address(str(workflow_id)))
+        if workflow is None:
+            raise InvalidTransaction(f"round {schedule_id!r} names workflow {workflow_id!r}, which is not on chain")
+        definition = workflow.get("definition") or {}
+        ordered = _workflow_tasks(workflow_id, definition)
+        federation = definition.get("federation") if isinstance(definition, Mapping) else None
+        train_on = (federation or {}).get("train_on", "compute") if isinstance(federation, Mapping) else "compute"
+        if train_on not in ("compute", "iot"):
+            raise InvalidTransaction(f"workflow {workflow_id!r}: federation.train_on must be 'compute' or 'iot', got {train_on!r}")
+
+        submissions = round_.get("submissions") or {}
+        arrival = [n for n in (round_.get("submitted_nodes") or []) if n in submissions]
+        arrival += sorted(n for n in submissions if n not in arrival)
+        if not arrival:
+            raise InvalidTransaction(f"round {schedule_id!r} is ready but holds no submissions; nothing to train on")
+
+        closure, depth = _closures(ordered)
+        now = await chain_time(context)
+
+        # instance skeletons, in topological order
+        instances: dict[str, list[str]] = {}
+        tasks: dict[str, dict] = {}
+        for task in ordered:
+            tid = task["id"]
+            fetch = [i for dep in ordered if dep["id"] in closure[tid] for i in instances[dep["id"]]]
+            deadline = now + deadline_seconds * (1 + depth[tid])
+            if task["kind"] == "local_train":
+                names = []
+                for node in arrival:
+                    instance = f"{tid}:{node[:16]}"
+                    if instance in tasks:
+                        raise InvalidTransaction(
+                            f"round {schedule_id!r}: two submitting nodes share the key prefix {node[:16]!r}, "
+                            f"so their task ids would collide; one of them must use another key"
+                        )
+                    submission = submissions[node] if isinstance(submissions[node], Mapping) else {}
+                    tasks[instance] = {
+                        "kind": "local_train", "task": tid, "node": None, "inputs": [submission.get("digest")],
+                        "fetch_dependency_outputs": fetch, "deadline": deadline, "attempt": 1,
+                        "data_owner": node, "samples": submission.get("samples"),
+                    }
+                    names.append(instance)
+                instances[tid] = names
+            else:
+                tasks[tid] = {
+                    "kind": task["kind"], "task": tid, "node": None, "inputs": [],
+                    "fetch_dependency_outputs": fetch, "deadline": deadline, "attempt": 1,
+                }
+                instances[tid] = [tid]
+
+        # choose nodes
+        compute = await self._compute_nodes(context)
+        needs_compute = [t for t, a in tasks.items() if not (a["kind"] == "local_train" and train_on == "iot")]
+        if needs_compute and not compute:
+            raise InvalidTransaction(
+                f"no compute node is registered (trustmesh-peer index is empty), so the {len(needs_compute)} "
+                f"task(s) of round {schedule_id!r} cannot be assigned; register a compute node first"
+            )
+        loads = await self._loads(context, list(compute) + [a["data_owner"] for a in tasks.values() if "data_owner" in a])
+        for task_id, assignment in tasks.items():
+            if assignment["kind"] == "local_train" and train_on == "iot":
+                node = assignment["data_owner"]
+            else:
+                node = rank_nodes(schedule_id, compute, loads)[0]
+            assignment["node"] = node
+            loads[node]["queue"] = int(loads[node].get("queue", 0)) + 1
+
+        record = {
+            "schedule_id": schedule_id, "workflow_id": workflow_id, "round": round_.get("round"),
+            "train_on": train_on, "deadline_seconds": deadline_seconds, "order": list(tasks), "tasks": tasks,
+        }
+        writes: dict[str, Any] = {layout.assignments_address(schedule_id): record}
+        for task_id, a in tasks.items():
+            writes[layout.task_status_address(schedule_id, task_id)] = {
+                "schedule_id": schedule_id, "task_id": task_id, "status": "assigned", "node": a["node"],
+                "attempt": 1, "deadline": a["deadline"],
+                "history": [{"status": "assigned", "node": a["node"], "attempt": 1, "at": now}],
+            }
+        touched = {a["node"] for a in tasks.values()}
+        for node in sorted(touched):
+            writes[layout.node_load_address(node)] = loads[node]
+        await write_records(context, writes)
+        for task_id, a in tasks.items():
+            await emit(context, "trustmesh/task-assigned", schedule_id=schedule_id, task_id=task_id,
+                       node=a["node"], kind=a["kind"], attempt=1, workflow_id=workflow_id)
+        await emit(context, "trustmesh/round-scheduled", schedule_id=schedule_id, workflow_id=workflow_id,
+                   round=round_.get("round"), tasks=len(tasks), nodes=len(touched))
+
+    # -- report ----------------------------------------------------------------------------
+
+    async def _report(self, body: dict, signer: str, context) -> None:
+        schedule_id = _schedule_id(body)
+        task_id = _task_id(body)
+        status = require(body, "status", str)
+        if status not in REPORT_STATUSES:
+            raise InvalidTransaction(f"payload field 'status' must be one of {', '.join(REPORT_STATUSES)}; got {status[:40]!r}")
+        digest = None
+        if status == "done":
+            digest = require_match(body, "output_digest", HEX64, "the sha256 (64 lowercase hex) of the task's output")
+        elif "output_digest" in body:
+            raise InvalidTransaction(f"output_digest belongs to a 'done' report only, not to {status!r}")
+        metrics = _metrics(body, "metrics") if "metrics" in body else None
+        reason = None
+        if "reason" in body:
+            if status != "failed":
+                raise InvalidTransaction(f"reason belongs to a 'failed' report only, not to {status!r}")
+            reason = require(body, "reason", str)
+            if len(reason) > MAX_REASON_CHARS:
+                raise InvalidTransaction(
+                    f"payload field 'reason' is {len(reason)} characters; at most {MAX_REASON_CHARS} "
+                    f"(longer logs belong off-chain)"
+                )
+
+        assignments = await self._assignments(context, schedule_id)
+        task = self._task(assignments, schedule_id, task_id)
+        current = (await self._statuses(context, schedule_id, [task_id]))[task_id]
+        if signer != current["node"]:
+            raise InvalidTransaction(
+                f"task {task_id!r} is assigned to node {current['node']} (attempt {current['attempt']}); "
+                f"only that node may report it, not {signer}"
+            )
+        if "attempt" in body:
+            attempt = require_int(body, "attempt", 1, 1 << 31)
+            if attempt != current["attempt"]:
+                raise InvalidTransaction(
+                    f"task {task_id!r} is in attempt {current['attempt']}; this report is for attempt {attempt}"
+                )
+        previous = current["status"]
+        if previous == "done":
+            raise InvalidTransaction(f"task {task_id!r} is already done; a task is reported done once")
+        if previous == "failed":
+            raise InvalidTransaction(
+                f"task {task_id!r} failed in attempt {current['attempt']}; it must be reassigned before it is reported again"
+            )
+        if _RANK[status] <= _RANK[previous]:
+            raise InvalidTransaction(f"task {task_id!r} is already {previous!r}; statuses only move forward")
+
+        statuses = None
+        if status == "done":
+            statuses = await self._statuses(context, schedule_id, assignments["tasks"])
+            waiting = [d for d in task["fetch_dependency_outputs"] if statuses[d]["status"] != "done"]
+            if waiting:
+                shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
+                raise InvalidTransaction(f"task {task_id!r} cannot be done before its dependencies: {shown} not done yet")
+
+        now = await chain_time(context)
+        entry = {"status": status, "node": signer, "attempt": current["attempt"], "at": now}
+        current["status"] = status
+        if digest is not None:
+            current["output_digest"] = entry["output_digest"] = digest
+        if metrics is not None:
+            current["metrics"] = metrics
+        if reason is not None:
+            current["reason"] = entry["reason"] = reason
+        current["history"].append(entry)
+        writes: dict[str, Any] = {layout.task_status_address(schedule_id, task_id): current}
+
+        if status in ("done", "failed"):
+            load = (await self._loads(context, [signer]))[signer]
+            load["queue"] = max(0, int(load.get("queue", 0)) - 1)
+            counter = "done" if status == "done" else "missed"
+            load[counter] = int(load.get(counter, 0)) + 1
+            writes[layout.node_load_address(signer)] = load
+
+        if status == "done":
+            statuses[task_id] = current
+            # tasks whose inputs are now complete: their deadline starts now
+            changed = False
+            for other_id, other in assignments["tasks"].items():
+                if task_id not in other["fetch_dependency_outputs"]:
+                    continue
+                if statuses[other_id]["status"] not in ("assigned", "running"):
+                    continue
+                if all(statuses[d]["status"] == "done" for d in other["fetch_dependency_outputs"]):
+                    deadline = now + int(assignments["deadline_seconds"])
+                    other["deadline"] = deadline
+                    other_status = statuses[other_id]
+                    other_status["deadline"] = deadline
+                    writes[layout.task_status_address(schedule_id, other_id)] = other_status
+                    changed = True
+            if changed:
+                writes[layout.assignments_address(schedule_id)] = assignments
+            finalized = None
+            if task["kind"] == "evaluate":
+                result = await read_record(context, layout.round_result_address(schedule_id))
+                if result is not None and not result.get("final"):
+                    finalized = self._finalize(result, assignments, statuses, now)
+                    if finalized is not None:
+                        writes[layout.round_result_address(schedule_id)] = finalized
+
+        await write_records(context, writes)
+        event = {"schedule_id": schedule_id, "task_id": task_id, "node": signer,
+                 "attempt": current["attempt"], "kind": task["kind"]}
+        if digest is not None:
+            event["output_digest"] = digest
+        await emit(context, f"trustmesh/task-{status}", **event)
+        if status == "done" and finalized is not None:
+            await self._emit_finalized(context, finalized)
+
+    @staticmethod
+    def _finalize(result: dict, assignments: Mapping, statuses: Mapping[str, Mapping], now: int) -> dict | None:
+        """The result made final, or None while some evaluate instance is not done."""
+        evaluates = [t for t, a in assignments["tasks"].items() if a["kind"] == "evaluate"]
+        if any(statuses[t]["status"] != "done" for t in evaluates):
+            return None
+        result = dict(result)
+        result["final"] = True
+        result["finalized_at"] = now
+        result["evaluations"] = {
+            t: {"output_digest": statuses[t].get("output_digest"), "metrics": statuses[t].get("metrics", {})}
+            for t in evaluates
+        }
+        return result
+
+    @staticmethod
+    async def _emit_finalized(context, result: Mapping) -> None:
+        await emit(context, "trustmesh/round-finalized", schedule_id=result["schedule_id"],
+                   workflow_id=result["workflow_id"], round=result["round"],
+                   global_model_digest=result["global_model_digest"])
+
+    # -- reassign --------------------------------------------------------------------------
+
+    async def _reassign(self, body: dict, signer: str, context) -> None:
+        schedule_id = _schedule_id(body)
+        task_id = _task_id(body)
+        assignments = await self._assignments(context, schedule_id)
+        task = self._task(assignments, schedule_id, task_id)
+        deps = task["fetch_dependency_outputs"]
+        statuses = await self._statuses(context, schedule_id, [task_id, *deps])
+        current = statuses[task_id]
+        now = await chain_time(context)
+        if current["status"] == "done":
+            raise InvalidTransaction(f"task {task_id!r} is done; a done task is never reassigned")
+        if current["status"] != "failed":
+            waiting = [d for d in deps if statuses[d]["status"] != "done"]
+            if waiting:
+                raise InvalidTransaction(
+                    f"task {task_id!r} is waiting for its dependencies ({', '.join(waiting[:5])}"
+                    f"{' ...' if len(waiting) > 5 else ''}); it cannot be late before they are done"
+                )
+            if now <= current["deadline"]:
+                raise InvalidTransaction(
+                    f"task {task_id!r} (attempt {current['attempt']}, node {current['node']}) is not overdue: "
+                    f"its deadline is {current['deadline']}, chain time is {now}; reassign after the deadline"
+                )
+
+        missed = current["node"]
+        if task["kind"] == "local_train" and assignments.get("train_on") == "iot":
+            candidates = {task["data_owner"]: 1}  # the data never leaves its IoT node
+        else:
+            candidates = await self._compute_nodes(context)
+            if not candidates:
+                raise InvalidTransaction(
+                    f"no compute node is registered (trustmesh-peer index is empty); task {task_id!r} cannot be reassigned"
+                )
+        others = {n: p for n, p in candidates.items() if n != missed}
+        if others:
+            candidates = others
+        loads = await self._loads(context, [*candidates, missed])
+        if current["status"] != "failed":  # a failure was already counted when it was reported
+            loads[missed]["queue"] = max(0, int(loads[missed].get("queue", 0)) - 1)
+            loads[missed]["missed"] = int(loads[missed].get("missed", 0)) + 1
+        node = rank_nodes(schedule_id, candidates, loads)[0]
+        loads[node]["queue"] = int(loads[node].get("queue", 0)) + 1
+
+        attempt = int(current["attempt"]) + 1
+        deadline = now + int(assignments["deadline_seconds"])
+        task.update(node=node, attempt=attempt, deadline=deadline)
+        previous_status = current["status"]
+        current.update(status="assigned", node=node, attempt=attempt, deadline=deadline)
+        current.pop("reason", None)
+        current.pop("metrics", None)
+        current["history"].append({"status": "assigned", "node": node, "attempt": attempt, "at": now})
+        writes: dict[str, Any] = {
+            layout.assignments_address(schedule_id): assignments,
+            layout.task_status_address(schedule_id, task_id): current,
+        }
+        for n in sorted({node, missed}):
+            writes[layout.node_load_address(n)] = loads[n]
+        await write_records(context, writes)
+        await emit(context, "trustmesh/task-reassigned", schedule_id=schedule_id, task_id=task_id, node=node,
+                   previous_node=missed, previous_status=previous_status, attempt=attempt, kind=task["kind"])
+
+    # -- round_result ----------------------------------------------------------------------
+
+    async def _round_result(self, body: dict, signer: str, context) -> None:
+        schedule_id = _schedule_id(body)
+        digest = require_match(body, "global_model_digest", HEX64, "the sha256 (64 lowercase hex) of the global model")
+        participants = require(body, "participants", list)
+        if not participants:
+            raise InvalidTransaction("payload field 'participants' is empty; name the nodes whose updates were aggregated")
+        for node in participants:
+            if not isinstance(node, str) or not PUBLIC_KEY.match(node):
+                raise InvalidTransaction(f"payload field 'participants': {shown(node)} is not a node public key")
+        if len(set(participants)) != len(participants):
+            raise InvalidTransaction("payload field 'participants' names a node twice")
+        weights = require(body, "aggregation_weights", dict)
+        if set(weights) != set(participants):
+            missing = sorted(set(participants) - set(weights))
+            extra = sorted(str(k) for k in set(weights) - set(participants))
+            raise InvalidTransaction(
+                "aggregation_weights must cover exactly the participants"
+                + (f"; missing {', '.join(missing)}" if missing else "")
+                + (f"; not participants: {', '.join(extra)}" if extra else "")
+            )
+        for node in participants:
+            w = weights[node]
+            if not _number(w) or w < 0:
+                raise InvalidTransaction(f"aggregation weight of {node} must be a finite number >= 0, got {shown(w)}")
+        total = math.fsum(weights[n] for n in sorted(participants))
+        if abs(total - 1.0) > WEIGHT_TOLERANCE:
+            raise InvalidTransaction(f"aggregation_weights sum to {total!r}; they must sum to 1 (within {WEIGHT_TOLERANCE})")
+        metrics = _metrics(body, "metrics", required=("accuracy", "loss"))
+
+        assignments = await self._assignments(context, schedule_id)
+        tasks = assignments["tasks"]
+        if "task_id" in body:
+            aggregate_id = _task_id(body)
+            self._task(assignments, schedule_id, aggregate_id)
+            if tasks[aggregate_id]["kind"] != "aggregate":
+                raise InvalidTransaction(f"task {aggregate_id!r} is a {tasks[aggregate_id]['kind']} task, not an aggregate task")
+        else:
+            finals = _final_aggregates(assignments)
+            if not finals:
+                raise InvalidTransaction(f"schedule {schedule_id!r} has no aggregate task, so it has no round result")
+            if len(finals) > 1:
+                raise InvalidTransaction(
+                    f"schedule {schedule_id!r} has several final aggregate tasks ({', '.join(finals)}); "
+                    f"name the one that produced the global model in task_id"
+                )
+            aggregate_id = finals[0]
+        if await read_record(context, layout.round_result_address(schedule_id)) is not None:
+            raise InvalidTransaction(f"the result of round {schedule_id!r} is already recorded; it is recorded once")
+        statuses = await self._statuses(context, schedule_id, tasks)
+        aggregate = statuses[aggregate_id]
+        if signer != aggregate["node"]:
+            raise InvalidTransaction(
+                f"only node {aggregate['node']}, assigned the aggregate task {aggregate_id!r} "
+                f"(attempt {aggregate['attempt']}), may record the round result, not {signer}"
+            )
+        if aggregate["status"] != "done":
+            raise InvalidTransaction(
+                f"aggregate task {aggregate_id!r} is {aggregate['status']!r}; report it done with the "
+                f"global model's digest before recording the round result"
+            )
+        if aggregate.get("output_digest") != digest:
+            raise InvalidTransaction(
+                f"global_model_digest {digest} differs from the output_digest {aggregate.get('output_digest')} "
+                f"that aggregate task {aggregate_id!r} reported done"
+            )
+        round_ = await read_record(context, layout.round_address(schedule_id)) or {}
+        submitted = set(round_.get("submissions") or {})
+        outsiders = [n for n in participants if n not in submitted]
+        if outsiders:
+            raise InvalidTransaction(
+                f"participants {', '.join(outsiders)} did not submit to round {schedule_id!r}; "
+                f"participants must be a subset of the round's submitted nodes"
+            )
+
+        now = await chain_time(context)
+        result = {
+            "schedule_id": schedule_id, "workflow_id": assignments["workflow_id"], "round": assignments["round"],
+            "aggregate_task": aggregate_id, "global_model_digest": digest, "participants": list(participants),
+            "aggregation_weights": dict(weights), "metrics": metrics, "reported_by": signer,
+            "recorded_at": now, "final": False,
+        }
+        final = self._finalize(result, assignments, statuses, now)
+        await write_records(context, {layout.round_result_address(schedule_id): final or result})
+        await emit(context, "trustmesh/round-result", schedule_id=schedule_id, workflow_id=result["workflow_id"],
+                   round=result["round"], global_model_digest=digest, participants=len(participants))
+        if final is not None:
+            await self._emit_finalized(context, final)
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def _encode(action: str, fields: Mapping[str, Any]) -> bytes:
+    return cbor.encode({"action": action, **{k: v for k, v in fields.items() if v is not None}})
+
+
+def _transaction(signer, payload: bytes, inputs: list[str], outputs: list[str], **kwargs):
+    return make_transaction(signer, FAMILY_NAME, FAMILY_VERSION, payload, inputs, outputs, **kwargs)
+
+
+def assign_payload(schedule_id: str, deadline_seconds: int | None = None) -> bytes:
+    return _encode("assign", {"schedule_id": schedule_id, "deadline_seconds": deadline_seconds})
+
+
+def report_payload(schedule_id: str, task_id: str, status: str, *, output_digest: str | None = None,
+                   metrics: Mapping[str, float] | None = None, attempt: int | None = None,
+                   reason: str | None = None) -> bytes:
+    return _encode("report", {"schedule_id": schedule_id, "task_id": task_id, "status": status,
+                              "output_digest": output_digest, "metrics": dict(metrics) if metrics is not None else None,
+                              "attempt": attempt, "reason": reason})
+
+
+def reassign_payload(schedule_id: str, task_id: str) -> bytes:
+    return _encode("reassign", {"schedule_id": schedule_id, "task_id": task_id})
+
+
+def round_result_payload(schedule_id: str, global_model_digest: str, participants: list[str],
+                         aggregation_weights: Mapping[str, float], metrics: Mapping[str, float], *,
+                         task_id: str | None = None) -> bytes:
+    return _encode("round_result", {
+        "schedule_id": schedule_id, "global_model_digest": global_model_digest,
+        "participants": list(participants), "aggregation_weights": dict(aggregation_weights),
+        "metrics": dict(metrics), "task_id": task_id,
+    })
+
+
+def make_assign_transaction(signer, schedule_id: str, workflow_id: str, *, deadline_seconds: int | None = None,
+                            **kwargs):
+    """Reads the workflow, the round, the peer registry and node loads; writes assignments,
+    task statuses and node loads."""
+    assignments = layout.assignments_address(schedule_id)
+    inputs = [layout.workflow_address(workflow_id), layout.round_address(schedule_id), layout.PEER_NS,
+              assignments, NODE_LOAD_PREFIX, layout.BLOCK_INFO_NS]
+    outputs = [assignments, TASK_STATUS_PREFIX, NODE_LOAD_PREFIX]
+    return _transaction(signer, assign_payload(schedule_id, deadline_seconds), inputs, outputs, **kwargs)
+
+
+def make_report_transaction(signer, schedule_id: str, task_id: str, status: str, *, output_digest: str | None = None,
+                            metrics: Mapping[str, float] | None = None, attempt: int | None = None,
+                            reason: str | None = None, **kwargs):
+    """Signed by the task's node (its load record is the signer's)."""
+    node_load = layout.node_load_address(signer.public_key().as_hex())
+    assignments = layout.assignments_address(schedule_id)
+    result = layout.round_result_address(schedule_id)
+    inputs = [assignments, TASK_STATUS_PREFIX, node_load, result, layout.BLOCK_INFO_NS]
+    outputs = [assignments, TASK_STATUS_PREFIX, node_load, result]
+    payload = report_payload(schedule_id, task_id, status, output_digest=output_digest, metrics=metrics,
+                             attempt=attempt, reason=reason)
+    return _transaction(signer, payload, inputs, outputs, **kwargs)
+
+
+def make_reassign_transaction(signer, schedule_id: str, task_id: str, **kwargs):
+    assignments = layout.assignments_address(schedule_id)
+    inputs = [assignments, TASK_STATUS_PREFIX, layout.PEER_NS, NODE_LOAD_PREFIX, layout.BLOCK_INFO_NS]
+    outputs = [assignments, layout.task_status_address(schedule_id, task_id), NODE_LOAD_PREFIX]
+    return _transaction(signer, reassign_payload(schedule_id, task_id), inputs, outputs, **kwargs)
+
+
+def make_round_result_transaction(signer, schedule_id: str, global_model_digest: str, participants: list[str],
+                                  aggregation_weights: Mapping[str, float], metrics: Mapping[str, float], *,
+                                  task_id: str | None = None, **kwargs):
+    """Signed by the node of the aggregate task."""
+    result = layout.round_result_address(schedule_id)
+    inputs = [layout.assignments_address(schedule_id), layout.round_address(schedule_id), TASK_STATUS_PREFIX,
+              result, layout.BLOCK_INFO_NS]
+    payload = round_result_payload(schedule_id, global_model_digest, participants, aggregation_weights, metrics,
+                                   task_id=task_id)
+    return _transaction(signer, payload, inputs, [result], **kwargs)
+
+
+def tasks_of_node(assignments: Mapping, node: str) -> list[str]:
+    """Task ids of an assignments record currently held by `node`, in topological order."""
+    tasks = assignments.get("tasks", {})
+    return [t for t in assignments.get("order", sorted(tasks)) if tasks[t].get("node") == node]
+
+
+def decode_record(data: bytes | None) -> dict | None:
+    """Any record of this family as stored (e.g. RestClient.get_state(assignments_address(sid)))."""
+    return None if data is None else cbor.decode(data, max_bytes=10 * 1024 * 1024)
