@@ -10,9 +10,9 @@ Rounds of a workflow are numbered 1, 2, ... up to its federation `rounds`; a rou
 when the previous one is finished (ready or timeout). Its id is derived, not drawn:
 `schedule_id = layout.schedule_id_for(workflow_id, round, coordinator)`.
 
-The coordinator's round clock is the agreed block time (BlockInfo, `common.chain_time`): open
-and close transactions list `layout.BLOCK_INFO_NS` in their inputs. Submissions need no clock: a
-round accepts them until it is ready or closed.
+The round clock is the agreed block time (BlockInfo, `common.chain_time`): every action lists
+`layout.BLOCK_INFO_NS` in its inputs. A round accepts submissions while it is collecting and
+its round_timeout has not passed; after that only close_round decides ready or timeout.
 
 State:
 
@@ -333,6 +333,15 @@ class FederationHandler(TransactionHandler):
             )
         if record["status"] != COLLECTING:
             raise InvalidTransaction(f"{where} is {record['status']}; it no longer accepts submissions")
+        # Past its timeout a round is closed in effect: a late submission must not change
+        # whether close_round finds it ready or timed out.
+        deadline = record["round_start"] + record["round_timeout"]
+        now = await _now(context)
+        if now >= deadline:
+            raise InvalidTransaction(
+                f"{where} passed its round_timeout {now - deadline} s ago; it no longer accepts "
+                f"submissions (send close_round)"
+            )
 
         submissions = dict(record["submissions"])
         submissions[signer] = {"digest": digest, "samples": samples, "metadata": metadata}
@@ -471,8 +480,8 @@ def make_submit_transaction(signer, schedule_id: str, digest: str, samples: int,
                             metadata: Mapping | None = None, **kwargs):
     """Submit the signer's contribution (sha256 of the off-chain blob, sample count) to a round."""
     address = layout.round_address(schedule_id)
-    return make_transaction(signer, FAMILY_NAME, FAMILY_VERSION,
-                            make_submit_payload(schedule_id, digest, samples, metadata), [address], [address], **kwargs)
+    return make_transaction(signer, FAMILY_NAME, FAMILY_VERSION, make_submit_payload(schedule_id, digest, samples, metadata),
+                            [address, layout.BLOCK_INFO_NS], [address], **kwargs)
 
 
 def make_close_round_transaction(signer, schedule_id: str, **kwargs):

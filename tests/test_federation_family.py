@@ -346,6 +346,11 @@ def test_close_round_after_timeout_ready_or_timeout(chain):
             assert 3598 <= remaining <= 3600, text
 
             await asyncio.sleep(1.1)  # past round_start + round_timeout in block time
+            # past its timeout a round takes no more submissions, even before anyone closes it
+            await check_rejections(client, [
+                (P3, make_submit_transaction(P3, sid_short, digest("too-late"), 1),
+                 f"round 1 of workflow '{short}' ({sid_short}) passed its round_timeout"),
+            ])
             close_enough = make_close_round_transaction(OUTSIDER, sid_enough)  # anyone may close
             close_short = make_close_round_transaction(P3, sid_short)
             await commit(client, batch(OUTSIDER, close_enough), batch(P3, close_short))
@@ -394,7 +399,8 @@ def test_client_helpers_declare_exact_addresses():
     header = pb.TransactionHeader.FromString(make_open_round_transaction(COORDINATOR, "w", 1).header)
     assert layout.BLOCK_INFO_NS in header.inputs and len(header.inputs) == 4
     header = pb.TransactionHeader.FromString(make_submit_transaction(P2, sid, digest("d"), 1).header)
-    assert list(header.inputs) == list(header.outputs) == [layout.round_address(sid)]
+    assert list(header.inputs) == [layout.round_address(sid), layout.BLOCK_INFO_NS]
+    assert list(header.outputs) == [layout.round_address(sid)]
     header = pb.TransactionHeader.FromString(make_close_round_transaction(P2, sid).header)
     assert list(header.inputs) == [layout.round_address(sid), layout.BLOCK_INFO_NS]
     assert list(header.outputs) == [layout.round_address(sid)]
