@@ -31,26 +31,23 @@ PROTOCOL_VERSION = 1
 _MSG = pb.Message
 
 
-class InvalidTransaction(Exception):
+class _ProcessingError(Exception):
+    """An outcome a handler reports: a message and optional extended_data for the receipt."""
+
+    def __init__(self, message: str, extended_data: bytes = b""):
+        super().__init__(message)
+        if not isinstance(extended_data, (bytes, bytearray)):
+            raise TypeError("extended_data must be bytes")
+        self.message = message
+        self.extended_data = bytes(extended_data)
+
+
+class InvalidTransaction(_ProcessingError):
     """The transaction is invalid; the validator drops it (and its batch) for good."""
 
-    def __init__(self, message: str, extended_data: bytes = b""):
-        super().__init__(message)
-        if not isinstance(extended_data, (bytes, bytearray)):
-            raise TypeError("extended_data must be bytes")
-        self.message = message
-        self.extended_data = bytes(extended_data)
 
-
-class InternalError(Exception):
+class InternalError(_ProcessingError):
     """Processing failed for a reason unrelated to the transaction; the validator retries it."""
-
-    def __init__(self, message: str, extended_data: bytes = b""):
-        super().__init__(message)
-        if not isinstance(extended_data, (bytes, bytearray)):
-            raise TypeError("extended_data must be bytes")
-        self.message = message
-        self.extended_data = bytes(extended_data)
 
 
 class AuthorizationError(InvalidTransaction):

@@ -31,6 +31,16 @@ def shown(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def check_fields(body: Mapping, allowed: Iterable[str], where: str = "payload") -> None:
+    """Refuse unknown fields, so a typo or a smuggled field never passes silently."""
+    allowed = frozenset(allowed)
+    unknown = sorted(shown(k) for k in body if k not in allowed)  # keys may be any CBOR type
+    if unknown:
+        raise InvalidTransaction(
+            f"{where} has unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
 def signer_of(transaction) -> str:
     return transaction.header.signer_public_key
 

@@ -57,6 +57,7 @@ from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction, T
 
 from . import layout
 from .common import (
+    check_fields,
     HEX64,
     IDENTIFIER,
     PUBLIC_KEY,
@@ -104,14 +105,6 @@ schedule_id_for = layout.schedule_id_for
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def check_fields(body: Mapping, allowed: frozenset, where: str = "payload") -> None:
-    unknown = sorted(str(k) for k in body if k not in allowed)
-    if unknown:
-        raise InvalidTransaction(
-            f"{where} has unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}"
-        )
 
 
 def _check_metadata_scalar(key: str, value: Any) -> None:

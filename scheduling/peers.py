@@ -38,6 +38,7 @@ from trustmesh.ledger.processor import InvalidTransaction, TransactionHandler
 
 from . import layout
 from .common import (
+    check_fields,
     HEX64,
     IDENTIFIER,
     emit,
@@ -77,14 +78,6 @@ _SMALL_ORDER_U = frozenset({
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def check_fields(body: Mapping, allowed: frozenset, where: str = "payload") -> None:
-    unknown = sorted(str(k) for k in body if k not in allowed)
-    if unknown:
-        raise InvalidTransaction(
-            f"{where} has unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}"
-        )
 
 
 def check_encryption_key(value: str) -> str:

@@ -78,6 +78,7 @@ from trustmesh.ledger.processor import InvalidTransaction, TransactionHandler
 
 from . import layout
 from .common import (
+    check_fields,
     HEX64,
     PUBLIC_KEY,
     chain_time,
@@ -179,13 +180,7 @@ def rank_nodes(schedule_id: str, candidates: Mapping[str, int], loads: Mapping[s
 
 def _check_fields(action: str, body: Mapping) -> None:
     required, optional = _FIELDS[action]
-    extra = sorted(set(body) - required - optional - {"action"})
-    if extra:
-        allowed = ", ".join(sorted(required | optional))
-        raise InvalidTransaction(
-            f"payload field(s) {', '.join(repr(e) for e in extra)} are not part of action {action!r} "
-            f"(its fields: {allowed})"
-        )
+    check_fields(body, required | optional | {"action"}, where=f"payload of action {action!r}")
 
 
 def _number(value: Any) -> bool:
@@ -675,7 +670,7 @@ class ScheduleHandler(TransactionHandler):
         weights = require(body, "aggregation_weights", dict)
         if set(weights) != set(participants):
             missing = sorted(set(participants) - set(weights))
-            extra = sorted(str(k) for k in set(weights) - set(participants))
+            extra = sorted(shown(k) for k in set(weights) - set(participants))
             raise InvalidTransaction(
                 "aggregation_weights must cover exactly the participants"
                 + (f"; missing {', '.join(missing)}" if missing else "")

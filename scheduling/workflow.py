@@ -75,7 +75,7 @@ from trustmesh.ledger.processor import InvalidTransaction, TransactionHandler
 from trustmesh.ledger.signing import PublicKey, SigningError
 
 from . import layout
-from .common import IDENTIFIER, PUBLIC_KEY, emit, parse_payload, read_record, signer_of, write_records
+from .common import IDENTIFIER, PUBLIC_KEY, emit, parse_payload, read_record, shown, signer_of, write_records
 
 FAMILY_NAME = layout.WORKFLOW_FAMILY
 FAMILY_VERSION = layout.VERSION
@@ -137,9 +137,9 @@ def _fields(value: Any, path: str, required: tuple[str, ...], optional: tuple[st
     allowed = required + optional
     unknown = [k for k in value if k not in allowed]
     if unknown:
-        shown = ", ".join(sorted(_short(k) for k in unknown))
+        listed = ", ".join(sorted(shown(k) for k in unknown))
         raise DefinitionError(
-            f"{path} has unknown field(s) {shown}; allowed: {', '.join(allowed)}"
+            f"{path} has unknown field(s) {listed}; allowed: {', '.join(allowed)}"
         )
     for name in required:
         if name not in value:
@@ -153,7 +153,7 @@ def _int(value: Any, path: str, low: int, high: int) -> int:
             and value == int(value) else ""
         raise DefinitionError(f"{path} must be an integer, got {_type_name(value)}{hint}")
     if not low <= value <= high:
-        raise DefinitionError(f"{path} must be between {low} and {high}; got {_short(value)}")
+        raise DefinitionError(f"{path} must be between {low} and {high}; got {shown(value)}")
     return value
 
 
@@ -163,15 +163,15 @@ def _number(value: Any, path: str, *, above: float | None = None, low: float | N
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DefinitionError(f"{path} must be a number, got {_type_name(value)}")
     if isinstance(value, float) and not math.isfinite(value):
-        raise DefinitionError(f"{path} must be a finite number; got {_short(value)} (NaN and infinities are refused)")
+        raise DefinitionError(f"{path} must be a finite number; got {shown(value)} (NaN and infinities are refused)")
     if above is not None and not value > above:
-        raise DefinitionError(f"{path} must be greater than {above}; got {_short(value)}")
+        raise DefinitionError(f"{path} must be greater than {above}; got {shown(value)}")
     if low is not None and not value >= low:
-        raise DefinitionError(f"{path} must be at least {low}; got {_short(value)}")
+        raise DefinitionError(f"{path} must be at least {low}; got {shown(value)}")
     if high is not None and not value <= high:
-        raise DefinitionError(f"{path} must be at most {high}; got {_short(value)}")
+        raise DefinitionError(f"{path} must be at most {high}; got {shown(value)}")
     if below is not None and not value < below:
-        raise DefinitionError(f"{path} must be less than {below}; got {_short(value)}")
+        raise DefinitionError(f"{path} must be less than {below}; got {shown(value)}")
     return value
 
 
@@ -187,7 +187,7 @@ def _str(value: Any, path: str, max_length: int, *, blank_ok: bool = False) -> s
 
 def _choice(value: Any, path: str, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise DefinitionError(f"{path} must be one of {', '.join(choices)}; got {_short(value)}")
+        raise DefinitionError(f"{path} must be one of {', '.join(choices)}; got {shown(value)}")
     return value
 
 
@@ -197,7 +197,7 @@ def _identifier(value: Any, path: str) -> str:
     if not IDENTIFIER.match(value):
         raise DefinitionError(
             f"{path} must be an identifier (1-64 of A-Z a-z 0-9 . _ -, starting with a letter or "
-            f"digit); got {_short(value)}"
+            f"digit); got {shown(value)}"
         )
     return value
 
@@ -208,17 +208,6 @@ def _list(value: Any, path: str, low: int, high: int) -> list:
     if not low <= len(value) <= high:
         raise DefinitionError(f"{path} must hold between {low} and {high} items; it holds {len(value)}")
     return value
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    """A bounded, always printable rendering of any decoded value (huge CBOR integers included)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
-        return f"an integer of {value.bit_length()} bits"
-    try:
-        text = repr(value)
-    except Exception:  # e.g. a list holding an integer too long to print
-        text = f"a {type(value).__name__}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _node(value: Any, path: str, allow_names: bool) -> str:
@@ -242,7 +231,7 @@ def _node(value: Any, path: str, allow_names: bool) -> str:
         )
     raise DefinitionError(
         f"{path} must be a compressed secp256k1 public key (66 lowercase hex characters starting "
-        f"02 or 03){' or a node name' if allow_names else ''}; got {_short(value)}"
+        f"02 or 03){' or a node name' if allow_names else ''}; got {shown(value)}"
     )
 
 
@@ -584,19 +573,19 @@ def _schema_message(error) -> str:
     if error.validator == "pattern" and error.validator_value == "\\S":
         return "must not be empty or blank"
     if error.validator == "pattern" and error.validator_value == IDENTIFIER_PATTERN:
-        return (f"{_short(error.instance)} is not an identifier (1-64 of A-Z a-z 0-9 . _ -, starting "
+        return (f"{shown(error.instance)} is not an identifier (1-64 of A-Z a-z 0-9 . _ -, starting "
                 f"with a letter or digit)")
     if error.validator == "not":
         return "holds an aggregate task, which needs a federation (add one or drop the task)"
     if error.validator == "anyOf" and error.validator_value == [{"$ref": "#/$defs/public_key"},
                                                                   {"$ref": "#/$defs/identifier"}]:
-        return (f"{_short(error.instance)} is neither a compressed secp256k1 public key (66 lowercase hex "
+        return (f"{shown(error.instance)} is neither a compressed secp256k1 public key (66 lowercase hex "
                 f"characters starting 02 or 03) nor a node name")
     if error.validator == "uniqueItems":
         seen: list = []
         for item in error.instance:
             if item in seen:
-                return f"lists {_short(item)} more than once"
+                return f"lists {shown(item)} more than once"
             seen.append(item)
     message = error.message
     return message if len(message) <= 200 else message[:197] + "..."
@@ -652,7 +641,7 @@ def resolve_node_names(definition: Mapping, keys: Mapping[str, str]) -> dict:
         key = keys[node]
         if not isinstance(key, str) or not PUBLIC_KEY.match(key):
             raise DefinitionError(
-                f"{path}: the key given for node {node!r} is not a compressed public key in hex: {_short(key)}"
+                f"{path}: the key given for node {node!r} is not a compressed public key in hex: {shown(key)}"
             )
         return key
 
@@ -740,7 +729,7 @@ class WorkflowHandler(TransactionHandler):
             if isinstance(expected, bool) or not isinstance(expected, int) or expected < 1:
                 raise InvalidTransaction(
                     f"update payload field 'expected_version' must be an integer >= 1 (the version you "
-                    f"read); got {_short(expected)}"
+                    f"read); got {shown(expected)}"
                 )
             await self._update(context, address, workflow_id, definition, signer, expected)
 
@@ -778,7 +767,7 @@ class WorkflowHandler(TransactionHandler):
         version = stored.get("version")
         if expected != version:
             raise InvalidTransaction(
-                f"expected_version {_short(expected)} does not match the stored version {version} of workflow "
+                f"expected_version {shown(expected)} does not match the stored version {version} of workflow "
                 f"{workflow_id!r} (it changed since you read it, or the number is wrong); read it again, "
                 f"re-apply your change and send expected_version {version}"
             )

@@ -456,7 +456,7 @@ def test_every_rule_is_enforced_with_a_clear_message(chain):
                 (batch(c, make_assign_transaction(c, sid, workflow_id, deadline_seconds=0)),
                  "'deadline_seconds' must be between 1 and 604800"),
                 (raw(c, {"action": "assign", "schedule_id": sid, "priority": 1}, sid),
-                 "'priority' are not part of action 'assign'"),
+                 "payload of action 'assign' has unknown field(s) 'priority'"),
                 (raw(c, {"action": "destroy", "schedule_id": sid}, sid), "action must be one of"),
                 (raw(c, {"action": "assign", "schedule_id": "round-1"}), "64 lowercase hex"),
                 (raw(c, {"action": "reassign", "schedule_id": sid}, sid), "lacks the required field 'task_id'"),
