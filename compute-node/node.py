@@ -1,0 +1,189 @@
+"""A compute node: registers itself, learns its tasks from committed events, runs them, reports.
+
+Task delivery survives a crash at every step:
+- the chain is the source of truth: after each block touching a round, the node recomputes which
+  of its tasks are runnable (assigned to it, not done, every dependency done) from chain state;
+- a runnable task goes once (per attempt) into this node's Redis stream, and the worker acks it
+  only after its report is committed; a worker killed mid-task finds it again on restart
+  (its own pending messages), and a node that never comes back is replaced on chain by
+  `reassign` once the task's deadline passes;
+- the last block handled is kept in the data dir, so a restarted node replays what it missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pathlib
+
+from trustmesh.ledger.builders import make_batch
+from trustmesh.ledger.events import EventSubscriber, event_subscription
+from trustmesh.ledger.rest_client import RestClient
+from trustmesh.ledger.signing import load_or_create_key
+from trustmesh.scheduling import peers, schedule
+from trustmesh.scheduling.reader import FederationReader
+from trustmesh.stores.couch import CouchClient, CouchHistory
+from trustmesh.stores.data_envelope import load_or_create_keypair
+from trustmesh.stores.redis_state import BlobStore, Heartbeats, TaskQueue, connect, task_stream
+
+from .tasks import TaskContext, TaskInputError, run_task
+
+LOGGER = logging.getLogger(__name__)
+
+SCHEDULE_EVENTS = ("trustmesh/task-assigned", "trustmesh/task-done", "trustmesh/task-reassigned",
+                   "trustmesh/task-failed")
+
+
+def measured_resources() -> dict:
+    """What this machine has, read from the OS rather than typed in."""
+    cpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    memory_mb = 1024
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    memory_mb = int(line.split()[1]) // 1024
+                    break
+    except OSError:
+        pass
+    return {"cpu_cores": max(1, cpu), "memory_mb": max(1, memory_mb)}
+
+
+class ComputeNode:
+    def __init__(self, name: str, data_dir: str | os.PathLike, *, validator_url: str, rest_url: str,
+                 redis_url: str, couch_url: str | None = None, couch_user: str | None = None,
+                 couch_password: str | None = None):
+        self.name = name
+        self.data_dir = pathlib.Path(data_dir)
+        self.validator_url, self.rest_url = validator_url, rest_url
+        self.redis_url, self.couch_url = redis_url, couch_url
+        self.couch_auth = (couch_user, couch_password)
+        self.signer = load_or_create_key(self.data_dir / "keys", name)
+        self.node = self.signer.public_key().as_hex()
+        self.encryption_key, self.encryption_public = load_or_create_keypair(self.data_dir / "keys" / f"{name}.x25519")
+        self._cursor_path = self.data_dir / f"{name}.last-block"
+        self._tasks: list[asyncio.Task] = []
+        self.completed: list[tuple[str, str]] = []  # (schedule_id, task_id), for tests and logs
+
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.rest = RestClient(self.rest_url, retries=10)
+        self.reader = FederationReader(self.rest)
+        self.redis = await connect(self.redis_url)
+        self.blobs = BlobStore(self.redis)
+        self.queue = TaskQueue(self.redis, task_stream(self.node))
+        self.heartbeats = Heartbeats(self.redis)
+        self.history = None
+        if self.couch_url:
+            self.couch = CouchClient(self.couch_url, user=self.couch_auth[0], password=self.couch_auth[1])
+            self.history = CouchHistory(self.couch)
+            await self.history.ensure()
+        await self._register()
+        known = [self._cursor_path.read_text().strip()] if self._cursor_path.exists() else []
+        self.subscriber = EventSubscriber(self.validator_url, [event_subscription(e) for e in SCHEDULE_EVENTS],
+                                          last_known_block_ids=known)
+        await self.subscriber.start()
+        self.context = TaskContext(self.node, self.encryption_key, self.reader, self.blobs, self.history,
+                                   progress=lambda text: LOGGER.debug("%s: %s", self.name, text))
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._follow()), loop.create_task(self._work()),
+                       loop.create_task(self._beat())]
+        LOGGER.info("compute node %s (%s…) ready", self.name, self.node[:16])
+
+    async def _register(self) -> None:
+        record = await self.reader.peer(self.node)
+        resources = measured_resources()
+        fields = dict(name=self.name, encryption_public_key=self.encryption_public, **resources)
+        if record is None:
+            txn = peers.make_register_transaction(self.signer, **fields)
+        elif record["encryption_public_key"] != self.encryption_public or record["resources"] != resources:
+            txn = peers.make_update_transaction(self.signer, **fields)
+        else:
+            return
+        await self.rest.wait_for_batches(await self.rest.submit_batches([make_batch(self.signer, [txn])]), 60)
+        LOGGER.info("compute node %s registered: %s", self.name, resources)
+
+    async def _beat(self) -> None:
+        while True:
+            await self.heartbeats.beat(self.node, {"name": self.name})
+            await asyncio.sleep(5)
+
+    async def _follow(self) -> None:
+        while True:
+            block = await self.subscriber.next_block()
+            rounds = {a.value for e in block.events for a in e.attributes if a.key == "schedule_id"}
+            for schedule_id in sorted(rounds):
+                await self.enqueue_runnable(schedule_id)
+            self._cursor_path.write_text(block.block_id)
+
+    async def enqueue_runnable(self, schedule_id: str) -> None:
+        assignments = await self.reader.assignments(schedule_id)
+        if assignments is None:
+            return
+        tasks = assignments["tasks"]
+        for task_id in assignments["order"]:
+            task = tasks[task_id]
+            if task["node"] != self.node:
+                continue
+            status = await self.reader.task_status(schedule_id, task_id)
+            if status is None or status["status"] in ("done", "failed") or status["attempt"] != task["attempt"]:
+                continue
+            deps = [await self.reader.task_status(schedule_id, d) for d in task["fetch_dependency_outputs"]]
+            if any(d is None or d["status"] != "done" for d in deps):
+                continue
+            marker = f"enqueued_{self.node}_{schedule_id}_{task_id}_{task['attempt']}"
+            if await self.redis.set(marker, b"1", nx=True, ex=24 * 3600):
+                await self.queue.publish({"schedule_id": schedule_id, "task_id": task_id, "attempt": task["attempt"]})
+
+    async def _work(self) -> None:
+        for message in await self.queue.recover(self.name):  # what this node took before it died
+            await self._handle(message)
+        while True:
+            for message in await self.queue.read(self.name, block_ms=1000):
+                await self._handle(message)
+
+    async def _handle(self, message) -> None:
+        sid, task_id, attempt = message.task["schedule_id"], message.task["task_id"], message.task["attempt"]
+        status = await self.reader.task_status(sid, task_id)
+        if status is None or status["node"] != self.node or status["attempt"] != attempt \
+                or status["status"] in ("done", "failed"):
+            await self.queue.ack(message.message_id)  # reassigned or already reported: nothing to do
+            return
+        try:
+            outcome = await run_task(self.context, sid, task_id)
+        except TaskInputError as exc:
+            LOGGER.warning("%s: task %s failed: %s", self.name, task_id, exc)
+            txn = schedule.make_report_transaction(self.signer, sid, task_id, "failed", attempt=attempt,
+                                                   reason=str(exc)[:500])
+            await self._commit([txn])
+            await self.queue.ack(message.message_id)
+            return
+        txns = [schedule.make_report_transaction(self.signer, sid, task_id, "done", output_digest=outcome.output_digest,
+                                                 metrics=outcome.metrics, attempt=attempt)]
+        if outcome.round_result is not None:  # same batch: the result stands or falls with the report
+            r = outcome.round_result
+            txns.append(schedule.make_round_result_transaction(
+                self.signer, sid, outcome.output_digest, r["participants"], r["aggregation_weights"], r["metrics"],
+                task_id=task_id))
+        await self._commit(txns)
+        await self.queue.ack(message.message_id)
+        self.completed.append((sid, task_id))
+        LOGGER.info("%s: %s done (%s…) %s", self.name, task_id, outcome.output_digest[:12],
+                    {k: round(v, 4) if isinstance(v, float) else v for k, v in outcome.metrics.items()})
+
+    async def _commit(self, txns) -> None:
+        ids = await self.rest.submit_batches([make_batch(self.signer, txns)])
+        [status] = await self.rest.wait_for_batches(ids, 120, raise_invalid=False)
+        if status["status"] != "COMMITTED":
+            LOGGER.warning("%s: report not committed: %s", self.name, status.get("invalid_transactions"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.subscriber.close()
+        await self.rest.close()
+        if self.couch_url:
+            await self.couch.close()
+        await self.redis.aclose()

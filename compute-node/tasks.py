@@ -1,0 +1,166 @@
+"""What a compute node does for each task kind of a round.
+
+Every input comes from the chain (assignments, task statuses, round results) or from a store by
+the digest the chain holds, verified before use; every output goes to a store under its sha256
+and is reported on chain as that digest.
+
+    preprocess   checks that every submission of the round is available and intact
+    local_train  opens its IoT node's data (only this node's envelope), trains from the previous
+                 round's global model, stores the update
+    aggregate    combines every local_train output it depends on with the workflow's strategy,
+                 stores the global model (Redis and CouchDB) and reports the round result
+    evaluate     scores the global model on the held-out split every node derives alike
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from trustmesh.ledger import payload as cbor
+from trustmesh.scheduling.reader import FederationReader
+from trustmesh.stores.couch import CouchHistory
+from trustmesh.stores.data_bundle import open_bundle
+from trustmesh.stores.redis_state import BlobStore
+
+from . import model_format
+from .datasets import federated_digits, load_npz
+from .strategies import ClientUpdate, strategy_from_spec
+from .training import derive_seed, evaluate, local_train
+
+LOGGER = logging.getLogger(__name__)
+
+REPORTED_METRICS = ("loss", "accuracy", "samples")  # what goes on chain (small, numeric)
+
+
+class TaskInputError(RuntimeError):
+    """An input the chain names is missing or does not verify; the task fails, saying which."""
+
+
+@dataclass
+class TaskOutcome:
+    output_digest: str
+    metrics: dict
+    round_result: dict | None = None  # aggregate only: participants, weights, metrics
+
+
+@dataclass
+class TaskContext:
+    node: str                         # this compute node's public key
+    encryption_key: Any               # its X25519 private key
+    reader: FederationReader
+    blobs: BlobStore
+    history: CouchHistory | None
+    progress: Callable[[str], None] = lambda text: None
+
+
+async def run_task(ctx: TaskContext, schedule_id: str, task_id: str) -> TaskOutcome:
+    assignments = await ctx.reader.assignments(schedule_id)
+    task = assignments["tasks"][task_id]
+    workflow = await ctx.reader.workflow(assignments["workflow_id"])
+    definition = workflow["definition"]
+    runner = {"preprocess": _preprocess, "local_train": _local_train,
+              "aggregate": _aggregate, "evaluate": _evaluate}[task["kind"]]
+    return await runner(ctx, assignments, task_id, task, definition)
+
+
+async def _blob(ctx: TaskContext, digest: str, what: str) -> bytes:
+    try:
+        return await ctx.blobs.get(digest)  # verifies the sha256 before returning
+    except Exception as exc:
+        raise TaskInputError(f"{what} {digest[:16]}… is not available intact: {exc}") from None
+
+
+async def _preprocess(ctx, assignments, task_id, task, definition) -> TaskOutcome:
+    round_record = await ctx.reader.round(assignments["schedule_id"])
+    manifest = {}
+    for node in round_record["submitted_nodes"]:
+        submission = round_record["submissions"][node]
+        await _blob(ctx, submission["digest"], f"submission of {node[:16]}…")
+        manifest[node] = {"digest": submission["digest"], "samples": submission["samples"]}
+    digest = await ctx.blobs.put(cbor.encode({"schedule_id": assignments["schedule_id"], "submissions": manifest}))
+    samples = sum(entry["samples"] for entry in manifest.values())
+    return TaskOutcome(digest, {"submissions": len(manifest), "samples": samples})
+
+
+async def _global_model(ctx, definition, workflow_id: str, round_number: int):
+    digest = await ctx.reader.previous_global_model(workflow_id, round_number)
+    if digest is None:
+        return None
+    blob = await _blob(ctx, digest, f"global model of round {round_number - 1}")
+    return model_format.load(blob, digest, definition["model"]).state
+
+
+async def _local_train(ctx, assignments, task_id, task, definition) -> TaskOutcome:
+    sid, owner = assignments["schedule_id"], task["data_owner"]
+    bundle = await _blob(ctx, task["inputs"][0], f"data of {owner[:16]}…")
+    data = load_npz(open_bundle(bundle, ctx.encryption_key, node=ctx.node, schedule_id=sid, sender=owner),
+                    input_dim=definition["model"]["input_dim"], num_classes=definition["model"]["num_classes"])
+    hp = definition["hyperparameters"]
+    global_state = await _global_model(ctx, definition, assignments["workflow_id"], assignments["round"])
+
+    def progress(p):
+        ctx.progress(f"{task_id}: epoch {p.epoch}/{p.epochs} step {p.step}/{p.total} loss {p.loss:.3f}")
+
+    # Training runs in a worker thread (torch releases the GIL): the node keeps its heartbeat
+    # and its event stream going meanwhile.
+    result = await asyncio.to_thread(local_train, definition["model"], hp, global_state, data.x, data.y,
+                                     progress=progress, seed=derive_seed(hp["seed"], assignments["round"], owner))
+    blob = model_format.serialize(result.state, workflow_id=assignments["workflow_id"], round=assignments["round"],
+                                  model_spec=definition["model"])
+    digest = await ctx.blobs.put(blob)
+    return TaskOutcome(digest, {k: result.metrics[k] for k in REPORTED_METRICS})
+
+
+async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome:
+    sid, tasks = assignments["schedule_id"], assignments["tasks"]
+    updates = []
+    for dep in task["fetch_dependency_outputs"]:
+        if tasks[dep]["kind"] != "local_train":
+            continue
+        status = await ctx.reader.task_status(sid, dep)
+        blob = await _blob(ctx, status["output_digest"], f"update {dep}")
+        state = model_format.load(blob, status["output_digest"], definition["model"]).state
+        updates.append(ClientUpdate(node=tasks[dep]["data_owner"], state=state,
+                                    samples=int(status["metrics"]["samples"]), metrics=status["metrics"]))
+    if not updates:
+        raise TaskInputError(f"aggregate {task_id} depends on no local_train output")
+    strategy = strategy_from_spec(definition.get("strategy") or {"name": "fedavg"})
+    state, weights = strategy.aggregate(updates)
+    blob = model_format.serialize(state, workflow_id=assignments["workflow_id"], round=assignments["round"],
+                                  model_spec=definition["model"])
+    digest = await ctx.blobs.put(blob)
+    if ctx.history is not None:
+        await ctx.history.put_round_model(assignments["workflow_id"], assignments["round"], blob,
+                                          expected_digest=digest)
+    total = sum(u.samples for u in updates)
+    metrics = {name: sum(float(u.metrics[name]) * u.samples for u in updates) / total for name in ("loss", "accuracy")}
+    metrics["samples"] = total
+    participants = sorted(weights)
+    result = {"participants": participants, "aggregation_weights": {n: float(weights[n]) for n in participants},
+              "metrics": {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}}
+    return TaskOutcome(digest, metrics, round_result=result)
+
+
+async def _evaluate(ctx, assignments, task_id, task, definition) -> TaskOutcome:
+    sid, tasks = assignments["schedule_id"], assignments["tasks"]
+    aggregates = [d for d in task["fetch_dependency_outputs"] if tasks[d]["kind"] == "aggregate"]
+    final = [d for d in aggregates if not any(d in tasks[o]["fetch_dependency_outputs"] for o in aggregates)]
+    if len(final) != 1:
+        raise TaskInputError(f"evaluate {task_id} needs exactly one final aggregate; found {final or 'none'}")
+    status = await ctx.reader.task_status(sid, final[0])
+    blob = await _blob(ctx, status["output_digest"], "global model")
+    state = model_format.load(blob, status["output_digest"], definition["model"]).state
+    data = definition["data"]
+    if data.get("dataset") != "digits":
+        raise TaskInputError("evaluate needs a shared held-out split; only the digits data set provides one today")
+    fed = federated_digits(data, max(1, len(definition.get("federation", {}).get("participant_nodes", [1]))))
+    scores = await asyncio.to_thread(evaluate, definition["model"], state, fed.test.x, fed.test.y)
+    # The report is stored like every output, so its on-chain digest can be checked too.
+    digest = await ctx.blobs.put(cbor.encode({"model": status["output_digest"], "scores": scores}))
+    if ctx.history is not None:
+        await ctx.history.save_round(assignments["workflow_id"], assignments["round"], schedule_id=sid,
+                                     metrics=scores)
+    return TaskOutcome(digest, {k: scores[k] for k in REPORTED_METRICS})

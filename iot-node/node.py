@@ -1,0 +1,218 @@
+"""An IoT node: owns private data; as a participant it contributes to each round, as the
+coordinator it also opens rounds and keeps them moving.
+
+Everything it does is decided from committed chain state, re-read after every block and on a
+short tick (for timeouts), so a restarted node simply picks up where the chain is:
+
+    participant  round collecting, it is expected, it has not submitted -> seal its data for the
+                 registered compute nodes, store the bundle (sha256-named), submit the digest
+    coordinator  no round yet -> open round 1 (once a compute node is registered)
+                 collecting past round_timeout -> close_round
+                 ready, not assigned -> assign
+                 a task past its deadline -> reassign
+                 final (or timed out) and rounds remain -> open the next round
+    every node   a round final -> fetch the global model by its on-chain digest, verify, keep it
+
+Raw data leaves the node only inside envelopes (stores/data_envelope.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pathlib
+import time
+
+from trustmesh.compute_node import model_format
+from trustmesh.compute_node.datasets import Dataset, dump_npz, federated_digits, load_npz
+from trustmesh.ledger.builders import make_batch
+from trustmesh.ledger.events import EventSubscriber, event_subscription
+from trustmesh.ledger.rest_client import RestClient
+from trustmesh.ledger.signing import load_or_create_key
+from trustmesh.scheduling import federation, schedule
+from trustmesh.scheduling.reader import FederationReader
+from trustmesh.stores.data_bundle import seal_bundle
+from trustmesh.stores.redis_state import BlobStore, connect
+
+LOGGER = logging.getLogger(__name__)
+
+EVENTS = ("trustmesh/round-opened", "trustmesh/submission-accepted", "trustmesh/round-ready",
+          "trustmesh/round-timeout", "trustmesh/round-scheduled", "trustmesh/task-done",
+          "trustmesh/task-failed", "trustmesh/round-finalized", "trustmesh/peer-registered")
+TICK = 1.0  # seconds between re-checks that depend on time (timeouts, deadlines)
+
+
+class IoTNode:
+    def __init__(self, name: str, data_dir: str | os.PathLike, *, workflow_id: str, validator_url: str,
+                 rest_url: str, redis_url: str, coordinator: bool = False, data_path: str | None = None,
+                 on_round=None):
+        self.name = name
+        self.data_dir = pathlib.Path(data_dir)
+        self.workflow_id = workflow_id
+        self.validator_url, self.rest_url, self.redis_url = validator_url, rest_url, redis_url
+        self.coordinator = coordinator
+        self.data_path = data_path
+        self.on_round = on_round or (lambda number, result: None)  # progress hook for the CLI
+        self.signer = load_or_create_key(self.data_dir / "keys", name)
+        self.node = self.signer.public_key().as_hex()
+        self.finished = asyncio.Event()
+        self.global_models: dict[int, str] = {}  # round -> verified global model digest
+        self._submitted: set[str] = set()
+        self._sent: set[tuple] = set()   # coordinator actions already sent (the chain refuses repeats anyway)
+        self._tasks: list[asyncio.Task] = []
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.rest = RestClient(self.rest_url, retries=10)
+        self.reader = FederationReader(self.rest)
+        self.redis = await connect(self.redis_url)
+        self.blobs = BlobStore(self.redis)
+        self.subscriber = EventSubscriber(self.validator_url, [event_subscription(e) for e in EVENTS])
+        await self.subscriber.start()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._follow()), loop.create_task(self._tick())]
+        LOGGER.info("IoT node %s (%s…) ready%s", self.name, self.node[:16], " as coordinator" if self.coordinator else "")
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.subscriber.close()
+        await self.rest.close()
+        await self.redis.aclose()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        while True:
+            await self.subscriber.next_block()
+            await self._step()
+
+    async def _tick(self) -> None:
+        while True:
+            await self._step()
+            await asyncio.sleep(TICK)
+
+    async def _step(self) -> None:
+        async with self._lock:  # blocks and ticks must not act on the same state twice
+            try:
+                await self._act()
+            except Exception:
+                LOGGER.exception("%s: acting on chain state failed; trying again shortly", self.name)
+
+    async def _act(self) -> None:
+        workflow = await self.reader.workflow(self.workflow_id)
+        if workflow is None:
+            return  # not deployed yet
+        definition = workflow["definition"]
+        fed = definition["federation"]
+        index = await self.reader.rounds(self.workflow_id)
+        latest = index["latest"]
+        sid = index["rounds"].get(str(latest))
+        record = await self.reader.round(sid) if sid else None
+        if record is not None:
+            await self._participate(definition, record)
+            await self._collect_final(definition, index)
+        if self.coordinator:
+            await self._coordinate(definition, fed, latest, record)
+        if latest == fed["rounds"] and record is not None and await self._round_over(record):
+            self.finished.set()
+
+    async def _round_over(self, record) -> bool:
+        if record["status"] == "timeout":
+            return True
+        result = await self.reader.round_result(record["schedule_id"])
+        return bool(result and result.get("final"))
+
+    # -- participant -----------------------------------------------------------------------------
+
+    def _local_data(self, definition) -> Dataset:
+        if self.data_path:
+            model = definition["model"]
+            return load_npz(self.data_path, input_dim=model["input_dim"], num_classes=model["num_classes"])
+        participants = definition["federation"]["participant_nodes"]
+        shards = federated_digits(definition["data"], len(participants)).shards
+        return shards[participants.index(self.node)]
+
+    async def _participate(self, definition, record) -> None:
+        sid = record["schedule_id"]
+        if (record["status"] != "collecting" or self.node not in record["expected_nodes"]
+                or self.node in record["submissions"] or sid in self._submitted):
+            return
+        data = self._local_data(definition)
+        recipients = {node: peer["encryption_public_key"] for node, peer in (await self.reader.peers()).items()}
+        bundle = seal_bundle(dump_npz(data), recipients, schedule_id=sid, sender=self.node)
+        digest = await self.blobs.put(bundle)
+        txn = federation.make_submit_transaction(self.signer, sid, digest, len(data),
+                                                 {"format": "npz-bundle-v1", "recipients": len(recipients)})
+        if await self._commit(txn, f"submit to round {record['round']}"):
+            self._submitted.add(sid)
+            LOGGER.info("%s: submitted %d samples to round %d (%s…)", self.name, len(data), record["round"], digest[:12])
+
+    async def _collect_final(self, definition, index) -> None:
+        for number, sid in sorted(index["rounds"].items(), key=lambda kv: int(kv[0])):
+            number = int(number)
+            if number in self.global_models:
+                continue
+            result = await self.reader.round_result(sid)
+            if not result or not result.get("final"):
+                continue
+            digest = result["global_model_digest"]
+            blob = await self.blobs.get(digest)  # verified against the chain's digest
+            model_format.load(blob, digest, definition["model"])
+            (self.data_dir / f"{self.workflow_id}-round-{number}.safetensors").write_bytes(blob)
+            self.global_models[number] = digest
+            self.on_round(number, result)
+            LOGGER.info("%s: round %d final, global model %s… verified, accuracy %.3f", self.name, number,
+                        digest[:12], result.get("evaluations", {}).get("evaluate", {}).get("metrics", {}).get(
+                            "accuracy", result["metrics"].get("accuracy", float("nan"))))
+
+    # -- coordinator -----------------------------------------------------------------------------
+
+    async def _coordinate(self, definition, fed, latest, record) -> None:
+        if record is None or (latest < fed["rounds"] and await self._round_over(record)):
+            if not await self.reader.peer_index():
+                return  # no compute node yet: nobody could open the data
+            previous = record["schedule_id"] if record is not None else None
+            await self._once(("open", latest + 1), federation.make_open_round_transaction(
+                self.signer, self.workflow_id, latest + 1, previous_schedule_id=previous), f"open round {latest + 1}")
+            return
+        sid = record["schedule_id"]
+        if record["status"] == "collecting":
+            if time.time() >= record["round_start"] + record["round_timeout"]:
+                await self._once(("close", sid, int(time.time())), federation.make_close_round_transaction(
+                    self.signer, sid), f"close round {record['round']}")
+            return
+        if record["status"] != "ready":
+            return
+        assignments = await self.reader.assignments(sid)
+        if assignments is None:
+            await self._once(("assign", sid), schedule.make_assign_transaction(self.signer, sid, self.workflow_id),
+                             f"assign round {record['round']}")
+            return
+        now = time.time()
+        for task_id, task in assignments["tasks"].items():
+            if task["deadline"] < now:
+                status = await self.reader.task_status(sid, task_id)
+                if status and status["status"] != "done" and status["attempt"] == task["attempt"]:
+                    await self._once(("reassign", sid, task_id, task["attempt"]),
+                                     schedule.make_reassign_transaction(self.signer, sid, task_id),
+                                     f"reassign late task {task_id}")
+
+    async def _once(self, key, txn, what: str) -> None:
+        if key in self._sent:
+            return
+        if await self._commit(txn, what):
+            self._sent.add(key)
+
+    async def _commit(self, txn, what: str) -> bool:
+        ids = await self.rest.submit_batches([make_batch(self.signer, [txn])])
+        [status] = await self.rest.wait_for_batches(ids, 60, raise_invalid=False)
+        if status["status"] == "COMMITTED":
+            LOGGER.info("%s: %s", self.name, what)
+            return True
+        LOGGER.info("%s: %s not committed: %s", self.name, what,
+                    (status.get("invalid_transactions") or [{}])[0].get("message", status["status"]))
+        return False

@@ -1,0 +1,66 @@
+"""Reading the federation's on-chain records through the REST API (client side).
+
+Nodes and auditors use this; processors read state through their Context instead.
+"""
+
+from __future__ import annotations
+
+from trustmesh.ledger import payload as cbor
+from trustmesh.ledger.rest_client import RestClient
+
+from . import layout
+
+_MAX_RECORD = 10 * 1024 * 1024
+
+
+class FederationReader:
+    def __init__(self, rest: RestClient):
+        self.rest = rest
+
+    async def _record(self, address: str, head: str | None = None):
+        data = await self.rest.get_state(address, head=head)
+        return None if data is None else cbor.decode(data, max_bytes=_MAX_RECORD)
+
+    async def workflow(self, workflow_id: str) -> dict | None:
+        return await self._record(layout.workflow_address(workflow_id))
+
+    async def rounds(self, workflow_id: str) -> dict:
+        """{"rounds": {"1": schedule_id, ...}, "latest": n}; empty before the first round."""
+        return await self._record(layout.workflow_rounds_address(workflow_id)) or {"rounds": {}, "latest": 0}
+
+    async def round(self, schedule_id: str) -> dict | None:
+        return await self._record(layout.round_address(schedule_id))
+
+    async def assignments(self, schedule_id: str) -> dict | None:
+        return await self._record(layout.assignments_address(schedule_id))
+
+    async def task_status(self, schedule_id: str, task_id: str) -> dict | None:
+        return await self._record(layout.task_status_address(schedule_id, task_id))
+
+    async def round_result(self, schedule_id: str) -> dict | None:
+        return await self._record(layout.round_result_address(schedule_id))
+
+    async def peer_index(self) -> list[str]:
+        return await self._record(layout.PEER_INDEX_ADDRESS) or []
+
+    async def peer(self, node: str) -> dict | None:
+        return await self._record(layout.peer_address(node))
+
+    async def peers(self) -> dict[str, dict]:
+        """Every registered compute node's record, by node key."""
+        found = {}
+        for node in await self.peer_index():
+            record = await self.peer(node)
+            if record is not None:
+                found[node] = record
+        return found
+
+    async def previous_global_model(self, workflow_id: str, round_number: int) -> str | None:
+        """Digest of the final global model of round_number - 1, or None for round 1."""
+        if round_number <= 1:
+            return None
+        sid = (await self.rounds(workflow_id))["rounds"].get(str(round_number - 1))
+        result = await self.round_result(sid) if sid else None
+        if result is None or not result.get("final"):
+            raise LookupError(f"round {round_number - 1} of {workflow_id!r} has no final result on chain")
+        return result["global_model_digest"]

@@ -1,0 +1,160 @@
+"""Whole federated rounds through every real part: dev validator, the four families, Redis,
+a CouchDB-protocol server, two compute nodes and three IoT nodes; then every on-chain digest is
+checked against the stored bytes, and no store holds an IoT node's raw data in plaintext."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+
+import numpy as np
+import pytest
+
+from ledger_helpers import rest, run, running_processor, submit_and_wait
+from trustmesh.compute_node import model_format
+from trustmesh.compute_node.datasets import dump_npz, federated_digits, make_canary, with_canary
+from trustmesh.compute_node.node import ComputeNode
+from trustmesh.iot_node.node import IoTNode
+from trustmesh.ledger.builders import make_batch
+from trustmesh.ledger.signing import load_or_create_key
+from trustmesh.scheduling import layout, workflow
+from trustmesh.scheduling.handlers import federation_handlers
+from trustmesh.scheduling.reader import FederationReader
+from trustmesh.stores.couch import CouchClient, CouchHistory
+from trustmesh.stores.redis_state import connect
+from trustmesh.stores.servers import CouchServer, RedisServer
+
+from family_scenario import _WORKFLOWS
+
+ROUNDS = 2
+
+
+@pytest.fixture(scope="module")
+def stores():
+    with RedisServer() as redis_server, CouchServer() as couch_server:
+        yield redis_server, couch_server
+
+
+def _definition(keys: dict[str, str]) -> dict:
+    definition = workflow.load_definition(_WORKFLOWS / "federated-digits.json")
+    definition["workflow_id"] = "digits-e2e"
+    definition["hyperparameters"]["epochs"] = 2
+    definition["federation"].update(participant_nodes=list(keys), coordinator_node="iot-1", expected_nodes=3,
+                                    min_nodes_required=2, rounds=ROUNDS, round_timeout=60)
+    return workflow.resolve_node_names(definition, keys)
+
+
+def test_rounds_complete_every_digest_verifies_and_raw_data_never_leaks(devnet, stores, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    redis_server, couch_server = stores
+    canary = make_canary()
+
+    async def scenario():
+        names = ["iot-1", "iot-2", "iot-3"]
+        keys = {n: load_or_create_key(tmp_path / n / "keys", n).public_key().as_hex() for n in names}
+        definition = _definition(keys)
+        # iot-3 brings its own data file, with a canary row nobody could guess
+        shard = federated_digits(definition["data"], 3).shards[2]
+        (tmp_path / "iot-3.npz").write_bytes(dump_npz(with_canary(shard, canary)))
+
+        common = dict(validator_url=devnet.component_url, rest_url=devnet.rest_url, redis_url=redis_server.url)
+        async with running_processor(devnet.component_url, *federation_handlers()), rest(devnet.rest_url) as client:
+            computes = [ComputeNode(f"compute-{i}", tmp_path / f"compute-{i}", couch_url=couch_server.url, **common)
+                        for i in range(2)]
+            for node in computes:
+                await node.start()
+            owner = load_or_create_key(tmp_path / "owner", "owner")
+            [status] = await submit_and_wait(client, [make_batch(owner, [workflow.make_deploy_transaction(
+                owner, definition)])])
+            assert status["status"] == "COMMITTED", status
+            iots = [IoTNode(n, tmp_path / n, workflow_id="digits-e2e", coordinator=(n == "iot-1"),
+                            data_path=str(tmp_path / "iot-3.npz") if n == "iot-3" else None, **common)
+                    for n in names]
+            for node in iots:
+                await node.start()
+            try:
+                await asyncio.wait_for(iots[0].finished.wait(), 240)
+                for node in iots:  # every node fetched and verified every global model
+                    await asyncio.wait_for(_until(lambda: len(node.global_models) == ROUNDS), 30)
+            finally:
+                for node in iots + computes:
+                    await node.stop()
+            await _check_every_digest(client, definition, couch_server.url, redis_server.url)
+            await _scan_for_canary(client, canary, couch_server.url, redis_server.url)
+            return computes
+
+    computes = run(scenario(), timeout=300)
+    assert all(node.completed for node in computes), "both compute nodes took part"
+
+
+async def _until(predicate, pause: float = 0.1):
+    while not predicate():
+        await asyncio.sleep(pause)
+
+
+async def _check_every_digest(client, definition, couch_url, redis_url) -> None:
+    reader = FederationReader(client)
+    redis = await connect(redis_url)
+    try:
+        index = await reader.rounds("digits-e2e")
+        assert index["latest"] == ROUNDS
+        accuracies = []
+        for number in range(1, ROUNDS + 1):
+            sid = index["rounds"][str(number)]
+            record = await reader.round(sid)
+            assert record["status"] == "ready" and len(record["submitted_nodes"]) == 3
+            for node, submission in record["submissions"].items():
+                blob = await redis.get(f"blob_{submission['digest']}")
+                assert hashlib.sha256(blob).hexdigest() == submission["digest"]
+            assignments = await reader.assignments(sid)
+            for task_id in assignments["order"]:
+                status = await reader.task_status(sid, task_id)
+                assert status["status"] == "done", (task_id, status)
+                blob = await redis.get(f"blob_{status['output_digest']}")
+                assert blob is not None and hashlib.sha256(blob).hexdigest() == status["output_digest"], task_id
+            result = await reader.round_result(sid)
+            assert result["final"] is True
+            assert sorted(result["participants"]) == sorted(record["submitted_nodes"])
+            assert abs(sum(result["aggregation_weights"].values()) - 1) < 1e-9
+            digest = result["global_model_digest"]
+            blob = await redis.get(f"blob_{digest}")
+            model_format.load(blob, digest, definition["model"])
+            async with CouchClient(couch_url) as couch:
+                stored = await CouchHistory(couch).get_round_model("digits-e2e", number, expected_digest=digest)
+            assert stored == blob
+            accuracies.append(result["evaluations"]["evaluate"]["metrics"]["accuracy"])
+        assert accuracies[-1] > 0.5, accuracies  # it learned something, with 2 epochs on 3 shards
+    finally:
+        await redis.aclose()
+
+
+async def _scan_for_canary(client, canary, couch_url, redis_url) -> None:
+    async for address, value in client.list_state():
+        assert not canary.found_in(value), f"raw data in chain state at {address}"
+    redis = await connect(redis_url)
+    try:
+        async for key in redis.scan_iter(count=500):
+            kind = (await redis.type(key)).decode()
+            if kind == "string":
+                values = [await redis.get(key)]
+            elif kind == "list":
+                values = await redis.lrange(key, 0, -1)
+            elif kind == "hash":
+                values = list((await redis.hgetall(key)).values())
+            elif kind == "stream":
+                values = [v for _, fields in await redis.xrange(key) for v in fields.values()]
+            else:
+                values = [m for m in await redis.zrange(key, 0, -1)] if kind == "zset" else []
+            for value in values:
+                assert not canary.found_in(value), f"raw data in Redis key {key!r}"
+    finally:
+        await redis.aclose()
+    async with CouchClient(couch_url) as couch:
+        _, databases = await couch._request("GET", "/_all_dbs", retry=True)
+        for db in databases:
+            for doc in await couch.all_docs(db):
+                assert not canary.found_in(repr(doc).encode()), f"raw data in CouchDB {db}/{doc.get('_id')}"
+                for name in (doc.get("_attachments") or {}):
+                    data = await couch.get_attachment(db, doc["_id"], name)
+                    assert not canary.found_in(data), f"raw data in CouchDB attachment {doc['_id']}/{name}"
