@@ -18,14 +18,14 @@ import os
 import pathlib
 
 from trustmesh.ledger.builders import make_batch
-from trustmesh.ledger.events import EventSubscriber, event_subscription
+from trustmesh.ledger.events import EventSubscriber, UnknownBlockError, event_subscription
 from trustmesh.ledger.rest_client import RestClient
 from trustmesh.ledger.signing import load_or_create_key
 from trustmesh.scheduling import peers, schedule
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchClient, CouchHistory
 from trustmesh.stores.data_envelope import load_or_create_keypair
-from trustmesh.stores.redis_state import BlobStore, Heartbeats, TaskQueue, connect, task_stream
+from trustmesh.stores.redis_state import CURSOR_KEY, BlobStore, FederationCache, Heartbeats, TaskQueue, connect, task_stream
 
 from .tasks import TaskContext, TaskInputError, run_task
 
@@ -87,8 +87,10 @@ class ComputeNode:
         self.context = TaskContext(self.node, self.encryption_key, self.reader, self.blobs, self.history,
                                    progress=lambda text: LOGGER.debug("%s: %s", self.name, text))
         loop = asyncio.get_running_loop()
+        # Any node may keep the Redis federation cache: it is filled idempotently from committed events.
+        self.cache = FederationCache(self.redis, rest_client=self.rest)
         self._tasks = [loop.create_task(self._follow()), loop.create_task(self._work()),
-                       loop.create_task(self._beat())]
+                       loop.create_task(self._beat()), loop.create_task(self._keep_cache())]
         LOGGER.info("compute node %s (%s…) ready", self.name, self.node[:16])
 
     async def _register(self) -> None:
@@ -108,6 +110,20 @@ class ComputeNode:
         while True:
             await self.heartbeats.beat(self.node, {"name": self.name})
             await asyncio.sleep(5)
+
+    async def _keep_cache(self) -> None:
+        while True:
+            try:
+                await self.cache.follow(self.validator_url)
+            except asyncio.CancelledError:
+                raise
+            except UnknownBlockError:
+                # Redis outlived the chain it cached (a fresh dev network): start over from genesis.
+                LOGGER.warning("%s: the federation cache's last block is not on this chain; rebuilding", self.name)
+                await self.redis.delete(CURSOR_KEY)
+            except Exception:
+                LOGGER.exception("%s: federation cache stopped; resuming", self.name)
+                await asyncio.sleep(1)
 
     async def _follow(self) -> None:
         while True:

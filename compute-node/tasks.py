@@ -132,13 +132,25 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     blob = model_format.serialize(state, workflow_id=assignments["workflow_id"], round=assignments["round"],
                                   model_spec=definition["model"])
     digest = await ctx.blobs.put(blob)
-    if ctx.history is not None:
-        await ctx.history.put_round_model(assignments["workflow_id"], assignments["round"], blob,
-                                          expected_digest=digest)
     total = sum(u.samples for u in updates)
     metrics = {name: sum(float(u.metrics[name]) * u.samples for u in updates) / total for name in ("loss", "accuracy")}
     metrics["samples"] = total
     participants = sorted(weights)
+    if ctx.history is not None:
+        wf, number = assignments["workflow_id"], assignments["round"]
+        await ctx.history.put_round_model(wf, number, blob, schedule_id=sid, expected_digest=digest)
+        updates_by_node = {u.node: dep for dep in task["fetch_dependency_outputs"]
+                           for u in updates if tasks[dep].get("data_owner") == u.node}
+        await ctx.history.save_round(
+            wf, number, schedule_id=sid, participants=participants, global_model_digest=digest,
+            aggregation_weights={n: float(weights[n]) for n in participants},
+            update_digests={n: (await ctx.reader.task_status(sid, updates_by_node[n]))["output_digest"]
+                            for n in participants},
+            metrics={"train_loss": metrics["loss"], "train_accuracy": metrics["accuracy"]})
+        for update in updates:
+            await ctx.history.record_participation(wf, update.node, number, samples=update.samples,
+                                                   weight=float(weights[update.node]),
+                                                   accuracy=float(update.metrics["accuracy"]))
     result = {"participants": participants, "aggregation_weights": {n: float(weights[n]) for n in participants},
               "metrics": {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}}
     return TaskOutcome(digest, metrics, round_result=result)

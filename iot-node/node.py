@@ -33,7 +33,7 @@ from trustmesh.ledger.signing import load_or_create_key
 from trustmesh.scheduling import federation, schedule
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.data_bundle import seal_bundle
-from trustmesh.stores.redis_state import BlobStore, connect
+from trustmesh.stores.redis_state import BlobStore, Heartbeats, connect
 
 LOGGER = logging.getLogger(__name__)
 
@@ -46,13 +46,14 @@ TICK = 1.0  # seconds between re-checks that depend on time (timeouts, deadlines
 class IoTNode:
     def __init__(self, name: str, data_dir: str | os.PathLike, *, workflow_id: str, validator_url: str,
                  rest_url: str, redis_url: str, coordinator: bool = False, data_path: str | None = None,
-                 on_round=None):
+                 on_round=None, task_deadline: int | None = None):
         self.name = name
         self.data_dir = pathlib.Path(data_dir)
         self.workflow_id = workflow_id
         self.validator_url, self.rest_url, self.redis_url = validator_url, rest_url, redis_url
         self.coordinator = coordinator
         self.data_path = data_path
+        self.task_deadline = task_deadline  # seconds a compute node gets per task before reassignment
         self.on_round = on_round or (lambda number, result: None)  # progress hook for the CLI
         self.signer = load_or_create_key(self.data_dir / "keys", name)
         self.node = self.signer.public_key().as_hex()
@@ -69,6 +70,7 @@ class IoTNode:
         self.reader = FederationReader(self.rest)
         self.redis = await connect(self.redis_url)
         self.blobs = BlobStore(self.redis)
+        self.heartbeats = Heartbeats(self.redis)
         self.subscriber = EventSubscriber(self.validator_url, [event_subscription(e) for e in EVENTS])
         await self.subscriber.start()
         loop = asyncio.get_running_loop()
@@ -189,14 +191,18 @@ class IoTNode:
             return
         assignments = await self.reader.assignments(sid)
         if assignments is None:
-            await self._once(("assign", sid), schedule.make_assign_transaction(self.signer, sid, self.workflow_id),
-                             f"assign round {record['round']}")
+            await self._once(("assign", sid), schedule.make_assign_transaction(
+                self.signer, sid, self.workflow_id, deadline_seconds=self.task_deadline), f"assign round {record['round']}")
             return
         now = time.time()
+        grace = 2 * (assignments.get("deadline_seconds") or 300)
         for task_id, task in assignments["tasks"].items():
-            if task["deadline"] < now:
+            # Past its deadline a task moves, unless its node is alive and merely slow: then it gets
+            # a grace period, so busy nodes are not made to bounce work between them.
+            if task["deadline"] < now and (now > task["deadline"] + grace
+                                           or not await self.heartbeats.is_alive(task["node"])):
                 status = await self.reader.task_status(sid, task_id)
-                if status and status["status"] != "done" and status["attempt"] == task["attempt"]:
+                if status and status["status"] not in ("done",) and status["attempt"] == task["attempt"]:
                     await self._once(("reassign", sid, task_id, task["attempt"]),
                                      schedule.make_reassign_transaction(self.signer, sid, task_id),
                                      f"reassign late task {task_id}")

@@ -65,13 +65,12 @@ returns {node: info}.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError

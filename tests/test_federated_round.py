@@ -22,7 +22,7 @@ from trustmesh.scheduling import layout, workflow
 from trustmesh.scheduling.handlers import federation_handlers
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchClient, CouchHistory
-from trustmesh.stores.redis_state import connect
+from trustmesh.stores.redis_state import FederationCache, connect
 from trustmesh.stores.servers import CouchServer, RedisServer
 
 from family_scenario import _WORKFLOWS
@@ -124,6 +124,15 @@ async def _check_every_digest(client, definition, couch_url, redis_url) -> None:
                 stored = await CouchHistory(couch).get_round_model("digits-e2e", number, expected_digest=digest)
             assert stored == blob
             accuracies.append(result["evaluations"]["evaluate"]["metrics"]["accuracy"])
+            # the Redis federation cache, filled from committed events, agrees with the chain
+            cache = FederationCache(redis)
+            cached = await cache.submissions("digits-e2e", sid)
+            assert [c["node"] for c in cached] == record["submitted_nodes"]
+            assert [c["digest"] for c in cached] == [record["submissions"][n]["digest"] for n in record["submitted_nodes"]]
+            assert (await cache.round_state("digits-e2e", sid))["status"] == "ready"
+            async with CouchClient(couch_url) as couch:
+                doc = await CouchHistory(couch).get_round("digits-e2e", number)
+            assert doc["global_model_digest"] == digest and sorted(doc["participants"]) == sorted(result["participants"])
         assert accuracies[-1] > 0.5, accuracies  # it learned something, with 2 epochs on 3 shards
     finally:
         await redis.aclose()

@@ -8,7 +8,6 @@ import json
 import pathlib
 import subprocess
 import sys
-import time
 
 import pytest
 from redis.exceptions import AuthenticationError
@@ -21,6 +20,7 @@ from trustmesh.ledger.signing import PrivateKey
 from trustmesh.scheduling import layout, workflow
 from trustmesh.scheduling.federation import (
     FederationHandler,
+    decode_round,
     make_close_round_transaction,
     make_open_round_transaction,
     make_submit_transaction,
@@ -176,7 +176,6 @@ def test_cache_from_committed_events_is_idempotent_and_equals_a_rebuild_from_cha
             ]
             state = await cache.round_state(wf, sid1)
             record = (await client.get_state(layout.round_address(sid1)))
-            from trustmesh.scheduling.federation import decode_round
             round_start = decode_round(record)["round_start"]
             assert state == {
                 "workflow_id": wf, "schedule_id": sid1, "round": "1", "coordinator": C, "workflow_version": "1",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import pathlib
 import signal
 import sys
@@ -59,6 +60,61 @@ def _processors(args) -> int:
     return _run_until_signal(serve())
 
 
+def _node_endpoints(parser) -> None:
+    parser.add_argument("--validator", default=os.environ.get("TRUSTMESH_VALIDATOR", "tcp://127.0.0.1:4004"),
+                        help="validator component endpoint (env TRUSTMESH_VALIDATOR; default %(default)s)")
+    parser.add_argument("--rest", default=os.environ.get("TRUSTMESH_REST", "http://127.0.0.1:8008"),
+                        help="REST API (env TRUSTMESH_REST; default %(default)s)")
+    parser.add_argument("--redis", default=os.environ.get("TRUSTMESH_REDIS", "redis://127.0.0.1:6379/0"),
+                        help="Redis URL, password included if any (env TRUSTMESH_REDIS; default %(default)s)")
+    parser.add_argument("--name", required=True, help="node name; its keys are NAME.priv / NAME.pub in DATA_DIR/keys")
+    parser.add_argument("--data-dir", required=True, help="keys (created 0600 at first start) and node state")
+
+
+def _compute_node(args) -> int:
+    from trustmesh.compute_node.node import ComputeNode
+
+    async def serve():
+        node = ComputeNode(args.name, args.data_dir, validator_url=args.validator, rest_url=args.rest,
+                           redis_url=args.redis, couch_url=args.couch or None,
+                           couch_user=os.environ.get("COUCHDB_USER") or None,
+                           couch_password=os.environ.get("COUCHDB_PASSWORD") or None)
+        await node.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await node.stop()
+
+    return _run_until_signal(serve())
+
+
+def _iot_node(args) -> int:
+    from trustmesh.iot_node.node import IoTNode
+
+    def report(number, result):
+        evaluation = result.get("evaluations", {})
+        accuracy = next(iter(evaluation.values()), {}).get("metrics", {}).get("accuracy")
+        shown = f"{accuracy:.3f}" if isinstance(accuracy, float) else "n/a"
+        print(f"round {number} final: global model {result['global_model_digest'][:16]}… verified, "
+              f"test accuracy {shown}", flush=True)
+
+    async def serve():
+        node = IoTNode(args.name, args.data_dir, workflow_id=args.workflow, validator_url=args.validator,
+                       rest_url=args.rest, redis_url=args.redis, coordinator=args.role == "coordinator",
+                       data_path=args.data, on_round=report, task_deadline=args.task_deadline)
+        await node.start()
+        print(f"{args.name}: public key {node.node}", flush=True)
+        try:
+            if args.exit_when_done:
+                await node.finished.wait()
+            else:
+                await asyncio.Event().wait()
+        finally:
+            await node.stop()
+
+    return _run_until_signal(serve())
+
+
 def _demo(args) -> int:
     from trustmesh.demo import main as demo_main
 
@@ -108,6 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
     procs.add_argument("--max-occupancy", type=int, default=10,
                        help="transactions processed at once (default %(default)s)")
     procs.set_defaults(func=_processors)
+
+    compute = sub.add_parser("compute-node", help="run a compute node: register, train, aggregate, evaluate")
+    _node_endpoints(compute)
+    compute.add_argument("--couch", default=os.environ.get("COUCHDB_URL", ""),
+                         help="CouchDB URL for round history and models (env COUCHDB_URL; credentials from "
+                              "COUCHDB_USER / COUCHDB_PASSWORD)")
+    compute.set_defaults(func=_compute_node)
+
+    iot = sub.add_parser("iot-node", help="run an IoT node (coordinator or participant) of one workflow")
+    _node_endpoints(iot)
+    iot.add_argument("--role", choices=("coordinator", "participant"), default="participant")
+    iot.add_argument("--workflow", required=True, help="workflow_id of a deployed workflow")
+    iot.add_argument("--data", help=".npz file with x (float32 [n, features]) and y (int64 [n]); default: this "
+                                    "node's share of the workflow's built-in data set")
+    iot.add_argument("--task-deadline", type=int, metavar="SECONDS",
+                     help="coordinator: seconds a compute node gets per task before it is reassigned "
+                          "(default: the schedule family's 300)")
+    iot.add_argument("--exit-when-done", action="store_true", help="exit once the workflow's last round is over")
+    iot.set_defaults(func=_iot_node)
 
     demo = sub.add_parser("demo", help="run the embedded default end to end on loopback")
     demo.add_argument("--data-dir", help="keep the chain here (default: a temporary folder)")

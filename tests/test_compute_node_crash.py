@@ -1,0 +1,104 @@
+"""A compute node killed (SIGKILL) in the middle of a task loses nothing: restarted, it takes its
+unacknowledged task again; never restarted, the coordinator reassigns the task once its deadline
+passes on chain, and the round completes either way."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from ledger_helpers import rest, run, running_processor, submit_and_wait
+from test_federated_round import _definition, stores  # noqa: F401  (module-scoped servers)
+from trustmesh.iot_node.node import IoTNode
+from trustmesh.ledger.builders import make_batch
+from trustmesh.ledger.signing import load_or_create_key
+from trustmesh.scheduling import workflow
+from trustmesh.scheduling.handlers import federation_handlers
+from trustmesh.scheduling.reader import FederationReader
+from trustmesh.stores.redis_state import TaskQueue, connect, task_stream
+
+
+def _compute_process(name, tmp_path, devnet, redis_url) -> subprocess.Popen:
+    log = open(tmp_path / f"{name}.log", "ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "trustmesh.cli", "-v", "compute-node", "--name", name,
+         "--data-dir", str(tmp_path / name), "--validator", devnet.component_url, "--rest", devnet.rest_url,
+         "--redis", redis_url], stdout=log, stderr=log)
+
+
+async def _wait_registered(reader, count):
+    while len(await reader.peer_index()) < count:
+        await asyncio.sleep(0.1)
+
+
+async def _busy_node(redis_url, nodes: dict[str, str]) -> str:
+    """The first compute node that holds a task it has read but not acknowledged: mid-task."""
+    redis = await connect(redis_url)
+    try:
+        while True:
+            for name, key in nodes.items():
+                if await TaskQueue(redis, task_stream(key)).pending(name):
+                    return name
+            await asyncio.sleep(0.02)
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.parametrize("restart", [True, False], ids=["restarted-node-redelivers", "dead-node-reassigned"])
+def test_round_completes_after_a_compute_node_is_killed_mid_task(devnet, stores, tmp_path, restart):  # noqa: F811
+    redis_server, _ = stores
+    processes = {name: _compute_process(name, tmp_path, devnet, redis_server.url) for name in ("c0", "c1")}
+
+    async def scenario():
+        names = ["iot-1", "iot-2", "iot-3"]
+        keys = {n: load_or_create_key(tmp_path / n / "keys", n).public_key().as_hex() for n in names}
+        definition = _definition(keys)
+        definition["workflow_id"] = "digits-crash"
+        definition["federation"]["rounds"] = 1
+        definition["hyperparameters"]["epochs"] = 40  # long enough to be caught mid-task
+        async with running_processor(devnet.component_url, *federation_handlers()), rest(devnet.rest_url) as client:
+            reader = FederationReader(client)
+            await asyncio.wait_for(_wait_registered(reader, 2), 60)
+            compute_keys = {name: load_or_create_key(tmp_path / name / "keys", name).public_key().as_hex()
+                            for name in processes}
+            owner = load_or_create_key(tmp_path / "owner", "owner")
+            [status] = await submit_and_wait(client, [make_batch(owner, [workflow.make_deploy_transaction(owner, definition)])])
+            assert status["status"] == "COMMITTED"
+            common = dict(validator_url=devnet.component_url, rest_url=devnet.rest_url, redis_url=redis_server.url)
+            iots = [IoTNode(n, tmp_path / n, workflow_id="digits-crash", coordinator=(n == "iot-1"),
+                            task_deadline=30 if restart else 4, **common) for n in names]
+            for node in iots:
+                await node.start()
+            try:
+                victim = await asyncio.wait_for(_busy_node(redis_server.url, compute_keys), 60)
+                processes[victim].send_signal(signal.SIGKILL)
+                processes[victim].wait()
+                if restart:
+                    processes[victim] = _compute_process(victim, tmp_path, devnet, redis_server.url)
+                await asyncio.wait_for(iots[0].finished.wait(), 120)
+            finally:
+                for node in iots:
+                    await node.stop()
+            sid = (await reader.rounds("digits-crash"))["rounds"]["1"]
+            result = await reader.round_result(sid)
+            assert result["final"] is True
+            assignments = await reader.assignments(sid)
+            attempts = {t: task["attempt"] for t, task in assignments["tasks"].items()}
+            if restart:
+                assert set(attempts.values()) == {1}, "the restarted node finished its own tasks"
+            else:
+                moved = [t for t, n in attempts.items() if n > 1]
+                assert moved, "a task of the dead node was reassigned"
+                assert all(assignments["tasks"][t]["node"] != compute_keys[victim] for t in moved)
+
+    try:
+        run(scenario(), timeout=240)
+    finally:
+        for proc in processes.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(15)
