@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import pathlib
+import time
 
 from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.events import EventSubscriber, UnknownBlockError, event_subscription
@@ -30,6 +31,8 @@ from trustmesh.stores.redis_state import CURSOR_KEY, BlobStore, FederationCache,
 from .tasks import TaskContext, TaskInputError, run_task
 
 LOGGER = logging.getLogger(__name__)
+
+UNEXPECTED_RETRIES = 3  # tries of a task that fails with something other than bad input
 
 SCHEDULE_EVENTS = ("trustmesh/task-assigned", "trustmesh/task-done", "trustmesh/task-reassigned",
                    "trustmesh/task-failed")
@@ -154,10 +157,25 @@ class ComputeNode:
 
     async def _work(self) -> None:
         for message in await self.queue.recover(self.name):  # what this node took before it died
-            await self._handle(message)
+            await self._handle_safely(message)
         while True:
             for message in await self.queue.read(self.name, block_ms=1000):
+                await self._handle_safely(message)
+
+    async def _handle_safely(self, message) -> None:
+        # A store or the REST API failing for a moment must not end the worker: try again a few
+        # times, then leave the message pending (a restart recovers it; past its deadline the
+        # coordinator moves the task to another node).
+        for attempt in range(1, UNEXPECTED_RETRIES + 1):
+            try:
                 await self._handle(message)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                LOGGER.exception("%s: task %s failed unexpectedly (try %d of %d)", self.name,
+                                 message.task.get("task_id"), attempt, UNEXPECTED_RETRIES)
+                await asyncio.sleep(min(30, 2 ** attempt))
 
     async def _handle(self, message) -> None:
         sid, task_id, attempt = message.task["schedule_id"], message.task["task_id"], message.task["attempt"]
@@ -166,6 +184,7 @@ class ComputeNode:
                 or status["status"] in ("done", "failed"):
             await self.queue.ack(message.message_id)  # reassigned or already reported: nothing to do
             return
+        started = time.perf_counter()
         try:
             outcome = await run_task(self.context, sid, task_id)
         except TaskInputError as exc:
@@ -175,8 +194,11 @@ class ComputeNode:
             await self._commit([txn])
             await self.queue.ack(message.message_id)
             return
+        # The task's own compute time goes on chain with its report: what a round spends outside
+        # it is framework overhead (bench/bench_round_overhead.py), auditable per task.
+        metrics = {**outcome.metrics, "task_seconds": round(time.perf_counter() - started, 6)}
         txns = [schedule.make_report_transaction(self.signer, sid, task_id, "done", output_digest=outcome.output_digest,
-                                                 metrics=outcome.metrics, attempt=attempt)]
+                                                 metrics=metrics, attempt=attempt)]
         if outcome.round_result is not None:  # same batch: the result stands or falls with the report
             r = outcome.round_result
             txns.append(schedule.make_round_result_transaction(

@@ -23,6 +23,7 @@ from trustmesh.ledger import payload as cbor
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchHistory
 from trustmesh.stores.data_bundle import open_bundle
+from trustmesh.stores.data_envelope import EnvelopeError
 from trustmesh.stores.redis_state import BlobStore
 
 from . import model_format
@@ -63,7 +64,12 @@ async def run_task(ctx: TaskContext, schedule_id: str, task_id: str) -> TaskOutc
     definition = workflow["definition"]
     runner = {"preprocess": _preprocess, "local_train": _local_train,
               "aggregate": _aggregate, "evaluate": _evaluate}[task["kind"]]
-    return await runner(ctx, assignments, task_id, task, definition)
+    try:
+        return await runner(ctx, assignments, task_id, task, definition)
+    except (ValueError, LookupError, EnvelopeError) as exc:
+        # Inputs that do not fit (model format, data, strategy, envelopes, a missing earlier
+        # result) fail the same way on every try: report the task failed, saying why.
+        raise TaskInputError(f"{task['kind']} {task_id}: {exc}") from exc
 
 
 async def _blob(ctx: TaskContext, digest: str, what: str) -> bytes:

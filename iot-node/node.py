@@ -1,6 +1,10 @@
 """An IoT node: owns private data; as a participant it contributes to each round, as the
 coordinator it also opens rounds and keeps them moving.
 
+It serves one workflow (`workflow_id`) or, without one, every deployed workflow whose
+federation names its key, so IoT nodes can be started before anything is deployed. Its role in a
+workflow comes from the workflow itself (the coordinator_node coordinates) unless forced.
+
 Everything it does is decided from committed chain state, re-read after every block and on a
 short tick (for timeouts), so a restarted node simply picks up where the chain is:
 
@@ -30,7 +34,7 @@ from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.events import EventSubscriber, event_subscription
 from trustmesh.ledger.rest_client import RestClient
 from trustmesh.ledger.signing import load_or_create_key
-from trustmesh.scheduling import federation, schedule
+from trustmesh.scheduling import federation, layout, schedule, workflow
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.data_bundle import seal_bundle
 from trustmesh.stores.redis_state import BlobStore, Heartbeats, connect
@@ -44,25 +48,31 @@ TICK = 1.0  # seconds between re-checks that depend on time (timeouts, deadlines
 
 
 class IoTNode:
-    def __init__(self, name: str, data_dir: str | os.PathLike, *, workflow_id: str, validator_url: str,
-                 rest_url: str, redis_url: str, coordinator: bool = False, data_path: str | None = None,
-                 on_round=None, task_deadline: int | None = None):
+    def __init__(self, name: str, data_dir: str | os.PathLike, *, workflow_id: str | None = None,
+                 validator_url: str, rest_url: str, redis_url: str, coordinator: bool | None = None,
+                 data_path: str | None = None, on_round=None, task_deadline: int | None = None):
         self.name = name
         self.data_dir = pathlib.Path(data_dir)
-        self.workflow_id = workflow_id
+        self.workflow_id = workflow_id  # None: every workflow that names this node
         self.validator_url, self.rest_url, self.redis_url = validator_url, rest_url, redis_url
-        self.coordinator = coordinator
+        self.coordinator = coordinator  # None: as the workflow says; True/False: forced
         self.data_path = data_path
         self.task_deadline = task_deadline  # seconds a compute node gets per task before reassignment
-        self.on_round = on_round or (lambda number, result: None)  # progress hook for the CLI
+        self.on_round = on_round or (lambda workflow_id, number, result: None)  # progress hook for the CLI
         self.signer = load_or_create_key(self.data_dir / "keys", name)
         self.node = self.signer.public_key().as_hex()
-        self.finished = asyncio.Event()
-        self.global_models: dict[int, str] = {}  # round -> verified global model digest
+        self.finished = asyncio.Event()  # with a workflow_id: set once its last round is over
+        self.done: set[str] = set()      # workflows whose last round is over
+        self.models: dict[str, dict[int, str]] = {}  # workflow -> round -> verified global model digest
         self._submitted: set[str] = set()
         self._sent: set[tuple] = set()   # coordinator actions already sent (the chain refuses repeats anyway)
         self._tasks: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
+
+    @property
+    def global_models(self) -> dict[int, str]:
+        """Round -> verified global model digest of this node's workflow (with a workflow_id)."""
+        return self.models.setdefault(self.workflow_id, {})
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +84,8 @@ class IoTNode:
         self.subscriber = EventSubscriber(self.validator_url, [event_subscription(e) for e in EVENTS])
         await self.subscriber.start()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._follow()), loop.create_task(self._tick())]
+        self._tasks = [loop.create_task(self._follow()), loop.create_task(self._tick()),
+                       loop.create_task(self._beat())]
         LOGGER.info("IoT node %s (%s…) ready%s", self.name, self.node[:16], " as coordinator" if self.coordinator else "")
 
     async def stop(self) -> None:
@@ -92,6 +103,11 @@ class IoTNode:
             await self.subscriber.next_block()
             await self._step()
 
+    async def _beat(self) -> None:
+        while True:  # liveness for `trustmesh status` and supervisors
+            await self.heartbeats.beat(self.node, {"name": self.name, "role": "iot"})
+            await asyncio.sleep(5)
+
     async def _tick(self) -> None:
         while True:
             await self._step()
@@ -104,23 +120,47 @@ class IoTNode:
             except Exception:
                 LOGGER.exception("%s: acting on chain state failed; trying again shortly", self.name)
 
+    async def _workflows(self) -> list[dict]:
+        """The workflow records this node acts on: its own, or every one that names its key."""
+        if self.workflow_id is not None:
+            record = await self.reader.workflow(self.workflow_id)
+            return [record] if record is not None else []
+        found = []
+        async for _, data in self.rest.list_state(layout.WORKFLOW_NS + layout.WORKFLOW_RECORD):
+            record = workflow.decode_record(data)
+            fed = record["definition"].get("federation") or {}
+            if self.node == fed.get("coordinator_node") or self.node in (fed.get("participant_nodes") or ()):
+                found.append(record)
+        return found
+
     async def _act(self) -> None:
-        workflow = await self.reader.workflow(self.workflow_id)
-        if workflow is None:
-            return  # not deployed yet
-        definition = workflow["definition"]
-        fed = definition["federation"]
-        index = await self.reader.rounds(self.workflow_id)
+        for record in await self._workflows():
+            if record["workflow_id"] in self.done:
+                continue
+            try:  # one workflow's trouble must not stall the others
+                await self._act_on(record["workflow_id"], record["definition"])
+            except Exception:
+                LOGGER.exception("%s: acting on workflow %s failed; trying again shortly", self.name,
+                                 record["workflow_id"])
+
+    async def _act_on(self, workflow_id: str, definition: dict) -> None:
+        fed = definition.get("federation")
+        if fed is None:
+            return  # single-node workflow: no rounds, nothing for IoT nodes to do
+        index = await self.reader.rounds(workflow_id)
         latest = index["latest"]
         sid = index["rounds"].get(str(latest))
         record = await self.reader.round(sid) if sid else None
         if record is not None:
             await self._participate(definition, record)
-            await self._collect_final(definition, index)
-        if self.coordinator:
-            await self._coordinate(definition, fed, latest, record)
+            await self._collect_final(workflow_id, definition, index)
+        coordinates = self.coordinator if self.coordinator is not None else fed["coordinator_node"] == self.node
+        if coordinates:
+            await self._coordinate(workflow_id, fed, latest, record)
         if latest == fed["rounds"] and record is not None and await self._round_over(record):
-            self.finished.set()
+            self.done.add(workflow_id)
+            if workflow_id == self.workflow_id:
+                self.finished.set()
 
     async def _round_over(self, record) -> bool:
         if record["status"] == "timeout":
@@ -153,10 +193,11 @@ class IoTNode:
             self._submitted.add(sid)
             LOGGER.info("%s: submitted %d samples to round %d (%s…)", self.name, len(data), record["round"], digest[:12])
 
-    async def _collect_final(self, definition, index) -> None:
+    async def _collect_final(self, workflow_id: str, definition, index) -> None:
+        models = self.models.setdefault(workflow_id, {})
         for number, sid in sorted(index["rounds"].items(), key=lambda kv: int(kv[0])):
             number = int(number)
-            if number in self.global_models:
+            if number in models:
                 continue
             result = await self.reader.round_result(sid)
             if not result or not result.get("final"):
@@ -164,22 +205,22 @@ class IoTNode:
             digest = result["global_model_digest"]
             blob = await self.blobs.get(digest)  # verified against the chain's digest
             model_format.load(blob, digest, definition["model"])
-            (self.data_dir / f"{self.workflow_id}-round-{number}.safetensors").write_bytes(blob)
-            self.global_models[number] = digest
-            self.on_round(number, result)
+            (self.data_dir / f"{workflow_id}-round-{number}.safetensors").write_bytes(blob)
+            models[number] = digest
+            self.on_round(workflow_id, number, result)
             LOGGER.info("%s: round %d final, global model %s… verified, accuracy %.3f", self.name, number,
                         digest[:12], result.get("evaluations", {}).get("evaluate", {}).get("metrics", {}).get(
                             "accuracy", result["metrics"].get("accuracy", float("nan"))))
 
     # -- coordinator -----------------------------------------------------------------------------
 
-    async def _coordinate(self, definition, fed, latest, record) -> None:
+    async def _coordinate(self, workflow_id: str, fed, latest, record) -> None:
         if record is None or (latest < fed["rounds"] and await self._round_over(record)):
             if not await self.reader.peer_index():
                 return  # no compute node yet: nobody could open the data
             previous = record["schedule_id"] if record is not None else None
-            await self._once(("open", latest + 1), federation.make_open_round_transaction(
-                self.signer, self.workflow_id, latest + 1, previous_schedule_id=previous), f"open round {latest + 1}")
+            await self._once(("open", workflow_id, latest + 1), federation.make_open_round_transaction(
+                self.signer, workflow_id, latest + 1, previous_schedule_id=previous), f"open round {latest + 1}")
             return
         sid = record["schedule_id"]
         if record["status"] == "collecting":
@@ -192,7 +233,7 @@ class IoTNode:
         assignments = await self.reader.assignments(sid)
         if assignments is None:
             await self._once(("assign", sid), schedule.make_assign_transaction(
-                self.signer, sid, self.workflow_id, deadline_seconds=self.task_deadline), f"assign round {record['round']}")
+                self.signer, sid, workflow_id, deadline_seconds=self.task_deadline), f"assign round {record['round']}")
             return
         now = time.time()
         grace = 2 * (assignments.get("deadline_seconds") or 300)

@@ -56,11 +56,16 @@ class FederationReader:
         return found
 
     async def previous_global_model(self, workflow_id: str, round_number: int) -> str | None:
-        """Digest of the final global model of round_number - 1, or None for round 1."""
-        if round_number <= 1:
-            return None
-        sid = (await self.rounds(workflow_id))["rounds"].get(str(round_number - 1))
-        result = await self.round_result(sid) if sid else None
-        if result is None or not result.get("final"):
-            raise LookupError(f"round {round_number - 1} of {workflow_id!r} has no final result on chain")
-        return result["global_model_digest"]
+        """Digest of the global model round `round_number` starts from: the final model of the
+        latest earlier round that has one. Rounds that timed out produced none and are skipped;
+        None when no earlier round produced one (training starts from the seeded model)."""
+        index = (await self.rounds(workflow_id))["rounds"]
+        for number in range(round_number - 1, 0, -1):
+            sid = index.get(str(number))
+            result = await self.round_result(sid) if sid else None
+            if result is not None and result.get("final"):
+                return result["global_model_digest"]
+            record = await self.round(sid) if sid else None
+            if record is None or record["status"] != "timeout":
+                raise LookupError(f"round {number} of {workflow_id!r} has no final result on chain")
+        return None
