@@ -1,0 +1,720 @@
+"""`trustmesh audit WORKFLOW_ID [--json]`: re-verify every round of a workflow from the chain
+and the stores, trusting neither the nodes that wrote them nor the stores that hold the bytes.
+
+Everything is read at one chain head, so a workflow still running is seen consistently.
+
+Transactions  every committed transaction of the four federation families that concerns the
+              workflow: header signature (re-encoded from the REST API's JSON), payload_sha512,
+              canonical CBOR, and its signer against the rules: deploy/update by the owner,
+              open_round by the coordinator_node, submit by a participant (the one whose
+              submission the round holds), report by the task's node at that attempt,
+              round_result by the aggregate task's node. Every submission, done task and result
+              in state must have the signed transaction that made it.
+Rounds        the record belongs to the workflow and its schedule_id is derived; submitted nodes
+              are participants; local training used exactly the submitted data; the result's
+              participants are the nodes whose updates were aggregated; weights sum to 1.
+Blobs         submission bundles, every task output and the global model in Redis, the round's
+              global model in CouchDB (when a URL is given): "missing" or "digest mismatch".
+Aggregation   the strategy's weights recomputed from the stored updates and their on-chain
+              metrics, the weighted average with the on-chain weights re-serialized exactly as
+              compute-node/tasks.py `_aggregate` stores it: its sha256 must be the on-chain digest.
+Start model   which global model each round started from (the previous round's final one).
+
+Exit status of the command: 0 every check passed, 1 some problem found, 2 the audit could not run
+(workflow not on chain, a store unreachable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import aiohttp
+from google.protobuf import json_format
+from redis.exceptions import RedisError
+from yarl import URL
+
+from trustmesh import endpoints as network
+from trustmesh.ledger import payload as cbor
+from trustmesh.ledger import protos as pb
+from trustmesh.ledger import signing
+from trustmesh.ledger.rest_client import RestClient, RestError
+from trustmesh.scheduling import layout
+from trustmesh.scheduling.reader import FederationReader
+from trustmesh.scheduling.schedule import WEIGHT_TOLERANCE
+from trustmesh.stores.couch import CouchClient, CouchError, CouchHistory, DigestMismatch
+from trustmesh.stores.redis_state import BlobCorrupted, BlobError, BlobNotFound, BlobStore, connect
+
+if TYPE_CHECKING:  # torch-backed; imported where used so `trustmesh --help` stays fast
+    from trustmesh.compute_node.strategies import ClientUpdate
+
+FAMILIES = (layout.WORKFLOW_FAMILY, layout.PEER_FAMILY, layout.FEDERATION_FAMILY, layout.SCHEDULE_FAMILY)
+PAGE_SIZE = 1000  # the most a Sawtooth REST API returns per page
+
+
+class AuditError(Exception):
+    """The audit could not run (workflow not on chain, a store unreachable); the message says why."""
+
+
+def _short(value: Any) -> str:
+    """Keys and digests as people read them in this repo: 16 hex characters and an ellipsis."""
+    return f"{value[:16]}…" if isinstance(value, str) and len(value) > 16 else repr(value)
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass(kw_only=True)
+class _Checks:
+    """A tally: every check passes (counted) or becomes a problem that says what and where."""
+
+    checks: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def _where(self) -> str:
+        return ""
+
+    def check(self, ok: bool, problem: str) -> bool:
+        if ok:
+            self.checks += 1
+        else:
+            self.problems.append(self._where() + problem)
+        return ok
+
+    def fail(self, problem: str) -> None:
+        self.check(False, problem)
+
+    def passed(self) -> None:
+        self.checks += 1
+
+
+@dataclass
+class RoundAudit(_Checks):
+    number: int
+    schedule_id: str | None = None
+    status: str = "missing"          # collecting | ready | timeout | assigned | result recorded | final
+    initial_model: str | None = None  # the global model it started from (None: round 1, or none final)
+    global_model: str | None = None   # its global model on chain
+    recomputed_global_model: str | None = None  # sha256 of the aggregation redone here
+
+    def _where(self) -> str:
+        return f"round {self.number}: "
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+@dataclass
+class AuditReport(_Checks):
+    workflow_id: str
+    rounds: list[RoundAudit] = field(default_factory=list)
+    transactions: int = 0  # committed transactions of this workflow re-verified
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(r.ok for r in self.rounds)
+
+    def all_problems(self) -> list[str]:
+        return [p for r in self.rounds for p in r.problems] + self.problems
+
+    def to_json(self) -> dict:
+        return {"workflow_id": self.workflow_id, "ok": self.ok, "transactions": self.transactions,
+                "checks": self.checks + sum(r.checks for r in self.rounds), "problems": list(self.problems),
+                "rounds": [r.to_json() for r in self.rounds]}
+
+
+def render_text(report: AuditReport) -> str:
+    lines = [f"audit of workflow {report.workflow_id}: {len(report.rounds)} round(s), "
+             f"{report.transactions} transaction(s) re-verified"]
+    for r in report.rounds:
+        start = ("initial weights" if r.number == 1 else f"round {r.number - 1}'s "
+                 + (_short(r.initial_model) if r.initial_model else "(no final model)"))
+        found = f", {len(r.problems)} problem(s)" if r.problems else ""
+        lines.append(f"{'✓' if r.ok else '✗'} round {r.number}  {r.status}  {r.checks} checks{found}  "
+                     f"started from {start}  global model {_short(r.global_model) if r.global_model else 'none'}")
+    found = f", {len(report.problems)} problem(s)" if report.problems else ""
+    lines.append(f"{'✗' if report.problems else '✓'} workflow  {report.checks} checks{found}")
+    problems = report.all_problems()
+    if problems:
+        lines += ["problems:", *(f"  {p}" for p in problems), f"FAILED: {len(problems)} problem(s)"]
+    else:
+        lines.append("OK: every check passed")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- transactions
+
+
+@dataclass(frozen=True)
+class SignedAction:
+    """A committed transaction of a federation family, re-verified from its REST JSON."""
+
+    txn_id: str
+    family: str
+    signer: str
+    body: dict            # the decoded payload ({} when it does not decode)
+    problem: str | None   # why the transaction itself does not verify
+
+    @property
+    def action(self) -> str:
+        return str(self.body.get("action"))
+
+    def __str__(self) -> str:
+        return f"{self.family} {self.action} transaction {_short(self.txn_id)}"
+
+
+def verify_transaction(txn: Mapping) -> SignedAction:
+    """Signature over the header (re-encoded: protobuf encodes these fields one way only),
+    payload_sha512 and canonical CBOR, as a validator checks them."""
+    header = txn.get("header") or {}
+    txn_id, family = str(txn.get("header_signature", "")), str(header.get("family_name", ""))
+    signer = str(header.get("signer_public_key", ""))
+    try:
+        header_bytes = json_format.ParseDict(header, pb.TransactionHeader()).SerializeToString()
+        payload = base64.b64decode(txn.get("payload", ""), validate=True)
+    except (json_format.ParseError, ValueError) as exc:
+        return SignedAction(txn_id, family, signer, {}, f"header or payload unreadable: {exc}")
+    try:
+        body = cbor.decode(payload)
+    except cbor.PayloadError:
+        body = None
+    if not signing.verify(signer, txn_id, header_bytes):
+        problem = "header signature does not verify against its signer_public_key"
+    elif hashlib.sha512(payload).hexdigest() != header.get("payload_sha512"):
+        problem = "payload does not hash to the header's payload_sha512"
+    elif not isinstance(body, dict):
+        problem = "payload is not a canonical CBOR map"
+    else:
+        problem = None
+    return SignedAction(txn_id, family, signer, body if isinstance(body, dict) else {}, problem)
+
+
+async def _chain_actions(rest: RestClient, head: str) -> list[SignedAction]:
+    return [verify_transaction(t) async for t in rest.list_transactions(head=head, page_size=PAGE_SIZE)
+            if (t.get("header") or {}).get("family_name") in FAMILIES]
+
+
+WORKFLOW = "workflow"  # attribution of the workflow's own deploy/update transactions
+
+
+def _attribute(a: SignedAction, workflow_id: str, rounds: Mapping[str, str]) -> str | None:
+    """The schedule_id an action concerns, WORKFLOW, or None when it is about something else."""
+    body = a.body
+    if a.family == layout.WORKFLOW_FAMILY:
+        definition = body.get("definition")
+        return WORKFLOW if isinstance(definition, dict) and definition.get("workflow_id") == workflow_id else None
+    if a.family == layout.FEDERATION_FAMILY and a.action == "open_round":
+        return rounds.get(str(body.get("round"))) if body.get("workflow_id") == workflow_id else None
+    if a.family in (layout.FEDERATION_FAMILY, layout.SCHEDULE_FAMILY):
+        return body.get("schedule_id") if body.get("schedule_id") in rounds.values() else None
+    return None
+
+
+def _definitions(actions: Sequence[SignedAction]) -> dict[int, dict]:
+    """version -> the definition a signed deploy (version 1) or update carried."""
+    versions = {}
+    for a in actions:
+        if a.problem is None and a.action == "deploy":
+            versions[1] = a.body.get("definition")
+        elif a.problem is None and a.action == "update" and isinstance(a.body.get("expected_version"), int):
+            versions[a.body["expected_version"] + 1] = a.body.get("definition")
+    return versions
+
+
+# --------------------------------------------------------------------------- one round
+
+
+class _PinnedReader(FederationReader):
+    """Reads every record at one block, so a workflow still running is seen consistently."""
+
+    def __init__(self, rest: RestClient, head: str):
+        super().__init__(rest)
+        self.head = head
+
+    async def _record(self, address: str, head: str | None = None):
+        return await super()._record(address, head or self.head)
+
+
+@dataclass
+class _Workflow:
+    """What every round check needs: the workflow as stored and as signed, and the stores."""
+
+    workflow_id: str
+    record: dict
+    definitions: dict[int, dict]
+    reader: FederationReader
+    blobs: BlobStore
+    history: CouchHistory | None
+
+    def definition(self, version: Any) -> dict:
+        return self.definitions.get(version) or self.record["definition"]
+
+
+@dataclass
+class _Round:
+    """One round's on-chain records, and the blobs verified so far (digest -> bytes, None if not)."""
+
+    record: dict
+    definition: dict
+    assignments: dict | None = None
+    statuses: dict[str, dict] = field(default_factory=dict)
+    result: dict | None = None
+    verified: dict[str, bytes | None] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> dict:
+        return (self.assignments or {}).get("tasks") or {}
+
+    @property
+    def federation(self) -> dict:
+        return self.definition.get("federation") or {}
+
+    def aggregated(self) -> list[str]:
+        """The local_train instances the aggregate task combined, as `_aggregate` selects them."""
+        aggregate = self.tasks.get((self.result or {}).get("aggregate_task")) or {}
+        return [d for d in aggregate.get("fetch_dependency_outputs", []) if self.tasks[d]["kind"] == "local_train"]
+
+    def nodes(self) -> set[str]:
+        """Every node that held one of the round's tasks, at any attempt."""
+        return {e.get("node") for s in self.statuses.values() for e in s.get("history", [])}
+
+
+async def _check_blob(audit: RoundAudit, rnd: _Round, blobs: BlobStore, digest: Any, what: str) -> bytes | None:
+    """The verified bytes of a Redis blob, once per digest; a problem names it when it is not intact."""
+    if digest in rnd.verified:
+        return rnd.verified[digest]
+    data = None
+    try:
+        data = await blobs.get(digest)
+    except BlobNotFound:
+        audit.fail(f"{what}: Redis blob {_short(digest)} missing")
+    except BlobCorrupted:
+        audit.fail(f"{what}: Redis blob {_short(digest)} digest mismatch")
+    except BlobError as exc:  # too large to read: the store never accepted such a blob
+        audit.fail(f"{what}: Redis blob {_short(digest)} cannot be verified: {exc}")
+    except ValueError:
+        audit.fail(f"{what}: the chain names {_short(digest)}, which is not a sha256")
+    else:
+        audit.passed()
+    if isinstance(digest, str):
+        rnd.verified[digest] = data
+    return data
+
+
+def _task_label(task_id: str, task: Mapping) -> str:
+    if task["kind"] == "local_train":
+        return f"update of node {_short(task.get('data_owner'))}"
+    return "global model" if task["kind"] == "aggregate" else f"output of {task['kind']} task {task_id}"
+
+
+def _check_record(audit: RoundAudit, wf: _Workflow, rnd: _Round) -> None:
+    record = rnd.record
+    audit.check(record.get("workflow_id") == wf.workflow_id and record.get("round") == audit.number,
+                f"round record belongs to workflow {record.get('workflow_id')!r} round {record.get('round')}")
+    derived = layout.schedule_id_for(wf.workflow_id, audit.number, str(record.get("coordinator")))
+    audit.check(audit.schedule_id == derived,
+                f"schedule_id {_short(audit.schedule_id)} is not sha256(workflow/round/coordinator)")
+    submitted, submissions = record.get("submitted_nodes") or [], record.get("submissions") or {}
+    audit.check(sorted(submitted) == sorted(submissions),
+                "submitted_nodes and the submissions map name different nodes")
+    outsiders = [n for n in submitted if n not in rnd.federation.get("participant_nodes", ())]
+    audit.check(not outsiders, f"submitted by node(s) outside participant_nodes: {', '.join(map(_short, outsiders))}")
+
+
+async def _check_tasks(audit: RoundAudit, wf: _Workflow, rnd: _Round) -> None:
+    assignments, submissions = rnd.assignments, rnd.record.get("submissions") or {}
+    audit.check(assignments.get("workflow_id") == wf.workflow_id and assignments.get("round") == audit.number,
+                f"assignments belong to workflow {assignments.get('workflow_id')!r} round {assignments.get('round')}")
+    for task_id in assignments.get("order") or sorted(rnd.tasks):
+        task, status = rnd.tasks[task_id], rnd.statuses.get(task_id)
+        if task["kind"] == "local_train":
+            owner = task.get("data_owner")
+            submitted = (submissions.get(owner) or {}).get("digest")
+            audit.check(task.get("inputs") == [submitted], f"task {task_id} trains on {task.get('inputs')}, "
+                        f"not on node {_short(owner)}'s submission {_short(submitted)}")
+        if not audit.check(status is not None, f"task {task_id} has no status record on chain"):
+            continue
+        if status.get("status") == "done":
+            await _check_blob(audit, rnd, wf.blobs, status.get("output_digest"), _task_label(task_id, task))
+
+
+def _check_result(audit: RoundAudit, rnd: _Round) -> None:
+    result = rnd.result
+    aggregate = rnd.statuses.get(result.get("aggregate_task")) or {}
+    audit.check(result.get("global_model_digest") == aggregate.get("output_digest"),
+                f"round result's global model {_short(result.get('global_model_digest'))} is not the output "
+                f"{_short(aggregate.get('output_digest'))} of aggregate task {result.get('aggregate_task')}")
+    participants = result.get("participants") or []
+    owners = [rnd.tasks[d].get("data_owner") for d in rnd.aggregated()]
+    audit.check(sorted(participants) == sorted(owners),
+                f"result participants {', '.join(map(_short, sorted(participants)))} are not the nodes whose "
+                f"local_train outputs were aggregated ({', '.join(map(_short, sorted(owners)))})")
+    outsiders = [n for n in participants if n not in (rnd.record.get("submissions") or {})]
+    audit.check(not outsiders, f"participants {', '.join(map(_short, outsiders))} did not submit to the round")
+    weights = result.get("aggregation_weights") or {}
+    audit.check(set(weights) == set(participants), "aggregation_weights name other nodes than the participants")
+    total = math.fsum(w for w in weights.values() if isinstance(w, (int, float)))
+    audit.check(abs(total - 1.0) <= WEIGHT_TOLERANCE, f"aggregation weights sum to {total!r}, not 1")
+
+
+async def _check_couch_model(audit: RoundAudit, history: CouchHistory, workflow_id: str, digest: str) -> None:
+    where = f"CouchDB {history.db}/{history.round_doc_id(workflow_id, audit.number)}"
+    try:
+        stored = await history.get_round_model(workflow_id, audit.number, expected_digest=digest)
+    except DigestMismatch as exc:
+        audit.fail(f"global model: {where} digest mismatch ({exc})")
+        return
+    audit.check(stored is not None, f"global model: {where} missing")
+
+
+def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strategy_spec: Mapping,
+                      result: Mapping, *, workflow_id: str, model_spec: Mapping) -> str | None:
+    """Redo what compute-node/tasks.py `_aggregate` stored for round `audit.number`: the
+    strategy's weights from the updates must be the on-chain aggregation_weights, and the
+    weighted average with the on-chain weights, serialized the same way, must hash to the
+    on-chain global_model_digest. Returns the recomputed digest (None if it cannot be made)."""
+    from trustmesh.compute_node import model_format
+    from trustmesh.compute_node.strategies import StrategyError, strategy_from_spec, weighted_average
+
+    on_chain = dict(result.get("aggregation_weights") or {})
+    try:
+        strategy = strategy_from_spec(strategy_spec)
+        recomputed = strategy.weights(updates)
+    except StrategyError as exc:
+        audit.fail(f"aggregation weights cannot be recomputed: {exc}")
+    else:
+        differ = [f"node {_short(n)} {on_chain.get(n)!r} on chain, {recomputed.get(n)!r} recomputed"
+                  for n in sorted(set(on_chain) | set(recomputed)) if on_chain.get(n) != recomputed.get(n)]
+        audit.check(not differ, f"aggregation weights on chain are not {strategy.name}'s: {'; '.join(differ)}")
+    try:
+        state = weighted_average({u.node: u.state for u in updates}, on_chain)
+        blob = model_format.serialize(state, workflow_id=workflow_id, round=audit.number, model_spec=model_spec)
+    except (StrategyError, model_format.ModelFormatError) as exc:
+        audit.fail(f"global model cannot be recomputed from the on-chain weights: {exc}")
+        return None
+    digest = audit.recomputed_global_model = model_format.digest(blob)
+    claimed = result.get("global_model_digest")
+    audit.check(digest == claimed, f"recomputed global model {_short(digest)} does not match the on-chain "
+                                   f"global_model_digest {_short(claimed)}: digest mismatch")
+    return digest
+
+
+async def _recompute_aggregation(audit: RoundAudit, wf: _Workflow, rnd: _Round) -> None:
+    """Load the aggregated updates as `_aggregate` did (verified bytes, on-chain samples and
+    metrics), then check_aggregation."""
+    from trustmesh.compute_node import model_format
+    from trustmesh.compute_node.strategies import ClientUpdate
+
+    spec, updates = rnd.definition["model"], []
+    for dep in rnd.aggregated():
+        owner, status = rnd.tasks[dep].get("data_owner"), rnd.statuses.get(dep) or {}
+        digest = status.get("output_digest")
+        blob = rnd.verified.get(digest)
+        if blob is None:
+            audit.fail(f"aggregation not recomputed: the update of node {_short(owner)} is not available intact")
+            return
+        try:
+            state = model_format.load(blob, digest, spec, workflow_id=wf.workflow_id, round=audit.number).state
+        except model_format.ModelFormatError as exc:
+            audit.fail(f"update of node {_short(owner)}: {exc}")
+            return
+        metrics = status.get("metrics") or {}
+        updates.append(ClientUpdate(node=owner, state=state, samples=int(metrics.get("samples", 0)), metrics=metrics))
+    check_aggregation(audit, updates, rnd.definition.get("strategy") or {"name": "fedavg"}, rnd.result,
+                      workflow_id=wf.workflow_id, model_spec=spec)
+
+
+async def _initial_model(audit: RoundAudit, wf: _Workflow, rnd: _Round) -> None:
+    try:
+        audit.initial_model = await wf.reader.previous_global_model(wf.workflow_id, audit.number)
+    except LookupError as exc:
+        trained = any(s.get("status") == "done" for t, s in rnd.statuses.items()
+                      if rnd.tasks[t]["kind"] == "local_train")
+        audit.check(not trained, f"local training ran without a global model to start from: {exc}")
+
+
+# -- signer rules: (ok, why not) for one verified action of the round
+
+
+def _open_round_rule(a: SignedAction, rnd: _Round) -> tuple[bool, str]:
+    coordinator = rnd.federation.get("coordinator_node")
+    return a.signer == coordinator, f"signed by {_short(a.signer)}, not by the coordinator_node {_short(coordinator)}"
+
+
+def _submit_rule(a: SignedAction, rnd: _Round) -> tuple[bool, str]:
+    if a.signer not in rnd.federation.get("participant_nodes", ()):
+        return False, f"signed by {_short(a.signer)}, who is not in participant_nodes"
+    held = (rnd.record.get("submissions") or {}).get(a.signer) or {}
+    return held.get("digest") == a.body.get("digest"), (
+        f"submits {_short(a.body.get('digest'))} but the round holds {_short(held.get('digest'))} for its signer")
+
+
+def _report_rule(a: SignedAction, rnd: _Round) -> tuple[bool, str]:
+    task_id = a.body.get("task_id")
+    history = (rnd.statuses.get(task_id) or {}).get("history") or []
+    holders = {e.get("attempt"): e.get("node") for e in history if e.get("status") == "assigned"}
+    if "attempt" in a.body:
+        attempts = [a.body["attempt"]]
+    else:  # the attempt(s) whose history shows this report
+        attempts = [e.get("attempt") for e in history if e.get("status") == a.body.get("status")
+                    and e.get("node") == a.signer]
+    return any(holders.get(n) == a.signer for n in attempts), (
+        f"report of task {task_id} signed by {_short(a.signer)}, not by the node assigned to it at that attempt")
+
+
+def _round_result_rule(a: SignedAction, rnd: _Round) -> tuple[bool, str]:
+    result = rnd.result or {}
+    node = (rnd.statuses.get(result.get("aggregate_task")) or {}).get("node")
+    return a.signer == node == result.get("reported_by"), (
+        f"signed by {_short(a.signer)}, not by the aggregate task's node {_short(node)}")
+
+
+_SIGNER_RULES: dict[str, Callable[[SignedAction, _Round], tuple[bool, str]]] = {
+    "open_round": _open_round_rule, "submit": _submit_rule, "report": _report_rule,
+    "round_result": _round_result_rule,
+}  # close_round, assign and reassign: anyone may send them
+
+
+def _check_round_transactions(audit: RoundAudit, actions: Sequence[SignedAction], rnd: _Round) -> None:
+    for a in actions:
+        if not audit.check(a.problem is None, f"{a}: {a.problem}"):
+            continue
+        rule = _SIGNER_RULES.get(a.action)
+        if rule is not None:
+            ok, why = rule(a, rnd)
+            audit.check(ok, f"{a}: {why}")
+    _check_signed_records(audit, [a for a in actions if a.problem is None], rnd)
+
+
+def _check_signed_records(audit: RoundAudit, valid: Sequence[SignedAction], rnd: _Round) -> None:
+    """Every submission, done task and result in state has the signed transaction that made it."""
+    def signed(action: str, signer: Any, **fields: Any) -> bool:
+        return any(a.action == action and a.signer == signer and all(a.body.get(k) == v for k, v in fields.items())
+                   for a in valid)
+
+    record = rnd.record
+    audit.check(signed("open_round", record.get("coordinator"), round=audit.number),
+                "no open_round transaction signed by the round's coordinator")
+    for node, submission in (record.get("submissions") or {}).items():
+        audit.check(signed("submit", node, digest=submission.get("digest")),
+                    f"submission of node {_short(node)} has no submit transaction signed by that node")
+    for task_id, status in rnd.statuses.items():
+        if status.get("status") == "done":
+            audit.check(signed("report", status.get("node"), task_id=task_id, status="done",
+                               output_digest=status.get("output_digest")),
+                        f"task {task_id} is done without a done report signed by its node {_short(status.get('node'))}")
+    if rnd.result is not None:
+        audit.check(signed("round_result", rnd.result.get("reported_by"),
+                           global_model_digest=rnd.result.get("global_model_digest")),
+                    "the round result has no round_result transaction signed by its reporter")
+
+
+def _status(rnd: _Round) -> str:
+    if rnd.result is not None:
+        return "final" if rnd.result.get("final") else "result recorded"
+    return "assigned" if rnd.assignments is not None else str(rnd.record.get("status"))
+
+
+async def _read_round(wf: _Workflow, sid: str, record: dict) -> _Round:
+    rnd = _Round(record, wf.definition(record.get("workflow_version")))
+    rnd.assignments = await wf.reader.assignments(sid)
+    for task_id in rnd.tasks:
+        status = await wf.reader.task_status(sid, task_id)
+        if status is not None:
+            rnd.statuses[task_id] = status
+    rnd.result = await wf.reader.round_result(sid)
+    return rnd
+
+
+async def _audit_round(wf: _Workflow, number: int, sid: str | None,
+                      actions: Sequence[SignedAction]) -> tuple[RoundAudit, set[str]]:
+    """The round's checks, and the nodes that held its tasks."""
+    audit = RoundAudit(number, sid)
+    record = await wf.reader.round(sid) if sid else None
+    if not audit.check(record is not None, "no round record on chain"):
+        return audit, set()
+    rnd = await _read_round(wf, sid, record)
+    audit.status = _status(rnd)
+    try:
+        _check_record(audit, wf, rnd)
+        for node in record.get("submitted_nodes") or []:
+            digest = ((record.get("submissions") or {}).get(node) or {}).get("digest")
+            await _check_blob(audit, rnd, wf.blobs, digest, f"submission of node {_short(node)}")
+        if rnd.assignments is not None:
+            await _check_tasks(audit, wf, rnd)
+        await _initial_model(audit, wf, rnd)
+        if rnd.result is not None:
+            audit.global_model = rnd.result.get("global_model_digest")
+            _check_result(audit, rnd)
+            await _check_blob(audit, rnd, wf.blobs, audit.global_model, "global model")
+            if wf.history is not None:
+                await _check_couch_model(audit, wf.history, wf.workflow_id, audit.global_model)
+            await _recompute_aggregation(audit, wf, rnd)
+        _check_round_transactions(audit, actions, rnd)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # records of an unexpected shape
+        audit.fail(f"records cannot be fully audited ({type(exc).__name__}: {exc})")
+    return audit, rnd.nodes()
+
+
+# --------------------------------------------------------------------------- the workflow
+
+
+def _check_workflow(report: AuditReport, wf: _Workflow, actions: Sequence[SignedAction], index: Mapping) -> None:
+    owner, version = wf.record.get("owner"), wf.record.get("version")
+    deploys = [a for a in actions if a.problem is None and a.action == "deploy"]
+    report.check(len(deploys) == 1, f"{len(deploys)} valid deploy transactions for the workflow, not 1")
+    for a in actions:
+        if report.check(a.problem is None, f"{a}: {a.problem}") and a.action in ("deploy", "update"):
+            report.check(a.signer == owner, f"{a}: signed by {_short(a.signer)}, not by the owner {_short(owner)}")
+    report.check(wf.definitions.get(version) == wf.record.get("definition"),
+                 f"the stored definition (version {version}) is not the one its signed deploy/update carried")
+    numbers = sorted(int(n) for n in index["rounds"])
+    report.check(numbers == list(range(1, index["latest"] + 1)),
+                 f"the rounds index lists rounds {numbers} with latest {index['latest']}")
+
+
+def _check_peer_actions(report: AuditReport, actions: Sequence[SignedAction], nodes: set[str]) -> int:
+    """Registrations of the nodes that held tasks: signed by the node itself (its key is the record's)."""
+    mine = [a for a in actions if a.signer in nodes]
+    for a in mine:
+        report.check(a.problem is None, f"{a}: {a.problem}")
+    return len(mine)
+
+
+def _check_unattributed(report: AuditReport, actions: Sequence[SignedAction]) -> None:
+    """A committed transaction whose payload cannot be read might concern this workflow: a
+    validator never commits one, so it is reported rather than skipped."""
+    for a in actions:
+        if a.problem is not None and not a.body:
+            report.fail(f"{a.family} transaction {_short(a.txn_id)} does not verify ({a.problem}) and cannot "
+                        f"be attributed to a workflow")
+
+
+async def _open_chain(workflow_id: str, rest: RestClient) -> tuple[str, dict]:
+    """(head block id, workflow record); AuditError when the chain cannot be read or lacks it."""
+    try:
+        head = (await rest.head())["header_signature"]
+        record = await _PinnedReader(rest, head).workflow(workflow_id)
+    except (RestError, aiohttp.ClientError, ValueError, KeyError, IndexError) as exc:
+        raise AuditError(f"cannot read the chain through the REST API at {rest.base_url}: {exc}") from None
+    if record is None:
+        raise AuditError(f"workflow {workflow_id!r} is not on chain (no record at "
+                         f"{layout.workflow_address(workflow_id)}); check the id and the REST endpoint")
+    return head, record
+
+
+def _redacted(url: str) -> str:
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else url
+
+
+async def _open_stores(endpoints: network.Endpoints, stack: contextlib.AsyncExitStack) \
+        -> tuple[BlobStore, CouchHistory | None]:
+    try:
+        redis = await connect(endpoints.redis, socket_connect_timeout=5, socket_timeout=30)
+    except (RedisError, ValueError, OSError) as exc:
+        raise AuditError(f"Redis at {_redacted(endpoints.redis)} is unreachable: {exc}") from None
+    stack.push_async_callback(redis.aclose)
+    if not endpoints.couch:
+        return BlobStore(redis), None
+    couch = CouchClient(endpoints.couch, user=endpoints.couch_user, password=endpoints.couch_password)
+    stack.push_async_callback(couch.close)
+    try:
+        await couch.server_info()
+    except (CouchError, aiohttp.ClientError, ValueError) as exc:
+        raise AuditError(f"CouchDB at {_redacted(endpoints.couch)} is unreachable: {exc}") from None
+    return BlobStore(redis), CouchHistory(couch)
+
+
+async def _audit(workflow_id: str, endpoints: network.Endpoints, progress: Callable[[str], None],
+                 stack: contextlib.AsyncExitStack) -> AuditReport:
+    rest = RestClient(endpoints.rest, retries=3)
+    stack.push_async_callback(rest.close)
+    head, record = await _open_chain(workflow_id, rest)
+    blobs, history = await _open_stores(endpoints, stack)
+    reader = _PinnedReader(rest, head)
+    progress(f"reading the transactions of the chain at block {_short(head)}")
+    index = await reader.rounds(workflow_id)
+    attributed: dict[str, list[SignedAction]] = {}
+    peer_actions, unattributed = [], []
+    for a in await _chain_actions(rest, head):
+        key = _attribute(a, workflow_id, index["rounds"])
+        if a.family == layout.PEER_FAMILY:
+            peer_actions.append(a)
+        elif key is None:
+            unattributed.append(a)
+        else:
+            attributed.setdefault(key, []).append(a)
+    own = attributed.get(WORKFLOW, [])
+    wf = _Workflow(workflow_id, record, _definitions(own), reader, blobs, history)
+    report = AuditReport(workflow_id)
+    nodes: set[str] = set()
+    for number in range(1, index["latest"] + 1):
+        progress(f"checking round {number} of {index['latest']}")
+        sid = index["rounds"].get(str(number))
+        audit, held = await _audit_round(wf, number, sid, attributed.get(sid, []))
+        report.rounds.append(audit)
+        nodes |= held
+    _check_workflow(report, wf, own, index)
+    _check_unattributed(report, unattributed)
+    report.transactions = (len(own) + sum(len(attributed.get(r.schedule_id, [])) for r in report.rounds)
+                           + _check_peer_actions(report, peer_actions, nodes))
+    return report
+
+
+async def audit_workflow(workflow_id: str, endpoints: network.Endpoints, *,
+                         progress: Callable[[str], None] | None = None) -> AuditReport:
+    """Audit every round of a workflow; AuditError when it cannot run (not on chain, store down)."""
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            return await _audit(workflow_id, endpoints, progress or (lambda text: None), stack)
+    except RestError as exc:
+        raise AuditError(f"the REST API at {endpoints.rest} failed during the audit: {exc}") from None
+    except RedisError as exc:
+        raise AuditError(f"Redis at {_redacted(endpoints.redis)} failed during the audit: {exc}") from None
+    except CouchError as exc:
+        raise AuditError(f"CouchDB at {_redacted(endpoints.couch or '')} failed during the audit: {exc}") from None
+
+
+# --------------------------------------------------------------------------- command
+
+
+def run_audit_command(args: argparse.Namespace) -> int:
+    endpoints = network.from_args(args)
+
+    def progress(text: str) -> None:  # stderr, so --json output stays parseable
+        print(f"audit: {text}", file=sys.stderr, flush=True)
+
+    try:
+        report = asyncio.run(audit_workflow(args.workflow_id, endpoints, progress=progress))
+    except AuditError as exc:
+        print(f"trustmesh audit: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_json(), indent=2, ensure_ascii=False) if args.json else render_text(report))
+    return 0 if report.ok else 1
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "audit", help="re-verify every round of a workflow from the chain, Redis and CouchDB",
+        description="Re-verify every round of a workflow: signatures and signers of its transactions, "
+                    "submissions and participants, every blob against its on-chain digest, and the "
+                    "aggregation recomputed. Exit 0 if every check passes, 1 on any problem, 2 if the "
+                    "audit cannot run.")
+    parser.add_argument("workflow_id", metavar="WORKFLOW_ID", help="workflow_id of a deployed workflow")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    network.add_endpoint_flags(parser, ("rest", "redis", "couch"))
+    parser.set_defaults(func=run_audit_command)
+    return parser
