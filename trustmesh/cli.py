@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import pathlib
 import signal
 import sys
+import time
+
+from trustmesh import audit
+from trustmesh.endpoints import add_endpoint_flags, from_args, home_dir
+
+
+SERVICES = ("devnet", "processors", "compute-node", "iot-node", "supervise")  # long-running: log INFO
+
+
+class CommandError(RuntimeError):
+    """A command cannot do what was asked; main() prints the message (no traceback) and exits 2."""
 
 
 def _configure_logging(verbosity: int) -> None:
@@ -60,13 +72,8 @@ def _processors(args) -> int:
     return _run_until_signal(serve())
 
 
-def _node_endpoints(parser) -> None:
-    parser.add_argument("--validator", default=os.environ.get("TRUSTMESH_VALIDATOR", "tcp://127.0.0.1:4004"),
-                        help="validator component endpoint (env TRUSTMESH_VALIDATOR; default %(default)s)")
-    parser.add_argument("--rest", default=os.environ.get("TRUSTMESH_REST", "http://127.0.0.1:8008"),
-                        help="REST API (env TRUSTMESH_REST; default %(default)s)")
-    parser.add_argument("--redis", default=os.environ.get("TRUSTMESH_REDIS", "redis://127.0.0.1:6379/0"),
-                        help="Redis URL, password included if any (env TRUSTMESH_REDIS; default %(default)s)")
+def _node_flags(parser, endpoints) -> None:
+    add_endpoint_flags(parser, endpoints)
     parser.add_argument("--name", required=True, help="node name; its keys are NAME.priv / NAME.pub in DATA_DIR/keys")
     parser.add_argument("--data-dir", required=True, help="keys (created 0600 at first start) and node state")
 
@@ -74,11 +81,12 @@ def _node_endpoints(parser) -> None:
 def _compute_node(args) -> int:
     from trustmesh.compute_node.node import ComputeNode
 
+    where = from_args(args)
+
     async def serve():
-        node = ComputeNode(args.name, args.data_dir, validator_url=args.validator, rest_url=args.rest,
-                           redis_url=args.redis, couch_url=args.couch or None,
-                           couch_user=os.environ.get("COUCHDB_USER") or None,
-                           couch_password=os.environ.get("COUCHDB_PASSWORD") or None)
+        node = ComputeNode(args.name, args.data_dir, validator_url=where.validator, rest_url=where.rest,
+                           redis_url=where.redis, couch_url=where.couch, couch_user=where.couch_user,
+                           couch_password=where.couch_password)
         await node.start()
         try:
             await asyncio.Event().wait()
@@ -91,16 +99,21 @@ def _compute_node(args) -> int:
 def _iot_node(args) -> int:
     from trustmesh.iot_node.node import IoTNode
 
-    def report(number, result):
+    where = from_args(args)
+    if args.exit_when_done and not args.workflow:
+        raise CommandError("--exit-when-done needs --workflow (which workflow's end to wait for)")
+
+    def report(workflow_id, number, result):
         evaluation = result.get("evaluations", {})
         accuracy = next(iter(evaluation.values()), {}).get("metrics", {}).get("accuracy")
         shown = f"{accuracy:.3f}" if isinstance(accuracy, float) else "n/a"
-        print(f"round {number} final: global model {result['global_model_digest'][:16]}… verified, "
+        print(f"{workflow_id} round {number} final: global model {result['global_model_digest'][:16]}… verified, "
               f"test accuracy {shown}", flush=True)
 
     async def serve():
-        node = IoTNode(args.name, args.data_dir, workflow_id=args.workflow, validator_url=args.validator,
-                       rest_url=args.rest, redis_url=args.redis, coordinator=args.role == "coordinator",
+        role = {"auto": None, "coordinator": True, "participant": False}[args.role]
+        node = IoTNode(args.name, args.data_dir, workflow_id=args.workflow or None, validator_url=where.validator,
+                       rest_url=where.rest, redis_url=where.redis, coordinator=role,
                        data_path=args.data, on_round=report, task_deadline=args.task_deadline)
         await node.start()
         print(f"{args.name}: public key {node.node}", flush=True)
@@ -115,10 +128,115 @@ def _iot_node(args) -> int:
     return _run_until_signal(serve())
 
 
+def _supervise(args) -> int:
+    from trustmesh.local_network import Supervisor
+
+    return Supervisor(home_dir(args.home), compute_nodes=args.compute_nodes, iot_nodes=args.iot_nodes).run()
+
+
+def _up(args) -> int:
+    from trustmesh import local_network
+
+    home = home_dir(args.home)
+    started = time.monotonic()
+    print(f"starting a local network in {home} ({args.compute_nodes} compute nodes, {args.iot_nodes} IoT nodes)",
+          flush=True)
+    state = local_network.start(home, compute_nodes=args.compute_nodes, iot_nodes=args.iot_nodes,
+                                timeout=args.timeout, progress=lambda text: print(f"  {text}", flush=True))
+    print(f"local network up in {time.monotonic() - started:.1f} s: REST {state['endpoints']['rest']}, "
+          f"validator {state['endpoints']['validator']}; logs in {home / 'logs'}", flush=True)
+    return 0
+
+
+def _down(args) -> int:
+    from trustmesh import local_network
+
+    home = home_dir(args.home)
+    killed = local_network.stop(home)
+    if killed:
+        print(f"killed processes that outlived their supervisor: {', '.join(killed)}", file=sys.stderr)
+    left = [name for name, s in local_network.status(home).get("services", {}).items() if s["running"]]
+    if left:
+        raise CommandError(f"still running after down: {', '.join(left)}")
+    print(f"local network in {home} stopped; its data stays there (`trustmesh up` resumes it)")
+    return 0
+
+
+def _status(args) -> int:
+    from trustmesh import local_network
+    from trustmesh.ledger.rest_client import RestClient
+
+    home = home_dir(args.home)
+    state = local_network.status(home)
+    services = state.get("services", {})
+    head = None
+    if state["supervisor_running"]:
+        async def read_head():
+            async with RestClient(state["endpoints"]["rest"], retries=1) as rest:
+                return await rest.head()
+        try:
+            head = asyncio.run(read_head())
+        except Exception as exc:  # status must still print what runs when the chain does not answer
+            head = {"error": str(exc)}
+    if args.json:
+        print(json.dumps({**state, "head": head}, indent=2, sort_keys=True))
+    else:
+        print(f"local network {home}: {'running' if state['supervisor_running'] else 'stopped'}"
+              f"{' (ready)' if state.get('ready') else ''}")
+        for name, service in services.items():
+            health = {True: "healthy", False: "UNHEALTHY", None: "starting"}[service.get("healthy")]
+            print(f"  {name:<12} {'up' if service['running'] else 'down':<5} pid {service.get('pid') or '-':<8} "
+                  f"{health if service['running'] else '':<10} restarts {service.get('restarts', 0)}")
+        if head and "error" not in head:
+            header = head.get("header", {})
+            print(f"chain head: block {header.get('block_num')} {head.get('header_signature', '')[:16]}… "
+                  f"state root {header.get('state_root_hash', '')[:16]}…")
+        elif head:
+            print(f"chain head: not readable ({head['error']})")
+    up = state["supervisor_running"] and all(s["running"] for s in services.values())
+    return 0 if up else 1
+
+
+def _workflow_deploy(args) -> int:
+    from trustmesh import workflow_runs
+    from trustmesh.ledger.rest_client import RestClient
+
+    home = home_dir(args.home)
+    where = from_args(args)
+    definition = workflow_runs.prepare(args.file, _nodes_dir(args, home), args.workflow_id)
+
+    async def deploy():
+        async with RestClient(where.rest, retries=3) as rest:
+            return await workflow_runs.deploy(rest, workflow_runs.user_key(home, args.key), definition)
+
+    outcome, record = asyncio.run(deploy())
+    print(f"workflow {record['workflow_id']} {outcome}: version {record['version']}, owner {record['owner'][:16]}…")
+    return 0
+
+
+def _run(args) -> int:
+    from trustmesh import workflow_runs
+
+    home = home_dir(args.home)
+    where = from_args(args)
+    try:
+        views = asyncio.run(workflow_runs.deploy_and_follow(
+            args.file, home=home, nodes_dir=_nodes_dir(args, home), validator_url=where.validator,
+            rest_url=where.rest, workflow_id=args.workflow_id, key_path=args.key, timeout=args.timeout))
+    except KeyboardInterrupt:
+        print("\nstopped following; the network keeps running the workflow (run again to follow it)", file=sys.stderr)
+        return 130
+    return 0 if views and views[-1].status == "final" else 1
+
+
+def _nodes_dir(args, home: pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(args.nodes_dir) if args.nodes_dir else home / "nodes"
+
+
 def _demo(args) -> int:
     from trustmesh.demo import main as demo_main
 
-    return demo_main(args.data_dir)
+    return demo_main(args.home_given)
 
 
 def _run_until_signal(coro) -> int:
@@ -138,9 +256,12 @@ def _run_until_signal(coro) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trustmesh", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="count", default=1, help="more log output (-vv for debug)")
+    parser.add_argument("--home", help="the local network's folder: logs, chain, stores, node keys "
+                                       "(env TRUSTMESH_HOME; default ./.trustmesh)")
+    parser.add_argument("-v", "--verbose", action="count", help="more log output (-vv for debug); services log "
+                                                                  "at INFO by default, other commands warnings only")
     parser.add_argument("-q", "--quiet", action="store_const", const=0, dest="verbose", help="warnings only")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     devnet = sub.add_parser("devnet", help="run the single-node dev validator (Sawtooth 1.2 protocols)")
     devnet.add_argument("--data-dir", required=True, help="chain, state and validator key live here")
@@ -166,16 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     procs.set_defaults(func=_processors)
 
     compute = sub.add_parser("compute-node", help="run a compute node: register, train, aggregate, evaluate")
-    _node_endpoints(compute)
-    compute.add_argument("--couch", default=os.environ.get("COUCHDB_URL", ""),
-                         help="CouchDB URL for round history and models (env COUCHDB_URL; credentials from "
-                              "COUCHDB_USER / COUCHDB_PASSWORD)")
+    _node_flags(compute, ("validator", "rest", "redis", "couch"))
     compute.set_defaults(func=_compute_node)
 
-    iot = sub.add_parser("iot-node", help="run an IoT node (coordinator or participant) of one workflow")
-    _node_endpoints(iot)
-    iot.add_argument("--role", choices=("coordinator", "participant"), default="participant")
-    iot.add_argument("--workflow", required=True, help="workflow_id of a deployed workflow")
+    iot = sub.add_parser("iot-node", help="run an IoT node: coordinator or participant of the workflows naming it")
+    _node_flags(iot, ("validator", "rest", "redis"))
+    iot.add_argument("--workflow", default=os.environ.get("TRUSTMESH_WORKFLOW"),
+                     help="serve this workflow only (env TRUSTMESH_WORKFLOW; default: every deployed workflow "
+                          "whose federation names this node's key)")
+    iot.add_argument("--role", choices=("auto", "coordinator", "participant"), default="auto",
+                     help="auto (default): coordinate where the workflow's coordinator_node is this node")
     iot.add_argument("--data", help=".npz file with x (float32 [n, features]) and y (int64 [n]); default: this "
                                     "node's share of the workflow's built-in data set")
     iot.add_argument("--task-deadline", type=int, metavar="SECONDS",
@@ -184,16 +305,79 @@ def build_parser() -> argparse.ArgumentParser:
     iot.add_argument("--exit-when-done", action="store_true", help="exit once the workflow's last round is over")
     iot.set_defaults(func=_iot_node)
 
-    demo = sub.add_parser("demo", help="run the embedded default end to end on loopback")
-    demo.add_argument("--data-dir", help="keep the chain here (default: a temporary folder)")
+    up = sub.add_parser("up", help="start a local network: validator, processors, Redis, CouchDB-protocol "
+                                   "server, compute and IoT nodes, supervised, in the background")
+    up.add_argument("--compute-nodes", type=_count, default=2, metavar="N", help="default %(default)s")
+    up.add_argument("--iot-nodes", type=_count, default=10, metavar="M",
+                    help="IoT nodes iot-1 … iot-M (default %(default)s, what workflows/federated-digits.json names)")
+    up.add_argument("--timeout", type=float, default=180, metavar="SECONDS",
+                    help="give up if not every process is healthy by then (default %(default)s)")
+    up.set_defaults(func=_up)
+
+    supervise = sub.add_parser("supervise")  # what `up` runs in the background; not listed
+    supervise.add_argument("--compute-nodes", type=_count, default=2)
+    supervise.add_argument("--iot-nodes", type=_count, default=10)
+    supervise.set_defaults(func=_supervise)
+
+    down = sub.add_parser("down", help="stop the local network; nothing is left running, its data stays")
+    down.set_defaults(func=_down)
+
+    status = sub.add_parser("status", help="what the local network runs, each process's health, the chain head")
+    status.add_argument("--json", action="store_true", help="machine-readable")
+    status.set_defaults(func=_status)
+
+    wf = sub.add_parser("workflow", help="workflow definitions on chain")
+    wf_sub = wf.add_subparsers(dest="workflow_command", required=True)
+    deploy = wf_sub.add_parser("deploy", help="deploy a workflow JSON definition (or update it, as its owner)")
+    _workflow_flags(deploy)
+    add_endpoint_flags(deploy, ("rest",))
+    deploy.set_defaults(func=_workflow_deploy)
+
+    run = sub.add_parser("run", help="deploy a workflow and follow it to completion, a progress bar per round")
+    _workflow_flags(run)
+    add_endpoint_flags(run, ("validator", "rest"))
+    run.add_argument("--timeout", type=float, metavar="SECONDS", help="stop following after this long")
+    run.set_defaults(func=_run)
+
+    audit.register(sub)
+
+    demo = sub.add_parser("demo", help="the embedded default: a local network runs federated-digits to "
+                                       "completion, the audit checks every round, the network stops")
     demo.set_defaults(func=_demo)
     return parser
 
 
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) > 100:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 100, got {text!r}")
+    return int(text)
+
+
+def _workflow_flags(parser) -> None:
+    parser.add_argument("file", help="workflow JSON definition (see workflows/ and scheduling/workflow.schema.json)")
+    parser.add_argument("--workflow-id", help="deploy under this id instead of the file's workflow_id")
+    parser.add_argument("--nodes-dir", help="node names resolve to DIR/NAME/keys/NAME.pub (default HOME/nodes)")
+    parser.add_argument("--key", help="sign with this private key file (default HOME/keys/user.priv, created 0600)")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
-    return args.func(args)
+    args.home_given = args.home
+    _configure_logging(args.verbose if args.verbose is not None else int(args.command in SERVICES))
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        # Known failures end with their message, not a traceback; anything else is a bug and shows one.
+        from trustmesh.local_network import NetworkError
+        from trustmesh.scheduling.workflow import DefinitionError
+        from trustmesh.workflow_runs import RunError
+
+        if isinstance(exc, (CommandError, NetworkError, RunError, DefinitionError)):
+            print(f"trustmesh {args.command}: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

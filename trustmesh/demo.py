@@ -1,71 +1,65 @@
-"""`trustmesh demo`: the embedded default run, start to finish on loopback.
+"""`trustmesh demo`: the embedded default, start to finish on loopback.
 
-Today it proves the ledger layer: a fresh dev validator, an intkey processor on our runtime and a
-client that commits signed batches, follows them through events and re-reads the state. The
-federated workflow joins this run as the scheduling, compute-node and IoT-node issues land.
+A local network (dev validator, processors, Redis, CouchDB-protocol server, 2 compute nodes,
+10 IoT nodes) comes up, workflows/federated-digits.json runs to completion with a progress bar
+per round, the audit re-verifies every round from the chain and the stores, and the network
+stops, leaving no process behind. With --home the network's data stays there afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
 import pathlib
+import sys
 import tempfile
 import time
 
-from trustmesh.ledger import payload as cbor
-from trustmesh.ledger.builders import make_batch
-from trustmesh.ledger.devnet.node import DevnetConfig, DevValidator
-from trustmesh.ledger.events import EventSubscriber, event_subscription
-from trustmesh.ledger.intkey import IntkeyHandler, address, make_intkey_transaction
-from trustmesh.ledger.processor import TransactionProcessor
-from trustmesh.ledger.rest_client import RestClient
-from trustmesh.ledger.signing import PrivateKey
+from trustmesh import audit, local_network, workflow_runs
+from trustmesh.endpoints import resolve
+
+WORKFLOW = pathlib.Path(__file__).resolve().parents[1] / "workflows" / "federated-digits.json"
+COMPUTE_NODES, IOT_NODES = 2, 10
 
 
 def _say(text: str) -> None:
     print(text, flush=True)
 
 
-async def run_demo(data_dir: pathlib.Path, batches: int = 20, per_batch: int = 5) -> None:
-    started = time.perf_counter()
-    validator = DevValidator(DevnetConfig(data_dir=data_dir, endpoint="tcp://127.0.0.1:0", rest_port=0))
-    await validator.start()
-    _say(f"[1/4] dev validator up: component {validator.component_url}, REST {validator.rest_url}")
-    processor = TransactionProcessor(validator.component_url)
-    processor.add_handler(IntkeyHandler())
-    await processor.start()
-    _say("[2/4] intkey transaction processor registered")
-    subscriber = EventSubscriber(validator.component_url, [event_subscription("intkey/changed")])
-    await subscriber.start()
-    signer = PrivateKey.generate()
+def run_demo(home: pathlib.Path) -> int:
+    started = time.monotonic()
+    _say(f"[1/4] starting a local network in {home}: dev validator, processors, Redis, CouchDB-protocol server, "
+         f"{COMPUTE_NODES} compute nodes, {IOT_NODES} IoT nodes")
     try:
-        async with RestClient(validator.rest_url) as client:
-            todo = [make_batch(signer, [make_intkey_transaction(signer, "set", f"demo{b}-{t}", t)
-                                        for t in range(per_batch)]) for b in range(batches)]
-            ids = await client.submit_batches(todo)
-            _say(f"[3/4] submitted {batches} batches of {per_batch} signed transactions")
-            seen = 0
-            while seen < batches * per_batch:
-                block = await asyncio.wait_for(subscriber.next_block(), 30)
-                seen += len(block.of_type("intkey/changed"))
-                _say(f"      block {block.block_num} committed, state root {block.state_root_hash[:16]}… "
-                     f"({seen}/{batches * per_batch} transactions)")
-            statuses = await client.wait_for_batches(ids, 30)
-            assert all(s["status"] == "COMMITTED" for s in statuses)
-            value = cbor.decode(await client.get_state(address(f"demo{batches - 1}-{per_batch - 1}")))
-            assert value == {f"demo{batches - 1}-{per_batch - 1}": per_batch - 1}
-            _say(f"[4/4] all {batches} batches COMMITTED; state read back and verified "
-                 f"in {time.perf_counter() - started:.1f} s")
+        state = local_network.start(home, compute_nodes=COMPUTE_NODES, iot_nodes=IOT_NODES,
+                                    progress=lambda text: _say(f"      {text}"))
+        endpoints = resolve(home)
+        _say(f"      up in {time.monotonic() - started:.1f} s (REST {state['endpoints']['rest']})")
+        _say(f"[2/4] running {WORKFLOW.name}: 10 IoT nodes' private digits (Dirichlet 0.5), FedAvg")
+        views = asyncio.run(workflow_runs.deploy_and_follow(
+            str(WORKFLOW), home=home, nodes_dir=home / "nodes", validator_url=endpoints.validator,
+            rest_url=endpoints.rest, timeout=600))
+        workflow_id = workflow_runs.workflow.load_definition(WORKFLOW)["workflow_id"]
+        _say(f"[3/4] auditing {workflow_id}: signers, blobs against on-chain digests, aggregation recomputed")
+        report = asyncio.run(audit.audit_workflow(workflow_id, endpoints, progress=lambda text: _say(f"      {text}")))
+        _say(audit.render_text(report))
     finally:
-        await subscriber.close()
-        await processor.stop()
-        await validator.stop()
+        _say("[4/4] stopping the local network")
+        local_network.stop(home)
+    left = [name for name, s in local_network.status(home)["services"].items() if s["running"]]
+    if left:
+        _say(f"still running after stop: {', '.join(left)}")
+        return 1
+    ok = views[-1].status == "final" and report.ok
+    _say(f"demo {'passed' if ok else 'FAILED'} in {time.monotonic() - started:.1f} s; nothing left running")
+    return 0 if ok else 1
 
 
-def main(data_dir: str | None = None) -> int:
-    if data_dir:
-        asyncio.run(run_demo(pathlib.Path(data_dir)))
-    else:
-        with tempfile.TemporaryDirectory(prefix="trustmesh-demo-") as tmp:
-            asyncio.run(run_demo(pathlib.Path(tmp)))
-    return 0
+def main(home: str | None = None) -> int:
+    if home:
+        return run_demo(pathlib.Path(home).absolute())
+    with tempfile.TemporaryDirectory(prefix="trustmesh-demo-") as tmp:
+        return run_demo(pathlib.Path(tmp))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else None))

@@ -1,0 +1,143 @@
+"""The local network as a user drives it: `trustmesh up`, `run`, `status`, `audit`, `down`, as
+processes, with a compute node killed with SIGKILL in the middle of a round."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def trustmesh(home, *args, timeout=300, check=True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "trustmesh.cli", "--home", str(home), *args], capture_output=True,
+                            text=True, timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"trustmesh {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def processes_of(home: pathlib.Path) -> list[str]:
+    """Command lines of every process on this machine that belongs to the network in `home`."""
+    found = []
+    for proc in pathlib.Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(proc / "cwd")
+            state = (proc / "stat").read_text().split(") ", 1)[1][0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and (str(home) in cmdline or cwd.startswith(str(home))):
+            found.append(cmdline)
+    return found
+
+
+def small_workflow(tmp_path: pathlib.Path, workflow_id: str, rounds: int) -> pathlib.Path:
+    definition = json.loads((ROOT / "workflows" / "federated-digits.json").read_text())
+    definition["workflow_id"] = workflow_id
+    definition["hyperparameters"]["epochs"] = 1
+    definition["federation"].update(participant_nodes=["iot-1", "iot-2", "iot-3"], expected_nodes=3,
+                                    min_nodes_required=2, rounds=rounds, round_timeout=120)
+    path = tmp_path / f"{workflow_id}.json"
+    path.write_text(json.dumps(definition))
+    return path
+
+
+def state_of(address: str, rest: str):
+    from trustmesh.ledger import payload as cbor
+
+    try:
+        with urllib.request.urlopen(f"{rest}/state/{address}", timeout=5) as response:
+            return cbor.decode(base64.b64decode(json.loads(response.read())["data"]))
+    except urllib.error.HTTPError:
+        return None
+
+
+@pytest.fixture
+def home(tmp_path):
+    home = tmp_path / "net"
+    yield home
+    if (home / "network.json").exists():
+        trustmesh(home, "down", check=False, timeout=120)
+    assert processes_of(home) == [], "the network left processes behind"
+
+
+def test_up_run_kill_compute_node_audit_down(home, tmp_path):
+    from trustmesh.scheduling import layout
+
+    up = trustmesh(home, "up", "--compute-nodes", "2", "--iot-nodes", "3", timeout=240)
+    assert "local network up" in up.stdout
+    network = json.loads((home / "network.json").read_text())
+    rest = network["endpoints"]["rest"]
+    status = trustmesh(home, "status")
+    assert "chain head: block" in status.stdout and status.stdout.count(" up ") == 9, status.stdout
+
+    workflow = small_workflow(tmp_path, "e2e-kill", rounds=2)
+    run = subprocess.Popen([sys.executable, "-m", "trustmesh.cli", "--home", str(home), "run", str(workflow),
+                            "--timeout", "400"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # As soon as round 1's tasks are assigned, kill -9 a compute node that has work in it.
+        victim = None
+        deadline = time.monotonic() + 180
+        while victim is None and time.monotonic() < deadline and run.poll() is None:
+            index = state_of(layout.workflow_rounds_address("e2e-kill"), rest)
+            sid = (index or {}).get("rounds", {}).get("1")
+            assignments = state_of(layout.assignments_address(sid), rest) if sid else None
+            if assignments:
+                busy = {task["node"] for task in assignments["tasks"].values()}
+                services = json.loads((home / "network.json").read_text())["services"]
+                victim = next(name for name, s in services.items() if s.get("node") in busy)
+                os.kill(services[victim]["pid"], signal.SIGKILL)
+            time.sleep(0.05)
+        assert victim is not None, "round 1 was never assigned"
+        out, err = run.communicate(timeout=420)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, f"run failed:\n{out}\n{err}"
+    assert "2/2 rounds final" in out and "round 2/2" in out, out
+
+    services = json.loads((home / "network.json").read_text())["services"]
+    assert services[victim]["restarts"] >= 1, "the supervisor restarted the killed node"
+    assert trustmesh(home, "status").returncode == 0
+
+    audit = trustmesh(home, "audit", "e2e-kill", "--json")
+    report = json.loads(audit.stdout)
+    assert report["ok"] is True and len(report["rounds"]) == 2, audit.stdout
+
+    down = trustmesh(home, "down", timeout=120)
+    assert "stopped" in down.stdout
+    assert processes_of(home) == []
+    assert trustmesh(home, "status", check=False).returncode == 1  # known network, nothing running
+
+
+def test_commands_without_a_network_say_what_to_do(tmp_path):
+    home = tmp_path / "none"
+    status = trustmesh(home, "status", check=False)
+    assert status.returncode == 2 and "trustmesh up" in status.stderr and "Traceback" not in status.stderr
+    down = trustmesh(home, "down", check=False)
+    assert down.returncode == 2 and "no local network" in down.stderr
+    run = trustmesh(home, "run", str(ROOT / "workflows" / "federated-digits.json"), check=False)
+    assert run.returncode == 2 and "no key for nodes iot-1" in run.stderr and "--iot-nodes 10" in run.stderr
+
+
+def test_bad_workflow_files_are_refused_before_anything_is_sent(tmp_path):
+    home = tmp_path / "h"
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"workflow_id": "x",')
+    result = trustmesh(home, "workflow", "deploy", str(broken), check=False)
+    assert result.returncode == 2 and "is not valid JSON" in result.stderr and "Traceback" not in result.stderr
+    missing = trustmesh(home, "run", str(tmp_path / "nope.json"), check=False)
+    assert missing.returncode == 2 and "cannot read" in missing.stderr

@@ -1,0 +1,420 @@
+"""The local network behind `trustmesh up / status / down`: every part as a supervised process.
+
+`up` starts a detached supervisor (`trustmesh supervise`), which starts, in order,
+
+    redis        redis-server (append-only file in HOME/redis)
+    couchdb      pouchdb-server, CouchDB's HTTP API (databases in HOME/couchdb)
+    validator    the dev validator (chain in HOME/chain)
+    processors   the federation's transaction processors
+    compute-N    compute nodes   (keys and state in HOME/nodes/compute-N)
+    iot-N        IoT nodes       (keys and state in HOME/nodes/iot-N)
+
+each on a free loopback port, logging to HOME/logs/NAME.log. It checks each one's health
+(servers answer, nodes' heartbeats are fresh), restarts a process that dies (with backoff), and
+keeps HOME/network.json up to date: endpoints, pids, restarts, health. `down` asks the
+supervisor to stop everything (SIGTERM, reverse order) and makes sure nothing is left behind.
+Data stays in HOME between runs: `up` again resumes the same chain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from trustmesh.endpoints import NETWORK_FILE, home_dir, local_network
+from trustmesh.stores.servers import CouchServer, RedisServer, ServerError, free_port
+
+LOGGER = logging.getLogger(__name__)
+
+CHECK_INTERVAL = 1.0       # seconds between health checks
+HEARTBEAT_GRACE = 20.0     # a node without a fresh heartbeat this long after its start is unhealthy
+MAX_BACKOFF = 30.0         # seconds between restarts of a process that keeps dying
+STOP_TIMEOUT = 10.0        # SIGTERM, then SIGKILL after this
+
+
+class NetworkError(RuntimeError):
+    """The local network could not be started, found or stopped; the message says why."""
+
+
+def _write_json(path: pathlib.Path, value: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)  # readers never see half a file
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is not alive
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _port_free(port: int | None) -> bool:
+    if not port:
+        return False
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is fine
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _http_ok(url: str) -> bool:
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+# ------------------------------------------------------------------------------ the processes
+
+
+@dataclass
+class Service:
+    """One supervised process: how to start it, and how to tell it is healthy."""
+
+    name: str
+    kind: str                                  # store | ledger | compute | iot
+    log_path: pathlib.Path
+    command: list[str] = field(default_factory=list)
+    server: RedisServer | CouchServer | None = None   # stores are run by their own helpers
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    next_start: float = 0.0
+    healthy: bool = False
+    node_key: str | None = None                # compute and IoT nodes: their public key
+
+    @property
+    def pid(self) -> int | None:
+        if self.server is not None:
+            return self.server.pid
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        if self.server is not None:
+            return self.server.running
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        self.started_at = time.time()
+        if self.server is not None:
+            self.server.start(timeout=30)
+            self.server.requested_port = self.server.port  # restarts keep the address peers know
+            return
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(timeout=STOP_TIMEOUT)
+            return
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            LOGGER.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, self.proc.pid)
+            self.proc.kill()
+            self.proc.wait()
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "pid": self.pid, "running": self.running, "healthy": self.healthy,
+                "restarts": self.restarts, "started_at": self.started_at, "log": str(self.log_path),
+                **({"node": self.node_key} if self.node_key else {})}
+
+
+def _trustmesh(home: pathlib.Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "trustmesh.cli", "--home", str(home), *args]
+
+
+def _node_key(home: pathlib.Path, name: str) -> str:
+    from trustmesh.ledger.signing import load_or_create_key
+
+    return load_or_create_key(home / "nodes" / name / "keys", name).public_key().as_hex()
+
+
+class Supervisor:
+    def __init__(self, home: pathlib.Path, *, compute_nodes: int = 2, iot_nodes: int = 10):
+        self.home = home
+        self.compute_nodes, self.iot_nodes = compute_nodes, iot_nodes
+        self.logs = home / "logs"
+        self.services: list[Service] = []
+        self.endpoints: dict[str, str] = {}
+        self.ready = False
+        self._stopping = False
+
+    # -- plan ----------------------------------------------------------------------------------
+
+    def _plan(self) -> None:
+        home, logs = self.home, self.logs
+        previous = (local_network(home) or {}).get("ports", {})
+        # The same ports as last time when they are free, so keys, logs and URLs stay valid.
+        ports = {name: previous.get(name) if _port_free(previous.get(name)) else free_port()
+                 for name in ("component", "rest")}
+        self.ports = ports
+        redis = RedisServer(work_dir=home / "redis", persist=True,
+                            port=previous.get("redis") if _port_free(previous.get("redis")) else None)
+        couch = CouchServer(work_dir=home / "couchdb", data_dir=home / "couchdb" / "data",
+                            port=previous.get("couchdb") if _port_free(previous.get("couchdb")) else None)
+        self.services = [Service("redis", "store", home / "redis" / "server.log", server=redis),
+                         Service("couchdb", "store", home / "couchdb" / "server.log", server=couch)]
+        component, rest = f"tcp://127.0.0.1:{ports['component']}", f"127.0.0.1:{ports['rest']}"
+        self.services.append(Service("validator", "ledger", logs / "validator.log", _trustmesh(
+            home, "devnet", "--data-dir", str(home / "chain"), "--endpoint", component, "--rest", rest)))
+        self.services.append(Service("processors", "ledger", logs / "processors.log",
+                                     _trustmesh(home, "processors", "--endpoint", component)))
+        for kind, count in (("compute", self.compute_nodes), ("iot", self.iot_nodes)):
+            for i in range(1, count + 1):
+                name = f"{kind}-{i}"
+                command = "compute-node" if kind == "compute" else "iot-node"
+                self.services.append(Service(name, kind, logs / f"{name}.log", _trustmesh(
+                    home, command, "--name", name, "--data-dir", str(home / "nodes" / name)),
+                    node_key=_node_key(home, name)))
+        self.endpoints = {"validator": component, "rest": f"http://{rest}"}
+
+    # -- health ----------------------------------------------------------------------------------
+
+    def _check(self, service: Service, live_nodes: set[str]) -> bool:
+        if not service.running:
+            return False
+        if service.server is not None:
+            return service.server._ready()
+        if service.name == "validator":
+            return _http_ok(self.endpoints["rest"] + "/blocks?limit=1")
+        if service.node_key is not None:
+            return service.node_key in live_nodes
+        return True  # processors: alive is all we can see (the validator does not list them)
+
+    def _live_nodes(self) -> set[str]:
+        import redis
+
+        url = self.endpoints.get("redis")
+        if not url:
+            return set()
+        try:
+            client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+            try:
+                keys = client.keys("heartbeat_*")
+            finally:
+                client.close()
+        except (redis.RedisError, OSError):
+            return set()
+        return {k.decode()[len("heartbeat_"):] for k in keys}
+
+    # -- run -------------------------------------------------------------------------------------
+
+    def _save(self) -> None:
+        _write_json(self.home / NETWORK_FILE, {
+            "supervisor_pid": os.getpid(), "ready": self.ready, "stopping": self._stopping,
+            "endpoints": self.endpoints, "ports": self.ports, "home": str(self.home),
+            "services": {s.name: s.describe() for s in self.services}, "updated_at": time.time()})
+
+    def _start_all(self) -> None:
+        for service in self.services:
+            if self._stopping:
+                return
+            LOGGER.info("starting %s", service.name)
+            service.start()
+            if service.name == "redis":
+                self.endpoints["redis"] = service.server.url
+                self.ports["redis"] = service.server.port
+            elif service.name == "couchdb":
+                self.endpoints["couch"] = service.server.url
+                self.ports["couchdb"] = service.server.port
+            elif service.name == "validator":
+                self._wait(service, 60)
+            self._save()
+
+    def _wait(self, service: Service, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._check(service, set()):
+            if not service.running:
+                raise NetworkError(f"{service.name} exited during start-up; see {service.log_path}")
+            if time.monotonic() > deadline:
+                raise NetworkError(f"{service.name} did not become healthy within {timeout:g} s; see {service.log_path}")
+            time.sleep(0.1)
+
+    def run(self) -> int:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self._plan()
+        try:
+            self._start_all()
+            while not self._stopping:
+                self._supervise_once()
+                time.sleep(CHECK_INTERVAL)
+        except NetworkError as exc:
+            LOGGER.error("%s", exc)
+            self._save_failure(str(exc))
+            return 1
+        finally:
+            self._stop_all()
+        return 0
+
+    def _supervise_once(self) -> None:
+        live = self._live_nodes()
+        now = time.time()
+        for service in self.services:
+            if self._stopping:
+                return
+            if not service.running and now >= service.next_start:
+                # Crashed (or killed): start again, waiting longer each time it keeps dying.
+                service.restarts += 1
+                backoff = min(MAX_BACKOFF, 2 ** min(service.restarts, 5) / 4)
+                service.next_start = now + backoff
+                LOGGER.warning("%s is not running; restart %d", service.name, service.restarts)
+                try:
+                    service.start()
+                except ServerError as exc:
+                    LOGGER.error("%s did not restart: %s", service.name, exc)
+            healthy = self._check(service, live)
+            if not healthy and service.node_key is not None and now - service.started_at < HEARTBEAT_GRACE:
+                healthy = None  # still starting: not yet a problem
+            service.healthy = healthy
+        if not self.ready and all(s.healthy for s in self.services):
+            self.ready = True
+            LOGGER.info("local network ready: %s", self.endpoints)
+        self._save()
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stopping = True
+
+    def _stop_all(self) -> None:
+        self._stopping = True
+        self.ready = False
+        for service in reversed(self.services):
+            try:
+                service.stop()
+            except Exception:  # one stubborn process must not keep the others running
+                LOGGER.exception("stopping %s failed", service.name)
+        path = self.home / NETWORK_FILE
+        if path.exists():
+            state = json.loads(path.read_text())
+            state.update(ready=False, stopping=False, supervisor_pid=None, stopped_at=time.time(),
+                         services={s.name: s.describe() for s in self.services})
+            _write_json(path, state)
+        LOGGER.info("local network stopped")
+
+    def _save_failure(self, message: str) -> None:
+        path = self.home / NETWORK_FILE
+        state = json.loads(path.read_text()) if path.exists() else {}
+        state["failure"] = message
+        _write_json(path, state)
+
+
+# ------------------------------------------------------------------------------ the commands
+
+
+def start(home: pathlib.Path, *, compute_nodes: int, iot_nodes: int, timeout: float = 120,
+          progress=lambda text: None) -> dict:
+    """Start the supervisor in the background and wait until every process is healthy."""
+    home = home_dir(home)
+    state = local_network(home)
+    if state and pid_alive(state.get("supervisor_pid")):
+        raise NetworkError(f"a local network already runs from {home} (supervisor pid {state['supervisor_pid']}); "
+                           f"`trustmesh status` shows it, `trustmesh down` stops it")
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "logs").mkdir(exist_ok=True)
+    if state is not None:
+        state.pop("failure", None)
+        state["supervisor_pid"] = None
+        state["ready"] = False
+        _write_json(home / NETWORK_FILE, state)
+    log = open(home / "logs" / "supervisor.log", "ab")
+    supervisor = subprocess.Popen(
+        _trustmesh(home, "supervise", "--compute-nodes", str(compute_nodes), "--iot-nodes", str(iot_nodes)),
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log.close()
+    deadline = time.monotonic() + timeout
+    shown = set()
+    while True:
+        state = local_network(home) or {}
+        if supervisor.poll() is not None:
+            reason = state.get("failure") or f"the supervisor exited with status {supervisor.returncode}"
+            raise NetworkError(f"the local network did not start: {reason}; logs in {home / 'logs'}")
+        if state.get("supervisor_pid") == supervisor.pid:
+            for name, service in state.get("services", {}).items():
+                if service.get("healthy") and name not in shown:
+                    shown.add(name)
+                    progress(f"{name} up ({len(shown)}/{compute_nodes + iot_nodes + 4})")
+            if state.get("ready"):
+                return state
+        if time.monotonic() > deadline:
+            stop(home)
+            raise NetworkError(f"the local network was not healthy within {timeout:g} s; logs in {home / 'logs'}")
+        time.sleep(0.2)
+
+
+def stop(home: pathlib.Path, timeout: float = 60) -> list[str]:
+    """Stop the supervisor and every process it ran; returns the names of processes it had to kill."""
+    home = home_dir(home)
+    state = local_network(home)
+    if state is None:
+        raise NetworkError(f"no local network was started from {home}")
+    supervisor = state.get("supervisor_pid")
+    if pid_alive(supervisor):
+        os.kill(supervisor, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while pid_alive(supervisor) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if pid_alive(supervisor):
+            os.kill(supervisor, signal.SIGKILL)
+    # Whatever outlived its supervisor (say it was killed with -9) goes too — only our own
+    # processes: the pid must still run a command line we started.
+    killed = []
+    for name, service in (local_network(home) or state).get("services", {}).items():
+        pid = service.get("pid")
+        if pid_alive(pid) and _is_ours(pid, home, name):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(name)
+    return killed
+
+
+def _is_ours(pid: int, home: pathlib.Path, name: str) -> bool:
+    try:
+        cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    return str(home) in cmdline or cwd.startswith(str(home))
+
+
+def status(home: pathlib.Path) -> dict:
+    """network.json, with each pid re-checked now."""
+    home = home_dir(home)
+    state = local_network(home)
+    if state is None:
+        raise NetworkError(f"no local network was started from {home}; `trustmesh up` starts one")
+    state["supervisor_running"] = pid_alive(state.get("supervisor_pid"))
+    for service in state.get("services", {}).values():
+        service["running"] = state["supervisor_running"] and pid_alive(service.get("pid"))
+    return state

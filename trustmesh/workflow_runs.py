@@ -1,0 +1,291 @@
+"""`trustmesh workflow deploy FILE` and `trustmesh run FILE`: put a workflow on chain and follow
+its rounds to the end.
+
+Node names in a definition ("iot-1") become public keys read from NODES_DIR/NAME/keys/NAME.pub
+(the layout every node's --data-dir has; `trustmesh up` keeps them in HOME/nodes). The workflow
+is signed by the user's key (HOME/keys/user.priv, created 0600 at first use); its signer owns it.
+
+Following needs nothing but the chain: each committed block that touches the workflow triggers
+a re-read of its rounds, assignments, task statuses and results through the REST API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+from trustmesh.ledger.builders import make_batch
+from trustmesh.ledger.events import EventSubscriber, event_subscription
+from trustmesh.ledger.rest_client import RestClient, RestError
+from trustmesh.ledger.signing import PrivateKey, load_or_create_key, read_private_key
+from trustmesh.scheduling import workflow
+from trustmesh.scheduling.reader import FederationReader
+
+ROUND_EVENTS = ("trustmesh/round-opened", "trustmesh/submission-accepted", "trustmesh/round-ready",
+                "trustmesh/round-timeout", "trustmesh/round-scheduled", "trustmesh/task-done",
+                "trustmesh/task-failed", "trustmesh/round-finalized")
+BAR_WIDTH = 20
+
+
+class RunError(RuntimeError):
+    """A workflow cannot be deployed or followed; the message says what to do."""
+
+
+# ------------------------------------------------------------------------------ deploy
+
+
+def user_key(home: pathlib.Path, key_path: str | None = None) -> PrivateKey:
+    if key_path:
+        return read_private_key(key_path)
+    return load_or_create_key(home / "keys", "user")
+
+
+def node_keys(nodes_dir: pathlib.Path, names: list[str]) -> dict[str, str]:
+    """Public keys of the named nodes; RunError naming every one that has none."""
+    keys, missing = {}, []
+    for name in names:
+        path = nodes_dir / name / "keys" / f"{name}.pub"
+        try:
+            keys[name] = path.read_text().strip()
+        except OSError:
+            missing.append(name)
+    if missing:
+        have = sorted(p.name for p in nodes_dir.iterdir() if (p / "keys").is_dir()) if nodes_dir.is_dir() else []
+        raise RunError(f"no key for node{'s' if len(missing) > 1 else ''} {', '.join(missing)} in {nodes_dir} "
+                       f"(nodes there: {', '.join(have) or 'none'}); start enough nodes (e.g. `trustmesh up "
+                       f"--iot-nodes {len(names)}`) or give --nodes-dir")
+    return keys
+
+
+def prepare(path: str, nodes_dir: pathlib.Path, workflow_id: str | None = None) -> dict:
+    """The definition from `path`, renamed if asked, node names resolved, fully checked."""
+    definition = workflow.load_definition(path)
+    if workflow_id:
+        definition["workflow_id"] = workflow_id
+    definition = workflow.resolve_node_names(definition, node_keys(nodes_dir, workflow.node_names(definition)))
+    return workflow.check_definition(definition)
+
+
+async def deploy(rest: RestClient, signer: PrivateKey, definition: dict) -> tuple[str, dict]:
+    """Deploy, or update when the signer owns a different version; ("deployed"|"updated"|"unchanged", record)."""
+    reader = FederationReader(rest)
+    workflow_id = definition["workflow_id"]
+    stored = await reader.workflow(workflow_id)
+    me = signer.public_key().as_hex()
+    if stored is None:
+        txn, outcome = workflow.make_deploy_transaction(signer, definition, check=False), "deployed"
+    elif stored["definition"] == definition:
+        return "unchanged", stored
+    elif stored["owner"] != me:
+        raise RunError(f"workflow {workflow_id!r} is deployed by another owner ({stored['owner'][:16]}…) with a "
+                       f"different definition; choose another id with --workflow-id")
+    else:
+        txn = workflow.make_update_transaction(signer, definition, stored["version"], check=False)
+        outcome = "updated"
+    [status] = await rest.wait_for_batches(await rest.submit_batches([make_batch(signer, [txn])]), 60,
+                                           raise_invalid=False)
+    if status["status"] != "COMMITTED":
+        reason = (status.get("invalid_transactions") or [{}])[0].get("message", status["status"])
+        raise RunError(f"workflow {workflow_id!r} was not {outcome}: {reason}")
+    return outcome, await reader.workflow(workflow_id)
+
+
+# ------------------------------------------------------------------------------ follow
+
+
+@dataclass
+class RoundView:
+    number: int
+    status: str = "opening"      # collecting | ready | timeout | final
+    submitted: int = 0
+    expected: int = 0
+    tasks_done: int = 0
+    tasks_total: int = 0
+    loss: float | None = None
+    accuracy: float | None = None     # test accuracy of the global model, once evaluated
+    global_model: str | None = None
+
+    @property
+    def over(self) -> bool:
+        return self.status in ("final", "timeout")
+
+    def render(self, rounds: int) -> str:
+        share = 1.0 if self.over else (0.5 * self.submitted / max(1, self.expected)
+                                       + 0.5 * self.tasks_done / max(1, self.tasks_total))
+        filled = int(round(share * BAR_WIDTH))
+        parts = [f"round {self.number:>{len(str(rounds))}}/{rounds}", f"[{'█' * filled}{'░' * (BAR_WIDTH - filled)}]",
+                 f"{self.status:<10}", f"participants {self.submitted}/{self.expected}"]
+        if self.tasks_total:
+            parts.append(f"tasks {self.tasks_done}/{self.tasks_total}")
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.3f}")
+        if self.accuracy is not None:
+            parts.append(f"accuracy {self.accuracy:.3f}")
+        return " ".join(parts[:3]) + " · ".join([" " + parts[3]] + parts[4:])
+
+
+async def read_round(reader: FederationReader, number: int, schedule_id: str) -> RoundView:
+    view = RoundView(number)
+    record = await reader.round(schedule_id)
+    if record is None:
+        return view
+    view.status, view.submitted, view.expected = record["status"], len(record["submitted_nodes"]), len(record["expected_nodes"])
+    assignments = await reader.assignments(schedule_id)
+    if assignments is not None:
+        view.tasks_total = len(assignments["order"])
+        for task_id in assignments["order"]:
+            status = await reader.task_status(schedule_id, task_id)
+            view.tasks_done += bool(status and status["status"] == "done")
+    result = await reader.round_result(schedule_id)
+    if result is not None:
+        view.loss = result["metrics"].get("loss")
+        view.global_model = result["global_model_digest"]
+        evaluations = result.get("evaluations") or {}
+        scores = next(iter(evaluations.values()), {}).get("metrics", {}) if evaluations else {}
+        view.accuracy = scores.get("accuracy")
+        if result.get("final"):
+            view.status = "final"
+    return view
+
+
+class ProgressPrinter:
+    """One line per round: redrawn in place on a terminal, printed on each change otherwise."""
+
+    def __init__(self, rounds: int, out: TextIO):
+        self.rounds, self.out = rounds, out
+        self.tty = out.isatty()
+        self.last: dict[int, str] = {}
+        self.closed: set[int] = set()
+        self.phases: dict[int, tuple] = {}
+
+    def show(self, view: RoundView) -> None:
+        if view.number in self.closed:
+            return
+        line = view.render(self.rounds)
+        if self.last.get(view.number) == line:
+            return
+        self.last[view.number] = line
+        if self.tty:
+            self.out.write("\r\033[K" + line + ("\n" if view.over else ""))
+        elif view.over or self._phase(view) != self.phases.get(view.number):
+            self.out.write(line + "\n")
+        self.phases[view.number] = self._phase(view)
+        if view.over:
+            self.closed.add(view.number)
+        self.out.flush()
+
+    @staticmethod
+    def _phase(view: RoundView) -> tuple:
+        return (view.status, view.submitted == view.expected, view.tasks_total > 0)
+
+
+async def follow(validator_url: str, rest: RestClient, workflow_id: str, *, out: TextIO = sys.stdout,
+                 timeout: float | None = None) -> list[RoundView]:
+    """Show each round's progress until the workflow's last round is over; returns the rounds."""
+    reader = FederationReader(rest)
+    stored = await reader.workflow(workflow_id)
+    if stored is None:
+        raise RunError(f"workflow {workflow_id!r} is not on chain; deploy it first")
+    fed = stored["definition"].get("federation")
+    if fed is None:
+        raise RunError(f"workflow {workflow_id!r} is single-node: it has no federation rounds to follow")
+    rounds = fed["rounds"]
+    printer = ProgressPrinter(rounds, out)
+    subscriber = EventSubscriber(validator_url, [event_subscription(e) for e in ROUND_EVENTS])
+    await subscriber.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    views: dict[int, RoundView] = {}
+    try:
+        while True:
+            index = await reader.rounds(workflow_id)
+            for key, sid in sorted(index["rounds"].items(), key=lambda kv: int(kv[0])):
+                number = int(key)
+                if number in views and views[number].over:
+                    continue
+                views[number] = await read_round(reader, number, sid)
+                printer.show(views[number])
+            if len(views) == rounds and views[rounds].over:
+                return [views[n] for n in sorted(views)]
+            if deadline is not None and time.monotonic() > deadline:
+                raise RunError(f"workflow {workflow_id!r} did not finish within {timeout:g} s "
+                               f"(round {index['latest']}/{rounds}); it goes on running")
+            try:  # a block that touches any round, or a tick for time-driven changes
+                await asyncio.wait_for(subscriber.next_block(), 2.0)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        await subscriber.close()
+
+
+def summary(workflow_id: str, views: list[RoundView], seconds: float, *, federated: bool = True) -> str:
+    curve = ", ".join(f"{v.accuracy:.3f}" if v.accuracy is not None else "–" for v in views)
+    final = views[-1]
+    lines = [f"workflow {workflow_id}: {sum(v.status == 'final' for v in views)}/{len(views)} rounds final "
+             f"in {seconds:.1f} s",
+             f"test accuracy by round: {curve}"]
+    if final.global_model:
+        lines.append(f"final global model: sha256 {final.global_model}")
+    if federated:
+        lines.append(f"verify it: trustmesh audit {workflow_id}")
+    else:
+        lines.append("trained here, off chain: single-node workflows have no rounds to audit")
+    return "\n".join(lines)
+
+
+def train_single_node(definition: dict, models_dir: pathlib.Path, out: TextIO) -> RoundView:
+    """A single-node workflow has no rounds on chain: it trains here, on the whole training split,
+    with the workflow's model and hyperparameters (the baseline federated runs compare with)."""
+    from trustmesh.compute_node import datasets, model_format, training
+
+    data = definition["data"]
+    if data.get("dataset") != "digits":
+        raise RunError(f"single-node workflow {definition['workflow_id']!r} uses data set {data.get('dataset')!r}; "
+                       f"`run` trains single-node workflows on the built-in digits data only")
+    train, test = datasets.split_train_test(datasets.load_digits(), data["test_fraction"], datasets.split_seed(data))
+    view = RoundView(1, status="training", submitted=1, expected=1)
+
+    def progress(p: training.Progress) -> None:
+        if p.step == p.total or p.step % max(1, p.total // p.epochs) == 0:
+            view.tasks_done, view.tasks_total, view.loss = p.epoch, p.epochs, p.loss
+            line = view.render(1).replace("participants 1/1 · tasks", "epochs")
+            out.write(("\r\033[K" if out.isatty() else "") + line + ("" if out.isatty() else "\n"))
+            out.flush()
+
+    result = training.local_train(definition["model"], definition["hyperparameters"], None, train.x, train.y,
+                                  progress=progress)
+    scores = training.evaluate(definition["model"], result.state, test.x, test.y)
+    blob = model_format.serialize(result.state, workflow_id=definition["workflow_id"], round=1,
+                                  model_spec=definition["model"])
+    models_dir.mkdir(parents=True, exist_ok=True)
+    (models_dir / f"{definition['workflow_id']}.safetensors").write_bytes(blob)
+    view.status, view.accuracy, view.global_model = "final", scores["accuracy"], model_format.digest(blob)
+    out.write(("\r\033[K" if out.isatty() else "") + view.render(1).replace("participants 1/1 · tasks", "epochs") + "\n")
+    return view
+
+
+async def deploy_and_follow(path: str, *, home: pathlib.Path, nodes_dir: pathlib.Path, validator_url: str,
+                            rest_url: str, workflow_id: str | None = None, key_path: str | None = None,
+                            timeout: float | None = None, out: TextIO = sys.stdout) -> list[RoundView]:
+    definition = prepare(path, nodes_dir, workflow_id)
+    started = time.monotonic()
+    async with RestClient(rest_url, retries=3) as rest:
+        try:
+            outcome, record = await deploy(rest, user_key(home, key_path), definition)
+        except RestError as exc:
+            raise RunError(f"the network at {rest_url} did not answer ({exc}); is it up? `trustmesh up` starts "
+                           f"a local one") from None
+        except OSError as exc:
+            raise RunError(f"no network answers at {rest_url} ({exc}); `trustmesh up` starts a local one") from None
+        out.write(f"workflow {definition['workflow_id']} {outcome} (version {record['version']})\n")
+        if "federation" in definition:
+            views = await follow(validator_url, rest, definition["workflow_id"], out=out, timeout=timeout)
+        else:
+            out.write("single-node workflow: training it here on the whole training split\n")
+            views = [await asyncio.to_thread(train_single_node, definition, home / "models", out)]
+    out.write(summary(definition["workflow_id"], views, time.monotonic() - started,
+                      federated="federation" in definition) + "\n")
+    return views
