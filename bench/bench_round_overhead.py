@@ -6,8 +6,9 @@ compute node(s), 10 IoT nodes as separate processes) and workflows/federated-dig
 10 participants. Wall time of round r = the moment this client sees round r finalized minus the
 moment it saw round r-1 finalized (round 1: from the deploy), so it includes everything between:
 opening, encrypting and submitting data, scheduling, event delivery, every commit. Compute time
-= the sum of the round's tasks' `task_seconds` (each compute node measures run_task and reports
-it on chain with the task). With one compute node (the default) tasks run one after another,
+= the sum of the round's tasks' `compute_seconds`: the time inside training, aggregation and
+evaluation themselves, which each compute node measures and reports on chain with the task
+(store reads and writes, CouchDB history and commits count as overhead). With one compute node (the default) tasks run one after another,
 so wall - compute is exactly what the framework adds; with more nodes tasks overlap and the
 figure is a lower bound.
 
@@ -66,7 +67,7 @@ async def measure(home: pathlib.Path, definition_path: pathlib.Path, workflow_id
             for task_id in assignments["order"]:
                 status = await reader.task_status(sid, task_id)
                 kind = assignments["tasks"][task_id]["kind"]
-                per_kind[kind] = per_kind.get(kind, 0.0) + float(status["metrics"].get("task_seconds", 0.0))
+                per_kind[kind] = per_kind.get(kind, 0.0) + float(status["metrics"].get("compute_seconds", 0.0))
             wall = seen[number] - seen[number - 1]
             compute = sum(per_kind.values())
             results.append({"round": number, "wall": wall, "compute": compute, "overhead": wall - compute,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -45,6 +46,7 @@ class TaskOutcome:
     output_digest: str
     metrics: dict
     round_result: dict | None = None  # aggregate only: participants, weights, metrics
+    compute_seconds: float = 0.0      # training, aggregating or evaluating itself: no I/O, no ledger
 
 
 @dataclass
@@ -112,12 +114,14 @@ async def _local_train(ctx, assignments, task_id, task, definition) -> TaskOutco
 
     # Training runs in a worker thread (torch releases the GIL): the node keeps its heartbeat
     # and its event stream going meanwhile.
+    started = time.perf_counter()
     result = await asyncio.to_thread(local_train, definition["model"], hp, global_state, data.x, data.y,
                                      progress=progress, seed=derive_seed(hp["seed"], assignments["round"], owner))
+    compute = time.perf_counter() - started
     blob = model_format.serialize(result.state, workflow_id=assignments["workflow_id"], round=assignments["round"],
                                   model_spec=definition["model"])
     digest = await ctx.blobs.put(blob)
-    return TaskOutcome(digest, {k: result.metrics[k] for k in REPORTED_METRICS})
+    return TaskOutcome(digest, {k: result.metrics[k] for k in REPORTED_METRICS}, compute_seconds=compute)
 
 
 async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome:
@@ -134,7 +138,9 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     if not updates:
         raise TaskInputError(f"aggregate {task_id} depends on no local_train output")
     strategy = strategy_from_spec(definition.get("strategy") or {"name": "fedavg"})
+    started = time.perf_counter()
     state, weights = strategy.aggregate(updates)
+    compute = time.perf_counter() - started
     blob = model_format.serialize(state, workflow_id=assignments["workflow_id"], round=assignments["round"],
                                   model_spec=definition["model"])
     digest = await ctx.blobs.put(blob)
@@ -159,7 +165,7 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
                                                    accuracy=float(update.metrics["accuracy"]))
     result = {"participants": participants, "aggregation_weights": {n: float(weights[n]) for n in participants},
               "metrics": {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}}
-    return TaskOutcome(digest, metrics, round_result=result)
+    return TaskOutcome(digest, metrics, round_result=result, compute_seconds=compute)
 
 
 async def _evaluate(ctx, assignments, task_id, task, definition) -> TaskOutcome:
@@ -175,10 +181,12 @@ async def _evaluate(ctx, assignments, task_id, task, definition) -> TaskOutcome:
     if data.get("dataset") != "digits":
         raise TaskInputError("evaluate needs a shared held-out split; only the digits data set provides one today")
     fed = federated_digits(data, max(1, len(definition.get("federation", {}).get("participant_nodes", [1]))))
+    started = time.perf_counter()
     scores = await asyncio.to_thread(evaluate, definition["model"], state, fed.test.x, fed.test.y)
+    compute = time.perf_counter() - started
     # The report is stored like every output, so its on-chain digest can be checked too.
     digest = await ctx.blobs.put(cbor.encode({"model": status["output_digest"], "scores": scores}))
     if ctx.history is not None:
         await ctx.history.save_round(assignments["workflow_id"], assignments["round"], schedule_id=sid,
                                      metrics=scores)
-    return TaskOutcome(digest, {k: scores[k] for k in REPORTED_METRICS})
+    return TaskOutcome(digest, {k: scores[k] for k in REPORTED_METRICS}, compute_seconds=compute)

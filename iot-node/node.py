@@ -23,6 +23,7 @@ Raw data leaves the node only inside envelopes (stores/data_envelope.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import pathlib
@@ -41,10 +42,13 @@ from trustmesh.stores.redis_state import BlobStore, Heartbeats, connect
 
 LOGGER = logging.getLogger(__name__)
 
-EVENTS = ("trustmesh/round-opened", "trustmesh/submission-accepted", "trustmesh/round-ready",
-          "trustmesh/round-timeout", "trustmesh/round-scheduled", "trustmesh/task-done",
-          "trustmesh/task-failed", "trustmesh/round-finalized", "trustmesh/peer-registered")
-TICK = 1.0  # seconds between re-checks that depend on time (timeouts, deadlines)
+# The blocks that can change what an IoT node does. Task progress is not among them: ten IoT
+# nodes re-reading state on every task report would load the validator for nothing.
+EVENTS = ("trustmesh/workflow-deployed", "trustmesh/workflow-updated", "trustmesh/peer-registered",
+          "trustmesh/round-opened", "trustmesh/round-ready", "trustmesh/round-timeout",
+          "trustmesh/round-finalized")
+TICK = 1.0  # seconds between re-checks that depend on time (timeouts, deadlines): coordinators
+FULL_TICKS = 5  # every 5th tick also re-checks participation, in case an event was missed
 
 
 class IoTNode:
@@ -68,6 +72,8 @@ class IoTNode:
         self._sent: set[tuple] = set()   # coordinator actions already sent (the chain refuses repeats anyway)
         self._tasks: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
+        self._coordinates_any = True  # until the first look at the chain says otherwise
+        self._data_cache: dict[str, tuple[bytes, int]] = {}  # npz bytes, samples
 
     @property
     def global_models(self) -> dict[int, str]:
@@ -109,14 +115,16 @@ class IoTNode:
             await asyncio.sleep(5)
 
     async def _tick(self) -> None:
+        ticks = 0
         while True:
-            await self._step()
+            await self._step(coordinating_only=ticks % FULL_TICKS != 0)
+            ticks += 1
             await asyncio.sleep(TICK)
 
-    async def _step(self) -> None:
+    async def _step(self, coordinating_only: bool = False) -> None:
         async with self._lock:  # blocks and ticks must not act on the same state twice
             try:
-                await self._act()
+                await self._act(coordinating_only)
             except Exception:
                 LOGGER.exception("%s: acting on chain state failed; trying again shortly", self.name)
 
@@ -133,9 +141,18 @@ class IoTNode:
                 found.append(record)
         return found
 
-    async def _act(self) -> None:
-        for record in await self._workflows():
-            if record["workflow_id"] in self.done:
+    def _coordinates(self, definition: dict) -> bool:
+        if self.coordinator is not None:
+            return self.coordinator
+        return (definition.get("federation") or {}).get("coordinator_node") == self.node
+
+    async def _act(self, coordinating_only: bool = False) -> None:
+        if coordinating_only and not self._coordinates_any:
+            return  # a participant's tick: nothing time-driven to do between full checks
+        records = await self._workflows()
+        self._coordinates_any = any(self._coordinates(r["definition"]) for r in records)
+        for record in records:
+            if record["workflow_id"] in self.done or (coordinating_only and not self._coordinates(record["definition"])):
                 continue
             try:  # one workflow's trouble must not stall the others
                 await self._act_on(record["workflow_id"], record["definition"])
@@ -151,12 +168,11 @@ class IoTNode:
         latest = index["latest"]
         sid = index["rounds"].get(str(latest))
         record = await self.reader.round(sid) if sid else None
+        if self._coordinates(definition):  # first: the next round should not wait for the rest
+            await self._coordinate(workflow_id, fed, latest, record)
         if record is not None:
             await self._participate(definition, record)
             await self._collect_final(workflow_id, definition, index)
-        coordinates = self.coordinator if self.coordinator is not None else fed["coordinator_node"] == self.node
-        if coordinates:
-            await self._coordinate(workflow_id, fed, latest, record)
         if latest == fed["rounds"] and record is not None and await self._round_over(record):
             self.done.add(workflow_id)
             if workflow_id == self.workflow_id:
@@ -170,7 +186,16 @@ class IoTNode:
 
     # -- participant -----------------------------------------------------------------------------
 
-    def _local_data(self, definition) -> Dataset:
+    def _local_data(self, definition) -> tuple[bytes, int]:
+        """This node's data as npz bytes; the same definition always gives the same data, so it
+        is prepared once (partitioning the data set every round would cost each node CPU)."""
+        key = json.dumps([definition["data"], definition["federation"]["participant_nodes"]], sort_keys=True)
+        if key not in self._data_cache:
+            data = self._load_data(definition)
+            self._data_cache[key] = (dump_npz(data), len(data))
+        return self._data_cache[key]
+
+    def _load_data(self, definition) -> Dataset:
         if self.data_path:
             model = definition["model"]
             return load_npz(self.data_path, input_dim=model["input_dim"], num_classes=model["num_classes"])
@@ -183,15 +208,15 @@ class IoTNode:
         if (record["status"] != "collecting" or self.node not in record["expected_nodes"]
                 or self.node in record["submissions"] or sid in self._submitted):
             return
-        data = self._local_data(definition)
+        data, samples = self._local_data(definition)
         recipients = {node: peer["encryption_public_key"] for node, peer in (await self.reader.peers()).items()}
-        bundle = seal_bundle(dump_npz(data), recipients, schedule_id=sid, sender=self.node)
+        bundle = seal_bundle(data, recipients, schedule_id=sid, sender=self.node)
         digest = await self.blobs.put(bundle)
-        txn = federation.make_submit_transaction(self.signer, sid, digest, len(data),
+        txn = federation.make_submit_transaction(self.signer, sid, digest, samples,
                                                  {"format": "npz-bundle-v1", "recipients": len(recipients)})
         if await self._commit(txn, f"submit to round {record['round']}"):
             self._submitted.add(sid)
-            LOGGER.info("%s: submitted %d samples to round %d (%s…)", self.name, len(data), record["round"], digest[:12])
+            LOGGER.info("%s: submitted %d samples to round %d (%s…)", self.name, samples, record["round"], digest[:12])
 
     async def _collect_final(self, workflow_id: str, definition, index) -> None:
         models = self.models.setdefault(workflow_id, {})
