@@ -128,6 +128,10 @@ class _ManagedServer:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
+    def healthy(self) -> bool:
+        """Running and answering as itself (for supervisors' health checks)."""
+        return self.running and self._ready()
+
     def start(self, timeout: float = 20) -> "_ManagedServer":
         """Start and wait until the server answers; raises ServerStartError with its log."""
         if self.running:

@@ -117,6 +117,17 @@ def test_up_run_kill_compute_node_audit_down(home, tmp_path):
     report = json.loads(audit.stdout)
     assert report["ok"] is True and len(report["rounds"]) == 2, audit.stdout
 
+    # Ctrl-C while following: a clean stop with a word on what goes on, no traceback
+    other = small_workflow(tmp_path, "e2e-interrupted", rounds=20)
+    run = subprocess.Popen([sys.executable, "-m", "trustmesh.cli", "--home", str(home), "run", str(other)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "deployed" in run.stdout.readline()
+    assert "round 1/20" in run.stdout.readline()
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 130, (out, err)
+    assert "the network keeps running the workflow" in err and "Traceback" not in err
+
     down = trustmesh(home, "down", timeout=120)
     assert "stopped" in down.stdout
     assert processes_of(home) == []

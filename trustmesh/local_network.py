@@ -184,6 +184,10 @@ class Supervisor:
                             port=previous.get("couchdb") if _port_free(previous.get("couchdb")) else None)
         self.services = [Service("redis", "store", home / "redis" / "server.log", server=redis),
                          Service("couchdb", "store", home / "couchdb" / "server.log", server=couch)]
+        for service in self.services:  # every log in one folder; the servers write beside their data
+            link = logs / f"{service.name}.log"
+            if not link.is_symlink():
+                link.symlink_to(service.log_path)
         component, rest = f"tcp://127.0.0.1:{ports['component']}", f"127.0.0.1:{ports['rest']}"
         self.services.append(Service("validator", "ledger", logs / "validator.log", _trustmesh(
             home, "devnet", "--data-dir", str(home / "chain"), "--endpoint", component, "--rest", rest)))
@@ -204,7 +208,7 @@ class Supervisor:
         if not service.running:
             return False
         if service.server is not None:
-            return service.server._ready()
+            return service.server.healthy()
         if service.name == "validator":
             return _http_ok(self.endpoints["rest"] + "/blocks?limit=1")
         if service.node_key is not None:
