@@ -9,6 +9,7 @@ a socket monitor tells us when the link comes back so the owner can register or 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -31,6 +32,115 @@ class ConnectionLost(ConnectionError):
     """The validator went away while a request was waiting for its reply."""
 
 
+class SocketPump:
+    """Drives one ZMQ socket from the asyncio loop: a reader on the socket's FD, then plain
+    non-blocking recv/send.
+
+    Why not zmq.asyncio's awaitable recv/send: they cost a future, loop callbacks and an
+    EVENTS query per message, and the validator <-> processor protocol is 4-5 small messages
+    per transaction (measured: 8.8k vs 15.4k echo round trips/s between two processes here).
+    Draining every ready message per wakeup also batches work under load.
+
+    The FD is edge-triggered (zmq_getsockopt ZMQ_FD): it only says "look at ZMQ_EVENTS", and a
+    send can swallow the edge of a message that arrived meanwhile, so EVENTS is checked after
+    every send. Sends keep their order: once one has to wait (EAGAIN: HWM reached), later ones
+    queue behind it and are flushed when the socket reports POLLOUT.
+    """
+
+    _BURST = 256  # messages handled per wakeup before other tasks get the loop
+
+    def __init__(self, socket: "zmq.Socket", on_frames: Callable[[list], None]):
+        self._sock = zmq.Socket.shadow(socket.underlying)  # sync view; the async methods stay unused
+        self._on_frames = on_frames
+        self._loop = asyncio.get_running_loop()
+        self._fd = self._sock.FD
+        self._out: "collections.deque[tuple[list, asyncio.Future]]" = collections.deque()
+        self._scheduled = False
+        self._closed = False
+        self._loop.add_reader(self._fd, self._pump)
+        self._schedule()  # messages may be waiting already
+
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._closed:
+            self._scheduled = True
+            self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._scheduled = False
+        sock = self._sock
+        handled = 0
+        while not self._closed:
+            try:
+                events = sock.get(zmq.EVENTS)
+                if self._out and events & zmq.POLLOUT:
+                    self._flush()
+                if not events & zmq.POLLIN:
+                    return
+                if handled >= self._BURST:
+                    self._schedule()
+                    return
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                LOGGER.debug("socket pump stopped: %s", exc)
+                self.close()
+                return
+            handled += 1
+            try:
+                self._on_frames(frames)
+            except Exception:
+                LOGGER.exception("handling a received message failed")
+
+    def _flush(self) -> None:
+        while self._out:
+            frames, future = self._out[0]
+            try:
+                self._sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                self._out.popleft()
+                if not future.done():
+                    future.set_exception(exc)
+                continue
+            self._out.popleft()
+            if not future.done():
+                future.set_result(None)
+
+    def send(self, frames: list) -> "asyncio.Future | None":
+        """Send now if the socket takes it (None); otherwise a future that resolves once sent.
+        ZMQ errors other than EAGAIN (e.g. EHOSTUNREACH) are raised here."""
+        if self._closed:
+            raise zmq.ZMQError(zmq.ENOTSOCK, "socket closed")
+        if not self._out:
+            try:
+                self._sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            else:
+                if self._sock.get(zmq.EVENTS) & zmq.POLLIN:  # the send may have eaten the FD's edge
+                    self._schedule()
+                return None
+        future = self._loop.create_future()
+        self._out.append((frames, future))
+        self._schedule()
+        return future
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._loop.remove_reader(self._fd)
+        except Exception:  # loop already closed
+            pass
+        while self._out:
+            _, future = self._out.popleft()
+            if not future.done():
+                future.set_exception(ConnectionLost("connection closed"))
+
+
 class ValidatorConnection:
     def __init__(
         self,
@@ -47,6 +157,7 @@ class ValidatorConnection:
         self._identity = (identity or f"trustmesh-{os.getpid()}-{uuid.uuid4().hex[:8]}").encode()
         self._ctx = zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
+        self._pump: SocketPump | None = None
         self._pending: dict[str, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
         self._ids = itertools.count()
@@ -67,7 +178,7 @@ class ValidatorConnection:
         sock.connect(self.url)
         self._socket = sock
         self._monitor = monitor
-        self._spawn(self._receive_loop())
+        self._pump = SocketPump(sock, self._on_frames)
         self._spawn(self._monitor_loop(monitor))
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -86,7 +197,9 @@ class ValidatorConnection:
         correlation_id = correlation_id or self.new_correlation_id()
         body = content if isinstance(content, bytes) else content.SerializeToString()
         frame = pb.Message(message_type=message_type, correlation_id=correlation_id, content=body)
-        await self._socket.send(frame.SerializeToString())
+        waiting = self._pump.send([frame.SerializeToString()])
+        if waiting is not None:  # only when ZMQ's queue is full
+            await waiting
         return correlation_id
 
     async def request(self, message_type: int, content, *, timeout: float | None = None) -> "pb.Message":
@@ -99,23 +212,18 @@ class ValidatorConnection:
         finally:
             self._pending.pop(correlation_id, None)
 
-    async def _receive_loop(self) -> None:
-        while True:
-            try:
-                frame = await self._socket.recv()
-            except (zmq.ZMQError, asyncio.CancelledError):
-                return
-            message = pb.Message()
-            try:
-                message.ParseFromString(frame)
-            except Exception:
-                LOGGER.warning("dropped a frame from %s that is not a Message", self.url)
-                continue
-            future = self._pending.get(message.correlation_id)
-            if future is not None and not future.done():
-                future.set_result(message)
-            elif self._on_message is not None:
-                self._spawn(self._dispatch(message))
+    def _on_frames(self, frames: list) -> None:
+        message = pb.Message()
+        try:
+            message.ParseFromString(frames[-1])
+        except Exception:
+            LOGGER.warning("dropped a frame from %s that is not a Message", self.url)
+            return
+        future = self._pending.get(message.correlation_id)
+        if future is not None and not future.done():
+            future.set_result(message)
+        elif self._on_message is not None:
+            self._spawn(self._dispatch(message))
 
     async def _dispatch(self, message) -> None:
         try:
@@ -159,6 +267,9 @@ class ValidatorConnection:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ConnectionLost("connection closed"))
+        if self._pump is not None:
+            self._pump.close()
+            self._pump = None
         if self._socket is not None:
             self._socket.disable_monitor()
             self._socket.close(linger=0)

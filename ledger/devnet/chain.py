@@ -75,6 +75,13 @@ class Chain:
         self._waiters: set[asyncio.Future] = set()
         self._wakeup = asyncio.Event()
         self.commit_lock = asyncio.Lock()  # block commit + event fan-out vs. subscriber catch-up
+        # Pipeline: block N is written to disk (a worker thread, mostly outside the GIL) while
+        # block N+1 executes on N's state root, whose new nodes the store serves from memory
+        # until they are durable. At most one block is being stored; N+1 is stored only after
+        # N is durable, and if storing N fails, N+1 is dropped and its batches stay pending.
+        self._tip: "pb.Block | None" = None          # block being stored (None: the durable head)
+        self._storing: "asyncio.Task[bool] | None" = None
+        self._in_flight: set[str] = set()            # batch ids of the block being stored
         if store.head is None:
             self._write_genesis()
 
@@ -190,15 +197,31 @@ class Chain:
 
     async def run(self) -> None:
         """Publish blocks for as long as the validator runs."""
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                try:
-                    await self.publish_once()
-                except Exception:
-                    LOGGER.exception("building a block failed; the batches stay pending")
-                    await asyncio.sleep(0.5)
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                while self._pending:
+                    try:
+                        await self.publish_once()
+                    except Exception:
+                        LOGGER.exception("building a block failed; the batches stay pending")
+                        await asyncio.sleep(0.5)
+        finally:
+            if self._storing is not None:  # on shutdown, let the block being written finish
+                await asyncio.wait([self._storing])
+
+    async def _settle_storing(self) -> bool:
+        """Wait for the block being stored; True if it is durable. On failure the chain goes
+        back to the durable head, and its batches (still pending) are built again."""
+        task, self._storing = self._storing, None
+        if task is None:
+            return True
+        stored = await task
+        if not stored:
+            self._tip = None
+            self._in_flight = set()
+        return stored
 
     def _select(self) -> list[CheckedBatch]:
         """The next block's batches in arrival order; dependency rules decide who waits."""
@@ -206,6 +229,8 @@ class Chain:
         for checked in list(self._pending.values()):
             if len(chosen) >= self.settings.max_batches_per_block:
                 break
+            if checked.id in self._in_flight:  # already in the block being stored
+                continue
             deps = [d for h in checked.txn_headers for d in h.dependencies]
             if deps:
                 committed = self.store.committed_transactions(deps)
@@ -230,11 +255,14 @@ class Chain:
     async def publish_once(self) -> "pb.Block | None":
         chosen = self._select()
         if not chosen:
+            if self._storing is not None:  # what is left may be in, or depend on, that block
+                await self._settle_storing()
+                return None
             self._notify_waiters()
             if self._pending:  # only batches waiting for dependencies that are not committable now
                 await asyncio.sleep(0.05)
             return None
-        parent = self.store.head
+        parent = self._tip or self.store.head
         parent_header = pb.BlockHeader.FromString(parent.header)
         parent_root = parent_header.state_root_hash
         injected = []
@@ -251,33 +279,60 @@ class Chain:
         for o in injected_outcomes:
             if not o.valid:
                 LOGGER.warning("BlockInfo batch failed (%s); publishing without it", o.message)
+        executed = time.perf_counter()
+        valid = [o for o in outcomes if o.valid]
+        block = None
+        if any(o.valid for o in user_outcomes):
+            block, new_nodes, receipts = self._build_block(parent, parent_header, valid)
+        built = time.perf_counter()
+        # Verdicts count only once the parent they were reached on is durable.
+        if not await self._settle_storing():
+            return None  # built on a block that never became durable: void, batches stay pending
         for o in user_outcomes:
             if not o.valid:
                 self._fail_pending(o.checked, InvalidVerdict(o.invalid_txn_id, o.message, o.extended_data))
-        valid = [o for o in outcomes if o.valid]
-        if not any(o.valid for o in user_outcomes):
+        if block is None:
             self._notify_waiters()
             return None
-        executed = time.perf_counter()
-        block, new_nodes, receipts = self._build_block(parent, parent_header, valid)
-        built = time.perf_counter()
-        async with self.commit_lock:
-            # SQLite releases the GIL while it writes and syncs: the loop keeps taking submissions.
-            await asyncio.to_thread(self.store.commit_block, block, new_nodes, receipts)
-            for o in user_outcomes:
-                if o.valid:
-                    self._drop_pending(o.checked)
-            self._notify_waiters()
-            LOGGER.info(
-                "committed block %d (%s) with %d batches, %d transactions "
-                "(execute %.0f ms, state %.0f ms, store %.0f ms)",
-                pb.BlockHeader.FromString(block.header).block_num, block.header_signature[:16],
-                len(block.batches), sum(len(b.transactions) for b in block.batches),
-                (executed - started) * 1e3, (built - executed) * 1e3, (time.perf_counter() - built) * 1e3,
-            )
-            if self._on_commit is not None:
-                await self._on_commit(block, receipts)
+        self.store.stage_nodes(new_nodes)
+        self._tip = block
+        committed = [o.checked for o in user_outcomes if o.valid]
+        self._in_flight = {c.id for c in committed}
+        self._storing = asyncio.get_running_loop().create_task(self._store_block(
+            block, new_nodes, receipts, committed, (executed - started) * 1e3, (built - executed) * 1e3))
         return block
+
+    async def _store_block(self, block, new_nodes, receipts, committed, execute_ms, state_ms) -> bool:
+        """Make the block durable, then settle its batches and announce it; False if it could
+        not be written."""
+        try:
+            async with self.commit_lock:
+                writing = time.perf_counter()
+                try:
+                    # SQLite releases the GIL while it writes and syncs: the next block executes.
+                    await asyncio.to_thread(self.store.commit_block, block, new_nodes, receipts)
+                except Exception:
+                    LOGGER.exception("storing block %s failed; its batches stay pending", block.header_signature[:16])
+                    return False
+                for checked in committed:
+                    self._drop_pending(checked)
+                self._in_flight = set()
+                self._notify_waiters()
+                LOGGER.info(
+                    "committed block %d (%s) with %d batches, %d transactions "
+                    "(execute %.0f ms, state %.0f ms, store %.0f ms)",
+                    pb.BlockHeader.FromString(block.header).block_num, block.header_signature[:16],
+                    len(block.batches), sum(len(b.transactions) for b in block.batches),
+                    execute_ms, state_ms, (time.perf_counter() - writing) * 1e3,
+                )
+                if self._on_commit is not None:
+                    try:
+                        await self._on_commit(block, receipts)
+                    except Exception:  # the block is durable whatever happens to its events
+                        LOGGER.exception("announcing block %s failed", block.header_signature[:16])
+                return True
+        finally:
+            self.store.unstage_nodes(new_nodes)  # durable now, or void
 
     def _build_block(self, parent, parent_header, valid: list[BatchOutcome]):
         final: dict[str, bytes | None] = {}

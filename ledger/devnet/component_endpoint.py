@@ -16,6 +16,7 @@ import zmq
 import zmq.asyncio
 
 from .. import protos as pb
+from ..messaging import SocketPump
 from .chain import NULL_BLOCK_ID, Chain, QueueFull
 from .client_queries import ClientQueries
 from .event_broadcast import InvalidFilter, Subscriber, Subscription, events_for_block
@@ -47,6 +48,7 @@ class ComponentEndpoint:
         self._ping_interval = ping_interval
         self._status_wait_default = status_wait_default
         self._socket: zmq.asyncio.Socket | None = None
+        self._pump: SocketPump | None = None
         self._subscribers: dict[bytes, Subscriber] = {}
         self._tasks: set[asyncio.Task] = set()
         self.bound_url = url
@@ -78,7 +80,7 @@ class ComponentEndpoint:
         sock.bind(self._url)
         self.bound_url = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._socket = sock
-        self._spawn(self._receive_loop())
+        self._pump = SocketPump(sock, self._on_frames)
         self._spawn(self._ping_loop())
         LOGGER.info("component endpoint listening on %s", self.bound_url)
 
@@ -92,22 +94,43 @@ class ComponentEndpoint:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._pump is not None:
+            self._pump.close()
+            self._pump = None
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
 
     async def send(self, identity: bytes, message_type: int, content, correlation_id: str | None = None) -> bool:
         """Send to one peer; False (and the peer forgotten) when it is gone."""
+        result = self._post(identity, message_type, content, correlation_id)
+        return result if isinstance(result, bool) else await result
+
+    def _post(self, identity: bytes, message_type: int, content, correlation_id: str | None = None):
+        """Send without a task or a future when the socket takes the message at once (nearly
+        always): True/False as send(); otherwise a coroutine to await for the answer."""
         body = content if isinstance(content, bytes) else content.SerializeToString()
         frame = M(message_type=message_type, correlation_id=correlation_id or uuid.uuid4().hex, content=body)
+        if self._pump is None:
+            return False
         try:
-            await self._socket.send_multipart([identity, frame.SerializeToString()])
-            return True
+            waiting = self._pump.send([identity, frame.SerializeToString()])
         except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
-                self._forget(identity, "disconnected")
-                return False
-            raise
+            return self._send_failed(identity, exc)
+        return True if waiting is None else self._await_queued(identity, waiting)
+
+    async def _await_queued(self, identity: bytes, waiting) -> bool:
+        try:
+            await waiting
+        except zmq.ZMQError as exc:
+            return self._send_failed(identity, exc)
+        return True
+
+    def _send_failed(self, identity: bytes, exc: "zmq.ZMQError") -> bool:
+        if exc.errno == zmq.EHOSTUNREACH:
+            self._forget(identity, "disconnected")
+            return False
+        raise exc
 
     def _forget(self, identity: bytes, reason: str) -> None:
         self.registry.unregister(identity, reason)
@@ -117,31 +140,28 @@ class ComponentEndpoint:
         if not await self.send(identity, M.TP_PROCESS_REQUEST, request, correlation_id):
             raise ConnectionError("processor disconnected")
 
-    async def _receive_loop(self) -> None:
-        while True:
-            try:
-                identity, frame = await self._socket.recv_multipart()
-            except ValueError:
-                continue  # not the two frames a DEALER sends
-            except (zmq.ZMQError, asyncio.CancelledError):
-                return
-            try:
-                message = M.FromString(frame)
-            except Exception:
-                LOGGER.warning("dropped a frame that is not a Sawtooth Message (%d bytes)", len(frame))
-                continue
-            handler = self._handlers.get(message.message_type)
-            if handler is None and message.message_type in self.queries.HANDLED_TYPES:
-                handler = self._client_query
-            if handler is None:
-                LOGGER.warning("no handler for %s; ignored", pb.message_type_name(message.message_type))
-                continue
-            try:
-                result = handler(identity, message)
-                if asyncio.iscoroutine(result):
-                    self._spawn(self._guard(result, message))
-            except Exception:
-                LOGGER.exception("handling %s failed", pb.message_type_name(message.message_type))
+    def _on_frames(self, frames: list) -> None:
+        if len(frames) != 2:
+            return  # not the two frames a DEALER sends
+        identity, frame = frames
+        try:
+            message = M.FromString(frame)
+        except Exception:
+            LOGGER.warning("dropped a frame that is not a Sawtooth Message (%d bytes)", len(frame))
+            return
+        handler = self._handlers.get(message.message_type)
+        if handler is None and message.message_type in self.queries.HANDLED_TYPES:
+            handler = self._client_query
+        if handler is None:
+            LOGGER.warning("no handler for %s; ignored", pb.message_type_name(message.message_type))
+            return
+        try:
+            # Most handlers answer synchronously; only what must wait gets a task.
+            result = handler(identity, message)
+            if asyncio.iscoroutine(result):
+                self._spawn(self._guard(result, message))
+        except Exception:
+            LOGGER.exception("handling %s failed", pb.message_type_name(message.message_type))
 
     async def _guard(self, coro, message) -> None:
         try:
@@ -158,7 +178,11 @@ class ComponentEndpoint:
                 await self.send(identity, M.PING_REQUEST, pb.PingRequest())
 
     def _reply(self, identity: bytes, request: "pb.Message", message_type: int, content):
-        return self.send(identity, message_type, content, request.correlation_id)
+        """From a synchronous handler: returns a coroutine only when the send has to wait."""
+        return self._post(identity, message_type, content, request.correlation_id)
+
+    async def _areply(self, identity: bytes, request: "pb.Message", message_type: int, content) -> bool:
+        return await self.send(identity, message_type, content, request.correlation_id)
 
     # -- transaction processors --------------------------------------------------------
 
@@ -278,7 +302,7 @@ class ComponentEndpoint:
             request = pb.ClientBatchStatusRequest.FromString(message.content)
         except Exception:
             response.status = pb.ClientBatchStatusResponse.INTERNAL_ERROR
-            return await self._reply(identity, message, M.CLIENT_BATCH_STATUS_RESPONSE, response)
+            return await self._areply(identity, message, M.CLIENT_BATCH_STATUS_RESPONSE, response)
         ids = list(request.batch_ids)
         if not ids:
             response.status = pb.ClientBatchStatusResponse.NO_RESOURCE
@@ -288,7 +312,7 @@ class ComponentEndpoint:
             if request.wait:
                 await self.chain.wait_until_settled(ids, request.timeout or self._status_wait_default)
             response.batch_statuses.extend(self.chain.batch_status(i) for i in ids)
-        await self._reply(identity, message, M.CLIENT_BATCH_STATUS_RESPONSE, response)
+        await self._areply(identity, message, M.CLIENT_BATCH_STATUS_RESPONSE, response)
 
     # -- events ------------------------------------------------------------------------
 
@@ -298,7 +322,7 @@ class ComponentEndpoint:
         try:
             subscriptions = tuple(Subscription.from_proto(s) for s in request.subscriptions)
         except InvalidFilter as exc:
-            return await self._reply(identity, message, M.CLIENT_EVENTS_SUBSCRIBE_RESPONSE,
+            return await self._areply(identity, message, M.CLIENT_EVENTS_SUBSCRIBE_RESPONSE,
                                      R(status=R.INVALID_FILTER, response_message=str(exc)))
         last_num = None
         if request.last_known_block_ids:
@@ -306,7 +330,7 @@ class ComponentEndpoint:
                      for b in request.last_known_block_ids]
             known = [n for n in known if n is not None]
             if not known:
-                return await self._reply(identity, message, M.CLIENT_EVENTS_SUBSCRIBE_RESPONSE, R(
+                return await self._areply(identity, message, M.CLIENT_EVENTS_SUBSCRIBE_RESPONSE, R(
                     status=R.UNKNOWN_BLOCK,
                     response_message="none of last_known_block_ids is on this validator's chain",
                 ))
@@ -314,7 +338,7 @@ class ComponentEndpoint:
         subscriber = Subscriber(identity, subscriptions, last_num)
         async with self.chain.commit_lock:  # no block may be published between ack and catch-up
             self._subscribers[identity] = subscriber
-            await self._reply(identity, message, M.CLIENT_EVENTS_SUBSCRIBE_RESPONSE, R(status=R.OK))
+            await self._areply(identity, message, M.CLIENT_EVENTS_SUBSCRIBE_RESPONSE, R(status=R.OK))
             if last_num is not None:
                 for block in self.chain.store.blocks_ascending(last_num + 1):
                     events = events_for_block(block, self._receipts(block), subscriptions)

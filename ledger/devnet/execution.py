@@ -97,6 +97,31 @@ def _overlaps(a: Sequence[str], b: Sequence[str]) -> bool:
     return any(x.startswith(y) or y.startswith(x) for x in a for y in b)
 
 
+def _earlier_writers(io: Sequence[tuple[list[str], list[str]]]) -> list[list[int]]:
+    """For each batch, the earlier batches whose outputs overlap its inputs (one is a prefix of
+    the other). Same answer as testing _overlaps on every pair, which cost ~5% of the validator
+    at 100 batches per block; full 70-char addresses (the usual case) are matched in a dict."""
+    exact: dict[str, list[int]] = {}       # full output address -> batches writing it
+    prefixes: list[tuple[str, int]] = []   # shorter output prefixes
+    result = []
+    for index, (inputs, outputs) in enumerate(io):
+        found: set[int] = set()
+        for x in inputs:
+            if len(x) == 70:
+                found.update(exact.get(x, ()))
+                found.update(j for y, j in prefixes if x.startswith(y))
+            else:
+                found.update(j for y, js in exact.items() if y.startswith(x) for j in js)
+                found.update(j for y, j in prefixes if x.startswith(y) or y.startswith(x))
+        result.append(sorted(found))
+        for y in outputs:
+            if len(y) == 70:
+                exact.setdefault(y, []).append(index)
+            else:
+                prefixes.append((y, index))
+    return result
+
+
 class BlockExecutor:
     def __init__(self, registry: ProcessorRegistry, send_request, settings: ExecutorSettings = ExecutorSettings()):
         self._registry = registry
@@ -118,9 +143,10 @@ class BlockExecutor:
                 return read_base(address)
             return read
 
+        writers = _earlier_writers(io)
+
         async def run(index: int) -> None:
-            inputs, _ = io[index]
-            waits = [done[j] for j in range(index) if _overlaps(io[j][1], inputs)]
+            waits = [done[j] for j in writers[index]]
             try:
                 if waits:
                     await asyncio.gather(*waits)
