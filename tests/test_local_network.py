@@ -121,10 +121,15 @@ def test_up_run_kill_compute_node_audit_down(home, tmp_path):
     other = small_workflow(tmp_path, "e2e-interrupted", rounds=20)
     run = subprocess.Popen([sys.executable, "-m", "trustmesh.cli", "--home", str(home), "run", str(other)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert "deployed" in run.stdout.readline()
-    assert "round 1/20" in run.stdout.readline()
-    run.send_signal(signal.SIGINT)
-    out, err = run.communicate(timeout=60)
+    try:
+        assert "deployed" in run.stdout.readline()
+        assert " 1/20 " in run.stdout.readline()
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
     assert run.returncode == 130, (out, err)
     assert "the network keeps running the workflow" in err and "Traceback" not in err
 
