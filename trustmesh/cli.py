@@ -93,7 +93,7 @@ def _compute_node(args) -> int:
         finally:
             await node.stop()
 
-    return _run_until_signal(serve())
+    return _exit_fast(_run_until_signal(serve()))
 
 
 def _iot_node(args) -> int:
@@ -125,7 +125,7 @@ def _iot_node(args) -> int:
         finally:
             await node.stop()
 
-    return _run_until_signal(serve())
+    return _exit_fast(_run_until_signal(serve()))
 
 
 def _supervise(args) -> int:
@@ -237,6 +237,15 @@ def _demo(args) -> int:
     from trustmesh.demo import main as demo_main
 
     return demo_main(args.home_given)
+
+
+def _exit_fast(code: int) -> int:
+    """End a node process once it has stopped cleanly, without the interpreter's teardown:
+    unloading torch takes a CPU-second, and a dozen nodes stop at once on `trustmesh down`."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run_until_signal(coro) -> int:

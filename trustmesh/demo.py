@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import signal
 import sys
 import tempfile
 import time
@@ -54,7 +55,12 @@ def run_demo(home: pathlib.Path) -> int:
     return 0 if ok else 1
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM too: unwind, so the network is stopped on the way out
+
+
 def main(home: str | None = None) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     if home:
         return run_demo(pathlib.Path(home).absolute())
     with tempfile.TemporaryDirectory(prefix="trustmesh-demo-") as tmp:

@@ -18,6 +18,7 @@ Data stays in HOME between runs: `up` again resumes the same chain.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -65,6 +66,13 @@ def pid_alive(pid: int | None) -> bool:
         return pathlib.Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def _tail(path: pathlib.Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def _port_free(port: int | None) -> bool:
@@ -129,13 +137,17 @@ class Service:
             self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """Ask to stop (SIGTERM); wait_stopped() waits. Stores are stopped by their helpers."""
+        if self.server is None and self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self) -> None:
         if self.server is not None:
             self.server.stop(timeout=STOP_TIMEOUT)
             return
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -258,6 +270,8 @@ class Supervisor:
     def _wait(self, service: Service, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not self._check(service, set()):
+            if self._stopping:
+                return
             if not service.running:
                 raise NetworkError(f"{service.name} exited during start-up; see {service.log_path}")
             if time.monotonic() > deadline:
@@ -275,9 +289,13 @@ class Supervisor:
             while not self._stopping:
                 self._supervise_once()
                 time.sleep(CHECK_INTERVAL)
-        except NetworkError as exc:
+        except (NetworkError, ServerError) as exc:
             LOGGER.error("%s", exc)
             self._save_failure(str(exc))
+            return 1
+        except Exception as exc:  # a bug: keep its trace in the log, and say so in network.json
+            LOGGER.exception("the supervisor failed")
+            self._save_failure(f"the supervisor failed: {exc!r} (trace in logs/supervisor.log)")
             return 1
         finally:
             self._stop_all()
@@ -314,11 +332,18 @@ class Supervisor:
     def _stop_all(self) -> None:
         self._stopping = True
         self.ready = False
-        for service in reversed(self.services):
-            try:
-                service.stop()
-            except Exception:  # one stubborn process must not keep the others running
-                LOGGER.exception("stopping %s failed", service.name)
+        # Users of a tier first, all of a tier at once: nodes, then the ledger, then the stores.
+        for tier in (("compute", "iot"), ("ledger",), ("store",)):
+            group = [s for s in reversed(self.services) if s.kind in tier]
+            for service in group:
+                service.terminate()
+            began = time.monotonic()
+            for service in group:
+                try:
+                    service.wait_stopped()
+                except Exception:  # one stubborn process must not keep the others running
+                    LOGGER.exception("stopping %s failed", service.name)
+            LOGGER.info("stopped %s in %.1f s", ", ".join(s.name for s in group), time.monotonic() - began)
         path = self.home / NETWORK_FILE
         if path.exists():
             state = json.loads(path.read_text())
@@ -358,22 +383,37 @@ def start(home: pathlib.Path, *, compute_nodes: int, iot_nodes: int, timeout: fl
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log.close()
+    try:
+        return _wait_ready(home, supervisor, compute_nodes + iot_nodes + 4, timeout, progress)
+    except BaseException:  # failed, timed out or interrupted: nothing may keep running
+        if supervisor.poll() is None:
+            supervisor.terminate()  # it stops what it started, even before network.json exists
+            try:
+                supervisor.wait(STOP_TIMEOUT * 3)
+            except subprocess.TimeoutExpired:
+                supervisor.kill()
+        with contextlib.suppress(NetworkError):
+            stop(home)  # and whatever outlived it
+        raise
+
+
+def _wait_ready(home: pathlib.Path, supervisor: subprocess.Popen, total: int, timeout: float, progress) -> dict:
     deadline = time.monotonic() + timeout
     shown = set()
     while True:
         state = local_network(home) or {}
         if supervisor.poll() is not None:
             reason = state.get("failure") or f"the supervisor exited with status {supervisor.returncode}"
-            raise NetworkError(f"the local network did not start: {reason}; logs in {home / 'logs'}")
+            raise NetworkError(f"the local network did not start: {reason}; logs in {home / 'logs'}; the "
+                               f"supervisor's last words:\n{_tail(home / 'logs' / 'supervisor.log')}")
         if state.get("supervisor_pid") == supervisor.pid:
             for name, service in state.get("services", {}).items():
                 if service.get("healthy") and name not in shown:
                     shown.add(name)
-                    progress(f"{name} up ({len(shown)}/{compute_nodes + iot_nodes + 4})")
+                    progress(f"{name} up ({len(shown)}/{total})")
             if state.get("ready"):
                 return state
         if time.monotonic() > deadline:
-            stop(home)
             raise NetworkError(f"the local network was not healthy within {timeout:g} s; logs in {home / 'logs'}")
         time.sleep(0.2)
 
