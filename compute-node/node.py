@@ -154,8 +154,8 @@ class ComputeNode:
             if any(d is None or d["status"] != "done" for d in deps):
                 continue
             marker = f"enqueued_{self.node}_{schedule_id}_{task_id}_{task['attempt']}"
-            if await self.redis.set(marker, b"1", nx=True, ex=24 * 3600):
-                await self.queue.publish({"schedule_id": schedule_id, "task_id": task_id, "attempt": task["attempt"]})
+            await self.queue.publish_once({"schedule_id": schedule_id, "task_id": task_id, "attempt": task["attempt"]},
+                                          marker)
 
     async def _task_status(self, schedule_id: str, task_id: str) -> dict | None:
         # Statuses only move forward and "done" is final: those need reading once.

@@ -548,6 +548,14 @@ class TaskMessage:
     deliveries: int  # times handed out, this one included (1 = first delivery)
 
 
+_PUBLISH_ONCE = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
+  return redis.call('XADD', KEYS[1], '*', 'task', ARGV[1])
+end
+return false
+"""
+
+
 class TaskQueue:
     """At-least-once task delivery on a Redis stream with one consumer group."""
 
@@ -564,6 +572,7 @@ class TaskQueue:
         self.max_deliveries = max_deliveries
         self.dead_stream = dead_stream or f"{stream}_dead"
         self._group_ready = False
+        self._publish_once = redis.register_script(_PUBLISH_ONCE)
 
     async def ensure_group(self) -> None:
         """Create the stream and its group if missing (new groups start at the stream's beginning)."""
@@ -581,6 +590,14 @@ class TaskQueue:
         await self.ensure_group()
         message_id = await self.redis.xadd(self.stream, {"task": _canonical_json(dict(task))})
         return _s(message_id)
+
+    async def publish_once(self, task: Mapping, marker: str, ttl_seconds: int = 24 * 3600) -> str | None:
+        """Append a task unless `marker` is set, setting it in the same step (one script), so a
+        crash can never leave the marker without the message; None if it was published before."""
+        await self.ensure_group()
+        message_id = await self._publish_once(keys=[self.stream, marker],
+                                              args=[_canonical_json(dict(task)), ttl_seconds])
+        return _s(message_id) if message_id else None
 
     async def _deliveries(self, message_id: str) -> int:
         entries = await self.redis.xpending_range(self.stream, self.group, message_id, message_id, 1)

@@ -140,7 +140,7 @@ def test_cache_from_committed_events_is_idempotent_and_equals_a_rebuild_from_cha
                 rest(chain.rest_url) as client:
             redis = await fresh(redis_url)
             await commit(client, batch(COORDINATOR, make_deploy_transaction(COORDINATOR, federated(wf))),
-                         batch(COORDINATOR, make_deploy_transaction(COORDINATOR, federated(short, timeout=1))))
+                         batch(COORDINATOR, make_deploy_transaction(COORDINATOR, federated(short, timeout=3))))
             await commit(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 1)),
                          batch(COORDINATOR, make_open_round_transaction(COORDINATOR, short, 1)))
             sid1, sid_short = layout.schedule_id_for(wf, 1, C), layout.schedule_id_for(short, 1, C)
@@ -153,7 +153,9 @@ def test_cache_from_committed_events_is_idempotent_and_equals_a_rebuild_from_cha
             sid2 = layout.schedule_id_for(wf, 2, C)
             before_r2_submission = (await client.head())["header_signature"]
             await commit(client, batch(P3, make_submit_transaction(P3, sid2, digest("p3-r2"), 41)))
-            await asyncio.sleep(1.1)  # past the short workflow's round_timeout in block time
+            # past the short workflow's round_timeout in block time (3 s: its submission above must
+            # land before it, even on a loaded machine)
+            await asyncio.sleep(3.1)
             await commit(client, batch(P2, make_close_round_transaction(P2, sid_short)))
             head = (await client.head())["header_signature"]
             blocks = await committed_blocks(chain.component_url, head)
@@ -411,6 +413,20 @@ def test_a_task_of_a_killed_consumer_is_claimed_by_another(redis_url):
         await redis.aclose()
 
     run(after_crash())
+
+
+def test_publish_once_sets_its_marker_and_adds_the_message_in_one_step(redis_url):
+    async def scenario():
+        redis = await fresh(redis_url)
+        queue = TaskQueue(redis, "tasks_once")
+        first = await queue.publish_once({"task_id": "t"}, "marker_t", ttl_seconds=60)
+        assert first is not None and await queue.publish_once({"task_id": "t"}, "marker_t") is None
+        assert await redis.xlen("tasks_once") == 1 and 0 < await redis.ttl("marker_t") <= 60
+        await redis.delete("marker_t")  # a marker that expired: the task may be published again
+        assert await queue.publish_once({"task_id": "t"}, "marker_t") not in (None, first)
+        await redis.aclose()
+
+    run(scenario())
 
 
 def test_a_restarted_consumer_recovers_its_own_pending_task_at_once(redis_url):
