@@ -126,11 +126,12 @@ async def _local_train(ctx, assignments, task_id, task, definition) -> TaskOutco
 
 async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome:
     sid, tasks = assignments["schedule_id"], assignments["tasks"]
-    updates = []
+    updates, update_digests = [], {}
     for dep in task["fetch_dependency_outputs"]:
         if tasks[dep]["kind"] != "local_train":
             continue
         status = await ctx.reader.task_status(sid, dep)
+        update_digests[tasks[dep]["data_owner"]] = status["output_digest"]
         blob = await _blob(ctx, status["output_digest"], f"update {dep}")
         state = model_format.load(blob, status["output_digest"], definition["model"]).state
         updates.append(ClientUpdate(node=tasks[dep]["data_owner"], state=state,
@@ -151,18 +152,17 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     if ctx.history is not None:
         wf, number = assignments["workflow_id"], assignments["round"]
         await ctx.history.put_round_model(wf, number, blob, schedule_id=sid, expected_digest=digest)
-        updates_by_node = {u.node: dep for dep in task["fetch_dependency_outputs"]
-                           for u in updates if tasks[dep].get("data_owner") == u.node}
-        await ctx.history.save_round(
-            wf, number, schedule_id=sid, participants=participants, global_model_digest=digest,
-            aggregation_weights={n: float(weights[n]) for n in participants},
-            update_digests={n: (await ctx.reader.task_status(sid, updates_by_node[n]))["output_digest"]
-                            for n in participants},
-            metrics={"train_loss": metrics["loss"], "train_accuracy": metrics["accuracy"]})
-        for update in updates:
-            await ctx.history.record_participation(wf, update.node, number, samples=update.samples,
-                                                   weight=float(weights[update.node]),
-                                                   accuracy=float(update.metrics["accuracy"]))
+        # Separate documents: written side by side, not one HTTP round trip after another.
+        await asyncio.gather(
+            ctx.history.save_round(
+                wf, number, schedule_id=sid, participants=participants, global_model_digest=digest,
+                aggregation_weights={n: float(weights[n]) for n in participants},
+                update_digests={n: update_digests[n] for n in participants},
+                metrics={"train_loss": metrics["loss"], "train_accuracy": metrics["accuracy"]}),
+            *(ctx.history.record_participation(wf, update.node, number, samples=update.samples,
+                                               weight=float(weights[update.node]),
+                                               accuracy=float(update.metrics["accuracy"]))
+              for update in updates))
     result = {"participants": participants, "aggregation_weights": {n: float(weights[n]) for n in participants},
               "metrics": {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}}
     return TaskOutcome(digest, metrics, round_result=result, compute_seconds=compute)
