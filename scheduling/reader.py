@@ -14,11 +14,13 @@ _MAX_RECORD = 10 * 1024 * 1024
 
 
 class FederationReader:
-    def __init__(self, rest: RestClient):
+    def __init__(self, rest: RestClient, head: str | None = None):
+        """head: read every record at this block (an auditor's consistent view); None: the chain head."""
         self.rest = rest
+        self.head = head
 
-    async def _record(self, address: str, head: str | None = None):
-        data = await self.rest.get_state(address, head=head)
+    async def _record(self, address: str):
+        data = await self.rest.get_state(address, head=self.head)
         return None if data is None else cbor.decode(data, max_bytes=_MAX_RECORD)
 
     async def workflow(self, workflow_id: str) -> dict | None:

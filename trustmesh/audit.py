@@ -236,17 +236,6 @@ def _definitions(actions: Sequence[SignedAction]) -> dict[int, dict]:
 # --------------------------------------------------------------------------- one round
 
 
-class _PinnedReader(FederationReader):
-    """Reads every record at one block, so a workflow still running is seen consistently."""
-
-    def __init__(self, rest: RestClient, head: str):
-        super().__init__(rest)
-        self.head = head
-
-    async def _record(self, address: str, head: str | None = None):
-        return await super()._record(address, head or self.head)
-
-
 @dataclass
 class _Workflow:
     """What every round check needs: the workflow as stored and as signed, and the stores."""
@@ -606,7 +595,7 @@ async def _open_chain(workflow_id: str, rest: RestClient) -> tuple[str, dict]:
     """(head block id, workflow record); AuditError when the chain cannot be read or lacks it."""
     try:
         head = (await rest.head())["header_signature"]
-        record = await _PinnedReader(rest, head).workflow(workflow_id)
+        record = await FederationReader(rest, head).workflow(workflow_id)
     except (RestError, aiohttp.ClientError, ValueError, KeyError, IndexError) as exc:
         raise AuditError(f"cannot read the chain through the REST API at {rest.base_url}: {exc}") from None
     if record is None:
@@ -644,7 +633,7 @@ async def _audit(workflow_id: str, endpoints: network.Endpoints, progress: Calla
     stack.push_async_callback(rest.close)
     head, record = await _open_chain(workflow_id, rest)
     blobs, history = await _open_stores(endpoints, stack)
-    reader = _PinnedReader(rest, head)
+    reader = FederationReader(rest, head)
     progress(f"reading the transactions of the chain at block {_short(head)}")
     index = await reader.rounds(workflow_id)
     attributed: dict[str, list[SignedAction]] = {}
