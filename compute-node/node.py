@@ -94,8 +94,9 @@ class ComputeNode:
         loop = asyncio.get_running_loop()
         # Any node may keep the Redis federation cache: it is filled idempotently from committed events.
         self.cache = FederationCache(self.redis, rest_client=self.rest)
+        beats = self.heartbeats.keep_beating(self.node, {"name": self.name})
         self._tasks = [loop.create_task(self._follow()), loop.create_task(self._work()),
-                       loop.create_task(self._beat()), loop.create_task(self._keep_cache())]
+                       loop.create_task(beats), loop.create_task(self._keep_cache())]
         LOGGER.info("compute node %s (%s…) ready", self.name, self.node[:16])
 
     async def _register(self) -> None:
@@ -110,11 +111,6 @@ class ComputeNode:
             return
         await self.rest.wait_for_batches(await self.rest.submit_batches([make_batch(self.signer, [txn])]), 60)
         LOGGER.info("compute node %s registered: %s", self.name, resources)
-
-    async def _beat(self) -> None:
-        while True:
-            await self.heartbeats.beat(self.node, {"name": self.name})
-            await asyncio.sleep(5)
 
     async def _keep_cache(self) -> None:
         while True:

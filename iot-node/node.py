@@ -90,8 +90,9 @@ class IoTNode:
         self.subscriber = EventSubscriber(self.validator_url, [event_subscription(e) for e in EVENTS])
         await self.subscriber.start()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._follow()), loop.create_task(self._tick()),
-                       loop.create_task(self._beat())]
+        # liveness for `trustmesh status` and supervisors
+        beats = self.heartbeats.keep_beating(self.node, {"name": self.name, "role": "iot"})
+        self._tasks = [loop.create_task(self._follow()), loop.create_task(self._tick()), loop.create_task(beats)]
         LOGGER.info("IoT node %s (%s…) ready%s", self.name, self.node[:16], " as coordinator" if self.coordinator else "")
 
     async def stop(self) -> None:
@@ -108,11 +109,6 @@ class IoTNode:
         while True:
             await self.subscriber.next_block()
             await self._step()
-
-    async def _beat(self) -> None:
-        while True:  # liveness for `trustmesh status` and supervisors
-            await self.heartbeats.beat(self.node, {"name": self.name, "role": "iot"})
-            await asyncio.sleep(5)
 
     async def _tick(self) -> None:
         ticks = 0

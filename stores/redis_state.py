@@ -65,6 +65,7 @@ returns {node: info}.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -726,6 +727,12 @@ class Heartbeats:
         """Say `node` is alive for the next ttl seconds; info: a small JSON-able map (role, load...)."""
         await self._beat(keys=[self.registry, self.key(node)],
                          args=[node, self.ttl_ms, _canonical_json(dict(info or {}))])
+
+    async def keep_beating(self, node: str, info: Mapping | None = None, *, every: float = 5.0) -> None:
+        """beat() every `every` seconds until cancelled (a node's liveness task)."""
+        while True:
+            await self.beat(node, info)
+            await asyncio.sleep(every)
 
     async def is_alive(self, node: str) -> bool:
         return bool(await self.redis.exists(self.key(node)))

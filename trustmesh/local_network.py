@@ -18,6 +18,7 @@ Data stays in HOME between runs: `up` again resumes the same chain.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -32,7 +33,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from redis.exceptions import RedisError
+
 from trustmesh.endpoints import NETWORK_FILE, home_dir, local_network
+from trustmesh.stores.redis_state import Heartbeats, connect
 from trustmesh.stores.servers import CouchServer, RedisServer, ServerError, free_port
 
 LOGGER = logging.getLogger(__name__)
@@ -161,6 +165,14 @@ class Service:
                 **({"node": self.node_key} if self.node_key else {})}
 
 
+async def _live_nodes(redis_url: str) -> set[str]:
+    redis = await connect(redis_url, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        return set(await Heartbeats(redis).live())
+    finally:
+        await redis.aclose()
+
+
 def _trustmesh(home: pathlib.Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "trustmesh.cli", "--home", str(home), *args]
 
@@ -228,20 +240,14 @@ class Supervisor:
         return True  # processors: alive is all we can see (the validator does not list them)
 
     def _live_nodes(self) -> set[str]:
-        import redis
-
+        """Nodes whose heartbeat has not expired, as the nodes' own Heartbeats registry says."""
         url = self.endpoints.get("redis")
         if not url:
             return set()
         try:
-            client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-            try:
-                keys = client.keys("heartbeat_*")
-            finally:
-                client.close()
-        except (redis.RedisError, OSError):
+            return asyncio.run(_live_nodes(url))
+        except (RedisError, OSError):
             return set()
-        return {k.decode()[len("heartbeat_"):] for k in keys}
 
     # -- run -------------------------------------------------------------------------------------
 
@@ -437,13 +443,13 @@ def stop(home: pathlib.Path, timeout: float = 60) -> list[str]:
     killed = []
     for name, service in (local_network(home) or state).get("services", {}).items():
         pid = service.get("pid")
-        if pid_alive(pid) and _is_ours(pid, home, name):
+        if pid_alive(pid) and _is_ours(pid, home):
             os.kill(pid, signal.SIGKILL)
             killed.append(name)
     return killed
 
 
-def _is_ours(pid: int, home: pathlib.Path, name: str) -> bool:
+def _is_ours(pid: int, home: pathlib.Path) -> bool:
     try:
         cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         cwd = os.readlink(f"/proc/{pid}/cwd")
