@@ -147,6 +147,18 @@ def test_commands_without_a_network_say_what_to_do(tmp_path):
     assert down.returncode == 2 and "no local network" in down.stderr
     run = trustmesh(home, "run", str(ROOT / "workflows" / "federated-digits.json"), check=False)
     assert run.returncode == 2 and "no key for nodes iot-1" in run.stderr and "--iot-nodes 10" in run.stderr
+    # with every node's key at hand, the missing network is what gets named
+    from trustmesh.ledger.signing import load_or_create_key
+    from trustmesh.stores.servers import free_port
+
+    for i in range(1, 11):
+        load_or_create_key(home / "nodes" / f"iot-{i}" / "keys", f"iot-{i}")
+    closed = f"http://127.0.0.1:{free_port()}"
+    for command in (("workflow", "deploy"), ("run",)):
+        result = trustmesh(home, *command, str(ROOT / "workflows" / "federated-digits.json"), "--rest", closed,
+                           check=False)
+        assert result.returncode == 2 and f"the network at {closed} did not answer" in result.stderr, result.stderr
+        assert "trustmesh up" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bad_workflow_files_are_refused_before_anything_is_sent(tmp_path):

@@ -17,6 +17,7 @@ import time
 
 from trustmesh import audit, local_network, workflow_runs
 from trustmesh.endpoints import resolve
+from trustmesh.scheduling import workflow
 
 WORKFLOW = pathlib.Path(__file__).resolve().parents[1] / "workflows" / "federated-digits.json"
 COMPUTE_NODES, IOT_NODES = 2, 10
@@ -39,7 +40,7 @@ def run_demo(home: pathlib.Path) -> int:
         views = asyncio.run(workflow_runs.deploy_and_follow(
             str(WORKFLOW), home=home, nodes_dir=home / "nodes", validator_url=endpoints.validator,
             rest_url=endpoints.rest, timeout=600))
-        workflow_id = workflow_runs.workflow.load_definition(WORKFLOW)["workflow_id"]
+        workflow_id = workflow.load_definition(WORKFLOW)["workflow_id"]
         _say(f"[3/4] auditing {workflow_id}: signers, blobs against on-chain digests, aggregation recomputed")
         report = asyncio.run(audit.audit_workflow(workflow_id, endpoints, progress=lambda text: _say(f"      {text}")))
         _say(audit.render_text(report))

@@ -72,6 +72,16 @@ def prepare(path: str, nodes_dir: pathlib.Path, workflow_id: str | None = None) 
 
 async def deploy(rest: RestClient, signer: PrivateKey, definition: dict) -> tuple[str, dict]:
     """Deploy, or update when the signer owns a different version; ("deployed"|"updated"|"unchanged", record)."""
+    try:
+        return await _deploy(rest, signer, definition)
+    except RestError as exc:
+        raise RunError(f"the network at {rest.base_url} did not answer ({exc}); is it up? `trustmesh up` starts "
+                       f"a local one") from None
+    except OSError as exc:
+        raise RunError(f"no network answers at {rest.base_url} ({exc}); `trustmesh up` starts a local one") from None
+
+
+async def _deploy(rest: RestClient, signer: PrivateKey, definition: dict) -> tuple[str, dict]:
     reader = FederationReader(rest)
     workflow_id = definition["workflow_id"]
     stored = await reader.workflow(workflow_id)
@@ -108,24 +118,27 @@ class RoundView:
     loss: float | None = None
     accuracy: float | None = None     # test accuracy of the global model, once evaluated
     global_model: str | None = None
+    steps_label: str = "tasks"        # what tasks_done counts ("epochs" for a single-node run)
 
     @property
     def over(self) -> bool:
         return self.status in ("final", "timeout")
 
     def render(self, rounds: int) -> str:
-        share = 1.0 if self.over else (0.5 * self.submitted / max(1, self.expected)
-                                       + 0.5 * self.tasks_done / max(1, self.tasks_total))
+        steps = self.tasks_done / max(1, self.tasks_total)
+        # A federated round is half collecting, half computing; a single-node run only computes.
+        share = 1.0 if self.over else (0.5 * self.submitted / self.expected + 0.5 * steps if self.expected else steps)
         filled = int(round(share * BAR_WIDTH))
-        parts = [f"round {self.number:>{len(str(rounds))}}/{rounds}", f"[{'█' * filled}{'░' * (BAR_WIDTH - filled)}]",
-                 f"{self.status:<10}", f"participants {self.submitted}/{self.expected}"]
+        head = (f"round {self.number:>{len(str(rounds))}}/{rounds} [{'█' * filled}{'░' * (BAR_WIDTH - filled)}] "
+                f"{self.status:<10}")
+        details = [f"participants {self.submitted}/{self.expected}"] if self.expected else []
         if self.tasks_total:
-            parts.append(f"tasks {self.tasks_done}/{self.tasks_total}")
+            details.append(f"{self.steps_label} {self.tasks_done}/{self.tasks_total}")
         if self.loss is not None:
-            parts.append(f"loss {self.loss:.3f}")
+            details.append(f"loss {self.loss:.3f}")
         if self.accuracy is not None:
-            parts.append(f"accuracy {self.accuracy:.3f}")
-        return " ".join(parts[:3]) + " · ".join([" " + parts[3]] + parts[4:])
+            details.append(f"accuracy {self.accuracy:.3f}")
+        return f"{head} {' · '.join(details)}"
 
 
 async def read_round(reader: FederationReader, number: int, schedule_id: str) -> RoundView:
@@ -246,14 +259,13 @@ def train_single_node(definition: dict, models_dir: pathlib.Path, out: TextIO) -
         raise RunError(f"single-node workflow {definition['workflow_id']!r} uses data set {data.get('dataset')!r}; "
                        f"`run` trains single-node workflows on the built-in digits data only")
     train, test = datasets.split_train_test(datasets.load_digits(), data["test_fraction"], datasets.split_seed(data))
-    view = RoundView(1, status="training", submitted=1, expected=1)
+    view = RoundView(1, status="training", steps_label="epochs")
+    printer = ProgressPrinter(1, out)
 
     def progress(p: training.Progress) -> None:
         if p.step == p.total or p.step % max(1, p.total // p.epochs) == 0:
             view.tasks_done, view.tasks_total, view.loss = p.epoch, p.epochs, p.loss
-            line = view.render(1).replace("participants 1/1 · tasks", "epochs")
-            out.write(("\r\033[K" if out.isatty() else "") + line + ("" if out.isatty() else "\n"))
-            out.flush()
+            printer.show(view)
 
     result = training.local_train(definition["model"], definition["hyperparameters"], None, train.x, train.y,
                                   progress=progress)
@@ -263,7 +275,7 @@ def train_single_node(definition: dict, models_dir: pathlib.Path, out: TextIO) -
     models_dir.mkdir(parents=True, exist_ok=True)
     (models_dir / f"{definition['workflow_id']}.safetensors").write_bytes(blob)
     view.status, view.accuracy, view.global_model = "final", scores["accuracy"], model_format.digest(blob)
-    out.write(("\r\033[K" if out.isatty() else "") + view.render(1).replace("participants 1/1 · tasks", "epochs") + "\n")
+    printer.show(view)
     return view
 
 
@@ -273,13 +285,7 @@ async def deploy_and_follow(path: str, *, home: pathlib.Path, nodes_dir: pathlib
     definition = prepare(path, nodes_dir, workflow_id)
     started = time.monotonic()
     async with RestClient(rest_url, retries=3) as rest:
-        try:
-            outcome, record = await deploy(rest, user_key(home, key_path), definition)
-        except RestError as exc:
-            raise RunError(f"the network at {rest_url} did not answer ({exc}); is it up? `trustmesh up` starts "
-                           f"a local one") from None
-        except OSError as exc:
-            raise RunError(f"no network answers at {rest_url} ({exc}); `trustmesh up` starts a local one") from None
+        outcome, record = await deploy(rest, user_key(home, key_path), definition)
         out.write(f"workflow {definition['workflow_id']} {outcome} (version {record['version']})\n")
         if "federation" in definition:
             views = await follow(validator_url, rest, definition["workflow_id"], out=out, timeout=timeout)
