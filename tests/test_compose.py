@@ -721,7 +721,6 @@ def test_compose_file_matches_the_compose_specification(project, schema):
 
 
 def test_every_trustmesh_command_line_parses(project):
-    # Parses with the working tree's CLI: iot-node without --workflow/--role needs role auto.
     assert check_commands(project) == []
 
 
@@ -758,7 +757,6 @@ def test_every_node_a_shipped_workflow_names_runs_and_resolves(project):
 
 
 def test_readme_commands_name_real_services_and_parse(project):
-    # Needs the CLI's `workflow deploy` and `audit` subcommands.
     assert check_readme(project) == []
 
 
