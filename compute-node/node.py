@@ -8,6 +8,11 @@ Task delivery survives a crash at every step:
   (its own pending messages), and a node that never comes back is replaced on chain by
   `reassign` once the task's deadline passes;
 - the last block handled is kept in the data dir, so a restarted node replays what it missed.
+
+A task whose dependencies this node ran itself does not wait for their reports to be committed:
+it starts as soon as they are submitted, and its own report names theirs as transaction
+dependencies, so the chain still records every report after the ones it builds on. With one
+compute node a whole round's tasks run back to back, without a block between them.
 """
 
 from __future__ import annotations
@@ -53,6 +58,14 @@ def measured_resources() -> dict:
     return {"cpu_cores": max(1, cpu), "memory_mb": max(1, memory_mb)}
 
 
+async def _all_done(task_ids, status) -> bool:
+    for task_id in task_ids:  # stops at the first that is not: each look may be a REST call
+        found = await status(task_id)
+        if found is None or found["status"] != "done":
+            return False
+    return True
+
+
 class ComputeNode:
     def __init__(self, name: str, data_dir: str | os.PathLike, *, validator_url: str, rest_url: str,
                  redis_url: str, couch_url: str | None = None, couch_user: str | None = None,
@@ -68,7 +81,10 @@ class ComputeNode:
         self._cursor_path = self.data_dir / f"{name}.last-block"
         self._tasks: list[asyncio.Task] = []
         self._confirming: set[asyncio.Task] = set()  # reports submitted, not yet seen committed
+        self._awaiting_commit: set[str] = set()  # their task messages, acked once the report commits
         self._final_statuses: dict[tuple[str, str], dict] = {}
+        self._uncommitted: dict[tuple[str, str], str] = {}  # own reports in flight: report txn id
+        self._queued: set[tuple[str, str, int]] = set()  # (schedule_id, task_id, attempt) put in the stream
         self.completed: list[tuple[str, str]] = []  # (schedule_id, task_id), for tests and logs
 
     async def start(self) -> None:
@@ -139,19 +155,30 @@ class ComputeNode:
         if assignments is None:
             return
         tasks = assignments["tasks"]
+        known: dict[str, dict | None] = {}  # this call's statuses: ten trains share one preprocess
+
+        async def status(task_id: str) -> dict | None:
+            if task_id not in known:
+                known[task_id] = (self.context.reported.get((schedule_id, task_id))
+                                  or await self._task_status(schedule_id, task_id))
+            return known[task_id]
+
         for task_id in assignments["order"]:
             task = tasks[task_id]
-            if task["node"] != self.node:
+            queued = (schedule_id, task_id, task["attempt"])
+            # Cheapest checks first: this runs after every block and every task, and each status
+            # read is a REST call.
+            if task["node"] != self.node or queued in self._queued or (schedule_id, task_id) in self.context.reported:
                 continue
-            status = await self._task_status(schedule_id, task_id)
-            if status is None or status["status"] in ("done", "failed") or status["attempt"] != task["attempt"]:
+            if not await _all_done(task["fetch_dependency_outputs"], status):
                 continue
-            deps = [await self._task_status(schedule_id, d) for d in task["fetch_dependency_outputs"]]
-            if any(d is None or d["status"] != "done" for d in deps):
+            own = await status(task_id)
+            if own is None or own["status"] in ("done", "failed") or own["attempt"] != task["attempt"]:
                 continue
             marker = f"enqueued_{self.node}_{schedule_id}_{task_id}_{task['attempt']}"
             await self.queue.publish_once({"schedule_id": schedule_id, "task_id": task_id, "attempt": task["attempt"]},
                                           marker)
+            self._queued.add(queued)
 
     async def _task_status(self, schedule_id: str, task_id: str) -> dict | None:
         # Statuses only move forward and "done" is final: those need reading once.
@@ -186,6 +213,11 @@ class ComputeNode:
                 await asyncio.sleep(min(30, 2 ** attempt))
 
     async def _handle(self, message) -> None:
+        if message.message_id in self._awaiting_commit:
+            # Reported already: a long task's message can look stale to the stream (pending past
+            # claim_idle_ms) and come back before its report commits; running it again would
+            # hold this worker up for nothing.
+            return
         sid, task_id, attempt = message.task["schedule_id"], message.task["task_id"], message.task["attempt"]
         status = await self.reader.task_status(sid, task_id)
         if status is None or status["node"] != self.node or status["attempt"] != attempt \
@@ -206,14 +238,23 @@ class ComputeNode:
         # spends outside compute is framework overhead (bench/bench_round_overhead.py).
         metrics = {**outcome.metrics, "compute_seconds": round(outcome.compute_seconds, 6),
                    "task_seconds": round(time.perf_counter() - started, 6)}
+        waits_for = [self._uncommitted[sid, d] for d in outcome.dependencies if (sid, d) in self._uncommitted]
         txns = [schedule.make_report_transaction(self.signer, sid, task_id, "done", output_digest=outcome.output_digest,
-                                                 metrics=metrics, attempt=attempt)]
+                                                 metrics=metrics, attempt=attempt, dependencies=waits_for)]
         if outcome.round_result is not None:  # same batch: the result stands or falls with the report
             r = outcome.round_result
             txns.append(schedule.make_round_result_transaction(
                 self.signer, sid, outcome.output_digest, r["participants"], r["aggregation_weights"], r["metrics"],
                 task_id=task_id))
         await self._report(txns, message.message_id, (sid, task_id))
+        self._uncommitted[sid, task_id] = txns[0].header_signature
+        self.context.reported[sid, task_id] = {"status": "done", "node": self.node, "attempt": attempt,
+                                               "output_digest": outcome.output_digest, "metrics": metrics}
+        try:  # dependents on this node go on now, not a block later
+            await self.enqueue_runnable(sid)
+        except Exception:  # the task is reported: a hiccup here must not run it again
+            LOGGER.warning("%s: could not queue the tasks after %s now; the next block will", self.name, task_id,
+                           exc_info=True)
         LOGGER.info("%s: %s done (%s…) %s", self.name, task_id, outcome.output_digest[:12],
                     {k: round(v, 4) if isinstance(v, float) else v for k, v in outcome.metrics.items()})
 
@@ -221,6 +262,7 @@ class ComputeNode:
         """Submit a report and go on with the next task at once: the message is acked when the
         report is committed (a node that dies before that finds the message again on restart)."""
         ids = await self.rest.submit_batches([make_batch(self.signer, txns)])
+        self._awaiting_commit.add(message_id)
         confirm = asyncio.get_running_loop().create_task(self._confirm(ids, message_id, completed))
         self._confirming.add(confirm)
         confirm.add_done_callback(self._confirming.discard)
@@ -230,6 +272,13 @@ class ComputeNode:
             [status] = await self.rest.wait_for_batches(ids, 120, raise_invalid=False)
         except Exception:
             LOGGER.exception("%s: no answer on report %s; the task stays pending", self.name, ids[0][:16])
+            status = None
+        finally:  # the chain answers for this task from now on (a claim of the message asks it)
+            self._awaiting_commit.discard(message_id)
+            if completed is not None:
+                self._uncommitted.pop(completed, None)
+                self.context.reported.pop(completed, None)
+        if status is None:
             return
         if status["status"] != "COMMITTED":
             LOGGER.warning("%s: report not committed: %s", self.name, status.get("invalid_transactions"))

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from trustmesh.ledger import payload as cbor
@@ -47,6 +48,7 @@ class TaskOutcome:
     metrics: dict
     round_result: dict | None = None  # aggregate only: participants, weights, metrics
     compute_seconds: float = 0.0      # training, aggregating or evaluating itself: no I/O, no ledger
+    dependencies: tuple[str, ...] = ()  # the task's fetch_dependency_outputs
 
 
 @dataclass
@@ -57,21 +59,48 @@ class TaskContext:
     blobs: BlobStore
     history: CouchHistory | None
     progress: Callable[[str], None] = lambda text: None
+    # This node's own reports that are submitted but maybe not committed yet, by (schedule_id,
+    # task_id): a dependent task on this node starts from them instead of waiting for the block.
+    reported: dict[tuple[str, str], dict] = field(default_factory=dict)
+
+    # What every task of a round reads alike (its assignments' task graph, the workflow definition,
+    # the global model it starts from), kept for the last few rounds: a round runs a dozen tasks.
+    rounds: OrderedDict = field(default_factory=OrderedDict)
+
+    async def dependency_status(self, schedule_id: str, task_id: str) -> dict | None:
+        return self.reported.get((schedule_id, task_id)) or await self.reader.task_status(schedule_id, task_id)
+
+    async def round_inputs(self, schedule_id: str) -> dict:
+        """{"assignments", "definition"} of a round. The parts tasks use (kinds, inputs, data
+        owners, dependencies) are fixed at assignment; reassignment only moves nodes and attempts."""
+        cached = self.rounds.get(schedule_id)
+        if cached is None:
+            assignments = await self.reader.assignments(schedule_id)
+            workflow = await self.reader.workflow(assignments["workflow_id"])
+            cached = {"assignments": assignments, "definition": workflow["definition"]}
+            self.rounds[schedule_id] = cached
+            while len(self.rounds) > ROUNDS_CACHED:
+                self.rounds.popitem(last=False)
+        return cached
+
+
+ROUNDS_CACHED = 4
 
 
 async def run_task(ctx: TaskContext, schedule_id: str, task_id: str) -> TaskOutcome:
-    assignments = await ctx.reader.assignments(schedule_id)
+    inputs = await ctx.round_inputs(schedule_id)
+    assignments, definition = inputs["assignments"], inputs["definition"]
     task = assignments["tasks"][task_id]
-    workflow = await ctx.reader.workflow(assignments["workflow_id"])
-    definition = workflow["definition"]
     runner = {"preprocess": _preprocess, "local_train": _local_train,
               "aggregate": _aggregate, "evaluate": _evaluate}[task["kind"]]
     try:
-        return await runner(ctx, assignments, task_id, task, definition)
+        outcome = await runner(ctx, assignments, task_id, task, definition)
     except (ValueError, LookupError, EnvelopeError) as exc:
         # Inputs that do not fit (model format, data, strategy, envelopes, a missing earlier
         # result) fail the same way on every try: report the task failed, saying why.
         raise TaskInputError(f"{task['kind']} {task_id}: {exc}") from exc
+    outcome.dependencies = tuple(task["fetch_dependency_outputs"])
+    return outcome
 
 
 async def _blob(ctx: TaskContext, digest: str, what: str) -> bytes:
@@ -86,19 +115,24 @@ async def _preprocess(ctx, assignments, task_id, task, definition) -> TaskOutcom
     manifest = {}
     for node in round_record["submitted_nodes"]:
         submission = round_record["submissions"][node]
-        await _blob(ctx, submission["digest"], f"submission of {node[:16]}…")
         manifest[node] = {"digest": submission["digest"], "samples": submission["samples"]}
+    await asyncio.gather(*(_blob(ctx, entry["digest"], f"submission of {node[:16]}…")  # side by side
+                           for node, entry in manifest.items()))
     digest = await ctx.blobs.put(cbor.encode({"schedule_id": assignments["schedule_id"], "submissions": manifest}))
     samples = sum(entry["samples"] for entry in manifest.values())
     return TaskOutcome(digest, {"submissions": len(manifest), "samples": samples})
 
 
-async def _global_model(ctx, definition, workflow_id: str, round_number: int):
-    digest = await ctx.reader.previous_global_model(workflow_id, round_number)
-    if digest is None:
-        return None
-    blob = await _blob(ctx, digest, f"global model of round {round_number - 1}")
-    return model_format.load(blob, digest, definition["model"]).state
+async def _global_model(ctx, definition, schedule_id: str, workflow_id: str, round_number: int):
+    inputs = await ctx.round_inputs(schedule_id)
+    if "global_model" not in inputs:  # every local_train of the round starts from the same one
+        digest = await ctx.reader.previous_global_model(workflow_id, round_number)
+        state = None
+        if digest is not None:
+            blob = await _blob(ctx, digest, f"global model of round {round_number - 1}")
+            state = model_format.load(blob, digest, definition["model"]).state
+        inputs["global_model"] = state
+    return inputs["global_model"]
 
 
 async def _local_train(ctx, assignments, task_id, task, definition) -> TaskOutcome:
@@ -107,7 +141,7 @@ async def _local_train(ctx, assignments, task_id, task, definition) -> TaskOutco
     data = load_npz(open_bundle(bundle, ctx.encryption_key, node=ctx.node, schedule_id=sid, sender=owner),
                     input_dim=definition["model"]["input_dim"], num_classes=definition["model"]["num_classes"])
     hp = definition["hyperparameters"]
-    global_state = await _global_model(ctx, definition, assignments["workflow_id"], assignments["round"])
+    global_state = await _global_model(ctx, definition, sid, assignments["workflow_id"], assignments["round"])
 
     def progress(p):
         ctx.progress(f"{task_id}: epoch {p.epoch}/{p.epochs} step {p.step}/{p.total} loss {p.loss:.3f}")
@@ -130,7 +164,7 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     for dep in task["fetch_dependency_outputs"]:
         if tasks[dep]["kind"] != "local_train":
             continue
-        status = await ctx.reader.task_status(sid, dep)
+        status = await ctx.dependency_status(sid, dep)
         update_digests[tasks[dep]["data_owner"]] = status["output_digest"]
         blob = await _blob(ctx, status["output_digest"], f"update {dep}")
         state = model_format.load(blob, status["output_digest"], definition["model"]).state
@@ -151,11 +185,11 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     participants = sorted(weights)
     if ctx.history is not None:
         wf, number = assignments["workflow_id"], assignments["round"]
-        await ctx.history.put_round_model(wf, number, blob, schedule_id=sid, expected_digest=digest)
-        # Separate documents: written side by side, not one HTTP round trip after another.
+        # The round document (model attached) and each node's participation are separate
+        # documents: written side by side, not one HTTP round trip after another.
         await asyncio.gather(
-            ctx.history.save_round(
-                wf, number, schedule_id=sid, participants=participants, global_model_digest=digest,
+            ctx.history.put_round_model(
+                wf, number, blob, schedule_id=sid, expected_digest=digest, participants=participants,
                 aggregation_weights={n: float(weights[n]) for n in participants},
                 update_digests={n: update_digests[n] for n in participants},
                 metrics={"train_loss": metrics["loss"], "train_accuracy": metrics["accuracy"]}),
@@ -174,7 +208,7 @@ async def _evaluate(ctx, assignments, task_id, task, definition) -> TaskOutcome:
     final = [d for d in aggregates if not any(d in tasks[o]["fetch_dependency_outputs"] for o in aggregates)]
     if len(final) != 1:
         raise TaskInputError(f"evaluate {task_id} needs exactly one final aggregate; found {final or 'none'}")
-    status = await ctx.reader.task_status(sid, final[0])
+    status = await ctx.dependency_status(sid, final[0])
     blob = await _blob(ctx, status["output_digest"], "global model")
     state = model_format.load(blob, status["output_digest"], definition["model"]).state
     data = definition["data"]

@@ -364,9 +364,11 @@ class CouchHistory:
 
     async def put_round_model(self, workflow_id: str, round_number: int, model: bytes, *,
                               schedule_id: str | None = None, expected_digest: str | None = None,
-                              content_type: str = MODEL_CONTENT_TYPE) -> str:
+                              content_type: str = MODEL_CONTENT_TYPE, metrics: Mapping | None = None,
+                              **fields: Any) -> str:
         """Store a round's global model as attachment "global_model" with its sha256, in one
-        revision. expected_digest (the chain's) is checked before anything is written."""
+        revision. expected_digest (the chain's) is checked before anything is written. Other
+        round fields and metrics may go in the same revision (as save_round sets them)."""
         model = bytes(model)
         digest = _sha256(model)
         _check_expected(f"global model of round {round_number} of {workflow_id!r}", digest, expected_digest)
@@ -375,6 +377,9 @@ class CouchHistory:
             doc = doc or {"type": "round", "workflow_id": workflow_id, "round": int(round_number), "metrics": {}}
             if schedule_id is not None:
                 doc["schedule_id"] = schedule_id
+            doc.update(fields)
+            if metrics:
+                doc["metrics"] = {**doc.get("metrics", {}), **dict(metrics)}
             doc["global_model_digest"] = digest
             doc["global_model_bytes"] = len(model)
             doc["_attachments"] = {**doc.get("_attachments", {}),
