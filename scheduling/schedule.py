@@ -66,6 +66,7 @@ trustmesh/round-finalized.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import re
@@ -453,9 +454,11 @@ class ScheduleHandler(TransactionHandler):
         for node in sorted(touched):
             writes[layout.node_load_address(node)] = loads[node]
         await write_records(context, writes)
-        for task_id, a in tasks.items():
-            await emit(context, "trustmesh/task-assigned", schedule_id=schedule_id, task_id=task_id,
-                       node=a["node"], kind=a["kind"], attempt=1, workflow_id=workflow_id)
+        # All in flight at once instead of one round trip each: they are sent (and so recorded)
+        # in this order all the same.
+        await asyncio.gather(*(emit(context, "trustmesh/task-assigned", schedule_id=schedule_id, task_id=task_id,
+                                    node=a["node"], kind=a["kind"], attempt=1, workflow_id=workflow_id)
+                               for task_id, a in tasks.items()))
         await emit(context, "trustmesh/round-scheduled", schedule_id=schedule_id, workflow_id=workflow_id,
                    round=round_.get("round"), tasks=len(tasks), nodes=len(touched))
 
