@@ -14,7 +14,7 @@ short tick (for timeouts), so a restarted node simply picks up where the chain i
                  collecting past round_timeout -> close_round
                  ready, not assigned -> assign
                  a task past its deadline -> reassign
-                 final (or timed out) and rounds remain -> open the next round
+                 aggregated (or timed out) and rounds remain -> open the next round
     every node   a round final -> fetch the global model by its on-chain digest, verify, keep it
 
 Raw data leaves the node only inside envelopes (stores/data_envelope.py).
@@ -45,8 +45,11 @@ LOGGER = logging.getLogger(__name__)
 # The blocks that can change what an IoT node does. Task progress is not among them: ten IoT
 # nodes re-reading state on every task report would load the validator for nothing.
 EVENTS = ("trustmesh/workflow-deployed", "trustmesh/workflow-updated", "trustmesh/peer-registered",
-          "trustmesh/round-opened", "trustmesh/round-ready", "trustmesh/round-timeout",
-          "trustmesh/round-finalized")
+          "trustmesh/peer-updated", "trustmesh/round-opened", "trustmesh/round-ready", "trustmesh/round-timeout",
+          "trustmesh/round-result", "trustmesh/round-finalized")
+# Round events a node acts on straight from their attributes (IoTNode._react).
+REACTIONS = ("trustmesh/round-opened", "trustmesh/round-ready", "trustmesh/round-result",
+             "trustmesh/round-finalized")
 TICK = 1.0  # seconds between re-checks that depend on time (timeouts, deadlines): coordinators
 FULL_TICKS = 5  # every 5th tick also re-checks participation, in case an event was missed
 
@@ -68,12 +71,16 @@ class IoTNode:
         self.finished = asyncio.Event()  # with a workflow_id: set once its last round is over
         self.done: set[str] = set()      # workflows whose last round is over
         self.models: dict[str, dict[int, str]] = {}  # workflow -> round -> verified global model digest
-        self._submitted: set[str] = set()
-        self._sent: set[tuple] = set()   # coordinator actions already sent (the chain refuses repeats anyway)
+        self._submitted: set[str] = set()  # rounds this node submitted to (or is submitting to right now)
+        self._sent: set[tuple] = set()   # coordinator actions sent or being sent (the chain refuses repeats anyway)
         self._tasks: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
         self._coordinates_any = True  # until the first look at the chain says otherwise
         self._data_cache: dict[str, tuple[bytes, int]] = {}  # npz bytes, samples
+        self._definitions: dict[str, dict] = {}  # workflow -> definition, as last read from the chain
+        self._recipients: dict[str, str] | None = None  # compute node -> encryption key, until a peer event
+        self._reactions: set[asyncio.Task] = set()
+        self._recheck = asyncio.Event()
 
     @property
     def global_models(self) -> dict[int, str]:
@@ -92,13 +99,14 @@ class IoTNode:
         loop = asyncio.get_running_loop()
         # liveness for `trustmesh status` and supervisors
         beats = self.heartbeats.keep_beating(self.node, {"name": self.name, "role": "iot"})
-        self._tasks = [loop.create_task(self._follow()), loop.create_task(self._tick()), loop.create_task(beats)]
+        self._tasks = [loop.create_task(self._follow()), loop.create_task(self._reconcile()),
+                       loop.create_task(self._tick()), loop.create_task(beats)]
         LOGGER.info("IoT node %s (%s…) ready%s", self.name, self.node[:16], " as coordinator" if self.coordinator else "")
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._reactions]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._reactions, return_exceptions=True)
         await self.subscriber.close()
         await self.rest.close()
         await self.redis.aclose()
@@ -107,12 +115,81 @@ class IoTNode:
 
     async def _follow(self) -> None:
         while True:
-            await self.subscriber.next_block()
+            block = await self.subscriber.next_block()
+            if not self._react(block):
+                self._recheck.set()
+
+    async def _reconcile(self) -> None:
+        """The full re-read of chain state after blocks, one at a time: the blocks that arrive
+        meanwhile are covered by the next one."""
+        while True:
+            await self._recheck.wait()
+            self._recheck.clear()
             await self._step()
+
+    def _react(self, block) -> bool:
+        """Act on a block's round events at once, from what the events say; True when that
+        covers the whole block. Otherwise a full re-read of chain state follows (_step: several
+        REST calls per node, which ten nodes doing after every block would load the validator
+        with, and every step of a round would wait for). The periodic full check catches anything
+        a reaction missed. Each reaction runs on its own, so waiting for one commit never holds
+        up the next block."""
+        covered = True
+        for event in block.events:
+            if event.event_type in ("trustmesh/peer-registered", "trustmesh/peer-updated"):
+                self._recipients = None
+                continue
+            attrs = {a.key: a.value for a in event.attributes}
+            workflow_id = attrs.get("workflow_id")
+            definition = self._definitions.get(workflow_id)
+            if event.event_type not in REACTIONS or definition is None:
+                covered = False
+                continue
+            if workflow_id in self.done or not definition.get("federation"):
+                continue
+            reaction = asyncio.get_running_loop().create_task(self._react_to(event.event_type, attrs, definition))
+            self._reactions.add(reaction)
+            reaction.add_done_callback(self._reaction_done)
+        return covered
+
+    def _reaction_done(self, task: asyncio.Task) -> None:
+        self._reactions.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            LOGGER.error("%s: reacting to a block failed; the next check of the chain retries", self.name,
+                         exc_info=task.exception())
+
+    async def _react_to(self, event_type: str, attrs: dict, definition: dict) -> None:
+        workflow_id, sid, number = attrs["workflow_id"], attrs["schedule_id"], int(attrs["round"])
+        fed = definition["federation"]
+        if event_type == "trustmesh/round-opened":
+            record = {"schedule_id": sid, "round": number, "status": "collecting", "submissions": {},
+                      "expected_nodes": attrs["expected_nodes"].split(",")}
+            await self._participate(definition, record)
+        elif event_type in ("trustmesh/round-result", "trustmesh/round-finalized"):
+            # The next round opens once this one's global model is on chain (its aggregate result),
+            # so collecting it overlaps this round's evaluation (finalized covers a missed result).
+            if self._coordinates(definition) and number < fed["rounds"]:
+                await self._once(("open", workflow_id, number + 1), federation.make_open_round_transaction(
+                    self.signer, workflow_id, number + 1, previous_schedule_id=sid), f"open round {number + 1}")
+            if event_type == "trustmesh/round-result":
+                return
+            await self._collect_final(workflow_id, definition, {"rounds": {str(number): sid}})
+            if number == fed["rounds"]:
+                self._finish(workflow_id)
+        elif event_type == "trustmesh/round-ready" and self._coordinates(definition):
+            await self._once(("assign", sid), schedule.make_assign_transaction(
+                self.signer, sid, workflow_id, deadline_seconds=self.task_deadline), f"assign round {number}")
+
+    def _finish(self, workflow_id: str) -> None:
+        self.done.add(workflow_id)
+        if workflow_id == self.workflow_id:
+            self.finished.set()
 
     async def _tick(self) -> None:
         ticks = 0
         while True:
+            if ticks % FULL_TICKS == 0:
+                self._recipients = None  # in case a peer event was missed
             await self._step(coordinating_only=ticks % FULL_TICKS != 0)
             ticks += 1
             await asyncio.sleep(TICK)
@@ -146,6 +223,7 @@ class IoTNode:
         if coordinating_only and not self._coordinates_any:
             return  # a participant's tick: nothing time-driven to do between full checks
         records = await self._workflows()
+        self._definitions = {r["workflow_id"]: r["definition"] for r in records}
         self._coordinates_any = any(self._coordinates(r["definition"]) for r in records)
         for record in records:
             if record["workflow_id"] in self.done or (coordinating_only and not self._coordinates(record["definition"])):
@@ -170,15 +248,15 @@ class IoTNode:
             await self._participate(definition, record)
             await self._collect_final(workflow_id, definition, index)
         if latest == fed["rounds"] and record is not None and await self._round_over(record):
-            self.done.add(workflow_id)
-            if workflow_id == self.workflow_id:
-                self.finished.set()
+            self._finish(workflow_id)
 
-    async def _round_over(self, record) -> bool:
+    async def _round_over(self, record, *, model_only: bool = False) -> bool:
+        """Timed out, or its result is final; with model_only, once its global model is on chain
+        (all the next round needs: its evaluation may still be running)."""
         if record["status"] == "timeout":
             return True
         result = await self.reader.round_result(record["schedule_id"])
-        return bool(result and result.get("final"))
+        return bool(result and result.get("global_model_digest" if model_only else "final"))
 
     # -- participant -----------------------------------------------------------------------------
 
@@ -204,15 +282,28 @@ class IoTNode:
         if (record["status"] != "collecting" or self.node not in record["expected_nodes"]
                 or self.node in record["submissions"] or sid in self._submitted):
             return
+        self._submitted.add(sid)  # claimed before any wait: a block's reaction and a full check may both get here
+        committed = False
+        try:
+            committed = await self._submit(definition, record)
+        finally:
+            if not committed:
+                self._submitted.discard(sid)
+
+    async def _submit(self, definition, record) -> bool:
+        sid = record["schedule_id"]
         data, samples = self._local_data(definition)
-        recipients = {node: peer["encryption_public_key"] for node, peer in (await self.reader.peers()).items()}
+        if self._recipients is None:
+            self._recipients = {node: peer["encryption_public_key"] for node, peer in (await self.reader.peers()).items()}
+        recipients = self._recipients
         bundle = seal_bundle(data, recipients, schedule_id=sid, sender=self.node)
         digest = await self.blobs.put(bundle)
         txn = federation.make_submit_transaction(self.signer, sid, digest, samples,
                                                  {"format": "npz-bundle-v1", "recipients": len(recipients)})
-        if await self._commit(txn, f"submit to round {record['round']}"):
-            self._submitted.add(sid)
-            LOGGER.info("%s: submitted %d samples to round %d (%s…)", self.name, samples, record["round"], digest[:12])
+        if not await self._commit(txn, f"submit to round {record['round']}"):
+            return False
+        LOGGER.info("%s: submitted %d samples to round %d (%s…)", self.name, samples, record["round"], digest[:12])
+        return True
 
     async def _collect_final(self, workflow_id: str, definition, index) -> None:
         models = self.models.setdefault(workflow_id, {})
@@ -226,6 +317,8 @@ class IoTNode:
             digest = result["global_model_digest"]
             blob = await self.blobs.get(digest)  # verified against the chain's digest
             model_format.load(blob, digest, definition["model"])
+            if number in models:  # a block's reaction and a full check may both get here
+                continue
             (self.data_dir / f"{workflow_id}-round-{number}.safetensors").write_bytes(blob)
             models[number] = digest
             self.on_round(workflow_id, number, result)
@@ -236,7 +329,7 @@ class IoTNode:
     # -- coordinator -----------------------------------------------------------------------------
 
     async def _coordinate(self, workflow_id: str, fed, latest, record) -> None:
-        if record is None or (latest < fed["rounds"] and await self._round_over(record)):
+        if record is None or (latest < fed["rounds"] and await self._round_over(record, model_only=True)):
             if not await self.reader.peer_index():
                 return  # no compute node yet: nobody could open the data
             previous = record["schedule_id"] if record is not None else None
@@ -272,8 +365,13 @@ class IoTNode:
     async def _once(self, key, txn, what: str) -> None:
         if key in self._sent:
             return
-        if await self._commit(txn, what):
-            self._sent.add(key)
+        self._sent.add(key)  # claimed before the commit wait, as in _participate
+        committed = False
+        try:
+            committed = await self._commit(txn, what)
+        finally:
+            if not committed:
+                self._sent.discard(key)
 
     async def _commit(self, txn, what: str) -> bool:
         ids = await self.rest.submit_batches([make_batch(self.signer, [txn])])

@@ -387,10 +387,10 @@ def test_close_round_after_timeout_ready_or_timeout(chain):
             index = federation.decode_workflow_rounds(await client.get_state(layout.workflow_rounds_address(short)))
             assert index == {"rounds": {"1": sid_short, "2": layout.schedule_id_for(short, 2, C)}, "latest": 2}
             # what round 2 trains from: a timed-out round left no model, so the seeded start; a
-            # ready round without a final result is an error, not a silent fresh start
+            # ready round without an aggregate result is an error, not a silent fresh start
             reader = FederationReader(client)
             assert await reader.previous_global_model(short, 2) is None
-            with pytest.raises(LookupError, match=f"round 1 of '{enough}' has no final result on chain"):
+            with pytest.raises(LookupError, match=f"round 1 of '{enough}' has no global model on chain yet"):
                 await reader.previous_global_model(enough, 2)
 
     run(scenario())
