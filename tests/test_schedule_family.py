@@ -24,6 +24,7 @@ from trustmesh.scheduling.federation import (
     make_submit_transaction,
 )
 from trustmesh.scheduling.peers import PeerHandler, make_register_transaction
+from trustmesh.scheduling.reader import FederationReader
 from trustmesh.scheduling.schedule import (
     ScheduleHandler,
     make_assign_transaction,
@@ -397,6 +398,8 @@ def test_round_runs_to_a_final_result_when_evaluate_finishes_last(chain):
             result = await record(client, layout.round_result_address(sid))
             assert result["final"] is False and result["aggregate_task"] == "aggregate"
             assert result["participants"] == [pub(k) for k in IOT] and result["reported_by"] == agg_node
+            # the next round may train from this model while this one is still being evaluated
+            assert await FederationReader(client).previous_global_model(workflow_id, 2) == result["global_model_digest"]
             assert math.isclose(sum(result["aggregation_weights"].values()), 1.0)
             types = [t for t, _ in await events_of(client, result_txn)]
             assert types == ["trustmesh/round-result"]
