@@ -150,8 +150,12 @@ class ComputeNode:
                 await self.enqueue_runnable(schedule_id)
             self._cursor_path.write_text(block.block_id)
 
-    async def enqueue_runnable(self, schedule_id: str) -> None:
-        assignments = await self.reader.assignments(schedule_id)
+    async def enqueue_runnable(self, schedule_id: str, assignments: dict | None = None) -> None:
+        """Queue this node's tasks of the round that can run now. Given `assignments` (a copy read
+        earlier), nodes and attempts may be out of date: fine for the look right after a report,
+        since the worker checks each task's status on chain and every block looks again."""
+        if assignments is None:
+            assignments = await self.reader.assignments(schedule_id)
         if assignments is None:
             return
         tasks = assignments["tasks"]
@@ -251,7 +255,7 @@ class ComputeNode:
         self.context.reported[sid, task_id] = {"status": "done", "node": self.node, "attempt": attempt,
                                                "output_digest": outcome.output_digest, "metrics": metrics}
         try:  # dependents on this node go on now, not a block later
-            await self.enqueue_runnable(sid)
+            await self.enqueue_runnable(sid, (await self.context.round_inputs(sid))["assignments"])
         except Exception:  # the task is reported: a hiccup here must not run it again
             LOGGER.warning("%s: could not queue the tasks after %s now; the next block will", self.name, task_id,
                            exc_info=True)
