@@ -16,6 +16,13 @@ Two encodings meet here, exactly as in Sawtooth 1.2:
 Nodes are immutable and content addressed, so this module keeps no storage of its own: it
 reads nodes through ``read_node`` and ``update`` returns the new nodes for the caller to
 persist (in the same transaction as the block that carries the new root).
+
+Storage rows (hashes and roots are unaffected): in a sparse tree each leaf hangs under a
+chain of ~30 one-child nodes, each fully determined by (token, child hash). ``storage_rows``
+folds such chains into one row keyed by the chain's top node, and ``read_node`` may return
+either a plain node or such a chain row. The rule that keeps every node findable: a root,
+and a child of a node with other than one child, tops a row; a one-child node's child tops a
+row or is in the same row as its parent.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Callable, Iterable, Iterator, Mapping
 
 import cbor2
@@ -39,6 +46,7 @@ __all__ = [
     "decode_node",
     "encode_node",
     "node_hash",
+    "storage_rows",
 ]
 
 ADDRESS_LENGTH = 70
@@ -220,6 +228,75 @@ def node_hash(encoded: bytes) -> str:
     return hashlib.sha512(encoded).digest()[:32].hex()
 
 
+# --- storage rows -----------------------------------------------------------------------
+
+# A chain row: this marker, k, the tokens t0..t(k-1) (2 ASCII bytes each), then the bottom
+# node's bytes. Row key n0; n(i) = _one_child(t(i), hash(n(i+1))), nk = the bottom. A plain
+# node is a CBOR map (first byte 0xa0..0xbf), so it never starts with the marker.
+_CHAIN_ROW = b"\x00"
+_ONE_CHILD_HEAD = b"\xa2\x61c\xa1\x62"  # then token, b"\x78\x40", child hash, _V_KEY_NULL
+# A child entry as encode_node writes it. Found anywhere in a node, value bytes included: a
+# superset of the children, which is all storage_rows needs.
+_CHILD_HASH_RE = re.compile(r"x@([0-9a-f]{64})")
+
+
+def storage_rows(nodes: Mapping[str, bytes]) -> dict[str, bytes]:
+    """Rows to store for a set of new nodes (hash -> bytes, as ``update`` returns them).
+
+    A node is folded into its parent's row iff its only referrer among ``nodes`` is a
+    one-child node; every other node tops a row of its own. A sparse tree's new address so
+    takes ~1-3 rows instead of ~30. Callers insert rows whose key already exists as no-ops:
+    the older row holds the same subtree, and keeps the rule on its own.
+    """
+    # This runs on the store thread, holding the GIL, for every node of a block: bulk
+    # operations and few Python steps per node.
+    only_child = {  # one-child node -> its child, for exactly the bytes _one_child writes
+        h: data[9:73].decode() for h, data in nodes.items()
+        if len(data) == 76 and data[:5] == _ONE_CHILD_HEAD and data[7:9] == b"\x78\x40"
+        and data[73:] == _V_KEY_NULL
+    }
+    others = b"".join([nodes[h] for h in nodes.keys() - only_child.keys()]).decode("latin-1")
+    folded = {c for c, n in Counter(only_child.values()).items() if n == 1}
+    folded.intersection_update(nodes)
+    folded.difference_update(_CHILD_HASH_RE.findall(others))  # pinning too many costs a row
+    rows: dict[str, bytes] = {}
+    child_of = only_child.get
+    for h in nodes.keys() - folded:
+        bottom, child = h, child_of(h)
+        tokens = []
+        while child in folded:
+            tokens.append(nodes[bottom][5:7])
+            bottom, child = child, child_of(child)
+        if tokens:
+            rows[h] = b"".join([_CHAIN_ROW, bytes((len(tokens),)), *tokens, nodes[bottom]])
+        else:
+            rows[h] = nodes[h]
+    return rows
+
+
+def _decode_row(key: str, data: bytes) -> list[tuple[str, _Node]]:
+    """(hash, node) for every node of the row stored under ``key``, top first."""
+    data = bytes(data)
+    if data[:1] != _CHAIN_ROW:
+        return [(key, decode_node(data))]
+    end = 2 + 2 * data[1] if len(data) > 1 else 0
+    tokens = data[2:end].decode("latin-1")
+    if not 2 <= end <= len(data) or not _HEX_RE.fullmatch(tokens):
+        raise InvalidNode(f"stored row {key} is a damaged chain row")
+    bottom = data[end:]
+    h = node_hash(bottom)
+    nodes = [(h, decode_node(bottom))]
+    for i in range(len(tokens) - TOKEN_SIZE, -1, -TOKEN_SIZE):
+        token, child = tokens[i:i + TOKEN_SIZE], h
+        h = node_hash(_one_child(token, child))
+        nodes.append((h, (None, {token: child})))
+    # The top's hash covers every node below it: a damaged row cannot pass for its key.
+    if h != key:
+        raise InvalidNode(f"stored row {key} does not hash to its key: the store is damaged")
+    nodes.reverse()
+    return nodes
+
+
 def _wrap(value: bytes) -> bytes:
     """State value -> leaf "v": the CBOR byte string Sawtooth's Python layer stores."""
     return _canonical_head(2, len(value)) + value
@@ -258,6 +335,20 @@ def _check_hex_prefix(name: str, s: str) -> None:
 
 _DELETE = object()  # marks a delete in update()'s change list
 
+_Node = tuple[bytes | None, dict[str, str]]  # (raw value, children), as decode_node returns
+
+
+class _Walk:
+    """One read or update under one root. The other nodes of a chain row wait in ``pending``
+    until the walk reaches them, so it never relies on the shared cache keeping them."""
+
+    __slots__ = ("root", "pending")
+
+    def __init__(self, root: str):
+        self.root = root
+        # Popped on use: a walk seldom comes back to a node, and then finds it as any other.
+        self.pending: dict[str, _Node] = {}
+
 
 class MerkleRadix:
     """Read and update Merkle-Radix state trees stored as content-addressed nodes."""
@@ -265,12 +356,31 @@ class MerkleRadix:
     def __init__(self, read_node: Callable[[str], bytes | None], cache_size: int = 100_000):
         self._read_node = read_node
         self._cache_size = cache_size
-        self._cache: OrderedDict[str, tuple[bytes | None, dict[str, str]]] = OrderedDict()
+        self._cache: OrderedDict[str, _Node] = OrderedDict()
         self._lock = threading.Lock()  # REST reads and block building may share one instance
 
     # --- node access -------------------------------------------------------------------
 
-    def _load(self, h: str, remember: bool = True) -> tuple[bytes | None, dict[str, str]] | None:
+    def _load(self, walk: _Walk, h: str, path: str, remember: bool = True) -> _Node | None:
+        """Node ``h``, reached from walk.root along ``path`` (its address prefix), or None if
+        the store lacks it. ``remember``: keep what is read in the cache (a scan's deep nodes
+        would only evict the hot ones)."""
+        node = walk.pending.pop(h, None) or self._cached(h)
+        if node is not None:
+            return node
+        nodes = self._read_row(h)
+        if nodes is None and path:  # folded into the row of a node above, and evicted since
+            nodes = self._reread(walk.root, path)
+        if not nodes:
+            return None
+        decoded = dict(nodes)
+        node = decoded.pop(h, None)
+        walk.pending.update(decoded)
+        if remember:
+            self._remember(nodes)
+        return node
+
+    def _cached(self, h: str) -> _Node | None:
         cache = self._cache
         node = cache.get(h)
         if node is not None:
@@ -278,31 +388,52 @@ class MerkleRadix:
                 cache.move_to_end(h)
             except KeyError:  # evicted meanwhile by another thread; the node is still good
                 pass
-            return node
+        return node
+
+    def _read_row(self, h: str) -> list[tuple[str, _Node]] | None:
+        """The nodes of the row stored under ``h``, ``h``'s first; None if there is none."""
         if h == EMPTY_ROOT:
-            node = (None, {})  # known without a store, like Sawtooth's initialised db
-        else:
-            data = self._read_node(h)
-            if data is None:
-                return None
-            node = decode_node(data)
-        if remember:
-            with self._lock:  # single-call OrderedDict ops are atomic; insert+evict is not
+            return [(h, (None, {}))]  # known without a store, like Sawtooth's initialised db
+        data = self._read_node(h)
+        return None if data is None else _decode_row(h, data)
+
+    def _reread(self, root: str, path: str) -> list[tuple[str, _Node]]:
+        """The nodes of the rows from ``root`` down ``path``, read from the store alone: a node
+        folded into its parent's row has no row of its own, so once its cached copy is gone
+        only decoding the rows above it again finds it."""
+        decoded: dict[str, _Node] = {}
+        h = root
+        for i in range(0, len(path) + 1, TOKEN_SIZE):
+            if h not in decoded:
+                nodes = self._read_row(h)
+                if nodes is None:
+                    break
+                decoded.update(nodes)
+            if i == len(path):
+                break
+            h = decoded[h][1].get(path[i:i + TOKEN_SIZE])
+            if h is None:
+                break
+        return list(decoded.items())
+
+    def _remember(self, nodes: list[tuple[str, _Node]]) -> None:
+        cache = self._cache
+        with self._lock:  # single-call OrderedDict ops are atomic; insert+evict is not
+            for h, node in nodes:
                 cache[h] = node
-                if len(cache) > self._cache_size:
-                    cache.popitem(last=False)
+            while len(cache) > self._cache_size:
+                cache.popitem(last=False)
+
+    def _root(self, walk: _Walk) -> _Node:
+        node = self._load(walk, walk.root, "")
+        if node is None:
+            raise UnknownStateRoot(f"state root {walk.root} is not in the node store")
         return node
 
-    def _root(self, root: str) -> tuple[bytes | None, dict[str, str]]:
-        node = self._load(root)
+    def _child(self, walk: _Walk, h: str, path: str, remember: bool = True) -> _Node:
+        node = self._load(walk, h, path, remember)
         if node is None:
-            raise UnknownStateRoot(f"state root {root} is not in the node store")
-        return node
-
-    def _child(self, root: str, h: str, remember: bool = True) -> tuple[bytes | None, dict[str, str]]:
-        node = self._load(h, remember)
-        if node is None:
-            raise MissingStateNode(f"node {h} under state root {root} is missing from the store")
+            raise MissingStateNode(f"node {h} under state root {walk.root} is missing from the store")
         return node
 
     # --- reads -------------------------------------------------------------------------
@@ -310,12 +441,13 @@ class MerkleRadix:
     def get(self, root: str, address: str) -> bytes | None:
         """The value at ``address`` under ``root``, or None if it holds none."""
         _check_address(address)
-        value, children = self._root(root)
+        walk = _Walk(root)
+        value, children = self._root(walk)
         for i in range(0, ADDRESS_LENGTH, TOKEN_SIZE):
             h = children.get(address[i:i + TOKEN_SIZE])
             if h is None:
                 return None
-            value, children = self._child(root, h)
+            value, children = self._child(walk, h, address[:i + TOKEN_SIZE])
         return None if value is None else _unwrap(value)
 
     def get_many(self, root: str, addresses: Iterable[str]) -> dict[str, bytes]:
@@ -324,10 +456,11 @@ class MerkleRadix:
         for a in wanted:
             _check_address(a)
         found: dict[str, bytes] = {}
-        self._collect(root, self._root(root), 0, wanted, 0, len(wanted), found)
+        walk = _Walk(root)
+        self._collect(walk, self._root(walk), 0, wanted, 0, len(wanted), found)
         return found
 
-    def _collect(self, root, node, depth, wanted, lo, hi, found) -> None:
+    def _collect(self, walk, node, depth, wanted, lo, hi, found) -> None:
         value, children = node
         if depth == DEPTH:
             if value is not None:
@@ -341,7 +474,8 @@ class MerkleRadix:
                 end += 1
             h = children.get(token)
             if h is not None:
-                self._collect(root, self._child(root, h), depth + 1, wanted, lo, end, found)
+                child = self._child(walk, h, wanted[lo][:at + TOKEN_SIZE])
+                self._collect(walk, child, depth + 1, wanted, lo, end, found)
             lo = end
 
     def leaves(
@@ -353,10 +487,11 @@ class MerkleRadix:
         _check_hex_prefix("prefix", prefix)
         if start is not None:
             _check_hex_prefix("start", start)
-        node = self._root(root)  # fail now, not at the first next()
-        return self._iter_leaves(root, node, prefix, start, reverse)
+        walk = _Walk(root)
+        node = self._root(walk)  # fail now, not at the first next()
+        return self._iter_leaves(walk, node, prefix, start, reverse)
 
-    def _iter_leaves(self, root, node, prefix, start, reverse):
+    def _iter_leaves(self, walk, node, prefix, start, reverse):
         # Walk down the whole tokens of the prefix; a trailing half token filters children.
         path = ""
         full = len(prefix) - len(prefix) % TOKEN_SIZE
@@ -364,8 +499,8 @@ class MerkleRadix:
             h = node[1].get(prefix[i:i + TOKEN_SIZE])
             if h is None:
                 return
-            node = self._child(root, h)
             path = prefix[:i + TOKEN_SIZE]
+            node = self._child(walk, h, path)
         partial = prefix[full:]
 
         # Depth-first with an explicit stack of (path, node hash), next-to-visit on top.
@@ -393,7 +528,7 @@ class MerkleRadix:
         while stack:
             p, h = stack.pop()
             # A scan touches every node once; caching them would only evict the hot ones.
-            value, children = self._child(root, h, remember=len(p) <= 4)
+            value, children = self._child(walk, h, p, remember=len(p) <= 4)
             if value is not None:  # like Sawtooth: a node with a value is a leaf
                 if self._in_range(p, start, reverse):
                     yield p, _unwrap(value)
@@ -429,22 +564,25 @@ class MerkleRadix:
         for address in deletes:
             _check_address(address)
             changes[address] = _DELETE
-        base = self._root(root)
+        walk = _Walk(root)
+        base = self._root(walk)
         if not changes:
             return root, {}
         # Sorted so each subtree's changes are one contiguous run; each node is visited once.
         items = [(a, changes[a], a in sets) for a in sorted(changes)]
         new_nodes: dict[str, bytes] = {}
-        new_root = self._apply(root, base, 0, items, 0, len(items), new_nodes)
+        new_root = self._apply(walk, base, 0, items, 0, len(items), new_nodes)
         return new_root, new_nodes
 
-    def _apply(self, root, node, depth, items, lo, hi, new_nodes) -> str | None:
+    def _apply(self, walk, node, depth, items, lo, hi, new_nodes) -> str | None:
         """Rebuild the subtree ``node`` (None: no such branch yet) at ``depth`` with the
         changes items[lo:hi]; returns its new hash, or None if it is pruned away."""
         if hi - lo == 1:
-            return self._apply_one(root, node, depth, *items[lo], new_nodes)
+            return self._apply_one(walk, node, depth, *items[lo], new_nodes)
         value, children = (None, {}) if node is None else (node[0], dict(node[1]))
+        only_child = next(iter(children.items())) if len(children) == 1 else None
         at = depth * TOKEN_SIZE
+        prefix = items[lo][0][:at]
         on_set_path = False
         while lo < hi:
             token = items[lo][0][at:at + TOKEN_SIZE]
@@ -453,8 +591,8 @@ class MerkleRadix:
                 end += 1
             on_set_path = on_set_path or any(items[i][2] for i in range(lo, end))
             child_h = children.get(token)
-            child = None if child_h is None else self._child(root, child_h)
-            new_child = self._apply(root, child, depth + 1, items, lo, end, new_nodes)
+            child = None if child_h is None else self._child(walk, child_h, items[lo][0][:at + TOKEN_SIZE])
+            new_child = self._apply(walk, child, depth + 1, items, lo, end, new_nodes)
             if new_child is None:
                 children.pop(token, None)
             else:
@@ -463,9 +601,11 @@ class MerkleRadix:
         # Sawtooth prunes a node left without children unless some set's path runs through it.
         if depth > 0 and not children and not on_set_path:
             return None
+        if only_child is not None and len(children) > 1 and children.get(only_child[0]) == only_child[1]:
+            self._split_chain(walk, prefix, *only_child, new_nodes)
         return self._store(encode_node(value, children), new_nodes)
 
-    def _apply_one(self, root, node, depth, address, change, from_set, new_nodes) -> str | None:
+    def _apply_one(self, walk, node, depth, address, change, from_set, new_nodes) -> str | None:
         """_apply for a single change: below the point where changes part ways (most of
         the 35 levels) a path is walked down and rebuilt up in a loop, not by recursion."""
         path = []  # (depth, token, node) for the existing nodes above the change
@@ -474,16 +614,22 @@ class MerkleRadix:
             token = address[d * TOKEN_SIZE:(d + 1) * TOKEN_SIZE]
             path.append((d, token, node))
             h = node[1].get(token)
-            node = None if h is None else self._child(root, h)
+            node = None if h is None else self._child(walk, h, address[:d * TOKEN_SIZE + TOKEN_SIZE])
             d += 1
         if change is _DELETE:
             if d < DEPTH or node is None or node[0] is None:
-                raise AddressNotFound(f"cannot delete {address}: no value under state root {root}")
+                raise AddressNotFound(f"cannot delete {address}: no value under state root {walk.root}")
             h = None
         elif d == DEPTH:
             h = self._store(encode_node(change, {}), new_nodes)
         else:
             h = self._new_branch(address, change, d, new_nodes)
+        if node is None and path:  # a new branch beside the children of the last node on the path
+            split_depth, _, (_, siblings) = path[-1]
+            if len(siblings) == 1:
+                (only_token, only_hash), = siblings.items()
+                prefix = address[:split_depth * TOKEN_SIZE]
+                self._split_chain(walk, prefix, only_token, only_hash, new_nodes)
         for d, token, (value, children) in reversed(path):
             alone = len(children) == (token in children)  # no children besides this path
             if h is None and alone and d > 0 and not from_set:
@@ -507,6 +653,28 @@ class MerkleRadix:
             h = self._store(_one_child(address[d * TOKEN_SIZE:(d + 1) * TOKEN_SIZE], h), new_nodes)
         return h
 
+    def _split_chain(self, walk, prefix: str, token: str, child: str, new_nodes) -> None:
+        """The node at ``prefix``, whose only child was ``child`` (at ``token``), gets a sibling.
+
+        A child of a many-child node must top a row of its own, but ``child`` may be folded
+        into its parent's chain row; so it joins new_nodes with its one-child descendants down
+        to the first other node, and storage_rows makes it a top. A node already in new_nodes
+        was made by this update, whose own nodes keep the rule: the walk stops there."""
+        h, path = child, prefix + token
+        while h not in new_nodes:
+            value, children = self._child(walk, h, path)
+            if value is None and len(children) == 1:
+                (token, child), = children.items()
+                encoded = _one_child(token, child)
+            else:
+                encoded, child = encode_node(value, children), None
+            # A copy rebuilt from the decoded node must be exact.
+            if self._store(encoded, new_nodes) != h:
+                raise InvalidNode(f"node {h} under state root {walk.root} is not canonically encoded")
+            if child is None:
+                return
+            h, path = child, path + token
+
     @staticmethod
     def _store(encoded: bytes, new_nodes: dict[str, bytes]) -> str:
         h = hashlib.sha512(encoded).digest()[:32].hex()
@@ -516,4 +684,4 @@ class MerkleRadix:
 
 def _one_child(token: str, child: str) -> bytes:
     """== encode_node(None, {token: child}) for a 2-char hex token and a 64-char hash."""
-    return b"\xa2\x61c\xa1\x62" + token.encode() + b"\x78\x40" + child.encode() + _V_KEY_NULL
+    return _ONE_CHILD_HEAD + token.encode() + b"\x78\x40" + child.encode() + _V_KEY_NULL

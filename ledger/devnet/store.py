@@ -14,6 +14,7 @@ import threading
 from typing import Iterable, Iterator
 
 from .. import protos as pb
+from .merkle import storage_rows
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS merkle_nodes (hash TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
@@ -27,12 +28,14 @@ CREATE TABLE IF NOT EXISTS transactions (
 CREATE TABLE IF NOT EXISTS receipts (txn_id TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
 """
 
-# A block brings ~30 new Merkle nodes per new address. executemany binds each row in Python and
-# so takes the GIL back once per row: with the next block executing on the event loop meanwhile
-# (chain.py pipelines them), that convoy made storing 3x slower. Instead the nodes go in as ONE
-# blob that SQLite splits itself (recursive CTE; no unhex() before SQLite 3.41), so the whole
-# insert runs inside one statement step, without the GIL. Record: 64-char hash, 10-digit length,
-# node bytes; in hash order so the b-tree is walked once, in sequence.
+# A block brings ~30 new Merkle nodes per new address, folded into ~1-3 rows (merkle.storage_rows:
+# chains of one-child nodes share a row). executemany binds each row in Python and so takes the
+# GIL back once per row: with the next block executing on the event loop meanwhile (chain.py
+# pipelines them), that convoy made storing 3x slower. Instead the rows go in as ONE blob that
+# SQLite splits itself (recursive CTE; no unhex() before SQLite 3.41), so the whole insert runs
+# inside one statement step, without the GIL. Record: 64-char hash, 10-digit length, row bytes;
+# in hash order so the b-tree is walked once, in sequence. A key already stored keeps its row:
+# it holds the same nodes.
 _INSERT_NODES = """
 INSERT OR IGNORE INTO merkle_nodes (hash, data)
 WITH RECURSIVE node(pos, hash, data) AS (
@@ -47,11 +50,11 @@ SELECT hash, data FROM node WHERE hash IS NOT NULL
 """
 
 
-def _pack_nodes(nodes: dict[str, bytes]) -> bytes:
+def _pack_rows(rows: dict[str, bytes]) -> bytes:
     parts: list[bytes] = []
     append = parts.append
-    for node_hash in sorted(nodes):
-        data = nodes[node_hash]
+    for node_hash in sorted(rows):
+        data = rows[node_hash]
         if len(node_hash) != 64 or not node_hash.isascii():
             raise ValueError(f"not a node hash: {node_hash!r}")
         append(node_hash.encode())
@@ -74,9 +77,9 @@ class ChainStore:
         self._db.executescript(_SCHEMA)
         self._writer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._writer.execute("PRAGMA synchronous=FULL")
-        # Each block inserts ~30 Merkle nodes per new address at random keys: with SQLite's
-        # 2 MB default cache nearly every insert re-reads a b-tree page (measured ~25% of
-        # commit_block). The cache only grows as pages are used.
+        # Each block inserts Merkle rows at random keys: with SQLite's 2 MB default cache nearly
+        # every insert re-reads a b-tree page (measured ~25% of commit_block with a row per
+        # node). The cache only grows as pages are used.
         self._writer.execute("PRAGMA cache_size=-65536")
         self._lock = threading.Lock()
         # Nodes of a block that is built but not yet committed (the chain executes the next
@@ -94,6 +97,8 @@ class ChainStore:
         return self._head
 
     def get_node(self, node_hash: str) -> bytes | None:
+        """The row stored under a node hash, for MerkleRadix: the node, or a chain row topped
+        by it (merkle.storage_rows). None for a node folded into another row, or unknown."""
         staged = self._staged.get(node_hash)
         if staged is not None:
             return staged
@@ -181,7 +186,7 @@ class ChainStore:
     # -- the one write path ------------------------------------------------------------
 
     def stage_nodes(self, nodes: dict[str, bytes]) -> None:
-        """Serve these nodes before they are committed (see _staged)."""
+        """Serve these nodes before they are committed (see _staged), each as its own row."""
         self._staged.update(nodes)
 
     def unstage_nodes(self, nodes: Iterable[str]) -> None:
@@ -196,11 +201,12 @@ class ChainStore:
         receipts: Iterable["pb.TransactionReceipt"],
     ) -> None:
         header = pb.BlockHeader.FromString(block.header)
+        rows = _pack_rows(storage_rows(new_nodes))
         with self._lock:
             cur = self._writer.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                cur.execute(_INSERT_NODES, (_pack_nodes(new_nodes),))
+                cur.execute(_INSERT_NODES, (rows,))
                 cur.execute(
                     "INSERT INTO blocks (block_num, block_id, data) VALUES (?, ?, ?)",
                     (header.block_num, block.header_signature, block.SerializeToString()),
