@@ -11,6 +11,7 @@ import asyncio
 import logging
 import re
 import uuid
+from types import CoroutineType
 
 import zmq
 import zmq.asyncio
@@ -26,6 +27,7 @@ from .processors import PROTOCOL_VERSION, ProcessorRegistry
 LOGGER = logging.getLogger(__name__)
 M = pb.Message
 _BATCH_ID = re.compile(r"\A[0-9a-f]{128}\Z")
+_EVENT_ADD_OK = pb.TpEventAddResponse(status=pb.TpEventAddResponse.OK).SerializeToString()  # serialized once
 
 
 class ComponentEndpoint:
@@ -137,7 +139,8 @@ class ComponentEndpoint:
         self._subscribers.pop(identity, None)
 
     async def send_process_request(self, identity: bytes, correlation_id: str, request) -> None:
-        if not await self.send(identity, M.TP_PROCESS_REQUEST, request, correlation_id):
+        sent = self._post(identity, M.TP_PROCESS_REQUEST, request, correlation_id)
+        if sent is False or (sent is not True and not await sent):
             raise ConnectionError("processor disconnected")
 
     def _on_frames(self, frames: list) -> None:
@@ -158,7 +161,7 @@ class ComponentEndpoint:
         try:
             # Most handlers answer synchronously; only what must wait gets a task.
             result = handler(identity, message)
-            if asyncio.iscoroutine(result):
+            if isinstance(result, CoroutineType):  # asyncio.iscoroutine() costs an ABC check for bools
                 self._spawn(self._guard(result, message))
         except Exception:
             LOGGER.exception("handling %s failed", pb.message_type_name(message.message_type))
@@ -237,8 +240,9 @@ class ComponentEndpoint:
 
     def _tp_state_set(self, identity, message):
         def set_(context, request, response):
-            context.set([(e.address, e.data) for e in request.entries])
-            response.addresses.extend(e.address for e in request.entries)
+            entries = [(e.address, e.data) for e in request.entries]
+            context.set(entries)
+            response.addresses.extend(address for address, _ in entries)
 
         return self._context_call(identity, message, pb.TpStateSetRequest, pb.TpStateSetResponse,
                                   M.TP_STATE_SET_RESPONSE, set_)
@@ -264,11 +268,12 @@ class ComponentEndpoint:
     def _tp_event_add(self, identity, message):
         request = pb.TpEventAddRequest.FromString(message.content)
         context = self.executor.contexts.get(request.context_id)
-        status = pb.TpEventAddResponse.ERROR
-        if context is not None and request.event.event_type:
-            context.events.append(request.event)
-            status = pb.TpEventAddResponse.OK
-        return self._reply(identity, message, M.TP_EVENT_ADD_RESPONSE, pb.TpEventAddResponse(status=status))
+        event = request.event
+        if context is not None and event.event_type:
+            context.events.append(event)
+            return self._reply(identity, message, M.TP_EVENT_ADD_RESPONSE, _EVENT_ADD_OK)
+        response = pb.TpEventAddResponse(status=pb.TpEventAddResponse.ERROR)
+        return self._reply(identity, message, M.TP_EVENT_ADD_RESPONSE, response)
 
     def _ping_request(self, identity, message):
         return self._reply(identity, message, M.PING_RESPONSE, pb.PingResponse())
