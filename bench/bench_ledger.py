@@ -2,7 +2,10 @@
 
 Three processes, as in a deployment: the dev validator, an intkey transaction processor on our
 runtime, and this client. Batches are signed before the clock starts (signing is the client's
-cost, not the ledger's). Run: .venv/bin/python bench/bench_ledger.py [--txns 20000]
+cost, not the ledger's). Throughput is measured twice, side by side, on fresh validators: intkey
+as the reference family does it (get + set: 2 context calls per transaction) and intkey with an
+event per transaction (3 context calls). Latency uses the second, whose event names the key.
+Run: .venv/bin/python bench/bench_ledger.py [--txns 20000]
 
 Targets (issue 2): >= 1,000 committed txn/s and p50 <= 50 ms on 2 cores.
 """
@@ -35,7 +38,7 @@ from trustmesh.ledger.intkey import IntkeyHandler
 from trustmesh.ledger.processor import TransactionProcessor
 async def main():
     tp = TransactionProcessor(sys.argv[1], max_occupancy=int(sys.argv[2]))
-    tp.add_handler(IntkeyHandler())
+    tp.add_handler(IntkeyHandler(events=sys.argv[3] == "events"))
     await tp.run()
 asyncio.run(main())
 """
@@ -117,29 +120,36 @@ def main() -> None:
     args = parser.parse_args()
 
     signer = PrivateKey.generate()
-    print(f"signing {args.txns} intkey transactions in batches of {args.per_batch} ...", flush=True)
-    batches = build_batches(signer, "k", args.txns, args.per_batch)
-    with tempfile.TemporaryDirectory() as tmp:
-        node = DevnetProcess(pathlib.Path(tmp) / "devnet", "--max-batches-per-block", "100").start()
-        tp = subprocess.Popen([sys.executable, "-c", PROCESSOR, node.component_url, str(args.max_occupancy)])
-        try:
-            time.sleep(1.0)  # let the processor register
-            tps, txns = asyncio.run(throughput(node.rest_url, batches, args.concurrency))
-            lat = asyncio.run(latency(node.rest_url, node.component_url, signer, args.latency_samples))
-        finally:
-            tp.terminate()
-            tp.wait()
-            node.stop()
-            phases = _block_phases(node.log())
-    busy = phases["execute"] + phases["state"] + phases["store"]
-    if busy:
-        print(f"validator block time over {phases['blocks']} blocks: "
-              + ", ".join(f"{k} {phases[k] / busy:.0%}" for k in ("execute", "state", "store")))
+    print(f"signing 2 x {args.txns} intkey transactions in batches of {args.per_batch} ...", flush=True)
+    runs = {}
+    for variant in ("reference", "events"):
+        batches = build_batches(signer, f"{variant[0]}", args.txns, args.per_batch)
+        with tempfile.TemporaryDirectory() as tmp:
+            node = DevnetProcess(pathlib.Path(tmp) / "devnet", "--max-batches-per-block", "100").start()
+            tp = subprocess.Popen([sys.executable, "-c", PROCESSOR, node.component_url, str(args.max_occupancy),
+                                   variant])
+            try:
+                time.sleep(1.0)  # let the processor register
+                tps, txns = asyncio.run(throughput(node.rest_url, batches, args.concurrency))
+                lat = (asyncio.run(latency(node.rest_url, node.component_url, signer, args.latency_samples))
+                       if variant == "events" else None)
+            finally:
+                tp.terminate()
+                tp.wait()
+                node.stop()
+                phases = _block_phases(node.log())
+        runs[variant] = (tps, txns, phases)
+    for variant, label in (("reference", "intkey (reference: get+set)"), ("events", "intkey + an event per txn")):
+        tps, txns, phases = runs[variant]
+        busy = phases["execute"] + phases["state"] + phases["store"]
+        split = ", ".join(f"{k} {phases[k] / busy:.0%}" for k in ("execute", "state", "store")) if busy else "-"
+        print(f"throughput, {label}: {txns} txns committed at {tps:,.0f} txn/s "
+              f"(target >= 1,000: {'met' if tps >= 1000 else 'MISSED'}, ratio {tps / 1000:.2f}x; "
+              f"validator block time over {phases['blocks']} blocks: {split})")
+    print(f"events / reference: {runs['events'][0] / runs['reference'][0]:.2f}x")
     lat.sort()
     p50 = statistics.median(lat)
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-    print(f"throughput: {txns} intkey txns committed at {tps:,.0f} txn/s "
-          f"(target >= 1,000: {'met' if tps >= 1000 else 'MISSED'}, ratio {tps / 1000:.2f}x)")
     print(f"latency submit->commit event, idle, {len(lat)} samples: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
           f"(target p50 <= 50 ms: {'met' if p50 <= 50 else 'MISSED'}, ratio {50 / p50:.2f}x)")
 
