@@ -54,6 +54,20 @@ TICK = 1.0  # seconds between re-checks that depend on time (timeouts, deadlines
 FULL_TICKS = 5  # every 5th tick also re-checks participation, in case an event was missed
 
 
+async def _claimed(claims: set, key, commit) -> None:
+    """Run commit() (True once committed) unless `key` is claimed. The claim is taken before any
+    wait, since a block's reaction and a full check may both get here, and kept only on success."""
+    if key in claims:
+        return
+    claims.add(key)
+    committed = False
+    try:
+        committed = await commit()
+    finally:
+        if not committed:
+            claims.discard(key)
+
+
 class IoTNode:
     def __init__(self, name: str, data_dir: str | os.PathLike, *, workflow_id: str | None = None,
                  validator_url: str, rest_url: str, redis_url: str, coordinator: bool | None = None,
@@ -282,13 +296,7 @@ class IoTNode:
         if (record["status"] != "collecting" or self.node not in record["expected_nodes"]
                 or self.node in record["submissions"] or sid in self._submitted):
             return
-        self._submitted.add(sid)  # claimed before any wait: a block's reaction and a full check may both get here
-        committed = False
-        try:
-            committed = await self._submit(definition, record)
-        finally:
-            if not committed:
-                self._submitted.discard(sid)
+        await _claimed(self._submitted, sid, lambda: self._submit(definition, record))
 
     async def _submit(self, definition, record) -> bool:
         sid = record["schedule_id"]
@@ -363,15 +371,7 @@ class IoTNode:
                                      f"reassign late task {task_id}")
 
     async def _once(self, key, txn, what: str) -> None:
-        if key in self._sent:
-            return
-        self._sent.add(key)  # claimed before the commit wait, as in _participate
-        committed = False
-        try:
-            committed = await self._commit(txn, what)
-        finally:
-            if not committed:
-                self._sent.discard(key)
+        await _claimed(self._sent, key, lambda: self._commit(txn, what))
 
     async def _commit(self, txn, what: str) -> bool:
         ids = await self.rest.submit_batches([make_batch(self.signer, [txn])])

@@ -1,6 +1,5 @@
 """Merkle nodes in the chain store: one-child chains folded into rows, read back exactly."""
 
-import hashlib
 import sqlite3
 import tempfile
 
@@ -19,11 +18,8 @@ from trustmesh.ledger.devnet.merkle import (
     decode_node,
     storage_rows,
 )
+from test_merkle import addr
 from trustmesh.ledger.devnet.store import ChainStore
-
-
-def addr(tag: str) -> str:
-    return hashlib.sha512(tag.encode()).hexdigest()[:70]
 
 
 def commit(store: ChainStore, num: int, root: str, nodes: dict) -> None:
