@@ -147,13 +147,15 @@ async def read_round(reader: FederationReader, number: int, schedule_id: str) ->
     if record is None:
         return view
     view.status, view.submitted, view.expected = record["status"], len(record["submitted_nodes"]), len(record["expected_nodes"])
+    # The result before the tasks: a block may commit between reads, and a result read as final
+    # must not come with task counts from before its last task was done.
+    result = await reader.round_result(schedule_id)
     assignments = await reader.assignments(schedule_id)
     if assignments is not None:
         view.tasks_total = len(assignments["order"])
         for task_id in assignments["order"]:
             status = await reader.task_status(schedule_id, task_id)
             view.tasks_done += bool(status and status["status"] == "done")
-    result = await reader.round_result(schedule_id)
     if result is not None:
         view.loss = result["metrics"].get("loss")
         view.global_model = result["global_model_digest"]
