@@ -24,7 +24,7 @@ import pathlib
 import time
 
 from trustmesh.ledger.builders import make_batch
-from trustmesh.ledger.events import EventSubscriber, UnknownBlockError, event_subscription
+from trustmesh.ledger.events import NULL_BLOCK_ID, EventSubscriber, UnknownBlockError, event_subscription
 from trustmesh.ledger.rest_client import RestClient
 from trustmesh.ledger.signing import load_or_create_key
 from trustmesh.scheduling import peers, schedule
@@ -101,10 +101,7 @@ class ComputeNode:
             self.history = CouchHistory(self.couch)
             await self.history.ensure()
         await self._register()
-        known = [self._cursor_path.read_text().strip()] if self._cursor_path.exists() else []
-        self.subscriber = EventSubscriber(self.validator_url, [event_subscription(e) for e in SCHEDULE_EVENTS],
-                                          last_known_block_ids=known)
-        await self.subscriber.start()
+        await self._subscribe()
         self.context = TaskContext(self.node, self.encryption_key, self.reader, self.blobs, self.history,
                                    progress=lambda text: LOGGER.debug("%s: %s", self.name, text))
         loop = asyncio.get_running_loop()
@@ -148,7 +145,24 @@ class ComputeNode:
             rounds = {a.value for e in block.events for a in e.attributes if a.key == "schedule_id"}
             for schedule_id in sorted(rounds):
                 await self.enqueue_runnable(schedule_id)
-            self._cursor_path.write_text(block.block_id)
+            # Whole or not at all: a node killed mid-write must not come back with half an id.
+            partial = self._cursor_path.with_suffix(".partial")
+            partial.write_text(block.block_id)
+            os.replace(partial, self._cursor_path)
+
+    async def _subscribe(self) -> None:
+        """Follow the schedule events from the last block this node handled (replaying what it
+        missed), or from genesis if that block is not on this chain (a fresh dev network)."""
+        known = self._cursor_path.read_text().strip() if self._cursor_path.exists() else ""
+        subscriptions = [event_subscription(e) for e in SCHEDULE_EVENTS]
+        self.subscriber = EventSubscriber(self.validator_url, subscriptions, last_known_block_ids=[known] if known else [])
+        try:
+            await self.subscriber.start()
+        except UnknownBlockError:
+            LOGGER.warning("%s: its last block %s… is not on this chain; replaying every block", self.name, known[:16])
+            await self.subscriber.close()
+            self.subscriber = EventSubscriber(self.validator_url, subscriptions, last_known_block_ids=[NULL_BLOCK_ID])
+            await self.subscriber.start()
 
     async def enqueue_runnable(self, schedule_id: str, assignments: dict | None = None) -> None:
         """Queue this node's tasks of the round that can run now. Given `assignments` (a copy read

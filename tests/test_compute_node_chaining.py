@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
+from ledger_helpers import run, running_processor
+from test_federated_round import stores  # noqa: F401  (module-scoped servers)
 from trustmesh.compute_node.node import ComputeNode, _all_done
 from trustmesh.compute_node.tasks import TaskContext
+from trustmesh.scheduling.handlers import federation_handlers
 from trustmesh.stores.redis_state import TaskMessage
 
 
@@ -55,3 +58,19 @@ def test_a_message_whose_report_awaits_its_commit_is_not_run_again(tmp_path):
         assert "task_status" in str(exc)  # without the guard it goes on to read the task's status
     else:
         raise AssertionError("the message was not handled at all")
+
+
+def test_a_node_whose_last_block_is_not_on_the_chain_replays_from_genesis(devnet, stores, tmp_path, caplog):  # noqa: F811
+    redis_server, _ = stores
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "c.last-block").write_text("ab" * 64)  # e.g. half an id, or another chain's
+
+    async def scenario():
+        async with running_processor(devnet.component_url, *federation_handlers()):
+            node = ComputeNode("c", tmp_path / "c", validator_url=devnet.component_url, rest_url=devnet.rest_url,
+                               redis_url=redis_server.url)
+            await node.start()
+            await node.stop()
+
+    run(scenario(), timeout=60)
+    assert "is not on this chain; replaying every block" in caplog.text
