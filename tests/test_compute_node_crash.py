@@ -101,4 +101,8 @@ def test_round_completes_after_a_compute_node_is_killed_mid_task(devnet, stores,
         for proc in processes.values():
             if proc.poll() is None:
                 proc.terminate()
-                proc.wait(15)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:  # never leave a node running past the test
+                    proc.kill()
+                    proc.wait()
