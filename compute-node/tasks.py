@@ -125,10 +125,11 @@ async def _preprocess(ctx, assignments, task_id, task, definition) -> TaskOutcom
     return TaskOutcome(digest, {"submissions": len(manifest), "samples": samples})
 
 
-async def _global_model(ctx, definition, schedule_id: str, workflow_id: str, round_number: int):
-    inputs = await ctx.round_inputs(schedule_id)
+async def _global_model(ctx, definition, assignments):
+    inputs = await ctx.round_inputs(assignments["schedule_id"])
     if "global_model" not in inputs:  # every local_train of the round starts from the same one
-        digest = await ctx.reader.previous_global_model(workflow_id, round_number)
+        round_number = assignments["round"]
+        digest = await ctx.reader.previous_global_model(assignments["workflow_id"], round_number)
         state = None
         if digest is not None:
             blob = await _blob(ctx, digest, f"global model of round {round_number - 1}")
@@ -143,7 +144,7 @@ async def _local_train(ctx, assignments, task_id, task, definition) -> TaskOutco
     data = load_npz(open_bundle(bundle, ctx.encryption_key, node=ctx.node, schedule_id=sid, sender=owner),
                     input_dim=definition["model"]["input_dim"], num_classes=definition["model"]["num_classes"])
     hp = definition["hyperparameters"]
-    global_state = await _global_model(ctx, definition, sid, assignments["workflow_id"], assignments["round"])
+    global_state = await _global_model(ctx, definition, assignments)
 
     def progress(p):
         ctx.progress(f"{task_id}: epoch {p.epoch}/{p.epochs} step {p.step}/{p.total} loss {p.loss:.3f}")

@@ -183,16 +183,14 @@ class IoTNode:
             # The next round opens once this one's global model is on chain (its aggregate result),
             # so collecting it overlaps this round's evaluation (finalized covers a missed result).
             if self._coordinates(definition) and number < fed["rounds"]:
-                await self._once(("open", workflow_id, number + 1), federation.make_open_round_transaction(
-                    self.signer, workflow_id, number + 1, previous_schedule_id=sid), f"open round {number + 1}")
+                await self._open_round(workflow_id, number + 1, sid)
             if event_type == "trustmesh/round-result":
                 return
             await self._collect_final(workflow_id, definition, {"rounds": {str(number): sid}})
             if number == fed["rounds"]:
                 self._finish(workflow_id)
         elif event_type == "trustmesh/round-ready" and self._coordinates(definition):
-            await self._once(("assign", sid), schedule.make_assign_transaction(
-                self.signer, sid, workflow_id, deadline_seconds=self.task_deadline), f"assign round {number}")
+            await self._assign(workflow_id, sid, number)
 
     def _finish(self, workflow_id: str) -> None:
         self.done.add(workflow_id)
@@ -340,9 +338,7 @@ class IoTNode:
         if record is None or (latest < fed["rounds"] and await self._round_over(record, model_only=True)):
             if not await self.reader.peer_index():
                 return  # no compute node yet: nobody could open the data
-            previous = record["schedule_id"] if record is not None else None
-            await self._once(("open", workflow_id, latest + 1), federation.make_open_round_transaction(
-                self.signer, workflow_id, latest + 1, previous_schedule_id=previous), f"open round {latest + 1}")
+            await self._open_round(workflow_id, latest + 1, record["schedule_id"] if record is not None else None)
             return
         sid = record["schedule_id"]
         if record["status"] == "collecting":
@@ -354,8 +350,7 @@ class IoTNode:
             return
         assignments = await self.reader.assignments(sid)
         if assignments is None:
-            await self._once(("assign", sid), schedule.make_assign_transaction(
-                self.signer, sid, workflow_id, deadline_seconds=self.task_deadline), f"assign round {record['round']}")
+            await self._assign(workflow_id, sid, record["round"])
             return
         now = time.time()
         grace = 2 * (assignments.get("deadline_seconds") or 300)
@@ -369,6 +364,14 @@ class IoTNode:
                     await self._once(("reassign", sid, task_id, task["attempt"]),
                                      schedule.make_reassign_transaction(self.signer, sid, task_id),
                                      f"reassign late task {task_id}")
+
+    async def _open_round(self, workflow_id: str, number: int, previous: str | None) -> None:
+        await self._once(("open", workflow_id, number), federation.make_open_round_transaction(
+            self.signer, workflow_id, number, previous_schedule_id=previous), f"open round {number}")
+
+    async def _assign(self, workflow_id: str, sid: str, number: int) -> None:
+        await self._once(("assign", sid), schedule.make_assign_transaction(
+            self.signer, sid, workflow_id, deadline_seconds=self.task_deadline), f"assign round {number}")
 
     async def _once(self, key, txn, what: str) -> None:
         await _claimed(self._sent, key, lambda: self._commit(txn, what))
