@@ -11,8 +11,11 @@ Task delivery survives a crash at every step:
 
 A task whose dependencies this node ran itself does not wait for their reports to be committed:
 it starts as soon as they are submitted, and its own report names theirs as transaction
-dependencies, so the chain still records every report after the ones it builds on. With one
-compute node a whole round's tasks run back to back, without a block between them.
+dependencies, so the chain still records every report after the ones it builds on. The same holds
+across rounds: the next round is assigned while this one trains, and its local_train tasks start
+from this node's aggregate report. Reports are submitted in order by a background task, so the
+next task starts while the last one's report travels. With one compute node rounds run back to
+back, without a block between their tasks.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from trustmesh.stores.couch import CouchClient, CouchHistory
 from trustmesh.stores.data_envelope import load_or_create_keypair
 from trustmesh.stores.redis_state import CURSOR_KEY, BlobStore, FederationCache, Heartbeats, TaskQueue, connect, task_stream
 
-from .tasks import TaskContext, TaskInputError, run_task
+from .tasks import InputNotReady, TaskContext, TaskInputError, run_task, starting_model_known
 
 LOGGER = logging.getLogger(__name__)
 
@@ -85,6 +88,9 @@ class ComputeNode:
         self._final_statuses: dict[tuple[str, str], dict] = {}
         self._uncommitted: dict[tuple[str, str], str] = {}  # own reports in flight: report txn id
         self._queued: set[tuple[str, str, int]] = set()  # (schedule_id, task_id, attempt) put in the stream
+        self._reassigned: set[tuple[str, str]] = set()  # (schedule_id, task_id) moved since this node started
+        self._waiting: set[str] = set()  # rounds whose local_train tasks wait for the previous round's model
+        self._submitting = asyncio.Lock()  # reports go out in the order they were made (see _report)
         self.completed: list[tuple[str, str]] = []  # (schedule_id, task_id), for tests and logs
 
     async def start(self) -> None:
@@ -142,9 +148,23 @@ class ComputeNode:
     async def _follow(self) -> None:
         while True:
             block = await self.subscriber.next_block()
-            rounds = {a.value for e in block.events for a in e.attributes if a.key == "schedule_id"}
+            # A round's assignments change only by assign and reassign; after a block of reports
+            # alone, the copy the tasks read is still good.
+            rounds: dict[str, bool] = {sid: False for sid in self._waiting}  # schedule_id -> re-read
+            for event in block.events:
+                attrs = {a.key: a.value for a in event.attributes}
+                sid = attrs.get("schedule_id")
+                if sid is None:
+                    continue
+                changed = event.event_type in ("trustmesh/task-assigned", "trustmesh/task-reassigned")
+                rounds[sid] = rounds.get(sid, False) or changed or sid not in self.context.rounds
+                if event.event_type == "trustmesh/task-reassigned":
+                    self._reassigned.add((sid, attrs.get("task_id")))
             for schedule_id in sorted(rounds):
-                await self.enqueue_runnable(schedule_id)
+                if rounds[schedule_id]:
+                    self.context.rounds.pop(schedule_id, None)
+                await self.enqueue_runnable(schedule_id, (await self.context.round_inputs(schedule_id))["assignments"]
+                                            if not rounds[schedule_id] else None)
             # Whole or not at all: a node killed mid-write must not come back with half an id.
             partial = self._cursor_path.with_suffix(".partial")
             partial.write_text(block.block_id)
@@ -181,6 +201,7 @@ class ComputeNode:
                                   or await self._task_status(schedule_id, task_id))
             return known[task_id]
 
+        model_known = None  # whether local_train tasks can start, looked up once when needed
         for task_id in assignments["order"]:
             task = tasks[task_id]
             queued = (schedule_id, task_id, task["attempt"])
@@ -190,6 +211,11 @@ class ComputeNode:
                 continue
             if not await _all_done(task["fetch_dependency_outputs"], status):
                 continue
+            if task["kind"] == "local_train":
+                if model_known is None:
+                    model_known = await starting_model_known(self.context, schedule_id)
+                if not model_known:
+                    continue
             own = await status(task_id)
             if own is None or own["status"] in ("done", "failed") or own["attempt"] != task["attempt"]:
                 continue
@@ -197,6 +223,10 @@ class ComputeNode:
             await self.queue.publish_once({"schedule_id": schedule_id, "task_id": task_id, "attempt": task["attempt"]},
                                           marker)
             self._queued.add(queued)
+        if model_known is False:
+            self._waiting.add(schedule_id)  # every block looks again, and so does this node's next aggregate
+        else:
+            self._waiting.discard(schedule_id)
 
     async def _task_status(self, schedule_id: str, task_id: str) -> dict | None:
         # Statuses only move forward and "done" is final: those need reading once.
@@ -225,6 +255,9 @@ class ComputeNode:
                 return
             except asyncio.CancelledError:
                 raise
+            except InputNotReady as exc:  # a redelivered task of a round whose predecessor still trains
+                LOGGER.info("%s: task %s waits: %s", self.name, message.task.get("task_id"), exc)
+                await asyncio.sleep(min(30, 2 ** attempt))
             except Exception:
                 LOGGER.exception("%s: task %s failed unexpectedly (try %d of %d)", self.name,
                                  message.task.get("task_id"), attempt, UNEXPECTED_RETRIES)
@@ -237,9 +270,13 @@ class ComputeNode:
             # hold this worker up for nothing.
             return
         sid, task_id, attempt = message.task["schedule_id"], message.task["task_id"], message.task["attempt"]
-        status = await self.reader.task_status(sid, task_id)
-        if status is None or status["node"] != self.node or status["attempt"] != attempt \
-                or status["status"] in ("done", "failed"):
+        # A task this node queued itself, after reading its status, delivered for the first time
+        # and not moved since, needs no second read (the chain would refuse a stale report anyway).
+        fresh = ((sid, task_id, attempt) in self._queued and message.deliveries == 1
+                 and (sid, task_id) not in self._reassigned)
+        status = None if fresh else await self.reader.task_status(sid, task_id)
+        if not fresh and (status is None or status["node"] != self.node or status["attempt"] != attempt
+                          or status["status"] in ("done", "failed")):
             await self.queue.ack(message.message_id)  # reassigned or already reported: nothing to do
             return
         started = time.perf_counter()
@@ -249,14 +286,15 @@ class ComputeNode:
             LOGGER.warning("%s: task %s failed: %s", self.name, task_id, exc)
             txn = schedule.make_report_transaction(self.signer, sid, task_id, "failed", attempt=attempt,
                                                    reason=str(exc)[:500])
-            await self._report([txn], message.message_id)
+            self._report([txn], message.message_id)
             return
         # Timings go on chain with the report: compute_seconds (training, aggregating or
         # evaluating itself) and task_seconds (the whole task, store I/O included). What a round
         # spends outside compute is framework overhead (bench/bench_round_overhead.py).
         metrics = {**outcome.metrics, "compute_seconds": round(outcome.compute_seconds, 6),
                    "task_seconds": round(time.perf_counter() - started, 6)}
-        waits_for = [self._uncommitted[sid, d] for d in outcome.dependencies if (sid, d) in self._uncommitted]
+        built_on = [(sid, d) for d in outcome.dependencies] + list(outcome.built_on)
+        waits_for = [self._uncommitted[key] for key in built_on if key in self._uncommitted]
         txns = [schedule.make_report_transaction(self.signer, sid, task_id, "done", output_digest=outcome.output_digest,
                                                  metrics=metrics, attempt=attempt, dependencies=waits_for)]
         if outcome.round_result is not None:  # same batch: the result stands or falls with the report
@@ -264,38 +302,53 @@ class ComputeNode:
             txns.append(schedule.make_round_result_transaction(
                 self.signer, sid, outcome.output_digest, r["participants"], r["aggregation_weights"], r["metrics"],
                 task_id=task_id))
-        await self._report(txns, message.message_id, (sid, task_id))
         self._uncommitted[sid, task_id] = txns[0].header_signature
         self.context.reported[sid, task_id] = {"status": "done", "node": self.node, "attempt": attempt,
                                                "output_digest": outcome.output_digest, "metrics": metrics}
-        try:  # dependents on this node go on now, not a block later
+        if outcome.round_result is not None:
+            assignments = (await self.context.round_inputs(sid))["assignments"]
+            self.context.global_models[assignments["workflow_id"], assignments["round"]] = {
+                "digest": outcome.output_digest, "schedule_id": sid, "task_id": task_id}
+        self._report(txns, message.message_id, (sid, task_id))
+        try:  # dependents on this node go on now, not a block later; so do the next round's trainings
             await self.enqueue_runnable(sid, (await self.context.round_inputs(sid))["assignments"])
+            for waiting in sorted(self._waiting):
+                await self.enqueue_runnable(waiting, (await self.context.round_inputs(waiting))["assignments"])
         except Exception:  # the task is reported: a hiccup here must not run it again
             LOGGER.warning("%s: could not queue the tasks after %s now; the next block will", self.name, task_id,
                            exc_info=True)
         LOGGER.info("%s: %s done (%s…) %s", self.name, task_id, outcome.output_digest[:12],
                     {k: round(v, 4) if isinstance(v, float) else v for k, v in outcome.metrics.items()})
 
-    async def _report(self, txns, message_id: str, completed: tuple[str, str] | None = None) -> None:
-        """Submit a report and go on with the next task at once: the message is acked when the
-        report is committed (a node that dies before that finds the message again on restart)."""
-        ids = await self.rest.submit_batches([make_batch(self.signer, txns)])
+    def _report(self, txns, message_id: str, completed: tuple[str, str] | None = None) -> None:
+        """Send a report in the background and go on with the next task at once. Reports go out
+        one at a time in the order they were made (a report may name an earlier one as a
+        transaction dependency, which the validator must have seen first). The message is acked
+        when the report is committed: a node that dies before that finds it again on restart."""
         self._awaiting_commit.add(message_id)
-        confirm = asyncio.get_running_loop().create_task(self._confirm(ids, message_id, completed))
+        confirm = asyncio.get_running_loop().create_task(self._send(txns, message_id, completed))
         self._confirming.add(confirm)
         confirm.add_done_callback(self._confirming.discard)
 
-    async def _confirm(self, ids, message_id: str, completed: tuple[str, str] | None) -> None:
+    async def _send(self, txns, message_id: str, completed: tuple[str, str] | None) -> None:
+        status = None
         try:
+            async with self._submitting:  # asyncio locks are fair: first made, first sent
+                ids = await self.rest.submit_batches([make_batch(self.signer, txns)])
             [status] = await self.rest.wait_for_batches(ids, 120, raise_invalid=False)
+        except asyncio.CancelledError:
+            raise
         except Exception:
-            LOGGER.exception("%s: no answer on report %s; the task stays pending", self.name, ids[0][:16])
-            status = None
+            LOGGER.exception("%s: report %s… not sent or not answered; the task stays pending", self.name,
+                             txns[0].header_signature[:16])
         finally:  # the chain answers for this task from now on (a claim of the message asks it)
             self._awaiting_commit.discard(message_id)
             if completed is not None:
                 self._uncommitted.pop(completed, None)
                 self.context.reported.pop(completed, None)
+                for key, model in list(self.context.global_models.items()):
+                    if (model["schedule_id"], model["task_id"]) == completed:
+                        del self.context.global_models[key]
         if status is None:
             return
         if status["status"] != "COMMITTED":

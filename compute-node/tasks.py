@@ -44,6 +44,10 @@ class TaskInputError(RuntimeError):
     """An input the chain names is missing or does not verify; the task fails, saying which."""
 
 
+class InputNotReady(RuntimeError):
+    """An input that will exist later (the previous round's global model): try the task again."""
+
+
 @dataclass
 class TaskOutcome:
     output_digest: str
@@ -51,6 +55,9 @@ class TaskOutcome:
     round_result: dict | None = None  # aggregate only: participants, weights, metrics
     compute_seconds: float = 0.0      # training, aggregating or evaluating itself: no I/O, no ledger
     dependencies: tuple[str, ...] = ()  # the task's fetch_dependency_outputs
+    # (schedule_id, task_id) of other rounds' tasks this one built on: a local_train names the
+    # previous round's aggregate when it started from that aggregate's report, not the chain's.
+    built_on: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -64,6 +71,9 @@ class TaskContext:
     # This node's own reports that are submitted but maybe not committed yet, by (schedule_id,
     # task_id): a dependent task on this node starts from them instead of waiting for the block.
     reported: dict[tuple[str, str], dict] = field(default_factory=dict)
+    # Likewise the global models of its own aggregate reports, by (workflow_id, round): the next
+    # round's training starts from one before its round result is committed.
+    global_models: dict[tuple[str, int], dict] = field(default_factory=dict)
 
     # What every task of a round reads alike (its assignments' task graph, the workflow definition,
     # the global model it starts from), kept for the last few rounds: a round runs a dozen tasks.
@@ -126,16 +136,39 @@ async def _preprocess(ctx, assignments, task_id, task, definition) -> TaskOutcom
 
 
 async def _global_model(ctx, definition, assignments):
+    """(state, built_on) of the global model a round's training starts from: the previous round's,
+    from this node's own aggregate report while that is not committed yet, else from the chain
+    (LookupError while the previous round has none yet)."""
     inputs = await ctx.round_inputs(assignments["schedule_id"])
     if "global_model" not in inputs:  # every local_train of the round starts from the same one
-        round_number = assignments["round"]
-        digest = await ctx.reader.previous_global_model(assignments["workflow_id"], round_number)
+        workflow_id, round_number = assignments["workflow_id"], assignments["round"]
+        own = ctx.global_models.get((workflow_id, round_number - 1))
+        if own is not None:
+            digest, built_on = own["digest"], ((own["schedule_id"], own["task_id"]),)
+        else:
+            try:
+                digest, built_on = await ctx.reader.previous_global_model(workflow_id, round_number), ()
+            except LookupError as exc:
+                raise InputNotReady(str(exc)) from None
         state = None
         if digest is not None:
             blob = await _blob(ctx, digest, f"global model of round {round_number - 1}")
             state = model_format.load(blob, digest, definition["model"]).state
-        inputs["global_model"] = state
+        inputs["global_model"] = (state, built_on)
     return inputs["global_model"]
+
+
+async def starting_model_known(ctx, schedule_id: str) -> bool:
+    """Whether the round's local_train tasks can start: rounds are opened and assigned while the
+    previous one still trains, so its global model may not exist yet."""
+    inputs = await ctx.round_inputs(schedule_id)
+    try:
+        await _global_model(ctx, inputs["definition"], inputs["assignments"])
+    except InputNotReady:
+        return False
+    except TaskInputError:
+        pass  # there is one but it does not verify: the task runs and reports that
+    return True
 
 
 async def _local_train(ctx, assignments, task_id, task, definition) -> TaskOutcome:
@@ -144,7 +177,7 @@ async def _local_train(ctx, assignments, task_id, task, definition) -> TaskOutco
     data = load_npz(open_bundle(bundle, ctx.encryption_key, node=ctx.node, schedule_id=sid, sender=owner),
                     input_dim=definition["model"]["input_dim"], num_classes=definition["model"]["num_classes"])
     hp = definition["hyperparameters"]
-    global_state = await _global_model(ctx, definition, assignments)
+    global_state, built_on = await _global_model(ctx, definition, assignments)
 
     def progress(p):
         ctx.progress(f"{task_id}: epoch {p.epoch}/{p.epochs} step {p.step}/{p.total} loss {p.loss:.3f}")
@@ -158,7 +191,8 @@ async def _local_train(ctx, assignments, task_id, task, definition) -> TaskOutco
     blob = model_format.serialize(result.state, workflow_id=assignments["workflow_id"], round=assignments["round"],
                                   model_spec=definition["model"])
     digest = await ctx.blobs.put(blob)
-    return TaskOutcome(digest, {k: result.metrics[k] for k in REPORTED_METRICS}, compute_seconds=compute)
+    return TaskOutcome(digest, {k: result.metrics[k] for k in REPORTED_METRICS}, compute_seconds=compute,
+                       built_on=built_on)
 
 
 async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome:

@@ -14,8 +14,13 @@ short tick (for timeouts), so a restarted node simply picks up where the chain i
                  collecting past round_timeout -> close_round
                  ready, not assigned -> assign
                  a task past its deadline -> reassign
-                 aggregated (or timed out) and rounds remain -> open the next round
+                 the latest round ready (or timed out), the one before it aggregated (or timed
+                 out), and rounds remain -> open the next round
     every node   a round final -> fetch the global model by its on-chain digest, verify, keep it
+
+Rounds overlap by one: the next round collects and is assigned while this one trains, and its
+training starts from this one's global model as soon as that exists, so the time a round spends
+collecting and being scheduled is hidden behind the previous round's work.
 
 Raw data leaves the node only inside envelopes (stores/data_envelope.py).
 """
@@ -180,19 +185,31 @@ class IoTNode:
                       "expected_nodes": attrs["expected_nodes"].split(",")}
             await self._participate(definition, record)
         elif event_type in ("trustmesh/round-result", "trustmesh/round-finalized"):
-            # The next round opens once this one's global model is on chain (its aggregate result),
-            # so collecting it overlaps this round's evaluation (finalized covers a missed result).
-            if self._coordinates(definition) and number < fed["rounds"]:
-                await self._open_round(workflow_id, number + 1, sid)
+            # A global model on chain may let the round after the next one open (finalized covers
+            # a missed result).
+            if self._coordinates(definition):
+                await self._open_next(workflow_id, fed)
             if event_type == "trustmesh/round-result":
                 return
             await self._collect_final(workflow_id, definition, {"rounds": {str(number): sid}})
-            if number == fed["rounds"]:
-                self._finish(workflow_id)
+            await self._finish_if_over(workflow_id, fed)
         elif event_type == "trustmesh/round-ready" and self._coordinates(definition):
-            await self._assign(workflow_id, sid, number)
+            await asyncio.gather(self._assign(workflow_id, sid, number), self._open_next(workflow_id, fed))
 
-    def _finish(self, workflow_id: str) -> None:
+    async def _finish_if_over(self, workflow_id: str, fed, index=None) -> None:
+        """Finished once every round is final or timed out: with rounds overlapping, the last
+        round's result is not the last word."""
+        if workflow_id in self.done:
+            return
+        index = index or await self.reader.rounds(workflow_id)
+        models = self.models.get(workflow_id, {})
+        for number in range(1, fed["rounds"] + 1):
+            if number in models:
+                continue
+            sid = index["rounds"].get(str(number))
+            record = await self.reader.round(sid) if sid else None
+            if record is None or record["status"] != "timeout":
+                return
         self.done.add(workflow_id)
         if workflow_id == self.workflow_id:
             self.finished.set()
@@ -255,12 +272,12 @@ class IoTNode:
         sid = index["rounds"].get(str(latest))
         record = await self.reader.round(sid) if sid else None
         if self._coordinates(definition):  # first: the next round should not wait for the rest
-            await self._coordinate(workflow_id, fed, latest, record)
+            await self._coordinate(workflow_id, fed, index, record)
         if record is not None:
             await self._participate(definition, record)
             await self._collect_final(workflow_id, definition, index)
-        if latest == fed["rounds"] and record is not None and await self._round_over(record):
-            self._finish(workflow_id)
+        if latest == fed["rounds"]:
+            await self._finish_if_over(workflow_id, fed, index)
 
     async def _round_over(self, record, *, model_only: bool = False) -> bool:
         """Timed out, or its result is final; with model_only, once its global model is on chain
@@ -334,12 +351,21 @@ class IoTNode:
 
     # -- coordinator -----------------------------------------------------------------------------
 
-    async def _coordinate(self, workflow_id: str, fed, latest, record) -> None:
-        if record is None or (latest < fed["rounds"] and await self._round_over(record, model_only=True)):
-            if not await self.reader.peer_index():
-                return  # no compute node yet: nobody could open the data
-            await self._open_round(workflow_id, latest + 1, record["schedule_id"] if record is not None else None)
+    async def _coordinate(self, workflow_id: str, fed, index, record) -> None:
+        if record is None:
+            if await self.reader.peer_index():  # else no compute node yet: nobody could open the data
+                await self._open_round(workflow_id, 1, None)
             return
+        latest = index["latest"]
+        if latest > 1:  # rounds overlap: the one before the latest may still be working
+            previous = await self.reader.round(index["rounds"][str(latest - 1)])
+            if previous is not None and not await self._round_over(previous):
+                await self._keep_moving(workflow_id, previous)
+        await self._keep_moving(workflow_id, record)
+        await self._open_next(workflow_id, fed, index, record)
+
+    async def _keep_moving(self, workflow_id: str, record) -> None:
+        """Close a collecting round past its timeout, assign a ready one, move late tasks."""
         sid = record["schedule_id"]
         if record["status"] == "collecting":
             if time.time() >= record["round_start"] + record["round_timeout"]:
@@ -364,6 +390,23 @@ class IoTNode:
                     await self._once(("reassign", sid, task_id, task["attempt"]),
                                      schedule.make_reassign_transaction(self.signer, sid, task_id),
                                      f"reassign late task {task_id}")
+
+    async def _open_next(self, workflow_id: str, fed, index=None, record=None) -> None:
+        """Open the round after the latest once the latest is ready (or timed out) and the one
+        before it has its global model (or timed out): one round collects and is scheduled while
+        another trains, never more."""
+        index = index or await self.reader.rounds(workflow_id)
+        latest = index["latest"]
+        if not latest or latest >= fed["rounds"]:
+            return
+        record = record or await self.reader.round(index["rounds"][str(latest)])
+        if record is None or record["status"] not in ("ready", "timeout"):
+            return
+        if latest > 1:
+            previous = await self.reader.round(index["rounds"][str(latest - 1)])
+            if previous is None or not await self._round_over(previous, model_only=True):
+                return
+        await self._open_round(workflow_id, latest + 1, record["schedule_id"])
 
     async def _open_round(self, workflow_id: str, number: int, previous: str | None) -> None:
         await self._once(("open", workflow_id, number), federation.make_open_round_transaction(

@@ -223,7 +223,7 @@ async def follow(validator_url: str, rest: RestClient, workflow_id: str, *, out:
                     continue
                 views[number] = await read_round(reader, number, sid)
                 printer.show(views[number])
-            if len(views) == rounds and views[rounds].over:
+            if len(views) == rounds and all(v.over for v in views.values()):  # rounds overlap
                 return [views[n] for n in sorted(views)]
             if deadline is not None and time.monotonic() > deadline:
                 raise RunError(f"workflow {workflow_id!r} did not finish within {timeout:g} s "

@@ -1,0 +1,211 @@
+"""Rounds overlap by one: the coordinator opens the next round while this one trains, and a
+compute node starts the next round's training only from this round's global model
+(tests/test_federated_round.py runs the whole flow)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from trustmesh.compute_node.node import ComputeNode
+from trustmesh.compute_node.tasks import InputNotReady, TaskContext, _global_model, starting_model_known
+from trustmesh.iot_node.node import IoTNode
+
+WF, SID1, SID2, SID3 = "wf", "1" * 64, "2" * 64, "3" * 64
+
+
+class _Chain:
+    """Rounds, results and assignments as a FederationReader returns them; counts reads."""
+
+    def __init__(self, rounds: dict[int, dict], results: dict[str, dict] | None = None):
+        self.rounds_ = rounds
+        self.results = results or {}
+        self.reads = []
+
+    async def rounds(self, workflow_id):
+        self.reads.append("rounds")
+        return {"rounds": {str(n): r["schedule_id"] for n, r in self.rounds_.items()}, "latest": max(self.rounds_)}
+
+    async def round(self, sid):
+        self.reads.append("round")
+        return next((r for r in self.rounds_.values() if r["schedule_id"] == sid), None)
+
+    async def round_result(self, sid):
+        self.reads.append("round_result")
+        return self.results.get(sid)
+
+    async def previous_global_model(self, workflow_id, number):
+        self.reads.append("previous_global_model")
+        result = self.results.get(self.rounds_[number - 1]["schedule_id"])
+        if result is None:
+            raise LookupError(f"round {number - 1} of {workflow_id!r} has no global model on chain yet")
+        return result["global_model_digest"]
+
+
+def _round(number: int, sid: str, status: str) -> dict:
+    return {"schedule_id": sid, "round": number, "status": status}
+
+
+def _context(chain) -> TaskContext:
+    ctx = TaskContext(node="n", encryption_key=None, reader=chain, blobs=None, history=None)
+    ctx.rounds[SID2] = {"assignments": {"schedule_id": SID2, "workflow_id": WF, "round": 2},
+                        "definition": {"model": {}}}
+    return ctx
+
+
+def test_the_next_rounds_training_waits_for_this_rounds_model():
+    chain = _Chain({1: _round(1, SID1, "ready"), 2: _round(2, SID2, "ready")})
+    ctx = _context(chain)
+    assert asyncio.run(starting_model_known(ctx, SID2)) is False
+    with pytest.raises(InputNotReady):  # a task run anyway waits and is tried again, it does not fail
+        asyncio.run(_global_model(ctx, {"model": {}}, ctx.rounds[SID2]["assignments"]))
+
+
+def test_training_starts_from_the_nodes_own_aggregate_report_before_it_commits_and_says_so():
+    chain = _Chain({1: _round(1, SID1, "ready"), 2: _round(2, SID2, "ready")})
+    ctx = _context(chain)
+
+    class _Blobs:
+        async def get(self, digest):
+            raise AssertionError("the model blob is read only in the test that loads it")
+
+    ctx.blobs = _Blobs()
+    ctx.global_models[WF, 1] = {"digest": None, "schedule_id": SID1, "task_id": "aggregate"}
+    assert asyncio.run(starting_model_known(ctx, SID2)) is True
+    state, built_on = asyncio.run(_global_model(ctx, {"model": {}}, ctx.rounds[SID2]["assignments"]))
+    assert built_on == ((SID1, "aggregate"),)  # its report names that aggregate's as a dependency
+    assert "previous_global_model" not in chain.reads
+
+
+def _coordinator(tmp_path, chain) -> tuple[IoTNode, list]:
+    node = IoTNode("coord", tmp_path, validator_url="tcp://127.0.0.1:1", rest_url="http://127.0.0.1:1",
+                   redis_url="redis://127.0.0.1:1", coordinator=True)
+    node.reader = chain
+    opened = []
+
+    async def open_round(workflow_id, number, previous):
+        opened.append((number, previous))
+
+    node._open_round = open_round
+    return node, opened
+
+
+@pytest.mark.parametrize("rounds, results, opens", [
+    # round 1 ready: round 2 collects while round 1 trains
+    ({1: "ready"}, {}, [(2, SID1)]),
+    # round 1 still collecting: nothing to open
+    ({1: "collecting"}, {}, []),
+    # round 2 ready but round 1 has no model yet: one round ahead at most
+    ({1: "ready", 2: "ready"}, {}, []),
+    # round 1's model is on chain: round 3 may collect while round 2 trains
+    ({1: "ready", 2: "ready"}, {SID1: {"global_model_digest": "ab" * 32}}, [(3, SID2)]),
+    # round 1 timed out (no model): round 2 trains from the seeded model, round 3 may open
+    ({1: "timeout", 2: "ready"}, {}, [(3, SID2)]),
+    # round 2 still collecting
+    ({1: "ready", 2: "collecting"}, {SID1: {"global_model_digest": "ab" * 32}}, []),
+    # the last round is open: nothing beyond it
+    ({1: "ready", 2: "ready", 3: "ready"}, {SID1: {"global_model_digest": "ab" * 32},
+                                           SID2: {"global_model_digest": "cd" * 32}}, []),
+])
+def test_the_coordinator_opens_the_next_round_one_round_ahead_at_most(tmp_path, rounds, results, opens):
+    sids = {1: SID1, 2: SID2, 3: SID3}
+    chain = _Chain({n: _round(n, sids[n], status) for n, status in rounds.items()}, results)
+    node, opened = _coordinator(tmp_path, chain)
+    asyncio.run(node._open_next(WF, {"rounds": 3}))
+    assert opened == opens
+
+
+def test_a_workflow_is_finished_only_when_every_round_is_over(tmp_path):
+    chain = _Chain({1: _round(1, SID1, "ready"), 2: _round(2, SID2, "ready"), 3: _round(3, SID3, "ready")})
+    node, _ = _coordinator(tmp_path, chain)
+    node.workflow_id = WF
+    node.models[WF] = {1: "a", 3: "c"}  # the last round is final, round 2's evaluation is not
+    asyncio.run(node._finish_if_over(WF, {"rounds": 3}))
+    assert not node.finished.is_set()
+    node.models[WF][2] = "b"
+    asyncio.run(node._finish_if_over(WF, {"rounds": 3}))
+    assert node.finished.is_set()
+
+
+def test_a_timed_out_round_does_not_hold_the_finish(tmp_path):
+    chain = _Chain({1: _round(1, SID1, "ready"), 2: _round(2, SID2, "timeout")})
+    node, _ = _coordinator(tmp_path, chain)
+    node.models[WF] = {1: "a"}
+    asyncio.run(node._finish_if_over(WF, {"rounds": 2}))
+    assert WF in node.done
+
+
+def test_a_task_queued_by_this_node_runs_without_reading_its_status_again(tmp_path):
+    node = ComputeNode("c", tmp_path, validator_url="tcp://127.0.0.1:1", rest_url="http://127.0.0.1:1",
+                       redis_url="redis://127.0.0.1:1")
+
+    class _Reader:
+        reads = 0
+
+        async def task_status(self, sid, task_id):
+            _Reader.reads += 1
+            return None  # unknown: the node acks and skips
+
+    class _Queue:
+        async def ack(self, message_id):
+            return True
+
+    node.reader, node.queue, node.context = _Reader(), _Queue(), None
+    from trustmesh.stores.redis_state import TaskMessage
+
+    async def no_run(*args):
+        raise RuntimeError("ran")
+
+    import trustmesh.compute_node.node as module
+    original, module.run_task = module.run_task, no_run
+    try:
+        node._queued.add(("s", "t", 1))
+        with pytest.raises(RuntimeError, match="ran"):  # straight to the task: no status read
+            asyncio.run(node._handle(TaskMessage("1-0", {"schedule_id": "s", "task_id": "t", "attempt": 1}, 1)))
+        assert _Reader.reads == 0
+        for message, why in ((TaskMessage("2-0", {"schedule_id": "s", "task_id": "t", "attempt": 1}, 2), "redelivered"),
+                             (TaskMessage("3-0", {"schedule_id": "s", "task_id": "u", "attempt": 1}, 1), "not queued here")):
+            asyncio.run(node._handle(message))  # reads the status, finds nothing, skips
+        assert _Reader.reads == 2
+        node._reassigned.add(("s", "t"))
+        asyncio.run(node._handle(TaskMessage("4-0", {"schedule_id": "s", "task_id": "t", "attempt": 1}, 1)))
+        assert _Reader.reads == 3  # moved since it was queued: read again
+    finally:
+        module.run_task = original
+
+
+def test_reports_go_out_in_the_order_they_were_made_while_the_next_task_runs(tmp_path):
+    node = ComputeNode("c", tmp_path, validator_url="tcp://127.0.0.1:1", rest_url="http://127.0.0.1:1",
+                       redis_url="redis://127.0.0.1:1")
+    sent, acked, calls = [], [], []
+
+    class _Rest:
+        async def submit_batches(self, batches):
+            txn = batches[0].transactions[0].header_signature
+            calls.append(txn)
+            await asyncio.sleep(0.05 if len(calls) == 1 else 0)  # the first POST is the slow one
+            sent.append(txn)
+            return [txn]
+
+        async def wait_for_batches(self, ids, timeout, raise_invalid=True):
+            return [{"id": ids[0], "status": "COMMITTED"}]
+
+    class _Queue:
+        async def ack(self, message_id):
+            acked.append(message_id)
+
+    node.rest, node.queue, node.context = _Rest(), _Queue(), TaskContext("n", None, None, None, None)
+    from trustmesh.scheduling import schedule
+
+    async def scenario():
+        txns = [schedule.make_report_transaction(node.signer, "a" * 64, f"t{i}", "failed", attempt=1, reason="x")
+                for i in range(3)]
+        for i, txn in enumerate(txns):
+            node._report([txn], f"{i}-0")  # returns at once: the caller goes on with its next task
+        assert sent == [] and node._awaiting_commit == {"0-0", "1-0", "2-0"}
+        await asyncio.gather(*node._confirming)
+        return [t.header_signature for t in txns]
+
+    made = asyncio.run(scenario())
+    assert sent == made and acked == ["0-0", "1-0", "2-0"] and not node._awaiting_commit
