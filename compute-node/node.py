@@ -36,6 +36,7 @@ from trustmesh.stores.couch import CouchClient, CouchHistory
 from trustmesh.stores.data_envelope import load_or_create_keypair
 from trustmesh.stores.redis_state import CURSOR_KEY, BlobStore, FederationCache, Heartbeats, TaskQueue, connect, task_stream
 
+from .history_recorder import HistoryRecorder
 from .tasks import InputNotReady, TaskContext, TaskInputError, run_task, starting_model_known
 
 LOGGER = logging.getLogger(__name__)
@@ -101,14 +102,16 @@ class ComputeNode:
         self.blobs = BlobStore(self.redis)
         self.queue = TaskQueue(self.redis, task_stream(self.node))
         self.heartbeats = Heartbeats(self.redis)
-        self.history = None
+        self.recorder = None
         if self.couch_url:
             self.couch = CouchClient(self.couch_url, user=self.couch_auth[0], password=self.couch_auth[1])
-            self.history = CouchHistory(self.couch)
-            await self.history.ensure()
+            history = CouchHistory(self.couch)
+            await history.ensure()
+            self.recorder = HistoryRecorder(self.node, self.reader, self.blobs, history, validator_url=self.validator_url,
+                                            cursor_path=self.data_dir / f"{self.name}.history-block")
         await self._register()
         await self._subscribe()
-        self.context = TaskContext(self.node, self.encryption_key, self.reader, self.blobs, self.history,
+        self.context = TaskContext(self.node, self.encryption_key, self.reader, self.blobs,
                                    progress=lambda text: LOGGER.debug("%s: %s", self.name, text))
         loop = asyncio.get_running_loop()
         # Any node may keep the Redis federation cache: it is filled idempotently from committed events.
@@ -116,6 +119,8 @@ class ComputeNode:
         beats = self.heartbeats.keep_beating(self.node, {"name": self.name})
         self._tasks = [loop.create_task(self._follow()), loop.create_task(self._work()),
                        loop.create_task(beats), loop.create_task(self._keep_cache())]
+        if self.recorder is not None:
+            self._tasks.append(loop.create_task(self.recorder.run()))
         LOGGER.info("compute node %s (%s…) ready", self.name, self.node[:16])
 
     async def _register(self) -> None:

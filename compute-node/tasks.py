@@ -8,8 +8,10 @@ and is reported on chain as that digest.
     local_train  opens its IoT node's data (only this node's envelope), trains from the previous
                  round's global model, stores the update
     aggregate    combines every local_train output it depends on with the workflow's strategy,
-                 stores the global model (Redis and CouchDB) and reports the round result
+                 stores the global model and reports the round result
     evaluate     scores the global model on the held-out split every node derives alike
+
+The CouchDB history is written from the chain once these reports commit (history_recorder.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from typing import Any, Callable
 
 from trustmesh.ledger import payload as cbor
 from trustmesh.scheduling.reader import FederationReader
-from trustmesh.stores.couch import CouchHistory
 from trustmesh.stores.data_bundle import open_bundle
 from trustmesh.stores.data_envelope import EnvelopeError
 from trustmesh.stores.redis_state import BlobStore
@@ -66,7 +67,6 @@ class TaskContext:
     encryption_key: Any               # its X25519 private key
     reader: FederationReader
     blobs: BlobStore
-    history: CouchHistory | None
     progress: Callable[[str], None] = lambda text: None
     # This node's own reports that are submitted but maybe not committed yet, by (schedule_id,
     # task_id): a dependent task on this node starts from them instead of waiting for the block.
@@ -197,13 +197,12 @@ async def _local_train(ctx, assignments, task_id, task, definition) -> TaskOutco
 
 async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome:
     sid, tasks = assignments["schedule_id"], assignments["tasks"]
-    updates, update_digests = [], {}
-    for dep in task["fetch_dependency_outputs"]:
-        if tasks[dep]["kind"] != "local_train":
-            continue
-        status = await ctx.dependency_status(sid, dep)
-        update_digests[tasks[dep]["data_owner"]] = status["output_digest"]
-        blob = await _blob(ctx, status["output_digest"], f"update {dep}")
+    trained = [dep for dep in task["fetch_dependency_outputs"] if tasks[dep]["kind"] == "local_train"]
+    statuses = [await ctx.dependency_status(sid, dep) for dep in trained]
+    blobs = await asyncio.gather(*(_blob(ctx, status["output_digest"], f"update {dep}")  # side by side
+                                   for dep, status in zip(trained, statuses)))
+    updates = []
+    for dep, status, blob in zip(trained, statuses, blobs):
         state = model_format.load(blob, status["output_digest"], definition["model"]).state
         updates.append(ClientUpdate(node=tasks[dep]["data_owner"], state=state,
                                     samples=int(status["metrics"]["samples"]), metrics=status["metrics"]))
@@ -220,20 +219,6 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     metrics = {name: sum(float(u.metrics[name]) * u.samples for u in updates) / total for name in ("loss", "accuracy")}
     metrics["samples"] = total
     participants = sorted(weights)
-    if ctx.history is not None:
-        wf, number = assignments["workflow_id"], assignments["round"]
-        # The round document (model attached) and each node's participation are separate
-        # documents: written side by side, not one HTTP round trip after another.
-        await asyncio.gather(
-            ctx.history.put_round_model(
-                wf, number, blob, schedule_id=sid, expected_digest=digest, participants=participants,
-                aggregation_weights={n: float(weights[n]) for n in participants},
-                update_digests={n: update_digests[n] for n in participants},
-                metrics={"train_loss": metrics["loss"], "train_accuracy": metrics["accuracy"]}),
-            *(ctx.history.record_participation(wf, update.node, number, samples=update.samples,
-                                               weight=float(weights[update.node]),
-                                               accuracy=float(update.metrics["accuracy"]))
-              for update in updates))
     result = {"participants": participants, "aggregation_weights": {n: float(weights[n]) for n in participants},
               "metrics": {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}}
     return TaskOutcome(digest, metrics, round_result=result, compute_seconds=compute)
@@ -268,7 +253,4 @@ async def _evaluate(ctx, assignments, task_id, task, definition) -> TaskOutcome:
     compute = time.perf_counter() - started
     # The report is stored like every output, so its on-chain digest can be checked too.
     digest = await ctx.blobs.put(cbor.encode({"model": status["output_digest"], "scores": scores}))
-    if ctx.history is not None:
-        await ctx.history.save_round(assignments["workflow_id"], assignments["round"], schedule_id=sid,
-                                     metrics=scores)
     return TaskOutcome(digest, {k: scores[k] for k in REPORTED_METRICS}, compute_seconds=compute)

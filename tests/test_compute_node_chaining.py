@@ -21,7 +21,7 @@ class _NoReader:
 
 
 def _context() -> TaskContext:
-    return TaskContext(node="n", encryption_key=None, reader=_NoReader(), blobs=None, history=None)
+    return TaskContext(node="n", encryption_key=None, reader=_NoReader(), blobs=None)
 
 
 def test_a_reported_dependency_is_read_from_the_report_not_the_chain():

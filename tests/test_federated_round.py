@@ -14,6 +14,7 @@ import pytest
 from ledger_helpers import rest, run, running_processor, submit_and_wait
 from trustmesh.compute_node import model_format
 from trustmesh.compute_node.datasets import dump_npz, federated_digits, make_canary, with_canary
+from trustmesh.compute_node.history_recorder import HistoryRecorder
 from trustmesh.compute_node.node import ComputeNode
 from trustmesh.iot_node.node import IoTNode
 from trustmesh.ledger.builders import make_batch
@@ -22,7 +23,7 @@ from trustmesh.scheduling import layout, workflow
 from trustmesh.scheduling.handlers import federation_handlers
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchClient, CouchHistory
-from trustmesh.stores.redis_state import FederationCache, connect
+from trustmesh.stores.redis_state import BlobStore, FederationCache, connect
 from trustmesh.stores.servers import CouchServer, RedisServer
 
 from family_scenario import _WORKFLOWS
@@ -77,10 +78,13 @@ def test_rounds_complete_every_digest_verifies_and_raw_data_never_leaks(devnet, 
                 await asyncio.wait_for(iots[0].finished.wait(), 240)
                 for node in iots:  # every node fetched and verified every global model
                     await asyncio.wait_for(_until(lambda: len(node.global_models) == ROUNDS), 30)
+                # the CouchDB history follows the chain, off the rounds' path
+                await asyncio.wait_for(_until(lambda: _finals_recorded(computes) == ROUNDS), 30)
             finally:
                 for node in iots + computes:
                     await node.stop()
             await _check_every_digest(client, definition, couch_server.url, redis_server.url)
+            await _check_history_rebuilds_from_the_chain(devnet, computes, couch_server.url, redis_server.url, tmp_path)
             await _scan_for_canary(client, canary, couch_server.url, redis_server.url)
             return computes
 
@@ -88,9 +92,52 @@ def test_rounds_complete_every_digest_verifies_and_raw_data_never_leaks(devnet, 
     assert all(node.completed for node in computes), "both compute nodes took part"
 
 
+def _finals_recorded(computes) -> int:
+    return sum(kind == "trustmesh/round-finalized" for node in computes for kind, _ in node.recorder.recorded)
+
+
+async def _history_docs(couch_url: str, db: str) -> dict:
+    async with CouchClient(couch_url) as couch:
+        docs = await couch.all_docs(db)
+    return {d["_id"]: {k: v for k, v in d.items() if k not in ("_rev", "_attachments")} for d in docs}
+
+
+async def _check_history_rebuilds_from_the_chain(devnet, computes, couch_url, redis_url, tmp_path) -> None:
+    """A history lost with its database comes back by replaying the chain from genesis: the same
+    documents, written by the nodes that reported each round."""
+    redis = await connect(redis_url)
+    async with rest(devnet.rest_url) as client, CouchClient(couch_url) as couch:
+        replayed = []
+        for node in computes:
+            history = CouchHistory(couch, db="replayed")
+            await history.ensure()
+            replayed.append(HistoryRecorder(node.node, FederationReader(client), BlobStore(redis), history,
+                                            validator_url=devnet.component_url,
+                                            cursor_path=tmp_path / f"{node.name}.replay-block"))
+        runs = [asyncio.get_running_loop().create_task(r.run()) for r in replayed]
+        try:
+            await asyncio.wait_for(_until(lambda: _finals_recorded([_Recorded(r) for r in replayed]) == ROUNDS), 60)
+        finally:
+            for task in runs:
+                task.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+    await redis.aclose()
+    original, rebuilt = await _history_docs(couch_url, "trustmesh"), await _history_docs(couch_url, "replayed")
+    assert rebuilt == original and len(original) == 1 + ROUNDS + 3 + 1  # workflow, rounds, participants, final
+
+
+class _Recorded:
+    def __init__(self, recorder):
+        self.recorder = recorder
+
+
 async def _until(predicate, pause: float = 0.1):
     while not predicate():
         await asyncio.sleep(pause)
+
+
+def accuracy_of(result) -> float:
+    return result["evaluations"]["evaluate"]["metrics"]["accuracy"]
 
 
 async def _check_every_digest(client, definition, couch_url, redis_url) -> None:
@@ -131,9 +178,20 @@ async def _check_every_digest(client, definition, couch_url, redis_url) -> None:
             assert [c["digest"] for c in cached] == [record["submissions"][n]["digest"] for n in record["submitted_nodes"]]
             assert (await cache.round_state("digits-e2e", sid))["status"] == "ready"
             async with CouchClient(couch_url) as couch:
-                doc = await CouchHistory(couch).get_round("digits-e2e", number)
+                history = CouchHistory(couch)
+                doc = await history.get_round("digits-e2e", number)
+                participation = {n: (await history.get_participation("digits-e2e", n))["rounds"][str(number)]
+                                 for n in result["participants"]}
             assert doc["global_model_digest"] == digest and sorted(doc["participants"]) == sorted(result["participants"])
+            assert doc["status"] == "final" and doc["metrics"]["accuracy"] == accuracy_of(result)
+            for node, entry in participation.items():  # each update as the chain has it
+                assert entry["weight"] == result["aggregation_weights"][node] and entry["digest"] == doc["update_digests"][node]
         assert accuracies[-1] > 0.5, accuracies  # it learned something, with 2 epochs on 3 shards
+        async with CouchClient(couch_url) as couch:
+            history = CouchHistory(couch)
+            assert (await history.get_workflow("digits-e2e"))["definition"] == definition
+            final = await history.get_final_model("digits-e2e", expected_digest=digest)  # the last round's model
+            assert final == blob and (await history.get_workflow("digits-e2e"))["final_model_digest"] == digest
     finally:
         await redis.aclose()
 

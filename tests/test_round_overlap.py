@@ -48,7 +48,7 @@ def _round(number: int, sid: str, status: str) -> dict:
 
 
 def _context(chain) -> TaskContext:
-    ctx = TaskContext(node="n", encryption_key=None, reader=chain, blobs=None, history=None)
+    ctx = TaskContext(node="n", encryption_key=None, reader=chain, blobs=None)
     ctx.rounds[SID2] = {"assignments": {"schedule_id": SID2, "workflow_id": WF, "round": 2},
                         "definition": {"model": {}}}
     return ctx
@@ -195,7 +195,7 @@ def test_reports_go_out_in_the_order_they_were_made_while_the_next_task_runs(tmp
         async def ack(self, message_id):
             acked.append(message_id)
 
-    node.rest, node.queue, node.context = _Rest(), _Queue(), TaskContext("n", None, None, None, None)
+    node.rest, node.queue, node.context = _Rest(), _Queue(), TaskContext("n", None, None, None)
     from trustmesh.scheduling import schedule
 
     async def scenario():

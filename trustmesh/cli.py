@@ -222,7 +222,8 @@ def _run(args) -> int:
     try:
         views = asyncio.run(workflow_runs.deploy_and_follow(
             args.file, home=home, nodes_dir=_nodes_dir(args, home), validator_url=where.validator,
-            rest_url=where.rest, workflow_id=args.workflow_id, key_path=args.key, timeout=args.timeout))
+            rest_url=where.rest, workflow_id=args.workflow_id, key_path=args.key, timeout=args.timeout,
+            couch_url=where.couch, couch_user=where.couch_user, couch_password=where.couch_password))
     except KeyboardInterrupt:
         print("\nstopped following; the network keeps running the workflow (run again to follow it)", file=sys.stderr)
         return 130
@@ -344,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="deploy a workflow and follow it to completion, a progress bar per round")
     _workflow_flags(run)
-    add_endpoint_flags(run, ("validator", "rest"))
+    add_endpoint_flags(run, ("validator", "rest", "couch"))
     run.add_argument("--timeout", type=float, metavar="SECONDS", help="stop following after this long")
     run.set_defaults(func=_run)
 

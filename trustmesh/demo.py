@@ -39,7 +39,8 @@ def run_demo(home: pathlib.Path) -> int:
         _say(f"[2/4] running {WORKFLOW.name}: 10 IoT nodes' private digits (Dirichlet 0.5), FedAvg")
         views = asyncio.run(workflow_runs.deploy_and_follow(
             str(WORKFLOW), home=home, nodes_dir=home / "nodes", validator_url=endpoints.validator,
-            rest_url=endpoints.rest, timeout=600))
+            rest_url=endpoints.rest, timeout=600, couch_url=endpoints.couch, couch_user=endpoints.couch_user,
+            couch_password=endpoints.couch_password))
         workflow_id = workflow.load_definition(WORKFLOW)["workflow_id"]
         _say(f"[3/4] auditing {workflow_id}: signers, blobs against on-chain digests, aggregation recomputed")
         report = asyncio.run(audit.audit_workflow(workflow_id, endpoints, progress=lambda text: _say(f"      {text}")))

@@ -214,6 +214,7 @@ async def follow(validator_url: str, rest: RestClient, workflow_id: str, *, out:
     await subscriber.start()
     deadline = None if timeout is None else time.monotonic() + timeout
     views: dict[int, RoundView] = {}
+    block = None
     try:
         while True:
             index = await reader.rounds(workflow_id)
@@ -228,11 +229,17 @@ async def follow(validator_url: str, rest: RestClient, workflow_id: str, *, out:
             if deadline is not None and time.monotonic() > deadline:
                 raise RunError(f"workflow {workflow_id!r} did not finish within {timeout:g} s "
                                f"(round {index['latest']}/{rounds}); it goes on running")
-            try:  # a block that touches any round, or a tick for time-driven changes
-                await asyncio.wait_for(subscriber.next_block(), 2.0)
-            except asyncio.TimeoutError:
-                pass
+            # A block that touches any round, or a tick for time-driven changes. Not wait_for:
+            # on Python 3.11 it swallows a Ctrl-C that lands as the block arrives.
+            if block is None:
+                block = asyncio.ensure_future(subscriber.next_block())
+            if (await asyncio.wait({block}, timeout=2.0))[0]:
+                block.result()
+                block = None
     finally:
+        if block is not None:
+            block.cancel()
+            await asyncio.gather(block, return_exceptions=True)
         await subscriber.close()
 
 
@@ -281,9 +288,28 @@ def train_single_node(definition: dict, models_dir: pathlib.Path, out: TextIO) -
     return view
 
 
+async def wait_for_history(couch_url: str, workflow_id: str, digest: str, *, user: str | None = None,
+                           password: str | None = None, timeout: float = 60, out: TextIO = sys.stdout) -> bool:
+    """Wait until the final model is in the CouchDB history: the compute node that reported the
+    last round records it from the chain after the round is final, off the round's path."""
+    from trustmesh.stores.couch import CouchClient, CouchHistory
+
+    deadline = time.monotonic() + timeout
+    async with CouchClient(couch_url, user=user, password=password) as couch:
+        history = CouchHistory(couch)
+        while time.monotonic() < deadline:
+            if await history.get_final_model(workflow_id, expected_digest=digest) is not None:
+                out.write(f"history: final model {digest[:12]}… recorded in CouchDB\n")
+                return True
+            await asyncio.sleep(0.2)
+    out.write(f"history: the final model is not in CouchDB after {timeout:g} s; `trustmesh audit` shows what is missing\n")
+    return False
+
+
 async def deploy_and_follow(path: str, *, home: pathlib.Path, nodes_dir: pathlib.Path, validator_url: str,
                             rest_url: str, workflow_id: str | None = None, key_path: str | None = None,
-                            timeout: float | None = None, out: TextIO = sys.stdout) -> list[RoundView]:
+                            timeout: float | None = None, out: TextIO = sys.stdout, couch_url: str | None = None,
+                            couch_user: str | None = None, couch_password: str | None = None) -> list[RoundView]:
     definition = prepare(path, nodes_dir, workflow_id)
     started = time.monotonic()
     async with RestClient(rest_url, retries=3) as rest:
@@ -291,6 +317,9 @@ async def deploy_and_follow(path: str, *, home: pathlib.Path, nodes_dir: pathlib
         out.write(f"workflow {definition['workflow_id']} {outcome} (version {record['version']})\n")
         if "federation" in definition:
             views = await follow(validator_url, rest, definition["workflow_id"], out=out, timeout=timeout)
+            if couch_url and views[-1].status == "final":
+                await wait_for_history(couch_url, definition["workflow_id"], views[-1].global_model,
+                                       user=couch_user, password=couch_password, out=out)
         else:
             out.write("single-node workflow: training it here on the whole training split\n")
             views = [await asyncio.to_thread(train_single_node, definition, home / "models", out)]
