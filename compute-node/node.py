@@ -207,6 +207,7 @@ class ComputeNode:
             return known[task_id]
 
         model_known = None  # whether local_train tasks can start, looked up once when needed
+        runnable = []
         for task_id in assignments["order"]:
             task = tasks[task_id]
             queued = (schedule_id, task_id, task["attempt"])
@@ -221,13 +222,16 @@ class ComputeNode:
                     model_known = await starting_model_known(self.context, schedule_id)
                 if not model_known:
                     continue
-            own = await status(task_id)
+            runnable.append(task_id)
+        # Their own statuses side by side: a round's ten trainings become runnable together.
+        for task_id, own in zip(runnable, await asyncio.gather(*(status(t) for t in runnable))):
+            task = tasks[task_id]
             if own is None or own["status"] in ("done", "failed") or own["attempt"] != task["attempt"]:
                 continue
             marker = f"enqueued_{self.node}_{schedule_id}_{task_id}_{task['attempt']}"
             await self.queue.publish_once({"schedule_id": schedule_id, "task_id": task_id, "attempt": task["attempt"]},
                                           marker)
-            self._queued.add(queued)
+            self._queued.add((schedule_id, task_id, task["attempt"]))
         if model_known is False:
             self._waiting.add(schedule_id)  # every block looks again, and so does this node's next aggregate
         else:
