@@ -86,7 +86,6 @@ class ComputeNode:
         self._tasks: list[asyncio.Task] = []
         self._confirming: set[asyncio.Task] = set()  # reports submitted, not yet seen committed
         self._awaiting_commit: set[str] = set()  # their task messages, acked once the report commits
-        self._final_statuses: dict[tuple[str, str], dict] = {}
         self._uncommitted: dict[tuple[str, str], str] = {}  # own reports in flight: report txn id
         self._queued: set[tuple[str, str, int]] = set()  # (schedule_id, task_id, attempt) put in the stream
         self._reassigned: set[tuple[str, str]] = set()  # (schedule_id, task_id) moved since this node started
@@ -203,7 +202,7 @@ class ComputeNode:
         async def status(task_id: str) -> dict | None:
             if task_id not in known:
                 known[task_id] = (self.context.reported.get((schedule_id, task_id))
-                                  or await self._task_status(schedule_id, task_id))
+                                  or await self.context.task_status(schedule_id, task_id))
             return known[task_id]
 
         model_known = None  # whether local_train tasks can start, looked up once when needed
@@ -236,16 +235,6 @@ class ComputeNode:
             self._waiting.add(schedule_id)  # every block looks again, and so does this node's next aggregate
         else:
             self._waiting.discard(schedule_id)
-
-    async def _task_status(self, schedule_id: str, task_id: str) -> dict | None:
-        # Statuses only move forward and "done" is final: those need reading once.
-        key = (schedule_id, task_id)
-        if key in self._final_statuses:
-            return self._final_statuses[key]
-        status = await self.reader.task_status(schedule_id, task_id)
-        if status is not None and status["status"] == "done":
-            self._final_statuses[key] = status
-        return status
 
     async def _work(self) -> None:
         for message in await self.queue.recover(self.name):  # what this node took before it died
@@ -354,7 +343,9 @@ class ComputeNode:
             self._awaiting_commit.discard(message_id)
             if completed is not None:
                 self._uncommitted.pop(completed, None)
-                self.context.reported.pop(completed, None)
+                reported = self.context.reported.pop(completed, None)
+                if status is not None and status["status"] == "COMMITTED" and reported is not None:
+                    self.context.remember_done(*completed, reported)  # as the chain now has it
                 for key, model in list(self.context.global_models.items()):
                     if (model["schedule_id"], model["task_id"]) == completed:
                         del self.context.global_models[key]

@@ -79,8 +79,26 @@ class TaskContext:
     # the global model it starts from), kept for the last few rounds: a round runs a dozen tasks.
     rounds: OrderedDict = field(default_factory=OrderedDict)
 
+    # Statuses seen "done" (final: statuses only move forward), the most recent DONE_KEPT: a
+    # round's aggregate reads ten of them that this node mostly reported itself.
+    done: OrderedDict = field(default_factory=OrderedDict)
+
+    def remember_done(self, schedule_id: str, task_id: str, status: dict) -> None:
+        self.done[schedule_id, task_id] = status
+        while len(self.done) > DONE_KEPT:
+            self.done.popitem(last=False)
+
+    async def task_status(self, schedule_id: str, task_id: str) -> dict | None:
+        """A task's status on chain, read once it is done."""
+        status = self.done.get((schedule_id, task_id))
+        if status is None:
+            status = await self.reader.task_status(schedule_id, task_id)
+            if status is not None and status["status"] == "done":
+                self.remember_done(schedule_id, task_id, status)
+        return status
+
     async def dependency_status(self, schedule_id: str, task_id: str) -> dict | None:
-        return self.reported.get((schedule_id, task_id)) or await self.reader.task_status(schedule_id, task_id)
+        return self.reported.get((schedule_id, task_id)) or await self.task_status(schedule_id, task_id)
 
     async def round_inputs(self, schedule_id: str) -> dict:
         """{"assignments", "definition"} of a round. The parts tasks use (kinds, inputs, data
@@ -97,6 +115,7 @@ class TaskContext:
 
 
 ROUNDS_CACHED = 4
+DONE_KEPT = 1000
 
 
 async def run_task(ctx: TaskContext, schedule_id: str, task_id: str) -> TaskOutcome:
