@@ -209,3 +209,12 @@ def test_reports_go_out_in_the_order_they_were_made_while_the_next_task_runs(tmp
 
     made = asyncio.run(scenario())
     assert sent == made and acked == ["0-0", "1-0", "2-0"] and not node._awaiting_commit
+
+
+def test_what_a_node_remembers_of_queued_tasks_is_bounded():
+    from trustmesh.compute_node.node import _Recent
+
+    recent = _Recent(3)
+    for key in range(5):
+        recent.add(key)
+    assert list(recent) == [2, 3, 4] and 4 in recent and 0 not in recent
