@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import pathlib
 import time
@@ -379,17 +380,38 @@ class IoTNode:
             await self._assign(workflow_id, sid, record["round"])
             return
         now = time.time()
-        grace = 2 * (assignments.get("deadline_seconds") or 300)
+        deadline_seconds = assignments.get("deadline_seconds") or 300
+        grace = 2 * deadline_seconds
+        model_since = None  # when the global model these local_train tasks start from appeared
         for task_id, task in assignments["tasks"].items():
+            deadline = task["deadline"]
+            if task["kind"] == "local_train" and deadline < now:
+                # Assigned while the previous round trained: its clock starts with that round's
+                # model, not with the preprocess it also waited for.
+                if model_since is None:
+                    model_since = await self._model_since(workflow_id, record["round"])
+                deadline = max(deadline, model_since + deadline_seconds)
             # Past its deadline a task moves, unless its node is alive and merely slow: then it gets
             # a grace period, so busy nodes are not made to bounce work between them.
-            if task["deadline"] < now and (now > task["deadline"] + grace
-                                           or not await self.heartbeats.is_alive(task["node"])):
+            if deadline < now and (now > deadline + grace or not await self.heartbeats.is_alive(task["node"])):
                 status = await self.reader.task_status(sid, task_id)
                 if status and status["status"] not in ("done",) and status["attempt"] == task["attempt"]:
                     await self._once(("reassign", sid, task_id, task["attempt"]),
                                      schedule.make_reassign_transaction(self.signer, sid, task_id),
                                      f"reassign late task {task_id}")
+
+    async def _model_since(self, workflow_id: str, number: int) -> float:
+        """Chain time at which round `number`'s starting model was recorded: the previous round's
+        result (infinity while it has none: training cannot start, so it cannot be late)."""
+        if number <= 1:
+            return 0.0
+        index = await self.reader.rounds(workflow_id)
+        sid = index["rounds"].get(str(number - 1))
+        result = await self.reader.round_result(sid) if sid else None
+        if result is not None and result.get("global_model_digest"):
+            return float(result["recorded_at"])
+        record = await self.reader.round(sid) if sid else None
+        return 0.0 if record is not None and record["status"] == "timeout" else math.inf
 
     async def _open_next(self, workflow_id: str, fed, index=None, record=None) -> None:
         """Open the round after the latest once the latest is ready (or timed out) and the one

@@ -218,3 +218,39 @@ def test_what_a_node_remembers_of_queued_tasks_is_bounded():
     for key in range(5):
         recent.add(key)
     assert list(recent) == [2, 3, 4] and 4 in recent and 0 not in recent
+
+
+@pytest.mark.parametrize("result_at, late", [
+    (None, False),          # round 1 has no model yet: round 2's training cannot start, so it is not late
+    ("recent", False),      # the model appeared 10 s ago: the task's clock started then
+    ("long ago", True),     # the model appeared long before: late, and its node is dead
+])
+def test_a_training_that_waited_for_the_previous_rounds_model_is_late_only_after_it(tmp_path, result_at, late):
+    import time as clock
+
+    now = clock.time()
+    results = {} if result_at is None else {
+        SID1: {"global_model_digest": "ab" * 32, "recorded_at": now - (10 if result_at == "recent" else 1000)}}
+    chain = _Chain({1: _round(1, SID1, "ready"), 2: _round(2, SID2, "ready")}, results)
+    task = {"kind": "local_train", "node": "dead", "attempt": 1, "deadline": now - 500}
+
+    async def assignments(sid):
+        return {"deadline_seconds": 60, "tasks": {"train:a": task}}
+
+    async def task_status(sid, task_id):
+        return {"status": "assigned", "attempt": 1}
+
+    chain.assignments, chain.task_status = assignments, task_status
+    node, _ = _coordinator(tmp_path, chain)
+    sent = []
+
+    class _Heartbeats:
+        async def is_alive(self, node):
+            return False
+
+    async def once(key, txn, what):
+        sent.append(key)
+
+    node.heartbeats, node._once = _Heartbeats(), once
+    asyncio.run(node._keep_moving(WF, chain.rounds_[2]))
+    assert sent == ([("reassign", SID2, "train:a", 1)] if late else [])
