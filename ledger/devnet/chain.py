@@ -295,6 +295,7 @@ class Chain:
             self._notify_waiters()
             return None
         self.store.stage_nodes(new_nodes)
+        self.merkle.remember_new(new_nodes)  # the next block reads its upper nodes on every get
         self._tip = block
         committed = [o.checked for o in user_outcomes if o.valid]
         self._in_flight = {c.id for c in committed}
