@@ -597,7 +597,7 @@ class MerkleRadix:
         walk = _Walk(root)
         base = self._root(walk)
         if not changes:
-            return root, {}
+            return root, NewNodes()
         # Sorted so each subtree's changes are one contiguous run; each node is visited once.
         items = [(a, changes[a], a in sets) for a in sorted(changes)]
         new_nodes = NewNodes()
