@@ -370,3 +370,52 @@ def test_parallel_execution_equals_serial_order_and_failed_batches_leak_nothing(
         run(scenario())
     finally:
         node.stop()
+
+
+def test_submissions_are_checked_off_the_event_loop_and_queued_in_arrival_order(monkeypatch):
+    """Signature checks run on the endpoint's one worker thread (without the GIL, while the
+    loop goes on); a big submission checked first is still queued before a small later one."""
+    import threading
+
+    from trustmesh.ledger.devnet import component_endpoint as ce
+    from trustmesh.ledger.devnet.chain import ChainSettings
+    from trustmesh.ledger.devnet.processors import ProcessorRegistry
+
+    checked_on = []
+    real_check = ce.check_batches
+
+    def recording_check(batches, limits):
+        checked_on.append(threading.current_thread())
+        return real_check(batches, limits)
+
+    monkeypatch.setattr(ce, "check_batches", recording_check)
+    queued = []
+
+    class Chain:
+        settings = ChainSettings()
+
+        def submit(self, batches, checks):
+            assert all(c.batch is b for b, c in zip(batches, checks))  # checked, in order
+            queued.append([b.header_signature for b in batches])
+            return []
+
+    signer = PrivateKey.generate()
+    big = [intkey_batch(signer, ("set", f"big{i}", i)) for i in range(30)]
+    small = [intkey_batch(signer, ("set", "small", 1))]
+
+    def request(batches):
+        body = pb.ClientBatchSubmitRequest(batches=batches).SerializeToString()
+        return pb.Message(message_type=pb.Message.CLIENT_BATCH_SUBMIT_REQUEST, correlation_id="c", content=body)
+
+    async def scenario():
+        endpoint = ce.ComponentEndpoint("tcp://127.0.0.1:0", Chain(), ProcessorRegistry(), None, None)
+        try:
+            await asyncio.gather(endpoint._batch_submit(b"peer", request(big)),
+                                 endpoint._batch_submit(b"peer", request(small)))
+        finally:
+            await endpoint.close()
+        return threading.current_thread()
+
+    loop_thread = run(scenario())
+    assert queued == [[b.header_signature for b in big], [small[0].header_signature]]
+    assert checked_on and all(t is not loop_thread for t in checked_on)

@@ -273,3 +273,59 @@ def test_old_format_data_dir_reads_and_takes_new_blocks(tmp_path, monkeypatch):
     fresh = MerkleRadix(fresh_store.get_node)
     check_reads(fresh, root, model, list(sets)[:5] + old[28:34])
     assert fresh.get(old_root, old[30]) == old[30][:8].encode()
+
+
+# --- what update hands the store --------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(history=histories())
+def test_update_notes_the_structure_storage_rows_would_parse(history):
+    """update() notes one-child links and the children of the other nodes as it builds them;
+    storage_rows trusts that instead of parsing every node, so it must be exact."""
+    blocks, _ = history
+    store: dict[str, bytes] = {}
+    m = MerkleRadix(store.get)
+    root = EMPTY_ROOT
+    for sets, deletes in blocks:
+        root, nodes = m.update(root, sets, deletes)
+        links, pins = {}, set()
+        for h, data in nodes.items():
+            value, children = decode_node(data)
+            if value is None and len(children) == 1 and len(data) == 76:
+                links[h] = next(iter(children.values()))
+            else:
+                pins.update(children.values())
+        assert nodes.links == links
+        assert nodes.pins == pins
+        assert storage_rows(nodes) == storage_rows(dict(nodes))  # the parsing path agrees
+        store.update(storage_rows(nodes))
+
+
+def test_served_block_upper_nodes_are_cached_without_a_read():
+    reads = []
+    store: dict[str, bytes] = {}
+    m = MerkleRadix(lambda h: reads.append(h) or store.get(h))
+    root, nodes = m.update(EMPTY_ROOT, {addr(f"up-{i}"): b"v" for i in range(50)})
+    store.update(nodes)
+    m.remember_new(nodes)
+    assert m.get(root, addr("up-0")) == b"v"
+    assert root not in reads  # the root (50 children) came from the cache, not decoded again
+    assert 0 < len(nodes.decoded) < 60  # only where the changes part ways, not the chains
+
+
+def test_unstaging_a_block_keeps_the_next_blocks_nodes(tmp_path):
+    """Two staged blocks may share a node (same subtree); committing the first must not
+    stop the second's copy from being served."""
+    store = ChainStore(tmp_path)
+    first = {"a" * 64: b"shared", "b" * 64: b"first"}
+    second = {"a" * 64: b"shared", "c" * 64: b"second"}
+    store.stage_nodes(first)
+    store.stage_nodes(second)
+    store.unstage_nodes(first)
+    assert store.get_node("a" * 64) == b"shared"
+    assert store.get_node("b" * 64) is None
+    assert store.get_node("c" * 64) == b"second"
+    store.unstage_nodes(second)
+    assert store.get_node("a" * 64) is None
+    store.close()

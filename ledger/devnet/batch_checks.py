@@ -87,6 +87,18 @@ def check_batch(batch: "pb.Batch", limits: Limits = Limits()) -> CheckedBatch:
     return CheckedBatch(batch, header, tuple(_check_transaction(t, header, limits) for t in batch.transactions))
 
 
+def check_batches(batches, limits: Limits = Limits()) -> list:
+    """check_batch for each: its CheckedBatch, or the BatchRejected it raised. Safe on a worker
+    thread, where the signature checks (most of the cost) run without the GIL."""
+    results = []
+    for batch in batches:
+        try:
+            results.append(check_batch(batch, limits))
+        except BatchRejected as exc:
+            results.append(exc)
+    return results
+
+
 def _check_transaction(txn: "pb.Transaction", batch_header: "pb.BatchHeader", limits: Limits):
     txn_id = txn.header_signature
     short = txn_id[:16]

@@ -137,12 +137,14 @@ class Chain:
 
     # -- submission --------------------------------------------------------------------
 
-    def submit(self, batches: Sequence["pb.Batch"]) -> list[BatchRejected]:
+    def submit(self, batches: Sequence["pb.Batch"], checks: Sequence | None = None) -> list[BatchRejected]:
         """Queue the batches, all or none: any rejection leaves the queue untouched.
 
         Rejections are returned and also kept as INVALID statuses, so a client that only polls
         batch_statuses still learns why. Raises QueueFull when the list does not fit.
+        ``checks``: check_batches(batches) done beforehand (off the event loop), else done here.
         """
+        checked_as = {} if checks is None else {id(b): c for b, c in zip(batches, checks)}
         fresh = [b for b in batches if b.header_signature not in self._pending
                  and self.store.batch_location(b.header_signature) is None]
         fresh = list({b.header_signature: b for b in fresh}.values())  # resubmitted ids count once
@@ -152,7 +154,9 @@ class Chain:
         seen_txns: dict[str, str] = {}
         for batch in fresh:
             try:
-                checked = check_batch(batch, self.settings.limits)
+                checked = checked_as.get(id(batch)) or check_batch(batch, self.settings.limits)
+                if isinstance(checked, BatchRejected):
+                    raise checked
                 self._check_not_duplicate(checked, seen_txns)
             except BatchRejected as exc:
                 LOGGER.info("rejected batch %s: %s", batch.header_signature[:16], exc)
@@ -295,6 +299,7 @@ class Chain:
             self._notify_waiters()
             return None
         self.store.stage_nodes(new_nodes)
+        self.merkle.remember_new(new_nodes)  # the next block reads its upper nodes on every get
         self._tip = block
         committed = [o.checked for o in user_outcomes if o.valid]
         self._in_flight = {c.id for c in committed}

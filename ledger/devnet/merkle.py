@@ -35,6 +35,13 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import cbor2
 
+try:
+    # The same SHA-512, without OpenSSL's per-call context setup: most nodes hashed here are
+    # 76 bytes, where that setup costs more than the hashing (~0.5 vs ~0.7 us a node).
+    from _sha512 import sha512 as _sha512
+except ImportError:  # an interpreter built without the builtin module
+    _sha512 = hashlib.sha512
+
 __all__ = [
     "EMPTY_ROOT",
     "AddressNotFound",
@@ -225,7 +232,7 @@ def decode_node(data: bytes) -> tuple[bytes | None, dict[str, str]]:
 
 
 def node_hash(encoded: bytes) -> str:
-    return hashlib.sha512(encoded).digest()[:32].hex()
+    return _sha512(encoded).digest()[:32].hex()
 
 
 # --- storage rows -----------------------------------------------------------------------
@@ -240,6 +247,29 @@ _ONE_CHILD_HEAD = b"\xa2\x61c\xa1\x62"  # then token, b"\x78\x40", child hash, _
 _CHILD_HASH_RE = re.compile(r"x@([0-9a-f]{64})")
 
 
+class NewNodes(dict):
+    """What ``update`` returns: hash -> encoded node, plus the structure storage_rows needs,
+    noted while the nodes are built. Parsing it back out of the bytes cost ~40% of
+    storage_rows, on the store thread, holding the GIL the next block executes with."""
+
+    __slots__ = ("links", "pins", "decoded")
+
+    def __init__(self):
+        super().__init__()
+        self.links: dict[str, str] = {}  # one-child node (as _one_child writes it) -> its child
+        self.pins: set[str] = set()      # the children of every other node
+        # The nodes above the points where the changes part ways, decoded, for
+        # MerkleRadix.remember_new: the next block passes them on every read, and decoding
+        # them again from the store costs ~1 us per child (they are the big ones).
+        self.decoded: list[tuple[str, _Node]] = []
+
+
+def _is_one_child(data: bytes) -> bool:
+    """Exactly the bytes _one_child writes."""
+    return (len(data) == 76 and data[:5] == _ONE_CHILD_HEAD and data[7:9] == b"\x78\x40"
+            and data[73:] == _V_KEY_NULL)
+
+
 def storage_rows(nodes: Mapping[str, bytes]) -> dict[str, bytes]:
     """Rows to store for a set of new nodes (hash -> bytes, as ``update`` returns them).
 
@@ -250,15 +280,15 @@ def storage_rows(nodes: Mapping[str, bytes]) -> dict[str, bytes]:
     """
     # This runs on the store thread, holding the GIL, for every node of a block: bulk
     # operations and few Python steps per node.
-    only_child = {  # one-child node -> its child, for exactly the bytes _one_child writes
-        h: data[9:73].decode() for h, data in nodes.items()
-        if len(data) == 76 and data[:5] == _ONE_CHILD_HEAD and data[7:9] == b"\x78\x40"
-        and data[73:] == _V_KEY_NULL
-    }
-    others = b"".join([nodes[h] for h in nodes.keys() - only_child.keys()]).decode("latin-1")
+    if isinstance(nodes, NewNodes):  # update() noted the structure as it built the nodes
+        only_child, pinned = nodes.links, nodes.pins
+    else:
+        only_child = {h: data[9:73].decode() for h, data in nodes.items() if _is_one_child(data)}
+        others = b"".join([nodes[h] for h in nodes.keys() - only_child.keys()]).decode("latin-1")
+        pinned = _CHILD_HASH_RE.findall(others)  # a superset of their children: costs a row at most
     folded = {c for c, n in Counter(only_child.values()).items() if n == 1}
     folded.intersection_update(nodes)
-    folded.difference_update(_CHILD_HASH_RE.findall(others))  # pinning too many costs a row
+    folded.difference_update(pinned)
     rows: dict[str, bytes] = {}
     child_of = only_child.get
     for h in nodes.keys() - folded:
@@ -546,10 +576,10 @@ class MerkleRadix:
     def update(
         self, root: str, sets: Mapping[str, bytes], deletes: Iterable[str] = ()
     ) -> tuple[str, dict[str, bytes]]:
-        """Apply sets and deletes to the tree at ``root``; pure.
+        """Apply sets and deletes to the tree at ``root``; pure (it only warms the cache).
 
-        Returns (new_root, new_nodes) where new_nodes maps hash -> encoded node for every
-        node this update created; the caller persists them. Matches Sawtooth 1.2
+        Returns (new_root, new_nodes) where new_nodes (a NewNodes) maps hash -> encoded node
+        for every node this update created; the caller persists them. Matches Sawtooth 1.2
         (MerkleDatabase::update) including its edge cases:
           * deleting an address with no value raises AddressNotFound;
           * an address both set and deleted ends up deleted, but the nodes on its path are
@@ -567,12 +597,18 @@ class MerkleRadix:
         walk = _Walk(root)
         base = self._root(walk)
         if not changes:
-            return root, {}
+            return root, NewNodes()
         # Sorted so each subtree's changes are one contiguous run; each node is visited once.
         items = [(a, changes[a], a in sets) for a in sorted(changes)]
-        new_nodes: dict[str, bytes] = {}
+        new_nodes = NewNodes()
         new_root = self._apply(walk, base, 0, items, 0, len(items), new_nodes)
         return new_root, new_nodes
+
+    def remember_new(self, new_nodes: Mapping[str, bytes]) -> None:
+        """Cache the decoded upper nodes of an update's result, once the caller serves its
+        nodes (update itself stays pure: an unsaved root stays unknown)."""
+        if isinstance(new_nodes, NewNodes):
+            self._remember(new_nodes.decoded)
 
     def _apply(self, walk, node, depth, items, lo, hi, new_nodes) -> str | None:
         """Rebuild the subtree ``node`` (None: no such branch yet) at ``depth`` with the
@@ -603,7 +639,9 @@ class MerkleRadix:
             return None
         if only_child is not None and len(children) > 1 and children.get(only_child[0]) == only_child[1]:
             self._split_chain(walk, prefix, *only_child, new_nodes)
-        return self._store(encode_node(value, children), new_nodes)
+        h = self._store(encode_node(value, children), new_nodes, children)
+        new_nodes.decoded.append((h, (value, children)))
+        return h
 
     def _apply_one(self, walk, node, depth, address, change, from_set, new_nodes) -> str | None:
         """_apply for a single change: below the point where changes part ways (most of
@@ -621,7 +659,7 @@ class MerkleRadix:
                 raise AddressNotFound(f"cannot delete {address}: no value under state root {walk.root}")
             h = None
         elif d == DEPTH:
-            h = self._store(encode_node(change, {}), new_nodes)
+            h = self._store(encode_node(change, {}), new_nodes, {})
         else:
             h = self._new_branch(address, change, d, new_nodes)
         if node is None and path:  # a new branch beside the children of the last node on the path
@@ -635,22 +673,28 @@ class MerkleRadix:
             if h is None and alone and d > 0 and not from_set:
                 continue  # left without children: pruned, like Sawtooth (h stays None)
             if alone and value is None:  # the usual case, encoded without building a dict
-                h = self._store(_EMPTY_NODE if h is None else _one_child(token, h), new_nodes)
+                h = self._store(_EMPTY_NODE, new_nodes, {}) if h is None else self._store_link(token, h, new_nodes)
                 continue
             children = dict(children)
             if h is None:
                 children.pop(token, None)
             else:
                 children[token] = h
-            h = self._store(encode_node(value, children), new_nodes)
+            h = self._store(encode_node(value, children), new_nodes, children)
+            new_nodes.decoded.append((h, (value, children)))
         return h
 
     def _new_branch(self, address: str, wrapped: bytes, depth: int, new_nodes) -> str:
         """A fresh single-leaf chain from ``depth`` down (most new addresses in a sparse tree
         need ~30 such one-child nodes)."""
-        h = self._store(encode_node(wrapped, {}), new_nodes)
-        for d in range(DEPTH - 1, depth - 1, -1):
-            h = self._store(_one_child(address[d * TOKEN_SIZE:(d + 1) * TOKEN_SIZE], h), new_nodes)
+        h = self._store(encode_node(wrapped, {}), new_nodes, {})
+        # _store_link inlined: this loop is most of the Merkle work of a block of new keys.
+        links, tokens, sha512 = new_nodes.links, address.encode(), _sha512
+        for at in range(TOKEN_SIZE * (DEPTH - 1), TOKEN_SIZE * depth - 1, -TOKEN_SIZE):
+            encoded = _ONE_CHILD_HEAD + tokens[at:at + TOKEN_SIZE] + b"\x78\x40" + h.encode() + _V_KEY_NULL
+            child, h = h, sha512(encoded).digest()[:32].hex()
+            new_nodes[h] = encoded
+            links[h] = child
         return h
 
     def _split_chain(self, walk, prefix: str, token: str, child: str, new_nodes) -> None:
@@ -669,16 +713,30 @@ class MerkleRadix:
             else:
                 encoded, child = encode_node(value, children), None
             # A copy rebuilt from the decoded node must be exact.
-            if self._store(encoded, new_nodes) != h:
+            if self._store(encoded, new_nodes, children) != h:
                 raise InvalidNode(f"node {h} under state root {walk.root} is not canonically encoded")
             if child is None:
                 return
             h, path = child, path + token
 
     @staticmethod
-    def _store(encoded: bytes, new_nodes: dict[str, bytes]) -> str:
-        h = hashlib.sha512(encoded).digest()[:32].hex()
+    def _store(encoded: bytes, new_nodes: NewNodes, children: Mapping[str, str]) -> str:
+        """Any node (``children`` as encoded): into new_nodes, its structure noted."""
+        h = _sha512(encoded).digest()[:32].hex()
         new_nodes[h] = encoded
+        if _is_one_child(encoded):
+            new_nodes.links[h] = encoded[9:73].decode()
+        else:
+            new_nodes.pins.update(children.values())
+        return h
+
+    @staticmethod
+    def _store_link(token: str, child: str, new_nodes: NewNodes) -> str:
+        """_store for _one_child(token, child), ``token`` from a checked address."""
+        encoded = _ONE_CHILD_HEAD + token.encode() + b"\x78\x40" + child.encode() + _V_KEY_NULL
+        h = _sha512(encoded).digest()[:32].hex()
+        new_nodes[h] = encoded
+        new_nodes.links[h] = child
         return h
 
 
