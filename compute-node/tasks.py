@@ -195,6 +195,13 @@ async def _local_train(ctx, assignments, task_id, task, definition) -> TaskOutco
     bundle = await _blob(ctx, task["inputs"][0], f"data of {owner[:16]}…")
     data = load_npz(open_bundle(bundle, ctx.encryption_key, node=ctx.node, schedule_id=sid, sender=owner),
                     input_dim=definition["model"]["input_dim"], num_classes=definition["model"]["num_classes"])
+    return await train_update(ctx, assignments, task_id, owner, data, definition)
+
+
+async def train_update(ctx, assignments, task_id, owner, data, definition) -> TaskOutcome:
+    """local_train on `owner`'s plaintext data, wherever that data is: on a compute node once the
+    envelope is open, or on the IoT node itself (train_on "iot", iot-node/local_training.py).
+    One function, so both places derive the seed, start model and report alike."""
     hp = definition["hyperparameters"]
     global_state, built_on = await _global_model(ctx, definition, assignments)
 
