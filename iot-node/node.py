@@ -9,7 +9,9 @@ Everything it does is decided from committed chain state, re-read after every bl
 short tick (for timeouts), so a restarted node simply picks up where the chain is:
 
     participant  round collecting, it is expected, it has not submitted -> seal its data for the
-                 registered compute nodes, store the bundle (sha256-named), submit the digest
+                 registered compute nodes, store the bundle (sha256-named), submit the digest;
+                 with train_on "iot" store and submit only a commitment to its data, and train
+                 its own local_train tasks itself (local_training.py)
     coordinator  no round yet -> open round 1 (once a compute node is registered)
                  collecting past round_timeout -> close_round
                  ready, not assigned -> assign
@@ -22,7 +24,7 @@ Rounds overlap by one: the next round collects and is assigned while this one tr
 training starts from this one's global model as soon as that exists, so the time a round spends
 collecting and being scheduled is hidden behind the previous round's work.
 
-Raw data leaves the node only inside envelopes (stores/data_envelope.py).
+Raw data leaves the node only inside envelopes (stores/data_envelope.py), or not at all.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ from trustmesh.scheduling import federation, layout, schedule, workflow
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.data_bundle import seal_bundle
 from trustmesh.stores.redis_state import BlobStore, Heartbeats, connect
+
+from . import commitment
+from .cancelling import cancel_and_wait
+from .local_training import LocalTrainer
 
 LOGGER = logging.getLogger(__name__)
 
@@ -116,6 +122,12 @@ class IoTNode:
         self.heartbeats = Heartbeats(self.redis)
         self.subscriber = EventSubscriber(self.validator_url, [event_subscription(e) for e in EVENTS])
         await self.subscriber.start()
+        # Its own local_train tasks (train_on "iot"), on their own event stream: task events
+        # must not trigger this node's full re-reads of chain state.
+        self.trainer = LocalTrainer(self.name, self.signer, validator_url=self.validator_url, reader=self.reader,
+                                    blobs=self.blobs, commit=self._commit, local_data=self._local_data,
+                                    workflows=self._workflows)
+        await self.trainer.start()
         loop = asyncio.get_running_loop()
         # liveness for `trustmesh status` and supervisors
         beats = self.heartbeats.keep_beating(self.node, {"name": self.name, "role": "iot"})
@@ -124,9 +136,8 @@ class IoTNode:
         LOGGER.info("IoT node %s (%s…) ready%s", self.name, self.node[:16], " as coordinator" if self.coordinator else "")
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *self._reactions]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._reactions, return_exceptions=True)
+        await cancel_and_wait([*self._tasks, *self._reactions])
+        await self.trainer.stop()
         await self.subscriber.close()
         await self.rest.close()
         await self.redis.aclose()
@@ -317,13 +328,19 @@ class IoTNode:
     async def _submit(self, definition, record) -> bool:
         sid = record["schedule_id"]
         data, samples = self._local_data(definition)
-        if self._recipients is None:
-            self._recipients = {node: peer["encryption_public_key"] for node, peer in (await self.reader.peers()).items()}
-        recipients = self._recipients
-        bundle = seal_bundle(data, recipients, schedule_id=sid, sender=self.node)
-        digest = await self.blobs.put(bundle)
-        txn = federation.make_submit_transaction(self.signer, sid, digest, samples,
-                                                 {"format": "npz-bundle-v1", "recipients": len(recipients)})
+        if workflow.train_on(definition) == "iot":
+            # This node trains on its data itself: nothing of it is shipped, not even sealed.
+            blob = commitment.make_commitment(data, samples, schedule_id=sid, node=self.node)
+            metadata = {"format": commitment.FORMAT}
+        else:
+            if self._recipients is None:
+                self._recipients = {node: peer["encryption_public_key"]
+                                    for node, peer in (await self.reader.peers()).items()}
+            recipients = self._recipients
+            blob = seal_bundle(data, recipients, schedule_id=sid, sender=self.node)
+            metadata = {"format": "npz-bundle-v1", "recipients": len(recipients)}
+        digest = await self.blobs.put(blob)
+        txn = federation.make_submit_transaction(self.signer, sid, digest, samples, metadata)
         if not await self._commit(txn, f"submit to round {record['round']}"):
             return False
         LOGGER.info("%s: submitted %d samples to round %d (%s…)", self.name, samples, record["round"], digest[:12])
