@@ -122,12 +122,7 @@ class IoTNode:
         self.heartbeats = Heartbeats(self.redis)
         self.subscriber = EventSubscriber(self.validator_url, [event_subscription(e) for e in EVENTS])
         await self.subscriber.start()
-        # Its own local_train tasks (train_on "iot"), on their own event stream: task events
-        # must not trigger this node's full re-reads of chain state.
-        self.trainer = LocalTrainer(self.name, self.signer, validator_url=self.validator_url, reader=self.reader,
-                                    blobs=self.blobs, commit=self._commit, local_data=self._local_data,
-                                    workflows=self._workflows)
-        await self.trainer.start()
+        self.trainer = None  # started by the first workflow that trains on IoT nodes (_act)
         loop = asyncio.get_running_loop()
         # liveness for `trustmesh status` and supervisors
         beats = self.heartbeats.keep_beating(self.node, {"name": self.name, "role": "iot"})
@@ -137,7 +132,8 @@ class IoTNode:
 
     async def stop(self) -> None:
         await cancel_and_wait([*self._tasks, *self._reactions])
-        await self.trainer.stop()
+        if self.trainer is not None:
+            await self.trainer.stop()
         await self.subscriber.close()
         await self.rest.close()
         await self.redis.aclose()
@@ -255,6 +251,16 @@ class IoTNode:
                 found.append(record)
         return found
 
+    async def _start_trainer(self) -> None:
+        """Run this node's own local_train tasks (train_on "iot") on their own event stream, so
+        task events never trigger full re-reads of chain state. Only once a workflow asks: every
+        subscriber costs the validator a delivery per block."""
+        trainer = LocalTrainer(self.name, self.signer, validator_url=self.validator_url, reader=self.reader,
+                               blobs=self.blobs, commit=self._commit, local_data=self._local_data,
+                               workflows=self._workflows)
+        await trainer.start()  # reads the tasks it holds already, so starting late loses none
+        self.trainer = trainer
+
     def _coordinates(self, definition: dict) -> bool:
         if self.coordinator is not None:
             return self.coordinator
@@ -265,6 +271,8 @@ class IoTNode:
             return  # a participant's tick: nothing time-driven to do between full checks
         records = await self._workflows()
         self._definitions = {r["workflow_id"]: r["definition"] for r in records}
+        if self.trainer is None and any(workflow.train_on(r["definition"]) == "iot" for r in records):
+            await self._start_trainer()
         self._coordinates_any = any(self._coordinates(r["definition"]) for r in records)
         for record in records:
             if record["workflow_id"] in self.done or (coordinating_only and not self._coordinates(record["definition"])):

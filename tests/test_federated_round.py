@@ -78,6 +78,7 @@ def test_rounds_complete_every_digest_verifies_and_raw_data_never_leaks(devnet, 
                 await asyncio.wait_for(iots[0].finished.wait(), 240)
                 for node in iots:  # every node fetched and verified every global model
                     await asyncio.wait_for(_until(lambda: len(node.global_models) == ROUNDS), 30)
+                assert all(node.trainer is None for node in iots)  # no IoT-side training asked: no task stream
                 # the CouchDB history follows the chain, off the rounds' path
                 await asyncio.wait_for(_until(lambda: _finals_recorded(computes) == ROUNDS), 30)
             finally:

@@ -192,6 +192,7 @@ def test_a_restarted_iot_node_finishes_the_task_it_held(devnet, stores, tmp_path
             try:
                 await coordinator.start()
                 await first.start()
+                await asyncio.wait_for(_until(lambda: first.trainer is not None), 30)  # the workflow asks for it
                 first.trainer._train = stuck
                 await asyncio.wait_for(training.wait(), 90)
                 await first.stop()
