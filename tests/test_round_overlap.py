@@ -254,3 +254,16 @@ def test_a_training_that_waited_for_the_previous_rounds_model_is_late_only_after
     node.heartbeats, node._once = _Heartbeats(), once
     asyncio.run(node._keep_moving(WF, chain.rounds_[2]))
     assert sent == ([("reassign", SID2, "train:a", 1)] if late else [])
+
+
+def test_a_block_with_only_its_commit_event_needs_no_full_look_at_the_chain(tmp_path):
+    from trustmesh.ledger import protos as pb
+    from trustmesh.ledger.events import BLOCK_COMMIT, BlockEvents
+
+    node, _ = _coordinator(tmp_path, _Chain({1: _round(1, SID1, "ready")}))
+    commit = pb.Event(event_type=BLOCK_COMMIT, attributes=[pb.Event.Attribute(key="block_num", value="7")])
+    block = BlockEvents(block_id="b", block_num=7, state_root_hash="", previous_block_id="a", events=[commit])
+    assert node._react(block) is True  # every block has it: a full re-read per block per node is what it avoids
+    deployed = pb.Event(event_type="trustmesh/workflow-deployed", attributes=[pb.Event.Attribute(key="workflow_id", value=WF)])
+    block.events.append(deployed)
+    assert node._react(block) is False
