@@ -61,23 +61,14 @@ def test_rounds_complete_every_digest_verifies_and_raw_data_never_leaks(devnet, 
 
         common = dict(validator_url=devnet.component_url, rest_url=devnet.rest_url, redis_url=redis_server.url)
         async with running_processor(devnet.component_url, *federation_handlers()), rest(devnet.rest_url) as client:
-            computes = [ComputeNode(f"compute-{i}", tmp_path / f"compute-{i}", couch_url=couch_server.url, **common)
-                        for i in range(2)]
-            for node in computes:
-                await node.start()
+            computes = await start_compute_nodes(2, tmp_path, couch_server.url, common)
             owner = load_or_create_key(tmp_path / "owner", "owner")
             [status] = await submit_and_wait(client, [make_batch(owner, [workflow.make_deploy_transaction(
                 owner, definition)])])
             assert status["status"] == "COMMITTED", status
-            iots = [IoTNode(n, tmp_path / n, workflow_id="digits-e2e", coordinator=(n == "iot-1"),
-                            data_path=str(tmp_path / "iot-3.npz") if n == "iot-3" else None, **common)
-                    for n in names]
-            for node in iots:
-                await node.start()
+            iots = await start_iot_nodes(names, tmp_path, "digits-e2e", common)
             try:
-                await asyncio.wait_for(iots[0].finished.wait(), 240)
-                for node in iots:  # every node fetched and verified every global model
-                    await asyncio.wait_for(_until(lambda: len(node.global_models) == ROUNDS), 30)
+                await until_every_round_is_final(iots, ROUNDS)
                 assert all(node.trainer is None for node in iots)  # no IoT-side training asked: no task stream
                 # the CouchDB history follows the chain, off the rounds' path
                 await asyncio.wait_for(_until(lambda: _finals_recorded(computes) == ROUNDS), 30)
@@ -91,6 +82,29 @@ def test_rounds_complete_every_digest_verifies_and_raw_data_never_leaks(devnet, 
 
     computes = run(scenario(), timeout=300)
     assert all(node.completed for node in computes), "both compute nodes took part"
+
+
+async def start_compute_nodes(count: int, tmp_path, couch_url: str, common: dict) -> list[ComputeNode]:
+    computes = [ComputeNode(f"compute-{i}", tmp_path / f"compute-{i}", couch_url=couch_url, **common)
+                for i in range(count)]
+    for node in computes:
+        await node.start()
+    return computes
+
+
+async def start_iot_nodes(names, tmp_path, workflow_id: str, common: dict) -> list[IoTNode]:
+    """iot-1 coordinates; iot-3 brings its own data file (tmp_path / "iot-3.npz")."""
+    iots = [IoTNode(n, tmp_path / n, workflow_id=workflow_id, coordinator=(n == "iot-1"),
+                    data_path=str(tmp_path / "iot-3.npz") if n == "iot-3" else None, **common) for n in names]
+    for node in iots:
+        await node.start()
+    return iots
+
+
+async def until_every_round_is_final(iots, rounds: int) -> None:
+    await asyncio.wait_for(iots[0].finished.wait(), 240)
+    for node in iots:  # every node fetched and verified every global model
+        await asyncio.wait_for(_until(lambda: len(node.global_models) == rounds), 30)
 
 
 def _finals_recorded(computes) -> int:

@@ -15,7 +15,8 @@ import hashlib
 import logging
 
 from ledger_helpers import rest, run, running_processor, submit_and_wait
-from test_federated_round import _scan_for_canary, _until, stores  # noqa: F401  (module-scoped servers)
+from test_federated_round import (_scan_for_canary, _until, start_compute_nodes, start_iot_nodes, stores,  # noqa: F401  (servers)
+                                  until_every_round_is_final)
 from trustmesh import audit
 from trustmesh.compute_node import model_format
 from trustmesh.compute_node.datasets import dump_npz, federated_digits, make_canary, with_canary
@@ -67,20 +68,11 @@ def test_iot_nodes_train_their_own_data_and_no_raw_data_reaches_a_store(devnet, 
     async def scenario():
         common = dict(validator_url=devnet.component_url, rest_url=devnet.rest_url, redis_url=redis_server.url)
         async with running_processor(devnet.component_url, *federation_handlers()), rest(devnet.rest_url) as client:
-            computes = [ComputeNode(f"compute-{i}", tmp_path / f"compute-{i}", couch_url=couch_server.url, **common)
-                        for i in range(2)]
-            for node in computes:
-                await node.start()
+            computes = await start_compute_nodes(2, tmp_path, couch_server.url, common)
             await _deploy(client, tmp_path, definition)
-            iots = [IoTNode(n, tmp_path / n, workflow_id="digits-iot", coordinator=(n == "iot-1"),
-                            data_path=str(tmp_path / "iot-3.npz") if n == "iot-3" else None, **common)
-                    for n in names]
-            for node in iots:
-                await node.start()
+            iots = await start_iot_nodes(names, tmp_path, "digits-iot", common)
             try:
-                await asyncio.wait_for(iots[0].finished.wait(), 240)
-                for node in iots:  # every node fetched and verified every global model
-                    await asyncio.wait_for(_until(lambda: len(node.global_models) == ROUNDS), 30)
+                await until_every_round_is_final(iots, ROUNDS)
             finally:
                 for node in iots + computes:
                     await node.stop()

@@ -220,3 +220,17 @@ def test_canary_is_found_in_plaintext_encodings_only(digits):
     with zipfile.ZipFile(compressed, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("x", raw)
     assert not ds.make_canary().found_in(compressed.getvalue())
+
+
+def test_digits_read_from_the_shipped_file_equal_sklearns_loader(digits):
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    assert np.array_equal(digits.x, (x / ds.DIGITS_MAX_PIXEL).astype(np.float32))
+    assert np.array_equal(digits.y, y.astype(np.int64)) and digits.x.shape == (1797, 64)
+    # and without importing scikit-learn, which costs each node process seconds of CPU
+    code = "import sys; from trustmesh.compute_node import datasets; datasets.load_digits(); print('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
