@@ -26,6 +26,7 @@ import os
 import pathlib
 import time
 
+from trustmesh.cancelling import cancel_and_wait
 from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.events import NULL_BLOCK_ID, EventSubscriber, UnknownBlockError, event_subscription
 from trustmesh.ledger.rest_client import RestClient
@@ -375,9 +376,7 @@ class ComputeNode:
             self.completed.append(completed)
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *self._confirming]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._confirming, return_exceptions=True)
+        await cancel_and_wait([*self._tasks, *self._confirming])
         await self.subscriber.close()
         await self.rest.close()
         if self.couch_url:

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+from trustmesh.cancelling import cancel_and_wait
 from trustmesh.compute_node.datasets import load_npz
 from trustmesh.compute_node.tasks import (REPORTED_METRICS, InputNotReady, TaskContext, TaskInputError,
                                           starting_model_known, train_update)
@@ -40,7 +41,6 @@ from trustmesh.scheduling import schedule, workflow
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.redis_state import BlobError, BlobStore
 
-from .cancelling import cancel_and_wait
 from .commitment import check_commitment
 
 LOGGER = logging.getLogger(__name__)

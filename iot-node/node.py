@@ -37,6 +37,7 @@ import os
 import pathlib
 import time
 
+from trustmesh.cancelling import cancel_and_wait
 from trustmesh.compute_node import model_format
 from trustmesh.compute_node.datasets import Dataset, dump_npz, federated_digits, load_npz
 from trustmesh.ledger.builders import make_batch
@@ -49,7 +50,6 @@ from trustmesh.stores.data_bundle import seal_bundle
 from trustmesh.stores.redis_state import BlobStore, Heartbeats, connect
 
 from . import commitment
-from .cancelling import cancel_and_wait
 from .local_training import LocalTrainer
 
 LOGGER = logging.getLogger(__name__)

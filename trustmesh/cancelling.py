@@ -1,4 +1,4 @@
-"""Stopping a node's asyncio tasks for sure."""
+"""Stopping a service's asyncio tasks for sure (IoT nodes, compute nodes)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task]) -> None:
 
     A cancellation can be lost inside a library call that completes at the same moment (seen in
     the tests, about one stop in three right after a round finished: IoTNode._reconcile went back
-    to waiting for its next block instead of ending, and stop() never returned). A task still
-    running after a moment is cancelled again, so a stop always ends.
+    to waiting for its next block instead of ending, and stop() never returned; Python 3.11's
+    asyncio.wait_for does this). A task still running after a moment is cancelled again, so a stop
+    always ends.
     """
     pending = {task for task in tasks if not task.done()}
     while pending:
