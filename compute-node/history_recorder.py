@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import pathlib
 
-from trustmesh.ledger.events import NULL_BLOCK_ID, EventSubscriber, UnknownBlockError, event_subscription
+from trustmesh.ledger.block_cursor import BlockCursor
+from trustmesh.ledger.events import event_subscription
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchHistory
 from trustmesh.stores.redis_state import BlobStore
@@ -34,16 +33,17 @@ EVENTS = ("trustmesh/round-result", "trustmesh/round-finalized")
 
 class HistoryRecorder:
     def __init__(self, node: str, reader: FederationReader, blobs: BlobStore, history: CouchHistory, *,
-                 validator_url: str, cursor_path: str | os.PathLike):
+                 validator_url: str, cursor: BlockCursor):
         self.node, self.reader, self.blobs, self.history = node, reader, blobs, history
         self.validator_url = validator_url
-        self.cursor_path = pathlib.Path(cursor_path)
+        self.cursor = cursor
         self.recorded: list[tuple[str, str]] = []  # (event type, schedule_id), for tests and logs
 
     async def run(self) -> None:
         """Follow and record until cancelled; a failed write is tried again from the same block."""
         while True:
-            subscriber = await self._subscribe()
+            subscriber = await self.cursor.subscribe(self.validator_url, [event_subscription(e) for e in EVENTS],
+                                                     new_from_genesis=True, who="history")
             try:
                 while True:
                     block = await subscriber.next_block()
@@ -51,9 +51,7 @@ class HistoryRecorder:
                         if event.event_type in EVENTS:  # not the block-commit event every block has
                             attrs = {a.key: a.value for a in event.attributes}
                             await self.record(event.event_type, attrs["schedule_id"])
-                    partial = self.cursor_path.with_suffix(".partial")  # whole or not at all
-                    partial.write_text(block.block_id)
-                    os.replace(partial, self.cursor_path)
+                    self.cursor.save(block.block_id)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -61,18 +59,6 @@ class HistoryRecorder:
                 await asyncio.sleep(1)
             finally:
                 await subscriber.close()
-
-    async def _subscribe(self) -> EventSubscriber:
-        known = self.cursor_path.read_text().strip() if self.cursor_path.exists() else ""
-        subscriptions = [event_subscription(e) for e in EVENTS]
-        subscriber = EventSubscriber(self.validator_url, subscriptions, last_known_block_ids=[known or NULL_BLOCK_ID])
-        try:
-            await subscriber.start()
-        except UnknownBlockError:  # a fresh chain under an old data dir: record it from genesis
-            await subscriber.close()
-            subscriber = EventSubscriber(self.validator_url, subscriptions, last_known_block_ids=[NULL_BLOCK_ID])
-            await subscriber.start()
-        return subscriber
 
     async def record(self, event_type: str, schedule_id: str) -> None:
         result = await self.reader.round_result(schedule_id)

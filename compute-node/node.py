@@ -28,7 +28,8 @@ import time
 
 from trustmesh.cancelling import cancel_and_wait
 from trustmesh.ledger.builders import make_batch
-from trustmesh.ledger.events import NULL_BLOCK_ID, EventSubscriber, UnknownBlockError, event_subscription
+from trustmesh.ledger.block_cursor import BlockCursor
+from trustmesh.ledger.events import UnknownBlockError, event_subscription
 from trustmesh.ledger.rest_client import RestClient
 from trustmesh.ledger.signing import load_or_create_key
 from trustmesh.scheduling import peers, schedule
@@ -100,7 +101,7 @@ class ComputeNode:
         self.signer = load_or_create_key(self.data_dir / "keys", name)
         self.node = self.signer.public_key().as_hex()
         self.encryption_key, self.encryption_public = load_or_create_keypair(self.data_dir / "keys" / f"{name}.x25519")
-        self._cursor_path = self.data_dir / f"{name}.last-block"
+        self._cursor = BlockCursor(self.data_dir / f"{name}.last-block")
         self._tasks: list[asyncio.Task] = []
         self._confirming: set[asyncio.Task] = set()  # reports submitted, not yet seen committed
         self._awaiting_commit: set[str] = set()  # their task messages, acked once the report commits
@@ -125,9 +126,11 @@ class ComputeNode:
             history = CouchHistory(self.couch)
             await history.ensure()
             self.recorder = HistoryRecorder(self.node, self.reader, self.blobs, history, validator_url=self.validator_url,
-                                            cursor_path=self.data_dir / f"{self.name}.history-block")
+                                            cursor=BlockCursor(self.data_dir / f"{self.name}.history-block"))
         await self._register()
-        await self._subscribe()
+        # The schedule events from the last block this node handled, replaying what it missed.
+        self.subscriber = await self._cursor.subscribe(self.validator_url, [event_subscription(e) for e in SCHEDULE_EVENTS],
+                                                       new_from_genesis=False, who=self.name)
         self.context = TaskContext(self.node, self.encryption_key, self.reader, self.blobs,
                                    progress=lambda text: LOGGER.debug("%s: %s", self.name, text))
         loop = asyncio.get_running_loop()
@@ -187,24 +190,7 @@ class ComputeNode:
                     self.context.rounds.pop(schedule_id, None)
                 await self.enqueue_runnable(schedule_id, (await self.context.round_inputs(schedule_id))["assignments"]
                                             if not rounds[schedule_id] else None)
-            # Whole or not at all: a node killed mid-write must not come back with half an id.
-            partial = self._cursor_path.with_suffix(".partial")
-            partial.write_text(block.block_id)
-            os.replace(partial, self._cursor_path)
-
-    async def _subscribe(self) -> None:
-        """Follow the schedule events from the last block this node handled (replaying what it
-        missed), or from genesis if that block is not on this chain (a fresh dev network)."""
-        known = self._cursor_path.read_text().strip() if self._cursor_path.exists() else ""
-        subscriptions = [event_subscription(e) for e in SCHEDULE_EVENTS]
-        self.subscriber = EventSubscriber(self.validator_url, subscriptions, last_known_block_ids=[known] if known else [])
-        try:
-            await self.subscriber.start()
-        except UnknownBlockError:
-            LOGGER.warning("%s: its last block %s… is not on this chain; replaying every block", self.name, known[:16])
-            await self.subscriber.close()
-            self.subscriber = EventSubscriber(self.validator_url, subscriptions, last_known_block_ids=[NULL_BLOCK_ID])
-            await self.subscriber.start()
+            self._cursor.save(block.block_id)
 
     async def enqueue_runnable(self, schedule_id: str, assignments: dict | None = None) -> None:
         """Queue this node's tasks of the round that can run now. Given `assignments` (a copy read

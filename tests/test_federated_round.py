@@ -17,6 +17,7 @@ from trustmesh.compute_node.datasets import dump_npz, federated_digits, make_can
 from trustmesh.compute_node.history_recorder import HistoryRecorder
 from trustmesh.compute_node.node import ComputeNode
 from trustmesh.iot_node.node import IoTNode
+from trustmesh.ledger.block_cursor import BlockCursor
 from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.signing import load_or_create_key
 from trustmesh.scheduling import layout, workflow
@@ -128,7 +129,7 @@ async def _check_history_rebuilds_from_the_chain(devnet, computes, couch_url, re
             await history.ensure()
             replayed.append(HistoryRecorder(node.node, FederationReader(client), BlobStore(redis), history,
                                             validator_url=devnet.component_url,
-                                            cursor_path=tmp_path / f"{node.name}.replay-block"))
+                                            cursor=BlockCursor(tmp_path / f"{node.name}.replay-block")))
         runs = [asyncio.get_running_loop().create_task(r.run()) for r in replayed]
         try:
             await asyncio.wait_for(_until(lambda: _finals_recorded([_Recorded(r) for r in replayed]) == ROUNDS), 60)
