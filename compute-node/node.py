@@ -39,7 +39,7 @@ from trustmesh.stores.data_envelope import load_or_create_keypair
 from trustmesh.stores.redis_state import CURSOR_KEY, BlobStore, FederationCache, Heartbeats, TaskQueue, connect, task_stream
 
 from .history_recorder import HistoryRecorder
-from .tasks import InputNotReady, TaskContext, TaskInputError, run_task, starting_model_known
+from .tasks import InputNotReady, Recent, TaskContext, TaskInputError, run_task, starting_model_known
 
 LOGGER = logging.getLogger(__name__)
 
@@ -67,20 +67,6 @@ def measured_resources() -> dict:
 RECENT_KEPT = 10_000
 
 
-class _Recent(dict):
-    """A set that forgets its oldest entries past `size`. What it remembers is also known on
-    chain or in Redis (publish_once markers), so forgetting costs a read, never a wrong step."""
-
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-
-    def add(self, key) -> None:
-        self[key] = None
-        if len(self) > self.size:
-            del self[next(iter(self))]
-
-
 async def _all_done(task_ids, status) -> bool:
     for task_id in task_ids:  # stops at the first that is not: each look may be a REST call
         found = await status(task_id)
@@ -106,8 +92,8 @@ class ComputeNode:
         self._confirming: set[asyncio.Task] = set()  # reports submitted, not yet seen committed
         self._awaiting_commit: set[str] = set()  # their task messages, acked once the report commits
         self._uncommitted: dict[tuple[str, str], str] = {}  # own reports in flight: report txn id
-        self._queued = _Recent(RECENT_KEPT)  # (schedule_id, task_id, attempt) put in the stream
-        self._reassigned = _Recent(RECENT_KEPT)  # (schedule_id, task_id) moved since this node started
+        self._queued = Recent(RECENT_KEPT)  # (schedule_id, task_id, attempt) put in the stream
+        self._reassigned = Recent(RECENT_KEPT)  # (schedule_id, task_id) moved since this node started
         self._waiting: set[str] = set()  # rounds whose local_train tasks wait for the previous round's model
         self._submitting = asyncio.Lock()  # reports go out in the order they were made (see _report)
         self.completed: list[tuple[str, str]] = []  # (schedule_id, task_id), for tests and logs

@@ -21,7 +21,6 @@ import functools
 import json
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -61,6 +60,22 @@ class TaskOutcome:
     built_on: tuple[tuple[str, str], ...] = ()
 
 
+class Recent(dict):
+    """A dict that forgets its oldest entries past `size` (insertion order). For what a node
+    remembers only to save a read: forgetting costs that read again, never a wrong step."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def put(self, key, value=None) -> None:
+        self[key] = value
+        while len(self) > self.size:
+            del self[next(iter(self))]
+
+    add = put  # as a set: key in recent
+
+
 @dataclass
 class TaskContext:
     node: str                         # this compute node's public key
@@ -77,16 +92,14 @@ class TaskContext:
 
     # What every task of a round reads alike (its assignments' task graph, the workflow definition,
     # the global model it starts from), kept for the last few rounds: a round runs a dozen tasks.
-    rounds: OrderedDict = field(default_factory=OrderedDict)
+    rounds: Recent = field(default_factory=lambda: Recent(ROUNDS_CACHED))
 
     # Statuses seen "done" (final: statuses only move forward), the most recent DONE_KEPT: a
     # round's aggregate reads ten of them that this node mostly reported itself.
-    done: OrderedDict = field(default_factory=OrderedDict)
+    done: Recent = field(default_factory=lambda: Recent(DONE_KEPT))
 
     def remember_done(self, schedule_id: str, task_id: str, status: dict) -> None:
-        self.done[schedule_id, task_id] = status
-        while len(self.done) > DONE_KEPT:
-            self.done.popitem(last=False)
+        self.done.put((schedule_id, task_id), status)
 
     async def task_status(self, schedule_id: str, task_id: str) -> dict | None:
         """A task's status on chain, read once it is done."""
@@ -108,9 +121,7 @@ class TaskContext:
             assignments = await self.reader.assignments(schedule_id)
             workflow = await self.reader.workflow(assignments["workflow_id"])
             cached = {"assignments": assignments, "definition": workflow["definition"]}
-            self.rounds[schedule_id] = cached
-            while len(self.rounds) > ROUNDS_CACHED:
-                self.rounds.popitem(last=False)
+            self.rounds.put(schedule_id, cached)
         return cached
 
 

@@ -212,12 +212,14 @@ def test_reports_go_out_in_the_order_they_were_made_while_the_next_task_runs(tmp
 
 
 def test_what_a_node_remembers_of_queued_tasks_is_bounded():
-    from trustmesh.compute_node.node import _Recent
+    from trustmesh.compute_node.tasks import Recent
 
-    recent = _Recent(3)
+    recent = Recent(3)
     for key in range(5):
         recent.add(key)
     assert list(recent) == [2, 3, 4] and 4 in recent and 0 not in recent
+    recent.put(9, "nine")
+    assert list(recent.items()) == [(3, None), (4, None), (9, "nine")]
 
 
 @pytest.mark.parametrize("result_at, late", [
