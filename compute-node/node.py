@@ -39,7 +39,8 @@ from trustmesh.stores.data_envelope import load_or_create_keypair
 from trustmesh.stores.redis_state import CURSOR_KEY, BlobStore, FederationCache, Heartbeats, TaskQueue, connect, task_stream
 
 from .history_recorder import HistoryRecorder
-from .tasks import InputNotReady, Recent, TaskContext, TaskInputError, run_task, starting_model_known
+from .tasks import (InputNotReady, Recent, TaskContext, TaskInputError, report_metrics, run_task,
+                    starting_model_known)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -276,11 +277,7 @@ class ComputeNode:
                                                    reason=str(exc)[:500])
             self._report([txn], message.message_id)
             return
-        # Timings go on chain with the report: compute_seconds (training, aggregating or
-        # evaluating itself) and task_seconds (the whole task, store I/O included). What a round
-        # spends outside compute is framework overhead (bench/bench_round_overhead.py).
-        metrics = {**outcome.metrics, "compute_seconds": round(outcome.compute_seconds, 6),
-                   "task_seconds": round(time.perf_counter() - started, 6)}
+        metrics = report_metrics(outcome, started)
         built_on = [(sid, d) for d in outcome.dependencies] + list(outcome.built_on)
         waits_for = [self._uncommitted[key] for key in built_on if key in self._uncommitted]
         txns = [schedule.make_report_transaction(self.signer, sid, task_id, "done", output_digest=outcome.output_digest,

@@ -129,6 +129,15 @@ ROUNDS_CACHED = 4
 DONE_KEPT = 1000
 
 
+def report_metrics(outcome: TaskOutcome, started: float) -> dict:
+    """What a done report carries on chain: the task's metrics, compute_seconds (training,
+    aggregating or evaluating itself) and task_seconds (the whole task since `started`, store I/O
+    included). What a round spends outside compute is framework overhead
+    (bench/bench_round_overhead.py)."""
+    return {**outcome.metrics, "compute_seconds": round(outcome.compute_seconds, 6),
+            "task_seconds": round(time.perf_counter() - started, 6)}
+
+
 async def run_task(ctx: TaskContext, schedule_id: str, task_id: str) -> TaskOutcome:
     inputs = await ctx.round_inputs(schedule_id)
     assignments, definition = inputs["assignments"], inputs["definition"]

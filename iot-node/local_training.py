@@ -34,7 +34,7 @@ from typing import Awaitable, Callable
 
 from trustmesh.cancelling import cancel_and_wait
 from trustmesh.compute_node.datasets import load_npz
-from trustmesh.compute_node.tasks import (REPORTED_METRICS, InputNotReady, TaskContext, TaskInputError,
+from trustmesh.compute_node.tasks import (InputNotReady, TaskContext, TaskInputError, report_metrics,
                                           starting_model_known, train_update)
 from trustmesh.ledger.events import EventSubscriber, event_subscription
 from trustmesh.scheduling import schedule, workflow
@@ -292,11 +292,7 @@ class LocalTrainer:
         except (ValueError, LookupError, BlobError, TaskInputError) as exc:
             LOGGER.warning("%s: %s failed: %s", self.name, pending.task_id, exc)
             return "failed", {"reason": f"local_train {pending.task_id}: {exc}"[:500]}
-        # As a compute node reports it (compute-node/node.py): compute alone, and the whole task.
-        metrics = {**{k: outcome.metrics[k] for k in REPORTED_METRICS},
-                   "compute_seconds": round(outcome.compute_seconds, 6),
-                   "task_seconds": round(time.perf_counter() - started, 6)}
-        return "done", {"output_digest": outcome.output_digest, "metrics": metrics}
+        return "done", {"output_digest": outcome.output_digest, "metrics": report_metrics(outcome, started)}
 
     async def _report(self, pending: _Pending, status: str, fields: dict) -> bool:
         """True once the report is committed, or the chain no longer wants it from this node."""
