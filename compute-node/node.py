@@ -169,22 +169,21 @@ class ComputeNode:
                 if sid is None:
                     continue
                 changed = event.event_type in ("trustmesh/task-assigned", "trustmesh/task-reassigned")
-                rounds[sid] = rounds.get(sid, False) or changed or sid not in self.context.rounds
+                rounds[sid] = rounds.get(sid, False) or changed
                 if event.event_type == "trustmesh/task-reassigned":
                     self._reassigned.add((sid, attrs.get("task_id")))
-            for schedule_id in sorted(rounds):
-                if rounds[schedule_id]:
-                    self.context.rounds.pop(schedule_id, None)
-                await self.enqueue_runnable(schedule_id, (await self.context.round_inputs(schedule_id))["assignments"]
-                                            if not rounds[schedule_id] else None)
+            for schedule_id, changed in sorted(rounds.items()):
+                if changed:
+                    self.context.rounds.pop(schedule_id, None)  # nodes or attempts moved: read it again
+                await self.enqueue_runnable(schedule_id)
             self._cursor.save(block.block_id)
 
-    async def enqueue_runnable(self, schedule_id: str, assignments: dict | None = None) -> None:
-        """Queue this node's tasks of the round that can run now. Given `assignments` (a copy read
-        earlier), nodes and attempts may be out of date: fine for the look right after a report,
-        since the worker checks each task's status on chain and every block looks again."""
-        if assignments is None:
-            assignments = await self.reader.assignments(schedule_id)
+    async def enqueue_runnable(self, schedule_id: str) -> None:
+        """Queue this node's tasks of the round that can run now. Its assignments are the copy the
+        round's tasks read (dropped by _follow when a block moves nodes or attempts), else read
+        from the chain."""
+        cached = self.context.rounds.get(schedule_id)
+        assignments = cached["assignments"] if cached is not None else await self.reader.assignments(schedule_id)
         if assignments is None:
             return
         tasks = assignments["tasks"]
@@ -296,9 +295,8 @@ class ComputeNode:
                 "digest": outcome.output_digest, "schedule_id": sid, "task_id": task_id}
         self._report(txns, message.message_id, (sid, task_id))
         try:  # dependents on this node go on now, not a block later; so do the next round's trainings
-            await self.enqueue_runnable(sid, (await self.context.round_inputs(sid))["assignments"])
-            for waiting in sorted(self._waiting):
-                await self.enqueue_runnable(waiting, (await self.context.round_inputs(waiting))["assignments"])
+            for schedule_id in [sid, *sorted(self._waiting)]:
+                await self.enqueue_runnable(schedule_id)
         except Exception:  # the task is reported: a hiccup here must not run it again
             LOGGER.warning("%s: could not queue the tasks after %s now; the next block will", self.name, task_id,
                            exc_info=True)
