@@ -28,6 +28,16 @@ def pair(name: str, hwm: int = 1000):
     return router, dealer
 
 
+async def pump_with_peer(name: str, hwm: int):
+    """pair()'s sockets and a pump on the ROUTER, once the ROUTER has learned the peer's identity."""
+    router, dealer = pair(name, hwm=hwm)
+    received = []
+    pump = SocketPump(router, received.append)
+    dealer.send(b"hello")
+    await until(lambda: received)
+    return router, dealer, pump
+
+
 async def until(condition, timeout: float = 2.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
@@ -66,12 +76,8 @@ def test_router_and_dealer_pumps_deliver_whole_multipart_messages():
 
 def test_sends_past_the_high_water_mark_wait_and_go_out_in_order():
     async def main():
-        router, dealer = pair("pump-hwm", hwm=4)
-        received = []
-        pump = SocketPump(router, received.append)
+        router, dealer, pump = await pump_with_peer("pump-hwm", hwm=4)
         try:
-            dealer.send(b"hello")  # the ROUTER learns the peer's identity
-            await until(lambda: received)
             waits = [pump.send([b"peer", b"%d" % i]) for i in range(40)]
             assert waits[0] is None
             queued = [w for w in waits if w is not None]
@@ -94,12 +100,8 @@ def test_sends_past_the_high_water_mark_wait_and_go_out_in_order():
 
 def test_close_fails_sends_still_waiting_for_room():
     async def main():
-        router, dealer = pair("pump-close", hwm=2)
-        received = []
-        pump = SocketPump(router, received.append)
+        router, dealer, pump = await pump_with_peer("pump-close", hwm=2)
         try:
-            dealer.send(b"hello")
-            await until(lambda: received)
             waits = [pump.send([b"peer", b"x"]) for _ in range(10)]
             queued = [w for w in waits if w is not None]
             assert queued
