@@ -13,6 +13,7 @@ from trustmesh.ledger import protos as pb
 from trustmesh.ledger.builders import make_batch, make_transaction
 from trustmesh.ledger.devnet.client_queries import ClientQueries
 from trustmesh.ledger.devnet.merkle import EMPTY_ROOT, MerkleRadix, encode_node
+from trustmesh.ledger.devnet.node_rows import pack_new_nodes
 from trustmesh.ledger.devnet.store import ChainStore
 from trustmesh.ledger.signing import PrivateKey
 
@@ -106,7 +107,7 @@ def _commit(chain: Chain, signer: PrivateKey, batches, sets=None, deletes=()):
                                for a, v in sorted((sets or {}).items())],
                 data=[txn.header_signature[:8].encode()],
             ))
-    chain.store.commit_block(block, nodes, receipts)
+    chain.store.commit_block(block, pack_new_nodes(nodes), receipts)
     state = dict(chain.state[-1]) if chain.state else {}
     state.update(sets or {})
     for a in deletes:

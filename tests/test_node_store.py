@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trustmesh.ledger import protos as pb
-from trustmesh.ledger.devnet import store as store_module
+from trustmesh.ledger.devnet import node_rows
 from trustmesh.ledger.devnet.merkle import (
     EMPTY_ROOT,
     InvalidNode,
@@ -19,12 +19,13 @@ from trustmesh.ledger.devnet.merkle import (
     storage_rows,
 )
 from test_merkle import addr
+from trustmesh.ledger.devnet.node_rows import pack_new_nodes
 from trustmesh.ledger.devnet.store import ChainStore
 
 
 def commit(store: ChainStore, num: int, root: str, nodes: dict) -> None:
     header = pb.BlockHeader(block_num=num, state_root_hash=root).SerializeToString()
-    store.commit_block(pb.Block(header=header, header_signature=f"{num:0128x}"), nodes, [])
+    store.commit_block(pb.Block(header=header, header_signature=f"{num:0128x}"), pack_new_nodes(nodes), [])
 
 
 def rows(store: ChainStore) -> dict[str, bytes]:
@@ -248,7 +249,7 @@ def test_old_format_data_dir_reads_and_takes_new_blocks(tmp_path, monkeypatch):
     old = [addr(f"old-{i}") for i in range(40)]
     model = {a: a[:8].encode() for a in old}
     with monkeypatch.context() as patch:
-        patch.setattr(store_module, "storage_rows", dict)  # every node its own plain row
+        patch.setattr(node_rows, "storage_rows", dict)  # every node its own plain row
         store = ChainStore(tmp_path)
         root, nodes = MerkleRadix(store.get_node).update(EMPTY_ROOT, model)
         commit(store, 1, root, nodes)
@@ -312,20 +313,3 @@ def test_served_block_upper_nodes_are_cached_without_a_read():
     assert m.get(root, addr("up-0")) == b"v"
     assert root not in reads  # the root (50 children) came from the cache, not decoded again
     assert 0 < len(nodes.decoded) < 60  # only where the changes part ways, not the chains
-
-
-def test_unstaging_a_block_keeps_the_next_blocks_nodes(tmp_path):
-    """Two staged blocks may share a node (same subtree); committing the first must not
-    stop the second's copy from being served."""
-    store = ChainStore(tmp_path)
-    first = {"a" * 64: b"shared", "b" * 64: b"first"}
-    second = {"a" * 64: b"shared", "c" * 64: b"second"}
-    store.stage_nodes(first)
-    store.stage_nodes(second)
-    store.unstage_nodes(first)
-    assert store.get_node("a" * 64) == b"shared"
-    assert store.get_node("b" * 64) is None
-    assert store.get_node("c" * 64) == b"second"
-    store.unstage_nodes(second)
-    assert store.get_node("a" * 64) is None
-    store.close()

@@ -2,6 +2,11 @@
 
 Devmode-like: one node, and a block is published as soon as batches are pending. Batches that
 arrive while a block is being built go into the next one, so blocks grow with load.
+
+Blocks are pipelined: block N+1 executes while block N's state root is computed (state
+worker process) and N is written to disk. Executing on N's writes, before N's root exists,
+gives what executing on that root would: tests/test_ledger_pipeline.py replays the blocks
+serially and compares every root.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from ..signing import PrivateKey
 from .batch_checks import BatchRejected, CheckedBatch, Limits, check_batch
 from .execution import BatchOutcome, BlockExecutor
 from .merkle import EMPTY_ROOT, MerkleRadix, encode_node
+from .state_worker import StateWorker
+from .node_rows import pack_new_nodes
 from .store import ChainStore
 
 LOGGER = logging.getLogger(__name__)
@@ -34,6 +41,7 @@ class QueueFull(Exception):
 class ChainSettings:
     max_batches_per_block: int = 100
     max_pending_batches: int = 4096     # beyond this, submissions get QUEUE_FULL (HTTP 429)
+    blocks_in_flight: int = 2           # executed blocks not yet on disk before the next executes
     invalid_status_cache: int = 100_000  # how many INVALID verdicts are remembered for status queries
     limits: Limits = Limits()
 
@@ -55,8 +63,10 @@ class Chain:
         settings: ChainSettings = ChainSettings(),
         *,
         injector: Callable[["pb.Block", int], "pb.Batch"] | None = None,
-        injected_timestamp: Callable[[str], Awaitable[int | None]] | None = None,
+        injected_timestamp: Callable[[Callable[[str], bytes | None]], Awaitable[int | None]] | None = None,
+        injected_outputs: Sequence[str] | None = None,
         on_commit: Callable[["pb.Block", list], Awaitable[None]] | None = None,
+        state: "StateWorker | None" = None,
         clock: Callable[[], float] = time.time,
     ):
         self.store = store
@@ -66,7 +76,8 @@ class Chain:
         self._public_key = signer.public_key().as_hex()
         self.settings = settings
         self._injector = injector
-        self._injected_timestamp = injected_timestamp  # the last agreed block time in a state root
+        self._injected_timestamp = injected_timestamp  # the last agreed block time, given a state reader
+        self._injected_outputs = injected_outputs      # what the injected batch may write (None: anything)
         self._on_commit = on_commit
         self._clock = clock
         self._pending: "collections.OrderedDict[str, CheckedBatch]" = collections.OrderedDict()
@@ -75,13 +86,15 @@ class Chain:
         self._waiters: set[asyncio.Future] = set()
         self._wakeup = asyncio.Event()
         self.commit_lock = asyncio.Lock()  # block commit + event fan-out vs. subscriber catch-up
-        # Pipeline: block N is written to disk (a worker thread, mostly outside the GIL) while
-        # block N+1 executes on N's state root, whose new nodes the store serves from memory
-        # until they are durable. At most one block is being stored; N+1 is stored only after
-        # N is durable, and if storing N fails, N+1 is dropped and its batches stay pending.
-        self._tip: "pb.Block | None" = None          # block being stored (None: the durable head)
-        self._storing: "asyncio.Task[bool] | None" = None
-        self._in_flight: set[str] = set()            # batch ids of the block being stored
+        # Pipeline: block N+1 executes on block N's writes while N's state root is computed
+        # (state worker process) and N is written to disk (a worker thread, mostly outside the
+        # GIL). Blocks are stored in chain order; if one is never stored (its root or its write
+        # failed), the blocks built on it are dropped too, and all their batches stay pending.
+        self._state = state
+        self._tip: "_BlockInProgress | None" = None  # newest block executed (None: the store's head)
+        self._building: list[_BlockInProgress] = []  # executed, not yet on disk, oldest first
+        self._settling: set[asyncio.Task] = set()    # verdicts of block-less executions
+        self._in_flight: set[str] = set()            # batch ids executed but not settled yet
         if store.head is None:
             self._write_genesis()
 
@@ -212,20 +225,10 @@ class Chain:
                         LOGGER.exception("building a block failed; the batches stay pending")
                         await asyncio.sleep(0.5)
         finally:
-            if self._storing is not None:  # on shutdown, let the block being written finish
-                await asyncio.wait([self._storing])
-
-    async def _settle_storing(self) -> bool:
-        """Wait for the block being stored; True if it is durable. On failure the chain goes
-        back to the durable head, and its batches (still pending) are built again."""
-        task, self._storing = self._storing, None
-        if task is None:
-            return True
-        stored = await task
-        if not stored:
-            self._tip = None
-            self._in_flight = set()
-        return stored
+            # On shutdown, let the blocks on their way to disk get there (or fail).
+            tasks = [b.task for b in self._building] + list(self._settling)
+            if tasks:
+                await asyncio.wait(tasks)
 
     def _select(self) -> list[CheckedBatch]:
         """The next block's batches in arrival order; dependency rules decide who waits."""
@@ -233,7 +236,7 @@ class Chain:
         for checked in list(self._pending.values()):
             if len(chosen) >= self.settings.max_batches_per_block:
                 break
-            if checked.id in self._in_flight:  # already in the block being stored
+            if checked.id in self._in_flight:  # executed already, in a block on its way to disk
                 continue
             deps = [d for h in checked.txn_headers for d in h.dependencies]
             if deps:
@@ -256,114 +259,221 @@ class Chain:
         self._remember_invalid(checked.id, verdict)
         LOGGER.info("batch %s invalid: %s", checked.id[:16], verdict.message)
 
-    async def publish_once(self) -> "pb.Block | None":
+    async def publish_once(self) -> "_BlockInProgress | None":
+        """Execute the next batches on the tip; their block goes on to disk in the background."""
+        while len(self._building) >= self.settings.blocks_in_flight:
+            await self._first_settled()
         chosen = self._select()
         if not chosen:
-            if self._storing is not None:  # what is left may be in, or depend on, that block
-                await self._settle_storing()
+            if self._building or self._settling:  # what is left may be in, or depend on, those
+                await self._first_settled()
                 return None
             self._notify_waiters()
             if self._pending:  # only batches waiting for dependencies that are not committable now
                 await asyncio.sleep(0.05)
             return None
         parent = self._tip or self.store.head
-        parent_header = pb.BlockHeader.FromString(parent.header)
-        parent_root = parent_header.state_root_hash
-        injected = []
-        if self._injector is not None:
-            # Block time never runs backwards, even if this machine's clock steps back.
-            last = await self._injected_timestamp(parent_root) if self._injected_timestamp else None
-            timestamp = max(int(self._clock()), last or 0)
-            injected = [check_batch(self._injector(parent, timestamp), self.settings.limits)]
+        read = self._state_reader(parent)
+        ids = {c.id for c in chosen}
+        self._in_flight |= ids
         started = time.perf_counter()
-        outcomes = await self._executor.execute(
-            injected + chosen, lambda address: self.merkle.get(parent_root, address)
-        )
-        injected_outcomes, user_outcomes = outcomes[: len(injected)], outcomes[len(injected):]
+        try:
+            if self._injector is None:
+                outcomes = await self._executor.execute(chosen, read)
+            else:
+                outcomes = await self._execute_with_injected(parent, chosen, read)
+        except BaseException:
+            self._in_flight -= ids
+            raise
+        execute_ms = (time.perf_counter() - started) * 1e3
+        if outcomes is None or (isinstance(parent, _BlockInProgress) and parent.void):
+            self._in_flight -= ids  # executed on a block that will never be: all stay pending
+            return None
+        injected_outcomes, user_outcomes = outcomes[: len(outcomes) - len(chosen)], outcomes[-len(chosen):]
         for o in injected_outcomes:
             if not o.valid:
                 LOGGER.warning("BlockInfo batch failed (%s); publishing without it", o.message)
-        executed = time.perf_counter()
-        valid = [o for o in outcomes if o.valid]
-        block = None
-        if any(o.valid for o in user_outcomes):
-            block, new_nodes, receipts = self._build_block(parent, parent_header, valid)
-        built = time.perf_counter()
-        # Verdicts count only once the parent they were reached on is durable.
-        if not await self._settle_storing():
-            return None  # built on a block that never became durable: void, batches stay pending
-        for o in user_outcomes:
-            if not o.valid:
-                self._fail_pending(o.checked, InvalidVerdict(o.invalid_txn_id, o.message, o.extended_data))
-        if block is None:
-            self._notify_waiters()
+        invalid = [o for o in user_outcomes if not o.valid]
+        if not any(o.valid for o in user_outcomes):
+            # No block; the verdicts count once the state they were reached on is durable.
+            self._in_flight -= ids - {o.checked.id for o in invalid}
+            task = asyncio.get_running_loop().create_task(self._settle_verdicts(parent, invalid))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
             return None
-        self.store.stage_nodes(new_nodes)
-        self.merkle.remember_new(new_nodes)  # the next block reads its upper nodes on every get
-        self._tip = block
-        committed = [o.checked for o in user_outcomes if o.valid]
-        self._in_flight = {c.id for c in committed}
-        self._storing = asyncio.get_running_loop().create_task(self._store_block(
-            block, new_nodes, receipts, committed, (executed - started) * 1e3, (built - executed) * 1e3))
-        return block
-
-    async def _store_block(self, block, new_nodes, receipts, committed, execute_ms, state_ms) -> bool:
-        """Make the block durable, then settle its batches and announce it; False if it could
-        not be written."""
-        try:
-            async with self.commit_lock:
-                writing = time.perf_counter()
-                try:
-                    # SQLite releases the GIL while it writes and syncs: the next block executes.
-                    await asyncio.to_thread(self.store.commit_block, block, new_nodes, receipts)
-                except Exception:
-                    LOGGER.exception("storing block %s failed; its batches stay pending", block.header_signature[:16])
-                    return False
-                for checked in committed:
-                    self._drop_pending(checked)
-                self._in_flight = set()
-                self._notify_waiters()
-                LOGGER.info(
-                    "committed block %d (%s) with %d batches, %d transactions "
-                    "(execute %.0f ms, state %.0f ms, store %.0f ms)",
-                    pb.BlockHeader.FromString(block.header).block_num, block.header_signature[:16],
-                    len(block.batches), sum(len(b.transactions) for b in block.batches),
-                    execute_ms, state_ms, (time.perf_counter() - writing) * 1e3,
-                )
-                if self._on_commit is not None:
-                    try:
-                        await self._on_commit(block, receipts)
-                    except Exception:  # the block is durable whatever happens to its events
-                        LOGGER.exception("announcing block %s failed", block.header_signature[:16])
-                return True
-        finally:
-            self.store.unstage_nodes(new_nodes)  # durable now, or void
-
-    def _build_block(self, parent, parent_header, valid: list[BatchOutcome]):
-        final: dict[str, bytes | None] = {}
+        valid = [o for o in outcomes if o.valid]
+        writes: dict[str, bytes | None] = {}
         for outcome in valid:
-            final.update(outcome.writes)
-        sets = {a: v for a, v in final.items() if v is not None}
-        parent_root = parent_header.state_root_hash
+            writes.update(outcome.writes)
+        building = _BlockInProgress(parent, writes, ids)
         # Deleting an address that never existed changes nothing; the tree must not see it.
-        deletes = [a for a, v in final.items() if v is None and self.merkle.get(parent_root, a) is not None]
-        new_root, new_nodes = self.merkle.update(parent_root, sets, deletes)
+        sets = {a: v for a, v in writes.items() if v is not None}
+        deletes = [a for a, v in writes.items() if v is None and read(a) is not None]
+        building.task = asyncio.get_running_loop().create_task(
+            self._finish(building, sets, deletes, valid, invalid, execute_ms))
+        self._building.append(building)
+        self._tip = building
+        return building
+
+    async def _execute_with_injected(self, parent, chosen, read) -> list[BatchOutcome] | None:
+        """The injected batch (BlockInfo) first, then ``chosen``; None if the parent turns out
+        void. BlockInfo names the parent block by id, known only once the parent's state root
+        is: batches that cannot read what it writes (no input overlaps its outputs) execute
+        meanwhile, which is the same as after it, and the block's state root is computed
+        beside the next block's execution, not before it."""
+        outputs = self._injected_outputs
+        independent = outputs is not None and not any(
+            x.startswith(y) or y.startswith(x) for c in chosen for h in c.txn_headers for x in h.inputs for y in outputs)
+        early = asyncio.ensure_future(self._executor.execute(chosen, read)) if independent else None
+        try:
+            if isinstance(parent, _BlockInProgress) and not await parent.signed:
+                return None  # void: the tip moved back; start over there
+            parent_block = parent.block if isinstance(parent, _BlockInProgress) else parent
+            # Block time never runs backwards, even if this machine's clock steps back.
+            last = await self._injected_timestamp(read) if self._injected_timestamp else None
+            timestamp = max(int(self._clock()), last or 0)
+            injected = check_batch(self._injector(parent_block, timestamp), self.settings.limits)
+            if early is None:
+                return await self._executor.execute([injected, *chosen], read)
+            return [*await self._executor.execute([injected], read), *await early]
+        finally:
+            if early is not None and not early.done():
+                await asyncio.wait([early])  # its contexts are this block's: let it end
+
+    def _state_reader(self, tip: "_BlockInProgress | pb.Block") -> Callable[[str], bytes | None]:
+        """Reads of the state after ``tip``: the writes of its blocks not on disk yet, newest
+        first, over the newest durable state root (the only nodes this process reads)."""
+        overlays = []
+        while isinstance(tip, _BlockInProgress) and not tip.is_durable:
+            overlays.append(tip.writes)
+            tip = tip.parent
+        base = tip.block if isinstance(tip, _BlockInProgress) else tip
+        root = pb.BlockHeader.FromString(base.header).state_root_hash
+        get = self.merkle.get
+        if not overlays:
+            return lambda address: get(root, address)
+
+        def read(address: str) -> bytes | None:
+            for writes in overlays:
+                if address in writes:
+                    return writes[address]
+            return get(root, address)
+        return read
+
+    async def _first_settled(self) -> None:
+        waits = [b.task for b in self._building] + list(self._settling)
+        if waits:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _settle_verdicts(self, parent: "_BlockInProgress | pb.Block", invalid: list[BatchOutcome]) -> None:
+        try:
+            if not isinstance(parent, _BlockInProgress) or await parent.durable:
+                for o in invalid:
+                    self._fail_pending(o.checked, InvalidVerdict(o.invalid_txn_id, o.message, o.extended_data))
+                self._notify_waiters()
+        finally:
+            self._in_flight -= {o.checked.id for o in invalid}
+
+    async def _finish(self, building: "_BlockInProgress", sets, deletes, valid, invalid, execute_ms) -> None:
+        """State root (state worker), signature, then disk once the parent is there."""
+        parent = building.parent
+        try:
+            if isinstance(parent, _BlockInProgress):
+                if not await parent.signed:
+                    return
+                parent_block = parent.block
+            else:
+                parent_block = parent
+            parent_header = pb.BlockHeader.FromString(parent_block.header)
+            rooting = time.perf_counter()
+            try:
+                new_root, rows = await self._state.update(parent_header.state_root_hash, sets, deletes)
+            except Exception:
+                LOGGER.exception("computing the state root of a block failed; its batches stay pending")
+                return
+            state_ms = (time.perf_counter() - rooting) * 1e3
+            building.block = self._sign_block(parent_block, parent_header, valid, new_root)
+            building.signed.set_result(True)
+            if isinstance(parent, _BlockInProgress) and not await parent.durable:
+                return
+            try:
+                rows = await rows
+            except Exception:
+                LOGGER.exception("the state worker could not fold block %s's nodes; its batches stay pending",
+                                 building.block.header_signature[:16])
+                return
+            for o in invalid:  # reached on a durable state now
+                self._fail_pending(o.checked, InvalidVerdict(o.invalid_txn_id, o.message, o.extended_data))
+            receipts = [r for o in valid for r in o.receipts]
+            committed = [o.checked for o in valid if o.checked.id in building.batch_ids]
+            if await self._store_block(building.block, rows, receipts, committed, execute_ms, state_ms):
+                building.durable.set_result(True)
+        finally:
+            if not building.durable.done():
+                self._void(building)
+            self._building.remove(building)
+            self._in_flight -= building.batch_ids
+            if building.is_durable:
+                building.settled()
+                if self._tip is building:
+                    self._tip = None  # the store's head now
+
+    def _void(self, building: "_BlockInProgress") -> None:
+        """This block will never be: the blocks built on it go too, and the tip moves back to
+        its parent. Its batches stay pending and are executed again."""
+        building.void = True
+        for future in (building.signed, building.durable):
+            if not future.done():
+                future.set_result(False)
+        tip = self._tip
+        while isinstance(tip, _BlockInProgress) and tip is not building:
+            tip = tip.parent
+        if tip is building:
+            self._tip = building.parent if isinstance(building.parent, _BlockInProgress) else None
+
+    def _sign_block(self, parent: "pb.Block", parent_header, valid: list[BatchOutcome], state_root: str) -> "pb.Block":
         header = pb.BlockHeader(
             block_num=parent_header.block_num + 1,
             previous_block_id=parent.header_signature,
             signer_public_key=self._public_key,
             batch_ids=[o.checked.id for o in valid],
             consensus=CONSENSUS,
-            state_root_hash=new_root,
+            state_root_hash=state_root,
         )
         header_bytes = header.SerializeToString()
-        block = pb.Block(
+        return pb.Block(
             header=header_bytes,
             header_signature=self._signer.sign(header_bytes),
             batches=[o.checked.batch for o in valid],
         )
-        receipts = [r for o in valid for r in o.receipts]
-        return block, new_nodes, receipts
+
+    async def _store_block(self, block, rows, receipts, committed, execute_ms, state_ms) -> bool:
+        """Make the block durable, then settle its batches and announce it; False if it could
+        not be written."""
+        async with self.commit_lock:
+            writing = time.perf_counter()
+            try:
+                # SQLite releases the GIL while it writes and syncs: the next block executes.
+                await asyncio.to_thread(self.store.commit_block, block, rows, receipts)
+            except Exception:
+                LOGGER.exception("storing block %s failed; its batches stay pending", block.header_signature[:16])
+                return False
+            for checked in committed:
+                self._drop_pending(checked)
+            self._notify_waiters()
+            LOGGER.info(
+                "committed block %d (%s) with %d batches, %d transactions "
+                "(execute %.0f ms, state %.0f ms, store %.0f ms)",
+                pb.BlockHeader.FromString(block.header).block_num, block.header_signature[:16],
+                len(block.batches), sum(len(b.transactions) for b in block.batches),
+                execute_ms, state_ms, (time.perf_counter() - writing) * 1e3,
+            )
+            if self._on_commit is not None:
+                try:
+                    await self._on_commit(block, receipts)
+                except Exception:  # the block is durable whatever happens to its events
+                    LOGGER.exception("announcing block %s failed", block.header_signature[:16])
+            return True
 
     def _write_genesis(self) -> None:
         header = pb.BlockHeader(
@@ -375,5 +485,29 @@ class Chain:
         )
         header_bytes = header.SerializeToString()
         block = pb.Block(header=header_bytes, header_signature=self._signer.sign(header_bytes))
-        self.store.commit_block(block, {EMPTY_ROOT: encode_node(None, {})}, [])
+        self.store.commit_block(block, pack_new_nodes({EMPTY_ROOT: encode_node(None, {})}), [])
         LOGGER.info("wrote genesis block %s", block.header_signature[:16])
+
+
+class _BlockInProgress:
+    """A block executed on the tip, on its way to disk: state root (state worker), signature,
+    then the store, in the order of the chain."""
+
+    def __init__(self, parent: "_BlockInProgress | pb.Block", writes: dict, batch_ids: set[str]):
+        loop = asyncio.get_running_loop()
+        self.parent = parent        # the block it builds on: in progress, or durable
+        self.writes = writes        # its state is the parent's with these (None: deleted)
+        self.batch_ids = batch_ids  # its user batches, valid or not: in flight until settled
+        self.block: "pb.Block | None" = None
+        self.signed = loop.create_future()   # True once block is set; False if void
+        self.durable = loop.create_future()  # True once on disk; False if void
+        self.void = False
+        self.task: "asyncio.Task | None" = None
+
+    @property
+    def is_durable(self) -> bool:
+        return self.durable.done() and self.durable.result()
+
+    def settled(self) -> None:
+        """On disk: children read its state there; drop what only mattered before."""
+        self.parent, self.writes = self.block, {}

@@ -1,4 +1,5 @@
-"""The dev validator as one object: store, state, chain, component endpoint, REST API, BlockInfo.
+"""The dev validator as one object: store, state, chain, component endpoint, REST API, BlockInfo,
+and the state worker process that computes state roots.
 
 `trustmesh devnet` runs this. Everything lives under one data dir, so stopping the process
 (even with kill -9) and starting it again on the same dir resumes the same chain.
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ..processor import TransactionProcessor
 from ..signing import load_or_create_key
+from .block_info import NAMESPACE as BLOCK_INFO_NAMESPACE
 from .block_info import BlockInfoHandler, latest_block_timestamp, make_block_info_batch
 from .chain import Chain, ChainSettings
 from .client_queries import ClientQueries
@@ -21,6 +23,7 @@ from .execution import BlockExecutor, ExecutorSettings
 from .merkle import MerkleRadix
 from .processors import ProcessorRegistry
 from .rest_api import start_rest_api
+from .state_worker import StateWorker
 from .store import ChainStore
 
 LOGGER = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ class DevValidator:
         self.chain: Chain | None = None
         self._rest = None
         self._block_info_tp: TransactionProcessor | None = None
+        self._state: StateWorker | None = None
         self._tasks: list[asyncio.Task] = []
 
     @property
@@ -75,11 +79,15 @@ class DevValidator:
 
         injector = (lambda parent, ts: make_block_info_batch(key, parent, ts)) if cfg.block_info else None
 
-        async def injected_timestamp(state_root: str) -> int | None:
-            return await latest_block_timestamp(lambda addresses: merkle.get_many(state_root, addresses))
+        async def injected_timestamp(read) -> int | None:
+            return await latest_block_timestamp(
+                lambda addresses: {a: v for a in addresses if (v := read(a)) is not None})
 
+        self._state = StateWorker(self.store.path)
+        self._state.start()
         self.chain = Chain(self.store, merkle, executor, key, cfg.chain, injector=injector,
-                           injected_timestamp=injected_timestamp, on_commit=on_commit)
+                           injected_timestamp=injected_timestamp, injected_outputs=[BLOCK_INFO_NAMESPACE],
+                           on_commit=on_commit, state=self._state)
         endpoint = ComponentEndpoint(
             _zmq_bind_url(cfg.endpoint), self.chain, registry, executor,
             ClientQueries(self.store, merkle, endpoint=cfg.endpoint),
@@ -95,6 +103,7 @@ class DevValidator:
             await self._block_info_tp.start()
         if cfg.rest_port is not None:
             self._rest = await start_rest_api(self.component_url, cfg.rest_host, cfg.rest_port)
+        await self._state.ready()
         head = self.chain.head_header()
         LOGGER.info(
             "dev validator ready: component %s, REST %s, head block %d (state %s)",
@@ -111,6 +120,8 @@ class DevValidator:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.endpoint is not None:
             await self.endpoint.close()
+        if self._state is not None:
+            await self._state.close()
         if self.store is not None:
             self.store.close()
 

@@ -14,7 +14,7 @@ import threading
 from typing import Iterable, Iterator
 
 from .. import protos as pb
-from .merkle import storage_rows
+from .node_rows import INSERT_NODES
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS merkle_nodes (hash TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
@@ -27,41 +27,6 @@ CREATE TABLE IF NOT EXISTS transactions (
     position INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS receipts (txn_id TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
 """
-
-# A block brings ~30 new Merkle nodes per new address, folded into ~1-3 rows (merkle.storage_rows:
-# chains of one-child nodes share a row). executemany binds each row in Python and so takes the
-# GIL back once per row: with the next block executing on the event loop meanwhile (chain.py
-# pipelines them), that convoy made storing 3x slower. Instead the rows go in as ONE blob that
-# SQLite splits itself (recursive CTE; no unhex() before SQLite 3.41), so the whole insert runs
-# inside one statement step, without the GIL. Record: 64-char hash, 10-digit length, row bytes;
-# in hash order so the b-tree is walked once, in sequence. A key already stored keeps its row:
-# it holds the same nodes.
-_INSERT_NODES = """
-INSERT OR IGNORE INTO merkle_nodes (hash, data)
-WITH RECURSIVE node(pos, hash, data) AS (
-    SELECT 1, NULL, NULL
-    UNION ALL
-    SELECT pos + 74 + CAST(CAST(substr(?1, pos + 64, 10) AS TEXT) AS INTEGER),
-           CAST(substr(?1, pos, 64) AS TEXT),
-           substr(?1, pos + 74, CAST(CAST(substr(?1, pos + 64, 10) AS TEXT) AS INTEGER))
-    FROM node WHERE pos <= length(?1)
-)
-SELECT hash, data FROM node WHERE hash IS NOT NULL
-"""
-
-
-def _pack_rows(rows: dict[str, bytes]) -> bytes:
-    parts: list[bytes] = []
-    append = parts.append
-    for node_hash in sorted(rows):
-        data = rows[node_hash]
-        if len(node_hash) != 64 or not node_hash.isascii():
-            raise ValueError(f"not a node hash: {node_hash!r}")
-        append(node_hash.encode())
-        append(b"%010d" % len(data))
-        append(bytes(data))
-    return b"".join(parts)
-
 
 class ChainStore:
     """Blocks by number and id, batch/transaction index, receipts and state nodes."""
@@ -82,10 +47,6 @@ class ChainStore:
         # node). The cache only grows as pages are used.
         self._writer.execute("PRAGMA cache_size=-65536")
         self._lock = threading.Lock()
-        # Nodes of blocks built but not yet committed (the chain executes the next block on its
-        # state root meanwhile), one dict per block as given (no copy of ~30k entries in, no
-        # pop of each one out); read by get_node before the database.
-        self._staged: list[dict[str, bytes]] = []
         self._head: pb.Block | None = None
         row = self._db.execute("SELECT data FROM blocks ORDER BY block_num DESC LIMIT 1").fetchone()
         if row:
@@ -100,10 +61,6 @@ class ChainStore:
     def get_node(self, node_hash: str) -> bytes | None:
         """The row stored under a node hash, for MerkleRadix: the node, or a chain row topped
         by it (merkle.storage_rows). None for a node folded into another row, or unknown."""
-        for nodes in self._staged:
-            staged = nodes.get(node_hash)
-            if staged is not None:
-                return staged
         row = self._db.execute("SELECT data FROM merkle_nodes WHERE hash = ?", (node_hash,)).fetchone()
         return row[0] if row else None
 
@@ -187,29 +144,19 @@ class ChainStore:
 
     # -- the one write path ------------------------------------------------------------
 
-    def stage_nodes(self, nodes: dict[str, bytes]) -> None:
-        """Serve these nodes before they are committed (see _staged), each as its own row.
-        The dict is kept, not copied: the caller must not change it while staged."""
-        self._staged = [*self._staged, nodes]  # a new list: get_node may run on another thread
-
-    def unstage_nodes(self, nodes: dict[str, bytes]) -> None:
-        """Called with the dict given to stage_nodes once its nodes are committed, or their
-        block is abandoned."""
-        self._staged = [n for n in self._staged if n is not nodes]
-
     def commit_block(
         self,
         block: "pb.Block",
-        new_nodes: dict[str, bytes],
+        rows: bytes,
         receipts: Iterable["pb.TransactionReceipt"],
     ) -> None:
+        """``rows``: node_rows.pack_new_nodes() of the Merkle nodes new in the block's state root."""
         header = pb.BlockHeader.FromString(block.header)
-        rows = _pack_rows(storage_rows(new_nodes))
         with self._lock:
             cur = self._writer.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                cur.execute(_INSERT_NODES, (rows,))
+                cur.execute(INSERT_NODES, (rows,))
                 cur.execute(
                     "INSERT INTO blocks (block_num, block_id, data) VALUES (?, ?, ?)",
                     (header.block_num, block.header_signature, block.SerializeToString()),
