@@ -22,7 +22,7 @@ from .. import protos as pb
 from ..signing import PrivateKey
 from .batch_checks import BatchRejected, CheckedBatch, Limits, check_batch
 from .execution import BatchOutcome, BlockExecutor
-from .merkle import EMPTY_ROOT, MerkleRadix, encode_node
+from .merkle import EMPTY_ROOT, InvalidAddress, MerkleRadix, encode_node
 from .state_worker import StateWorker
 from .node_rows import pack_new_nodes
 from .store import ChainStore
@@ -273,7 +273,7 @@ class Chain:
                 await asyncio.sleep(0.05)
             return None
         parent = self._tip or self.store.head
-        read = self._state_reader(parent)
+        read = self._state_reader(parent, [x for c in chosen for h in c.txn_headers for x in h.inputs])
         ids = {c.id for c in chosen}
         self._in_flight |= ids
         started = time.perf_counter()
@@ -340,9 +340,11 @@ class Chain:
             if early is not None and not early.done():
                 await asyncio.wait([early])  # its contexts are this block's: let it end
 
-    def _state_reader(self, tip: "_BlockInProgress | pb.Block") -> Callable[[str], bytes | None]:
+    def _state_reader(self, tip: "_BlockInProgress | pb.Block", inputs: Sequence[str] = ()) -> Callable[[str], bytes | None]:
         """Reads of the state after ``tip``: the writes of its blocks not on disk yet, newest
-        first, over the newest durable state root (the only nodes this process reads)."""
+        first, over the newest durable state root (the only nodes this process reads).
+        The full addresses among ``inputs`` are read from that root at once, in one descent:
+        reading each one from the root down cost ~15% of the validator."""
         overlays = []
         while isinstance(tip, _BlockInProgress) and not tip.is_durable:
             overlays.append(tip.writes)
@@ -350,13 +352,18 @@ class Chain:
         base = tip.block if isinstance(tip, _BlockInProgress) else tip
         root = pb.BlockHeader.FromString(base.header).state_root_hash
         get = self.merkle.get
-        if not overlays:
-            return lambda address: get(root, address)
+        known = {x for x in inputs if len(x) == 70 and not any(x in w for w in overlays)}
+        try:
+            found = self.merkle.get_many(root, known) if known else {}
+        except InvalidAddress:  # not hex: the execution context refuses it, with its message
+            known, found = set(), {}
 
         def read(address: str) -> bytes | None:
             for writes in overlays:
                 if address in writes:
                     return writes[address]
+            if address in known:
+                return found.get(address)
             return get(root, address)
         return read
 
