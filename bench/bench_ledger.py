@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import re
 import asyncio
+import os
 import pathlib
 import statistics
 import subprocess
@@ -99,8 +100,26 @@ async def latency(rest_url: str, component_url: str, signer, samples: int) -> li
     return results
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(entry))
+            except OSError:
+                pass
+    return kids
+
+
 def _block_phases(log: str) -> dict[str, float]:
-    """Where the validator spent its block time, from its 'committed block' log lines."""
+    """Time in each phase of a block, from the validator's 'committed block' log lines. The
+    phases of consecutive blocks overlap (chain.py pipelines them): shares, not a timeline."""
     totals = {"execute": 0.0, "state": 0.0, "store": 0.0, "blocks": 0}
     for m in re.finditer(r"execute (\d+) ms, state (\d+) ms, store (\d+) ms", log):
         totals["execute"] += float(m.group(1))
@@ -130,7 +149,10 @@ def main() -> None:
                                    variant])
             try:
                 time.sleep(1.0)  # let the processor register
+                pids = {"validator": [node.proc.pid], "state worker": _children(node.proc.pid), "processor": [tp.pid]}
+                before = {k: sum(map(_cpu_seconds, v)) for k, v in pids.items()}
                 tps, txns = asyncio.run(throughput(node.rest_url, batches, args.concurrency))
+                cpu = {k: (sum(map(_cpu_seconds, v)) - before[k]) / txns * 1e6 for k, v in pids.items()}
                 lat = (asyncio.run(latency(node.rest_url, node.component_url, signer, args.latency_samples))
                        if variant == "events" else None)
             finally:
@@ -138,14 +160,15 @@ def main() -> None:
                 tp.wait()
                 node.stop()
                 phases = _block_phases(node.log())
-        runs[variant] = (tps, txns, phases)
+        runs[variant] = (tps, txns, phases, cpu)
     for variant, label in (("reference", "intkey (reference: get+set)"), ("events", "intkey + an event per txn")):
-        tps, txns, phases = runs[variant]
+        tps, txns, phases, cpu = runs[variant]
         busy = phases["execute"] + phases["state"] + phases["store"]
         split = ", ".join(f"{k} {phases[k] / busy:.0%}" for k in ("execute", "state", "store")) if busy else "-"
         print(f"throughput, {label}: {txns} txns committed at {tps:,.0f} txn/s "
               f"(target >= 1,000: {'met' if tps >= 1000 else 'MISSED'}, ratio {tps / 1000:.2f}x; "
-              f"validator block time over {phases['blocks']} blocks: {split})")
+              f"block phase shares over {phases['blocks']} blocks: {split})")
+        print("    CPU per transaction: " + ", ".join(f"{k} {v:.0f} us" for k, v in cpu.items()))
     print(f"events / reference: {runs['events'][0] / runs['reference'][0]:.2f}x")
     lat.sort()
     p50 = statistics.median(lat)
