@@ -35,11 +35,12 @@ from collections import OrderedDict
 from typing import Any, Mapping, NamedTuple
 
 import numpy as np
-import torch
 
 from trustmesh.scheduling.common import HEX64, IDENTIFIER
 
-from .models import StateMismatchError, check_state, spec_digest
+# torch and models.py (which needs it) are imported where tensors are made or checked: `verify`
+# and `read_metadata` run without them, so a node that only checks models (an IoT node) starts
+# without paying ~3 s and ~300 MB for torch.
 
 FORMAT_TAG = "model/1"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -72,8 +73,10 @@ def digest(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def serialize(state: Mapping[str, torch.Tensor], *, workflow_id: str, round: int, model_spec: Mapping) -> bytes:
+def serialize(state: Mapping[str, "torch.Tensor"], *, workflow_id: str, round: int, model_spec: Mapping) -> bytes:
     """Canonical safetensors bytes of `state` (checked against `model_spec`) with its metadata."""
+    from .models import StateMismatchError, check_state, spec_digest
+
     _check_workflow_id(workflow_id)
     _check_round(round)
     try:
@@ -81,7 +84,16 @@ def serialize(state: Mapping[str, torch.Tensor], *, workflow_id: str, round: int
     except StateMismatchError as exc:
         raise SpecMismatchError(f"cannot serialize: {exc}") from None
     metadata = {"model_spec_sha256": spec_digest(model_spec), "round": str(round), "workflow_id": workflow_id}
-    return _encode(ordered, metadata)
+    return _encode_arrays({name: t.detach().cpu().numpy() for name, t in ordered.items()}, metadata)
+
+
+def verify(blob: bytes, expected_digest: str, model_spec: Mapping, *, workflow_id: str | None = None,
+           round: int | None = None) -> dict[str, str]:
+    """The metadata of `blob`, after the checks that need no torch: the digest, the canonical
+    format, the spec's digest (and workflow_id / round when given). `load` checks these too,
+    then that the tensors fit the architecture, for a node that will use them."""
+    metadata, _ = _checked(blob, expected_digest, model_spec, workflow_id, round)
+    return metadata
 
 
 def load(blob: bytes, expected_digest: str, model_spec: Mapping, *, workflow_id: str | None = None,
@@ -91,6 +103,20 @@ def load(blob: bytes, expected_digest: str, model_spec: Mapping, *, workflow_id:
     `expected_digest` is the digest recorded on chain; readers always pass it (a store is not
     trusted). `workflow_id` / `round`, when given, must match the metadata too.
     """
+    import torch
+
+    from .models import StateMismatchError, check_state
+
+    metadata, arrays = _checked(blob, expected_digest, model_spec, workflow_id, round)
+    state = OrderedDict((name, torch.from_numpy(array)) for name, array in arrays.items())
+    try:
+        state = check_state(model_spec, state)
+    except StateMismatchError as exc:
+        raise SpecMismatchError(str(exc)) from None
+    return LoadedModel(state, metadata["workflow_id"], int(metadata["round"]), metadata["model_spec_sha256"])
+
+
+def _checked(blob, expected_digest, model_spec, workflow_id, round) -> tuple[dict[str, str], OrderedDict]:
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise ModelFormatError(f"a model blob must be bytes, got {type(blob).__name__}")
     blob = bytes(blob)
@@ -102,17 +128,13 @@ def load(blob: bytes, expected_digest: str, model_spec: Mapping, *, workflow_id:
             f"model blob has sha256 {actual}, but {expected_digest} was expected: the stored bytes were "
             f"altered or belong to another model; fetch them again from another store or node"
         )
-    metadata, state = _decode(blob)
-    expected_spec = spec_digest(model_spec)
+    metadata, arrays = _decode(blob)
+    expected_spec = spec_sha256(model_spec)
     if metadata["model_spec_sha256"] != expected_spec:
         raise SpecMismatchError(
             f"model blob {actual[:16]}... was made for model spec {metadata['model_spec_sha256'][:16]}..., "
             f"not the expected spec {expected_spec[:16]}...; was the workflow's model changed?"
         )
-    try:
-        state = check_state(model_spec, state)
-    except StateMismatchError as exc:
-        raise SpecMismatchError(str(exc)) from None
     stored_round = int(metadata["round"])
     if workflow_id is not None and metadata["workflow_id"] != workflow_id:
         raise ModelFormatError(
@@ -120,7 +142,17 @@ def load(blob: bytes, expected_digest: str, model_spec: Mapping, *, workflow_id:
         )
     if round is not None and stored_round != round:
         raise ModelFormatError(f"model blob belongs to round {stored_round}, not round {round}")
-    return LoadedModel(state, metadata["workflow_id"], stored_round, metadata["model_spec_sha256"])
+    return metadata, arrays
+
+
+def spec_sha256(spec: Mapping) -> str:
+    """sha256 hex of the spec as canonical JSON (sorted keys, no spaces): names the architecture.
+    (models.spec_digest checks the spec against its model type first.)"""
+    try:
+        text = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SpecMismatchError(f"model spec is not plain JSON: {exc}") from None
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def read_metadata(blob: bytes) -> dict[str, str]:
@@ -133,15 +165,15 @@ def read_metadata(blob: bytes) -> dict[str, str]:
 # --------------------------------------------------------------------------- encoding
 
 
-def _encode(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+def _encode_arrays(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
     meta = dict(metadata, format="pt", trustmesh=FORMAT_TAG)
     header: dict[str, Any] = {_RESERVED: {k: meta[k] for k in sorted(meta)}}
     chunks = []
     offset = 0
-    for name, tensor in state.items():
+    for name, array in arrays.items():
         # '<f4' pins little-endian whatever the machine; C order = row-major.
-        data = np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype="<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        data = np.ascontiguousarray(array, dtype="<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)
         offset += len(data)
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
@@ -169,21 +201,21 @@ def _decode(blob: bytes, tensors: bool = True) -> tuple[dict[str, str], OrderedD
     if not tensors:
         return metadata, OrderedDict()
     data = blob[8 + size:]
-    state: OrderedDict[str, torch.Tensor] = OrderedDict()
+    arrays: OrderedDict[str, np.ndarray] = OrderedDict()
     for name, info in header.items():
-        state[name] = _tensor(name, info, data)
+        arrays[name] = _array(name, info, data)
     # Canonical form: one model, one byte string, one digest. Catches padding, key order,
     # gaps or trailing bytes, float64 rounding tricks: anything our writer would not produce.
-    if _encode(state, {k: metadata[k] for k in ("model_spec_sha256", "round", "workflow_id")}) != blob:
+    if _encode_arrays(arrays, {k: metadata[k] for k in ("model_spec_sha256", "round", "workflow_id")}) != blob:
         raise ModelFormatError(
             "model blob is a readable safetensors file but not in canonical TrustMesh form "
             "(header layout, tensor order, padding or trailing bytes differ); re-serialize it with "
             "trustmesh.compute_node.model_format.serialize"
         )
-    return metadata, state
+    return metadata, arrays
 
 
-def _tensor(name: str, info: Any, data: bytes) -> torch.Tensor:
+def _array(name: str, info: Any, data: bytes) -> np.ndarray:
     if not isinstance(info, dict) or info.get("dtype") != "F32":
         raise ModelFormatError(f"model blob tensor {name!r} must have dtype F32; got {info!r:.80}")
     shape, offsets = info.get("shape"), info.get("data_offsets")
@@ -198,7 +230,7 @@ def _tensor(name: str, info: Any, data: bytes) -> torch.Tensor:
             f"inside the {len(data)} data bytes"
         )
     values = np.frombuffer(data, dtype="<f4", count=count, offset=begin).astype(np.float32)
-    return torch.from_numpy(values.reshape(shape))
+    return values.reshape(shape)
 
 
 def _no_duplicates(pairs):

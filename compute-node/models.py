@@ -15,7 +15,6 @@ A *state* is an ordered mapping name -> float32 CPU tensor, in the model's state
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections import OrderedDict
@@ -168,9 +167,10 @@ def parameter_count(spec_or_model: Mapping | nn.Module) -> int:
 
 def spec_digest(spec: Mapping) -> str:
     """sha256 hex of the spec as canonical JSON (sorted keys, no spaces): names the architecture."""
+    from .model_format import spec_sha256
+
     model_type(spec)
-    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return hashlib.sha256(text.encode("ascii")).hexdigest()
+    return spec_sha256(spec)
 
 
 def state_of(model: nn.Module) -> OrderedDict[str, torch.Tensor]:

@@ -26,6 +26,8 @@ import os
 import pathlib
 import time
 
+import torch
+
 from trustmesh.cancelling import cancel_and_wait
 from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.block_cursor import BlockCursor
@@ -51,8 +53,10 @@ SCHEDULE_EVENTS = ("trustmesh/task-assigned", "trustmesh/task-done", "trustmesh/
 
 
 def measured_resources() -> dict:
-    """What this machine has, read from the OS rather than typed in."""
+    """What this node has, read from the OS rather than typed in: its cores are the ones it
+    trains with (training.use_threads may give it a share of the machine)."""
     cpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpu = min(cpu, torch.get_num_threads())
     memory_mb = 1024
     try:
         with open("/proc/meminfo") as meminfo:

@@ -50,7 +50,6 @@ from trustmesh.stores.data_bundle import seal_bundle
 from trustmesh.stores.redis_state import BlobStore, Heartbeats, connect
 
 from . import commitment
-from .local_training import LocalTrainer
 
 LOGGER = logging.getLogger(__name__)
 
@@ -83,7 +82,8 @@ async def _claimed(claims: set, key, commit) -> None:
 class IoTNode:
     def __init__(self, name: str, data_dir: str | os.PathLike, *, workflow_id: str | None = None,
                  validator_url: str, rest_url: str, redis_url: str, coordinator: bool | None = None,
-                 data_path: str | None = None, on_round=None, task_deadline: int | None = None):
+                 data_path: str | None = None, on_round=None, task_deadline: int | None = None,
+                 torch_threads: int | None = None):
         self.name = name
         self.data_dir = pathlib.Path(data_dir)
         self.workflow_id = workflow_id  # None: every workflow that names this node
@@ -91,6 +91,7 @@ class IoTNode:
         self.coordinator = coordinator  # None: as the workflow says; True/False: forced
         self.data_path = data_path
         self.task_deadline = task_deadline  # seconds a compute node gets per task before reassignment
+        self.torch_threads = torch_threads  # for training on this node; None: torch's default
         self.on_round = on_round or (lambda workflow_id, number, result: None)  # progress hook for the CLI
         self.signer = load_or_create_key(self.data_dir / "keys", name)
         self.node = self.signer.public_key().as_hex()
@@ -256,7 +257,14 @@ class IoTNode:
     async def _start_trainer(self) -> None:
         """Run this node's own local_train tasks (train_on "iot") on their own event stream, so
         task events never trigger full re-reads of chain state. Only once a workflow asks: every
-        subscriber costs the validator a delivery per block."""
+        subscriber costs the validator a delivery per block. (Imported here: training needs
+        torch, which a node that only submits data and checks models never loads.)"""
+        from .local_training import LocalTrainer
+
+        if self.torch_threads is not None:
+            from trustmesh.compute_node.training import use_threads
+
+            use_threads(self.torch_threads)
         trainer = LocalTrainer(self.name, self.signer, validator_url=self.validator_url, reader=self.reader,
                                blobs=self.blobs, commit=self._commit, local_data=self._local_data,
                                workflows=self._workflows)
@@ -367,7 +375,7 @@ class IoTNode:
                 continue
             digest = result["global_model_digest"]
             blob = await self.blobs.get(digest)  # verified against the chain's digest
-            model_format.load(blob, digest, definition["model"])
+            model_format.verify(blob, digest, definition["model"])
             if number in models:  # a block's reaction and a full check may both get here
                 continue
             (self.data_dir / f"{workflow_id}-round-{number}.safetensors").write_bytes(blob)

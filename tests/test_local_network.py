@@ -83,6 +83,15 @@ def test_up_run_kill_compute_node_audit_down(home, tmp_path):
     rest = network["endpoints"]["rest"]
     status = trustmesh(home, "status")
     assert "chain head: block" in status.stdout and status.stdout.count(" up ") == 9, status.stdout
+    # Nodes share this machine: the compute nodes split its cores (and register what they use);
+    # IoT nodes leave torch unloaded until they train.
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    for name in ("compute-1", "compute-2"):
+        record = state_of(layout.peer_address(network["services"][name]["node"]), rest)
+        assert record["resources"]["cpu_cores"] == share, record
+    for name in ("iot-1", "compute-1"):
+        maps = pathlib.Path(f"/proc/{network['services'][name]['pid']}/maps").read_text()
+        assert ("libtorch" in maps) == name.startswith("compute"), name
 
     workflow = small_workflow(tmp_path, "e2e-kill", rounds=2)
     run = subprocess.Popen([sys.executable, "-m", "trustmesh.cli", "--home", str(home), "run", str(workflow),

@@ -199,3 +199,33 @@ def test_serialize_checks_its_metadata(kw, message):
 def test_non_bytes_input_is_refused():
     with pytest.raises(mf.ModelFormatError, match="must be bytes"):
         mf.load("text", "0" * 64, SPEC)
+
+
+def test_verify_checks_digest_format_and_spec_without_tensors():
+    blob = blob_of()
+    meta = mf.verify(blob, mf.digest(blob), SPEC, workflow_id="wf-1", round=3)
+    assert meta["model_spec_sha256"] == spec_digest(SPEC) and meta["round"] == "3"
+    tampered = bytes(blob[:-1]) + bytes([blob[-1] ^ 1])
+    with pytest.raises(mf.DigestMismatchError):
+        mf.verify(tampered, mf.digest(blob), SPEC)
+    foreign = st_save(dict(state()), metadata=mf.read_metadata(blob))
+    with pytest.raises(mf.ModelFormatError, match="not in canonical"):
+        mf.verify(foreign, mf.digest(foreign), SPEC)
+    with pytest.raises(mf.SpecMismatchError, match="model spec"):
+        mf.verify(blob, mf.digest(blob), {**SPEC, "hidden": [5]})
+    with pytest.raises(mf.ModelFormatError, match="round 3, not round 4"):
+        mf.verify(blob, mf.digest(blob), SPEC, round=4)
+
+
+def test_spec_digest_is_the_plain_json_sha256_the_verifier_compares():
+    for spec in (SPEC, DIGITS_SPEC):
+        assert spec_digest(spec) == mf.spec_sha256(spec)
+
+
+def test_an_iot_node_that_only_checks_models_never_imports_torch():
+    """verify and the IoT node run without torch (~3 s and ~300 MB a process); training on
+    IoT nodes imports it when a workflow asks for it."""
+    code = ("import sys; import trustmesh.iot_node.node, trustmesh.compute_node.model_format; "
+            "print(sorted(m for m in ('torch', 'trustmesh.compute_node.models') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

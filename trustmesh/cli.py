@@ -76,12 +76,25 @@ def _node_flags(parser, endpoints) -> None:
     add_endpoint_flags(parser, endpoints)
     parser.add_argument("--name", required=True, help="node name; its keys are NAME.priv / NAME.pub in DATA_DIR/keys")
     parser.add_argument("--data-dir", required=True, help="keys (created 0600 at first start) and node state")
+    parser.add_argument("--torch-threads", type=_threads, metavar="N",
+                        default=os.environ.get("TRUSTMESH_TORCH_THREADS") or None,
+                        help="threads torch trains with (env TRUSTMESH_TORCH_THREADS; default one per core; "
+                             "`trustmesh up` gives each node its share)")
+
+
+def _use_torch_threads(args) -> None:
+    """Compute nodes set it at start; IoT nodes when they start training (torch only then)."""
+    if args.torch_threads is not None:
+        from trustmesh.compute_node.training import use_threads
+
+        use_threads(args.torch_threads)
 
 
 def _compute_node(args) -> int:
     from trustmesh.compute_node.node import ComputeNode
 
     where = from_args(args)
+    _use_torch_threads(args)
 
     async def serve():
         node = ComputeNode(args.name, args.data_dir, validator_url=where.validator, rest_url=where.rest,
@@ -114,7 +127,8 @@ def _iot_node(args) -> int:
         role = {"auto": None, "coordinator": True, "participant": False}[args.role]
         node = IoTNode(args.name, args.data_dir, workflow_id=args.workflow or None, validator_url=where.validator,
                        rest_url=where.rest, redis_url=where.redis, coordinator=role,
-                       data_path=args.data, on_round=report, task_deadline=args.task_deadline)
+                       data_path=args.data, on_round=report, task_deadline=args.task_deadline,
+                       torch_threads=args.torch_threads)
         await node.start()
         print(f"{args.name}: public key {node.node}", flush=True)
         try:
@@ -355,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        "completion, the audit checks every round, the network stops")
     demo.set_defaults(func=_demo)
     return parser
+
+
+def _threads(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"expected a thread count from 1 to 256, got {text!r}")
+    return int(text)
 
 
 def _count(text: str) -> int:

@@ -57,6 +57,10 @@ def _write_json(path: pathlib.Path, value: dict) -> None:
     os.replace(tmp, path)  # readers never see half a file
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -217,13 +221,16 @@ class Supervisor:
             home, "devnet", "--data-dir", str(home / "chain"), "--endpoint", component, "--rest", rest)))
         self.services.append(Service("processors", "ledger", logs / "processors.log",
                                      _trustmesh(home, "processors", "--endpoint", component)))
+        # All nodes share this machine: compute nodes split its cores, IoT nodes (small devices,
+        # training only for train_on "iot") take one thread each.
+        threads = {"compute": max(1, _cores() // max(1, self.compute_nodes)), "iot": 1}
         for kind, count in (("compute", self.compute_nodes), ("iot", self.iot_nodes)):
             for i in range(1, count + 1):
                 name = f"{kind}-{i}"
                 command = "compute-node" if kind == "compute" else "iot-node"
                 self.services.append(Service(name, kind, logs / f"{name}.log", _trustmesh(
-                    home, command, "--name", name, "--data-dir", str(home / "nodes" / name)),
-                    node_key=_node_key(home, name)))
+                    home, command, "--name", name, "--data-dir", str(home / "nodes" / name),
+                    "--torch-threads", str(threads[kind])), node_key=_node_key(home, name)))
         self.endpoints = {"validator": component, "rest": f"http://{rest}"}
 
     # -- health ----------------------------------------------------------------------------------
