@@ -29,18 +29,33 @@ from trustmesh.ledger.signing import PrivateKey
 SIGNER = PrivateKey.generate()
 
 
+def _five_key_batches(prefix: str, count: int) -> list:
+    """Batch b sets {prefix}{b}-0 .. -4 to 0 .. 4."""
+    return [intkey_batch(SIGNER, *[("set", f"{prefix}{b}-{i}", i) for i in range(5)]) for b in range(count)]
+
+
+async def _intkey_state(client, head: str | None = None) -> dict:
+    state = {}
+    async for _, value in client.list_state(intkey.NAMESPACE, head=head):
+        state.update(cbor.decode(value))
+    return state
+
+
+async def _head_reaches(client, block_num: int) -> None:
+    while int((await client.head())["header"]["block_num"]) < block_num:
+        await asyncio.sleep(0.02)
+
+
 def test_kill_during_pipelined_blocks_keeps_head_state_and_statuses_consistent(tmp_path):
     node = DevnetProcess(tmp_path / "d", "--max-batches-per-block", "20").start()
-    batches = [intkey_batch(SIGNER, *[("set", f"k{b}-{i}", i) for i in range(5)]) for b in range(300)]
+    batches = _five_key_batches("k", 300)
     try:
         async def scenario():
             async with running_processor(node.component_url, max_occupancy=32), \
                     rest(node.rest_url, retries=40, backoff=0.1) as client:
                 for i in range(0, len(batches), 50):
                     await client.submit_batches(batches[i:i + 50])
-                # let several blocks go through the execute/store pipeline, then kill -9
-                while int((await client.head())["header"]["block_num"]) < 4:
-                    await asyncio.sleep(0.05)
+                await _head_reaches(client, 4)  # several blocks through the pipeline, then kill -9
                 await asyncio.get_running_loop().run_in_executor(None, node.kill)
                 await asyncio.get_running_loop().run_in_executor(None, node.start)
 
@@ -51,9 +66,7 @@ def test_kill_during_pipelined_blocks_keeps_head_state_and_statuses_consistent(t
                 assert committed and all(s in ("COMMITTED", "UNKNOWN") for s in statuses.values())
                 assert len(committed) < len(batches)  # the kill did land mid-stream
                 # exactly the committed batches' keys are in the head's state (nothing half-written)
-                state = {}
-                async for _, value in client.list_state(intkey.NAMESPACE, head=head["header_signature"]):
-                    state.update(cbor.decode(value))
+                state = await _intkey_state(client, head["header_signature"])
                 expected = {f"k{b}-{i}": i for b, batch in enumerate(batches)
                             if batch.header_signature in committed for i in range(5)}
                 assert state == expected
@@ -172,22 +185,19 @@ def _state_worker_of(node: DevnetProcess) -> int:
 
 def test_killed_state_worker_is_replaced_and_nothing_is_lost_or_repeated(tmp_path):
     node = DevnetProcess(tmp_path / "d", "--max-batches-per-block", "10").start()
-    batches = [intkey_batch(SIGNER, *[("set", f"w{b}-{i}", i) for i in range(5)]) for b in range(200)]
+    batches = _five_key_batches("w", 200)
     try:
         async def scenario():
             async with running_processor(node.component_url, max_occupancy=32), \
                     rest(node.rest_url, retries=40, backoff=0.1) as client:
                 first = _state_worker_of(node)
                 await client.submit_batches(batches)
-                while int((await client.head())["header"]["block_num"]) < 3:
-                    await asyncio.sleep(0.02)
+                await _head_reaches(client, 3)
                 os.kill(first, signal.SIGKILL)  # mid-stream: blocks are being rooted and stored
                 final = await client.wait_for_batches([b.header_signature for b in batches], 120)
                 assert all(s["status"] == "COMMITTED" for s in final)
                 assert _state_worker_of(node) != first
-                state = {}
-                async for _, value in client.list_state(intkey.NAMESPACE):
-                    state.update(cbor.decode(value))
+                state = await _intkey_state(client)
                 assert state == {f"w{b}-{i}": i for b in range(200) for i in range(5)}
                 txns = 0
                 async for block in client.list_blocks():
