@@ -78,8 +78,8 @@ def _node_flags(parser, endpoints) -> None:
     parser.add_argument("--data-dir", required=True, help="keys (created 0600 at first start) and node state")
     parser.add_argument("--torch-threads", type=_threads, metavar="N",
                         default=os.environ.get("TRUSTMESH_TORCH_THREADS") or None,
-                        help="threads torch trains with (env TRUSTMESH_TORCH_THREADS; default one per core; "
-                             "`trustmesh up` gives each node its share)")
+                        help="threads torch trains with (env TRUSTMESH_TORCH_THREADS; default and 0: one per "
+                             "core; `trustmesh up` gives each node its share)")
 
 
 def _use_torch_threads(args) -> None:
@@ -371,10 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _threads(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 256:
-        raise argparse.ArgumentTypeError(f"expected a thread count from 1 to 256, got {text!r}")
-    return int(text)
+def _threads(text: str) -> int | None:
+    """A thread count; 0 means torch's default (one per core)."""
+    if not text.isdigit() or not 0 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"expected a thread count from 0 (one per core) to 256, got {text!r}")
+    return int(text) or None
 
 
 def _count(text: str) -> int:
