@@ -178,3 +178,28 @@ def test_bad_workflow_files_are_refused_before_anything_is_sent(tmp_path):
     assert result.returncode == 2 and "is not valid JSON" in result.stderr and "Traceback" not in result.stderr
     missing = trustmesh(home, "run", str(tmp_path / "nope.json"), check=False)
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+@pytest.mark.parametrize("given, expected", [("0", None), ("3", 3), (None, None)])
+def test_torch_threads_flag_and_environment(monkeypatch, given, expected):
+    from trustmesh.cli import build_parser
+
+    for command in ("compute-node", "iot-node"):
+        args = ["--name", "x", "--data-dir", "/tmp/x"]
+        flag = build_parser().parse_args([command, *args, *(["--torch-threads", given] if given else [])])
+        assert flag.torch_threads == expected
+        if given is not None:
+            monkeypatch.setenv("TRUSTMESH_TORCH_THREADS", given)
+            assert build_parser().parse_args([command, *args]).torch_threads == expected
+
+
+def test_bad_torch_threads_are_refused(capsys, monkeypatch):
+    from trustmesh.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compute-node", "--name", "x", "--data-dir", "/tmp/x", "--torch-threads", "-1"])
+    assert "thread count from 0 (one per core) to 256" in capsys.readouterr().err
+    monkeypatch.setenv("TRUSTMESH_TORCH_THREADS", "many")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["iot-node", "--name", "x", "--data-dir", "/tmp/x"])
+    assert "got 'many'" in capsys.readouterr().err
