@@ -41,7 +41,7 @@ from trustmesh.scheduling import schedule, workflow
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.redis_state import BlobError, BlobStore
 
-from .commitment import check_commitment
+from .commitment import SaltStore, check_commitment
 
 LOGGER = logging.getLogger(__name__)
 
@@ -80,9 +80,9 @@ def subscriptions(node: str) -> list:
 class LocalTrainer:
     def __init__(self, name: str, signer, *, validator_url: str, reader: FederationReader, blobs: BlobStore,
                  commit: Callable[..., Awaitable[bool]], local_data: Callable[[dict], tuple[bytes, int]],
-                 workflows: Callable[[], Awaitable[list[dict]]]):
+                 workflows: Callable[[], Awaitable[list[dict]]], salts: SaltStore):
         """commit(txn, what) -> committed?; local_data(definition) -> (npz bytes, samples) of this
-        node; workflows() -> the workflow records this node serves."""
+        node; workflows() -> the workflow records this node serves; salts: its commitment salts."""
         self.name = name
         self.signer = signer
         self.node = signer.public_key().as_hex()
@@ -91,6 +91,7 @@ class LocalTrainer:
         self._commit = commit
         self._local_data = local_data
         self._workflows = workflows
+        self._salts = salts
         # Same context a compute node trains with: it caches a round's assignments, definition and
         # starting model. No encryption key: nothing here is sealed.
         self.context = TaskContext(node=self.node, encryption_key=None, reader=reader, blobs=blobs,
@@ -279,7 +280,8 @@ class LocalTrainer:
                 raise ValueError(f"{pending.task_id} trains on node {task['data_owner'][:16]}…'s data, not this node's")
             data, samples = self._local_data(definition)
             commitment = await self.context.blobs.get(task["inputs"][0])  # verified against its digest
-            check_commitment(commitment, data, samples, schedule_id=pending.schedule_id, node=self.node)
+            check_commitment(commitment, data, samples, schedule_id=pending.schedule_id, node=self.node,
+                             salt=self._salts.of_round(pending.schedule_id))
             model = definition["model"]
             dataset = load_npz(data, input_dim=model["input_dim"], num_classes=model["num_classes"])
             async with self._training:

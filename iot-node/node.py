@@ -94,6 +94,7 @@ class IoTNode:
         self.torch_threads = torch_threads  # for training on this node; None: torch's default
         self.on_round = on_round or (lambda workflow_id, number, result: None)  # progress hook for the CLI
         self.signer = load_or_create_key(self.data_dir / "keys", name)
+        self.salts = commitment.SaltStore(self.data_dir / "commitment-salts")
         self.node = self.signer.public_key().as_hex()
         self.finished = asyncio.Event()  # with a workflow_id: set once its last round is over
         self.done: set[str] = set()      # workflows whose last round is over
@@ -267,7 +268,7 @@ class IoTNode:
             use_threads(self.torch_threads)
         trainer = LocalTrainer(self.name, self.signer, validator_url=self.validator_url, reader=self.reader,
                                blobs=self.blobs, commit=self._commit, local_data=self._local_data,
-                               workflows=self._workflows)
+                               workflows=self._workflows, salts=self.salts)
         await trainer.start()  # reads the tasks it holds already, so starting late loses none
         self.trainer = trainer
 
@@ -348,7 +349,8 @@ class IoTNode:
         data, samples = self._local_data(definition)
         if workflow.train_on(definition) == "iot":
             # This node trains on its data itself: nothing of it is shipped, not even sealed.
-            blob = commitment.make_commitment(data, samples, schedule_id=sid, node=self.node)
+            blob = commitment.make_commitment(data, samples, schedule_id=sid, node=self.node,
+                                              salt=self.salts.for_round(sid))
             metadata = {"format": commitment.FORMAT}
         else:
             if self._recipients is None:

@@ -13,6 +13,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+
+import pytest
 
 from ledger_helpers import rest, run, running_processor, submit_and_wait
 from test_federated_round import (_scan_for_canary, _until, start_compute_nodes, start_iot_nodes, stores,  # noqa: F401  (servers)
@@ -76,7 +79,8 @@ def test_iot_nodes_train_their_own_data_and_no_raw_data_reaches_a_store(devnet, 
             finally:
                 for node in iots + computes:
                     await node.stop()
-            trained = await _check_rounds(client, redis_server.url, keys, {n.node for n in computes}, iot3_data)
+            trained = await _check_rounds(client, redis_server.url, keys, {n.node for n in computes}, iot3_data,
+                                          commitment.SaltStore(tmp_path / "iot-3" / "commitment-salts"))
             await _scan_for_canary(client, canary, couch_server.url, redis_server.url)
             await _no_data_bundle_in_redis(redis_server.url)
             report = await audit.audit_workflow("digits-iot", Endpoints(
@@ -93,7 +97,7 @@ def test_iot_nodes_train_their_own_data_and_no_raw_data_reaches_a_store(devnet, 
     assert all(node.completed for node in computes), "compute nodes still preprocess, aggregate and evaluate"
 
 
-async def _check_rounds(client, redis_url, keys, compute_keys, iot3_data) -> dict[str, list]:
+async def _check_rounds(client, redis_url, keys, compute_keys, iot3_data, iot3_salts) -> dict[str, list]:
     """Every round's submissions are commitments, and every local_train was trained and reported
     by its own IoT node, its update on chain naming the stored bytes. Returns node -> its tasks."""
     reader = FederationReader(client)
@@ -113,9 +117,17 @@ async def _check_rounds(client, redis_url, keys, compute_keys, iot3_data) -> dic
                 body = cbor.decode(blob)
                 assert body["node"] == node and body["schedule_id"] == sid and "envelopes" not in body
                 assert body["samples"] == submission["samples"]
-            commitment.check_commitment(await redis.get(f"blob_{record['submissions'][keys['iot-3']]['digest']}"),
-                                        iot3_data, record["submissions"][keys["iot-3"]]["samples"],
-                                        schedule_id=sid, node=keys["iot-3"])
+            iot3_blob = await redis.get(f"blob_{record['submissions'][keys['iot-3']]['digest']}")
+            iot3_samples = record["submissions"][keys["iot-3"]]["samples"]
+            commitment.check_commitment(iot3_blob, iot3_data, iot3_samples, schedule_id=sid, node=keys["iot-3"],
+                                        salt=iot3_salts.of_round(sid))
+            # hiding: without the node's salt, the data does not match its commitment
+            assert cbor.decode(iot3_blob)["salted_sha256"] != hashlib.sha256(iot3_data).hexdigest()
+            with pytest.raises(commitment.CommitmentError, match="data changed"):
+                commitment.check_commitment(iot3_blob, iot3_data, iot3_samples, schedule_id=sid,
+                                            node=keys["iot-3"], salt=bytes(commitment.SALT_BYTES))
+            salt_file = iot3_salts.directory / sid
+            assert salt_file.stat().st_mode & 0o777 == 0o600
             assignments = await reader.assignments(sid)
             assert assignments["train_on"] == "iot"
             definition = (await reader.workflow("digits-iot"))["definition"]
@@ -239,7 +251,7 @@ class _Chain:
 def test_a_task_of_a_pipelined_round_waits_for_the_previous_global_model(tmp_path):
     chain = _Chain()
     trainer = LocalTrainer("iot", load_or_create_key(tmp_path, "iot"), validator_url="tcp://127.0.0.1:1",
-                           reader=chain, blobs=None, commit=None, local_data=None, workflows=None)
+                           reader=chain, blobs=None, commit=None, local_data=None, workflows=None, salts=None)
     node = trainer.node
     started = []
 
@@ -266,3 +278,40 @@ def test_a_task_of_a_pipelined_round_waits_for_the_previous_global_model(tmp_pat
 
 async def _record(started, pending):
     started.append(pending.task_id)
+
+
+SID = "5c" * 32
+
+
+def test_salt_store_keeps_one_private_salt_per_round_and_says_when_one_is_missing(tmp_path):
+    salts = commitment.SaltStore(tmp_path / "salts")
+    first = salts.for_round(SID)
+    assert len(first) == commitment.SALT_BYTES and salts.for_round(SID) == first  # made once, then kept
+    assert commitment.SaltStore(tmp_path / "salts").of_round(SID) == first       # across restarts
+    assert salts.for_round("7d" * 32) != first
+    assert (tmp_path / "salts" / SID).stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "salts").stat().st_mode & 0o777 == 0o700
+    with pytest.raises(commitment.CommitmentError, match="no commitment salt for round 8e8e"):
+        salts.of_round("8e" * 32)
+    with pytest.raises(commitment.CommitmentError, match="not a schedule id"):
+        salts.for_round("../../keys/iot")
+    (tmp_path / "salts" / SID).write_bytes(b"short")
+    with pytest.raises(commitment.CommitmentError, match="damaged"):
+        salts.of_round(SID)
+
+
+def test_a_commitment_binds_salt_data_samples_round_and_node():
+    data, salt = b"npz bytes", os.urandom(commitment.SALT_BYTES)
+    blob = commitment.make_commitment(data, 7, schedule_id=SID, node="02" * 33, salt=salt)
+    commitment.check_commitment(blob, data, 7, schedule_id=SID, node="02" * 33, salt=salt)
+    for changed, message in [(dict(data=b"other"), "data changed"), (dict(samples=8), "data changed"),
+                             (dict(salt=os.urandom(32)), "data changed"),
+                             (dict(schedule_id="6d" * 32), "not to this node and round"),
+                             (dict(node="03" * 33), "not to this node and round")]:
+        args = dict(data=data, samples=7, schedule_id=SID, node="02" * 33, salt=salt) | changed
+        with pytest.raises(commitment.CommitmentError, match=message):
+            commitment.check_commitment(blob, args.pop("data"), args.pop("samples"), **args)
+    unsalted_v1 = cbor.encode({"v": 1, "format": "local-commitment-v1", "schedule_id": SID, "node": "02" * 33,
+                               "samples": 7, "data_sha256": hashlib.sha256(data).hexdigest()})
+    with pytest.raises(commitment.CommitmentError, match="unsalted v1"):
+        commitment.check_commitment(unsalted_v1, data, 7, schedule_id=SID, node="02" * 33, salt=salt)
