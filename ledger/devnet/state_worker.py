@@ -26,6 +26,7 @@ from multiprocessing.connection import Connection
 from typing import Iterable, Mapping
 
 LOGGER = logging.getLogger(__name__)
+DEFAULT_TIMEOUT = 300.0  # seconds; the root of a block of 1,000 new keys takes ~0.2 s
 _PROCESS_MODULE = __name__.rpartition(".")[0] + ".state_process"
 
 
@@ -39,8 +40,9 @@ class StateWorker:
     can be signed (and the next one can start) while the worker still folds the rows.
     Requests are answered in the order asked."""
 
-    def __init__(self, db_path: str | pathlib.Path):
+    def __init__(self, db_path: str | pathlib.Path, timeout: float = DEFAULT_TIMEOUT):
         self._db_path = str(db_path)
+        self.timeout = timeout  # per answer; a worker silent for longer is killed and replaced
         self._conn = None
         self._process = None
         self._reader: threading.Thread | None = None
@@ -85,9 +87,34 @@ class StateWorker:
         root, rows = self._loop.create_future(), self._loop.create_future()
         rows.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "never retrieved"
         request = (parent_root, dict(sets), list(deletes))
-        # Sent from a thread: the pipe blocks while the worker is busy with the one before.
-        await asyncio.to_thread(self._send, request, (root, rows))
-        return await root, rows
+        try:
+            # Sent from a thread: the pipe blocks while the worker is busy with the one before.
+            await asyncio.wait_for(asyncio.to_thread(self._send, request, (root, rows)), self.timeout)
+            new_root = await asyncio.wait_for(asyncio.shield(root), self.timeout)
+        except asyncio.TimeoutError:
+            raise self._wedged("a state root") from None
+        return new_root, self._in_time(rows)
+
+    def _in_time(self, rows: asyncio.Future) -> "asyncio.Future[bytes]":
+        async def wait() -> bytes:
+            try:
+                return await asyncio.wait_for(asyncio.shield(rows), self.timeout)
+            except asyncio.TimeoutError:
+                raise self._wedged("a block's node rows") from None
+
+        guarded = asyncio.ensure_future(wait())
+        guarded.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "never retrieved"
+        return guarded
+
+    def _wedged(self, what: str) -> StateWorkerError:
+        """A worker that stops answering (stopped, deadlocked) would stall the chain for good:
+        kill it; the blocks waiting on it are built again, by a fresh worker."""
+        LOGGER.error("state worker gave no answer for %s within %.0f s; killing it", what, self.timeout)
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait(5)  # SIGKILL ends even a stopped process at once; the next update
+            # then sees it gone and starts a fresh one
+        return StateWorkerError(f"state worker gave no answer for {what} within {self.timeout:.0f} s")
 
     def _send(self, request, futures) -> None:
         with self._send_lock:  # answers come in the order of the sends
