@@ -159,7 +159,7 @@ def read_metadata(blob: bytes) -> dict[str, str]:
     """The header's metadata, for display and routing; never a substitute for `load`."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise ModelFormatError(f"a model blob must be bytes, got {type(blob).__name__}")
-    return _decode(bytes(blob), tensors=False)[0]
+    return _decode(bytes(blob), with_data=False)[0]
 
 
 # --------------------------------------------------------------------------- encoding
@@ -181,7 +181,7 @@ def _encode_arrays(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]
     return struct.pack("<Q", len(text)) + text + b"".join(chunks)
 
 
-def _decode(blob: bytes, tensors: bool = True) -> tuple[dict[str, str], OrderedDict]:
+def _decode(blob: bytes, with_data: bool = True) -> tuple[dict[str, str], OrderedDict]:
     if len(blob) < 8:
         raise ModelFormatError(f"model blob is {len(blob)} bytes; a model file has at least an 8-byte header length")
     (size,) = struct.unpack_from("<Q", blob)
@@ -198,7 +198,7 @@ def _decode(blob: bytes, tensors: bool = True) -> tuple[dict[str, str], OrderedD
         raise ModelFormatError("model blob header lacks __metadata__; it was not written by trustmesh")
     metadata = header.pop(_RESERVED)
     _check_metadata(metadata)
-    if not tensors:
+    if not with_data:
         return metadata, OrderedDict()
     data = blob[8 + size:]
     arrays: OrderedDict[str, np.ndarray] = OrderedDict()

@@ -63,4 +63,7 @@ def serve(conn, db_path: str) -> None:
 
 
 if __name__ == "__main__":
-    serve(Connection(int(sys.argv[1])), sys.argv[2])
+    try:
+        serve(Connection(int(sys.argv[1])), sys.argv[2])
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the validator went away while an answer was on its way: nobody to tell
