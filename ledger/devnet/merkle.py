@@ -250,7 +250,7 @@ _CHILD_HASH_RE = re.compile(r"x@([0-9a-f]{64})")
 class NewNodes(dict):
     """What ``update`` returns: hash -> encoded node, plus the structure storage_rows needs,
     noted while the nodes are built. Parsing it back out of the bytes cost ~40% of
-    storage_rows, on the store thread, holding the GIL the next block executes with."""
+    storage_rows, for every block (in the state worker process, state_process.py)."""
 
     __slots__ = ("links", "pins", "decoded")
 
@@ -278,7 +278,7 @@ def storage_rows(nodes: Mapping[str, bytes]) -> dict[str, bytes]:
     takes ~1-3 rows instead of ~30. Callers insert rows whose key already exists as no-ops:
     the older row holds the same subtree, and keeps the rule on its own.
     """
-    # This runs on the store thread, holding the GIL, for every node of a block: bulk
+    # This runs for every node of every block (in the state worker): bulk
     # operations and few Python steps per node.
     if isinstance(nodes, NewNodes):  # update() noted the structure as it built the nodes
         only_child, pinned = nodes.links, nodes.pins
