@@ -34,6 +34,7 @@ from trustmesh.ledger.block_cursor import BlockCursor
 from trustmesh.ledger.events import UnknownBlockError, event_subscription
 from trustmesh.ledger.rest_client import RestClient
 from trustmesh.ledger.signing import load_or_create_key
+from trustmesh.machine import usable_cores
 from trustmesh.scheduling import peers, schedule
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchClient, CouchHistory
@@ -55,8 +56,7 @@ SCHEDULE_EVENTS = ("trustmesh/task-assigned", "trustmesh/task-done", "trustmesh/
 def measured_resources() -> dict:
     """What this node has, read from the OS rather than typed in: its cores are the ones it
     trains with (training.use_threads may give it a share of the machine)."""
-    cpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cpu = min(cpu, torch.get_num_threads())
+    cpu = min(usable_cores(), torch.get_num_threads())
     memory_mb = 1024
     try:
         with open("/proc/meminfo") as meminfo:

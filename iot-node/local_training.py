@@ -225,7 +225,7 @@ class LocalTrainer:
         pending.resolved = True
 
     async def _is_done(self, schedule_id: str, task_id: str) -> bool:
-        status = await self.reader.task_status(schedule_id, task_id)
+        status = await self.context.task_status(schedule_id, task_id)  # "done" is final: read once
         return status is not None and status["status"] == "done"
 
     async def _maybe_start(self, pending: _Pending) -> None:

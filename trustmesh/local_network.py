@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from redis.exceptions import RedisError
 
 from trustmesh.endpoints import NETWORK_FILE, home_dir, local_network
+from trustmesh.machine import usable_cores
 from trustmesh.stores.redis_state import Heartbeats, connect
 from trustmesh.stores.servers import CouchServer, RedisServer, ServerError, free_port
 
@@ -55,10 +56,6 @@ def _write_json(path: pathlib.Path, value: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value, indent=2))
     os.replace(tmp, path)  # readers never see half a file
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -223,7 +220,7 @@ class Supervisor:
                                      _trustmesh(home, "processors", "--endpoint", component)))
         # All nodes share this machine: compute nodes split its cores, IoT nodes (small devices,
         # training only for train_on "iot") take one thread each.
-        threads = {"compute": max(1, _cores() // max(1, self.compute_nodes)), "iot": 1}
+        threads = {"compute": max(1, usable_cores() // max(1, self.compute_nodes)), "iot": 1}
         for kind, count in (("compute", self.compute_nodes), ("iot", self.iot_nodes)):
             for i in range(1, count + 1):
                 name = f"{kind}-{i}"

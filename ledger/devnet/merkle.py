@@ -722,7 +722,7 @@ class MerkleRadix:
     @staticmethod
     def _store(encoded: bytes, new_nodes: NewNodes, children: Mapping[str, str]) -> str:
         """Any node (``children`` as encoded): into new_nodes, its structure noted."""
-        h = _sha512(encoded).digest()[:32].hex()
+        h = node_hash(encoded)
         new_nodes[h] = encoded
         if _is_one_child(encoded):
             new_nodes.links[h] = encoded[9:73].decode()
@@ -733,8 +733,8 @@ class MerkleRadix:
     @staticmethod
     def _store_link(token: str, child: str, new_nodes: NewNodes) -> str:
         """_store for _one_child(token, child), ``token`` from a checked address."""
-        encoded = _ONE_CHILD_HEAD + token.encode() + b"\x78\x40" + child.encode() + _V_KEY_NULL
-        h = _sha512(encoded).digest()[:32].hex()
+        encoded = _one_child(token, child)
+        h = node_hash(encoded)
         new_nodes[h] = encoded
         new_nodes.links[h] = child
         return h
