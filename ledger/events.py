@@ -6,6 +6,11 @@ is subscribed. We therefore always subscribe to it: its attributes (block_id, bl
 previous_block_id) tell which block a list belongs to, and let us resume exactly where the caller
 left off after a validator restart (last_known_block_ids makes the validator replay what we missed).
 
+The validator going away is waited out: the connection reconnects with backoff and says once on
+stderr `waiting for the validator at tcp://… (down 3 s)` (ledger/messaging.py), and the
+subscription resumes from the last block delivered. Only a first contact can be bounded
+(first_contact=seconds): a command pointed at the wrong address should say so, not wait.
+
 Guarantee to the caller: blocks come in chain order, none twice, none skipped. A block whose parent
 is not the last one delivered means something was lost; we drop it and resubscribe from the last
 delivered block so the validator replays the missing ones.
@@ -16,11 +21,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from . import protos as pb
-from .messaging import ConnectionLost, ValidatorConnection
+from trustmesh.outage import Outage
+
+from .messaging import BadEndpoint, ConnectionLost, ValidatorConnection
 
 LOGGER = logging.getLogger(__name__)
 
@@ -51,6 +59,10 @@ class UnknownBlockError(EventSubscriptionError):
 
 class SubscriberClosed(Exception):
     """next_block() on a subscriber that was closed."""
+
+
+class ValidatorUnreachable(ConnectionError):
+    """No validator answered within first_contact seconds of start()."""
 
 
 @dataclass
@@ -129,8 +141,14 @@ class EventSubscriber:
         subscriptions: Sequence,
         *,
         last_known_block_ids: Sequence[str] = (),
+        first_contact: float | None = None,
+        outage: Outage | None = None,
     ):
+        """first_contact: seconds start() tries before giving up (ValidatorUnreachable; a host
+        that does not resolve: BadEndpoint at once); None waits as long as it takes. Once
+        subscribed, outages are always waited out. outage: the validator's announcer (shared)."""
         self.url = url
+        self.first_contact = first_contact
         subs = [_as_subscription(s) for s in subscriptions]
         # Catch-up and gap detection need every block's commit event, unfiltered.
         if not any(s.event_type == BLOCK_COMMIT and not s.filters for s in subs):
@@ -138,7 +156,8 @@ class EventSubscriber:
         self.subscriptions = subs
         self._initial_known = list(last_known_block_ids)
         self._anchor: str | None = None  # chain head at first subscription, when nothing else is known
-        self._conn = ValidatorConnection(url, on_message=self._on_message, on_reconnect=self._on_reconnect)
+        self._conn = ValidatorConnection(url, on_message=self._on_message, on_reconnect=self._on_reconnect,
+                                         outage=outage)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._last: BlockEvents | None = None  # last block handed to the queue
         self._lock = asyncio.Lock()
@@ -170,14 +189,37 @@ class EventSubscriber:
     # -- subscribing -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect and subscribe; raises EventSubscriptionError when the validator refuses."""
+        """Connect and subscribe; raises EventSubscriptionError when the validator refuses,
+        BadEndpoint for a malformed URL and, with first_contact, ValidatorUnreachable."""
         await self._conn.start()
         try:
-            await self._subscribe()
+            if self.first_contact is None:
+                await self._subscribe()
+            else:
+                await self._check_host()
+                try:
+                    await asyncio.wait_for(self._subscribe(), self.first_contact)
+                except asyncio.TimeoutError:
+                    raise ValidatorUnreachable(f"nothing answers at {self.url} (tried for "
+                                               f"{self.first_contact:g} s)") from None
         except BaseException:
             self._closed = True
             await self._conn.close()
             raise
+
+    async def _check_host(self) -> None:
+        """ZMQ retries a host that does not resolve for ever, without a word: look it up once."""
+        scheme, _, rest = self.url.partition("://")
+        if scheme != "tcp":
+            return
+        host = rest.rpartition(":")[0].strip("[]")
+        if not host or host == "*":
+            return
+        try:
+            await asyncio.get_running_loop().getaddrinfo(host, None)
+        except socket.gaierror as exc:
+            raise BadEndpoint(f"the validator endpoint {self.url} names host {host!r}, which does not resolve "
+                              f"({exc.strerror})") from None
 
     async def _subscribe(self, force: bool = False) -> None:
         """Subscribe on the current link (again if `force`); retried when the link drops."""

@@ -2,8 +2,10 @@
 
 Every frame is a serialized `Message` (validator.proto). Replies are matched to requests by
 correlation_id; anything else (TP_PROCESS_REQUEST, PING_REQUEST, CLIENT_EVENTS, ...) goes to
-`on_message`. ZMQ reconnects the TCP link by itself, but a restarted validator has forgotten us:
-a socket monitor tells us when the link comes back so the owner can register or subscribe again.
+`on_message`. ZMQ reconnects the TCP link by itself (every 0.1 s at first, backing off to 2 s),
+but a restarted validator has forgotten us: a socket monitor tells us when the link comes back so
+the owner can register or subscribe again. While the link is down (or not up yet) an Outage
+says once on stderr, after a second, `waiting for the validator at tcp://… (down 1 s)`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import zmq.asyncio
 import zmq.backend
 from zmq.utils.monitor import parse_monitor_message
 
+from trustmesh.outage import Outage
+
 from . import protos as pb
 
 LOGGER = logging.getLogger(__name__)
@@ -32,6 +36,13 @@ ReconnectHandler = Callable[[], Awaitable[None]]
 
 class ConnectionLost(ConnectionError):
     """The validator went away while a request was waiting for its reply."""
+
+
+class BadEndpoint(ValueError):
+    """The validator endpoint cannot be one (not tcp://HOST:PORT), or its host does not resolve."""
+
+
+_OUTAGE_POLL = 0.25  # seconds between looks at an outage that may be due for its announcement
 
 
 # pyzmq's constants are IntFlag members: every `|` or `&` with one builds an enum member (~1-2
@@ -202,7 +213,10 @@ class ValidatorConnection:
         on_message: MessageHandler | None = None,
         on_reconnect: ReconnectHandler | None = None,
         identity: str | None = None,
+        outage: Outage | None = None,
     ):
+        """outage: the announcer for this validator (default: a new one), to share one line among
+        several connections to the same validator."""
         self.url = url
         self._on_message = on_message
         self._on_reconnect = on_reconnect
@@ -217,6 +231,8 @@ class ValidatorConnection:
         self._prefix = uuid.uuid4().hex[:12]
         self._monitor: zmq.asyncio.Socket | None = None
         self.connected = asyncio.Event()
+        self.outage = outage or Outage("the validator", url)
+        self._watching = False
         # Bumped on every disconnect: work that began on an older link belongs to a validator
         # session that no longer exists, so owners compare generations before answering.
         self.generation = 0
@@ -228,11 +244,19 @@ class ValidatorConnection:
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        sock.connect(self.url)
+        try:
+            sock.connect(self.url)
+        except zmq.ZMQError as exc:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            raise BadEndpoint(f"{self.url!r} is not a validator endpoint ({exc.strerror}); expected "
+                              f"tcp://HOST:PORT, e.g. tcp://127.0.0.1:4004") from None
         self._socket = sock
         self._monitor = monitor
         self._pump = SocketPump(sock, self._on_frames)
         self._spawn(self._monitor_loop(monitor))
+        self._went_down("not connected yet")
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -299,6 +323,7 @@ class ValidatorConnection:
                 return
             if event["event"] == zmq.EVENT_CONNECTED:
                 self.connected.set()
+                self.outage.up()
                 if not first and self._on_reconnect is not None:
                     LOGGER.info("reconnected to %s", self.url)
                     self._spawn(self._reconnected())
@@ -306,10 +331,27 @@ class ValidatorConnection:
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.connected.clear()
                 self.generation += 1
-                LOGGER.warning("lost the validator at %s; waiting for it to come back", self.url)
+                # Said once on stderr by the outage if it lasts; a blip is only logged.
+                LOGGER.info("lost the validator at %s; waiting for it to come back", self.url)
+                self._went_down("disconnected")
                 for future in list(self._pending.values()):
                     if not future.done():
                         future.set_exception(ConnectionLost(f"validator at {self.url} went away"))
+
+    def _went_down(self, reason: str) -> None:
+        self.outage.down(reason)
+        if not self._watching:
+            self._watching = True
+            self._spawn(self._watch_outage())
+
+    async def _watch_outage(self) -> None:
+        """Nothing fails while ZMQ reconnects on its own: look now and then, to announce in time."""
+        try:
+            while not self.connected.is_set() and self._socket is not None:
+                self.outage.poll()
+                await asyncio.sleep(_OUTAGE_POLL)
+        finally:
+            self._watching = False
 
     async def _reconnected(self) -> None:
         try:

@@ -5,6 +5,15 @@ connection-level failures are retried, with bounded exponential backoff and jitt
 other answer is final. Resubmitting a batch is safe: the validator drops a batch id it
 already has, so a retried POST /batches cannot commit twice.
 
+By default a request gives up after `retries` retries. With `patience` (seconds, math.inf for
+ever) it waits an outage out instead, and says so once on stderr (trustmesh.outage.Outage):
+
+    waiting for the REST API at http://127.0.0.1:8008 (down 2 s)
+
+A client that has never had an answer gives up after `first_contact` seconds instead (and at
+once on a host that does not resolve): a wrong address fails fast, a network that answered
+before is waited for. A malformed URL is refused when the client is made (BadRestURL).
+
     async with RestClient("http://127.0.0.1:8008") as rest:
         ids = await rest.submit_batches([batch])
         await rest.wait_for_batches(ids, timeout=30)      # raises BatchInvalidError / BatchTimeoutError
@@ -17,11 +26,14 @@ import asyncio
 import base64
 import json
 import logging
-import random
+import math
 from typing import AsyncIterator, Iterable, Sequence
 from urllib.parse import urlencode
 
 import aiohttp
+from yarl import URL
+
+from trustmesh.outage import Outage, backoff_delay
 
 from . import protos as pb
 
@@ -46,7 +58,7 @@ class RestError(Exception):
     """
 
     def __init__(self, method: str, url: str, status: int, code: int | None, title: str, message: str,
-                 attempts: int = 1):
+                 attempts: int = 1, reached: bool = True):
         self.method = method
         self.url = url
         self.status = status
@@ -54,6 +66,7 @@ class RestError(Exception):
         self.title = title
         self.message = message
         self.attempts = attempts
+        self.reached = reached  # False: nothing ever answered this client at that address
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -62,6 +75,10 @@ class RestError(Exception):
             return f"{self.method} {self.url}: no response: {self.message}{tries}"
         code = f" [code {self.code}]" if self.code is not None else ""
         return f"{self.method} {self.url}: HTTP {self.status} {self.title}{code}: {self.message}{tries}"
+
+
+class BadRestURL(ValueError):
+    """The address given for the REST API cannot be one (not http[s]://HOST[:PORT][/PATH])."""
 
 
 class BatchInvalidError(Exception):
@@ -88,6 +105,21 @@ class BatchTimeoutError(TimeoutError):
         super().__init__(f"{len(self.unfinished)} of {len(statuses)} batches not final after {timeout:g}s: {names}")
 
 
+def _parse(base_url: str) -> URL:
+    try:
+        parsed = URL(base_url)
+    except (ValueError, TypeError) as exc:
+        raise BadRestURL(f"{base_url!r} is not a REST API URL ({exc}); expected http://HOST:PORT, "
+                         f"e.g. http://127.0.0.1:8008") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise BadRestURL(f"{base_url!r} is not a REST API URL: expected http://HOST:PORT, e.g. http://127.0.0.1:8008")
+    try:
+        parsed.port  # noqa: B018 - a port out of range raises here
+    except ValueError as exc:
+        raise BadRestURL(f"{base_url!r} is not a REST API URL ({exc})") from None
+    return parsed
+
+
 def _short(url: str, limit: int = 200) -> str:
     # Status and receipt URLs carry 128-char ids; keep error lines readable.
     return url if len(url) <= limit else url[: limit - 3] + "..."
@@ -95,15 +127,31 @@ def _short(url: str, limit: int = 200) -> str:
 
 class RestClient:
     def __init__(self, base_url: str, *, retries: int = 5, backoff: float = 0.1, max_backoff: float = 5.0,
-                 timeout: float = 30):
+                 timeout: float = 30, patience: float | None = None, first_contact: float | None = None,
+                 outage: Outage | None = None):
         """retries: extra attempts after the first (429/503/connection errors only);
         backoff: first delay in seconds, doubled per retry up to max_backoff, with jitter;
-        timeout: seconds per HTTP request (long-polls add their wait to it)."""
+        timeout: seconds per HTTP request (long-polls add their wait to it);
+        patience: None (default) to stop after `retries`, quietly; else seconds a request keeps
+        retrying those failures (math.inf: until they end), announcing an outage on stderr;
+        first_contact: with patience, how long to try before anything has ever answered this
+        client (default: patience); a host that does not resolve then fails at once, unless
+        first_contact is math.inf (a node that waits for its network in any case);
+        outage: the REST API's Outage announcer, to share one among clients of one address."""
         self.base_url = base_url.rstrip("/")
+        parsed = _parse(self.base_url)
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.timeout = timeout
+        self.patience = patience
+        self.first_contact = patience if first_contact is None else first_contact
+        self.reached = False  # some HTTP answer came from base_url
+        quiet = None if patience is not None else (lambda line: LOGGER.debug("%s", line))
+        self.outage = outage or Outage("the REST API", self.base_url, write=quiet)
+        # A 503 is the REST API saying that its validator does not answer.
+        self.validator_outage = Outage("the validator behind the REST API", self.base_url, write=quiet)
+        self._host = parsed.host
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> "RestClient":
@@ -119,8 +167,15 @@ class RestClient:
 
     def _delay(self, attempt: int) -> float:
         # "Equal jitter": at least half the exponential step, so retries never bunch at zero.
-        step = min(self.max_backoff, self.backoff * 2**attempt)
-        return step / 2 + random.uniform(0, step / 2)
+        return backoff_delay(attempt, first=self.backoff, cap=self.max_backoff)
+
+    def _gives_up(self, attempt: int, failing_for: float, permanent: bool) -> bool:
+        if self.patience is None:
+            return attempt > self.retries
+        if not self.reached:
+            # Never answered: an unresolvable host is a wrong address, unless told to wait anyway.
+            return (permanent and self.first_contact != math.inf) or failing_for >= self.first_contact
+        return failing_for >= self.patience
 
     async def _request(self, method: str, path: str, *, params: dict | None = None, body: bytes | None = None,
                        content_type: str | None = None, ok: Iterable[int] = (200,),
@@ -132,17 +187,35 @@ class RestClient:
         shown = _short(url + ("?" + urlencode(params) if params else ""))
         headers = {"Content-Type": content_type} if content_type else None
         timeout = aiohttp.ClientTimeout(total=self.timeout + extra_timeout)
+        loop = asyncio.get_running_loop()
         attempt = 0
+        first_failure: float | None = None
         while True:
             attempt += 1
+            outage: Outage | None = None
+            unresolvable = False
             try:
                 async with self._session.request(method, url, params=params, data=body, headers=headers,
                                                  timeout=timeout) as response:
                     status = response.status
                     raw = await response.read()
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                error = RestError(method, shown, 0, None, "No Response", str(exc) or type(exc).__name__, attempt)
+            except aiohttp.ClientConnectorDNSError as exc:
+                # Not resolving is a wrong address until the host has answered once; then it is
+                # an outage (a container's name disappears from Docker's DNS while it restarts).
+                unresolvable = True
+                error = RestError(method, shown, 0, None, "Unknown Host",
+                                  f"host {self._host!r} does not resolve ({exc.os_error or exc})", attempt,
+                                  self.reached)
+                outage = self.outage
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+                error = RestError(method, shown, 0, None, "No Response", str(exc) or type(exc).__name__, attempt,
+                                  self.reached)
+                outage = self.outage
             else:
+                self.reached = True
+                self.outage.up()
+                if status != 503:
+                    self.validator_outage.up()
                 if status in ok:
                     try:
                         return status, json.loads(raw) if raw else {}
@@ -152,9 +225,24 @@ class RestClient:
                 error = self._error(method, shown, status, raw, attempt)
                 if status not in RETRY_STATUSES:
                     raise error
-            if attempt > self.retries:
+                if status == 503:
+                    outage = self.validator_outage
+            now = loop.time()
+            if first_failure is None:
+                first_failure = now
+            if self._gives_up(attempt, now - first_failure, unresolvable):
+                if not self.reached and self.patience is not None and not unresolvable:
+                    error.message = (f"nothing answers at {self.base_url} ({error.message}; tried for "
+                                     f"{now - first_failure:.0f} s)")
+                    error.args = (str(error),)
                 raise error
+            if outage is not None:
+                outage.down(str(error))
             delay = self._delay(attempt - 1)
+            if self.patience is not None:
+                # The last try comes at the deadline, not up to a backoff step past it.
+                limit = self.patience if self.reached else self.first_contact
+                delay = min(delay, max(0.0, limit - (now - first_failure)))
             LOGGER.debug("%s; retrying in %.2fs", error, delay)
             await asyncio.sleep(delay)
 
@@ -314,4 +402,4 @@ class RestClient:
         return (await self._get_json("/peers"))["data"]
 
 
-__all__ = ["RestClient", "RestError", "BatchInvalidError", "BatchTimeoutError"]
+__all__ = ["RestClient", "RestError", "BadRestURL", "BatchInvalidError", "BatchTimeoutError"]
