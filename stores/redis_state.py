@@ -52,7 +52,9 @@ One Redis stream per queue (`tasks_{node}` for a compute node: task_stream()), o
 (default "workers"), a consumer per worker process. publish() = XADD {"task": canonical JSON};
 read() first takes over messages another consumer left pending longer than `claim_idle_ms`
 (XAUTOCLAIM), then new ones (XREADGROUP >); recover() gives a restarted consumer its own pending
-messages (XREADGROUP 0); ack() = XACK + XDEL. A message delivered more than `max_deliveries` times
+messages (XREADGROUP 0); ack() = XACK + XDEL. A group that vanished (a Redis restarted without
+its data, or flushed) is made again and the read raises DeliveriesLost, so the publisher
+re-derives the lost messages instead of waiting on an empty stream. A message delivered more than `max_deliveries` times
 goes to `{stream}_dead` instead of being handed out again. A consumer killed mid-task thus loses
 nothing: the task stays pending until someone acks it.
 
@@ -84,11 +86,17 @@ LOGGER = logging.getLogger(__name__)
 HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 
 
+def client(url: str, **kwargs) -> aioredis.Redis:
+    """A redis.asyncio client for `url` (redis://[:password@]host:port/db), bytes in and out;
+    it connects on first use."""
+    return aioredis.Redis.from_url(url, decode_responses=False, **kwargs)
+
+
 async def connect(url: str, **kwargs) -> aioredis.Redis:
-    """A redis.asyncio client for `url` (redis://[:password@]host:port/db), bytes in and out."""
-    client = aioredis.Redis.from_url(url, decode_responses=False, **kwargs)
-    await client.ping()
-    return client
+    """client(url), once Redis answered a PING."""
+    redis = client(url, **kwargs)
+    await redis.ping()
+    return redis
 
 
 def _s(value: Any) -> str:
@@ -557,6 +565,16 @@ return false
 """
 
 
+class DeliveriesLost(RuntimeError):
+    """The stream's consumer group is gone (Redis restarted without it, or was flushed): the
+    messages it held are lost. The group is made again, empty; the publisher re-derives what
+    belongs in it (a compute node: from the chain, TaskQueue's user must do so)."""
+
+
+def _no_group(exc: ResponseError) -> bool:
+    return str(exc).startswith("NOGROUP")
+
+
 class TaskQueue:
     """At-least-once task delivery on a Redis stream with one consumer group."""
 
@@ -585,6 +603,17 @@ class TaskQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
         self._group_ready = True
+
+    async def _lost(self) -> DeliveriesLost:
+        """The group vanished under us: make it again and say so."""
+        self._group_ready = False
+        await self.ensure_group()
+        LOGGER.warning("the consumer group of %s was gone (Redis lost it); made it again, empty", self.stream)
+        return DeliveriesLost(f"the consumer group {self.group!r} of {self.stream} was lost with Redis's data")
+
+    def forget_group(self) -> None:
+        """Look for the group again before the next read (call when Redis restarted)."""
+        self._group_ready = False
 
     async def publish(self, task: Mapping) -> str:
         """Append a task (a JSON-able map); returns its message id."""
@@ -636,8 +665,13 @@ class TaskQueue:
     async def claim_stale(self, consumer: str, *, count: int = 10) -> list[TaskMessage]:
         """Take over messages pending longer than claim_idle_ms (their consumer presumably died)."""
         await self.ensure_group()
-        reply = await self.redis.xautoclaim(self.stream, self.group, consumer, self.claim_idle_ms,
-                                            start_id="0-0", count=count)
+        try:
+            reply = await self.redis.xautoclaim(self.stream, self.group, consumer, self.claim_idle_ms,
+                                                start_id="0-0", count=count)
+        except ResponseError as exc:
+            if _no_group(exc):
+                raise await self._lost() from None
+            raise
         claimed = reply[1]
         if claimed:
             LOGGER.info("%s claimed %d stale task(s) on %s", consumer, len(claimed), self.stream)
@@ -649,8 +683,13 @@ class TaskQueue:
         messages = await self.claim_stale(consumer, count=count)
         if len(messages) >= count:
             return messages
-        reply = await self.redis.xreadgroup(self.group, consumer, {self.stream: ">"},
-                                            count=count - len(messages), block=block_ms)
+        try:
+            reply = await self.redis.xreadgroup(self.group, consumer, {self.stream: ">"},
+                                                count=count - len(messages), block=block_ms)
+        except ResponseError as exc:
+            if _no_group(exc):
+                raise await self._lost() from None
+            raise
         for _stream, entries in reply or []:
             messages += await self._decode(entries, counted=False)
         return messages
@@ -658,7 +697,12 @@ class TaskQueue:
     async def recover(self, consumer: str, *, count: int = 100) -> list[TaskMessage]:
         """The messages `consumer` had read but not acked (call once when a worker restarts)."""
         await self.ensure_group()
-        reply = await self.redis.xreadgroup(self.group, consumer, {self.stream: "0"}, count=count)
+        try:
+            reply = await self.redis.xreadgroup(self.group, consumer, {self.stream: "0"}, count=count)
+        except ResponseError as exc:
+            if _no_group(exc):
+                raise await self._lost() from None
+            raise
         messages = []
         for _stream, entries in reply or []:
             messages += await self._decode(entries, counted=True)
@@ -754,7 +798,7 @@ class Heartbeats:
 
 
 __all__ = [
-    "connect", "FederationCache", "FederationCacheGap", "rebuild_from_chain", "submissions_key", "federation_key",
+    "client", "connect", "FederationCache", "FederationCacheGap", "rebuild_from_chain", "submissions_key", "federation_key",
     "entry_task", "FEDERATION_EVENTS", "CURSOR_KEY", "BlobStore", "BlobError", "BlobNotFound", "BlobTooLarge",
-    "BlobCorrupted", "DEFAULT_MAX_BLOB_BYTES", "TaskQueue", "TaskMessage", "task_stream", "Heartbeats",
+    "BlobCorrupted", "DEFAULT_MAX_BLOB_BYTES", "TaskQueue", "TaskMessage", "DeliveriesLost", "task_stream", "Heartbeats",
 ]

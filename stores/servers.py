@@ -206,17 +206,29 @@ class _ManagedServer:
         self.stop()
 
 
+APPENDFSYNC_POLICIES = ("always", "everysec", "no")
+
+
 class RedisServer(_ManagedServer):
-    """A real redis-server. No persistence unless `persist=True` (append-only file in work_dir)."""
+    """A real redis-server. No persistence unless `persist=True` (append-only file in work_dir).
+
+    With persistence, task deliveries, consumer-group state and blobs survive a kill -9 of
+    redis-server: Redis writes each change to the append-only file before it answers.
+    appendfsync "always" (the default) also fsyncs it first, so not even a crash of the machine
+    loses what Redis acknowledged; "everysec" may lose the last second then (the cost of
+    "always" per round: bench/bench_round_overhead.py --appendfsync)."""
 
     name = "redis-server"
 
     def __init__(self, *, host: str = "127.0.0.1", port: int | None = None, password: str | None = None,
                  work_dir: str | os.PathLike | None = None, persist: bool = False, binary: str | None = None,
-                 extra_args: Sequence[str] = ()):
+                 extra_args: Sequence[str] = (), appendfsync: str = "always"):
         super().__init__(host=host, port=port, work_dir=work_dir)
+        if appendfsync not in APPENDFSYNC_POLICIES:
+            raise ValueError(f"appendfsync is one of {', '.join(APPENDFSYNC_POLICIES)}, got {appendfsync!r}")
         self.password = password
         self.persist = persist
+        self.appendfsync = appendfsync
         self.extra_args = list(extra_args)
         self.binary = binary or os.environ.get("TRUSTMESH_REDIS_SERVER") or shutil.which("redis-server")
         if not self.binary or not os.access(self.binary, os.X_OK):
@@ -245,7 +257,7 @@ class RedisServer(_ManagedServer):
         command = [self.binary, str(self._config_path), "--port", str(self.port), "--bind", self.host,
                    "--daemonize", "no", "--dir", str(self.work_dir), "--save", ""]
         if self.persist:
-            command += ["--appendonly", "yes", "--appendfsync", "everysec"]
+            command += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
         else:
             command += ["--appendonly", "no"]
         return command + self.extra_args
