@@ -24,6 +24,7 @@ from trustmesh.ledger.block_cursor import BlockCursor
 from trustmesh.ledger.events import event_subscription
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchHistory
+from trustmesh.stores.redis_link import TRANSIENT
 from trustmesh.stores.redis_state import BlobStore
 
 LOGGER = logging.getLogger(__name__)
@@ -54,6 +55,10 @@ class HistoryRecorder:
                     self.cursor.save(block.block_id)
             except asyncio.CancelledError:
                 raise
+            except (*TRANSIENT, OSError) as exc:  # a store restarting: a pause, not a bug
+                LOGGER.warning("history: a store is unreachable (%s: %s); trying again from the last block "
+                               "recorded", type(exc).__name__, exc)
+                await asyncio.sleep(1)
             except Exception:
                 LOGGER.exception("history: recording a block failed; trying again from the last one recorded")
                 await asyncio.sleep(1)

@@ -35,11 +35,14 @@ from trustmesh.ledger.events import UnknownBlockError, event_subscription
 from trustmesh.ledger.rest_client import RestClient
 from trustmesh.ledger.signing import load_or_create_key
 from trustmesh.machine import usable_cores
-from trustmesh.scheduling import peers, schedule
+from trustmesh.scheduling import layout, peers, schedule
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchClient, CouchHistory
 from trustmesh.stores.data_envelope import load_or_create_keypair
-from trustmesh.stores.redis_state import CURSOR_KEY, BlobStore, FederationCache, Heartbeats, TaskQueue, connect, task_stream
+from trustmesh.stores.kept_blobs import KeptBlobs
+from trustmesh.stores.redis_link import TRANSIENT, RedisLink
+from trustmesh.stores.redis_state import (CURSOR_KEY, BlobStore, DeliveriesLost, FederationCache, Heartbeats, TaskQueue,
+                                          client, task_stream)
 
 from .history_recorder import HistoryRecorder
 from .tasks import (InputNotReady, Recent, TaskContext, TaskInputError, report_metrics, run_task,
@@ -83,8 +86,11 @@ async def _all_done(task_ids, status) -> bool:
 class ComputeNode:
     def __init__(self, name: str, data_dir: str | os.PathLike, *, validator_url: str, rest_url: str,
                  redis_url: str, couch_url: str | None = None, couch_user: str | None = None,
-                 couch_password: str | None = None):
+                 couch_password: str | None = None, chain_heartbeat: float = peers.HEARTBEAT_SECONDS):
+        """chain_heartbeat: seconds between two on-chain heartbeats (the liveness the schedule
+        family trusts when it moves a late task; peers.LIVENESS_SECONDS must cover a few)."""
         self.name = name
+        self.chain_heartbeat = chain_heartbeat
         self.data_dir = pathlib.Path(data_dir)
         self.validator_url, self.rest_url = validator_url, rest_url
         self.redis_url, self.couch_url = redis_url, couch_url
@@ -105,10 +111,13 @@ class ComputeNode:
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.rest = RestClient(self.rest_url, retries=10)
+        self.rest = RestClient(self.rest_url, patience=float("inf"))  # a node waits out every outage
         self.reader = FederationReader(self.rest)
-        self.redis = await connect(self.redis_url)
-        self.blobs = BlobStore(self.redis)
+        self.redis = client(self.redis_url)
+        self.link = RedisLink(self.redis, self.redis_url, self.name)
+        await self.link.wait_up()
+        # What this node writes it also keeps, to put back if Redis loses it (see _redis_restarted).
+        self.blobs = KeptBlobs(BlobStore(self.redis), self.data_dir / "blobs")
         self.queue = TaskQueue(self.redis, task_stream(self.node))
         self.heartbeats = Heartbeats(self.redis)
         self.recorder = None
@@ -127,9 +136,12 @@ class ComputeNode:
         loop = asyncio.get_running_loop()
         # Any node may keep the Redis federation cache: it is filled idempotently from committed events.
         self.cache = FederationCache(self.redis, rest_client=self.rest)
-        beats = self.heartbeats.keep_beating(self.node, {"name": self.name})
+        await self.link.mark()
+        beats = lambda: self.heartbeats.keep_beating(self.node, {"name": self.name})  # noqa: E731
         self._tasks = [loop.create_task(self._follow()), loop.create_task(self._work()),
-                       loop.create_task(beats), loop.create_task(self._keep_cache())]
+                       loop.create_task(self._through_outages(beats)), loop.create_task(self._keep_cache()),
+                       loop.create_task(self.link.watch(self._redis_restarted)),
+                       loop.create_task(peers.keep_heartbeating(self.rest, self.signer, self.chain_heartbeat))]
         if self.recorder is not None:
             self._tasks.append(loop.create_task(self.recorder.run()))
         LOGGER.info("compute node %s (%s…) ready", self.name, self.node[:16])
@@ -147,12 +159,48 @@ class ComputeNode:
         await self.rest.wait_for_batches(await self.rest.submit_batches([make_batch(self.signer, [txn])]), 60)
         LOGGER.info("compute node %s registered: %s", self.name, resources)
 
+    async def _through_outages(self, loop_forever) -> None:
+        """Run a Redis loop (heartbeats) again whenever Redis goes away and comes back."""
+        while True:
+            try:
+                await loop_forever()
+            except TRANSIENT as exc:
+                self.link.failed(exc)
+                await self.link.wait_up()
+
+    async def _redis_restarted(self) -> None:
+        """Redis came back as another server or without its data: put back the blobs this node
+        wrote and re-derive its task deliveries from the chain (a lost message, its marker and
+        this node's memory of having queued it must not leave a task that nobody runs)."""
+        self.queue.forget_group()
+        await self.blobs.restore()
+        await self._redeliver()
+
+    async def _redeliver(self) -> None:
+        """Queue again every runnable task assigned to this node in a round that is not final,
+        as the chain has it (publish_once skips what the stream still holds)."""
+        self._queued.clear()
+        rounds = []
+        async for _address, data in self.rest.list_state(layout.SCHEDULE_NS + layout.ASSIGNMENTS):
+            assignments = schedule.decode_record(data)
+            if schedule.tasks_of_node(assignments, self.node):
+                rounds.append(assignments["schedule_id"])
+        for schedule_id in rounds:
+            result = await self.reader.round_result(schedule_id)
+            if result is None or not result.get("final"):
+                self.context.rounds.pop(schedule_id, None)  # read its assignments afresh
+                await self.enqueue_runnable(schedule_id)
+        LOGGER.info("%s: deliveries re-derived from the chain (%d round(s) with tasks here)", self.name, len(rounds))
+
     async def _keep_cache(self) -> None:
         while True:
             try:
                 await self.cache.follow(self.validator_url)
             except asyncio.CancelledError:
                 raise
+            except TRANSIENT as exc:
+                self.link.failed(exc)
+                await self.link.wait_up()
             except UnknownBlockError:
                 # Redis outlived the chain it cached (a fresh dev network): start over from genesis.
                 LOGGER.warning("%s: the federation cache's last block is not on this chain; rebuilding", self.name)
@@ -179,8 +227,22 @@ class ComputeNode:
             for schedule_id, changed in sorted(rounds.items()):
                 if changed:
                     self.context.rounds.pop(schedule_id, None)  # nodes or attempts moved: read it again
-                await self.enqueue_runnable(schedule_id)
+                await self._enqueue_through_outages(schedule_id)
             self._cursor.save(block.block_id)
+
+    async def _enqueue_through_outages(self, schedule_id: str) -> None:
+        """enqueue_runnable, waiting out Redis; another failure is tried a few times, then left
+        to the next block of the round (the task's deadline moves it if none comes)."""
+        for attempt in range(1, UNEXPECTED_RETRIES + 1):
+            try:
+                await self.link.call(lambda: self.enqueue_runnable(schedule_id))
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                LOGGER.warning("%s: could not queue the tasks of round %s… (try %d of %d)", self.name,
+                               schedule_id[:16], attempt, UNEXPECTED_RETRIES, exc_info=True)
+                await asyncio.sleep(attempt)
 
     async def enqueue_runnable(self, schedule_id: str) -> None:
         """Queue this node's tasks of the round that can run now. Its assignments are the copy the
@@ -231,25 +293,50 @@ class ComputeNode:
             self._waiting.discard(schedule_id)
 
     async def _work(self) -> None:
-        for message in await self.queue.recover(self.name):  # what this node took before it died
-            await self._handle_safely(message)
+        redeliver = True  # Redis may have lost this node's stream while the node was down
+        recovered = False
         while True:
-            for message in await self.queue.read(self.name, block_ms=1000):
-                await self._handle_safely(message)
+            try:
+                if redeliver:
+                    await self._redeliver()
+                    redeliver = False
+                if not recovered:  # what this node took before it died, or before Redis went away
+                    for message in await self.queue.recover(self.name):
+                        await self._handle_safely(message)
+                    recovered = True
+                for message in await self.queue.read(self.name, block_ms=1000):
+                    await self._handle_safely(message)
+            except DeliveriesLost:
+                redeliver = True
+            except TRANSIENT as exc:
+                self.link.failed(exc)
+                await self.link.wait_up()
+                recovered = False
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the worker must outlive anything: log it, look again shortly
+                LOGGER.exception("%s: the task worker stumbled; going on", self.name)
+                await asyncio.sleep(1)
 
     async def _handle_safely(self, message) -> None:
         # A store or the REST API failing for a moment must not end the worker: try again a few
         # times, then leave the message pending (a restart recovers it; past its deadline the
         # coordinator moves the task to another node).
-        for attempt in range(1, UNEXPECTED_RETRIES + 1):
+        attempt = 0
+        while attempt < UNEXPECTED_RETRIES:
+            attempt += 1
             try:
                 await self._handle(message)
                 return
             except asyncio.CancelledError:
                 raise
+            except TRANSIENT as exc:  # Redis went away: not the task's fault, not a try
+                self.link.failed(exc)
+                await self.link.wait_up()
+                attempt -= 1
             except InputNotReady as exc:  # a redelivered task of a round whose predecessor still trains
                 LOGGER.info("%s: task %s waits: %s", self.name, message.task.get("task_id"), exc)
-                await asyncio.sleep(min(30, 2 ** attempt))
+                await asyncio.sleep(min(30, 0.5 * 4 ** (attempt - 1)))  # 0.5, 2, 8 s: a lost blob is soon back
             except Exception:
                 LOGGER.exception("%s: task %s failed unexpectedly (try %d of %d)", self.name,
                                  message.task.get("task_id"), attempt, UNEXPECTED_RETRIES)
@@ -284,7 +371,8 @@ class ComputeNode:
         built_on = [(sid, d) for d in outcome.dependencies] + list(outcome.built_on)
         waits_for = [self._uncommitted[key] for key in built_on if key in self._uncommitted]
         txns = [schedule.make_report_transaction(self.signer, sid, task_id, "done", output_digest=outcome.output_digest,
-                                                 metrics=metrics, attempt=attempt, dependencies=waits_for)]
+                                                 metrics=metrics, attempt=attempt, dependencies=waits_for,
+                                                 starting_model=outcome.starting_model)]  # lineage of a local_train
         if outcome.round_result is not None:  # same batch: the result stands or falls with the report
             r = outcome.round_result
             txns.append(schedule.make_round_result_transaction(
@@ -342,7 +430,7 @@ class ComputeNode:
             return
         if status["status"] != "COMMITTED":
             LOGGER.warning("%s: report not committed: %s", self.name, status.get("invalid_transactions"))
-        await self.queue.ack(message_id)
+        await self.link.call(lambda: self.queue.ack(message_id))
         if completed is not None and status["status"] == "COMMITTED":
             self.completed.append(completed)
 

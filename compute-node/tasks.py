@@ -26,9 +26,10 @@ from typing import Any, Callable
 
 from trustmesh.ledger import payload as cbor
 from trustmesh.scheduling.reader import FederationReader
+from trustmesh.scheduling.schedule import StartingModel
 from trustmesh.stores.data_bundle import open_bundle
 from trustmesh.stores.data_envelope import EnvelopeError
-from trustmesh.stores.redis_state import BlobStore
+from trustmesh.stores.redis_state import BlobCorrupted, BlobNotFound, BlobStore, BlobTooLarge
 
 from . import model_format
 from .datasets import federated_digits, load_npz
@@ -58,6 +59,9 @@ class TaskOutcome:
     # (schedule_id, task_id) of other rounds' tasks this one built on: a local_train names the
     # previous round's aggregate when it started from that aggregate's report, not the chain's.
     built_on: tuple[tuple[str, str], ...] = ()
+    # local_train only: the global model it trained from (digest None: the initial weights) and
+    # the chain records that name it; its done report carries both (lineage, schedule.py).
+    starting_model: StartingModel | None = None
 
 
 class Recent(dict):
@@ -157,7 +161,10 @@ async def run_task(ctx: TaskContext, schedule_id: str, task_id: str) -> TaskOutc
 async def _blob(ctx: TaskContext, digest: str, what: str) -> bytes:
     try:
         return await ctx.blobs.get(digest)  # verifies the sha256 before returning
-    except Exception as exc:
+    except BlobNotFound as exc:
+        # Lost with a Redis that restarted empty: its holder puts it back from its own copy.
+        raise InputNotReady(f"{what} {digest[:16]}… is not in Redis (yet): {exc}") from None
+    except (BlobCorrupted, BlobTooLarge, ValueError) as exc:
         raise TaskInputError(f"{what} {digest[:16]}… is not available intact: {exc}") from None
 
 
@@ -175,25 +182,27 @@ async def _preprocess(ctx, assignments, task_id, task, definition) -> TaskOutcom
 
 
 async def _global_model(ctx, definition, assignments):
-    """(state, built_on) of the global model a round's training starts from: the previous round's,
-    from this node's own aggregate report while that is not committed yet, else from the chain
-    (LookupError while the previous round has none yet)."""
+    """(state, built_on, starting_model) of the global model a round's training starts from: the
+    previous round's, from this node's own aggregate report while that is not committed yet, else
+    from the chain by the lineage rule (schedule.starting_model; InputNotReady while an earlier
+    round has none yet). state None: the seeded initial model."""
     inputs = await ctx.round_inputs(assignments["schedule_id"])
     if "global_model" not in inputs:  # every local_train of the round starts from the same one
         workflow_id, round_number = assignments["workflow_id"], assignments["round"]
         own = ctx.global_models.get((workflow_id, round_number - 1))
         if own is not None:
-            digest, built_on = own["digest"], ((own["schedule_id"], own["task_id"]),)
+            start = StartingModel.of_previous_round(workflow_id, round_number, own["schedule_id"], own["digest"])
+            built_on = ((own["schedule_id"], own["task_id"]),)
         else:
             try:
-                digest, built_on = await ctx.reader.previous_global_model(workflow_id, round_number), ()
+                start, built_on = await ctx.reader.starting_model(workflow_id, round_number), ()
             except LookupError as exc:
                 raise InputNotReady(str(exc)) from None
         state = None
-        if digest is not None:
-            blob = await _blob(ctx, digest, f"global model of round {round_number - 1}")
-            state = model_format.load(blob, digest, definition["model"]).state
-        inputs["global_model"] = (state, built_on)
+        if start.digest is not None:
+            blob = await _blob(ctx, start.digest, f"global model of round {start.source_round}")
+            state = model_format.load(blob, start.digest, definition["model"]).state
+        inputs["global_model"] = (state, built_on, start)
     return inputs["global_model"]
 
 
@@ -223,7 +232,7 @@ async def train_update(ctx, assignments, task_id, owner, data, definition) -> Ta
     envelope is open, or on the IoT node itself (train_on "iot", iot-node/local_training.py).
     One function, so both places derive the seed, start model and report alike."""
     hp = definition["hyperparameters"]
-    global_state, built_on = await _global_model(ctx, definition, assignments)
+    global_state, built_on, start = await _global_model(ctx, definition, assignments)
 
     def progress(p):
         ctx.progress(f"{task_id}: epoch {p.epoch}/{p.epochs} step {p.step}/{p.total} loss {p.loss:.3f}")
@@ -238,7 +247,7 @@ async def train_update(ctx, assignments, task_id, owner, data, definition) -> Ta
                                   model_spec=definition["model"])
     digest = await ctx.blobs.put(blob)
     return TaskOutcome(digest, {k: result.metrics[k] for k in REPORTED_METRICS}, compute_seconds=compute,
-                       built_on=built_on)
+                       built_on=built_on, starting_model=start)
 
 
 async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome:

@@ -13,10 +13,11 @@ block (ten IoT nodes re-reading state per block would load the validator):
                  previous round's global model exists)
 
 A tracked task starts once every fetch_dependency_output is done on chain AND
-`reader.previous_global_model` names its starting model (no LookupError). It trains on this
+`reader.starting_model` names its starting model (no LookupError). It trains on this
 node's plaintext data with compute-node/tasks.py `train_update` (the same seed, start model,
-format and metrics as a compute node would use), stores the update blob and reports done, or
-failed with the reason, signed by this node.
+format and metrics as a compute node would use), stores the update blob and reports done (naming
+the model it trained from, which the schedule processor checks), or failed with the reason,
+signed by this node.
 
 On start, before any event, it reads chain state for its unfinished tasks (status assigned or
 running, its node, its attempt), so a restarted node finishes what it was given while down. A
@@ -232,7 +233,7 @@ class LocalTrainer:
         if pending.runner is not None or not pending.resolved or pending.waiting_for:
             return
         if not pending.model_ready:
-            # As a compute node decides it: reader.previous_global_model names the model, or
+            # As a compute node decides it: reader.starting_model names the model, or
             # raises LookupError while round n-1 has none on chain yet (and has not timed out).
             if not await starting_model_known(self.context, pending.schedule_id):
                 if not pending.said_waiting:
@@ -294,7 +295,9 @@ class LocalTrainer:
         except (ValueError, LookupError, BlobError, TaskInputError) as exc:
             LOGGER.warning("%s: %s failed: %s", self.name, pending.task_id, exc)
             return "failed", {"reason": f"local_train {pending.task_id}: {exc}"[:500]}
-        return "done", {"output_digest": outcome.output_digest, "metrics": report_metrics(outcome, started)}
+        # starting_model: the lineage its done report carries (base_model_digest and the records naming it)
+        return "done", {"output_digest": outcome.output_digest, "metrics": report_metrics(outcome, started),
+                        "starting_model": outcome.starting_model}
 
     async def _report(self, pending: _Pending, status: str, fields: dict) -> bool:
         """True once the report is committed, or the chain no longer wants it from this node."""

@@ -47,7 +47,9 @@ from trustmesh.ledger.signing import load_or_create_key
 from trustmesh.scheduling import federation, layout, schedule, workflow
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.data_bundle import seal_bundle
-from trustmesh.stores.redis_state import BlobStore, Heartbeats, connect
+from trustmesh.stores.kept_blobs import KeptBlobs
+from trustmesh.stores.redis_link import TRANSIENT, RedisLink
+from trustmesh.stores.redis_state import BlobStore, Heartbeats, client
 
 from . import commitment
 
@@ -117,20 +119,37 @@ class IoTNode:
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.rest = RestClient(self.rest_url, retries=10)
+        self.rest = RestClient(self.rest_url, patience=float("inf"))  # a node waits out every outage
         self.reader = FederationReader(self.rest)
-        self.redis = await connect(self.redis_url)
-        self.blobs = BlobStore(self.redis)
+        self.redis = client(self.redis_url)
+        self.link = RedisLink(self.redis, self.redis_url, self.name)
+        await self.link.wait_up()
+        await self.link.mark()
+        # Its sealed data goes to Redis and stays here too: a Redis that restarts without it gets
+        # it back (link.watch -> restore), since the chain names exactly those bytes.
+        self.blobs = KeptBlobs(BlobStore(self.redis), self.data_dir / "blobs")
         self.heartbeats = Heartbeats(self.redis)
         self.subscriber = EventSubscriber(self.validator_url, [event_subscription(e) for e in EVENTS])
         await self.subscriber.start()
         self.trainer = None  # started by the first workflow that trains on IoT nodes (_act)
         loop = asyncio.get_running_loop()
         # liveness for `trustmesh status` and supervisors
-        beats = self.heartbeats.keep_beating(self.node, {"name": self.name, "role": "iot"})
         self._tasks = [loop.create_task(self._follow()), loop.create_task(self._reconcile()),
-                       loop.create_task(self._tick()), loop.create_task(beats)]
+                       loop.create_task(self._tick()), loop.create_task(self._beat()),
+                       loop.create_task(self.link.watch(self._redis_restarted))]
         LOGGER.info("IoT node %s (%s…) ready%s", self.name, self.node[:16], " as coordinator" if self.coordinator else "")
+
+    async def _beat(self) -> None:
+        while True:  # through Redis outages: liveness resumes with Redis
+            try:
+                await self.heartbeats.keep_beating(self.node, {"name": self.name, "role": "iot"})
+            except TRANSIENT as exc:
+                self.link.failed(exc)
+                await self.link.wait_up()
+
+    async def _redis_restarted(self) -> None:
+        await self.blobs.restore()
+        self._recheck.set()  # and look at the chain again: a submission may have failed meanwhile
 
     async def stop(self) -> None:
         await cancel_and_wait([*self._tasks, *self._reactions])
@@ -185,7 +204,12 @@ class IoTNode:
 
     def _reaction_done(self, task: asyncio.Task) -> None:
         self._reactions.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self._recheck.set()
+        if isinstance(task.exception(), TRANSIENT):
+            self.link.failed(task.exception())  # said once; the re-check retries
+        else:
             LOGGER.error("%s: reacting to a block failed; the next check of the chain retries", self.name,
                          exc_info=task.exception())
 
@@ -239,6 +263,9 @@ class IoTNode:
         async with self._lock:  # blocks and ticks must not act on the same state twice
             try:
                 await self._act(coordinating_only)
+            except TRANSIENT as exc:  # said once by the link; acting resumes with Redis
+                self.link.failed(exc)
+                await self.link.wait_up()  # and the link says when it is back
             except Exception:
                 LOGGER.exception("%s: acting on chain state failed; trying again shortly", self.name)
 
@@ -290,6 +317,8 @@ class IoTNode:
                 continue
             try:  # one workflow's trouble must not stall the others
                 await self._act_on(record["workflow_id"], record["definition"])
+            except TRANSIENT:
+                raise  # Redis is down for all of them (_step)
             except Exception:
                 LOGGER.exception("%s: acting on workflow %s failed; trying again shortly", self.name,
                                  record["workflow_id"])

@@ -5,7 +5,7 @@ Four families (version 1.0, canonical-CBOR payloads, canonical-CBOR state record
 | family                | namespace = sha512(name)[:6] | holds                                      |
 |-----------------------|------------------------------|--------------------------------------------|
 | trustmesh-workflow    | WORKFLOW_NS                  | workflow definitions, owner, version       |
-| trustmesh-peer        | PEER_NS                      | compute-node registry and its index        |
+| trustmesh-peer        | PEER_NS                      | compute-node registry, its index, liveness |
 | trustmesh-federation  | FEDERATION_NS                | rounds: schedule_id, submissions, status   |
 | trustmesh-schedule    | SCHEDULE_NS                  | task assignments, task status, node load,  |
 |                       |                              | round results                              |
@@ -41,6 +41,7 @@ BLOCK_INFO_NS = "00b10c"  # agreed block timestamps (round clocks, deadlines)
 WORKFLOW_RECORD = "00"      # key: workflow_id
 PEER_RECORD = "00"          # key: node public key (hex)
 PEER_INDEX = "01"           # single record: sorted list of registered node public keys
+PEER_LIVENESS = "02"        # key: node public key -> chain time the node was last seen (heartbeat)
 ROUND_RECORD = "00"         # key: schedule_id
 WORKFLOW_ROUNDS = "01"      # key: workflow_id -> {round number: schedule_id}
 ASSIGNMENTS = "00"          # key: schedule_id -> task assignments of that round
@@ -62,6 +63,13 @@ def peer_address(public_key: str) -> str:
 
 
 PEER_INDEX_ADDRESS = PEER_NS + PEER_INDEX + "0" * 62
+PEER_LIVENESS_PREFIX = PEER_NS + PEER_LIVENESS  # every liveness record (a reader of all nodes' liveness)
+
+
+def liveness_address(public_key: str) -> str:
+    """A compute node's own small liveness record, apart from its registry record, so a heartbeat
+    rewrites a few bytes and the registry record (and its revision) never changes for it."""
+    return _address(PEER_NS, PEER_LIVENESS, public_key)
 
 
 def round_address(schedule_id: str) -> str:

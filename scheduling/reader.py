@@ -9,6 +9,7 @@ from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.rest_client import RestClient
 
 from . import layout
+from .schedule import StartingModel, starting_model
 
 _MAX_RECORD = 10 * 1024 * 1024
 
@@ -57,20 +58,16 @@ class FederationReader:
                 found[node] = record
         return found
 
+    async def starting_model(self, workflow_id: str, round_number: int) -> StartingModel:
+        """The global model round `round_number` starts from, by the lineage rule the schedule
+        processor checks (schedule.starting_model): the model of the latest earlier round that
+        has one. A round's model is fixed once its aggregate result is on chain (its evaluation,
+        which makes the result final, does not change it), so the next round may train while the
+        previous one is still being evaluated. Rounds that timed out produced none and are
+        skipped; digest None when no earlier round produced one (training starts from the seeded
+        model). LookupError (schedule.LineageUnknown) while an earlier round has none yet."""
+        return await starting_model(self._record, workflow_id, round_number)
+
     async def previous_global_model(self, workflow_id: str, round_number: int) -> str | None:
-        """Digest of the global model round `round_number` starts from: the model of the latest
-        earlier round that has one. A round's model is fixed once its aggregate result is on
-        chain (its evaluation, which makes the result final, does not change it), so the next
-        round may train while the previous one is still being evaluated. Rounds that timed out
-        produced none and are skipped; None when no earlier round produced one (training starts
-        from the seeded model)."""
-        index = (await self.rounds(workflow_id))["rounds"]
-        for number in range(round_number - 1, 0, -1):
-            sid = index.get(str(number))
-            result = await self.round_result(sid) if sid else None
-            if result is not None and result.get("global_model_digest"):
-                return result["global_model_digest"]
-            record = await self.round(sid) if sid else None
-            if record is None or record["status"] != "timeout":
-                raise LookupError(f"round {number} of {workflow_id!r} has no global model on chain yet")
-        return None
+        """The digest of `starting_model`: None for the seeded initial model."""
+        return (await self.starting_model(workflow_id, round_number)).digest

@@ -11,18 +11,33 @@ Actions (canonical-CBOR map {"action": ..., ...}; unknown fields are refused):
       for each aggregate / evaluate / preprocess task. An instance's fetch_dependency_outputs
       lists every instance of every task it depends on *transitively*. local_train instances go
       to the submitting IoT node itself when federation.train_on == "iot"; everything else goes
-      to registered compute nodes (trustmesh-peer index) by `rank_nodes` (below).
+      to registered compute nodes (trustmesh-peer index) by `rank_nodes` (below), among the
+      *responsive* ones (`responsive`: seen on chain within peers.LIVENESS_SECONDS of chain time,
+      and no deadline missed since) when any is, else among all registered ones (their tasks
+      wait for them to return).
   report        {schedule_id, task_id, status: running|done|failed, output_digest?, metrics?,
-                 attempt?, reason?}
+                 attempt?, reason?, base_model_digest?}
       Only the task's current node; statuses only move forward (assigned -> running ->
       done|failed, assigned -> done|failed); done needs output_digest and every
       fetch_dependency_output done. done: node queue -1, done +1. failed: queue -1, missed +1.
+      Lineage: a local_train done report names in base_model_digest the global model it trained
+      from, and that must be the one `starting_model` (below) decides for its round: the model
+      of the latest earlier round that has a round result, every round in between having timed
+      out. base_model_digest is absent when training started from the initial weights (no
+      earlier round has a model); it belongs to local_train done reports only.
   reassign      {schedule_id, task_id}
       Anyone, once chain time is past the task's deadline and the task is not done (and, for a
       task that is not failed, once its dependencies are done: a task waiting for inputs cannot
-      be late), or at any time after it failed. The next node by `rank_nodes` excluding the
-      node that missed (which gets missed +1, queue -1); if no other candidate exists (a single
-      compute node, or local_train on an IoT node's own data) the same node gets a new attempt.
+      be late), or at any time after it failed. The next node by `rank_nodes` among the
+      *responsive* registered compute nodes other than the node that missed (which gets missed
+      +1, queue -1, last_missed = chain time): a node not seen on chain (heartbeat, register,
+      update) within peers.LIVENESS_SECONDS of chain time, or seen last before a deadline it
+      missed, is never chosen, nor is the node that missed. A *failed* task goes back to its
+      own node only when that node is responsive and no other node is. With no responsive
+      candidate the transaction is refused ("no live compute node to take task ...; it
+      stays with ..."): the task keeps its node and attempt, and the coordinator tries again
+      later. local_train on an IoT node's own data (train_on "iot") cannot move: the same IoT
+      node gets a new attempt, as it is no compute node and sends no heartbeats.
   round_result  {schedule_id, global_model_digest, participants, aggregation_weights, metrics,
                  task_id?}
       From the node of the (final) aggregate task, after that task reported done with the same
@@ -52,8 +67,9 @@ Records (canonical CBOR):
   task_status_address(sid, task_id)
                             {schedule_id, task_id, status, node, attempt, deadline, history:
                               [{status, node, attempt, at[, output_digest | reason]}]
-                              [, output_digest, metrics, reason]}
-  node_load_address(key)    {node, queue, done, missed}
+                              [, output_digest, base_model_digest, metrics, reason]}
+  node_load_address(key)    {node, queue, done, missed[, last_missed]}  (last_missed: chain
+                            time of its latest missed deadline)
   round_result_address(sid) {schedule_id, workflow_id, round, aggregate_task, global_model_digest,
                               participants, aggregation_weights, metrics, reported_by,
                               recorded_at, final[, finalized_at, evaluations:
@@ -70,14 +86,15 @@ import asyncio
 import hashlib
 import math
 import re
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Iterable, Mapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_transaction
-from trustmesh.ledger.processor import InvalidTransaction, TransactionHandler
+from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction, TransactionHandler
 
-from . import layout
+from . import layout, peers
 from .common import (
     check_fields,
     HEX64,
@@ -119,7 +136,8 @@ METRIC_NAME = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,63}\Z")
 
 _FIELDS = {
     "assign": ({"schedule_id"}, {"deadline_seconds"}),
-    "report": ({"schedule_id", "task_id", "status"}, {"output_digest", "metrics", "attempt", "reason"}),
+    "report": ({"schedule_id", "task_id", "status"},
+               {"output_digest", "metrics", "attempt", "reason", "base_model_digest"}),
     "reassign": ({"schedule_id", "task_id"}, set()),
     "round_result": (
         {"schedule_id", "global_model_digest", "participants", "aggregation_weights", "metrics"},
@@ -150,6 +168,18 @@ def resource_points(peer: Mapping | None) -> int:
 
 def empty_load(node: str) -> dict:
     return {"node": node, "queue": 0, "done": 0, "missed": 0}
+
+
+def responsive(last_seen: int | None, load: Mapping, now: int) -> bool:
+    """A node may be given work at chain time `now`: it is live (peers.is_live: seen on chain
+    within LIVENESS_SECONDS) and has not missed a deadline since it was last seen. A node that
+    died just after a heartbeat still looks live for a while; the deadline it misses then takes
+    it out of the pool until it shows itself again (heartbeat, register or update), so a late
+    task never bounces back to it."""
+    if not peers.is_live(last_seen, now):
+        return False
+    missed_at = load.get("last_missed")
+    return not (isinstance(missed_at, int) and missed_at >= last_seen)
 
 
 def node_score(points: int, load: Mapping) -> Fraction:
@@ -287,6 +317,93 @@ def _final_aggregates(assignments: Mapping) -> list[str]:
     return [t for t in aggregates if t not in inner]
 
 
+# --------------------------------------------------------------------------- lineage
+
+
+class LineageUnknown(LookupError):
+    """An earlier round has neither a global model on chain nor timed out: the model a round's
+    training starts from is not decided yet (rounds overlap: round r is assigned while r-1 trains)."""
+
+
+@dataclass(frozen=True)
+class StartingModel:
+    """The global model round `round` of a workflow trains from, as `starting_model` decides it.
+
+    digest        the previous global model's sha256; None for the initial weights
+    source_round  the round that produced it (None with the initial weights)
+    inputs        every state address the rule read to decide it, in order: a local_train done
+                  report declares them (make_report_transaction), so the processor can read them
+    """
+
+    workflow_id: str
+    round: int
+    digest: str | None
+    source_round: int | None = None
+    inputs: tuple[str, ...] = ()
+
+    @classmethod
+    def of_previous_round(cls, workflow_id: str, round_number: int, schedule_id: str, digest: str) -> "StartingModel":
+        """Round `round_number - 1` (schedule_id) has the global model `digest`: what the rule
+        reads to find it. A node that reported that model itself knows it before it commits."""
+        return cls(workflow_id, round_number, digest, round_number - 1,
+                   (layout.workflow_rounds_address(workflow_id), layout.round_result_address(schedule_id)))
+
+
+async def starting_model(read: Callable[[str], Awaitable[Mapping | None]], workflow_id: str,
+                         round_number: int) -> StartingModel:
+    """The lineage rule, one text for the processor, the nodes and the audit: round r trains from
+    the global model of the latest earlier round that has a round result (its model is fixed then;
+    evaluation only makes it final), provided every round in between timed out (it produced no
+    model); when no earlier round has one, from the initial weights. LineageUnknown while an
+    earlier round has neither.
+
+    The initial weights are build_model(definition.model, seed=hyperparameters.seed) (training.py):
+    decided by the definition alone, yet no digest of them exists on chain, and computing one in a
+    processor would need torch there (and the same float bits from every validator's build). So
+    they are named by their absence: digest None, the report carries no base_model_digest.
+
+    read(address) -> the record stored there, or None: a processor reads through its context,
+    clients through the REST API, tests from a dict. Round 1 reads nothing."""
+    inputs: list[str] = []
+
+    async def get(address: str) -> Mapping | None:
+        inputs.append(address)
+        return await read(address)
+
+    if round_number > 1:
+        index = (await get(layout.workflow_rounds_address(workflow_id)) or {}).get("rounds") or {}
+        for number in range(round_number - 1, 0, -1):
+            sid = index.get(str(number))
+            result = await get(layout.round_result_address(sid)) if isinstance(sid, str) else None
+            if result is not None and result.get("global_model_digest"):
+                return StartingModel(workflow_id, round_number, result["global_model_digest"], number, tuple(inputs))
+            record = await get(layout.round_address(sid)) if isinstance(sid, str) else None
+            if record is None or record.get("status") != "timeout":
+                raise LineageUnknown(f"round {number} of {workflow_id!r} has no global model on chain yet")
+    return StartingModel(workflow_id, round_number, None, None, tuple(inputs))
+
+
+def _short(digest: str) -> str:
+    return f"{digest[:16]}…"
+
+
+def lineage_problem(task_id: str, base: str | None, start: StartingModel) -> str | None:
+    """Why a local_train that trained from `base` (None: the initial weights) breaks the lineage
+    rule, or None when `base` is the model `start` names."""
+    if base == start.digest:
+        return None
+    trained = f"model {_short(base)}" if base is not None else "the initial weights"
+    if start.digest is None:
+        expected = f"round {start.round} starts from the initial weights (no earlier round has a global model)"
+    else:
+        expected = f"round {start.source_round}'s global model is {_short(start.digest)}"
+        skipped = list(range(start.source_round + 1, start.round))
+        if skipped:
+            expected += (f" (round {skipped[0]} timed out)" if len(skipped) == 1
+                         else f" (rounds {skipped[0]}-{skipped[-1]} timed out)")
+    return f"task {task_id} trained from {trained} but {expected}"
+
+
 # --------------------------------------------------------------------------- handler
 
 
@@ -338,8 +455,14 @@ class ScheduleHandler(TransactionHandler):
         keys = [k for k in index if isinstance(k, str)] if isinstance(index, list) else []
         if not keys:
             return {}
-        peers = await read_records(context, [layout.peer_address(k) for k in keys])
-        return {k: resource_points(peers[layout.peer_address(k)]) for k in keys if layout.peer_address(k) in peers}
+        records = await read_records(context, [layout.peer_address(k) for k in keys])
+        return {k: resource_points(records[layout.peer_address(k)]) for k in keys if layout.peer_address(k) in records}
+
+    @staticmethod
+    async def _responsive(context, nodes: Iterable[str], loads: Mapping[str, Mapping], now: int) -> set[str]:
+        """The nodes among `nodes` that may be given work now (`responsive`)."""
+        seen = await peers.read_last_seen(context, nodes)
+        return {n for n, last in seen.items() if responsive(last, loads.get(n) or {}, now)}
 
     @staticmethod
     async def _loads(context, nodes: Iterable[str]) -> dict[str, dict]:
@@ -430,12 +553,17 @@ class ScheduleHandler(TransactionHandler):
                 f"no compute node is registered (trustmesh-peer index is empty), so the {len(needs_compute)} "
                 f"task(s) of round {schedule_id!r} cannot be assigned; register a compute node first"
             )
+        # Live nodes first: a node that stopped heartbeating would only make its tasks wait for a
+        # deadline. With none live (nodes that do not heartbeat, or all down) every registered
+        # node stays a candidate, and its tasks wait for it to come back.
         loads = await self._loads(context, list(compute) + [a["data_owner"] for a in tasks.values() if "data_owner" in a])
+        live = await self._responsive(context, compute, loads, now)
+        pool = {n: p for n, p in compute.items() if n in live} or compute
         for task_id, assignment in tasks.items():
             if assignment["kind"] == "local_train" and train_on == "iot":
                 node = assignment["data_owner"]
             else:
-                node = rank_nodes(schedule_id, compute, loads)[0]
+                node = rank_nodes(schedule_id, pool, loads)[0]
             assignment["node"] = node
             loads[node]["queue"] = int(loads[node].get("queue", 0)) + 1
 
@@ -486,6 +614,12 @@ class ScheduleHandler(TransactionHandler):
                     f"payload field 'reason' is {len(reason)} characters; at most {MAX_REASON_CHARS} "
                     f"(longer logs belong off-chain)"
                 )
+        base = None
+        if "base_model_digest" in body:
+            if status != "done":
+                raise InvalidTransaction(f"base_model_digest belongs to a local_train 'done' report only, not to {status!r}")
+            base = require_match(body, "base_model_digest", HEX64,
+                                 "the sha256 (64 lowercase hex) of the global model the task trained from")
 
         assignments = await self._assignments(context, schedule_id)
         task = self._task(assignments, schedule_id, task_id)
@@ -494,6 +628,10 @@ class ScheduleHandler(TransactionHandler):
             raise InvalidTransaction(
                 f"task {task_id!r} is assigned to node {current['node']} (attempt {current['attempt']}); "
                 f"only that node may report it, not {signer}"
+            )
+        if base is not None and task["kind"] != "local_train":
+            raise InvalidTransaction(
+                f"base_model_digest belongs to a local_train 'done' report only; task {task_id!r} is of kind {task['kind']!r}"
             )
         if "attempt" in body:
             attempt = require_int(body, "attempt", 1, 1 << 31)
@@ -518,12 +656,16 @@ class ScheduleHandler(TransactionHandler):
             if waiting:
                 shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
                 raise InvalidTransaction(f"task {task_id!r} cannot be done before its dependencies: {shown} not done yet")
+            if task["kind"] == "local_train":
+                await self._check_lineage(context, assignments, task_id, base)
 
         now = await chain_time(context)
         entry = {"status": status, "node": signer, "attempt": current["attempt"], "at": now}
         current["status"] = status
         if digest is not None:
             current["output_digest"] = entry["output_digest"] = digest
+        if base is not None:
+            current["base_model_digest"] = base
         if metrics is not None:
             current["metrics"] = metrics
         if reason is not None:
@@ -572,6 +714,36 @@ class ScheduleHandler(TransactionHandler):
         await emit(context, f"trustmesh/task-{status}", **event)
         if status == "done" and finalized is not None:
             await self._emit_finalized(context, finalized)
+
+    @staticmethod
+    async def _check_lineage(context, assignments: Mapping, task_id: str, base: str | None) -> None:
+        """The lineage rule (`starting_model`) for a local_train reported done from `base`. It
+        reads the workflow's rounds index and the earlier rounds' results and records, which the
+        report declares as inputs (StartingModel.inputs)."""
+        async def read(address: str) -> Mapping | None:
+            try:
+                return await read_record(context, address)
+            except AuthorizationError:
+                raise InvalidTransaction(
+                    f"the lineage rule of task {task_id!r} reads {address} (the workflow's rounds index, or an "
+                    f"earlier round's result or record), which this report does not declare as an input; build "
+                    f"it with make_report_transaction(..., starting_model=reader.starting_model(...))"
+                ) from None
+
+        round_number = int(assignments["round"])
+        try:
+            start = await starting_model(read, str(assignments["workflow_id"]), round_number)
+        except LineageUnknown as exc:
+            raise InvalidTransaction(
+                f"task {task_id!r} of round {round_number} cannot be done before the model it starts from is "
+                f"decided: {exc} (and did not time out)"
+            ) from None
+        problem = lineage_problem(task_id, base, start)
+        if problem is not None:
+            raise InvalidTransaction(
+                f"round {round_number} {problem}; a local_train trains from the latest earlier round's global "
+                f"model and names it in base_model_digest (absent for the initial weights)"
+            )
 
     @staticmethod
     def _finalize(result: dict, assignments: Mapping, statuses: Mapping[str, Mapping], now: int) -> dict | None:
@@ -624,18 +796,31 @@ class ScheduleHandler(TransactionHandler):
         if task["kind"] == "local_train" and assignments.get("train_on") == "iot":
             candidates = {task["data_owner"]: 1}  # the data never leaves its IoT node
         else:
-            candidates = await self._compute_nodes(context)
-            if not candidates:
+            registered = await self._compute_nodes(context)
+            if not registered:
                 raise InvalidTransaction(
                     f"no compute node is registered (trustmesh-peer index is empty); task {task_id!r} cannot be reassigned"
                 )
-        others = {n: p for n, p in candidates.items() if n != missed}
-        if others:
-            candidates = others
+            live = await self._responsive(context, registered, await self._loads(context, registered), now)
+            candidates = {n: p for n, p in registered.items() if n in live and n != missed}
+            if not candidates and current["status"] == "failed" and missed in live:
+                # It said it failed and it is alive: with nobody else live, it tries again.
+                candidates = {missed: registered[missed]}
+            if not candidates:
+                why = ("it failed there and" if current["status"] == "failed"
+                       else "it missed its deadline there, so that node is not a candidate, and")
+                raise InvalidTransaction(
+                    f"no live compute node to take task {task_id!r}; it stays with {missed} (attempt "
+                    f"{current['attempt']}): {why} no other of the {len(registered)} registered compute "
+                    f"node(s) was seen on chain (heartbeat, register or update) within "
+                    f"{peers.LIVENESS_SECONDS} s of chain time {now} without missing a deadline since; "
+                    f"reassign it once one is live"
+                )
         loads = await self._loads(context, [*candidates, missed])
         if current["status"] != "failed":  # a failure was already counted when it was reported
             loads[missed]["queue"] = max(0, int(loads[missed].get("queue", 0)) - 1)
             loads[missed]["missed"] = int(loads[missed].get("missed", 0)) + 1
+            loads[missed]["last_missed"] = now  # out of the pool until it is seen again (`responsive`)
         node = rank_nodes(schedule_id, candidates, loads)[0]
         loads[node]["queue"] = int(loads[node].get("queue", 0)) + 1
 
@@ -765,10 +950,12 @@ def assign_payload(schedule_id: str, deadline_seconds: int | None = None) -> byt
 
 def report_payload(schedule_id: str, task_id: str, status: str, *, output_digest: str | None = None,
                    metrics: Mapping[str, float] | None = None, attempt: int | None = None,
-                   reason: str | None = None) -> bytes:
+                   reason: str | None = None, base_model_digest: str | None = None) -> bytes:
+    """base_model_digest: a local_train done report's starting model; None (left out) for the
+    initial weights and for every other report."""
     return _encode("report", {"schedule_id": schedule_id, "task_id": task_id, "status": status,
                               "output_digest": output_digest, "metrics": dict(metrics) if metrics is not None else None,
-                              "attempt": attempt, "reason": reason})
+                              "attempt": attempt, "reason": reason, "base_model_digest": base_model_digest})
 
 
 def reassign_payload(schedule_id: str, task_id: str) -> bytes:
@@ -787,8 +974,8 @@ def round_result_payload(schedule_id: str, global_model_digest: str, participant
 
 def make_assign_transaction(signer, schedule_id: str, workflow_id: str, *, deadline_seconds: int | None = None,
                             **kwargs):
-    """Reads the workflow, the round, the peer registry and node loads; writes assignments,
-    task statuses and node loads."""
+    """Reads the workflow, the round, the peer registry and its liveness records (PEER_NS), node
+    loads and BlockInfo; writes assignments, task statuses and node loads."""
     assignments = layout.assignments_address(schedule_id)
     inputs = [layout.workflow_address(workflow_id), layout.round_address(schedule_id), layout.PEER_NS,
               assignments, NODE_LOAD_PREFIX, layout.BLOCK_INFO_NS]
@@ -798,19 +985,28 @@ def make_assign_transaction(signer, schedule_id: str, workflow_id: str, *, deadl
 
 def make_report_transaction(signer, schedule_id: str, task_id: str, status: str, *, output_digest: str | None = None,
                             metrics: Mapping[str, float] | None = None, attempt: int | None = None,
-                            reason: str | None = None, **kwargs):
-    """Signed by the task's node (its load record is the signer's)."""
+                            reason: str | None = None, starting_model: StartingModel | None = None, **kwargs):
+    """Signed by the task's node (its load record is the signer's). A local_train done report
+    passes the StartingModel it trained from (FederationReader.starting_model): its digest
+    becomes base_model_digest, and the records the lineage rule reads become inputs."""
     node_load = layout.node_load_address(signer.public_key().as_hex())
     assignments = layout.assignments_address(schedule_id)
     result = layout.round_result_address(schedule_id)
     inputs = [assignments, TASK_STATUS_PREFIX, node_load, result, layout.BLOCK_INFO_NS]
     outputs = [assignments, TASK_STATUS_PREFIX, node_load, result]
+    base = None
+    if starting_model is not None:
+        base = starting_model.digest
+        inputs += [a for a in starting_model.inputs if a not in inputs]
     payload = report_payload(schedule_id, task_id, status, output_digest=output_digest, metrics=metrics,
-                             attempt=attempt, reason=reason)
+                             attempt=attempt, reason=reason, base_model_digest=base)
     return _transaction(signer, payload, inputs, outputs, **kwargs)
 
 
 def make_reassign_transaction(signer, schedule_id: str, task_id: str, **kwargs):
+    """Reads the assignments, task statuses, the peer registry *and its liveness records* (all of
+    trustmesh-peer's namespace), node loads and BlockInfo; writes the assignments, the task's
+    status and node loads."""
     assignments = layout.assignments_address(schedule_id)
     inputs = [assignments, TASK_STATUS_PREFIX, layout.PEER_NS, NODE_LOAD_PREFIX, layout.BLOCK_INFO_NS]
     outputs = [assignments, layout.task_status_address(schedule_id, task_id), NODE_LOAD_PREFIX]

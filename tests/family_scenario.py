@@ -115,6 +115,8 @@ class Round:
         self.assigned = {task_id: task["node"] for task_id, task in tasks.items()}
         self.states["late"] = copy.deepcopy(state)
         set_chain_time(self.states["late"], 1_700_000_000 + 3600, block_num=7)
+        for node in self.nodes:  # still heartbeating an hour on: live, so a late task can move
+            apply(self.states["late"], node, layout.PEER_FAMILY, peers.heartbeat_payload())
         by_key = {n.public_key().as_hex(): n for n in self.nodes}
         order = ["preprocess", *sorted(t for t in tasks if t.startswith("train:")), "aggregate"]
         for task_id in order:
@@ -129,6 +131,7 @@ class Round:
         yield "registered", self.coordinator, layout.WORKFLOW_FAMILY, workflow.update_payload(self.definition, 1)
         yield "registered", self.nodes[0], layout.PEER_FAMILY, peers.make_peer_payload(
             "update", name="compute-0", encryption_public_key="cd" * 32, cpu_cores=8, memory_mb=8192)
+        yield "registered", self.nodes[1], layout.PEER_FAMILY, peers.heartbeat_payload()
         yield "registered", self.coordinator, layout.FEDERATION_FAMILY, federation.make_open_round_payload(self.workflow_id, 1)
         yield "collecting", self.participants[1], layout.FEDERATION_FAMILY, federation.make_submit_payload(sid, "ef" * 32, 5)
         yield "expired", self.coordinator, layout.FEDERATION_FAMILY, federation.make_close_round_payload(sid)

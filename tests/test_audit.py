@@ -27,7 +27,7 @@ from trustmesh.iot_node.node import IoTNode
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.signing import load_or_create_key
-from trustmesh.scheduling import workflow
+from trustmesh.scheduling import schedule, workflow
 from trustmesh.scheduling.handlers import federation_handlers
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchClient, CouchHistory, inline_attachment
@@ -293,6 +293,32 @@ def test_weights_that_do_not_reproduce_the_global_model_are_named(federation):
     other, digest = check({"name": "fedavg"}, result["aggregation_weights"])
     assert digest == result["global_model_digest"]
     assert len(other.problems) == 1 and "are not fedavg's" in other.problems[0]
+
+
+def test_a_forged_lineage_is_named(federation):
+    """The processor refuses a local_train report that names the wrong starting model, so a chain
+    that holds one was not made by our rules: the audit re-applies the rule and names it."""
+    chain_round = run(_round(federation.endpoints, 2))
+    first = run(_round(federation.endpoints, 1))
+    start = schedule.StartingModel(WORKFLOW_ID, 2, first["result"]["global_model_digest"], 1)
+    rnd = audit._Round(record=chain_round["record"], definition=federation.definition,
+                       assignments=chain_round["assignments"], statuses=chain_round["statuses"])
+    honest = audit.RoundAudit(number=2)
+    audit.check_lineage(honest, rnd, start)
+    trains = [t for t, a in rnd.tasks.items() if a["kind"] == "local_train"]
+    assert honest.ok and honest.checks == len(trains) == 3
+
+    forged_from = _local_train(first)[0][1]["output_digest"]  # round 1's update of a node, not its global model
+    statuses = {**rnd.statuses, trains[0]: {**rnd.statuses[trains[0]], "base_model_digest": forged_from}}
+    statuses[trains[1]] = {k: v for k, v in rnd.statuses[trains[1]].items() if k != "base_model_digest"}
+    forged = audit.RoundAudit(number=2)
+    audit.check_lineage(forged, dataclasses.replace(rnd, statuses=statuses), start)
+    assert sorted(forged.problems) == sorted([
+        f"round 2: task {trains[0]} trained from model {forged_from[:16]}… but round 1's global model is "
+        f"{start.digest[:16]}…",
+        f"round 2: task {trains[1]} trained from the initial weights but round 1's global model is "
+        f"{start.digest[:16]}…",
+    ])
 
 
 # --------------------------------------------------------------------------- transactions

@@ -38,6 +38,7 @@ async def _one_round(client) -> None:
     await commit((coordinator, workflow.make_deploy_transaction(coordinator, definition)))
     await commit(*[(n, peers.make_register_transaction(n, name=f"c{i}", encryption_public_key="ab" * 32,
                                                        cpu_cores=2, memory_mb=2048)) for i, n in enumerate(nodes)])
+    await commit(*[(n, peers.make_heartbeat_transaction(n)) for n in nodes])  # liveness: chain time replayed
     await commit((coordinator, federation.make_open_round_transaction(coordinator, wid, 1)))
     sid = layout.schedule_id_for(wid, 1, coordinator.public_key().as_hex())
     await commit(*[(p, federation.make_submit_transaction(p, sid, f"{i:064x}", 10 + i))

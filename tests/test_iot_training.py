@@ -18,7 +18,7 @@ import os
 import pytest
 
 from ledger_helpers import rest, run, running_processor, submit_and_wait
-from test_federated_round import (_scan_for_canary, _until, start_compute_nodes, start_iot_nodes, stores,  # noqa: F401  (servers)
+from test_federated_round import (_scan_for_canary, start_compute_nodes, start_iot_nodes, stores,  # noqa: F401  (servers)
                                   until_every_round_is_final)
 from trustmesh import audit
 from trustmesh.compute_node import model_format
@@ -34,6 +34,7 @@ from trustmesh.ledger.signing import load_or_create_key
 from trustmesh.scheduling import workflow
 from trustmesh.scheduling.handlers import federation_handlers
 from trustmesh.scheduling.reader import FederationReader
+from trustmesh.scheduling.schedule import StartingModel
 from trustmesh.stores.redis_state import connect
 
 from family_scenario import _WORKFLOWS
@@ -167,7 +168,7 @@ async def _no_data_bundle_in_redis(redis_url) -> None:
         await redis.aclose()
 
 
-def test_a_restarted_iot_node_finishes_the_task_it_held(devnet, stores, tmp_path, caplog):  # noqa: F811
+def test_a_restarted_iot_node_finishes_the_task_it_held(devnet, stores, tmp_path, caplog, monkeypatch):  # noqa: F811
     """iot-2 is stopped while training (its task assigned to it on chain), then started afresh: it
     finds the task in chain state, not in an event, and finishes it at the same attempt."""
     caplog.set_level(logging.INFO)
@@ -187,17 +188,22 @@ def test_a_restarted_iot_node_finishes_the_task_it_held(devnet, stores, tmp_path
                                   **common)
             first = IoTNode("iot-2", tmp_path / "iot-2", workflow_id="digits-iot-restart", coordinator=False, **common)
             training = asyncio.Event()
+            train, first_life = LocalTrainer._train, []
 
-            async def stuck(pending):  # the first life never gets past the start of its training
-                training.set()
-                await asyncio.Event().wait()
+            async def stuck(self, pending):  # iot-2's first life never gets past the start of its training
+                if self.name == "iot-2" and first_life in ([], [self]):
+                    first_life[:] = [self]
+                    training.set()
+                    await asyncio.Event().wait()
+                return await train(self, pending)
+
+            # on the class, before the node starts: its trainer may pick the task up at once
+            monkeypatch.setattr(LocalTrainer, "_train", stuck)
 
             restarted = None
             try:
                 await coordinator.start()
                 await first.start()
-                await asyncio.wait_for(_until(lambda: first.trainer is not None), 30)  # the workflow asks for it
-                first.trainer._train = stuck
                 await asyncio.wait_for(training.wait(), 90)
                 await first.stop()
                 sid = (await reader.rounds("digits-iot-restart"))["rounds"]["1"]
@@ -242,10 +248,11 @@ class _Chain:
     async def task_status(self, sid, task_id):
         return self.statuses.get(task_id)
 
-    async def previous_global_model(self, workflow_id, number):
+    async def starting_model(self, workflow_id, number):
         if not self.model_on_chain:
             raise LookupError(f"round {number - 1} of {workflow_id!r} has no global model on chain yet")
-        return "ab" * 32
+        # the model's bytes do not matter here, only that the chain now names where training starts
+        return StartingModel(workflow_id, number, None)
 
 
 def test_a_task_of_a_pipelined_round_waits_for_the_previous_global_model(tmp_path):

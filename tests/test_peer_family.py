@@ -109,7 +109,8 @@ def test_update_replaces_own_record_and_leaves_index(chain):
             new_key = x25519_key()
             update = make_update_transaction(node, name="bigger", encryption_public_key=new_key, cpu_cores=32,
                                              memory_mb=131072, accelerator="2x H100")
-            assert list(update_header(update).outputs) == [layout.peer_address(key)]
+            # only the node's own records (registry and liveness: an update counts as seen), never the index
+            assert list(update_header(update).outputs) == [layout.peer_address(key), layout.liveness_address(key)]
             [status] = await submit_and_wait(client, [make_batch(node, [update])])
             assert status["status"] == "COMMITTED"
             record = peers.decode_peer(await client.get_state(layout.peer_address(key)))
@@ -149,7 +150,7 @@ def test_every_rule_refuses_with_a_clear_message(chain):
         (other, raw(other, update_body(name="hijack"), [layout.peer_address(owner_key)]),
          "outside the transaction's declared inputs"),
         (other, raw(other, good_body(node=owner_key)), "the transaction's signer is the node"),
-        (other, raw(other, good_body(action="delete")), "action must be one of register, update; got 'delete'"),
+        (other, raw(other, good_body(action="delete")), "action must be one of heartbeat, register, update; got 'delete'"),
         (other, raw(other, good_body(extra=1)), "unknown field(s) 'extra'"),
         (other, raw(other, b"\xff\x00", encode=False), "not valid CBOR"),
         (other, raw(other, b"\xa1\x61a\x18\x01", encode=False), "not canonical"),
@@ -248,7 +249,7 @@ VALUES = st.recursive(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(action=st.sampled_from(["register", "update", "other"]),
+@given(action=st.sampled_from(["register", "update", "heartbeat", "other"]),
        fields=st.dictionaries(st.sampled_from(["name", "encryption_public_key", "resources", "node", "extra"]),
                               VALUES, max_size=5))
 def test_any_payload_is_applied_or_refused_as_invalid(action, fields):

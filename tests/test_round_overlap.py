@@ -11,6 +11,9 @@ import pytest
 from trustmesh.compute_node.node import ComputeNode
 from trustmesh.compute_node.tasks import InputNotReady, TaskContext, _global_model, starting_model_known
 from trustmesh.iot_node.node import IoTNode
+from trustmesh.scheduling import layout
+from trustmesh.scheduling.schedule import StartingModel
+from trustmesh.stores.redis_link import RedisLink
 
 WF, SID1, SID2, SID3 = "wf", "1" * 64, "2" * 64, "3" * 64
 
@@ -35,12 +38,13 @@ class _Chain:
         self.reads.append("round_result")
         return self.results.get(sid)
 
-    async def previous_global_model(self, workflow_id, number):
-        self.reads.append("previous_global_model")
-        result = self.results.get(self.rounds_[number - 1]["schedule_id"])
+    async def starting_model(self, workflow_id, number):
+        self.reads.append("starting_model")
+        sid = self.rounds_[number - 1]["schedule_id"]
+        result = self.results.get(sid)
         if result is None:
             raise LookupError(f"round {number - 1} of {workflow_id!r} has no global model on chain yet")
-        return result["global_model_digest"]
+        return StartingModel.of_previous_round(workflow_id, number, sid, result["global_model_digest"])
 
 
 def _round(number: int, sid: str, status: str) -> dict:
@@ -73,9 +77,12 @@ def test_training_starts_from_the_nodes_own_aggregate_report_before_it_commits_a
     ctx.blobs = _Blobs()
     ctx.global_models[WF, 1] = {"digest": None, "schedule_id": SID1, "task_id": "aggregate"}
     assert asyncio.run(starting_model_known(ctx, SID2)) is True
-    state, built_on = asyncio.run(_global_model(ctx, {"model": {}}, ctx.rounds[SID2]["assignments"]))
+    state, built_on, start = asyncio.run(_global_model(ctx, {"model": {}}, ctx.rounds[SID2]["assignments"]))
     assert built_on == ((SID1, "aggregate"),)  # its report names that aggregate's as a dependency
-    assert "previous_global_model" not in chain.reads
+    assert "starting_model" not in chain.reads
+    # ... and declares what the lineage rule reads to find that model once it is committed
+    assert (start.digest, start.source_round) == (None, 1)
+    assert start.inputs == (layout.workflow_rounds_address(WF), layout.round_result_address(SID1))
 
 
 def _coordinator(tmp_path, chain) -> tuple[IoTNode, list]:
@@ -196,6 +203,7 @@ def test_reports_go_out_in_the_order_they_were_made_while_the_next_task_runs(tmp
             acked.append(message_id)
 
     node.rest, node.queue, node.context = _Rest(), _Queue(), TaskContext("n", None, None, None)
+    node.link = RedisLink(None, node.redis_url, node.name)  # acks go through it (waiting out Redis)
     from trustmesh.scheduling import schedule
 
     async def scenario():

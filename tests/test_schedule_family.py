@@ -628,3 +628,67 @@ def test_reassign_after_deadline_and_timeout_round(chain):
             assert moved["node"] == iot_record["tasks"][iot_train]["node"] and moved["attempt"] == 2
 
     run(scenario())
+
+
+# --------------------------------------------------------------------------- lineage
+
+
+def test_lineage_a_local_train_names_the_model_it_started_from(chain):
+    """Round 1 trains from the initial weights (no base_model_digest); round 2 from round 1's
+    global model, named in the report, which declares the records the rule reads. A report
+    naming another model, or leaving out those records, is refused."""
+    workflow_id = "lineage"
+
+    async def scenario():
+        async with ledger(chain) as client:
+            reader = FederationReader(client)
+            sid1 = await open_round(client, workflow_id, SIMPLE)
+            await ok(client, batch(COORDINATOR, make_assign_transaction(COORDINATOR, sid1, workflow_id)))
+            record1 = await assignments(client, sid1)
+            train1 = next(t for t in record1["tasks"] if t.startswith("train:"))
+            start1 = await reader.starting_model(workflow_id, 1)
+            assert start1.digest is None and start1.inputs == ()  # the initial weights: nothing to read
+            await expect_invalid(client, [
+                (report(sid1, record1, train1, "done", output_digest=output(train1),
+                        starting_model=schedule.StartingModel(workflow_id, 1, sha("some model"))),
+                 f"task {train1} trained from model {sha('some model')[:16]}… but round 1 starts from the initial "
+                 f"weights"),
+                (report(sid1, record1, "aggregate", "failed", reason="x",
+                        starting_model=schedule.StartingModel(workflow_id, 1, sha("some model"))),
+                 "base_model_digest belongs to a local_train 'done' report only"),
+            ])
+            await _train_and_aggregate(client, sid1, record1)
+            await ok(client, _result(sid1, record1)[0])
+            global1 = output(f"{sid1}/global")
+
+            sid2 = layout.schedule_id_for(workflow_id, 2, pub(COORDINATOR))
+            await ok(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, workflow_id, 2,
+                                                                            previous_schedule_id=sid1)))
+            await ok(client, *[batch(n, make_submit_transaction(n, sid2, sha(f"{workflow_id}/2/{i}"), SAMPLES[i]))
+                               for i, n in enumerate(IOT)])
+            await ok(client, batch(COORDINATOR, make_assign_transaction(COORDINATOR, sid2, workflow_id)))
+            record2 = await assignments(client, sid2)
+            train2 = next(t for t in record2["tasks"] if t.startswith("train:"))
+            start2 = await reader.starting_model(workflow_id, 2)
+            assert (start2.digest, start2.source_round) == (global1, 1)
+            other_round = schedule.StartingModel(workflow_id, 2, output(train1), 1, start2.inputs)
+            await expect_invalid(client, [
+                # another round's model (round 1's local update of that node, not its global model)
+                (report(sid2, record2, train2, "done", output_digest=output(train2), starting_model=other_round),
+                 f"round 2 task {train2} trained from model {output(train1)[:16]}… but round 1's global model is "
+                 f"{global1[:16]}…"),
+                # the initial weights again, as if round 1 had produced nothing
+                (report(sid2, record2, train2, "done", output_digest=output(train2),
+                        starting_model=schedule.StartingModel(workflow_id, 2, None, None, start2.inputs)),
+                 f"task {train2} trained from the initial weights but round 1's global model is"),
+                # the right model, without declaring what the rule reads
+                (report(sid2, record2, train2, "done", output_digest=output(train2),
+                        starting_model=schedule.StartingModel(workflow_id, 2, global1, 1)),
+                 "which this report does not declare as an input"),
+            ])
+            await ok(client, report(sid2, record2, train2, "done", output_digest=output(train2),
+                                    starting_model=start2))
+            status = await task_status(client, sid2, train2)
+            assert status["status"] == "done" and status["base_model_digest"] == global1
+
+    run(scenario())

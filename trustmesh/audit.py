@@ -18,7 +18,10 @@ Blobs         submission bundles, every task output and the global model in Redi
 Aggregation   the strategy's weights recomputed from the stored updates and their on-chain
               metrics, the weighted average with the on-chain weights re-serialized exactly as
               compute-node/tasks.py `_aggregate` stores it: its sha256 must be the on-chain digest.
-Start model   which global model each round started from (the previous round's final one).
+Lineage       which global model each round started from, by the schedule family's lineage rule
+              (schedule.starting_model: the latest earlier round's global model, rounds in
+              between timed out; the initial weights when there is none): every local_train done
+              in the round must name exactly that one as its base_model_digest.
 
 Exit status of the command: 0 every check passed, 1 some problem found, 2 the audit could not run
 (workflow not on chain, a store unreachable).
@@ -49,7 +52,7 @@ from trustmesh.ledger import signing
 from trustmesh.ledger.rest_client import RestClient, RestError
 from trustmesh.scheduling import layout
 from trustmesh.scheduling.reader import FederationReader
-from trustmesh.scheduling.schedule import WEIGHT_TOLERANCE
+from trustmesh.scheduling.schedule import WEIGHT_TOLERANCE, StartingModel, lineage_problem
 from trustmesh.stores.couch import CouchClient, CouchError, CouchHistory, DigestMismatch
 from trustmesh.stores.redis_state import BlobCorrupted, BlobError, BlobNotFound, BlobStore, connect
 
@@ -427,11 +430,24 @@ async def _recompute_aggregation(audit: RoundAudit, wf: _Workflow, rnd: _Round) 
 
 async def _initial_model(audit: RoundAudit, wf: _Workflow, rnd: _Round) -> None:
     try:
-        audit.initial_model = await wf.reader.previous_global_model(wf.workflow_id, audit.number)
+        start = await wf.reader.starting_model(wf.workflow_id, audit.number)
     except LookupError as exc:
         trained = any(s.get("status") == "done" for t, s in rnd.statuses.items()
                       if rnd.tasks[t]["kind"] == "local_train")
         audit.check(not trained, f"local training ran without a global model to start from: {exc}")
+        return
+    audit.initial_model = start.digest
+    check_lineage(audit, rnd, start)
+
+
+def check_lineage(audit: RoundAudit, rnd: _Round, start: StartingModel) -> None:
+    """Every local_train done in the round trained from the model the lineage rule names for it
+    (the base_model_digest its task status holds; absent: the initial weights)."""
+    for task_id in (rnd.assignments or {}).get("order") or sorted(rnd.tasks):
+        status = rnd.statuses.get(task_id) or {}
+        if rnd.tasks[task_id]["kind"] == "local_train" and status.get("status") == "done":
+            problem = lineage_problem(task_id, status.get("base_model_digest"), start)
+            audit.check(problem is None, problem)
 
 
 # -- signer rules: (ok, why not) for one verified action of the round
@@ -502,7 +518,8 @@ def _check_signed_records(audit: RoundAudit, valid: Sequence[SignedAction], rnd:
     for task_id, status in rnd.statuses.items():
         if status.get("status") == "done":
             audit.check(signed("report", status.get("node"), task_id=task_id, status="done",
-                               output_digest=status.get("output_digest")),
+                               output_digest=status.get("output_digest"),
+                               base_model_digest=status.get("base_model_digest")),
                         f"task {task_id} is done without a done report signed by its node {_short(status.get('node'))}")
     if rnd.result is not None:
         audit.check(signed("round_result", rnd.result.get("reported_by"),
@@ -629,7 +646,7 @@ async def _open_stores(endpoints: network.Endpoints, stack: contextlib.AsyncExit
 
 async def _audit(workflow_id: str, endpoints: network.Endpoints, progress: Callable[[str], None],
                  stack: contextlib.AsyncExitStack) -> AuditReport:
-    rest = RestClient(endpoints.rest, retries=3)
+    rest = RestClient(endpoints.rest, patience=math.inf, first_contact=10.0)  # waits out outages once reached
     stack.push_async_callback(rest.close)
     head, record = await _open_chain(workflow_id, rest)
     blobs, history = await _open_stores(endpoints, stack)

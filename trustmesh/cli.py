@@ -213,14 +213,13 @@ def _status(args) -> int:
 
 def _workflow_deploy(args) -> int:
     from trustmesh import workflow_runs
-    from trustmesh.ledger.rest_client import RestClient
 
     home = home_dir(args.home)
     where = from_args(args)
     definition = workflow_runs.prepare(args.file, _nodes_dir(args, home), args.workflow_id)
 
     async def deploy():
-        async with RestClient(where.rest, retries=3) as rest:
+        async with workflow_runs.rest_client(where.rest) as rest:
             return await workflow_runs.deploy(rest, workflow_runs.user_key(home, args.key), definition)
 
     outcome, record = asyncio.run(deploy())
@@ -394,21 +393,43 @@ def _workflow_flags(parser) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.home_given = args.home
-    _configure_logging(args.verbose if args.verbose is not None else int(args.command in SERVICES))
+    verbosity = args.verbose if args.verbose is not None else int(args.command in SERVICES)
+    _configure_logging(verbosity)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        # Known failures end with their message, not a traceback; anything else is a bug and shows one.
-        from trustmesh.local_network import NetworkError
-        from trustmesh.scheduling.workflow import DefinitionError
-        from trustmesh.workflow_runs import RunError
+        message = _known_failure(exc, args)
+        if message is None and (args.command in SERVICES or verbosity > 1):
+            raise  # a bug: services log it whole for their logs; -vv shows it
+        if message is None:
+            message = (f"unexpected {type(exc).__name__}: {exc} (a bug; `trustmesh -vv {args.command} …` shows "
+                       f"where)")
+        print(f"trustmesh {args.command}: {message}", file=sys.stderr)
+        return 2
 
-        if isinstance(exc, (CommandError, NetworkError, RunError, DefinitionError)):
-            print(f"trustmesh {args.command}: {exc}", file=sys.stderr)
-            return 2
-        raise
+
+def _known_failure(exc: Exception, args) -> str | None:
+    """The one line a known failure ends with (no traceback), or None for anything else."""
+    from trustmesh.ledger.events import EventSubscriptionError, ValidatorUnreachable
+    from trustmesh.ledger.messaging import BadEndpoint
+    from trustmesh.ledger.rest_client import BadRestURL, RestError
+    from trustmesh.local_network import NetworkError
+    from trustmesh.scheduling.workflow import DefinitionError
+    from trustmesh.workflow_runs import RunError, rest_failure, validator_failure
+
+    if isinstance(exc, (CommandError, NetworkError, RunError, DefinitionError)):
+        return str(exc)
+    if isinstance(exc, BadRestURL):
+        return f"{exc}; check --rest or TRUSTMESH_REST"
+    if isinstance(exc, RestError):
+        return rest_failure(exc, from_args(args).rest)
+    if isinstance(exc, (BadEndpoint, ValidatorUnreachable, EventSubscriptionError)):
+        return validator_failure(exc, from_args(args).validator)
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return f"{exc or type(exc).__name__}; is the network up? `trustmesh status` says what runs"
+    return None
 
 
 if __name__ == "__main__":

@@ -203,7 +203,12 @@ class Supervisor:
         ports = {name: previous.get(name) if _port_free(previous.get(name)) else free_port()
                  for name in ("component", "rest")}
         self.ports = ports
-        redis = RedisServer(work_dir=home / "redis", persist=True,
+        # Deliveries and blobs must outlive a kill -9 of Redis: fsync before every answer
+        # (TRUSTMESH_REDIS_APPENDFSYNC=everysec to compare, as bench/bench_round_overhead.py does;
+        # "off": no append-only file at all, a Redis that restarts empty, for fault tests).
+        fsync = os.environ.get("TRUSTMESH_REDIS_APPENDFSYNC", "always")
+        redis = RedisServer(work_dir=home / "redis", persist=fsync != "off",
+                            appendfsync="always" if fsync == "off" else fsync,
                             port=previous.get("redis") if _port_free(previous.get("redis")) else None)
         couch = CouchServer(work_dir=home / "couchdb", data_dir=home / "couchdb" / "data",
                             port=previous.get("couchdb") if _port_free(previous.get("couchdb")) else None)

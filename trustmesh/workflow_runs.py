@@ -7,11 +7,16 @@ is signed by the user's key (HOME/keys/user.priv, created 0600 at first use); it
 
 Following needs nothing but the chain: each committed block that touches the workflow triggers
 a re-read of its rounds, assignments, task statuses and results through the REST API.
+
+Outages are waited out: once the REST API or the validator has answered, `run` waits for it
+however long it is away, saying once on stderr what it waits for (trustmesh/outage.py). One that
+never answered gives up after FIRST_CONTACT seconds with a RunError saying what to do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import pathlib
 import sys
 import time
@@ -19,8 +24,10 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from trustmesh.ledger.builders import make_batch
-from trustmesh.ledger.events import EventSubscriber, event_subscription
-from trustmesh.ledger.rest_client import RestClient, RestError
+from trustmesh.ledger.events import (EventSubscriber, EventSubscriptionError, UnknownBlockError,
+                                     ValidatorUnreachable, event_subscription)
+from trustmesh.ledger.messaging import BadEndpoint
+from trustmesh.ledger.rest_client import BatchTimeoutError, RestClient, RestError
 from trustmesh.ledger.signing import PrivateKey, load_or_create_key, read_private_key
 from trustmesh.scheduling import workflow
 from trustmesh.scheduling.reader import FederationReader
@@ -29,10 +36,46 @@ ROUND_EVENTS = ("trustmesh/round-opened", "trustmesh/submission-accepted", "trus
                 "trustmesh/round-timeout", "trustmesh/round-scheduled", "trustmesh/task-done",
                 "trustmesh/task-failed", "trustmesh/round-finalized")
 BAR_WIDTH = 20
+FIRST_CONTACT = 10.0  # seconds a command tries an endpoint that has never answered it
 
 
 class RunError(RuntimeError):
     """A workflow cannot be deployed or followed; the message says what to do."""
+
+
+def rest_client(rest_url: str) -> RestClient:
+    """The REST client of a command: waits out outages once it has reached the REST API, and
+    gives up on one that never answered after FIRST_CONTACT seconds. BadRestURL if malformed."""
+    return RestClient(rest_url, patience=math.inf, first_contact=FIRST_CONTACT)
+
+
+def rest_failure(exc: RestError, base_url: str) -> str:
+    """One line for a REST API that failed for good, saying what to do about it."""
+    if exc.status == 0 and exc.title == "Unknown Host":
+        return (f"the REST API address {base_url} names a host that does not resolve ({exc.message}); "
+                f"check --rest or TRUSTMESH_REST")
+    if exc.status == 0 and not exc.reached:
+        return (f"the network at {base_url} did not answer ({exc.message}); is it up? `trustmesh up` starts "
+                f"a local one, --rest or TRUSTMESH_REST points elsewhere")
+    if exc.status == 0:
+        return f"the REST API at {base_url} stopped answering: {exc}"
+    if exc.status in (401, 403):
+        return (f"the REST API at {base_url} refused access (HTTP {exc.status} {exc.title}: {exc.message}); "
+                f"check the address and any credentials the server in front of it asks for")
+    if exc.status == 404 and exc.code is None:
+        return (f"{base_url} answered HTTP 404 to {exc.method} {exc.url}: it is not the base URL of a Sawtooth "
+                f"REST API (e.g. http://127.0.0.1:8008, without a path); check --rest or TRUSTMESH_REST")
+    return f"the REST API at {base_url} failed: {exc}"
+
+
+def validator_failure(exc: Exception, url: str) -> str:
+    """One line for a validator endpoint that cannot be followed, saying what to do about it."""
+    if isinstance(exc, ValidatorUnreachable):
+        return (f"{exc}; is the network up? `trustmesh up` starts a local one, --validator or "
+                f"TRUSTMESH_VALIDATOR points elsewhere")
+    if isinstance(exc, BadEndpoint):
+        return f"{exc}; check --validator or TRUSTMESH_VALIDATOR"
+    return f"following the validator at {url} failed: {exc}"
 
 
 # ------------------------------------------------------------------------------ deploy
@@ -75,8 +118,10 @@ async def deploy(rest: RestClient, signer: PrivateKey, definition: dict) -> tupl
     try:
         return await _deploy(rest, signer, definition)
     except RestError as exc:
-        raise RunError(f"the network at {rest.base_url} did not answer ({exc}); is it up? `trustmesh up` starts "
-                       f"a local one") from None
+        raise RunError(rest_failure(exc, rest.base_url)) from None
+    except BatchTimeoutError as exc:
+        raise RunError(f"workflow {definition['workflow_id']!r} was not committed in time ({exc}); deploy it "
+                       f"again (the same definition is not deployed twice)") from None
     except OSError as exc:
         raise RunError(f"no network answers at {rest.base_url} ({exc}); `trustmesh up` starts a local one") from None
 
@@ -210,8 +255,7 @@ async def follow(validator_url: str, rest: RestClient, workflow_id: str, *, out:
         raise RunError(f"workflow {workflow_id!r} is single-node: it has no federation rounds to follow")
     rounds = fed["rounds"]
     printer = ProgressPrinter(rounds, out)
-    subscriber = EventSubscriber(validator_url, [event_subscription(e) for e in ROUND_EVENTS])
-    await subscriber.start()
+    subscriber = await _subscribe(validator_url)
     deadline = None if timeout is None else time.monotonic() + timeout
     views: dict[int, RoundView] = {}
     block = None
@@ -234,13 +278,32 @@ async def follow(validator_url: str, rest: RestClient, workflow_id: str, *, out:
             if block is None:
                 block = asyncio.ensure_future(subscriber.next_block())
             if (await asyncio.wait({block}, timeout=2.0))[0]:
-                block.result()
-                block = None
+                try:
+                    block.result()
+                except UnknownBlockError:
+                    # The validator came back with another chain: no gap-free resume, but the
+                    # view is re-read from the REST API at each block, so a fresh subscription does.
+                    await subscriber.close()
+                    subscriber = await _subscribe(validator_url)
+                except EventSubscriptionError as exc:
+                    raise RunError(validator_failure(exc, validator_url)) from None
+                finally:
+                    block = None
     finally:
         if block is not None:
             block.cancel()
             await asyncio.gather(block, return_exceptions=True)
         await subscriber.close()
+
+
+async def _subscribe(validator_url: str) -> EventSubscriber:
+    subscriber = EventSubscriber(validator_url, [event_subscription(e) for e in ROUND_EVENTS],
+                                 first_contact=FIRST_CONTACT)
+    try:
+        await subscriber.start()
+    except (ValidatorUnreachable, BadEndpoint, EventSubscriptionError) as exc:
+        raise RunError(validator_failure(exc, validator_url)) from None
+    return subscriber
 
 
 def summary(workflow_id: str, views: list[RoundView], seconds: float, *, federated: bool = True) -> str:
@@ -312,17 +375,20 @@ async def deploy_and_follow(path: str, *, home: pathlib.Path, nodes_dir: pathlib
                             couch_user: str | None = None, couch_password: str | None = None) -> list[RoundView]:
     definition = prepare(path, nodes_dir, workflow_id)
     started = time.monotonic()
-    async with RestClient(rest_url, retries=3) as rest:
-        outcome, record = await deploy(rest, user_key(home, key_path), definition)
-        out.write(f"workflow {definition['workflow_id']} {outcome} (version {record['version']})\n")
-        if "federation" in definition:
-            views = await follow(validator_url, rest, definition["workflow_id"], out=out, timeout=timeout)
-            if couch_url and views[-1].status == "final":
-                await wait_for_history(couch_url, definition["workflow_id"], views[-1].global_model,
-                                       user=couch_user, password=couch_password, out=out)
-        else:
-            out.write("single-node workflow: training it here on the whole training split\n")
-            views = [await asyncio.to_thread(train_single_node, definition, home / "models", out)]
+    try:
+        async with rest_client(rest_url) as rest:
+            outcome, record = await deploy(rest, user_key(home, key_path), definition)
+            out.write(f"workflow {definition['workflow_id']} {outcome} (version {record['version']})\n")
+            if "federation" in definition:
+                views = await follow(validator_url, rest, definition["workflow_id"], out=out, timeout=timeout)
+                if couch_url and views[-1].status == "final":
+                    await wait_for_history(couch_url, definition["workflow_id"], views[-1].global_model,
+                                           user=couch_user, password=couch_password, out=out)
+            else:
+                out.write("single-node workflow: training it here on the whole training split\n")
+                views = [await asyncio.to_thread(train_single_node, definition, home / "models", out)]
+    except RestError as exc:  # an outage is waited out: this one is for good
+        raise RunError(rest_failure(exc, rest_url)) from None
     out.write(summary(definition["workflow_id"], views, time.monotonic() - started,
                       federated="federation" in definition) + "\n")
     return views
