@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from trustmesh.compute_node import datasets, model_format, strategies, training
+from trustmesh.fl import datasets, model_format, strategies, training
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / "workflows" / "federated-digits.json"

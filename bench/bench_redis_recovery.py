@@ -39,6 +39,7 @@ import sys
 import time
 
 import localnet
+from trustmesh.scheduling import events
 from localnet import ROOT
 
 TARGET = 5.0  # seconds from the kill to the next committed task report
@@ -60,15 +61,15 @@ async def recover(home: pathlib.Path, definition_path: pathlib.Path, workflow_id
     reports without a kill)."""
     figures: list[dict] = []
     gaps: list[float] = []
-    events = ("trustmesh/task-done", "trustmesh/round-finalized")
-    async with localnet.following(home, definition_path, workflow_id, events) as run:
+    followed = (events.TASK_DONE, events.ROUND_FINALIZED)
+    async with localnet.following(home, definition_path, workflow_id, followed) as run:
         rounds = run.definition["federation"]["rounds"]
         finals, last_kill = ROUNDS_BETWEEN_KILLS - 1, float("-inf")  # the first kill in round 2
         kill = None  # the current kill: {at, back (task -> perf_counter), report, after_up}
         last_report, warm = None, False  # gaps count from round 1 final on (not torch's warm-up)
         try:
             async for arrived, kind, attrs in run.events(timeout):
-                if kind == "trustmesh/round-finalized":
+                if kind == events.ROUND_FINALIZED:
                     finals, warm = finals + 1, True
                     if int(attrs["round"]) % 10 == 0 or kill is not None:
                         print(f"  round {attrs['round']}/{rounds} final", flush=True)

@@ -40,13 +40,14 @@ import sys
 
 import localnet
 from localnet import ROOT
+from trustmesh.scheduling import events
 from trustmesh.scheduling.reader import FederationReader
 
 TRUSTMESH_PAPER = (3.25, 4.19)  # seconds of overhead per round reported for TrustMesh
 
 
 async def measure(home: pathlib.Path, definition_path: pathlib.Path, workflow_id: str) -> list[dict]:
-    async with localnet.following(home, definition_path, workflow_id, ("trustmesh/round-finalized",)) as run:
+    async with localnet.following(home, definition_path, workflow_id, (events.ROUND_FINALIZED,)) as run:
         rounds = run.definition["federation"]["rounds"]
         seen = {0: run.started}
         async for arrived, _, attrs in run.events():

@@ -22,6 +22,7 @@ import logging
 
 from trustmesh.ledger.block_cursor import BlockCursor
 from trustmesh.ledger.events import event_subscription
+from trustmesh.scheduling import events
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchHistory
 from trustmesh.stores.redis_link import TRANSIENT
@@ -29,7 +30,7 @@ from trustmesh.stores.redis_state import BlobStore
 
 LOGGER = logging.getLogger(__name__)
 
-EVENTS = ("trustmesh/round-result", "trustmesh/round-finalized")
+EVENTS = (events.ROUND_RESULT, events.ROUND_FINALIZED)
 
 
 class HistoryRecorder:
@@ -69,7 +70,7 @@ class HistoryRecorder:
         result = await self.reader.round_result(schedule_id)
         if result is None or result.get("reported_by") != self.node:
             return  # another node's round: it records it
-        if event_type == "trustmesh/round-result":
+        if event_type == events.ROUND_RESULT:
             await self._record_result(result)
         elif result.get("final"):
             await self._record_final(result)

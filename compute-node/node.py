@@ -35,7 +35,7 @@ from trustmesh.ledger.events import UnknownBlockError, event_subscription
 from trustmesh.ledger.rest_client import RestClient
 from trustmesh.ledger.signing import load_or_create_key
 from trustmesh.machine import usable_cores
-from trustmesh.scheduling import layout, peers, schedule
+from trustmesh.scheduling import events, layout, peers, schedule
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchClient, CouchHistory
 from trustmesh.stores.data_envelope import load_or_create_keypair
@@ -52,8 +52,8 @@ LOGGER = logging.getLogger(__name__)
 
 UNEXPECTED_RETRIES = 3  # tries of a task that fails with something other than bad input
 
-SCHEDULE_EVENTS = ("trustmesh/task-assigned", "trustmesh/task-done", "trustmesh/task-reassigned",
-                   "trustmesh/task-failed")
+SCHEDULE_EVENTS = (events.TASK_ASSIGNED, events.TASK_DONE, events.TASK_REASSIGNED,
+                   events.TASK_FAILED)
 
 
 def measured_resources() -> dict:
@@ -220,9 +220,9 @@ class ComputeNode:
                 sid = attrs.get("schedule_id")
                 if sid is None:
                     continue
-                changed = event.event_type in ("trustmesh/task-assigned", "trustmesh/task-reassigned")
+                changed = event.event_type in (events.TASK_ASSIGNED, events.TASK_REASSIGNED)
                 rounds[sid] = rounds.get(sid, False) or changed
-                if event.event_type == "trustmesh/task-reassigned":
+                if event.event_type == events.TASK_REASSIGNED:
                     self._reassigned.add((sid, attrs.get("task_id")))
             for schedule_id, changed in sorted(rounds.items()):
                 if changed:

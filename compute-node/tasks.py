@@ -31,10 +31,10 @@ from trustmesh.stores.data_bundle import open_bundle
 from trustmesh.stores.data_envelope import EnvelopeError
 from trustmesh.stores.redis_state import BlobCorrupted, BlobNotFound, BlobStore, BlobTooLarge
 
-from . import model_format
-from .datasets import federated_digits, load_npz
-from .strategies import ClientUpdate, strategy_from_spec
-from .training import derive_seed, evaluate, local_train
+from trustmesh.fl import model_format
+from trustmesh.fl.datasets import federated_digits, load_npz
+from trustmesh.fl.strategies import ClientUpdate, strategy_from_spec
+from trustmesh.fl.training import derive_seed, evaluate, local_train
 
 LOGGER = logging.getLogger(__name__)
 

@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from trustmesh.cancelling import cancel_and_wait
-from trustmesh.compute_node.datasets import load_npz
+from trustmesh.fl.datasets import load_npz
 from trustmesh.compute_node.tasks import (InputNotReady, TaskContext, TaskInputError, report_metrics,
                                           starting_model_known, train_update)
 from trustmesh.ledger.events import EventSubscriber, event_subscription
-from trustmesh.scheduling import schedule, workflow
+from trustmesh.scheduling import events, schedule, workflow
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.redis_state import BlobError, BlobStore
 
@@ -71,11 +71,11 @@ class _Pending:
 def subscriptions(node: str) -> list:
     """Only this node's own local_train assignments, plus what can make them runnable."""
     mine = [("node", node), ("kind", "local_train")]
-    return [event_subscription("trustmesh/task-assigned", mine),
-            event_subscription("trustmesh/task-reassigned", mine),
-            event_subscription("trustmesh/task-done"),
-            event_subscription("trustmesh/round-result"),
-            event_subscription("trustmesh/round-timeout")]
+    return [event_subscription(events.TASK_ASSIGNED, mine),
+            event_subscription(events.TASK_REASSIGNED, mine),
+            event_subscription(events.TASK_DONE),
+            event_subscription(events.ROUND_RESULT),
+            event_subscription(events.ROUND_TIMEOUT)]
 
 
 class LocalTrainer:
@@ -167,18 +167,18 @@ class LocalTrainer:
                         await self._track(sid, task_id, int(status["attempt"]), fresh=False)
 
     async def _on_event(self, event_type: str, attrs: dict) -> None:
-        if event_type in ("trustmesh/task-assigned", "trustmesh/task-reassigned"):
+        if event_type in (events.TASK_ASSIGNED, events.TASK_REASSIGNED):
             if attrs.get("node") == self.node and attrs.get("kind") == "local_train":
                 # task-assigned: the whole round was assigned in that transaction, so none of
                 # its dependencies can be done yet; a reassignment may come at any point.
                 await self._track(attrs["schedule_id"], attrs["task_id"], int(attrs["attempt"]),
-                                  fresh=event_type == "trustmesh/task-assigned")
-        elif event_type == "trustmesh/task-done":
+                                  fresh=event_type == events.TASK_ASSIGNED)
+        elif event_type == events.TASK_DONE:
             for pending in list(self.pending.values()):
                 if pending.schedule_id == attrs["schedule_id"] and attrs["task_id"] in pending.waiting_for:
                     pending.waiting_for.discard(attrs["task_id"])
                     await self._maybe_start(pending)
-        elif event_type in ("trustmesh/round-result", "trustmesh/round-timeout"):
+        elif event_type in (events.ROUND_RESULT, events.ROUND_TIMEOUT):
             for pending in list(self.pending.values()):
                 if (pending.workflow_id == attrs["workflow_id"] and pending.round > int(attrs["round"])
                         and not pending.model_ready):

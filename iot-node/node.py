@@ -38,13 +38,13 @@ import pathlib
 import time
 
 from trustmesh.cancelling import cancel_and_wait
-from trustmesh.compute_node import model_format
-from trustmesh.compute_node.datasets import Dataset, dump_npz, federated_digits, load_npz
+from trustmesh.fl import model_format
+from trustmesh.fl.datasets import Dataset, dump_npz, federated_digits, load_npz
 from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.events import BLOCK_COMMIT, EventSubscriber, event_subscription
 from trustmesh.ledger.rest_client import RestClient
 from trustmesh.ledger.signing import load_or_create_key
-from trustmesh.scheduling import federation, layout, schedule, workflow
+from trustmesh.scheduling import events, federation, layout, schedule, workflow
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.data_bundle import seal_bundle
 from trustmesh.stores.kept_blobs import KeptBlobs
@@ -57,12 +57,12 @@ LOGGER = logging.getLogger(__name__)
 
 # The blocks that can change what an IoT node does. Task progress is not among them: ten IoT
 # nodes re-reading state on every task report would load the validator for nothing.
-EVENTS = ("trustmesh/workflow-deployed", "trustmesh/workflow-updated", "trustmesh/peer-registered",
-          "trustmesh/peer-updated", "trustmesh/round-opened", "trustmesh/round-ready", "trustmesh/round-timeout",
-          "trustmesh/round-result", "trustmesh/round-finalized")
+EVENTS = (events.WORKFLOW_DEPLOYED, events.WORKFLOW_UPDATED, events.PEER_REGISTERED,
+          events.PEER_UPDATED, events.ROUND_OPENED, events.ROUND_READY, events.ROUND_TIMEOUT,
+          events.ROUND_RESULT, events.ROUND_FINALIZED)
 # Round events a node acts on straight from their attributes (IoTNode._react).
-REACTIONS = ("trustmesh/round-opened", "trustmesh/round-ready", "trustmesh/round-result",
-             "trustmesh/round-finalized")
+REACTIONS = (events.ROUND_OPENED, events.ROUND_READY, events.ROUND_RESULT,
+             events.ROUND_FINALIZED)
 TICK = 1.0  # seconds between re-checks that depend on time (timeouts, deadlines): coordinators
 FULL_TICKS = 5  # every 5th tick also re-checks participation, in case an event was missed
 
@@ -186,7 +186,7 @@ class IoTNode:
         for event in block.events:
             if event.event_type == BLOCK_COMMIT:
                 continue  # in every block: the subscriber always asks for it, to resume by block id
-            if event.event_type in ("trustmesh/peer-registered", "trustmesh/peer-updated"):
+            if event.event_type in (events.PEER_REGISTERED, events.PEER_UPDATED):
                 self._recipients = None
                 continue
             attrs = {a.key: a.value for a in event.attributes}
@@ -216,20 +216,20 @@ class IoTNode:
     async def _react_to(self, event_type: str, attrs: dict, definition: dict) -> None:
         workflow_id, sid, number = attrs["workflow_id"], attrs["schedule_id"], int(attrs["round"])
         fed = definition["federation"]
-        if event_type == "trustmesh/round-opened":
+        if event_type == events.ROUND_OPENED:
             record = {"schedule_id": sid, "round": number, "status": "collecting", "submissions": {},
                       "expected_nodes": attrs["expected_nodes"].split(",")}
             await self._participate(definition, record)
-        elif event_type in ("trustmesh/round-result", "trustmesh/round-finalized"):
+        elif event_type in (events.ROUND_RESULT, events.ROUND_FINALIZED):
             # A global model on chain may let the round after the next one open (finalized covers
             # a missed result).
             if self._coordinates(definition):
                 await self._open_next(workflow_id, fed)
-            if event_type == "trustmesh/round-result":
+            if event_type == events.ROUND_RESULT:
                 return
             await self._collect_final(workflow_id, definition, {"rounds": {str(number): sid}})
             await self._finish_if_over(workflow_id, fed)
-        elif event_type == "trustmesh/round-ready" and self._coordinates(definition):
+        elif event_type == events.ROUND_READY and self._coordinates(definition):
             await asyncio.gather(self._assign(workflow_id, sid, number), self._open_next(workflow_id, fed))
 
     async def _finish_if_over(self, workflow_id: str, fed, index=None) -> None:
@@ -290,7 +290,7 @@ class IoTNode:
         from .local_training import LocalTrainer
 
         if self.torch_threads is not None:
-            from trustmesh.compute_node.training import use_threads
+            from trustmesh.fl.training import use_threads
 
             use_threads(self.torch_threads)
         trainer = LocalTrainer(self.name, self.signer, validator_url=self.validator_url, reader=self.reader,

@@ -11,8 +11,10 @@ import re
 from typing import Any, Iterable, Mapping
 
 from trustmesh.ledger import payload as cbor
-from trustmesh.ledger.devnet.block_info import latest_block_timestamp
-from trustmesh.ledger.processor import InvalidTransaction
+from trustmesh.ledger.block_info import latest_block_timestamp
+from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction
+
+from . import layout
 
 HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 PUBLIC_KEY = re.compile(r"\A0[23][0-9a-f]{64}\Z")
@@ -111,8 +113,15 @@ async def write_records(context, records: Mapping[str, Any]) -> None:
 
 
 async def chain_time(context) -> int:
-    """Agreed time of the block being built (BlockInfo); never this machine's clock."""
-    timestamp = await latest_block_timestamp(context)
+    """Agreed time of the block being built (BlockInfo); never this machine's clock. A
+    transaction that forgot BLOCK_INFO_NS in its inputs is told so."""
+    try:
+        timestamp = await latest_block_timestamp(context)
+    except AuthorizationError:
+        raise InvalidTransaction(
+            f"this action reads the agreed block time (BlockInfo): list the namespace "
+            f"{layout.BLOCK_INFO_NS} in the transaction's inputs (the make_*_transaction helpers do)"
+        ) from None
     if timestamp is None:
         raise InvalidTransaction(
             "no BlockInfo on chain: the validator must inject BlockInfo (batch injector block_info) "

@@ -55,7 +55,7 @@ from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_transaction
 from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction, TransactionHandler
 
-from . import layout
+from . import events, layout
 from .common import (
     check_fields,
     HEX64,
@@ -81,10 +81,10 @@ ACTIONS = ("open_round", "submit", "close_round")
 COLLECTING, READY, TIMEOUT = "collecting", "ready", "timeout"
 FINISHED = (READY, TIMEOUT)
 
-EVENT_ROUND_OPENED = "trustmesh/round-opened"
-EVENT_SUBMISSION_ACCEPTED = "trustmesh/submission-accepted"
-EVENT_ROUND_READY = "trustmesh/round-ready"
-EVENT_ROUND_TIMEOUT = "trustmesh/round-timeout"
+EVENT_ROUND_OPENED = events.ROUND_OPENED
+EVENT_SUBMISSION_ACCEPTED = events.SUBMISSION_ACCEPTED
+EVENT_ROUND_READY = events.ROUND_READY
+EVENT_ROUND_TIMEOUT = events.ROUND_TIMEOUT
 
 MAX_ROUNDS = 10_000             # bounds the workflow's round index record
 MAX_PARTICIPANTS = 1_000        # bounds a round record (each submission <= ~1.2 KiB)
@@ -289,7 +289,7 @@ class FederationHandler(TransactionHandler):
             "expected_nodes": config["participants"],
             "min_nodes_required": config["min_nodes_required"],
             "round_timeout": config["round_timeout"],
-            "round_start": await _now(context),
+            "round_start": await chain_time(context),
             "status": COLLECTING,
             "submissions": {},
             "submitted_nodes": [],
@@ -329,7 +329,7 @@ class FederationHandler(TransactionHandler):
         # Past its timeout a round is closed in effect: a late submission must not change
         # whether close_round finds it ready or timed out.
         deadline = record["round_start"] + record["round_timeout"]
-        now = await _now(context)
+        now = await chain_time(context)
         if now >= deadline:
             raise InvalidTransaction(
                 f"{where} passed its round_timeout {now - deadline} s ago; it no longer accepts "
@@ -360,7 +360,7 @@ class FederationHandler(TransactionHandler):
         where = f"round {record['round']} of workflow {record['workflow_id']!r} ({schedule_id})"
         if record["status"] != COLLECTING:
             raise InvalidTransaction(f"{where} is already {record['status']}; only a collecting round can be closed")
-        now = await _now(context)
+        now = await chain_time(context)
         deadline = record["round_start"] + record["round_timeout"]
         if now < deadline:
             raise InvalidTransaction(
@@ -372,17 +372,6 @@ class FederationHandler(TransactionHandler):
         record = {**record, "status": READY if enough else TIMEOUT}
         await write_records(context, {layout.round_address(schedule_id): record})
         await _emit_finished(context, record, reason="closed")
-
-
-async def _now(context) -> int:
-    """The agreed block time; a transaction that forgot BLOCK_INFO_NS in its inputs is told so."""
-    try:
-        return await chain_time(context)
-    except AuthorizationError:
-        raise InvalidTransaction(
-            f"this action reads the agreed block time (BlockInfo): list the namespace "
-            f"{layout.BLOCK_INFO_NS} in the transaction's inputs (the make_*_transaction helpers do)"
-        ) from None
 
 
 async def _read_round(context, schedule_id: str) -> dict:

@@ -53,10 +53,10 @@ from typing import Any, Iterable, Mapping
 
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_batch, make_transaction
-from trustmesh.ledger.devnet.block_info import latest_block_timestamp
+from trustmesh.ledger.block_info import latest_block_timestamp
 from trustmesh.ledger.processor import InvalidTransaction, TransactionHandler
 
-from . import layout
+from . import events, layout
 from .common import (
     check_fields,
     HEX64,
@@ -80,8 +80,8 @@ NAMESPACE = layout.PEER_NS
 LOGGER = logging.getLogger(__name__)
 
 ACTIONS = ("register", "update", "heartbeat")
-EVENT_REGISTERED = "trustmesh/peer-registered"
-EVENT_UPDATED = "trustmesh/peer-updated"
+EVENT_REGISTERED = events.PEER_REGISTERED
+EVENT_UPDATED = events.PEER_UPDATED
 
 MAX_PEERS = 10_000            # bounds the index record (~67 bytes a key)
 MAX_CPU_CORES = 4096

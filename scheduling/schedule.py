@@ -90,11 +90,12 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 
+from trustmesh.fl.strategies.base import WEIGHT_TOLERANCE  # sum(weights) - 1 allowed: the strategies' own
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_transaction
 from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction, TransactionHandler
 
-from . import layout, peers
+from . import events, layout, peers
 from .common import (
     check_fields,
     HEX64,
@@ -124,7 +125,6 @@ MAX_DEADLINE_SECONDS = 7 * 24 * 3600
 MAX_QUEUE_SKEW = 2
 MAX_METRICS = 32
 MAX_REASON_CHARS = 500
-WEIGHT_TOLERANCE = 1e-9
 
 # prefixes that cover every record of one kind (inputs/outputs of transactions whose exact
 # addresses depend on state the client has not read)
@@ -584,10 +584,10 @@ class ScheduleHandler(TransactionHandler):
         await write_records(context, writes)
         # All in flight at once instead of one round trip each: they are sent (and so recorded)
         # in this order all the same.
-        await asyncio.gather(*(emit(context, "trustmesh/task-assigned", schedule_id=schedule_id, task_id=task_id,
+        await asyncio.gather(*(emit(context, events.TASK_ASSIGNED, schedule_id=schedule_id, task_id=task_id,
                                     node=a["node"], kind=a["kind"], attempt=1, workflow_id=workflow_id)
                                for task_id, a in tasks.items()))
-        await emit(context, "trustmesh/round-scheduled", schedule_id=schedule_id, workflow_id=workflow_id,
+        await emit(context, events.ROUND_SCHEDULED, schedule_id=schedule_id, workflow_id=workflow_id,
                    round=round_.get("round"), tasks=len(tasks), nodes=len(touched))
 
     # -- report ----------------------------------------------------------------------------
@@ -711,7 +711,7 @@ class ScheduleHandler(TransactionHandler):
                  "attempt": current["attempt"], "kind": task["kind"]}
         if digest is not None:
             event["output_digest"] = digest
-        await emit(context, f"trustmesh/task-{status}", **event)
+        await emit(context, events.TASK_STATUS_EVENTS[status], **event)
         if status == "done" and finalized is not None:
             await self._emit_finalized(context, finalized)
 
@@ -762,7 +762,7 @@ class ScheduleHandler(TransactionHandler):
 
     @staticmethod
     async def _emit_finalized(context, result: Mapping) -> None:
-        await emit(context, "trustmesh/round-finalized", schedule_id=result["schedule_id"],
+        await emit(context, events.ROUND_FINALIZED, schedule_id=result["schedule_id"],
                    workflow_id=result["workflow_id"], round=result["round"],
                    global_model_digest=result["global_model_digest"])
 
@@ -839,7 +839,7 @@ class ScheduleHandler(TransactionHandler):
         for n in sorted({node, missed}):
             writes[layout.node_load_address(n)] = loads[n]
         await write_records(context, writes)
-        await emit(context, "trustmesh/task-reassigned", schedule_id=schedule_id, task_id=task_id, node=node,
+        await emit(context, events.TASK_REASSIGNED, schedule_id=schedule_id, task_id=task_id, node=node,
                    previous_node=missed, previous_status=previous_status, attempt=attempt, kind=task["kind"])
 
     # -- round_result ----------------------------------------------------------------------
@@ -927,7 +927,7 @@ class ScheduleHandler(TransactionHandler):
         }
         final = self._finalize(result, assignments, statuses, now)
         await write_records(context, {layout.round_result_address(schedule_id): final or result})
-        await emit(context, "trustmesh/round-result", schedule_id=schedule_id, workflow_id=result["workflow_id"],
+        await emit(context, events.ROUND_RESULT, schedule_id=schedule_id, workflow_id=result["workflow_id"],
                    round=result["round"], global_model_digest=digest, participants=len(participants))
         if final is not None:
             await self._emit_finalized(context, final)

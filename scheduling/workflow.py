@@ -69,12 +69,13 @@ import re
 from importlib import resources
 from typing import Any, Callable, Mapping
 
+from trustmesh.fl import strategies as strategy_registry
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_transaction
 from trustmesh.ledger.processor import InvalidTransaction, TransactionHandler
 from trustmesh.ledger.signing import PublicKey, SigningError
 
-from . import layout
+from . import events, layout
 from .common import IDENTIFIER, PUBLIC_KEY, emit, parse_payload, read_record, shown, signer_of, write_records
 
 FAMILY_NAME = layout.WORKFLOW_FAMILY
@@ -82,13 +83,13 @@ FAMILY_VERSION = layout.VERSION
 NAMESPACE = layout.WORKFLOW_NS
 
 ACTIONS = ("deploy", "update")
-EVENT_DEPLOYED = "trustmesh/workflow-deployed"
-EVENT_UPDATED = "trustmesh/workflow-updated"
+EVENT_DEPLOYED = events.WORKFLOW_DEPLOYED
+EVENT_UPDATED = events.WORKFLOW_UPDATED
 SCHEMA_FILE = "workflow.schema.json"
 
 TASK_KINDS = ("local_train", "aggregate", "evaluate", "preprocess")
 OPTIMIZERS = ("sgd", "adam")
-STRATEGIES = ("fedavg", "perf_fedavg")
+STRATEGIES = tuple(sorted(strategy_registry.STRATEGIES))  # names and parameters come from fl/strategies/
 DATASETS = ("digits", "npz")
 PARTITIONS = ("iid", "dirichlet")
 TRAIN_ON = ("compute", "iot")
@@ -346,12 +347,14 @@ def _check_strategy(strategy: Any, path: str) -> None:
         raise DefinitionError(f"{path} must be a map, got {_type_name(strategy)}")
     if "name" not in strategy:
         raise DefinitionError(f"{path} lacks the required field 'name'")
-    name = _choice(strategy["name"], f"{path}.name", STRATEGIES)
-    if name == "fedavg":
-        _fields(strategy, path, ("name",))
-    else:
-        _fields(strategy, path, ("name", "alpha"))
-        _number(strategy["alpha"], f"{path}.alpha", low=0, high=1)
+    name = _choice(strategy["name"], f"{path}.name", tuple(sorted(strategy_registry.STRATEGIES)))
+    parameters = strategy_registry.STRATEGIES[name].parameters
+    _fields(strategy, path, ("name", *parameters))
+    for parameter, bounds in parameters.items():
+        if bounds.kind == "integer":
+            _int(strategy[parameter], f"{path}.{parameter}", bounds.low, bounds.high)
+        else:
+            _number(strategy[parameter], f"{path}.{parameter}", low=bounds.low, high=bounds.high)
 
 
 def _check_data(data: Any, path: str) -> None:
@@ -460,6 +463,10 @@ def _check_shape(definition: dict, tasks: list[dict], federated: bool) -> None:
             )
         if "evaluate" not in kinds:
             raise DefinitionError(f"{root}.tasks: a federated workflow needs an evaluate task")
+        strategy = definition["strategy"]
+        problem = strategy_registry.STRATEGIES[strategy["name"]].federation_problem(strategy, definition["federation"])
+        if problem is not None:
+            raise DefinitionError(f"{root}.strategy {strategy['name']!r}: {problem}")
     else:
         if "local_train" not in kinds:
             raise DefinitionError(f"{root}.tasks: a workflow needs a local_train task")
@@ -522,8 +529,12 @@ def load_definition(path: str | os.PathLike) -> dict:
 
 @functools.lru_cache(maxsize=1)
 def load_schema() -> dict:
-    """The published JSON Schema (scheduling/workflow.schema.json)."""
-    return json.loads(resources.files(__package__).joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
+    """The published JSON Schema (scheduling/workflow.schema.json) with its `strategy`
+    definition made from the strategy registry (fl/strategies/), as `trustmesh workflow schema`
+    prints it."""
+    schema = json.loads(resources.files(__package__).joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
+    schema["$defs"]["strategy"] = strategy_registry.schema_of_strategies()
+    return schema
 
 
 @functools.lru_cache(maxsize=1)

@@ -19,9 +19,9 @@ from devnet_process import DevnetProcess
 from family_scenario import _WORKFLOWS
 from ledger_helpers import rest, run, running_processor, submit_and_wait
 from trustmesh import audit
-from trustmesh.compute_node import model_format
+from trustmesh.fl import model_format
 from trustmesh.compute_node.node import ComputeNode
-from trustmesh.compute_node.strategies import ClientUpdate
+from trustmesh.fl.strategies import ClientUpdate
 from trustmesh.endpoints import Endpoints
 from trustmesh.iot_node.node import IoTNode
 from trustmesh.ledger import payload as cbor

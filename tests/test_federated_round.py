@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from ledger_helpers import rest, run, running_processor, submit_and_wait
-from trustmesh.compute_node import model_format
-from trustmesh.compute_node.datasets import dump_npz, federated_digits, make_canary, with_canary
+from trustmesh.fl import model_format
+from trustmesh.fl.datasets import dump_npz, federated_digits, make_canary, with_canary
 from trustmesh.compute_node.history_recorder import HistoryRecorder
 from trustmesh.compute_node.node import ComputeNode
 from trustmesh.iot_node.node import IoTNode

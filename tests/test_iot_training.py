@@ -21,8 +21,8 @@ from ledger_helpers import rest, run, running_processor, submit_and_wait
 from test_federated_round import (_scan_for_canary, start_compute_nodes, start_iot_nodes, stores,  # noqa: F401  (servers)
                                   until_every_round_is_final)
 from trustmesh import audit
-from trustmesh.compute_node import model_format
-from trustmesh.compute_node.datasets import dump_npz, federated_digits, make_canary, with_canary
+from trustmesh.fl import model_format
+from trustmesh.fl.datasets import dump_npz, federated_digits, make_canary, with_canary
 from trustmesh.compute_node.node import ComputeNode
 from trustmesh.endpoints import Endpoints
 from trustmesh.iot_node import commitment

@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from trustmesh.compute_node import datasets as ds
+from trustmesh.fl import datasets as ds
 
 WORKFLOW = pathlib.Path(__file__).resolve().parents[1] / "workflows" / "federated-digits.json"
 
@@ -232,5 +232,5 @@ def test_digits_read_from_the_shipped_file_equal_sklearns_loader(digits):
     assert np.array_equal(digits.x, (x / ds.DIGITS_MAX_PIXEL).astype(np.float32))
     assert np.array_equal(digits.y, y.astype(np.int64)) and digits.x.shape == (1797, 64)
     # and without importing scikit-learn, which costs each node process seconds of CPU
-    code = "import sys; from trustmesh.compute_node import datasets; datasets.load_digits(); print('sklearn' in sys.modules)"
+    code = "import sys; from trustmesh.fl import datasets; datasets.load_digits(); print('sklearn' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from trustmesh.compute_node import model_format as mf
-from trustmesh.compute_node import models, training
-from trustmesh.compute_node.datasets import load_digits, split_train_test
+from trustmesh.fl import model_format as mf
+from trustmesh.fl import models, training
+from trustmesh.fl.datasets import load_digits, split_train_test
 
 torch.set_num_threads(1)
 

@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as st_load
 
-from trustmesh.compute_node import model_format as mf
-from trustmesh.compute_node.models import build_model, parameter_count, spec_digest, state_of
+from trustmesh.fl import model_format as mf
+from trustmesh.fl.models import build_model, parameter_count, spec_digest, state_of
 
 torch.set_num_threads(1)
 
@@ -91,7 +91,7 @@ def test_equal_tensors_give_equal_bytes_whatever_the_dict_order():
 def test_digest_is_the_same_in_another_process():
     # safetensors.torch.save orders metadata keys per process (a Rust HashMap); ours must not.
     code = (
-        "from trustmesh.compute_node import model_format as mf; from trustmesh.compute_node.models import "
+        "from trustmesh.fl import model_format as mf; from trustmesh.fl.models import "
         "build_model, state_of; spec=%r; "
         "print(mf.digest(mf.serialize(state_of(build_model(spec, seed=1)), workflow_id='wf-1', round=3, "
         "model_spec=spec)))" % SPEC
@@ -235,7 +235,7 @@ def test_spec_digest_is_the_plain_json_sha256_the_verifier_compares():
 def test_an_iot_node_that_only_checks_models_never_imports_torch():
     """verify and the IoT node run without torch (~3 s and ~300 MB a process); training on
     IoT nodes imports it when a workflow asks for it."""
-    code = ("import sys; import trustmesh.iot_node.node, trustmesh.compute_node.model_format; "
-            "print(sorted(m for m in ('torch', 'trustmesh.compute_node.models') if m in sys.modules))")
+    code = ("import sys; import trustmesh.iot_node.node, trustmesh.fl.model_format; "
+            "print(sorted(m for m in ('torch', 'trustmesh.fl.models') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -1,5 +1,6 @@
 """Aggregation strategies: FedAvg, PerfFedAvg, and bit-for-bit reproducible averaging."""
 
+import pathlib
 import random
 from collections import OrderedDict
 
@@ -7,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from trustmesh.compute_node import model_format as mf
-from trustmesh.compute_node import strategies as st
-from trustmesh.compute_node.models import build_model, state_of
+from trustmesh.fl import model_format as mf
+from trustmesh.fl import strategies as st
+from trustmesh.fl.models import build_model, state_of
 
 torch.set_num_threads(1)
 
@@ -170,6 +171,59 @@ def test_a_new_strategy_is_one_class():
         assert weights == {"a": 0.5, "b": 0.5} and state["w"].tolist() == [2.0]
     finally:
         del st.STRATEGIES["test-uniform"]
+
+
+def test_a_new_strategy_file_is_all_the_rules_and_the_schema_need(tmp_path):
+    """The workflow rules and the published schema take names and parameter bounds from the
+    registry: a strategy registered by one class is deployable, its bounds enforced, with no
+    other edit."""
+    import json
+
+    import jsonschema
+
+    from trustmesh.scheduling import workflow as wf
+
+    published = wf.load_schema()  # loaded (and cached) before the registry grows, as in a real process
+
+    class Scaled(st.Strategy):
+        name = "test-scaled"
+        parameters = {"beta": st.Number(low=0, high=0.5)}
+
+        def __init__(self, beta):
+            self.beta = beta
+
+        def _weights(self, updates):
+            return st.sample_shares(updates)
+
+    definition = wf.load_definition(pathlib.Path(__file__).parents[1] / "workflows" / "federated-digits.json")
+    try:
+        definition["strategy"] = {"name": "test-scaled", "beta": 0.25}
+        wf.validate_definition(definition, allow_node_names=True)
+        schema = {**published, "$defs": {**published["$defs"], "strategy": st.schema_of_strategies()}}
+        jsonschema.Draft202012Validator(schema).validate(json.loads(json.dumps(definition)))
+        definition["strategy"] = {"name": "test-scaled", "beta": 0.75}
+        with pytest.raises(wf.DefinitionError, match=r"definition.strategy.beta must be at most 0.5; got 0.75"):
+            wf.validate_definition(definition, allow_node_names=True)
+        assert not jsonschema.Draft202012Validator(schema).is_valid(json.loads(json.dumps(definition)))
+        definition["strategy"] = {"name": "test-scaled"}
+        with pytest.raises(wf.DefinitionError, match=r"definition.strategy lacks the required field 'beta'"):
+            wf.validate_definition(definition, allow_node_names=True)
+    finally:
+        del st.STRATEGIES["test-scaled"]
+
+
+def test_the_registry_makes_the_published_strategy_schema_and_loads_no_torch():
+    import subprocess
+    import sys
+
+    from trustmesh.scheduling import workflow as wf
+
+    assert wf.load_schema()["$defs"]["strategy"] == st.schema_of_strategies()
+    assert sorted(st.STRATEGIES) == ["fedavg", "perf_fedavg"] == list(wf.STRATEGIES)
+    # the processors validate strategy maps with the registry and never load torch
+    code = ("import sys; import trustmesh.scheduling.handlers, trustmesh.fl.strategies; "
+            "print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
 # --------------------------------------------------------------------------- bad input

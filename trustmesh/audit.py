@@ -57,7 +57,7 @@ from trustmesh.stores.couch import CouchClient, CouchError, CouchHistory, Digest
 from trustmesh.stores.redis_state import BlobCorrupted, BlobError, BlobNotFound, BlobStore, connect
 
 if TYPE_CHECKING:  # torch-backed; imported where used so `trustmesh --help` stays fast
-    from trustmesh.compute_node.strategies import ClientUpdate
+    from trustmesh.fl.strategies import ClientUpdate
 
 FAMILIES = (layout.WORKFLOW_FAMILY, layout.PEER_FAMILY, layout.FEDERATION_FAMILY, layout.SCHEDULE_FAMILY)
 PAGE_SIZE = 1000  # the most a Sawtooth REST API returns per page
@@ -377,10 +377,11 @@ def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strate
     strategy's weights from the updates must be the on-chain aggregation_weights, and the
     weighted average with the on-chain weights, serialized the same way, must hash to the
     on-chain global_model_digest. Returns the recomputed digest (None if it cannot be made)."""
-    from trustmesh.compute_node import model_format
-    from trustmesh.compute_node.strategies import StrategyError, strategy_from_spec, weighted_average
+    from trustmesh.fl import model_format
+    from trustmesh.fl.strategies import FedAvg, StrategyError, check_updates, strategy_from_spec
 
     on_chain = dict(result.get("aggregation_weights") or {})
+    strategy = FedAvg()  # combines as a weighted average if the workflow's strategy cannot be built
     try:
         strategy = strategy_from_spec(strategy_spec)
         recomputed = strategy.weights(updates)
@@ -391,7 +392,12 @@ def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strate
                   for n in sorted(set(on_chain) | set(recomputed)) if on_chain.get(n) != recomputed.get(n)]
         audit.check(not differ, f"aggregation weights on chain are not {strategy.name}'s: {'; '.join(differ)}")
     try:
-        state = weighted_average({u.node: u.state for u in updates}, on_chain)
+        # the strategy's own combination (a weighted average, or a robust rule), with the weights on chain
+        ordered = check_updates([u for u in updates if u.node in on_chain])
+        if set(on_chain) != {u.node for u in ordered}:
+            raise StrategyError(f"weights name nodes {sorted(on_chain)} but updates come from "
+                                f"{sorted(u.node for u in ordered)}; they must match")
+        state = strategy.combine(ordered, on_chain)
         blob = model_format.serialize(state, workflow_id=workflow_id, round=audit.number, model_spec=model_spec)
     except (StrategyError, model_format.ModelFormatError) as exc:
         audit.fail(f"global model cannot be recomputed from the on-chain weights: {exc}")
@@ -406,8 +412,8 @@ def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strate
 async def _recompute_aggregation(audit: RoundAudit, wf: _Workflow, rnd: _Round) -> None:
     """Load the aggregated updates as `_aggregate` did (verified bytes, on-chain samples and
     metrics), then check_aggregation."""
-    from trustmesh.compute_node import model_format
-    from trustmesh.compute_node.strategies import ClientUpdate
+    from trustmesh.fl import model_format
+    from trustmesh.fl.strategies import ClientUpdate
 
     spec, updates = rnd.definition["model"], []
     for dep in rnd.aggregated():

@@ -85,7 +85,7 @@ def _node_flags(parser, endpoints) -> None:
 def _use_torch_threads(args) -> None:
     """Compute nodes set it at start; IoT nodes when they start training (torch only then)."""
     if args.torch_threads is not None:
-        from trustmesh.compute_node.training import use_threads
+        from trustmesh.fl.training import use_threads
 
         use_threads(args.torch_threads)
 
@@ -209,6 +209,13 @@ def _status(args) -> int:
             print(f"chain head: not readable ({head['error']})")
     up = state["supervisor_running"] and all(s["running"] for s in services.values())
     return 0 if up else 1
+
+
+def _workflow_schema(args) -> int:
+    from trustmesh.scheduling.workflow import load_schema
+
+    print(json.dumps(load_schema(), indent=2))
+    return 0
 
 
 def _workflow_deploy(args) -> int:
@@ -355,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     _workflow_flags(deploy)
     add_endpoint_flags(deploy, ("rest",))
     deploy.set_defaults(func=_workflow_deploy)
+    schema = wf_sub.add_parser("schema", help="print the JSON Schema of workflow definitions, whole "
+                                              "(strategies and their parameters from the registry)")
+    schema.set_defaults(func=_workflow_schema)
 
     run = sub.add_parser("run", help="deploy a workflow and follow it to completion, a progress bar per round")
     _workflow_flags(run)

@@ -29,12 +29,12 @@ from trustmesh.ledger.events import (EventSubscriber, EventSubscriptionError, Un
 from trustmesh.ledger.messaging import BadEndpoint
 from trustmesh.ledger.rest_client import BatchTimeoutError, RestClient, RestError
 from trustmesh.ledger.signing import PrivateKey, load_or_create_key, read_private_key
-from trustmesh.scheduling import workflow
+from trustmesh.scheduling import events, workflow
 from trustmesh.scheduling.reader import FederationReader
 
-ROUND_EVENTS = ("trustmesh/round-opened", "trustmesh/submission-accepted", "trustmesh/round-ready",
-                "trustmesh/round-timeout", "trustmesh/round-scheduled", "trustmesh/task-done",
-                "trustmesh/task-failed", "trustmesh/round-finalized")
+ROUND_EVENTS = (events.ROUND_OPENED, events.SUBMISSION_ACCEPTED, events.ROUND_READY,
+                events.ROUND_TIMEOUT, events.ROUND_SCHEDULED, events.TASK_DONE,
+                events.TASK_FAILED, events.ROUND_FINALIZED)
 BAR_WIDTH = 20
 FIRST_CONTACT = 10.0  # seconds a command tries an endpoint that has never answered it
 
@@ -324,7 +324,7 @@ def summary(workflow_id: str, views: list[RoundView], seconds: float, *, federat
 def train_single_node(definition: dict, models_dir: pathlib.Path, out: TextIO) -> RoundView:
     """A single-node workflow has no rounds on chain: it trains here, on the whole training split,
     with the workflow's model and hyperparameters (the baseline federated runs compare with)."""
-    from trustmesh.compute_node import datasets, model_format, training
+    from trustmesh.fl import datasets, model_format, training
 
     data = definition["data"]
     if data.get("dataset") != "digits":

@@ -8,7 +8,8 @@ new block was built. The handler keeps the last `target_count` (+1) of those rec
     00b10c00 + {block_num:062x}    BlockInfo of that block
 
 Other families read them (declare `NAMESPACE` in the transaction's inputs) to learn the agreed
-time of the block they run in: `latest_block_timestamp(context)`.
+time of the block they run in: `latest_block_timestamp(context)`, in ledger/block_info.py, the
+processor side (re-exported here).
 
 Wire format, addresses, header fields and validation rules follow sawtooth-core 1-2
 (validator/.../block_info_injector.py, families/block_info), so state roots match a real network.
@@ -24,42 +25,23 @@ reference behaviour, build the handler with `clock=time.time` and accept the non
 from __future__ import annotations
 
 import hashlib
-import inspect
 import re
-from typing import Any, Callable
+from typing import Callable
 
 from google.protobuf.message import DecodeError
 
 from trustmesh.ledger import protos as pb
+from trustmesh.ledger.block_info import check_u64 as _check_u64
+from trustmesh.ledger.block_info import (BLOCK_INFO_NAMESPACE, CONFIG_ADDRESS, DEFAULT_SYNC_TOLERANCE,  # noqa: F401 (re-exported)
+                                        DEFAULT_TARGET_COUNT, FAMILY_NAME, FAMILY_VERSION, NAMESPACE, NULL_BLOCK_ID,
+                                        BlockInfoStateError, block_info_address, latest_block_timestamp,
+                                        read_block_info, read_block_info_config, read_latest_block_info)
 from trustmesh.ledger.builders import make_batch
-from trustmesh.ledger.processor import InternalError, InvalidTransaction, TransactionHandler
+from trustmesh.ledger.processor import InvalidTransaction, TransactionHandler
 from trustmesh.ledger.signing import PrivateKey
 
-FAMILY_NAME = "block_info"
-FAMILY_VERSION = "1.0"
-NAMESPACE = "00b10c"
-BLOCK_INFO_NAMESPACE = NAMESPACE + "00"
-CONFIG_ADDRESS = NAMESPACE + "01" + "0" * 62
-DEFAULT_TARGET_COUNT = 256
-DEFAULT_SYNC_TOLERANCE = 60 * 5  # seconds
-NULL_BLOCK_ID = "0000000000000000"  # previous_block_id of the genesis block
-
-_U64_LIMIT = 1 << 64
 _SIGNATURE_HEX = re.compile(r"[0-9a-fA-F]{128}")  # the reference's hex::decode takes both cases
 _PUBLIC_KEY_HEX = re.compile(r"[0-9a-fA-F]{66}")
-
-
-class BlockInfoStateError(InternalError):
-    """State under 00b10c is missing or undecodable where it must exist.
-
-    An InternalError as in the reference: the validator's fault, not the transaction's.
-    """
-
-
-def block_info_address(block_num: int) -> str:
-    """Where the BlockInfo of block `block_num` is stored."""
-    _check_u64("block_num", block_num)
-    return f"{BLOCK_INFO_NAMESPACE}{block_num:062x}"
 
 
 # --------------------------------------------------------------------------- injector
@@ -114,73 +96,6 @@ def make_block_info_batch(
     ).SerializeToString()
     transaction = pb.Transaction(header=header, header_signature=signer.sign(header), payload=payload)
     return make_batch(signer, [transaction])
-
-
-# --------------------------------------------------------------------------- readers
-
-
-async def read_block_info_config(source: Any) -> "pb.BlockInfoConfig | None":
-    """The stored BlockInfoConfig, or None before the first block_info transaction.
-
-    `source` is a processor Context (anything with `get_state(addresses)`) or a bare
-    `get(addresses) -> {address: bytes}` callable; either may be sync or async.
-    """
-    data = await _get_one(source, CONFIG_ADDRESS)
-    if data is None:
-        return None
-    try:
-        config = pb.BlockInfoConfig.FromString(data)
-    except DecodeError:
-        raise BlockInfoStateError(f"BlockInfoConfig at {CONFIG_ADDRESS} is not decodable") from None
-    # Zero means "default" in the reference's reader too.
-    return pb.BlockInfoConfig(
-        latest_block=config.latest_block,
-        oldest_block=config.oldest_block,
-        target_count=config.target_count or DEFAULT_TARGET_COUNT,
-        sync_tolerance=config.sync_tolerance or DEFAULT_SYNC_TOLERANCE,
-    )
-
-
-async def read_block_info(source: Any, block_num: int) -> "pb.BlockInfo | None":
-    """The stored BlockInfo of `block_num`, or None if it was never stored or already pruned."""
-    address = block_info_address(block_num)
-    data = await _get_one(source, address)
-    if data is None:
-        return None
-    try:
-        return pb.BlockInfo.FromString(data)
-    except DecodeError:
-        raise BlockInfoStateError(f"BlockInfo of block {block_num} at {address} is not decodable") from None
-
-
-async def read_latest_block_info(source: Any) -> "pb.BlockInfo | None":
-    """BlockInfo of the chain head this block builds on; None if block_info never ran."""
-    config = await read_block_info_config(source)
-    if config is None:
-        return None
-    info = await read_block_info(source, config.latest_block)
-    if info is None:
-        raise BlockInfoStateError(f"config names block {config.latest_block} as latest, but its BlockInfo is missing")
-    return info
-
-
-async def latest_block_timestamp(source: Any) -> int | None:
-    """The agreed time (Unix seconds) at which the current block was built.
-
-    In a transaction of block N this is the timestamp the injector stamped at the start of
-    block N, stored with the BlockInfo of block N-1. Every node computes the same value, unlike
-    its own clock. None if the chain has no block_info yet (injector not enabled).
-    """
-    info = await read_latest_block_info(source)
-    return None if info is None else info.timestamp
-
-
-async def _get_one(source: Any, address: str) -> bytes | None:
-    getter = getattr(source, "get_state", source)
-    result = getter([address])
-    if inspect.isawaitable(result):
-        result = await result
-    return result.get(address)
 
 
 # --------------------------------------------------------------------------- handler
@@ -320,8 +235,3 @@ async def _store(context, config: "pb.BlockInfoConfig", block: "pb.BlockInfo") -
     )
 
 
-def _check_u64(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not 0 <= value < _U64_LIMIT:
-        raise ValueError(f"{name} must fit in an unsigned 64-bit integer, got {value}")

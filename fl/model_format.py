@@ -210,7 +210,7 @@ def _decode(blob: bytes, with_data: bool = True) -> tuple[dict[str, str], Ordere
         raise ModelFormatError(
             "model blob is a readable safetensors file but not in canonical TrustMesh form "
             "(header layout, tensor order, padding or trailing bytes differ); re-serialize it with "
-            "trustmesh.compute_node.model_format.serialize"
+            "trustmesh.fl.model_format.serialize"
         )
     return metadata, arrays
 

@@ -1,0 +1,52 @@
+"""Every event the families emit carries exactly the attributes scheduling/events.py documents.
+
+A whole round through the four handlers' apply() on dict state (family_scenario), every event
+recorded: its name must be in events.ATTRIBUTES and its attribute names must be the documented
+ones (the always-present ones, plus any of the optional ones)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+import family_scenario as fs
+from trustmesh.scheduling import events, layout, schedule
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    seen: list[tuple[str, set[str]]] = []
+
+    async def add_event(self, event_type, attributes=(), data=b"", timeout=None):
+        seen.append((event_type, {k for k, _ in attributes}))
+
+    monkeypatch.setattr(fs.DictContext, "add_event", add_event)
+    return seen
+
+
+def test_every_emitted_event_is_documented_with_its_attributes(recorded):
+    scenario = fs.Round()
+    for state_name, signer, family, payload in scenario.valid_payloads():
+        fs.apply(copy.deepcopy(scenario.states[state_name]), signer, family, payload)
+    # a failed report, and a round made final (its result, then its evaluate task)
+    sid, by_key = scenario.schedule_id, {n.public_key().as_hex(): n for n in scenario.nodes}
+    scheduled = copy.deepcopy(scenario.states["scheduled"])
+    fs.apply(scheduled, by_key[scenario.assigned["preprocess"]], layout.SCHEDULE_FAMILY,
+             schedule.report_payload(sid, "preprocess", "failed", reason="out of memory"))
+    aggregated = copy.deepcopy(scenario.states["aggregated"])
+    for state_name, signer, family, payload in scenario.valid_payloads():
+        if state_name == "aggregated":
+            fs.apply(aggregated, signer, family, payload)
+
+    emitted = {name for name, _ in recorded}
+    assert emitted == set(events.ATTRIBUTES), sorted(emitted ^ set(events.ATTRIBUTES))
+    for name, attributes in recorded:
+        required, optional = events.ATTRIBUTES[name]
+        assert set(required) <= attributes <= set(required) | set(optional), (name, sorted(attributes))
+
+
+def test_event_names_are_written_once():
+    names = [v for k, v in vars(events).items() if k.isupper() and isinstance(v, str)]
+    assert len(names) == len(set(names)) == len(events.ATTRIBUTES)
+    assert all(name.startswith("trustmesh/") for name in names)
