@@ -1,0 +1,51 @@
+"""Bulyan (El Mhamdi et al. 2018): Krum chooses theta = n - 2f updates one at a time (each time
+among those left); then, per coordinate, the beta = theta - 2f chosen values closest to their
+median are averaged. Tolerates f Byzantine updates among n >= 4f + 3 (checked against
+federation.min_nodes_required at deploy time). The chosen updates get weight 1/theta in the
+round result, the others 0 (rejected)."""
+
+from __future__ import annotations
+
+from .base import Integer, Strategy, StrategyError
+from .krum import byzantine_problem, check_count
+
+
+class Bulyan(Strategy):
+    name = "bulyan"
+    parameters = {"f": Integer(low=0, high=1000)}
+
+    def __init__(self, f: int):
+        if not self.parameters["f"].accepts(f):
+            raise StrategyError(f"bulyan f must be an integer between 0 and 1000; got {f!r}")
+        self.f = f
+
+    @classmethod
+    def federation_problem(cls, spec, federation):
+        return byzantine_problem(cls.name, spec["f"], federation, needs=4 * spec["f"] + 3, formula="4f + 3")
+
+    def _weights(self, updates):
+        from .averaging import krum_order
+
+        check_count(self.name, len(updates), self.f, needs=4 * self.f + 3, formula="4f + 3")
+        theta = len(updates) - 2 * self.f
+        left, chosen = list(updates), []
+        while len(chosen) < theta:
+            best = left[krum_order(left, self.f)[0]]
+            chosen.append(best.node)
+            left.remove(best)
+        return {u.node: (1.0 / theta if u.node in chosen else 0.0) for u in updates}
+
+    def combine(self, updates, weights):
+        from .averaging import kept, median_rows, state_of_rows, sum_rows
+
+        chosen = kept(updates, weights)
+        beta = max(1, len(chosen) - 2 * self.f)
+
+        def closest_to_median(rows):
+            import torch
+
+            distance = torch.abs(torch.sub(rows, median_rows(rows)))
+            nearest = torch.argsort(distance, dim=0, stable=True)[:beta]
+            return torch.div(sum_rows(torch.gather(rows, 0, nearest)), float(beta))
+
+        return state_of_rows(chosen, closest_to_median)

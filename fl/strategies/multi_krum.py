@@ -1,0 +1,40 @@
+"""Multi-Krum (Blanchard et al. 2017): the m updates with the best Krum scores, averaged by
+their sample counts; the others get weight 0 (rejected). m = 1 is Krum. Needs n >= 2f + 3 and
+m <= n - f, checked against federation.min_nodes_required at deploy time."""
+
+from __future__ import annotations
+
+from .base import Integer, Strategy, StrategyError, sample_shares
+from .krum import byzantine_problem, check_count
+
+
+class MultiKrum(Strategy):
+    name = "multi_krum"
+    parameters = {"f": Integer(low=0, high=1000), "m": Integer(low=1, high=1000)}
+
+    def __init__(self, f: int, m: int):
+        if not self.parameters["f"].accepts(f):
+            raise StrategyError(f"multi_krum f must be an integer between 0 and 1000; got {f!r}")
+        if not self.parameters["m"].accepts(m):
+            raise StrategyError(f"multi_krum m must be an integer between 1 and 1000; got {m!r}")
+        self.f, self.m = f, m
+
+    @classmethod
+    def federation_problem(cls, spec, federation):
+        f, m = spec["f"], spec["m"]
+        problem = byzantine_problem(cls.name, f, federation, needs=2 * f + 3, formula="2f + 3")
+        smallest = federation.get("min_nodes_required", 1)
+        if problem is None and m > smallest - f:
+            problem = (f"m = {m} updates cannot be chosen while f = {f} may be Byzantine in a round of "
+                       f"federation.min_nodes_required = {smallest} updates: m must be at most "
+                       f"min_nodes_required - f = {smallest - f}")
+        return problem
+
+    def _weights(self, updates):
+        from .averaging import krum_order
+
+        n = len(updates)
+        check_count(self.name, n, self.f, needs=max(2 * self.f + 3, self.m + self.f), formula="max(2f + 3, m + f)")
+        chosen = {updates[i].node for i in krum_order(updates, self.f)[:self.m]}
+        shares = sample_shares([u for u in updates if u.node in chosen])
+        return {u.node: shares.get(u.node, 0.0) for u in updates}
