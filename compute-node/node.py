@@ -25,10 +25,12 @@ import logging
 import os
 import pathlib
 import time
+from typing import Mapping
 
 import torch
 
 from trustmesh.cancelling import cancel_and_wait
+from trustmesh.fl.attacks import Attack
 from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.block_cursor import BlockCursor
 from trustmesh.ledger.events import UnknownBlockError, event_subscription
@@ -86,10 +88,14 @@ async def _all_done(task_ids, status) -> bool:
 class ComputeNode:
     def __init__(self, name: str, data_dir: str | os.PathLike, *, validator_url: str, rest_url: str,
                  redis_url: str, couch_url: str | None = None, couch_user: str | None = None,
-                 couch_password: str | None = None, chain_heartbeat: float = peers.HEARTBEAT_SECONDS):
+                 couch_password: str | None = None, chain_heartbeat: float = peers.HEARTBEAT_SECONDS,
+                 attacks: Mapping[str, Attack] | None = None):
         """chain_heartbeat: seconds between two on-chain heartbeats (the liveness the schedule
-        family trusts when it moves a late task; peers.LIVENESS_SECONDS must cover a few)."""
+        family trusts when it moves a late task; peers.LIVENESS_SECONDS must cover a few).
+        attacks: for tests and benchmarks only, data owner -> how this node poisons the updates
+        it trains on that owner's data (fl/attacks.py); said in its log and status line."""
         self.name = name
+        self.attacks = dict(attacks or {})
         self.chain_heartbeat = chain_heartbeat
         self.data_dir = pathlib.Path(data_dir)
         self.validator_url, self.rest_url = validator_url, rest_url
@@ -132,12 +138,13 @@ class ComputeNode:
         self.subscriber = await self._cursor.subscribe(self.validator_url, [event_subscription(e) for e in SCHEDULE_EVENTS],
                                                        new_from_genesis=False, who=self.name)
         self.context = TaskContext(self.node, self.encryption_key, self.reader, self.blobs,
-                                   progress=lambda text: LOGGER.debug("%s: %s", self.name, text))
+                                   progress=lambda text: LOGGER.debug("%s: %s", self.name, text),
+                                   attacks=self.attacks)
         loop = asyncio.get_running_loop()
         # Any node may keep the Redis federation cache: it is filled idempotently from committed events.
         self.cache = FederationCache(self.redis, rest_client=self.rest)
         await self.link.mark()
-        beats = lambda: self.heartbeats.keep_beating(self.node, {"name": self.name})  # noqa: E731
+        beats = lambda: self.heartbeats.keep_beating(self.node, self._status_info())  # noqa: E731
         self._tasks = [loop.create_task(self._follow()), loop.create_task(self._work()),
                        loop.create_task(self._through_outages(beats)), loop.create_task(self._keep_cache()),
                        loop.create_task(self.link.watch(self._redis_restarted)),
@@ -145,6 +152,15 @@ class ComputeNode:
         if self.recorder is not None:
             self._tasks.append(loop.create_task(self.recorder.run()))
         LOGGER.info("compute node %s (%s…) ready", self.name, self.node[:16])
+        for owner, attack in sorted(self.attacks.items()):
+            LOGGER.warning("ATTACK (test mode): %s poisons every update it trains on %s…'s data with %s", self.name,
+                           owner[:16], attack)
+
+    def _status_info(self) -> dict:
+        info = {"name": self.name}
+        if self.attacks:  # never silent: `trustmesh status` shows it
+            info["attack"] = ", ".join(f"{attack} on {owner[:16]}…" for owner, attack in sorted(self.attacks.items()))
+        return info
 
     async def _register(self) -> None:
         record = await self.reader.peer(self.node)

@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from trustmesh.ledger import payload as cbor
 from trustmesh.scheduling.reader import FederationReader
@@ -34,7 +34,8 @@ from trustmesh.stores.redis_state import BlobCorrupted, BlobNotFound, BlobStore,
 from trustmesh.fl import model_format
 from trustmesh.fl.datasets import federated_digits, load_npz
 from trustmesh.fl.strategies import ClientUpdate, strategy_from_spec
-from trustmesh.fl.training import derive_seed, evaluate, local_train
+from trustmesh.fl.attacks import Attack
+from trustmesh.fl.training import derive_seed, evaluate, initial_state, local_train
 
 LOGGER = logging.getLogger(__name__)
 
@@ -93,6 +94,10 @@ class TaskContext:
     # Likewise the global models of its own aggregate reports, by (workflow_id, round): the next
     # round's training starts from one before its round result is committed.
     global_models: dict[tuple[str, int], dict] = field(default_factory=dict)
+
+    # For tests and benchmarks of robust strategies only (fl/attacks.py): data owner -> the attack
+    # this node plays with the updates it trains on that owner's data. Empty unless asked for.
+    attacks: Mapping[str, Attack] = field(default_factory=dict)
 
     # What every task of a round reads alike (its assignments' task graph, the workflow definition,
     # the global model it starts from), kept for the last few rounds: a round runs a dozen tasks.
@@ -240,10 +245,19 @@ async def train_update(ctx, assignments, task_id, owner, data, definition) -> Ta
     # Training runs in a worker thread (torch releases the GIL): the node keeps its heartbeat
     # and its event stream going meanwhile.
     started = time.perf_counter()
-    result = await asyncio.to_thread(local_train, definition["model"], hp, global_state, data.x, data.y,
-                                     progress=progress, seed=derive_seed(hp["seed"], assignments["round"], owner))
+    seed = derive_seed(hp["seed"], assignments["round"], owner)
+    attack = ctx.attacks.get(owner)
+    labels = data.y if attack is None else attack.poison_labels(data.y, definition["model"]["num_classes"])
+    result = await asyncio.to_thread(local_train, definition["model"], hp, global_state, data.x, labels,
+                                     progress=progress, seed=seed)
     compute = time.perf_counter() - started
-    blob = model_format.serialize(result.state, workflow_id=assignments["workflow_id"], round=assignments["round"],
+    state = result.state
+    if attack is not None:
+        LOGGER.warning("ATTACK (test mode): %s poisons the update of %s… in round %s with %s", ctx.node[:16],
+                       owner[:16], assignments["round"], attack)
+        start_state = global_state if global_state is not None else initial_state(definition["model"], hp["seed"])
+        state = attack.poison_update(start_state, result.state, seed)
+    blob = model_format.serialize(state, workflow_id=assignments["workflow_id"], round=assignments["round"],
                                   model_spec=definition["model"])
     digest = await ctx.blobs.put(blob)
     return TaskOutcome(digest, {k: result.metrics[k] for k in REPORTED_METRICS}, compute_seconds=compute,

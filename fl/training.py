@@ -166,6 +166,11 @@ def _deterministic():
 # --------------------------------------------------------------------------- training
 
 
+def initial_state(model_spec: Mapping, seed: int) -> OrderedDict:
+    """The weights round 1 trains from: the model built from the spec with hyperparameters.seed."""
+    return state_of(build_model(model_spec, seed=seed))
+
+
 def local_train(model_spec: Mapping, hyperparameters: Mapping, global_state: Mapping | None,
                 x: np.ndarray, y: np.ndarray, *, progress: ProgressCallback | None = None,
                 seed: int | None = None) -> TrainResult:

@@ -39,6 +39,7 @@ import time
 
 from trustmesh.cancelling import cancel_and_wait
 from trustmesh.fl import model_format
+from trustmesh.fl.attacks import Attack
 from trustmesh.fl.datasets import Dataset, dump_npz, federated_digits, load_npz
 from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.events import BLOCK_COMMIT, EventSubscriber, event_subscription
@@ -85,8 +86,11 @@ class IoTNode:
     def __init__(self, name: str, data_dir: str | os.PathLike, *, workflow_id: str | None = None,
                  validator_url: str, rest_url: str, redis_url: str, coordinator: bool | None = None,
                  data_path: str | None = None, on_round=None, task_deadline: int | None = None,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, attack: Attack | None = None):
         self.name = name
+        # For tests and benchmarks only (fl/attacks.py): how this node poisons the updates it trains
+        # itself (train_on "iot"); said in its log and status line.
+        self.attack = attack
         self.data_dir = pathlib.Path(data_dir)
         self.workflow_id = workflow_id  # None: every workflow that names this node
         self.validator_url, self.rest_url, self.redis_url = validator_url, rest_url, redis_url
@@ -142,7 +146,10 @@ class IoTNode:
     async def _beat(self) -> None:
         while True:  # through Redis outages: liveness resumes with Redis
             try:
-                await self.heartbeats.keep_beating(self.node, {"name": self.name, "role": "iot"})
+                info = {"name": self.name, "role": "iot"}
+                if self.attack is not None:  # never silent: `trustmesh status` shows it
+                    info["attack"] = f"{self.attack} on its own updates"
+                await self.heartbeats.keep_beating(self.node, info)
             except TRANSIENT as exc:
                 self.link.failed(exc)
                 await self.link.wait_up()
@@ -296,6 +303,9 @@ class IoTNode:
         trainer = LocalTrainer(self.name, self.signer, validator_url=self.validator_url, reader=self.reader,
                                blobs=self.blobs, commit=self._commit, local_data=self._local_data,
                                workflows=self._workflows, salts=self.salts)
+        if self.attack is not None:
+            trainer.context.attacks = {self.node: self.attack}
+            LOGGER.warning("ATTACK (test mode): %s poisons every update it trains with %s", self.name, self.attack)
         await trainer.start()  # reads the tasks it holds already, so starting late loses none
         self.trainer = trainer
 

@@ -82,6 +82,24 @@ def _node_flags(parser, endpoints) -> None:
                              "core; `trustmesh up` gives each node its share)")
 
 
+def _attack(text: str):
+    from trustmesh.fl.attacks import AttackError, parse_attack
+
+    try:
+        return parse_attack(text)
+    except AttackError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _targeted_attack(text: str):
+    from trustmesh.fl.attacks import AttackError, parse_targeted
+
+    try:
+        return parse_targeted(text)
+    except AttackError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _use_torch_threads(args) -> None:
     """Compute nodes set it at start; IoT nodes when they start training (torch only then)."""
     if args.torch_threads is not None:
@@ -99,7 +117,7 @@ def _compute_node(args) -> int:
     async def serve():
         node = ComputeNode(args.name, args.data_dir, validator_url=where.validator, rest_url=where.rest,
                            redis_url=where.redis, couch_url=where.couch, couch_user=where.couch_user,
-                           couch_password=where.couch_password)
+                           couch_password=where.couch_password, attacks=dict(args.attack))
         await node.start()
         try:
             await asyncio.Event().wait()
@@ -128,7 +146,7 @@ def _iot_node(args) -> int:
         node = IoTNode(args.name, args.data_dir, workflow_id=args.workflow or None, validator_url=where.validator,
                        rest_url=where.rest, redis_url=where.redis, coordinator=role,
                        data_path=args.data, on_round=report, task_deadline=args.task_deadline,
-                       torch_threads=args.torch_threads)
+                       torch_threads=args.torch_threads, attack=args.attack)
         await node.start()
         print(f"{args.name}: public key {node.node}", flush=True)
         try:
@@ -200,7 +218,8 @@ def _status(args) -> int:
         for name, service in services.items():
             health = {True: "healthy", False: "UNHEALTHY", None: "starting"}[service.get("healthy")]
             print(f"  {name:<12} {'up' if service['running'] else 'down':<5} pid {service.get('pid') or '-':<8} "
-                  f"{health if service['running'] else '':<10} restarts {service.get('restarts', 0)}")
+                  f"{health if service['running'] else '':<10} restarts {service.get('restarts', 0)}"
+                  + (f"  ATTACK TEST MODE: {service['attack']}" if service.get("attack") else ""))
         if head and "error" not in head:
             header = head.get("header", {})
             print(f"chain head: block {header.get('block_num')} {head.get('header_signature', '')[:16]}… "
@@ -318,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     compute = sub.add_parser("compute-node", help="run a compute node: register, train, aggregate, evaluate")
     _node_flags(compute, ("validator", "rest", "redis", "couch"))
+    compute.add_argument("--attack", action="append", default=[], type=_targeted_attack, metavar="OWNER=MODE[:PARAM]",
+                         help="TESTS AND BENCHMARKS ONLY: poison the updates trained on the data of OWNER (an IoT "
+                              "node's public key): scale:K, sign_flip, noise:SIGMA, label_flip or free_rider "
+                              "(fl/attacks.py); repeatable, never on by default")
     compute.set_defaults(func=_compute_node)
 
     iot = sub.add_parser("iot-node", help="run an IoT node: coordinator or participant of the workflows naming it")
@@ -325,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     iot.add_argument("--workflow", default=os.environ.get("TRUSTMESH_WORKFLOW"),
                      help="serve this workflow only (env TRUSTMESH_WORKFLOW; default: every deployed workflow "
                           "whose federation names this node's key)")
+    iot.add_argument("--attack", type=_attack, metavar="MODE[:PARAM]",
+                     help="TESTS AND BENCHMARKS ONLY: poison the updates this node trains itself (train_on iot): "
+                          "scale:K, sign_flip, noise:SIGMA, label_flip or free_rider (fl/attacks.py)")
     iot.add_argument("--role", choices=("auto", "coordinator", "participant"), default="auto",
                      help="auto (default): coordinate where the workflow's coordinator_node is this node")
     iot.add_argument("--data", help=".npz file with x (float32 [n, features]) and y (int64 [n]); default: this "

@@ -119,6 +119,7 @@ class Service:
     next_start: float = 0.0
     healthy: bool = False
     node_key: str | None = None                # compute and IoT nodes: their public key
+    attack: str | None = None                  # a node in attack test mode says so in its heartbeat
 
     @property
     def pid(self) -> int | None:
@@ -163,13 +164,14 @@ class Service:
     def describe(self) -> dict:
         return {"kind": self.kind, "pid": self.pid, "running": self.running, "healthy": self.healthy,
                 "restarts": self.restarts, "started_at": self.started_at, "log": str(self.log_path),
-                **({"node": self.node_key} if self.node_key else {})}
+                **({"node": self.node_key} if self.node_key else {}),
+                **({"attack": self.attack} if self.attack else {})}
 
 
-async def _live_nodes(redis_url: str) -> set[str]:
+async def _live_nodes(redis_url: str) -> dict[str, dict]:
     redis = await connect(redis_url, socket_timeout=1, socket_connect_timeout=1)
     try:
-        return set(await Heartbeats(redis).live())
+        return await Heartbeats(redis).live()
     finally:
         await redis.aclose()
 
@@ -237,7 +239,7 @@ class Supervisor:
 
     # -- health ----------------------------------------------------------------------------------
 
-    def _check(self, service: Service, live_nodes: set[str]) -> bool:
+    def _check(self, service: Service, live_nodes: dict[str, dict]) -> bool:
         if not service.running:
             return False
         if service.server is not None:
@@ -248,15 +250,15 @@ class Supervisor:
             return service.node_key in live_nodes
         return True  # processors: alive is all we can see (the validator does not list them)
 
-    def _live_nodes(self) -> set[str]:
-        """Nodes whose heartbeat has not expired, as the nodes' own Heartbeats registry says."""
+    def _live_nodes(self) -> dict[str, dict]:
+        """Nodes whose heartbeat has not expired, with what they say of themselves (Heartbeats)."""
         url = self.endpoints.get("redis")
         if not url:
-            return set()
+            return {}
         try:
             return asyncio.run(_live_nodes(url))
         except (RedisError, OSError):
-            return set()
+            return {}
 
     # -- run -------------------------------------------------------------------------------------
 
@@ -333,6 +335,8 @@ class Supervisor:
                 except ServerError as exc:
                     LOGGER.error("%s did not restart: %s", service.name, exc)
             healthy = self._check(service, live)
+            if service.node_key in live:
+                service.attack = live[service.node_key].get("attack")
             if not healthy and service.node_key is not None and now - service.started_at < HEARTBEAT_GRACE:
                 healthy = None  # still starting: not yet a problem
             service.healthy = healthy
