@@ -52,6 +52,8 @@ from .tasks import (InputNotReady, Recent, TaskContext, TaskInputError, report_m
 
 LOGGER = logging.getLogger(__name__)
 
+REPORT_PATIENCE = 600.0  # seconds a report is sent again while the validator does not know it
+LOST_DEPENDENCY = "which is neither committed nor pending"  # the validator's word for a dependency it never saw
 UNEXPECTED_RETRIES = 3  # tries of a task that fails with something other than bad input
 
 SCHEDULE_EVENTS = (events.TASK_ASSIGNED, events.TASK_DONE, events.TASK_REASSIGNED,
@@ -393,7 +395,7 @@ class ComputeNode:
             r = outcome.round_result
             txns.append(schedule.make_round_result_transaction(
                 self.signer, sid, outcome.output_digest, r["participants"], r["aggregation_weights"], r["metrics"],
-                task_id=task_id))
+                task_id=task_id, rejected=r.get("rejected")))
         self._uncommitted[sid, task_id] = txns[0].header_signature
         self.context.reported[sid, task_id] = {"status": "done", "node": self.node, "attempt": attempt,
                                                "output_digest": outcome.output_digest, "metrics": metrics}
@@ -424,9 +426,11 @@ class ComputeNode:
     async def _send(self, txns, message_id: str, completed: tuple[str, str] | None) -> None:
         status = None
         try:
+            batch = make_batch(self.signer, txns)
             async with self._submitting:  # asyncio locks are fair: first made, first sent
-                ids = await self.rest.submit_batches([make_batch(self.signer, txns)])
-            [status] = await self.rest.wait_for_batches(ids, 120, raise_invalid=False)
+                await self.rest.submit_batches([batch])
+            # Sent again while the validator does not know it (a restarted one forgot it).
+            [status] = await self.rest.submit_until_final([batch], REPORT_PATIENCE, sent=True)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -445,7 +449,13 @@ class ComputeNode:
         if status is None:
             return
         if status["status"] != "COMMITTED":
-            LOGGER.warning("%s: report not committed: %s", self.name, status.get("invalid_transactions"))
+            problems = status.get("invalid_transactions") or []
+            LOGGER.warning("%s: report not committed: %s", self.name, problems)
+            if any(LOST_DEPENDENCY in (p.get("message") or "") for p in problems):
+                # An earlier report it named was lost with a validator restart (and is being sent
+                # again): leave the message pending; the stream hands it out again and the task
+                # runs once more with a report the chain can take.
+                return
         await self.link.call(lambda: self.queue.ack(message_id))
         if completed is not None and status["status"] == "COMMITTED":
             self.completed.append(completed)

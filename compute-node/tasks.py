@@ -31,7 +31,7 @@ from trustmesh.stores.data_bundle import open_bundle
 from trustmesh.stores.data_envelope import EnvelopeError
 from trustmesh.stores.redis_state import BlobCorrupted, BlobNotFound, BlobStore, BlobTooLarge
 
-from trustmesh.fl import model_format
+from trustmesh.fl import model_format, screening
 from trustmesh.fl.datasets import federated_digits, load_npz
 from trustmesh.fl.strategies import ClientUpdate, strategy_from_spec
 from trustmesh.fl.attacks import Attack
@@ -277,9 +277,21 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
                                     samples=int(status["metrics"]["samples"]), metrics=status["metrics"]))
     if not updates:
         raise TaskInputError(f"aggregate {task_id} depends on no local_train output")
+    checks = definition.get("update_checks")
+    start_state = None
+    if checks and "max_norm_ratio" in checks:  # measured from the model the round trained from
+        start_state = (await _global_model(ctx, definition, assignments))[0]
+        if start_state is None:
+            start_state = initial_state(definition["model"], definition["hyperparameters"]["seed"])
+    updates, rejected = screening.screen(updates, checks, start_state)
+    for node, why in sorted(rejected.items()):
+        LOGGER.warning("aggregate %s: the update of %s… is rejected: %s", task_id, node[:16], why)
+    if not updates:
+        raise TaskInputError(f"aggregate {task_id}: every update was rejected by the update checks")
     strategy = strategy_from_spec(definition.get("strategy") or {"name": "fedavg"})
     started = time.perf_counter()
     state, weights = strategy.aggregate(updates)
+    weights = {**{node: 0.0 for node in rejected}, **weights}
     compute = time.perf_counter() - started
     blob = model_format.serialize(state, workflow_id=assignments["workflow_id"], round=assignments["round"],
                                   model_spec=definition["model"])
@@ -289,7 +301,7 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     metrics["samples"] = total
     participants = sorted(weights)
     result = {"participants": participants, "aggregation_weights": {n: float(weights[n]) for n in participants},
-              "metrics": {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}}
+              "metrics": {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}, "rejected": rejected}
     return TaskOutcome(digest, metrics, round_result=result, compute_seconds=compute)
 
 

@@ -518,8 +518,8 @@ class IoTNode:
         await _claimed(self._sent, key, lambda: self._commit(txn, what))
 
     async def _commit(self, txn, what: str) -> bool:
-        ids = await self.rest.submit_batches([make_batch(self.signer, [txn])])
-        [status] = await self.rest.wait_for_batches(ids, 60, raise_invalid=False)
+        # sent again while the validator does not know it (a restarted one forgot it)
+        [status] = await self.rest.submit_until_final([make_batch(self.signer, [txn])], 60)
         if status["status"] == "COMMITTED":
             LOGGER.info("%s: %s", self.name, what)
             return True

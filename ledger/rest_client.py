@@ -338,6 +338,29 @@ class RestClient:
             raise BatchInvalidError(statuses)
         return statuses
 
+    async def submit_until_final(self, batches: Sequence, timeout: float, *, resubmit_after: float = 10.0,
+                                 sent: bool = False) -> list[dict]:
+        """Submit `batches` (unless `sent` already) and wait until each is COMMITTED or INVALID
+        (statuses, INVALID not raised). A batch the validator still does not know
+        `resubmit_after` seconds on is submitted again: a validator that restarted has forgotten
+        the batches it had not committed. Safe: a batch id the validator already has is dropped.
+        BatchTimeoutError after `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        ids = [b.header_signature for b in batches] if sent else await self.submit_batches(batches)
+        while True:
+            try:
+                return await self.wait_for_batches(ids, max(0.1, min(resubmit_after, deadline - loop.time())),
+                                                   raise_invalid=False)
+            except BatchTimeoutError as exc:
+                if loop.time() >= deadline:
+                    raise BatchTimeoutError(exc.statuses, timeout) from None
+                lost = [b for b, s in zip(batches, exc.statuses) if s.get("status") == "UNKNOWN"]
+                if lost:
+                    LOGGER.info("the validator does not know %d batch(es) it was sent (restarted?); sending again",
+                                len(lost))
+                    await self.submit_batches(lost)
+
     async def list_batches(self, *, head: str | None = None, ids: Sequence[str] | None = None,
                            page_size: int | None = None, reverse: bool = False) -> AsyncIterator[dict]:
         async for batch in self._pages("/batches", self._list_params(head, ids, page_size, reverse)):

@@ -39,9 +39,10 @@ Actions (canonical-CBOR map {"action": ..., ...}; unknown fields are refused):
       later. local_train on an IoT node's own data (train_on "iot") cannot move: the same IoT
       node gets a new attempt, as it is no compute node and sends no heartbeats.
   round_result  {schedule_id, global_model_digest, participants, aggregation_weights, metrics,
-                 task_id?}
+                 task_id?, rejected?}
       From the node of the (final) aggregate task, after that task reported done with the same
-      digest. The round is final once the result exists and every evaluate instance is done,
+      digest. rejected: {participant: reason} for updates the update checks refused
+      (fl/screening.py); each has weight 0; stored in the result only when present. The round is final once the result exists and every evaluate instance is done,
       whichever comes last.
 
 Deadlines (chain time, BlockInfo): a task without dependencies gets chain_time +
@@ -90,6 +91,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 
+from trustmesh.fl import screening
 from trustmesh.fl.strategies.base import WEIGHT_TOLERANCE  # sum(weights) - 1 allowed: the strategies' own
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_transaction
@@ -125,6 +127,7 @@ MAX_DEADLINE_SECONDS = 7 * 24 * 3600
 MAX_QUEUE_SKEW = 2
 MAX_METRICS = 32
 MAX_REASON_CHARS = 500
+MAX_REJECT_REASON_CHARS = screening.MAX_REASON_CHARS  # per rejected update in a round result
 
 # prefixes that cover every record of one kind (inputs/outputs of transactions whose exact
 # addresses depend on state the client has not read)
@@ -141,7 +144,7 @@ _FIELDS = {
     "reassign": ({"schedule_id", "task_id"}, set()),
     "round_result": (
         {"schedule_id", "global_model_digest", "participants", "aggregation_weights", "metrics"},
-        {"task_id"},
+        {"task_id", "rejected"},
     ),
 }
 _RANK = {"assigned": 0, "running": 1, "done": 2, "failed": 2}
@@ -872,6 +875,7 @@ class ScheduleHandler(TransactionHandler):
         if abs(total - 1.0) > WEIGHT_TOLERANCE:
             raise InvalidTransaction(f"aggregation_weights sum to {total!r}; they must sum to 1 (within {WEIGHT_TOLERANCE})")
         metrics = _metrics(body, "metrics", required=("accuracy", "loss"))
+        rejected = _rejected(body, weights)
 
         assignments = await self._assignments(context, schedule_id)
         tasks = assignments["tasks"]
@@ -923,7 +927,7 @@ class ScheduleHandler(TransactionHandler):
             "schedule_id": schedule_id, "workflow_id": assignments["workflow_id"], "round": assignments["round"],
             "aggregate_task": aggregate_id, "global_model_digest": digest, "participants": list(participants),
             "aggregation_weights": dict(weights), "metrics": metrics, "reported_by": signer,
-            "recorded_at": now, "final": False,
+            "recorded_at": now, "final": False, **({"rejected": rejected} if rejected else {}),
         }
         final = self._finalize(result, assignments, statuses, now)
         await write_records(context, {layout.round_result_address(schedule_id): final or result})
@@ -934,6 +938,26 @@ class ScheduleHandler(TransactionHandler):
 
 
 # --------------------------------------------------------------------------- clients
+
+
+def _rejected(body: Mapping, weights: Mapping[str, Any]) -> dict[str, str]:
+    """The round result's optional `rejected` map: participants whose update the update checks
+    refused (fl/screening.py), each with weight 0 and a reason a person can read."""
+    if "rejected" not in body:
+        return {}
+    rejected = require(body, "rejected", dict)
+    if not rejected:
+        raise InvalidTransaction("payload field 'rejected' is empty; leave it out when no update was rejected")
+    for node, reason in rejected.items():
+        if node not in weights:
+            raise InvalidTransaction(f"payload field 'rejected' names {shown(node)}, which is not a participant")
+        if weights[node] != 0:
+            raise InvalidTransaction(f"participant {node} is rejected but has aggregation weight {shown(weights[node])}; "
+                                     f"a rejected update weighs 0")
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REJECT_REASON_CHARS:
+            raise InvalidTransaction(f"the reason participant {node} was rejected must be a non-empty text of at most "
+                                     f"{MAX_REJECT_REASON_CHARS} characters, got {shown(reason)}")
+    return dict(rejected)
 
 
 def _encode(action: str, fields: Mapping[str, Any]) -> bytes:
@@ -964,11 +988,13 @@ def reassign_payload(schedule_id: str, task_id: str) -> bytes:
 
 def round_result_payload(schedule_id: str, global_model_digest: str, participants: list[str],
                          aggregation_weights: Mapping[str, float], metrics: Mapping[str, float], *,
-                         task_id: str | None = None) -> bytes:
+                         task_id: str | None = None, rejected: Mapping[str, str] | None = None) -> bytes:
+    """rejected: participants whose update the update checks refused (weight 0), with why; left
+    out when none was."""
     return _encode("round_result", {
         "schedule_id": schedule_id, "global_model_digest": global_model_digest,
         "participants": list(participants), "aggregation_weights": dict(aggregation_weights),
-        "metrics": dict(metrics), "task_id": task_id,
+        "metrics": dict(metrics), "task_id": task_id, "rejected": dict(rejected) if rejected else None,
     })
 
 
@@ -1015,13 +1041,13 @@ def make_reassign_transaction(signer, schedule_id: str, task_id: str, **kwargs):
 
 def make_round_result_transaction(signer, schedule_id: str, global_model_digest: str, participants: list[str],
                                   aggregation_weights: Mapping[str, float], metrics: Mapping[str, float], *,
-                                  task_id: str | None = None, **kwargs):
+                                  task_id: str | None = None, rejected: Mapping[str, str] | None = None, **kwargs):
     """Signed by the node of the aggregate task."""
     result = layout.round_result_address(schedule_id)
     inputs = [layout.assignments_address(schedule_id), layout.round_address(schedule_id), TASK_STATUS_PREFIX,
               result, layout.BLOCK_INFO_NS]
     payload = round_result_payload(schedule_id, global_model_digest, participants, aggregation_weights, metrics,
-                                   task_id=task_id)
+                                   task_id=task_id, rejected=rejected)
     return _transaction(signer, payload, inputs, [result], **kwargs)
 
 

@@ -69,6 +69,7 @@ import re
 from importlib import resources
 from typing import Any, Callable, Mapping
 
+from trustmesh.fl import screening
 from trustmesh.fl import strategies as strategy_registry
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_transaction
@@ -348,13 +349,21 @@ def _check_strategy(strategy: Any, path: str) -> None:
     if "name" not in strategy:
         raise DefinitionError(f"{path} lacks the required field 'name'")
     name = _choice(strategy["name"], f"{path}.name", tuple(sorted(strategy_registry.STRATEGIES)))
-    parameters = strategy_registry.STRATEGIES[name].parameters
-    _fields(strategy, path, ("name", *parameters))
+    _check_parameters(strategy, path, strategy_registry.STRATEGIES[name].parameters, ("name",))
+
+
+def _check_parameters(value: Any, path: str, parameters: Mapping, also: tuple[str, ...]) -> None:
+    """A map of `parameters` (name -> Number or Integer bounds, from the registry that owns them):
+    with `also` (checked by the caller), required ones when `also` names a choice, else optional."""
+    required = (*also, *parameters) if also else ()
+    _fields(value, path, required, () if also else tuple(parameters))
     for parameter, bounds in parameters.items():
+        if parameter not in value:
+            continue
         if bounds.kind == "integer":
-            _int(strategy[parameter], f"{path}.{parameter}", bounds.low, bounds.high)
+            _int(value[parameter], f"{path}.{parameter}", bounds.low, bounds.high)
         else:
-            _number(strategy[parameter], f"{path}.{parameter}", low=bounds.low, high=bounds.high)
+            _number(value[parameter], f"{path}.{parameter}", low=bounds.low, high=bounds.high)
 
 
 def _check_data(data: Any, path: str) -> None:
@@ -421,7 +430,7 @@ def validate_definition(definition: Any, *, allow_node_names: bool = False) -> d
     """
     root = _ROOT
     _fields(definition, root, ("workflow_id", "name", "tasks", "model", "hyperparameters", "data"),
-            ("description", "strategy", "federation"))
+            ("description", "strategy", "update_checks", "federation"))
     _identifier(definition["workflow_id"], f"{root}.workflow_id")
     _str(definition["name"], f"{root}.name", MAX_NAME)
     if "description" in definition:
@@ -431,6 +440,8 @@ def validate_definition(definition: Any, *, allow_node_names: bool = False) -> d
     _check_hyperparameters(definition["hyperparameters"], f"{root}.hyperparameters")
     if "strategy" in definition:
         _check_strategy(definition["strategy"], f"{root}.strategy")
+    if "update_checks" in definition:
+        _check_parameters(definition["update_checks"], f"{root}.update_checks", screening.PARAMETERS, ())
     _check_data(definition["data"], f"{root}.data")
     federated = "federation" in definition
     if federated:
@@ -534,6 +545,9 @@ def load_schema() -> dict:
     prints it."""
     schema = json.loads(resources.files(__package__).joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
     schema["$defs"]["strategy"] = strategy_registry.schema_of_strategies()
+    schema["$defs"]["update_checks"] = {
+        "type": "object", "additionalProperties": False,
+        "properties": {name: bounds.schema() for name, bounds in screening.PARAMETERS.items()}}
     return schema
 
 

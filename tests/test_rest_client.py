@@ -239,3 +239,29 @@ def test_blocks_batches_transactions_receipts_and_node():
             status = await rest.get_status()
             assert status["endpoint"] == peer.endpoint and len(status["peers"]) == 2
     run(body())
+
+
+def test_a_batch_a_restarted_validator_forgot_is_sent_again_until_final():
+    async def body():
+        peer = ClientWirePeer()
+        seed_chain(peer, SIGNER)
+        async with serving(peer) as server, RestClient(server.url, **FAST) as rest:
+            batch = make_test_batch(SIGNER, {address("lost"): b"1"})
+            await rest.submit_batches([batch])
+            peer.pending.clear()  # the validator restarted: its pending batches are gone
+            loop = asyncio.get_running_loop()
+
+            def commit_once_resent():
+                if batch.header_signature in peer.pending:
+                    peer.commit_pending()
+                else:
+                    loop.call_later(0.05, commit_once_resent)
+
+            loop.call_later(0.05, commit_once_resent)
+            [status] = await rest.submit_until_final([batch], 10, resubmit_after=0.3, sent=True)
+            assert status["status"] == "COMMITTED" and submits(peer) == 2
+            # one it never gets to commit: a timeout naming it, after the whole patience
+            other = make_test_batch(SIGNER, {address("never"): b"1"})
+            with pytest.raises(BatchTimeoutError, match="1 of 1 batches not final after 0.5s"):
+                await rest.submit_until_final([other], 0.5, resubmit_after=0.2)
+    run(body())

@@ -1,7 +1,7 @@
-"""A robust strategy through every real part: Multi-Krum (f = 1, m = 3) over five IoT nodes, one
-of whose updates the compute nodes poison (x100 scaling, fl/attacks.py). Every round's result
-gives the attacker weight 0 and the audit recomputes the aggregation and passes; FedAvg's
-weights would have given it a share."""
+"""Defences through every real part, five IoT nodes, one of whose updates the compute nodes poison
+(x100 scaling, fl/attacks.py): Multi-Krum (f = 1, m = 3) gives the attacker weight 0 in every
+round; FedAvg behind update checks (max_norm_ratio) rejects it by name. Either way the audit
+recomputes the aggregation, and the checks, and passes."""
 
 from __future__ import annotations
 
@@ -20,16 +20,18 @@ from trustmesh.scheduling.reader import FederationReader
 
 from family_scenario import _WORKFLOWS
 
-WORKFLOW_ID, ROUNDS = "digits-robust", 2
+ROUNDS = 2
 
 
-def test_multi_krum_leaves_out_a_scaling_attacker_and_the_audit_passes(devnet, stores, tmp_path):  # noqa: F811
+def _federate(devnet, stores, tmp_path, workflow_id: str, **changes):  # noqa: F811
+    """Run a workflow (federated-digits, 5 nodes, 1 epoch, `changes`) with iot-5's updates scaled
+    x100 by both compute nodes: (attacker key, round results, audit report)."""
     redis_server, couch_server = stores
     names = [f"iot-{i}" for i in range(1, 6)]
     keys = {n: load_or_create_key(tmp_path / n / "keys", n).public_key().as_hex() for n in names}
     attacker = keys["iot-5"]
     definition = workflow.load_definition(_WORKFLOWS / "federated-digits.json")
-    definition.update(workflow_id=WORKFLOW_ID, strategy={"name": "multi_krum", "f": 1, "m": 3})
+    definition.update(workflow_id=workflow_id, **changes)
     definition["hyperparameters"]["epochs"] = 1
     definition["federation"].update(participant_nodes=names, coordinator_node="iot-1", expected_nodes=5,
                                     min_nodes_required=5, rounds=ROUNDS, round_timeout=60)
@@ -46,7 +48,7 @@ def test_multi_krum_leaves_out_a_scaling_attacker_and_the_audit_passes(devnet, s
             [status] = await submit_and_wait(client, [make_batch(owner, [workflow.make_deploy_transaction(
                 owner, definition)])])
             assert status["status"] == "COMMITTED", status
-            iots = [IoTNode(n, tmp_path / n, workflow_id=WORKFLOW_ID, coordinator=(n == "iot-1"), **common)
+            iots = [IoTNode(n, tmp_path / n, workflow_id=workflow_id, coordinator=(n == "iot-1"), **common)
                     for n in names]
             for node in iots:
                 await node.start()
@@ -56,15 +58,33 @@ def test_multi_krum_leaves_out_a_scaling_attacker_and_the_audit_passes(devnet, s
                 for node in iots + computes:
                     await node.stop()
             reader = FederationReader(client)
-            index = (await reader.rounds(WORKFLOW_ID))["rounds"]
+            index = (await reader.rounds(workflow_id))["rounds"]
             results = [await reader.round_result(index[str(r)]) for r in range(1, ROUNDS + 1)]
-            report = await audit.audit_workflow(WORKFLOW_ID, Endpoints(
+            report = await audit.audit_workflow(workflow_id, Endpoints(
                 validator=devnet.component_url, rest=devnet.rest_url, redis=redis_server.url, couch=couch_server.url))
             return results, report
 
     results, report = run(scenario(), timeout=300)
+    assert report.ok, audit.render_text(report)
+    for result in results:
+        assert set(result["aggregation_weights"]) == set(keys.values())
+    return attacker, results
+
+
+def test_multi_krum_leaves_out_a_scaling_attacker_and_the_audit_passes(devnet, stores, tmp_path):  # noqa: F811
+    attacker, results = _federate(devnet, stores, tmp_path, "digits-multi-krum",
+                                  strategy={"name": "multi_krum", "f": 1, "m": 3})
     for result in results:
         weights = result["aggregation_weights"]
-        assert set(weights) == set(keys.values()) and weights[attacker] == 0.0, weights
-        assert sum(1 for w in weights.values() if w > 0) == 3  # m = 3 kept
-    assert report.ok, audit.render_text(report)
+        assert weights[attacker] == 0.0 and sum(1 for w in weights.values() if w > 0) == 3, weights  # m = 3 kept
+        assert "rejected" not in result  # Krum weighs it 0; the update checks found nothing wrong
+
+
+def test_update_checks_reject_a_scaling_attacker_by_name_and_the_audit_agrees(devnet, stores, tmp_path):  # noqa: F811
+    attacker, results = _federate(devnet, stores, tmp_path, "digits-update-checks", strategy={"name": "fedavg"},
+                                  update_checks={"max_norm_ratio": 3.0})
+    for result in results:
+        assert result["aggregation_weights"][attacker] == 0.0
+        assert list(result["rejected"]) == [attacker]
+        assert "more than max_norm_ratio 3 x its norm" in result["rejected"][attacker]
+        assert sum(1 for w in result["aggregation_weights"].values() if w > 0) == 4

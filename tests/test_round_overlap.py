@@ -198,6 +198,9 @@ def test_reports_go_out_in_the_order_they_were_made_while_the_next_task_runs(tmp
         async def wait_for_batches(self, ids, timeout, raise_invalid=True):
             return [{"id": ids[0], "status": "COMMITTED"}]
 
+        async def submit_until_final(self, batches, timeout, *, resubmit_after=10.0, sent=False):
+            return [{"id": batches[0].header_signature, "status": "COMMITTED"}]
+
     class _Queue:
         async def ack(self, message_id):
             acked.append(message_id)

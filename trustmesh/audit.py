@@ -372,19 +372,29 @@ async def _check_couch_model(audit: RoundAudit, history: CouchHistory, workflow_
 
 
 def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strategy_spec: Mapping,
-                      result: Mapping, *, workflow_id: str, model_spec: Mapping) -> str | None:
+                      result: Mapping, *, workflow_id: str, model_spec: Mapping,
+                      update_checks: Mapping | None = None, start_state: Mapping | None = None) -> str | None:
     """Redo what compute-node/tasks.py `_aggregate` stored for round `audit.number`: the
     strategy's weights from the updates must be the on-chain aggregation_weights, and the
     weighted average with the on-chain weights, serialized the same way, must hash to the
     on-chain global_model_digest. Returns the recomputed digest (None if it cannot be made)."""
-    from trustmesh.fl import model_format
+    from trustmesh.fl import model_format, screening
     from trustmesh.fl.strategies import FedAvg, StrategyError, check_updates, strategy_from_spec
 
     on_chain = dict(result.get("aggregation_weights") or {})
+    # the update checks first, as `_aggregate` ran them: the same updates must be rejected, alike
+    try:
+        kept, rejected = screening.screen(updates, update_checks, start_state)
+    except ValueError as exc:
+        audit.fail(f"update checks cannot be redone: {exc}")
+        kept, rejected = list(updates), {}
+    claimed = dict(result.get("rejected") or {})
+    audit.check(claimed == rejected, f"rejected updates on chain ({_reasons(claimed)}) are not the ones the "
+                                     f"update checks reject ({_reasons(rejected)})")
     strategy = FedAvg()  # combines as a weighted average if the workflow's strategy cannot be built
     try:
         strategy = strategy_from_spec(strategy_spec)
-        recomputed = strategy.weights(updates)
+        recomputed = {**{n: 0.0 for n in rejected}, **strategy.weights(kept)}
     except StrategyError as exc:
         audit.fail(f"aggregation weights cannot be recomputed: {exc}")
     else:
@@ -393,11 +403,11 @@ def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strate
         audit.check(not differ, f"aggregation weights on chain are not {strategy.name}'s: {'; '.join(differ)}")
     try:
         # the strategy's own combination (a weighted average, or a robust rule), with the weights on chain
-        ordered = check_updates([u for u in updates if u.node in on_chain])
-        if set(on_chain) != {u.node for u in ordered}:
-            raise StrategyError(f"weights name nodes {sorted(on_chain)} but updates come from "
+        ordered = check_updates([u for u in kept if u.node in on_chain])
+        if set(on_chain) - set(rejected) != {u.node for u in ordered}:
+            raise StrategyError(f"weights name nodes {sorted(on_chain)} but kept updates come from "
                                 f"{sorted(u.node for u in ordered)}; they must match")
-        state = strategy.combine(ordered, on_chain)
+        state = strategy.combine(ordered, {u.node: on_chain[u.node] for u in ordered})
         blob = model_format.serialize(state, workflow_id=workflow_id, round=audit.number, model_spec=model_spec)
     except (StrategyError, model_format.ModelFormatError) as exc:
         audit.fail(f"global model cannot be recomputed from the on-chain weights: {exc}")
@@ -407,6 +417,23 @@ def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strate
     audit.check(digest == claimed, f"recomputed global model {_short(digest)} does not match the on-chain "
                                    f"global_model_digest {_short(claimed)}: digest mismatch")
     return digest
+
+
+def _reasons(rejected: Mapping[str, str]) -> str:
+    return "; ".join(f"{_short(n)}: {why}" for n, why in sorted(rejected.items())) or "none"
+
+
+async def _starting_state(audit: RoundAudit, wf: _Workflow, rnd: _Round):
+    """The global model the round trained from (audit.initial_model; None: the seeded initial
+    weights), as a state, for update checks that measure how far an update moved."""
+    from trustmesh.fl import model_format
+    from trustmesh.fl.training import initial_state
+
+    definition = rnd.definition
+    if audit.initial_model is None:
+        return initial_state(definition["model"], definition["hyperparameters"]["seed"])
+    blob = await _check_blob(audit, rnd, wf.blobs, audit.initial_model, "starting global model")
+    return None if blob is None else model_format.load(blob, audit.initial_model, definition["model"]).state
 
 
 async def _recompute_aggregation(audit: RoundAudit, wf: _Workflow, rnd: _Round) -> None:
@@ -430,8 +457,10 @@ async def _recompute_aggregation(audit: RoundAudit, wf: _Workflow, rnd: _Round) 
             return
         metrics = status.get("metrics") or {}
         updates.append(ClientUpdate(node=owner, state=state, samples=int(metrics.get("samples", 0)), metrics=metrics))
+    checks = rnd.definition.get("update_checks")
+    start = await _starting_state(audit, wf, rnd) if checks and "max_norm_ratio" in checks else None
     check_aggregation(audit, updates, rnd.definition.get("strategy") or {"name": "fedavg"}, rnd.result,
-                      workflow_id=wf.workflow_id, model_spec=spec)
+                      workflow_id=wf.workflow_id, model_spec=spec, update_checks=checks, start_state=start)
 
 
 async def _initial_model(audit: RoundAudit, wf: _Workflow, rnd: _Round) -> None:

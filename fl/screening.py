@@ -1,0 +1,65 @@
+"""Update checks: which of a round's updates the aggregation may use at all, and why not.
+
+Before any strategy weighs them, the aggregating node screens the updates; a rejected update
+gets weight 0 in the round result, which names it with the reason (`rejected`), and the audit
+screens the stored updates again with this same function and must find the same. Checks:
+
+    finite          always: an update holding NaN or an infinity is rejected (averaged, one such
+                    update would make the global model NaN; before, it failed the round)
+    max_norm_ratio  a workflow's `update_checks.max_norm_ratio` (> 0): an update that moved
+                    further from the global model it started from than ratio x that model's
+                    norm is rejected, ||local - start|| > ratio * ||start|| (L2 over every
+                    parameter, float64, math.fsum: the same bits everywhere)
+
+Pure and deterministic: no torch import at module level (the workflow rules read `PARAMETERS`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+from .strategies.base import ClientUpdate, Number
+
+# The workflow definition's optional `update_checks` map: field -> bounds (read by the workflow
+# rules and the JSON schema, like a strategy's parameters).
+PARAMETERS = {"max_norm_ratio": Number(low=1e-6, high=1e6)}
+MAX_REASON_CHARS = 200  # what the schedule family accepts per rejected node
+
+
+def _values(state: Mapping) -> list[float]:
+    import numpy as np
+
+    return np.concatenate([t.detach().numpy().astype(np.float64).ravel() for t in state.values()]).tolist()
+
+
+def _norm(values: Sequence[float]) -> float:
+    return math.sqrt(math.fsum(v * v for v in values))
+
+
+def screen(updates: Sequence[ClientUpdate], checks: Mapping[str, Any] | None,
+           start_state: Mapping | None = None) -> tuple[list[ClientUpdate], dict[str, str]]:
+    """(the updates kept, in the given order; node -> why rejected). start_state: the global
+    model the round trained from, needed only when `checks` bound the update's norm."""
+    checks = checks or {}
+    ratio = checks.get("max_norm_ratio")
+    start = None
+    if ratio is not None:
+        if start_state is None:
+            raise ValueError("update_checks.max_norm_ratio needs the global model the round started from")
+        start = _values(start_state)
+        bound = ratio * _norm(start)
+    kept, rejected = [], {}
+    for update in updates:
+        values = _values(update.state)
+        if not all(math.isfinite(v) for v in values):
+            rejected[update.node] = "holds NaN or infinite values"
+            continue
+        if start is not None:
+            moved = _norm([a - b for a, b in zip(values, start)])
+            if moved > bound:
+                rejected[update.node] = (f"moved {moved:.6g} from the global model, more than max_norm_ratio "
+                                         f"{ratio:g} x its norm ({bound:.6g})")
+                continue
+        kept.append(update)
+    return kept, {node: reason[:MAX_REASON_CHARS] for node, reason in rejected.items()}

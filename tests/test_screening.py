@@ -1,0 +1,108 @@
+"""Update checks (fl/screening.py) and the round result's `rejected` map they fill (schedule family)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from family_scenario import Round, apply
+from trustmesh.fl import screening
+from trustmesh.fl.strategies import ClientUpdate
+from trustmesh.ledger.processor import InvalidTransaction
+from trustmesh.scheduling import layout, schedule
+
+
+def update(node, *values):
+    return ClientUpdate(node, OrderedDict(w=torch.tensor(values, dtype=torch.float32)), 10, {})
+
+
+def test_non_finite_updates_are_always_rejected_and_the_rest_kept_in_order():
+    kept, rejected = screening.screen([update("a", 1, 2), update("b", float("nan"), 0), update("c", 3, float("inf"))],
+                                      None)
+    assert [u.node for u in kept] == ["a"]
+    assert rejected == {"b": "holds NaN or infinite values", "c": "holds NaN or infinite values"}
+
+
+def test_the_norm_bound_is_relative_to_the_starting_model():
+    start = OrderedDict(w=torch.tensor([3.0, 4.0]))  # norm 5
+    updates = [update("a", 3, 9), update("b", 3, 9.5)]   # moved 5 and 5.5
+    kept, rejected = screening.screen(updates, {"max_norm_ratio": 1.0}, start)
+    assert [u.node for u in kept] == ["a"]
+    assert rejected == {"b": "moved 5.5 from the global model, more than max_norm_ratio 1 x its norm (5)"}
+    with pytest.raises(ValueError, match="needs the global model the round started from"):
+        screening.screen(updates, {"max_norm_ratio": 1.0})
+
+
+# --------------------------------------------------------------------------- on chain
+
+
+@pytest.fixture(scope="module")
+def scenario():
+    return Round()
+
+
+def result_payload(scenario, weights, rejected):
+    keys = sorted(p.public_key().as_hex() for p in scenario.participants)
+    return keys, schedule.round_result_payload(
+        scenario.schedule_id, hashlib.sha256(b"aggregate").hexdigest(), keys,
+        dict(zip(keys, weights)), {"accuracy": 0.9, "loss": 0.3}, rejected=rejected(keys) if rejected else None)
+
+
+def aggregator(scenario):
+    by_key = {n.public_key().as_hex(): n for n in scenario.nodes}
+    return by_key[scenario.assigned["aggregate"]]
+
+
+def test_a_round_result_names_its_rejected_updates_with_weight_zero(scenario):
+    state = copy.deepcopy(scenario.states["aggregated"])
+    keys, payload = result_payload(scenario, [0.5, 0.5, 0.0], lambda k: {k[2]: "holds NaN or infinite values"})
+    apply(state, aggregator(scenario), layout.SCHEDULE_FAMILY, payload)
+    result = schedule.decode_record(state[layout.round_result_address(scenario.schedule_id)])
+    assert result["rejected"] == {keys[2]: "holds NaN or infinite values"}
+    # without rejections the record keeps its shape (and state roots their values)
+    state = copy.deepcopy(scenario.states["aggregated"])
+    apply(state, aggregator(scenario), layout.SCHEDULE_FAMILY, result_payload(scenario, [0.5, 0.5, 0.0], None)[1])
+    assert "rejected" not in schedule.decode_record(state[layout.round_result_address(scenario.schedule_id)])
+
+
+@pytest.mark.parametrize("weights, rejected, message", [
+    ([0.5, 0.5, 0.0], lambda k: {"02" + "0" * 64: "x"}, "which is not a participant"),
+    ([0.5, 0.25, 0.25], lambda k: {k[2]: "x"}, "is rejected but has aggregation weight 0.25"),
+    ([0.5, 0.5, 0.0], lambda k: {k[2]: " "}, "must be a non-empty text of at most 200 characters"),
+    ([0.5, 0.5, 0.0], lambda k: {k[2]: "x" * 201}, "must be a non-empty text of at most 200 characters"),
+])
+def test_a_rejected_map_that_does_not_fit_is_refused(scenario, weights, rejected, message):
+    state = copy.deepcopy(scenario.states["aggregated"])
+    with pytest.raises(InvalidTransaction, match=message):
+        apply(state, aggregator(scenario), layout.SCHEDULE_FAMILY, result_payload(scenario, weights, rejected)[1])
+
+
+def test_the_audit_redoes_the_checks_and_names_a_rejection_that_did_not_happen():
+    from trustmesh import audit
+    from trustmesh.fl import model_format, strategies
+
+    spec = {"type": "mlp", "input_dim": 2, "hidden": [], "num_classes": 2}
+
+    def state(scale):
+        return OrderedDict([("layers.0.weight", torch.tensor([[1.0, 2.0], [3.0, 4.0]]) * scale),
+                            ("layers.0.bias", torch.tensor([0.5, -0.5]) * scale)])
+
+    updates = [ClientUpdate(n, state(s), 10, {}) for n, s in (("a", 1.0), ("b", 1.1), ("c", float("nan")))]
+    kept, rejected = screening.screen(updates, None)
+    global_state, weights = strategies.FedAvg().aggregate(kept)
+    digest = model_format.digest(model_format.serialize(global_state, workflow_id="wf", round=1, model_spec=spec))
+    honest = {"aggregation_weights": {**weights, "c": 0.0}, "global_model_digest": digest, "rejected": rejected}
+    checked = audit.RoundAudit(number=1)
+    assert audit.check_aggregation(checked, updates, {"name": "fedavg"}, honest, workflow_id="wf",
+                                   model_spec=spec) == digest and checked.ok, checked.problems
+    # a result that rejected b (and so weighed a alone) did not follow the checks
+    forged = audit.RoundAudit(number=1)
+    audit.check_aggregation(forged, updates, {"name": "fedavg"},
+                            {**honest, "aggregation_weights": {"a": 1.0, "b": 0.0, "c": 0.0},
+                             "rejected": {**rejected, "b": "holds NaN or infinite values"}},
+                            workflow_id="wf", model_spec=spec)
+    assert any("are not the ones the update checks reject" in p for p in forged.problems), forged.problems
