@@ -83,6 +83,22 @@ class Strategy:
                 raise TypeError(f"strategy {cls.name!r} is registered twice")
             STRATEGIES[cls.name] = cls
 
+    def __init__(self, *args: Any, **values: Any):
+        """The parameters, in their order or by name, each within its bounds (StrategyError
+        otherwise), kept as attributes."""
+        if len(args) > len(self.parameters):
+            raise StrategyError(f"{self.name} takes {len(self.parameters)} parameter(s), got {len(args)}")
+        values.update(zip(self.parameters, args))
+        for name, bounds in self.parameters.items():
+            value = values.pop(name)
+            if not bounds.accepts(value):
+                what = "an integer" if bounds.kind == "integer" else "a number"
+                raise StrategyError(f"{self.name} {name} must be {what} between {bounds.low:g} and {bounds.high:g}; "
+                                    f"got {value!r}")
+            setattr(self, name, value if bounds.kind == "integer" else float(value))
+        if values:
+            raise StrategyError(f"{self.name} takes no parameter(s) {', '.join(sorted(values))}")
+
     @classmethod
     def from_spec(cls, spec: Mapping) -> "Strategy":
         return cls(**{p: spec[p] for p in cls.parameters})

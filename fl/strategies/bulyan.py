@@ -6,27 +6,19 @@ round result, the others 0 (rejected)."""
 
 from __future__ import annotations
 
-from .base import Integer, Strategy, StrategyError
-from .krum import byzantine_problem, check_count
+from .base import Integer
+from .krum import Byzantine
 
 
-class Bulyan(Strategy):
+class Bulyan(Byzantine):
     name = "bulyan"
     parameters = {"f": Integer(low=0, high=1000)}
-
-    def __init__(self, f: int):
-        if not self.parameters["f"].accepts(f):
-            raise StrategyError(f"bulyan f must be an integer between 0 and 1000; got {f!r}")
-        self.f = f
-
-    @classmethod
-    def federation_problem(cls, spec, federation):
-        return byzantine_problem(cls.name, spec["f"], federation, needs=4 * spec["f"] + 3, formula="4f + 3")
+    factor = 4
 
     def _weights(self, updates):
         from .averaging import krum_order
 
-        check_count(self.name, len(updates), self.f, needs=4 * self.f + 3, formula="4f + 3")
+        self.check_count(len(updates))
         theta = len(updates) - 2 * self.f
         left, chosen = list(updates), []
         while len(chosen) < theta:

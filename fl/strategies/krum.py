@@ -8,6 +8,8 @@ whose rounds may be ready with fewer (federation.min_nodes_required) is refused 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from .base import Integer, Strategy, StrategyError
 
 
@@ -26,22 +28,33 @@ def check_count(name: str, n: int, f: int, *, needs: int, formula: str) -> None:
         raise StrategyError(f"{name} with f = {f} needs at least {formula} = {needs} updates; this round has {n}")
 
 
-class Krum(Strategy):
-    name = "krum"
-    parameters = {"f": Integer(low=0, high=1000)}
+class Byzantine(Strategy):
+    """A rule for f Byzantine updates that needs at least `factor` * f + 3 of them in a round
+    (unnamed: not a strategy itself)."""
 
-    def __init__(self, f: int):
-        if not self.parameters["f"].accepts(f):
-            raise StrategyError(f"krum f must be an integer between 0 and 1000; got {f!r}")
-        self.f = f
+    factor: ClassVar[int] = 2
+
+    @classmethod
+    def least(cls, f: int) -> tuple[int, str]:
+        return cls.factor * f + 3, f"{cls.factor}f + 3"
 
     @classmethod
     def federation_problem(cls, spec, federation):
-        return byzantine_problem(cls.name, spec["f"], federation, needs=2 * spec["f"] + 3, formula="2f + 3")
+        needs, formula = cls.least(spec["f"])
+        return byzantine_problem(cls.name, spec["f"], federation, needs=needs, formula=formula)
+
+    def check_count(self, n: int) -> None:
+        needs, formula = self.least(self.f)
+        check_count(self.name, n, self.f, needs=needs, formula=formula)
+
+
+class Krum(Byzantine):
+    name = "krum"
+    parameters = {"f": Integer(low=0, high=1000)}
 
     def _weights(self, updates):
         from .averaging import krum_order
 
-        check_count(self.name, len(updates), self.f, needs=2 * self.f + 3, formula="2f + 3")
+        self.check_count(len(updates))
         best = updates[krum_order(updates, self.f)[0]].node
         return {u.node: 1.0 if u.node == best else 0.0 for u in updates}

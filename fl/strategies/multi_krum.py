@@ -4,25 +4,18 @@ m <= n - f, checked against federation.min_nodes_required at deploy time."""
 
 from __future__ import annotations
 
-from .base import Integer, Strategy, StrategyError, sample_shares
-from .krum import byzantine_problem, check_count
+from .base import Integer, sample_shares
+from .krum import Byzantine, check_count
 
 
-class MultiKrum(Strategy):
+class MultiKrum(Byzantine):
     name = "multi_krum"
     parameters = {"f": Integer(low=0, high=1000), "m": Integer(low=1, high=1000)}
-
-    def __init__(self, f: int, m: int):
-        if not self.parameters["f"].accepts(f):
-            raise StrategyError(f"multi_krum f must be an integer between 0 and 1000; got {f!r}")
-        if not self.parameters["m"].accepts(m):
-            raise StrategyError(f"multi_krum m must be an integer between 1 and 1000; got {m!r}")
-        self.f, self.m = f, m
 
     @classmethod
     def federation_problem(cls, spec, federation):
         f, m = spec["f"], spec["m"]
-        problem = byzantine_problem(cls.name, f, federation, needs=2 * f + 3, formula="2f + 3")
+        problem = super().federation_problem(spec, federation)
         smallest = federation.get("min_nodes_required", 1)
         if problem is None and m > smallest - f:
             problem = (f"m = {m} updates cannot be chosen while f = {f} may be Byzantine in a round of "

@@ -20,11 +20,6 @@ class PerfFedAvg(Strategy):
     name = "perf_fedavg"
     parameters = {"alpha": Number(low=0, high=1)}
 
-    def __init__(self, alpha: float):
-        if not self.parameters["alpha"].accepts(alpha):
-            raise StrategyError(f"perf_fedavg alpha must be a number between 0 and 1; got {alpha!r}")
-        self.alpha = float(alpha)
-
     def _weights(self, updates):
         by_samples = sample_shares(updates)
         if self.alpha == 1.0:

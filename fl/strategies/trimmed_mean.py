@@ -10,17 +10,12 @@ from __future__ import annotations
 
 import math
 
-from .base import Number, Strategy, StrategyError
+from .base import Number, Strategy
 
 
 class FedTrimmedAvg(Strategy):
     name = "trimmed_mean"
     parameters = {"beta": Number(low=0, high=0.49)}
-
-    def __init__(self, beta: float):
-        if not self.parameters["beta"].accepts(beta):
-            raise StrategyError(f"trimmed_mean beta must be a number between 0 and 0.49; got {beta!r}")
-        self.beta = float(beta)
 
     def _weights(self, updates):
         return {u.node: 1.0 / len(updates) for u in updates}
