@@ -248,8 +248,9 @@ async def train_update(ctx, assignments, task_id, owner, data, definition) -> Ta
     seed = derive_seed(hp["seed"], assignments["round"], owner)
     attack = ctx.attacks.get(owner)
     labels = data.y if attack is None else attack.poison_labels(data.y, definition["model"]["num_classes"])
+    options = strategy_from_spec(definition.get("strategy") or {"name": "fedavg"}).training_options()
     result = await asyncio.to_thread(local_train, definition["model"], hp, global_state, data.x, labels,
-                                     progress=progress, seed=seed)
+                                     progress=progress, seed=seed, **options)
     compute = time.perf_counter() - started
     state = result.state
     if attack is not None:

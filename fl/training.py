@@ -173,8 +173,10 @@ def initial_state(model_spec: Mapping, seed: int) -> OrderedDict:
 
 def local_train(model_spec: Mapping, hyperparameters: Mapping, global_state: Mapping | None,
                 x: np.ndarray, y: np.ndarray, *, progress: ProgressCallback | None = None,
-                seed: int | None = None) -> TrainResult:
-    """Train from `global_state` (or a fresh seeded model) on (x, y); see module docstring."""
+                seed: int | None = None, proximal_mu: float = 0.0) -> TrainResult:
+    """Train from `global_state` (or a fresh seeded model) on (x, y); see module docstring.
+    proximal_mu > 0 adds FedProx's (mu / 2) * ||w - w_start||^2 to the objective (the reported
+    loss stays the cross-entropy)."""
     model_type(model_spec)
     hp = check_hyperparameters(hyperparameters)
     shuffle_seed = hp["seed"] if seed is None else seed
@@ -188,6 +190,7 @@ def local_train(model_spec: Mapping, hyperparameters: Mapping, global_state: Map
     model = build_model(model_spec, seed=hp["seed"])
     if global_state is not None:
         load_state(model, model_spec, global_state)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     optimizer = OPTIMIZERS[hp["optimizer"]](model.parameters(), float(hp["learning_rate"]))
     generator = torch.Generator().manual_seed(shuffle_seed)
     batch_size = hp["batch_size"]
@@ -212,7 +215,11 @@ def local_train(model_spec: Mapping, hyperparameters: Mapping, global_state: Map
                         f"the loss became {loss.item()} at epoch {epoch}, batch {batch}: training diverged; "
                         f"lower hyperparameters.learning_rate (now {hp['learning_rate']})"
                     )
-                loss.backward()
+                objective = loss
+                if anchor is not None:
+                    drift = sum(torch.sum((p - a) ** 2) for p, a in zip(model.parameters(), anchor))
+                    objective = loss + (proximal_mu / 2) * drift
+                objective.backward()
                 optimizer.step()
                 step += 1
                 size = int(yb.shape[0])

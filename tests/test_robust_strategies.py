@@ -161,3 +161,30 @@ def test_the_audit_recomputes_a_robust_aggregation_and_names_forged_weights():
                                     workflow_id="wf", model_spec=spec_model)
             assert any("aggregation weights on chain are not krum's" in p for p in forged.problems), forged.problems
             assert any("digest mismatch" in p for p in forged.problems), forged.problems
+
+
+# --------------------------------------------------------------------------- FedProx
+
+
+def test_fedprox_keeps_local_models_near_the_global_one_and_mu_0_is_fedavg():
+    import json
+
+    from trustmesh.fl import datasets, screening, training
+
+    workflow = json.loads((WORKFLOWS / "federated-digits.json").read_text())
+    spec, hp = workflow["model"], {**workflow["hyperparameters"], "epochs": 2}
+    shard = datasets.federated_digits(workflow["data"], 10).shards[0]
+    start = training.initial_state(spec, hp["seed"])
+
+    def moved(strategy):
+        options = st.strategy_from_spec(strategy).training_options()
+        state = training.local_train(spec, hp, start, shard.x, shard.y, seed=3, **options).state
+        return state, screening._norm([a - b for a, b in zip(screening._values(state), screening._values(start))])
+
+    plain, plain_moved = moved({"name": "fedavg"})
+    same, _ = moved({"name": "fedprox", "mu": 0})
+    assert all(torch.equal(plain[k], same[k]) for k in plain)  # mu = 0: FedAvg's training, bit for bit
+    _, prox_moved = moved({"name": "fedprox", "mu": 1.0})
+    assert prox_moved < 0.9 * plain_moved, (prox_moved, plain_moved)
+    values, weights = aggregate({"name": "fedprox", "mu": 0.1}, spread(1, 3))  # FedAvg's weights
+    assert weights == {"a": 10 / 30, "b": 20 / 30}

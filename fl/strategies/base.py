@@ -132,6 +132,11 @@ class Strategy:
         """The strategy itself: `updates` are checked and sorted by node."""
         raise NotImplementedError
 
+    def training_options(self) -> dict:
+        """What local training adds for this strategy (keyword arguments of training.local_train,
+        e.g. FedProx's proximal_mu); nothing for most."""
+        return {}
+
     @classmethod
     def federation_problem(cls, spec: Mapping, federation: Mapping) -> str | None:
         """Why this strategy, as `spec` configures it, cannot keep its guarantee in a federation
