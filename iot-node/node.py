@@ -66,6 +66,7 @@ REACTIONS = (events.ROUND_OPENED, events.ROUND_READY, events.ROUND_RESULT,
              events.ROUND_FINALIZED)
 TICK = 1.0  # seconds between re-checks that depend on time (timeouts, deadlines): coordinators
 FULL_TICKS = 5  # every 5th tick also re-checks participation, in case an event was missed
+REASSIGN_RETRY = 10.0  # seconds before a refused reassign (no live node to take it) is tried again
 
 
 async def _claimed(claims: set, key, commit) -> None:
@@ -107,6 +108,7 @@ class IoTNode:
         self.models: dict[str, dict[int, str]] = {}  # workflow -> round -> verified global model digest
         self._submitted: set[str] = set()  # rounds this node submitted to (or is submitting to right now)
         self._sent: set[tuple] = set()   # coordinator actions sent or being sent (the chain refuses repeats anyway)
+        self._reassign_after: dict[tuple, float] = {}  # refused reassigns: not before this time again
         self._tasks: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
         self._coordinates_any = True  # until the first look at the chain says otherwise
@@ -470,11 +472,16 @@ class IoTNode:
             # Past its deadline a task moves, unless its node is alive and merely slow: then it gets
             # a grace period, so busy nodes are not made to bounce work between them.
             if deadline < now and (now > deadline + grace or not await self.heartbeats.is_alive(task["node"])):
+                key = ("reassign", sid, task_id, task["attempt"])
+                if self._reassign_after.get(key, 0) > now:
+                    continue  # refused a moment ago (no live node to take it): no batch every tick
                 status = await self.reader.task_status(sid, task_id)
                 if status and status["status"] not in ("done",) and status["attempt"] == task["attempt"]:
-                    await self._once(("reassign", sid, task_id, task["attempt"]),
-                                     schedule.make_reassign_transaction(self.signer, sid, task_id),
+                    await self._once(key, schedule.make_reassign_transaction(self.signer, sid, task_id),
                                      f"reassign late task {task_id}")
+                    if key not in self._sent:
+                        self._reassign_after = {k: t for k, t in self._reassign_after.items() if t > now}
+                        self._reassign_after[key] = now + REASSIGN_RETRY
 
     async def _model_since(self, workflow_id: str, number: int) -> float:
         """Chain time at which round `number`'s starting model was recorded: the previous round's

@@ -280,3 +280,43 @@ def test_a_block_with_only_its_commit_event_needs_no_full_look_at_the_chain(tmp_
     deployed = pb.Event(event_type="trustmesh/workflow-deployed", attributes=[pb.Event.Attribute(key="workflow_id", value=WF)])
     block.events.append(deployed)
     assert node._react(block) is False
+
+
+def test_a_refused_reassign_is_not_sent_again_every_tick(tmp_path, monkeypatch):
+    """With no live node to take a late task the schedule family refuses the reassign; the
+    coordinator tries again after REASSIGN_RETRY seconds, not on every one-second tick."""
+    import time as clock
+
+    from trustmesh.iot_node import node as iot_node
+
+    class Chain:
+        async def assignments(self, sid):
+            return {"deadline_seconds": 1, "tasks": {"preprocess": {"kind": "preprocess", "deadline": 0,
+                                                                     "attempt": 1, "node": "c"}}}
+
+        async def task_status(self, sid, task_id):
+            return {"status": "assigned", "attempt": 1}
+
+    class DeadNodes:
+        async def is_alive(self, node):
+            return False
+
+    node = IoTNode("coord", tmp_path, validator_url="tcp://127.0.0.1:1", rest_url="http://127.0.0.1:1",
+                   redis_url="redis://127.0.0.1:1", coordinator=True)
+    node.reader, node.heartbeats, sent = Chain(), DeadNodes(), []
+
+    async def refused(txn, what):
+        sent.append(what)
+        return False
+
+    node._commit = refused
+    now = [1000.0]
+    monkeypatch.setattr(clock, "time", lambda: now[0])
+    record = {"schedule_id": SID1, "status": "ready"}
+    for _ in range(5):  # five ticks within the retry pause: one attempt
+        asyncio.run(node._keep_moving(WF, record))
+        now[0] += 1
+    assert sent == ["reassign late task preprocess"]
+    now[0] += iot_node.REASSIGN_RETRY
+    asyncio.run(node._keep_moving(WF, record))
+    assert len(sent) == 2
