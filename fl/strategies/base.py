@@ -49,6 +49,16 @@ class Number:
         return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
                 and (self.low is None or value >= self.low) and (self.high is None or value <= self.high))
 
+    def describe(self) -> str:
+        """What the parameter must be, in words: "a number between 0 and 1"."""
+        what = "an integer" if self.kind == "integer" else "a number"
+        if self.low is not None and self.high is not None:
+            return f"{what} between {self.low:g} and {self.high:g}"
+        if self.low is not None:
+            return f"{what} of at least {self.low:g}"
+        return f"a finite {what[2:] if what.startswith('a ') else what[3:]}" + (
+            f" of at most {self.high:g}" if self.high is not None else "")
+
     def schema(self) -> dict:
         """This parameter as a JSON Schema (draft 2020-12) fragment."""
         bounds = {"minimum": self.low, "maximum": self.high}
@@ -92,9 +102,7 @@ class Strategy:
         for name, bounds in self.parameters.items():
             value = values.pop(name)
             if not bounds.accepts(value):
-                what = "an integer" if bounds.kind == "integer" else "a number"
-                raise StrategyError(f"{self.name} {name} must be {what} between {bounds.low:g} and {bounds.high:g}; "
-                                    f"got {value!r}")
+                raise StrategyError(f"{self.name} {name} must be {bounds.describe()}; got {value!r}")
             setattr(self, name, value if bounds.kind == "integer" else float(value))
         if values:
             raise StrategyError(f"{self.name} takes no parameter(s) {', '.join(sorted(values))}")
