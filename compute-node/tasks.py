@@ -292,6 +292,7 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     strategy = strategy_from_spec(definition.get("strategy") or {"name": "fedavg"})
     started = time.perf_counter()
     state, weights = strategy.aggregate(updates)
+    rejected.update(strategy.rejections(weights))  # whom a robust rule left out, and why
     weights = {**{node: 0.0 for node in rejected}, **weights}
     compute = time.perf_counter() - started
     blob = model_format.serialize(state, workflow_id=assignments["workflow_id"], round=assignments["round"],

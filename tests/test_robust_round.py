@@ -77,7 +77,10 @@ def test_multi_krum_leaves_out_a_scaling_attacker_and_the_audit_passes(devnet, s
     for result in results:
         weights = result["aggregation_weights"]
         assert weights[attacker] == 0.0 and sum(1 for w in weights.values() if w > 0) == 3, weights  # m = 3 kept
-        assert "rejected" not in result  # Krum weighs it 0; the update checks found nothing wrong
+        # the two left out are named, with the rule's reason
+        assert sorted(result["rejected"]) == sorted(n for n, w in weights.items() if w == 0)
+        assert result["rejected"][attacker] == ("multi_krum (f = 1) did not choose it: not among the m updates "
+                                                "with the lowest Krum scores")
 
 
 def test_update_checks_reject_a_scaling_attacker_by_name_and_the_audit_agrees(devnet, stores, tmp_path):  # noqa: F811

@@ -63,6 +63,9 @@ def test_krum_keeps_the_update_closest_to_its_neighbours():
     values, weights = aggregate({"name": "krum", "f": 1}, spread(0, 1, 2, 3, 100))
     assert values == [1.0]  # b and c tie; the smaller node key wins
     assert weights == {"a": 0.0, "b": 1.0, "c": 0.0, "d": 0.0, "e": 0.0}
+    assert st.strategy_from_spec({"name": "krum", "f": 1}).rejections(weights) == {
+        n: "krum (f = 1) did not choose it: another update had a lower Krum score" for n in "acde"}
+    assert st.strategy_from_spec({"name": "median"}).rejections(weights) == {}  # it leaves nobody out
 
 
 def test_multi_krum_averages_the_m_best_by_samples():
@@ -147,10 +150,12 @@ def test_the_audit_recomputes_a_robust_aggregation_and_names_forged_weights():
         10, {"accuracy": 0.5}) for i, n in enumerate("abcde")]
     updates[4] = st.ClientUpdate("e", OrderedDict([(k, v * 1000) for k, v in updates[4].state.items()]), 10, {})
     for spec in ({"name": "median"}, {"name": "krum", "f": 1}, {"name": "bulyan", "f": 0}):
-        state, weights = st.strategy_from_spec(spec).aggregate(updates)
+        strategy = st.strategy_from_spec(spec)
+        state, weights = strategy.aggregate(updates)
         digest = model_format.digest(model_format.serialize(state, workflow_id="wf", round=1, model_spec=spec_model))
         honest = audit.RoundAudit(number=1)
         assert audit.check_aggregation(honest, updates, spec, {"aggregation_weights": weights,
+                                                               "rejected": strategy.rejections(weights),
                                                                "global_model_digest": digest},
                                        workflow_id="wf", model_spec=spec_model) == digest
         assert honest.ok, (spec, honest.problems)

@@ -384,27 +384,30 @@ def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strate
     on_chain = dict(result.get("aggregation_weights") or {})
     # the update checks first, as `_aggregate` ran them: the same updates must be rejected, alike
     try:
-        kept, rejected = screening.screen(updates, update_checks, start_state)
+        kept, screened = screening.screen(updates, update_checks, start_state)
     except ValueError as exc:
         audit.fail(f"update checks cannot be redone: {exc}")
-        kept, rejected = list(updates), {}
-    claimed = dict(result.get("rejected") or {})
-    audit.check(claimed == rejected, f"rejected updates on chain ({_reasons(claimed)}) are not the ones the "
-                                     f"update checks reject ({_reasons(rejected)})")
+        kept, screened = list(updates), {}
+    rejected = dict(screened)
     strategy = FedAvg()  # combines as a weighted average if the workflow's strategy cannot be built
     try:
         strategy = strategy_from_spec(strategy_spec)
-        recomputed = {**{n: 0.0 for n in rejected}, **strategy.weights(kept)}
+        chosen = strategy.weights(kept)
+        rejected.update(strategy.rejections(chosen))  # whom the rule left out, and why
+        recomputed = {**{n: 0.0 for n in rejected}, **chosen}
     except StrategyError as exc:
         audit.fail(f"aggregation weights cannot be recomputed: {exc}")
     else:
+        claimed = dict(result.get("rejected") or {})
+        audit.check(claimed == rejected, f"rejected updates on chain ({_reasons(claimed)}) are not the ones the "
+                                         f"update checks and {strategy.name} reject ({_reasons(rejected)})")
         differ = [f"node {_short(n)} {on_chain.get(n)!r} on chain, {recomputed.get(n)!r} recomputed"
                   for n in sorted(set(on_chain) | set(recomputed)) if on_chain.get(n) != recomputed.get(n)]
         audit.check(not differ, f"aggregation weights on chain are not {strategy.name}'s: {'; '.join(differ)}")
     try:
         # the strategy's own combination (a weighted average, or a robust rule), with the weights on chain
         ordered = check_updates([u for u in kept if u.node in on_chain])
-        if set(on_chain) - set(rejected) != {u.node for u in ordered}:
+        if set(on_chain) - set(screened) != {u.node for u in ordered}:
             raise StrategyError(f"weights name nodes {sorted(on_chain)} but kept updates come from "
                                 f"{sorted(u.node for u in ordered)}; they must match")
         state = strategy.combine(ordered, {u.node: on_chain[u.node] for u in ordered})

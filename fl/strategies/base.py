@@ -140,6 +140,11 @@ class Strategy:
         """The strategy itself: `updates` are checked and sorted by node."""
         raise NotImplementedError
 
+    def rejections(self, weights: Mapping[str, float]) -> dict[str, str]:
+        """node -> why, for the updates this rule leaves out (weight 0) when it chooses among them;
+        recorded in the round result beside the update checks' rejections. None for most."""
+        return {}
+
     def training_options(self) -> dict:
         """What local training adds for this strategy (keyword arguments of training.local_train,
         e.g. FedProx's proximal_mu); nothing for most."""

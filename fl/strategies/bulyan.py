@@ -14,6 +14,7 @@ class Bulyan(Byzantine):
     name = "bulyan"
     parameters = {"f": Integer(low=0, high=1000)}
     factor = 4
+    chosen_by = "not among the n - 2f updates Krum chose in turn"
 
     def _weights(self, updates):
         from .averaging import krum_order

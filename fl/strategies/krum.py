@@ -47,6 +47,12 @@ class Byzantine(Strategy):
         needs, formula = self.least(self.f)
         check_count(self.name, n, self.f, needs=needs, formula=formula)
 
+    def rejections(self, weights):
+        why = f"{self.name} (f = {self.f}) did not choose it: {self.chosen_by}"
+        return {node: why for node, weight in weights.items() if weight == 0}
+
+    chosen_by: ClassVar[str] = "another update had a lower Krum score"
+
 
 class Krum(Byzantine):
     name = "krum"

@@ -11,6 +11,7 @@ from .krum import Byzantine, check_count
 class MultiKrum(Byzantine):
     name = "multi_krum"
     parameters = {"f": Integer(low=0, high=1000), "m": Integer(low=1, high=1000)}
+    chosen_by = "not among the m updates with the lowest Krum scores"
 
     @classmethod
     def federation_problem(cls, spec, federation):
