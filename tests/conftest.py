@@ -1,6 +1,6 @@
 import pytest
 
-from devnet_process import DevnetProcess
+from helpers.devnet_process import DevnetProcess
 
 
 def pytest_addoption(parser):

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from devnet_process import DevnetProcess
-from family_scenario import _WORKFLOWS
-from ledger_helpers import rest, run, running_processor, submit_and_wait
+from helpers.devnet_process import DevnetProcess
+from helpers.family_scenario import _WORKFLOWS
+from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
 from trustmesh import audit
 from trustmesh.fl import model_format
 from trustmesh.compute_node.node import ComputeNode

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from ledger_helpers import rest, run, running_processor, submit_and_wait
+from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
 from test_federated_round import _definition, stores  # noqa: F401  (module-scoped servers)
 from trustmesh.iot_node.node import IoTNode
 from trustmesh.ledger.builders import make_batch

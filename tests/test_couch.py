@@ -9,7 +9,7 @@ import os
 import pytest
 from aiohttp import web
 
-from ledger_helpers import run
+from helpers.ledger_helpers import run
 from trustmesh.stores.couch import (
     CouchClient,
     CouchConflict,

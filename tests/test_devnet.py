@@ -8,7 +8,7 @@ import hashlib
 import aiohttp
 import pytest
 
-from ledger_helpers import intkey_batch, rest, run, running_processor, submit_and_wait
+from helpers.ledger_helpers import intkey_batch, rest, run, running_processor, submit_and_wait
 from trustmesh.ledger import intkey
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger import protos as pb
@@ -191,7 +191,7 @@ def test_internal_error_is_retried_until_it_succeeds(devnet):
 
 
 def test_unregistered_family_is_reported_not_parked(tmp_path):
-    from devnet_process import DevnetProcess
+    from helpers.devnet_process import DevnetProcess
 
     node = DevnetProcess(tmp_path / "d", "--missing-processor-grace", "1").start()
     try:
@@ -263,7 +263,7 @@ def test_processors_can_read_block_info_timestamps(devnet):
 
 
 def test_back_pressure_answers_429_and_client_retries(tmp_path):
-    from devnet_process import DevnetProcess
+    from helpers.devnet_process import DevnetProcess
 
     node = DevnetProcess(tmp_path / "d", "--max-pending-batches", "2", "--max-batches-per-block", "1").start()
     try:
@@ -287,7 +287,7 @@ def test_back_pressure_answers_429_and_client_retries(tmp_path):
 def test_state_root_is_reproducible_from_the_same_batches(tmp_path):
     """Two fresh validators fed the same batches agree on every state root (no BlockInfo: it
     carries wall-clock timestamps, which differ between runs by design)."""
-    from devnet_process import DevnetProcess
+    from helpers.devnet_process import DevnetProcess
 
     batches = [intkey_batch(SIGNER, ("set", f"n{i}", i), ("inc", f"n{i}", 1)) for i in range(6)]
     roots = []
@@ -308,7 +308,7 @@ def test_state_root_is_reproducible_from_the_same_batches(tmp_path):
 
 
 def test_restart_after_kill_keeps_chain_and_peers_reconnect(tmp_path):
-    from devnet_process import DevnetProcess
+    from helpers.devnet_process import DevnetProcess
 
     node = DevnetProcess(tmp_path / "d").start()
     try:
@@ -343,7 +343,7 @@ def test_restart_after_kill_keeps_chain_and_peers_reconnect(tmp_path):
 def test_parallel_execution_equals_serial_order_and_failed_batches_leak_nothing(tmp_path):
     """Many batches in one block touching the same key: the result is the serial one, and a
     batch that fails after writing leaves no trace for the batches after it."""
-    from devnet_process import DevnetProcess
+    from helpers.devnet_process import DevnetProcess
 
     node = DevnetProcess(tmp_path / "d", "--max-batches-per-block", "100").start()
     try:

@@ -1,4 +1,4 @@
-"""Event subscriber against a wire-level stand-in for the validator (tests/wire_peer.py)."""
+"""Event subscriber against a wire-level stand-in for the validator (tests/helpers/wire_peer.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from trustmesh.ledger.events import (
     state_delta_subscription,
 )
 
-from wire_peer import NULL_BLOCK_ID, M, WirePeer, block_id, run
+from helpers.wire_peer import NULL_BLOCK_ID, M, WirePeer, block_id, run
 
 FL_EVENT = pb.Event(event_type="trustmesh/round", attributes=[pb.Event.Attribute(key="round", value="1")])
 

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 
-import family_scenario as fs
+from helpers import family_scenario as fs
 from trustmesh.scheduling import events, layout, schedule
 
 

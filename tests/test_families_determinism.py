@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import hashlib
 
-from devnet_process import DevnetProcess
-from ledger_helpers import rest, run, running_processor, submit_and_wait
+from helpers.devnet_process import DevnetProcess
+from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
 from trustmesh.ledger import protos as pb
 from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.devnet.block_info import BlockInfoHandler
 from trustmesh.ledger.devnet.store import ChainStore
 from trustmesh.ledger.signing import PrivateKey
 from trustmesh.scheduling import federation, layout, peers, schedule, workflow
-from family_scenario import HANDLERS, _WORKFLOWS
+from helpers.family_scenario import HANDLERS, _WORKFLOWS
 
 
 async def _one_round(client) -> None:

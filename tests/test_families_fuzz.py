@@ -10,8 +10,8 @@ import cbor2
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from family_scenario import HANDLERS, DictContext, Round, request
-from ledger_helpers import rest, run, submit_and_wait
+from helpers.family_scenario import HANDLERS, DictContext, Round, request
+from helpers.ledger_helpers import rest, run, submit_and_wait
 from trustmesh.ledger.builders import make_batch, make_transaction
 from trustmesh.ledger.processor import InvalidTransaction
 from trustmesh.scheduling import layout
@@ -103,7 +103,7 @@ def test_random_cbor_values_are_rejected_clearly(family, value, state):
 def test_garbage_through_the_validator_is_invalid_never_internal_error(devnet):
     """The same property end to end: statuses are INVALID with a message, the log shows no
     internal error, and the validator keeps committing."""
-    from ledger_helpers import running_processor
+    from helpers.ledger_helpers import running_processor
 
     garbage = [b"", b"\xff", cbor2.dumps({"action": "nope"}), cbor2.dumps([1, 2, 3]),
                cbor2.dumps({"action": "submit", "schedule_id": 7}), b"\x00" * 100]

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import pytest
 
-from ledger_helpers import rest, run, running_processor, submit_and_wait
+from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
 from trustmesh.fl import model_format
 from trustmesh.fl.datasets import dump_npz, federated_digits, make_canary, with_canary
 from trustmesh.compute_node.history_recorder import HistoryRecorder
@@ -27,7 +27,7 @@ from trustmesh.stores.couch import CouchClient, CouchHistory
 from trustmesh.stores.redis_state import BlobStore, FederationCache, connect
 from trustmesh.stores.servers import CouchServer, RedisServer
 
-from family_scenario import _WORKFLOWS
+from helpers.family_scenario import _WORKFLOWS
 
 ROUNDS = 2
 

@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-from ledger_helpers import rest, run, running_processor, submit_and_wait
+from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
 from test_federated_round import (_scan_for_canary, start_compute_nodes, start_iot_nodes, stores,  # noqa: F401  (servers)
                                   until_every_round_is_final)
 from trustmesh import audit
@@ -37,7 +37,7 @@ from trustmesh.scheduling.reader import FederationReader
 from trustmesh.scheduling.schedule import StartingModel
 from trustmesh.stores.redis_state import connect
 
-from family_scenario import _WORKFLOWS
+from helpers.family_scenario import _WORKFLOWS
 
 ROUNDS = 2
 

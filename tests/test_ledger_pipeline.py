@@ -13,8 +13,8 @@ import os
 import signal
 import time
 
-from devnet_process import DevnetProcess
-from ledger_helpers import intkey_batch, rest, run, running_processor, submit_and_wait
+from helpers.devnet_process import DevnetProcess
+from helpers.ledger_helpers import intkey_batch, rest, run, running_processor, submit_and_wait
 from trustmesh.ledger import intkey
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger import protos as pb

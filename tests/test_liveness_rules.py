@@ -1,6 +1,6 @@
 """Liveness on chain, as every validator decides it: heartbeats, and who may take a late task.
 
-The handlers' apply() on a dict of state (tests/family_scenario.py): the rules are pure, so this
+The handlers' apply() on a dict of state (tests/helpers/family_scenario.py): the rules are pure, so this
 is the real processor code, at dict speed. One round with two compute nodes, an hour after it
 was scheduled (`late`), its preprocess task overdue.
 """
@@ -11,7 +11,7 @@ import copy
 
 import pytest
 
-from family_scenario import Round, apply, set_chain_time
+from helpers.family_scenario import Round, apply, set_chain_time
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.processor import InvalidTransaction
 from trustmesh.scheduling import layout, peers, schedule

@@ -3,7 +3,7 @@ middle of `trustmesh run` and of `trustmesh audit`, both wait, say once on stder
 for and that it is back, and finish; neither prints a traceback. An address nothing ever
 answered at fails within FIRST_CONTACT seconds, and a malformed one at once, each with one line.
 
-Only the commands under test go through a TcpProxy (tests/tcp_proxy.py) in front of the REST
+Only the commands under test go through a TcpProxy (tests/helpers/tcp_proxy.py) in front of the REST
 API; the network's own nodes keep talking to it directly.
 """
 
@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from tcp_proxy import TcpProxy
+from helpers.tcp_proxy import TcpProxy
 from test_local_network import home, processes_of, small_workflow, state_of, trustmesh  # noqa: F401 (fixture)
 
 OUTAGE = 20.0          # seconds the REST API is away, each time

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devnet_process import DevnetProcess
-from ledger_helpers import rest, run, running_processor, submit_and_wait
+from helpers.devnet_process import DevnetProcess
+from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_batch, make_transaction
 from trustmesh.ledger.processor import InvalidTransaction

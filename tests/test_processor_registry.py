@@ -7,13 +7,13 @@ import asyncio
 
 import pytest
 
-from ledger_helpers import intkey_batch
+from helpers.ledger_helpers import intkey_batch
 from trustmesh.ledger import protos as pb
 from trustmesh.ledger.devnet.batch_checks import check_batch
 from trustmesh.ledger.devnet.execution import BlockExecutor, ExecutorSettings
 from trustmesh.ledger.devnet.processors import NoProcessor, ProcessorRegistry
 from trustmesh.ledger.signing import PrivateKey
-from wire_peer import run
+from helpers.wire_peer import run
 
 FAMILY, VERSION = "intkey", "1.0"
 SIGNER = PrivateKey.generate()

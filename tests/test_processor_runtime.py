@@ -1,4 +1,4 @@
-"""Transaction-processor runtime against a wire-level stand-in for the validator (tests/wire_peer.py)."""
+"""Transaction-processor runtime against a wire-level stand-in for the validator (tests/helpers/wire_peer.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from trustmesh.ledger.processor import (
     TransactionProcessor,
 )
 
-from wire_peer import M, WirePeer, run
+from helpers.wire_peer import M, WirePeer, run
 
 FAMILY = "tm-test"
 NS = namespace(FAMILY)

@@ -12,8 +12,8 @@ import sys
 import pytest
 from redis.exceptions import AuthenticationError
 
-from devnet_process import DevnetProcess
-from ledger_helpers import rest, run, running_processor, submit_and_wait
+from helpers.devnet_process import DevnetProcess
+from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
 from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.events import NULL_BLOCK_ID, EventSubscriber
 from trustmesh.ledger.signing import PrivateKey

@@ -10,7 +10,7 @@ import time
 import aiohttp
 import pytest
 
-from client_wire_peer import ClientWirePeer, address, closed_port_url, make_test_batch, seed_chain, serving
+from helpers.client_wire_peer import ClientWirePeer, address, closed_port_url, make_test_batch, seed_chain, serving
 from trustmesh.ledger import protos as pb
 from trustmesh.ledger.builders import make_batch_list
 from trustmesh.ledger.signing import PrivateKey

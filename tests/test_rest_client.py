@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from client_wire_peer import ClientWirePeer, address, closed_port_url, make_test_batch, seed_chain, serving
+from helpers.client_wire_peer import ClientWirePeer, address, closed_port_url, make_test_batch, seed_chain, serving
 from trustmesh.ledger import protos as pb
 from trustmesh.ledger.rest_client import BatchInvalidError, BatchTimeoutError, RestClient, RestError
 from trustmesh.ledger.signing import PrivateKey

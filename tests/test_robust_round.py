@@ -5,7 +5,7 @@ recomputes the aggregation, and the checks, and passes."""
 
 from __future__ import annotations
 
-from ledger_helpers import rest, run, running_processor, submit_and_wait
+from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
 from test_federated_round import stores, until_every_round_is_final  # noqa: F401  (servers)
 from trustmesh import audit
 from trustmesh.compute_node.node import ComputeNode
@@ -18,7 +18,7 @@ from trustmesh.scheduling import workflow
 from trustmesh.scheduling.handlers import federation_handlers
 from trustmesh.scheduling.reader import FederationReader
 
-from family_scenario import _WORKFLOWS
+from helpers.family_scenario import _WORKFLOWS
 
 ROUNDS = 2
 

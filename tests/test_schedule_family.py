@@ -11,8 +11,8 @@ import math
 
 import pytest
 
-from devnet_process import DevnetProcess
-from ledger_helpers import rest, run, running_processor, submit_and_wait
+from helpers.devnet_process import DevnetProcess
+from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_batch, make_transaction
 from trustmesh.ledger.signing import PrivateKey

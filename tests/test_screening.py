@@ -9,7 +9,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from family_scenario import Round, apply
+from helpers.family_scenario import Round, apply
 from trustmesh.fl import screening
 from trustmesh.fl.strategies import ClientUpdate
 from trustmesh.ledger.processor import InvalidTransaction

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from ledger_helpers import rest, run, submit_and_wait
+from helpers.ledger_helpers import rest, run, submit_and_wait
 from trustmesh.ledger.builders import make_batch, make_transaction
 from trustmesh.ledger.events import EventSubscriber, event_subscription
 from trustmesh.ledger.signing import PrivateKey

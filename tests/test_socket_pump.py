@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from trustmesh.ledger.messaging import ConnectionLost, SocketPump
-from wire_peer import run
+from helpers.wire_peer import run
 
 
 def pair(name: str, hwm: int = 1000):

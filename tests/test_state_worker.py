@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from ledger_helpers import run
+from helpers.ledger_helpers import run
 from test_merkle import addr
 from trustmesh.ledger import protos as pb
 from trustmesh.ledger.devnet.merkle import EMPTY_ROOT, MerkleRadix, encode_node

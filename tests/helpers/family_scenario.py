@@ -150,4 +150,4 @@ class Round:
 
 import pathlib  # noqa: E402
 
-_WORKFLOWS = pathlib.Path(__file__).resolve().parents[1] / "workflows"
+_WORKFLOWS = pathlib.Path(__file__).resolve().parents[2] / "workflows"
