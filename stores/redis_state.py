@@ -8,7 +8,14 @@ different slots.
 Federation cache (FederationCache)
 ----------------------------------
 A fast, rebuildable copy of the on-chain rounds of trustmesh-federation, filled only from
-*committed* events (`EventSubscriber` delivers committed blocks only) or from chain state:
+*committed* events (`EventSubscriber` delivers committed blocks only) or from chain state.
+
+Why it exists although no node of ours reads it: the design (ARCHITECTURE.md, "Data placement")
+publishes these two keys as the place where submissions accumulate in arrival order, for tools
+that watch a federation without walking the chain (a dashboard, a monitoring script, the design
+seed's consumers). Our nodes and the audit read the chain itself, so the cache is never on a
+round's path and never trusted: any compute node keeps it filled, and a test checks that the
+cache filled from events equals one rebuilt from chain state. The keys:
 
     iot_data_{workflow}_{schedule}_{app}_federated      list, one canonical-JSON element per
                                                         accepted submission, in arrival order:
