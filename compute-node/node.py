@@ -148,7 +148,7 @@ class ComputeNode:
         await self.link.mark()
         beats = lambda: self.heartbeats.keep_beating(self.node, self._status_info())  # noqa: E731
         self._tasks = [loop.create_task(self._follow()), loop.create_task(self._work()),
-                       loop.create_task(self._through_outages(beats)), loop.create_task(self._keep_cache()),
+                       loop.create_task(self.link.keep_running(beats)), loop.create_task(self._keep_cache()),
                        loop.create_task(self.link.watch(self._redis_restarted)),
                        loop.create_task(peers.keep_heartbeating(self.rest, self.signer, self.chain_heartbeat))]
         if self.recorder is not None:
@@ -176,15 +176,6 @@ class ComputeNode:
             return
         await self.rest.wait_for_batches(await self.rest.submit_batches([make_batch(self.signer, [txn])]), 60)
         LOGGER.info("compute node %s registered: %s", self.name, resources)
-
-    async def _through_outages(self, loop_forever) -> None:
-        """Run a Redis loop (heartbeats) again whenever Redis goes away and comes back."""
-        while True:
-            try:
-                await loop_forever()
-            except TRANSIENT as exc:
-                self.link.failed(exc)
-                await self.link.wait_up()
 
     async def _redis_restarted(self) -> None:
         """Redis came back as another server or without its data: put back the blobs this node
@@ -217,8 +208,7 @@ class ComputeNode:
             except asyncio.CancelledError:
                 raise
             except TRANSIENT as exc:
-                self.link.failed(exc)
-                await self.link.wait_up()
+                await self.link.outlast(exc)
             except UnknownBlockError:
                 # Redis outlived the chain it cached (a fresh dev network): start over from genesis.
                 LOGGER.warning("%s: the federation cache's last block is not on this chain; rebuilding", self.name)
@@ -327,8 +317,7 @@ class ComputeNode:
             except DeliveriesLost:
                 redeliver = True
             except TRANSIENT as exc:
-                self.link.failed(exc)
-                await self.link.wait_up()
+                await self.link.outlast(exc)
                 recovered = False
             except asyncio.CancelledError:
                 raise
@@ -349,8 +338,7 @@ class ComputeNode:
             except asyncio.CancelledError:
                 raise
             except TRANSIENT as exc:  # Redis went away: not the task's fault, not a try
-                self.link.failed(exc)
-                await self.link.wait_up()
+                await self.link.outlast(exc)
                 attempt -= 1
             except InputNotReady as exc:  # a redelivered task of a round whose predecessor still trains
                 LOGGER.info("%s: task %s waits: %s", self.name, message.task.get("task_id"), exc)

@@ -211,6 +211,11 @@ async def _global_model(ctx, definition, assignments):
     return inputs["global_model"]
 
 
+def _or_initial(state, definition):
+    """The state a round trained from: `state`, or the seeded initial weights when it is None."""
+    return state if state is not None else initial_state(definition["model"], definition["hyperparameters"]["seed"])
+
+
 async def starting_model_known(ctx, schedule_id: str) -> bool:
     """Whether the round's local_train tasks can start: rounds are opened and assigned while the
     previous one still trains, so its global model may not exist yet."""
@@ -256,8 +261,7 @@ async def train_update(ctx, assignments, task_id, owner, data, definition) -> Ta
     if attack is not None:
         LOGGER.warning("ATTACK (test mode): %s poisons the update of %s… in round %s with %s", ctx.node[:16],
                        owner[:16], assignments["round"], attack)
-        start_state = global_state if global_state is not None else initial_state(definition["model"], hp["seed"])
-        state = attack.poison_update(start_state, result.state, seed)
+        state = attack.poison_update(_or_initial(global_state, definition), result.state, seed)
     blob = model_format.serialize(state, workflow_id=assignments["workflow_id"], round=assignments["round"],
                                   model_spec=definition["model"])
     digest = await ctx.blobs.put(blob)
@@ -281,9 +285,7 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     checks = definition.get("update_checks")
     start_state = None
     if checks and "max_norm_ratio" in checks:  # measured from the model the round trained from
-        start_state = (await _global_model(ctx, definition, assignments))[0]
-        if start_state is None:
-            start_state = initial_state(definition["model"], definition["hyperparameters"]["seed"])
+        start_state = _or_initial((await _global_model(ctx, definition, assignments))[0], definition)
     updates, rejected = screening.screen(updates, checks, start_state)
     for node, why in sorted(rejected.items()):
         LOGGER.warning("aggregate %s: the update of %s… is rejected: %s", task_id, node[:16], why)

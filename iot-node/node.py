@@ -146,15 +146,11 @@ class IoTNode:
         LOGGER.info("IoT node %s (%s…) ready%s", self.name, self.node[:16], " as coordinator" if self.coordinator else "")
 
     async def _beat(self) -> None:
-        while True:  # through Redis outages: liveness resumes with Redis
-            try:
-                info = {"name": self.name, "role": "iot"}
-                if self.attack is not None:  # never silent: `trustmesh status` shows it
-                    info["attack"] = f"{self.attack} on its own updates"
-                await self.heartbeats.keep_beating(self.node, info)
-            except TRANSIENT as exc:
-                self.link.failed(exc)
-                await self.link.wait_up()
+        info = {"name": self.name, "role": "iot"}
+        if self.attack is not None:  # never silent: `trustmesh status` shows it
+            info["attack"] = f"{self.attack} on its own updates"
+        # through Redis outages: liveness resumes with Redis
+        await self.link.keep_running(lambda: self.heartbeats.keep_beating(self.node, info))
 
     async def _redis_restarted(self) -> None:
         await self.blobs.restore()
@@ -272,9 +268,8 @@ class IoTNode:
         async with self._lock:  # blocks and ticks must not act on the same state twice
             try:
                 await self._act(coordinating_only)
-            except TRANSIENT as exc:  # said once by the link; acting resumes with Redis
-                self.link.failed(exc)
-                await self.link.wait_up()  # and the link says when it is back
+            except TRANSIENT as exc:  # said once by the link, and when Redis is back; acting resumes then
+                await self.link.outlast(exc)
             except Exception:
                 LOGGER.exception("%s: acting on chain state failed; trying again shortly", self.name)
 

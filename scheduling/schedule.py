@@ -796,6 +796,7 @@ class ScheduleHandler(TransactionHandler):
                 )
 
         missed = current["node"]
+        loads = None
         if task["kind"] == "local_train" and assignments.get("train_on") == "iot":
             candidates = {task["data_owner"]: 1}  # the data never leaves its IoT node
         else:
@@ -804,7 +805,8 @@ class ScheduleHandler(TransactionHandler):
                 raise InvalidTransaction(
                     f"no compute node is registered (trustmesh-peer index is empty); task {task_id!r} cannot be reassigned"
                 )
-            live = await self._responsive(context, registered, await self._loads(context, registered), now)
+            loads = await self._loads(context, [*registered, missed])  # read once: liveness and ranking
+            live = await self._responsive(context, registered, loads, now)
             candidates = {n: p for n, p in registered.items() if n in live and n != missed}
             if not candidates and current["status"] == "failed" and missed in live:
                 # It said it failed and it is alive: with nobody else live, it tries again.
@@ -819,7 +821,8 @@ class ScheduleHandler(TransactionHandler):
                     f"{peers.LIVENESS_SECONDS} s of chain time {now} without missing a deadline since; "
                     f"reassign it once one is live"
                 )
-        loads = await self._loads(context, [*candidates, missed])
+        if loads is None:  # an IoT node's own local_train: its one candidate
+            loads = await self._loads(context, [*candidates, missed])
         if current["status"] != "failed":  # a failure was already counted when it was reported
             loads[missed]["queue"] = max(0, int(loads[missed].get("queue", 0)) - 1)
             loads[missed]["missed"] = int(loads[missed].get("missed", 0)) + 1

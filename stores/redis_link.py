@@ -61,6 +61,19 @@ class RedisLink:
         """A Redis failure seen elsewhere in the node: counts toward the outage (said once)."""
         self.outage.down(_reason(exc))
 
+    async def outlast(self, exc: BaseException) -> None:
+        """A Redis failure seen elsewhere in the node: say so (once) and return when Redis is back."""
+        self.failed(exc)
+        await self.wait_up()
+
+    async def keep_running(self, loop_forever: Callable[[], Awaitable[None]]) -> None:
+        """Run a node's Redis loop (its heartbeats), again each time Redis comes back."""
+        while True:
+            try:
+                await loop_forever()
+            except TRANSIENT as exc:
+                await self.outlast(exc)
+
     async def wait_up(self) -> None:
         """Return once Redis answers PING (at once when it does)."""
         delays = Backoff(0.1, self.max_backoff)
@@ -79,8 +92,7 @@ class RedisLink:
             try:
                 return await operation()
             except TRANSIENT as exc:
-                self.failed(exc)
-                await self.wait_up()
+                await self.outlast(exc)
 
     async def _identity(self) -> tuple[str, bool]:
         """(run_id of the server, whether our sentinel is still there)."""

@@ -684,7 +684,7 @@ async def _open_stores(endpoints: network.Endpoints, stack: contextlib.AsyncExit
 
 async def _audit(workflow_id: str, endpoints: network.Endpoints, progress: Callable[[str], None],
                  stack: contextlib.AsyncExitStack) -> AuditReport:
-    rest = RestClient(endpoints.rest, patience=math.inf, first_contact=10.0)  # waits out outages once reached
+    rest = network.command_rest_client(endpoints.rest)  # waits out outages once reached
     stack.push_async_callback(rest.close)
     head, record = await _open_chain(workflow_id, rest)
     blobs, history = await _open_stores(endpoints, stack)

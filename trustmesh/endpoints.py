@@ -25,6 +25,20 @@ ENVIRONMENT = {"validator": "TRUSTMESH_VALIDATOR", "rest": "TRUSTMESH_REST", "re
                "couch": "COUCHDB_URL"}
 
 
+FIRST_CONTACT = 10.0  # seconds a command tries an endpoint that has never answered it
+
+
+def command_rest_client(rest_url: str):
+    """The REST client of a command (run, deploy, audit): waits out outages once it has reached
+    the REST API, and gives up on one that never answered after FIRST_CONTACT seconds.
+    BadRestURL if the URL is malformed."""
+    import math
+
+    from trustmesh.ledger.rest_client import RestClient  # aiohttp: only for commands that talk to the chain
+
+    return RestClient(rest_url, patience=math.inf, first_contact=FIRST_CONTACT)
+
+
 @dataclass(frozen=True)
 class Endpoints:
     validator: str

@@ -16,13 +16,14 @@ never answered gives up after FIRST_CONTACT seconds with a RunError saying what 
 from __future__ import annotations
 
 import asyncio
-import math
 import pathlib
 import sys
 import time
 from dataclasses import dataclass
 from typing import TextIO
 
+from trustmesh.endpoints import FIRST_CONTACT
+from trustmesh.endpoints import command_rest_client as rest_client
 from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.events import (EventSubscriber, EventSubscriptionError, UnknownBlockError,
                                      ValidatorUnreachable, event_subscription)
@@ -36,17 +37,10 @@ ROUND_EVENTS = (events.ROUND_OPENED, events.SUBMISSION_ACCEPTED, events.ROUND_RE
                 events.ROUND_TIMEOUT, events.ROUND_SCHEDULED, events.TASK_DONE,
                 events.TASK_FAILED, events.ROUND_FINALIZED)
 BAR_WIDTH = 20
-FIRST_CONTACT = 10.0  # seconds a command tries an endpoint that has never answered it
 
 
 class RunError(RuntimeError):
     """A workflow cannot be deployed or followed; the message says what to do."""
-
-
-def rest_client(rest_url: str) -> RestClient:
-    """The REST client of a command: waits out outages once it has reached the REST API, and
-    gives up on one that never answered after FIRST_CONTACT seconds. BadRestURL if malformed."""
-    return RestClient(rest_url, patience=math.inf, first_contact=FIRST_CONTACT)
 
 
 def rest_failure(exc: RestError, base_url: str) -> str:
