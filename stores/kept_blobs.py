@@ -64,10 +64,8 @@ class KeptBlobs:
         return data if hashlib.sha256(data).hexdigest() == digest else None
 
     def _prune(self) -> None:
-        files = sorted((p for p in self.directory.iterdir() if len(p.name) == 64),
-                       key=lambda p: p.stat().st_mtime, reverse=True)
-        for stale in files[self.keep:]:
-            stale.unlink(missing_ok=True)
+        for stale in self.kept()[self.keep:]:
+            (self.directory / stale).unlink(missing_ok=True)
 
     async def put(self, data: bytes) -> str:
         data = bytes(data)

@@ -82,22 +82,16 @@ def _node_flags(parser, endpoints) -> None:
                              "core; `trustmesh up` gives each node its share)")
 
 
-def _attack(text: str):
-    from trustmesh.fl.attacks import AttackError, parse_attack
+def _attack_argument(parse_name: str):
+    """An argparse type from fl/attacks.py's parser `parse_name`: its error becomes argparse's."""
+    def parse(text: str):
+        from trustmesh.fl import attacks
 
-    try:
-        return parse_attack(text)
-    except AttackError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _targeted_attack(text: str):
-    from trustmesh.fl.attacks import AttackError, parse_targeted
-
-    try:
-        return parse_targeted(text)
-    except AttackError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        try:
+            return getattr(attacks, parse_name)(text)
+        except attacks.AttackError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
 
 
 def _use_torch_threads(args) -> None:
@@ -337,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compute = sub.add_parser("compute-node", help="run a compute node: register, train, aggregate, evaluate")
     _node_flags(compute, ("validator", "rest", "redis", "couch"))
-    compute.add_argument("--attack", action="append", default=[], type=_targeted_attack, metavar="OWNER=MODE[:PARAM]",
+    compute.add_argument("--attack", action="append", default=[], type=_attack_argument("parse_targeted"), metavar="OWNER=MODE[:PARAM]",
                          help="TESTS AND BENCHMARKS ONLY: poison the updates trained on the data of OWNER (an IoT "
                               "node's public key): scale:K, sign_flip, noise:SIGMA, label_flip or free_rider "
                               "(fl/attacks.py); repeatable, never on by default")
@@ -348,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     iot.add_argument("--workflow", default=os.environ.get("TRUSTMESH_WORKFLOW"),
                      help="serve this workflow only (env TRUSTMESH_WORKFLOW; default: every deployed workflow "
                           "whose federation names this node's key)")
-    iot.add_argument("--attack", type=_attack, metavar="MODE[:PARAM]",
+    iot.add_argument("--attack", type=_attack_argument("parse_attack"), metavar="MODE[:PARAM]",
                      help="TESTS AND BENCHMARKS ONLY: poison the updates this node trains itself (train_on iot): "
                           "scale:K, sign_flip, noise:SIGMA, label_flip or free_rider (fl/attacks.py)")
     iot.add_argument("--role", choices=("auto", "coordinator", "participant"), default="auto",
