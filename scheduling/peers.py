@@ -215,9 +215,8 @@ async def _seen(context, node: str, now: int | None) -> dict[str, dict]:
     if now is None:
         return {}
     address = layout.liveness_address(node)
-    previous = await read_record(context, address)
-    last = previous.get("last_seen") if isinstance(previous, dict) else None
-    if isinstance(last, int) and not isinstance(last, bool) and last > now:
+    last = last_seen_of(await read_record(context, address))
+    if last is not None and last > now:
         now = last
     return {address: {"node": node, "last_seen": now}}
 
