@@ -27,36 +27,40 @@ PARAMETERS = {"max_norm_ratio": Number(low=1e-6, high=1e6)}
 MAX_REASON_CHARS = 200  # what the schedule family accepts per rejected node
 
 
-def _values(state: Mapping) -> list[float]:
+def flat(state: Mapping):
+    """Every parameter of a state, float64, in one numpy vector (the state's order)."""
     import numpy as np
 
-    return np.concatenate([t.detach().numpy().astype(np.float64).ravel() for t in state.values()]).tolist()
+    return np.concatenate([t.detach().numpy().astype(np.float64).ravel() for t in state.values()])
 
 
-def _norm(values: Sequence[float]) -> float:
-    return math.sqrt(math.fsum(v * v for v in values))
+def squared_norm(vector) -> float:
+    """sum of squares, correctly rounded (math.fsum): the same bits on every machine."""
+    return math.fsum((vector * vector).tolist())
 
 
 def screen(updates: Sequence[ClientUpdate], checks: Mapping[str, Any] | None,
            start_state: Mapping | None = None) -> tuple[list[ClientUpdate], dict[str, str]]:
     """(the updates kept, in the given order; node -> why rejected). start_state: the global
     model the round trained from, needed only when `checks` bound the update's norm."""
+    import numpy as np
+
     checks = checks or {}
     ratio = checks.get("max_norm_ratio")
     start = None
     if ratio is not None:
         if start_state is None:
             raise ValueError("update_checks.max_norm_ratio needs the global model the round started from")
-        start = _values(start_state)
-        bound = ratio * _norm(start)
+        start = flat(start_state)
+        bound = ratio * math.sqrt(squared_norm(start))
     kept, rejected = [], {}
     for update in updates:
-        values = _values(update.state)
-        if not all(math.isfinite(v) for v in values):
+        values = flat(update.state)
+        if not np.isfinite(values).all():
             rejected[update.node] = "holds NaN or infinite values"
             continue
         if start is not None:
-            moved = _norm([a - b for a, b in zip(values, start)])
+            moved = math.sqrt(squared_norm(values - start))
             if moved > bound:
                 rejected[update.node] = (f"moved {moved:.6g} from the global model, more than max_norm_ratio "
                                          f"{ratio:g} x its norm ({bound:.6g})")

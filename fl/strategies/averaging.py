@@ -17,7 +17,6 @@ import math
 from collections import OrderedDict
 from typing import Mapping, Sequence
 
-import numpy as np
 import torch
 
 from .base import WEIGHT_TOLERANCE, ClientUpdate, StrategyError
@@ -127,14 +126,14 @@ def median_rows(rows: torch.Tensor) -> torch.Tensor:
 
 def squared_distances(updates: Sequence[ClientUpdate]) -> list[list[float]]:
     """d[i][j] = ||state_i - state_j||^2 over every parameter, correctly rounded (math.fsum)."""
-    flat = [np.concatenate([u.state[k].detach().numpy().astype(np.float64).ravel() for k in u.state])
-            for u in updates]
-    n = len(flat)
+    from trustmesh.fl.screening import flat, squared_norm
+
+    vectors = [flat(u.state) for u in updates]
+    n = len(vectors)
     d = [[0.0] * n for _ in range(n)]
     for i in range(n):
         for j in range(i + 1, n):
-            diff = flat[i] - flat[j]
-            d[i][j] = d[j][i] = math.fsum((diff * diff).tolist())
+            d[i][j] = d[j][i] = squared_norm(vectors[i] - vectors[j])
     return d
 
 
