@@ -18,6 +18,7 @@ import pytest
 from helpers.devnet_process import DevnetProcess
 from helpers.family_scenario import _WORKFLOWS
 from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
+from test_federated_round import until_history_is_recorded
 from trustmesh import audit
 from trustmesh.fl import model_format
 from trustmesh.compute_node.node import ComputeNode
@@ -74,6 +75,7 @@ async def _federate(devnet, redis_url: str, couch_url: str, folder) -> dict:
             await node.start()
         try:
             await asyncio.wait_for(iots[0].finished.wait(), 150)
+            await until_history_is_recorded(computes, ROUNDS)  # the audits read it
         finally:
             for node in iots + computes:
                 await node.stop()

@@ -71,8 +71,7 @@ def test_rounds_complete_every_digest_verifies_and_raw_data_never_leaks(devnet, 
             try:
                 await until_every_round_is_final(iots, ROUNDS)
                 assert all(node.trainer is None for node in iots)  # no IoT-side training asked: no task stream
-                # the CouchDB history follows the chain, off the rounds' path
-                await asyncio.wait_for(_until(lambda: _finals_recorded(computes) == ROUNDS), 30)
+                await until_history_is_recorded(computes, ROUNDS)
             finally:
                 for node in iots + computes:
                     await node.stop()
@@ -106,6 +105,12 @@ async def until_every_round_is_final(iots, rounds: int) -> None:
     await asyncio.wait_for(iots[0].finished.wait(), 240)
     for node in iots:  # every node fetched and verified every global model
         await asyncio.wait_for(_until(lambda: len(node.global_models) == rounds), 30)
+
+
+async def until_history_is_recorded(computes, rounds: int) -> None:
+    """The CouchDB history follows the chain off the rounds' path: wait for every final round
+    in it before stopping the nodes (and before an audit looks for it)."""
+    await asyncio.wait_for(_until(lambda: _finals_recorded(computes) == rounds), 30)
 
 
 def _finals_recorded(computes) -> int:

@@ -19,7 +19,7 @@ import pytest
 
 from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
 from test_federated_round import (_scan_for_canary, start_compute_nodes, start_iot_nodes, stores,  # noqa: F401  (servers)
-                                  until_every_round_is_final)
+                                  until_every_round_is_final, until_history_is_recorded)
 from trustmesh import audit
 from trustmesh.fl import model_format
 from trustmesh.fl.datasets import dump_npz, federated_digits, make_canary, with_canary
@@ -77,6 +77,7 @@ def test_iot_nodes_train_their_own_data_and_no_raw_data_reaches_a_store(devnet, 
             iots = await start_iot_nodes(names, tmp_path, "digits-iot", common)
             try:
                 await until_every_round_is_final(iots, ROUNDS)
+                await until_history_is_recorded(computes, ROUNDS)  # the audit below reads it
             finally:
                 for node in iots + computes:
                     await node.stop()

@@ -6,7 +6,7 @@ recomputes the aggregation, and the checks, and passes."""
 from __future__ import annotations
 
 from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
-from test_federated_round import stores, until_every_round_is_final  # noqa: F401  (servers)
+from test_federated_round import stores, until_every_round_is_final, until_history_is_recorded  # noqa: F401
 from trustmesh import audit
 from trustmesh.compute_node.node import ComputeNode
 from trustmesh.endpoints import Endpoints
@@ -54,6 +54,7 @@ def _federate(devnet, stores, tmp_path, workflow_id: str, **changes):  # noqa: F
                 await node.start()
             try:
                 await until_every_round_is_final(iots, ROUNDS)
+                await until_history_is_recorded(computes, ROUNDS)  # the audit below reads it
             finally:
                 for node in iots + computes:
                     await node.stop()
