@@ -383,14 +383,15 @@ class ComputeNode:
             r = outcome.round_result
             txns.append(schedule.make_round_result_transaction(
                 self.signer, sid, outcome.output_digest, r["participants"], r["aggregation_weights"], r["metrics"],
-                task_id=task_id, rejected=r.get("rejected")))
+                task_id=task_id, rejected=r.get("rejected"), server_state_digest=r.get("server_state_digest")))
         self._uncommitted[sid, task_id] = txns[0].header_signature
         self.context.reported[sid, task_id] = {"status": "done", "node": self.node, "attempt": attempt,
                                                "output_digest": outcome.output_digest, "metrics": metrics}
         if outcome.round_result is not None:
             assignments = (await self.context.round_inputs(sid))["assignments"]
             self.context.global_models[assignments["workflow_id"], assignments["round"]] = {
-                "digest": outcome.output_digest, "schedule_id": sid, "task_id": task_id}
+                "digest": outcome.output_digest, "schedule_id": sid, "task_id": task_id,
+                "server_state_digest": outcome.round_result.get("server_state_digest")}
         self._report(txns, message.message_id, (sid, task_id))
         try:  # dependents on this node go on now, not a block later; so do the next round's trainings
             for schedule_id in [sid, *sorted(self._waiting)]:

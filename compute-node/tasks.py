@@ -31,7 +31,7 @@ from trustmesh.stores.data_bundle import open_bundle
 from trustmesh.stores.data_envelope import EnvelopeError
 from trustmesh.stores.redis_state import BlobCorrupted, BlobNotFound, BlobStore, BlobTooLarge
 
-from trustmesh.fl import model_format, screening
+from trustmesh.fl import model_format, screening, server_state
 from trustmesh.fl.datasets import federated_digits, load_npz
 from trustmesh.fl.strategies import ClientUpdate, strategy_from_spec
 from trustmesh.fl.attacks import Attack
@@ -196,7 +196,8 @@ async def _global_model(ctx, definition, assignments):
         workflow_id, round_number = assignments["workflow_id"], assignments["round"]
         own = ctx.global_models.get((workflow_id, round_number - 1))
         if own is not None:
-            start = StartingModel.of_previous_round(workflow_id, round_number, own["schedule_id"], own["digest"])
+            start = StartingModel.of_previous_round(workflow_id, round_number, own["schedule_id"], own["digest"],
+                                                    own.get("server_state_digest"))
             built_on = ((own["schedule_id"], own["task_id"]),)
         else:
             try:
@@ -283,30 +284,50 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     if not updates:
         raise TaskInputError(f"aggregate {task_id} depends on no local_train output")
     checks = definition.get("update_checks")
-    start_state = None
-    if checks and "max_norm_ratio" in checks:  # measured from the model the round trained from
-        start_state = _or_initial((await _global_model(ctx, definition, assignments))[0], definition)
+    strategy = strategy_from_spec(definition.get("strategy") or {"name": "fedavg"})
+    start_state = start = None
+    if strategy.uses_start or (checks and "max_norm_ratio" in checks):  # the model the round trained from
+        global_state, _, start = await _global_model(ctx, definition, assignments)
+        start_state = _or_initial(global_state, definition)
     updates, rejected = screening.screen(updates, checks, start_state)
     for node, why in sorted(rejected.items()):
         LOGGER.warning("aggregate %s: the update of %s… is rejected: %s", task_id, node[:16], why)
     if not updates:
         raise TaskInputError(f"aggregate {task_id}: every update was rejected by the update checks")
-    strategy = strategy_from_spec(definition.get("strategy") or {"name": "fedavg"})
+    previous = await _server_state(ctx, strategy, start)
     started = time.perf_counter()
     state, weights = strategy.aggregate(updates)
+    state, kept_state = strategy.step(state, start_state, previous)
     rejected.update(strategy.rejections(weights))  # whom a robust rule left out, and why
     weights = {**{node: 0.0 for node in rejected}, **weights}
     compute = time.perf_counter() - started
     blob = model_format.serialize(state, workflow_id=assignments["workflow_id"], round=assignments["round"],
                                   model_spec=definition["model"])
     digest = await ctx.blobs.put(blob)
+    server_state_digest = None
+    if kept_state is not None:
+        server_state_digest = await ctx.blobs.put(server_state.serialize(
+            kept_state, strategy=strategy.name, workflow_id=assignments["workflow_id"], round=assignments["round"]))
     total = sum(u.samples for u in updates)
     metrics = {name: sum(float(u.metrics[name]) * u.samples for u in updates) / total for name in ("loss", "accuracy")}
     metrics["samples"] = total
     participants = sorted(weights)
     result = {"participants": participants, "aggregation_weights": {n: float(weights[n]) for n in participants},
-              "metrics": {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}, "rejected": rejected}
+              "metrics": {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}, "rejected": rejected,
+              "server_state_digest": server_state_digest}
     return TaskOutcome(digest, metrics, round_result=result, compute_seconds=compute)
+
+
+async def _server_state(ctx, strategy, start: StartingModel | None):
+    """The state a server optimizer left with the model this round trained from (None: a fresh
+    start, or a strategy that keeps none), verified against its digest on chain."""
+    if not strategy.keeps_state or start is None or start.server_state_digest is None:
+        return None
+    blob = await _blob(ctx, start.server_state_digest, f"server state of round {start.source_round}")
+    try:
+        return server_state.load(blob, start.server_state_digest, strategy=strategy.name)
+    except server_state.ServerStateError as exc:
+        raise TaskInputError(f"server state of round {start.source_round}: {exc}") from None
 
 
 @functools.lru_cache(maxsize=4)

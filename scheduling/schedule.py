@@ -39,11 +39,13 @@ Actions (canonical-CBOR map {"action": ..., ...}; unknown fields are refused):
       later. local_train on an IoT node's own data (train_on "iot") cannot move: the same IoT
       node gets a new attempt, as it is no compute node and sends no heartbeats.
   round_result  {schedule_id, global_model_digest, participants, aggregation_weights, metrics,
-                 task_id?, rejected?}
+                 task_id?, rejected?, server_state_digest?}
       From the node of the (final) aggregate task, after that task reported done with the same
       digest. rejected: {participant: reason} for updates the update checks refused
-      (fl/screening.py); each has weight 0; stored in the result only when present. The round is final once the result exists and every evaluate instance is done,
-      whichever comes last.
+      (fl/screening.py); each has weight 0. server_state_digest: the sha256 of the state a
+      server optimizer (fl/strategies/fedopt.py) leaves for the next round. Both are stored in
+      the result only when present. The round is final once the result exists and every
+      evaluate instance is done, whichever comes last.
 
 Deadlines (chain time, BlockInfo): a task without dependencies gets chain_time +
 deadline_seconds; a task with dependencies first gets chain_time + deadline_seconds * (1 + its
@@ -73,7 +75,7 @@ Records (canonical CBOR):
                             time of its latest missed deadline)
   round_result_address(sid) {schedule_id, workflow_id, round, aggregate_task, global_model_digest,
                               participants, aggregation_weights, metrics, reported_by,
-                              recorded_at, final[, finalized_at, evaluations:
+                              recorded_at, final[, rejected][, server_state_digest][, finalized_at, evaluations:
                               {task_id: {output_digest, metrics}}]}
 
 Events: trustmesh/task-assigned, trustmesh/round-scheduled, trustmesh/task-running,
@@ -144,7 +146,7 @@ _FIELDS = {
     "reassign": ({"schedule_id", "task_id"}, set()),
     "round_result": (
         {"schedule_id", "global_model_digest", "participants", "aggregation_weights", "metrics"},
-        {"task_id", "rejected"},
+        {"task_id", "rejected", "server_state_digest"},
     ),
 }
 _RANK = {"assigned": 0, "running": 1, "done": 2, "failed": 2}
@@ -336,6 +338,8 @@ class StartingModel:
     source_round  the round that produced it (None with the initial weights)
     inputs        every state address the rule read to decide it, in order: a local_train done
                   report declares them (make_report_transaction), so the processor can read them
+    server_state_digest  the server optimizer's state that round left with it (its round
+                  result's server_state_digest), where the next step starts; None: fresh state
     """
 
     workflow_id: str
@@ -343,13 +347,16 @@ class StartingModel:
     digest: str | None
     source_round: int | None = None
     inputs: tuple[str, ...] = ()
+    server_state_digest: str | None = None
 
     @classmethod
-    def of_previous_round(cls, workflow_id: str, round_number: int, schedule_id: str, digest: str) -> "StartingModel":
+    def of_previous_round(cls, workflow_id: str, round_number: int, schedule_id: str, digest: str,
+                          server_state_digest: str | None = None) -> "StartingModel":
         """Round `round_number - 1` (schedule_id) has the global model `digest`: what the rule
         reads to find it. A node that reported that model itself knows it before it commits."""
         return cls(workflow_id, round_number, digest, round_number - 1,
-                   (layout.workflow_rounds_address(workflow_id), layout.round_result_address(schedule_id)))
+                   (layout.workflow_rounds_address(workflow_id), layout.round_result_address(schedule_id)),
+                   server_state_digest)
 
 
 async def starting_model(read: Callable[[str], Awaitable[Mapping | None]], workflow_id: str,
@@ -379,7 +386,8 @@ async def starting_model(read: Callable[[str], Awaitable[Mapping | None]], workf
             sid = index.get(str(number))
             result = await get(layout.round_result_address(sid)) if isinstance(sid, str) else None
             if result is not None and result.get("global_model_digest"):
-                return StartingModel(workflow_id, round_number, result["global_model_digest"], number, tuple(inputs))
+                return StartingModel(workflow_id, round_number, result["global_model_digest"], number, tuple(inputs),
+                                     result.get("server_state_digest"))
             record = await get(layout.round_address(sid)) if isinstance(sid, str) else None
             if record is None or record.get("status") != "timeout":
                 raise LineageUnknown(f"round {number} of {workflow_id!r} has no global model on chain yet")
@@ -879,6 +887,10 @@ class ScheduleHandler(TransactionHandler):
             raise InvalidTransaction(f"aggregation_weights sum to {total!r}; they must sum to 1 (within {WEIGHT_TOLERANCE})")
         metrics = _metrics(body, "metrics", required=("accuracy", "loss"))
         rejected = _rejected(body, weights)
+        server_state = {}
+        if "server_state_digest" in body:
+            server_state["server_state_digest"] = require_match(
+                body, "server_state_digest", HEX64, "the sha256 (64 lowercase hex) of the server optimizer's state")
 
         assignments = await self._assignments(context, schedule_id)
         tasks = assignments["tasks"]
@@ -930,7 +942,7 @@ class ScheduleHandler(TransactionHandler):
             "schedule_id": schedule_id, "workflow_id": assignments["workflow_id"], "round": assignments["round"],
             "aggregate_task": aggregate_id, "global_model_digest": digest, "participants": list(participants),
             "aggregation_weights": dict(weights), "metrics": metrics, "reported_by": signer,
-            "recorded_at": now, "final": False, **({"rejected": rejected} if rejected else {}),
+            "recorded_at": now, "final": False, **({"rejected": rejected} if rejected else {}), **server_state,
         }
         final = self._finalize(result, assignments, statuses, now)
         await write_records(context, {layout.round_result_address(schedule_id): final or result})
@@ -991,13 +1003,15 @@ def reassign_payload(schedule_id: str, task_id: str) -> bytes:
 
 def round_result_payload(schedule_id: str, global_model_digest: str, participants: list[str],
                          aggregation_weights: Mapping[str, float], metrics: Mapping[str, float], *,
-                         task_id: str | None = None, rejected: Mapping[str, str] | None = None) -> bytes:
+                         task_id: str | None = None, rejected: Mapping[str, str] | None = None,
+                         server_state_digest: str | None = None) -> bytes:
     """rejected: participants whose update the update checks refused (weight 0), with why; left
-    out when none was."""
+    out when none was. server_state_digest: what a server optimizer leaves for the next round."""
     return _encode("round_result", {
         "schedule_id": schedule_id, "global_model_digest": global_model_digest,
         "participants": list(participants), "aggregation_weights": dict(aggregation_weights),
         "metrics": dict(metrics), "task_id": task_id, "rejected": dict(rejected) if rejected else None,
+        "server_state_digest": server_state_digest,
     })
 
 
@@ -1044,13 +1058,14 @@ def make_reassign_transaction(signer, schedule_id: str, task_id: str, **kwargs):
 
 def make_round_result_transaction(signer, schedule_id: str, global_model_digest: str, participants: list[str],
                                   aggregation_weights: Mapping[str, float], metrics: Mapping[str, float], *,
-                                  task_id: str | None = None, rejected: Mapping[str, str] | None = None, **kwargs):
+                                  task_id: str | None = None, rejected: Mapping[str, str] | None = None,
+                                  server_state_digest: str | None = None, **kwargs):
     """Signed by the node of the aggregate task."""
     result = layout.round_result_address(schedule_id)
     inputs = [layout.assignments_address(schedule_id), layout.round_address(schedule_id), TASK_STATUS_PREFIX,
               result, layout.BLOCK_INFO_NS]
     payload = round_result_payload(schedule_id, global_model_digest, participants, aggregation_weights, metrics,
-                                   task_id=task_id, rejected=rejected)
+                                   task_id=task_id, rejected=rejected, server_state_digest=server_state_digest)
     return _transaction(signer, payload, inputs, [result], **kwargs)
 
 

@@ -1,7 +1,8 @@
 """Defences through every real part, five IoT nodes, one of whose updates the compute nodes poison
 (x100 scaling, fl/attacks.py): Multi-Krum (f = 1, m = 3) gives the attacker weight 0 in every
 round; FedAvg behind update checks (max_norm_ratio) rejects it by name. Either way the audit
-recomputes the aggregation, and the checks, and passes."""
+recomputes the aggregation, and the checks, and passes. A server optimizer (FedAdam) leaves a state
+for the next round that the audit recomputes from the state the round started with."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from helpers.family_scenario import _WORKFLOWS
 ROUNDS = 2
 
 
-def _federate(devnet, stores, tmp_path, workflow_id: str, **changes):  # noqa: F811
-    """Run a workflow (federated-digits, 5 nodes, 1 epoch, `changes`) with iot-5's updates scaled
-    x100 by both compute nodes: (attacker key, round results, audit report)."""
+def _federate(devnet, stores, tmp_path, workflow_id: str, attack: str | None = "scale:100", **changes):  # noqa: F811
+    """Run a workflow (federated-digits, 5 nodes, 1 epoch, `changes`) with iot-5's updates
+    poisoned by both compute nodes with `attack`: (iot-5's key, round results); the audit passes."""
     redis_server, couch_server = stores
     names = [f"iot-{i}" for i in range(1, 6)]
     keys = {n: load_or_create_key(tmp_path / n / "keys", n).public_key().as_hex() for n in names}
@@ -41,7 +42,8 @@ def _federate(devnet, stores, tmp_path, workflow_id: str, **changes):  # noqa: F
         common = dict(validator_url=devnet.component_url, rest_url=devnet.rest_url, redis_url=redis_server.url)
         async with running_processor(devnet.component_url, *federation_handlers()), rest(devnet.rest_url) as client:
             computes = [ComputeNode(f"compute-{i}", tmp_path / f"compute-{i}", couch_url=couch_server.url,
-                                    attacks={attacker: parse_attack("scale:100")}, **common) for i in range(2)]
+                                    attacks={attacker: parse_attack(attack)} if attack else {}, **common)
+                        for i in range(2)]
             for node in computes:
                 await node.start()
             owner = load_or_create_key(tmp_path / "owner", "owner")
@@ -92,3 +94,11 @@ def test_update_checks_reject_a_scaling_attacker_by_name_and_the_audit_agrees(de
         assert list(result["rejected"]) == [attacker]
         assert "more than max_norm_ratio 3 x its norm" in result["rejected"][attacker]
         assert sum(1 for w in result["aggregation_weights"].values() if w > 0) == 4
+
+
+def test_a_server_optimizer_carries_its_state_from_round_to_round_and_the_audit_recomputes_it(devnet, stores,  # noqa: F811
+                                                                                               tmp_path):
+    _, results = _federate(devnet, stores, tmp_path, "digits-fedadam", attack=None,
+                           strategy={"name": "fedadam", "eta": 0.03, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001})
+    states = [result["server_state_digest"] for result in results]
+    assert len(set(states)) == ROUNDS, states  # each round left its own state, the audit checked each

@@ -51,6 +51,7 @@ from trustmesh.ledger import protos as pb
 from trustmesh.ledger import signing
 from trustmesh.ledger.rest_client import RestClient, RestError
 from trustmesh.scheduling import layout
+from trustmesh.fl.strategies import STRATEGIES
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.scheduling.schedule import WEIGHT_TOLERANCE, StartingModel, lineage_problem
 from trustmesh.stores.couch import CouchClient, CouchError, CouchHistory, DigestMismatch
@@ -264,6 +265,7 @@ class _Round:
     statuses: dict[str, dict] = field(default_factory=dict)
     result: dict | None = None
     verified: dict[str, bytes | None] = field(default_factory=dict)
+    start: StartingModel | None = None  # what the lineage rule says the round trained from
 
     @property
     def tasks(self) -> dict:
@@ -373,12 +375,16 @@ async def _check_couch_model(audit: RoundAudit, history: CouchHistory, workflow_
 
 def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strategy_spec: Mapping,
                       result: Mapping, *, workflow_id: str, model_spec: Mapping,
-                      update_checks: Mapping | None = None, start_state: Mapping | None = None) -> str | None:
+                      update_checks: Mapping | None = None, start_state: Mapping | None = None,
+                      server_state: Mapping | None = None) -> str | None:
     """Redo what compute-node/tasks.py `_aggregate` stored for round `audit.number`: the
     strategy's weights from the updates must be the on-chain aggregation_weights, and the
-    weighted average with the on-chain weights, serialized the same way, must hash to the
-    on-chain global_model_digest. Returns the recomputed digest (None if it cannot be made)."""
+    weighted average with the on-chain weights (moved from `start_state` by a server optimizer,
+    from the `server_state` the round started with), serialized the same way, must hash to the
+    on-chain global_model_digest; a server optimizer's new state to its server_state_digest.
+    Returns the recomputed digest (None if it cannot be made)."""
     from trustmesh.fl import model_format, screening
+    from trustmesh.fl import server_state as server_state_format
     from trustmesh.fl.strategies import FedAvg, StrategyError, check_updates, strategy_from_spec
 
     on_chain = dict(result.get("aggregation_weights") or {})
@@ -411,10 +417,23 @@ def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strate
             raise StrategyError(f"weights name nodes {sorted(on_chain)} but kept updates come from "
                                 f"{sorted(u.node for u in ordered)}; they must match")
         state = strategy.combine(ordered, {u.node: on_chain[u.node] for u in ordered})
+        if strategy.uses_start and start_state is None:
+            raise StrategyError("the model the round trained from is not available")
+        state, kept_state = strategy.step(state, start_state, server_state)
         blob = model_format.serialize(state, workflow_id=workflow_id, round=audit.number, model_spec=model_spec)
     except (StrategyError, model_format.ModelFormatError) as exc:
         audit.fail(f"global model cannot be recomputed from the on-chain weights: {exc}")
         return None
+    claimed_state = result.get("server_state_digest")
+    if kept_state is None:
+        if claimed_state is not None:
+            audit.fail(f"the round result names a server state {_short(claimed_state)}, but {strategy.name} keeps none")
+    else:
+        kept_digest = server_state_format.digest(server_state_format.serialize(
+            kept_state, strategy=strategy.name, workflow_id=workflow_id, round=audit.number))
+        audit.check(kept_digest == claimed_state, f"recomputed server state {_short(kept_digest)} of "
+                                                  f"{strategy.name} does not match the on-chain server_state_digest "
+                                                  f"{_short(claimed_state)}: digest mismatch")
     digest = audit.recomputed_global_model = model_format.digest(blob)
     claimed = result.get("global_model_digest")
     audit.check(digest == claimed, f"recomputed global model {_short(digest)} does not match the on-chain "
@@ -461,9 +480,29 @@ async def _recompute_aggregation(audit: RoundAudit, wf: _Workflow, rnd: _Round) 
         metrics = status.get("metrics") or {}
         updates.append(ClientUpdate(node=owner, state=state, samples=int(metrics.get("samples", 0)), metrics=metrics))
     checks = rnd.definition.get("update_checks")
-    start = await _starting_state(audit, wf, rnd) if checks and "max_norm_ratio" in checks else None
-    check_aggregation(audit, updates, rnd.definition.get("strategy") or {"name": "fedavg"}, rnd.result,
-                      workflow_id=wf.workflow_id, model_spec=spec, update_checks=checks, start_state=start)
+    strategy_spec = rnd.definition.get("strategy") or {"name": "fedavg"}
+    kind = STRATEGIES.get(strategy_spec.get("name"))
+    uses_start = kind is not None and kind.uses_start
+    start = await _starting_state(audit, wf, rnd) if uses_start or (checks and "max_norm_ratio" in checks) else None
+    previous = await _previous_server_state(audit, wf, rnd, kind) if uses_start else None
+    check_aggregation(audit, updates, strategy_spec, rnd.result, workflow_id=wf.workflow_id, model_spec=spec,
+                      update_checks=checks, start_state=start, server_state=previous)
+
+
+async def _previous_server_state(audit: RoundAudit, wf: _Workflow, rnd: _Round, kind) -> Mapping | None:
+    """The server optimizer's state the round started from: what the round that produced its
+    starting model left (None: a fresh start), verified against that round's digest."""
+    from trustmesh.fl import server_state
+
+    digest = rnd.start.server_state_digest if rnd.start is not None and kind.keeps_state else None
+    if digest is None:
+        return None
+    blob = await _check_blob(audit, rnd, wf.blobs, digest, f"server state of round {rnd.start.source_round}")
+    try:
+        return None if blob is None else server_state.load(blob, digest, strategy=kind.name)
+    except server_state.ServerStateError as exc:
+        audit.fail(f"server state of round {rnd.start.source_round}: {exc}")
+        return None
 
 
 async def _initial_model(audit: RoundAudit, wf: _Workflow, rnd: _Round) -> None:
@@ -474,7 +513,7 @@ async def _initial_model(audit: RoundAudit, wf: _Workflow, rnd: _Round) -> None:
                       if rnd.tasks[t]["kind"] == "local_train")
         audit.check(not trained, f"local training ran without a global model to start from: {exc}")
         return
-    audit.initial_model = start.digest
+    audit.initial_model, rnd.start = start.digest, start
     check_lineage(audit, rnd, start)
 
 

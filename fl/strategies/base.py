@@ -85,6 +85,11 @@ class Strategy:
 
     name: ClassVar[str] = ""
     parameters: ClassVar[Mapping[str, Number]] = {}  # spec fields besides "name", with their bounds
+    # A server optimizer (fedopt.py) moves the model the round trained from towards the combined
+    # updates (`step`); one that keeps state between rounds leaves it in a blob the round result
+    # names (server_state_digest), so the next round and the audit start from the same bits.
+    uses_start: ClassVar[bool] = False
+    keeps_state: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -135,6 +140,12 @@ class Strategy:
         from .averaging import weighted_average
 
         return weighted_average({u.node: u.state for u in updates}, weights)
+
+    def step(self, combined, start, previous: Mapping | None):
+        """(global state, server state or None) from the combined updates, the model the round
+        trained from (given when `uses_start`) and the state the last round left (None: the
+        first round, or a strategy without state). Most strategies' global model is `combined`."""
+        return combined, None
 
     def _weights(self, updates: list[ClientUpdate]) -> dict[str, float]:
         """The strategy itself: `updates` are checked and sorted by node."""
