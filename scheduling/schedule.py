@@ -42,7 +42,8 @@ Actions (canonical-CBOR map {"action": ..., ...}; unknown fields are refused):
                  task_id?, rejected?, server_state_digest?}
       From the node of the (final) aggregate task, after that task reported done with the same
       digest. rejected: {participant: reason} for updates the update checks refused
-      (fl/screening.py); each has weight 0. server_state_digest: the sha256 of the state a
+      (fl/screening.py); each has weight 0 and one more `rejected` in its node load record
+      (reputation: a participant whose updates keep being refused shows it). server_state_digest: the sha256 of the state a
       server optimizer (fl/strategies/fedopt.py) leaves for the next round. Both are stored in
       the result only when present. The round is final once the result exists and every
       evaluate instance is done, whichever comes last.
@@ -71,8 +72,9 @@ Records (canonical CBOR):
                             {schedule_id, task_id, status, node, attempt, deadline, history:
                               [{status, node, attempt, at[, output_digest | reason]}]
                               [, output_digest, base_model_digest, metrics, reason]}
-  node_load_address(key)    {node, queue, done, missed[, last_missed]}  (last_missed: chain
-                            time of its latest missed deadline)
+  node_load_address(key)    {node, queue, done, missed[, last_missed][, rejected]}  (last_missed:
+                            chain time of its latest missed deadline; rejected: how many of its
+                            updates round results left out as rejected)
   round_result_address(sid) {schedule_id, workflow_id, round, aggregate_task, global_model_digest,
                               participants, aggregation_weights, metrics, reported_by,
                               recorded_at, final[, rejected][, server_state_digest][, finalized_at, evaluations:
@@ -945,7 +947,10 @@ class ScheduleHandler(TransactionHandler):
             "recorded_at": now, "final": False, **({"rejected": rejected} if rejected else {}), **server_state,
         }
         final = self._finalize(result, assignments, statuses, now)
-        await write_records(context, {layout.round_result_address(schedule_id): final or result})
+        writes = {layout.round_result_address(schedule_id): final or result}
+        for node, load in (await self._loads(context, sorted(rejected))).items():  # their reputation
+            writes[layout.node_load_address(node)] = {**load, "rejected": load.get("rejected", 0) + 1}
+        await write_records(context, writes)
         await emit(context, events.ROUND_RESULT, schedule_id=schedule_id, workflow_id=result["workflow_id"],
                    round=result["round"], global_model_digest=digest, participants=len(participants))
         if final is not None:
@@ -1060,13 +1065,18 @@ def make_round_result_transaction(signer, schedule_id: str, global_model_digest:
                                   aggregation_weights: Mapping[str, float], metrics: Mapping[str, float], *,
                                   task_id: str | None = None, rejected: Mapping[str, str] | None = None,
                                   server_state_digest: str | None = None, **kwargs):
-    """Signed by the node of the aggregate task."""
+    """Signed by the node of the aggregate task. With rejected updates it also counts them in
+    their nodes' load records (reputation), so it declares those."""
     result = layout.round_result_address(schedule_id)
     inputs = [layout.assignments_address(schedule_id), layout.round_address(schedule_id), TASK_STATUS_PREFIX,
               result, layout.BLOCK_INFO_NS]
+    outputs = [result]
+    if rejected:
+        loads = [layout.node_load_address(node) for node in sorted(rejected)]
+        inputs, outputs = inputs + loads, outputs + loads
     payload = round_result_payload(schedule_id, global_model_digest, participants, aggregation_weights, metrics,
                                    task_id=task_id, rejected=rejected, server_state_digest=server_state_digest)
-    return _transaction(signer, payload, inputs, [result], **kwargs)
+    return _transaction(signer, payload, inputs, outputs, **kwargs)
 
 
 def tasks_of_node(assignments: Mapping, node: str) -> list[str]:

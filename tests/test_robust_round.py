@@ -63,19 +63,20 @@ def _federate(devnet, stores, tmp_path, workflow_id: str, attack: str | None = "
             reader = FederationReader(client)
             index = (await reader.rounds(workflow_id))["rounds"]
             results = [await reader.round_result(index[str(r)]) for r in range(1, ROUNDS + 1)]
+            loads = {key: await reader.node_load(key) or {} for key in keys.values()}
             report = await audit.audit_workflow(workflow_id, Endpoints(
                 validator=devnet.component_url, rest=devnet.rest_url, redis=redis_server.url, couch=couch_server.url))
-            return results, report
+            return results, loads, report
 
-    results, report = run(scenario(), timeout=300)
+    results, loads, report = run(scenario(), timeout=300)
     assert report.ok, audit.render_text(report)
     for result in results:
         assert set(result["aggregation_weights"]) == set(keys.values())
-    return attacker, results
+    return attacker, results, loads
 
 
 def test_multi_krum_leaves_out_a_scaling_attacker_and_the_audit_passes(devnet, stores, tmp_path):  # noqa: F811
-    attacker, results = _federate(devnet, stores, tmp_path, "digits-multi-krum",
+    attacker, results, loads = _federate(devnet, stores, tmp_path, "digits-multi-krum",
                                   strategy={"name": "multi_krum", "f": 1, "m": 3})
     for result in results:
         weights = result["aggregation_weights"]
@@ -87,18 +88,19 @@ def test_multi_krum_leaves_out_a_scaling_attacker_and_the_audit_passes(devnet, s
 
 
 def test_update_checks_reject_a_scaling_attacker_by_name_and_the_audit_agrees(devnet, stores, tmp_path):  # noqa: F811
-    attacker, results = _federate(devnet, stores, tmp_path, "digits-update-checks", strategy={"name": "fedavg"},
+    attacker, results, loads = _federate(devnet, stores, tmp_path, "digits-update-checks", strategy={"name": "fedavg"},
                                   update_checks={"max_norm_ratio": 3.0})
     for result in results:
         assert result["aggregation_weights"][attacker] == 0.0
         assert list(result["rejected"]) == [attacker]
         assert "more than max_norm_ratio 3 x its norm" in result["rejected"][attacker]
         assert sum(1 for w in result["aggregation_weights"].values() if w > 0) == 4
+    assert loads[attacker]["rejected"] == ROUNDS  # counted in its node's reputation, once a round
 
 
 def test_a_server_optimizer_carries_its_state_from_round_to_round_and_the_audit_recomputes_it(devnet, stores,  # noqa: F811
                                                                                                tmp_path):
-    _, results = _federate(devnet, stores, tmp_path, "digits-fedadam", attack=None,
+    _, results, _ = _federate(devnet, stores, tmp_path, "digits-fedadam", attack=None,
                            strategy={"name": "fedadam", "eta": 0.03, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001})
     states = [result["server_state_digest"] for result in results]
     assert len(set(states)) == ROUNDS, states  # each round left its own state, the audit checked each

@@ -63,10 +63,15 @@ def test_a_round_result_names_its_rejected_updates_with_weight_zero(scenario):
     apply(state, aggregator(scenario), layout.SCHEDULE_FAMILY, payload)
     result = schedule.decode_record(state[layout.round_result_address(scenario.schedule_id)])
     assert result["rejected"] == {keys[2]: "holds NaN or infinite values"}
+    # the rejected node's reputation counts it; the others' load records are not touched
+    assert schedule.decode_record(state[layout.node_load_address(keys[2])]) == {
+        **schedule.empty_load(keys[2]), "rejected": 1}
+    assert layout.node_load_address(keys[0]) not in state
     # without rejections the record keeps its shape (and state roots their values)
     state = copy.deepcopy(scenario.states["aggregated"])
     apply(state, aggregator(scenario), layout.SCHEDULE_FAMILY, result_payload(scenario, [0.5, 0.5, 0.0], None)[1])
     assert "rejected" not in schedule.decode_record(state[layout.round_result_address(scenario.schedule_id)])
+    assert layout.node_load_address(keys[2]) not in state
 
 
 @pytest.mark.parametrize("weights, rejected, message", [
