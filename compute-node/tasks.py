@@ -17,8 +17,6 @@ The CouchDB history is written from the chain once these reports commit (history
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,7 +30,7 @@ from trustmesh.stores.data_envelope import EnvelopeError
 from trustmesh.stores.redis_state import BlobCorrupted, BlobNotFound, BlobStore, BlobTooLarge
 
 from trustmesh.fl import model_format, screening, server_state
-from trustmesh.fl.datasets import federated_digits, load_npz
+from trustmesh.fl.datasets import held_out, load_npz
 from trustmesh.fl.strategies import ClientUpdate, strategy_from_spec
 from trustmesh.fl.attacks import Attack
 from trustmesh.fl.training import derive_seed, evaluate, initial_state, local_train
@@ -289,7 +287,8 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     if strategy.uses_start or (checks and "max_norm_ratio" in checks):  # the model the round trained from
         global_state, _, start = await _global_model(ctx, definition, assignments)
         start_state = _or_initial(global_state, definition)
-    updates, rejected = screening.screen(updates, checks, start_state)
+    accuracy = screening.held_out_accuracy(definition) if checks and "min_accuracy" in checks else None
+    updates, rejected = await asyncio.to_thread(screening.screen, updates, checks, start_state, accuracy)
     for node, why in sorted(rejected.items()):
         LOGGER.warning("aggregate %s: the update of %s… is rejected: %s", task_id, node[:16], why)
     if not updates:
@@ -330,17 +329,6 @@ async def _server_state(ctx, strategy, start: StartingModel | None):
         raise TaskInputError(f"server state of round {start.source_round}: {exc}") from None
 
 
-@functools.lru_cache(maxsize=4)
-def _held_out_split(data_spec: str, nodes: int):
-    return federated_digits(json.loads(data_spec), nodes).test
-
-
-def _held_out(data_spec, nodes: int):
-    """The test split every node derives alike; deriving it costs ~80 ms, and every round's
-    evaluation of a workflow uses the same one."""
-    return _held_out_split(json.dumps(data_spec, sort_keys=True), nodes)
-
-
 async def _evaluate(ctx, assignments, task_id, task, definition) -> TaskOutcome:
     sid, tasks = assignments["schedule_id"], assignments["tasks"]
     aggregates = [d for d in task["fetch_dependency_outputs"] if tasks[d]["kind"] == "aggregate"]
@@ -353,7 +341,7 @@ async def _evaluate(ctx, assignments, task_id, task, definition) -> TaskOutcome:
     data = definition["data"]
     if data.get("dataset") != "digits":
         raise TaskInputError("evaluate needs a shared held-out split; only the digits data set provides one today")
-    test = _held_out(data, max(1, len(definition.get("federation", {}).get("participant_nodes", [1]))))
+    test = held_out(data)
     started = time.perf_counter()
     scores = await asyncio.to_thread(evaluate, definition["model"], state, test.x, test.y)
     compute = time.perf_counter() - started

@@ -26,8 +26,10 @@ sample given. Node i of a workflow is `federation.participant_nodes[i]`.
 from __future__ import annotations
 
 import base64
+import functools
 import importlib.util
 import io
+import json
 import math
 import pathlib
 import secrets
@@ -316,6 +318,20 @@ def split_seed(data_spec: Mapping) -> int:
     """
     part = data_spec.get("partition")
     return part["seed"] if isinstance(part, Mapping) and "seed" in part else 0
+
+
+def held_out(data_spec: Mapping) -> Dataset:
+    """The held-out test split of a digits workflow, the same on every node and for every
+    auditor (evaluate tasks score on it; update_checks.min_accuracy screens with it)."""
+    if not isinstance(data_spec, Mapping) or data_spec.get("dataset") != "digits":
+        raise DataError("a shared held-out split exists only for data.dataset 'digits'")
+    return _held_out(json.dumps(dict(data_spec), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4)
+def _held_out(data_spec: str) -> Dataset:  # ~80 ms to derive; every round of a workflow uses the same
+    spec = json.loads(data_spec)
+    return split_train_test(load_digits(), spec.get("test_fraction"), split_seed(spec))[1]
 
 
 def federated_digits(data_spec: Mapping, num_nodes: int) -> FederatedData:

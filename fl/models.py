@@ -67,6 +67,12 @@ class ModelType:
     def build(self, spec: Mapping, device: str | torch.device) -> nn.Module:
         raise NotImplementedError
 
+    def exact_predictions(self, spec: Mapping, state: Mapping[str, torch.Tensor], x) -> torch.Tensor:
+        """The class each row of x gets, computed so that every machine and thread count gets
+        the same answer (see `exact_predictions` below); for checks an auditor redoes."""
+        raise NotImplementedError(f"model type {self.name!r} has no exact forward pass; update_checks.min_accuracy "
+                                  f"cannot be used with it")
+
     def initialize(self, model: nn.Module, generator: torch.Generator) -> None:
         """PyTorch's default nn.Linear init, drawn from `generator` in module order."""
         for module in model.modules():
@@ -118,8 +124,26 @@ class MLPType(ModelType):
     def build(self, spec: Mapping, device) -> nn.Module:
         return MLP(spec["input_dim"], list(spec["hidden"]), spec["num_classes"], device=device)
 
+    def exact_predictions(self, spec, state, x):
+        h = torch.as_tensor(x, dtype=torch.float64)
+        count = len(spec["hidden"]) + 1
+        for i in range(count):
+            weight = state[f"layers.{i}.weight"].to(torch.float64)
+            acc = state[f"layers.{i}.bias"].to(torch.float64).expand(h.shape[0], -1).clone()
+            for k in range(weight.shape[1]):  # one input feature at a time: a fixed summation order
+                acc = torch.add(acc, torch.mul(h[:, k:k + 1], weight[:, k]))
+            h = torch.relu(acc) if i < count - 1 else acc
+        return torch.argmax(h, dim=1)  # ties: the first class
+
 
 # --------------------------------------------------------------------------- public API
+
+
+def exact_predictions(spec: Mapping, state: Mapping[str, torch.Tensor], x) -> torch.Tensor:
+    """Predicted classes of the rows of x, reproducible on every machine: float64, every multiply
+    and add one correctly rounded elementwise operation in a fixed order (a BLAS matmul sums in
+    an order that depends on the thread count and the CPU), argmax ties to the first class."""
+    return model_type(spec).exact_predictions(spec, state, x)
 
 
 def model_type(spec: Any) -> ModelType:

@@ -10,6 +10,10 @@ screens the stored updates again with this same function and must find the same.
                     further from the global model it started from than ratio x that model's
                     norm is rejected, ||local - start|| > ratio * ||start|| (L2 over every
                     parameter, float64, math.fsum: the same bits everywhere)
+    min_accuracy    `update_checks.min_accuracy` in [0, 1]: an update whose model classifies
+                    less than that share of the held-out split correctly is rejected (the
+                    caller passes `accuracy`: models.exact_predictions, so the audit's count
+                    is the aggregator's on any machine)
 
 Pure and deterministic: no torch import at module level (the workflow rules read `PARAMETERS`).
 """
@@ -17,13 +21,13 @@ Pure and deterministic: no torch import at module level (the workflow rules read
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .strategies.base import ClientUpdate, Number
 
 # The workflow definition's optional `update_checks` map: field -> bounds (read by the workflow
 # rules and the JSON schema, like a strategy's parameters).
-PARAMETERS = {"max_norm_ratio": Number(low=1e-6, high=1e6)}
+PARAMETERS = {"max_norm_ratio": Number(low=1e-6, high=1e6), "min_accuracy": Number(low=0, high=1)}
 MAX_REASON_CHARS = 200  # what the schedule family accepts per rejected node
 
 
@@ -39,13 +43,36 @@ def squared_norm(vector) -> float:
     return math.fsum((vector * vector).tolist())
 
 
+def held_out_accuracy(definition: Mapping) -> Callable[[Mapping], float]:
+    """state -> the share of the workflow's held-out split its model classifies right, counted
+    with models.exact_predictions (the same count on every machine and thread count)."""
+    import torch
+
+    from .datasets import held_out
+    from .models import exact_predictions
+
+    test = held_out(definition["data"])
+    labels = torch.as_tensor(test.y)
+
+    def accuracy(state: Mapping) -> float:
+        right = int((exact_predictions(definition["model"], state, test.x) == labels).sum())
+        return right / len(labels)
+
+    return accuracy
+
+
 def screen(updates: Sequence[ClientUpdate], checks: Mapping[str, Any] | None,
-           start_state: Mapping | None = None) -> tuple[list[ClientUpdate], dict[str, str]]:
+           start_state: Mapping | None = None,
+           accuracy: Callable[[Mapping], float] | None = None) -> tuple[list[ClientUpdate], dict[str, str]]:
     """(the updates kept, in the given order; node -> why rejected). start_state: the global
-    model the round trained from, needed only when `checks` bound the update's norm."""
+    model the round trained from, needed only when `checks` bound the update's norm; accuracy:
+    state -> its share of the held-out split classified right, needed only with min_accuracy."""
     import numpy as np
 
     checks = checks or {}
+    floor = checks.get("min_accuracy")
+    if floor is not None and accuracy is None:
+        raise ValueError("update_checks.min_accuracy needs the held-out split to score updates on")
     ratio = checks.get("max_norm_ratio")
     start = None
     if ratio is not None:
@@ -64,6 +91,11 @@ def screen(updates: Sequence[ClientUpdate], checks: Mapping[str, Any] | None,
             if moved > bound:
                 rejected[update.node] = (f"moved {moved:.6g} from the global model, more than max_norm_ratio "
                                          f"{ratio:g} x its norm ({bound:.6g})")
+                continue
+        if floor is not None:
+            scored = accuracy(update.state)
+            if scored < floor:
+                rejected[update.node] = f"scored accuracy {scored:.4f} on the held-out split, below min_accuracy {floor:g}"
                 continue
         kept.append(update)
     return kept, {node: reason[:MAX_REASON_CHARS] for node, reason in rejected.items()}

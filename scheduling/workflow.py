@@ -443,6 +443,10 @@ def validate_definition(definition: Any, *, allow_node_names: bool = False) -> d
     if "update_checks" in definition:
         _check_parameters(definition["update_checks"], f"{root}.update_checks", screening.PARAMETERS, ())
     _check_data(definition["data"], f"{root}.data")
+    if "min_accuracy" in definition.get("update_checks", {}) and definition["data"]["dataset"] != "digits":
+        raise DefinitionError(f"{root}.update_checks.min_accuracy scores each update on a held-out split every node "
+                              f"derives alike, which only data.dataset 'digits' has; leave it out for "
+                              f"{definition['data']['dataset']!r} data")
     federated = "federation" in definition
     if federated:
         _check_federation(definition["federation"], f"{root}.federation", allow_node_names)

@@ -24,8 +24,9 @@ from helpers.family_scenario import _WORKFLOWS
 ROUNDS = 2
 
 
-def _federate(devnet, stores, tmp_path, workflow_id: str, attack: str | None = "scale:100", **changes):  # noqa: F811
-    """Run a workflow (federated-digits, 5 nodes, 1 epoch, `changes`) with iot-5's updates
+def _federate(devnet, stores, tmp_path, workflow_id: str, attack: str | None = "scale:100", epochs: int = 1,  # noqa: F811
+              **changes):
+    """Run a workflow (federated-digits, 5 nodes, `epochs` (1), `changes`) with iot-5's updates
     poisoned by both compute nodes with `attack`: (iot-5's key, round results); the audit passes."""
     redis_server, couch_server = stores
     names = [f"iot-{i}" for i in range(1, 6)]
@@ -33,7 +34,7 @@ def _federate(devnet, stores, tmp_path, workflow_id: str, attack: str | None = "
     attacker = keys["iot-5"]
     definition = workflow.load_definition(_WORKFLOWS / "federated-digits.json")
     definition.update(workflow_id=workflow_id, **changes)
-    definition["hyperparameters"]["epochs"] = 1
+    definition["hyperparameters"]["epochs"] = epochs
     definition["federation"].update(participant_nodes=names, coordinator_node="iot-1", expected_nodes=5,
                                     min_nodes_required=5, rounds=ROUNDS, round_timeout=60)
     definition = workflow.resolve_node_names(definition, keys)
@@ -104,3 +105,15 @@ def test_a_server_optimizer_carries_its_state_from_round_to_round_and_the_audit_
                            strategy={"name": "fedadam", "eta": 0.03, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001})
     states = [result["server_state_digest"] for result in results]
     assert len(set(states)) == ROUNDS, states  # each round left its own state, the audit checked each
+
+
+def test_an_accuracy_floor_rejects_a_noisy_update_by_its_score_and_the_audit_rescores_it(devnet, stores,  # noqa: F811
+                                                                                          tmp_path):
+    # noise:10 leaves a model no better than chance (at most 0.16 of the held-out split over 60
+    # seeds); honest six-epoch models score at least 0.39 from round 1 on (measured alike)
+    attacker, results, loads = _federate(devnet, stores, tmp_path, "digits-accuracy-floor", attack="noise:10",
+                                         epochs=6, strategy={"name": "fedavg"}, update_checks={"min_accuracy": 0.25})
+    for result in results:
+        assert list(result["rejected"]) == [attacker], result["rejected"]
+        assert "on the held-out split, below min_accuracy 0.25" in result["rejected"][attacker]
+    assert loads[attacker]["rejected"] == ROUNDS

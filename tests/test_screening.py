@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import pathlib
 from collections import OrderedDict
 
 import pytest
@@ -111,3 +112,85 @@ def test_the_audit_redoes_the_checks_and_names_a_rejection_that_did_not_happen()
                              "rejected": {**rejected, "b": "holds NaN or infinite values"}},
                             workflow_id="wf", model_spec=spec)
     assert any("are not the ones the update checks and fedavg reject" in p for p in forged.problems), forged.problems
+
+
+# --------------------------------------------------------------------------- accuracy floor
+
+
+def _digits_workflow():
+    from trustmesh.scheduling import workflow
+
+    return workflow.load_definition(pathlib.Path(__file__).resolve().parents[1] / "workflows" / "federated-digits.json")
+
+
+def _trained_and_noisy():
+    """A model trained one epoch on a shard, and the same with noise:10 (fl/attacks.py) on it."""
+    from trustmesh.fl import attacks, datasets, training
+
+    definition = _digits_workflow()
+    shard = datasets.federated_digits(definition["data"], 5).shards[0]
+    hp = {**definition["hyperparameters"], "epochs": 1}
+    trained = training.local_train(definition["model"], hp, None, shard.x, shard.y, seed=0).state
+    start = training.initial_state(definition["model"], hp["seed"])
+    return definition, trained, attacks.parse_attack("noise:10").poison_update(start, trained, 1)
+
+
+def test_exact_predictions_agree_with_the_model_and_ignore_the_thread_count():
+    from trustmesh.fl import datasets, models
+
+    definition, trained, _ = _trained_and_noisy()
+    test = datasets.held_out(definition["data"])
+    model = models.build_model(definition["model"], seed=0)
+    model.load_state_dict(trained)
+    with torch.no_grad():
+        torch_says = model(torch.as_tensor(test.x)).argmax(dim=1)
+    exact = models.exact_predictions(definition["model"], trained, test.x)
+    assert (exact != torch_says).sum() <= 1  # float64 in a fixed order vs float32 BLAS: at most a near-tie apart
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(models.exact_predictions(definition["model"], trained, test.x), exact)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_an_update_below_the_accuracy_floor_is_rejected_with_its_score():
+    definition, trained, noisy = _trained_and_noisy()
+    accuracy = screening.held_out_accuracy(definition)
+    assert accuracy(trained) > 0.25 and accuracy(noisy) < 0.1, (accuracy(trained), accuracy(noisy))
+    updates = [ClientUpdate("a", trained, 10, {}), ClientUpdate("b", noisy, 10, {})]
+    kept, rejected = screening.screen(updates, {"min_accuracy": 0.2}, accuracy=accuracy)
+    assert [u.node for u in kept] == ["a"]
+    assert rejected == {"b": f"scored accuracy {accuracy(noisy):.4f} on the held-out split, below min_accuracy 0.2"}
+    with pytest.raises(ValueError, match="min_accuracy needs the held-out split"):
+        screening.screen(updates, {"min_accuracy": 0.2})
+    # and the audit, scoring the same updates itself, agrees or names the difference
+    from trustmesh import audit
+    from trustmesh.fl import model_format, strategies
+
+    global_state, weights = strategies.FedAvg().aggregate(kept)
+    digest = model_format.digest(model_format.serialize(global_state, workflow_id="wf", round=1,
+                                                        model_spec=definition["model"]))
+    honest = {"aggregation_weights": {**weights, "b": 0.0}, "global_model_digest": digest, "rejected": rejected}
+    for claimed, ok in ((honest, True), ({**honest, "rejected": {"b": "moved too far"}}, False)):
+        checked = audit.RoundAudit(number=1)
+        audit.check_aggregation(checked, updates, {"name": "fedavg"}, claimed, workflow_id="wf",
+                                model_spec=definition["model"], update_checks={"min_accuracy": 0.2},
+                                data_spec=definition["data"])
+        assert checked.ok is ok, checked.problems
+
+
+@pytest.mark.parametrize("checks, data, message", [
+    ({"min_accuracy": 1.5}, None, "min_accuracy must be at most 1; got 1.5"),
+    ({"min_accuracy": 0.3}, {"dataset": "npz", "test_fraction": 0.2}, "only data.dataset 'digits' has"),
+    ({"max_norm_ratio": 0}, None, "max_norm_ratio must be at least 1e-06; got 0"),
+])
+def test_update_checks_that_cannot_work_are_refused_at_deploy(checks, data, message):
+    from trustmesh.scheduling import workflow
+
+    definition = {**_digits_workflow(), "update_checks": checks}
+    if data is not None:
+        definition["data"] = data
+    with pytest.raises(workflow.DefinitionError, match=message):
+        workflow.validate_definition(definition, allow_node_names=True)
+    workflow.validate_definition({**_digits_workflow(), "update_checks": {"min_accuracy": 0.3}}, allow_node_names=True)

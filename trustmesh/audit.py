@@ -376,6 +376,7 @@ async def _check_couch_model(audit: RoundAudit, history: CouchHistory, workflow_
 def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strategy_spec: Mapping,
                       result: Mapping, *, workflow_id: str, model_spec: Mapping,
                       update_checks: Mapping | None = None, start_state: Mapping | None = None,
+                      data_spec: Mapping | None = None,
                       server_state: Mapping | None = None) -> str | None:
     """Redo what compute-node/tasks.py `_aggregate` stored for round `audit.number`: the
     strategy's weights from the updates must be the on-chain aggregation_weights, and the
@@ -390,7 +391,10 @@ def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strate
     on_chain = dict(result.get("aggregation_weights") or {})
     # the update checks first, as `_aggregate` ran them: the same updates must be rejected, alike
     try:
-        kept, screened = screening.screen(updates, update_checks, start_state)
+        accuracy = None  # min_accuracy scores each update on the held-out split, exactly as the aggregator did
+        if update_checks and "min_accuracy" in update_checks:
+            accuracy = screening.held_out_accuracy({"model": model_spec, "data": data_spec})
+        kept, screened = screening.screen(updates, update_checks, start_state, accuracy)
     except ValueError as exc:
         audit.fail(f"update checks cannot be redone: {exc}")
         kept, screened = list(updates), {}
@@ -486,7 +490,8 @@ async def _recompute_aggregation(audit: RoundAudit, wf: _Workflow, rnd: _Round) 
     start = await _starting_state(audit, wf, rnd) if uses_start or (checks and "max_norm_ratio" in checks) else None
     previous = await _previous_server_state(audit, wf, rnd, kind) if uses_start else None
     check_aggregation(audit, updates, strategy_spec, rnd.result, workflow_id=wf.workflow_id, model_spec=spec,
-                      update_checks=checks, start_state=start, server_state=previous)
+                      update_checks=checks, start_state=start, data_spec=rnd.definition.get("data"),
+                      server_state=previous)
 
 
 async def _previous_server_state(audit: RoundAudit, wf: _Workflow, rnd: _Round, kind) -> Mapping | None:
