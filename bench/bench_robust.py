@@ -45,6 +45,7 @@ ADAPTIVE = [
     {"name": "fedadagrad", "eta": 0.03, "tau": 0.001},
     {"name": "fedadam", "eta": 0.03, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001},
     {"name": "fedyogi", "eta": 0.03, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001},
+    {"name": "qfedavg", "q": 1.0, "learning_rate": 0.1},
 ]
 
 
@@ -67,11 +68,11 @@ def run(workflow: dict, data, strategy_spec: dict, attack: attacks.Attack | None
         for node, shard in zip(nodes, data.shards):
             seed = training.derive_seed(hp["seed"], workflow_id, rnd, node)
             y = attack.poison_labels(shard.y, spec["num_classes"]) if node in bad else shard.y
-            result = training.local_train(spec, hp, state, shard.x, y, seed=seed)
+            result = training.local_train(spec, hp, state, shard.x, y, seed=seed, **strategy.training_options())
             reported = attack.poison_update(start, result.state, seed) if node in bad else result.state
             updates.append(strategies.ClientUpdate(node, reported, result.samples, result.metrics))
         state, _weights = strategy.aggregate(updates)
-        state, server_state = strategy.step(state, start, server_state)  # as the compute node does
+        state, server_state = strategy.step(state, start, server_state, updates)  # as the compute node does
         curve.append(training.evaluate(spec, state, data.test.x, data.test.y)["accuracy"])
     return curve
 

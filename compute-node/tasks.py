@@ -38,6 +38,7 @@ from trustmesh.fl.training import derive_seed, evaluate, initial_state, local_tr
 LOGGER = logging.getLogger(__name__)
 
 REPORTED_METRICS = ("loss", "accuracy", "samples")  # what goes on chain (small, numeric)
+STRATEGY_METRICS = ("start_loss",)  # reported too when a strategy's training option asks for it
 
 
 class TaskInputError(RuntimeError):
@@ -264,7 +265,8 @@ async def train_update(ctx, assignments, task_id, owner, data, definition) -> Ta
     blob = model_format.serialize(state, workflow_id=assignments["workflow_id"], round=assignments["round"],
                                   model_spec=definition["model"])
     digest = await ctx.blobs.put(blob)
-    return TaskOutcome(digest, {k: result.metrics[k] for k in REPORTED_METRICS}, compute_seconds=compute,
+    reported = {k: result.metrics[k] for k in REPORTED_METRICS + STRATEGY_METRICS if k in result.metrics}
+    return TaskOutcome(digest, reported, compute_seconds=compute,
                        built_on=built_on, starting_model=start)
 
 
@@ -296,7 +298,7 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     previous = await _server_state(ctx, strategy, start)
     started = time.perf_counter()
     state, weights = strategy.aggregate(updates)
-    state, kept_state = strategy.step(state, start_state, previous)
+    state, kept_state = strategy.step(state, start_state, previous, updates)
     rejected.update(strategy.rejections(weights))  # whom a robust rule left out, and why
     weights = {**{node: 0.0 for node in rejected}, **weights}
     compute = time.perf_counter() - started

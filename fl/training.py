@@ -173,10 +173,11 @@ def initial_state(model_spec: Mapping, seed: int) -> OrderedDict:
 
 def local_train(model_spec: Mapping, hyperparameters: Mapping, global_state: Mapping | None,
                 x: np.ndarray, y: np.ndarray, *, progress: ProgressCallback | None = None,
-                seed: int | None = None, proximal_mu: float = 0.0) -> TrainResult:
+                seed: int | None = None, proximal_mu: float = 0.0, start_loss: bool = False) -> TrainResult:
     """Train from `global_state` (or a fresh seeded model) on (x, y); see module docstring.
     proximal_mu > 0 adds FedProx's (mu / 2) * ||w - w_start||^2 to the objective (the reported
-    loss stays the cross-entropy)."""
+    loss stays the cross-entropy). start_loss: also report the starting model's loss on (x, y)
+    before any step (metrics["start_loss"], what q-FedAvg weighs by)."""
     model_type(model_spec)
     hp = check_hyperparameters(hyperparameters)
     shuffle_seed = hp["seed"] if seed is None else seed
@@ -198,8 +199,11 @@ def local_train(model_spec: Mapping, hyperparameters: Mapping, global_state: Map
     total = per_epoch * hp["epochs"]
     epochs, batches = [], []
     step = 0
+    before = {}
 
     with _deterministic():
+        if start_loss:
+            before["start_loss"] = _evaluate_model(model, xt, yt)["loss"]
         model.train()
         for epoch in range(1, hp["epochs"] + 1):
             order = torch.randperm(n, generator=generator)
@@ -244,7 +248,7 @@ def local_train(model_spec: Mapping, hyperparameters: Mapping, global_state: Map
     metrics = {
         "loss": final["loss"], "accuracy": final["accuracy"], "samples": n, "steps": step,
         "train_loss": epochs[-1]["loss"], "train_accuracy": epochs[-1]["accuracy"],
-        "epochs": epochs, "batches": batches,
+        "epochs": epochs, "batches": batches, **before,
     }
     return TrainResult(state, n, metrics)
 

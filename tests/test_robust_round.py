@@ -117,3 +117,13 @@ def test_an_accuracy_floor_rejects_a_noisy_update_by_its_score_and_the_audit_res
         assert list(result["rejected"]) == [attacker], result["rejected"]
         assert "on the held-out split, below min_accuracy 0.25" in result["rejected"][attacker]
     assert loads[attacker]["rejected"] == ROUNDS
+
+
+def test_qfedavg_weighs_by_the_reported_starting_loss_and_the_audit_recomputes_it(devnet, stores,  # noqa: F811
+                                                                                  tmp_path):
+    _, results, _ = _federate(devnet, stores, tmp_path, "digits-qfedavg", attack=None,
+                              strategy={"name": "qfedavg", "q": 1.0, "learning_rate": 0.1})
+    # the audit (in _federate) recomputed each weight F_k / sum F from the start_loss on chain and
+    # each global model from the round's starting model; each participant's loss differs
+    for result in results:
+        assert len(set(result["aggregation_weights"].values())) == 5, result["aggregation_weights"]

@@ -240,3 +240,57 @@ def test_the_audit_recomputes_round_2_from_round_1s_state_and_names_a_forged_one
                             {"aggregation_weights": weights, "global_model_digest": blob_digest(fedavg),
                              "server_state_digest": state_digest(state_1)}, workflow_id="wf", model_spec=spec_model)
     assert any("fedavg keeps none" in p for p in plain.problems), plain.problems
+
+
+# --------------------------------------------------------------------------- q-FedAvg
+
+
+def _with_losses(*losses: float) -> list[st.ClientUpdate]:
+    values = ([1.0, 0.0], [3.0, -2.0], [0.0, 4.0])
+    return [st.ClientUpdate(n, OrderedDict(w=torch.tensor(v)), 10 * (i + 1), {"start_loss": loss})
+            for i, (n, v, loss) in enumerate(zip("abc", values, losses))]
+
+
+@pytest.mark.parametrize("q", [0.0, 0.5, 1.0, 3.0])
+def test_qfedavg_is_the_papers_update_rule(q):
+    """start - sum F^q dw / sum h, with dw = L (start - w_k), h = q F^(q-1) |dw|^2 + L F^q (Li et al.
+    2020, Algorithm 2), computed here directly in Python floats."""
+    lr, losses, start = 0.1, (0.5, 2.0, 1.0), [0.5, 0.5]
+    ups = _with_losses(*losses)
+    strategy = st.strategy_from_spec({"name": "qfedavg", "q": q, "learning_rate": lr})
+    average, weights = strategy.aggregate(ups)
+    state, kept = strategy.step(average, OrderedDict(w=torch.tensor(start)), None, ups)
+    L = 1 / lr
+    F = [x + 1e-10 for x in losses]
+    dw = [[L * (s - w) for s, w in zip(start, u.state["w"].tolist())] for u in ups]
+    h = [q * f ** (q - 1) * L * L * sum((s - w) ** 2 for s, w in zip(start, u.state["w"].tolist())) + L * f ** q
+         for f, u in zip(F, ups)]
+    expected = [start[j] - sum(f ** q * d[j] for f, d in zip(F, dw)) / sum(h) for j in range(2)]
+    assert state["w"].tolist() == pytest.approx(expected, rel=1e-6) and kept is None
+    assert weights == pytest.approx({n: f ** q / sum(x ** q for x in F) for n, f in zip("abc", F)})
+    if q == 0:  # no fairness term: the plain mean of the updates, whatever their sample counts
+        assert state["w"].tolist() == pytest.approx([4 / 3, 2 / 3])
+
+
+def test_qfedavg_needs_each_participants_starting_loss():
+    ups = _with_losses(0.5, float("nan"), 1.0)
+    with pytest.raises(st.StrategyError, match="qfedavg needs metrics\\['start_loss'\\] >= 0"):
+        st.strategy_from_spec({"name": "qfedavg", "q": 1.0, "learning_rate": 0.1}).aggregate(ups)
+    assert st.strategy_from_spec({"name": "qfedavg", "q": 1.0, "learning_rate": 0.1}).training_options() == {
+        "start_loss": True}
+
+
+def test_local_training_reports_the_starting_models_loss_when_asked():
+    import json
+    import pathlib
+
+    from trustmesh.fl import datasets, training
+
+    workflow = json.loads((pathlib.Path(__file__).resolve().parents[1] / "workflows" / "federated-digits.json").read_text())
+    shard = datasets.federated_digits(workflow["data"], 10).shards[0]
+    hp = {**workflow["hyperparameters"], "epochs": 1}
+    plain = training.local_train(workflow["model"], hp, None, shard.x, shard.y, seed=1)
+    asked = training.local_train(workflow["model"], hp, None, shard.x, shard.y, seed=1, start_loss=True)
+    assert "start_loss" not in plain.metrics
+    assert asked.metrics["start_loss"] > asked.metrics["loss"]  # training lowered it
+    assert all(torch.equal(plain.state[k], asked.state[k]) for k in plain.state)  # and changed nothing else

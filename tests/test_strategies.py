@@ -147,7 +147,7 @@ def test_strategy_from_spec():
 
 @pytest.mark.parametrize("spec, message", [
     ({"name": "fedbogus"}, "must be one of bulyan, fedadagrad, fedadam, fedavg, fedavgm, fedprox, fedyogi, krum, median, multi_krum, "
-                          "perf_fedavg, trimmed_mean"),
+                          "perf_fedavg, qfedavg, trimmed_mean"),
     ("fedavg", "must be one of"),
     ({"name": "perf_fedavg"}, "exactly the fields alpha, name"),
     ({"name": "fedavg", "alpha": 1}, "exactly the fields name"),
@@ -221,7 +221,7 @@ def test_the_registry_makes_the_published_strategy_schema_and_loads_no_torch():
 
     assert wf.load_schema()["$defs"]["strategy"] == st.schema_of_strategies()
     assert sorted(st.STRATEGIES) == ["bulyan", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedprox", "fedyogi", "krum",
-                                     "median", "multi_krum", "perf_fedavg", "trimmed_mean"] == list(wf.STRATEGIES)
+                                     "median", "multi_krum", "perf_fedavg", "qfedavg", "trimmed_mean"] == list(wf.STRATEGIES)
     # the processors validate strategy maps with the registry and never load torch
     code = ("import sys; import trustmesh.scheduling.handlers, trustmesh.fl.strategies; "
             "print('torch' in sys.modules)")

@@ -423,7 +423,7 @@ def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strate
         state = strategy.combine(ordered, {u.node: on_chain[u.node] for u in ordered})
         if strategy.uses_start and start_state is None:
             raise StrategyError("the model the round trained from is not available")
-        state, kept_state = strategy.step(state, start_state, server_state)
+        state, kept_state = strategy.step(state, start_state, server_state, ordered)
         blob = model_format.serialize(state, workflow_id=workflow_id, round=audit.number, model_spec=model_spec)
     except (StrategyError, model_format.ModelFormatError) as exc:
         audit.fail(f"global model cannot be recomputed from the on-chain weights: {exc}")

@@ -141,10 +141,11 @@ class Strategy:
 
         return weighted_average({u.node: u.state for u in updates}, weights)
 
-    def step(self, combined, start, previous: Mapping | None):
+    def step(self, combined, start, previous: Mapping | None, updates: Sequence[ClientUpdate] = ()):
         """(global state, server state or None) from the combined updates, the model the round
-        trained from (given when `uses_start`) and the state the last round left (None: the
-        first round, or a strategy without state). Most strategies' global model is `combined`."""
+        trained from (given when `uses_start`), the state the last round left (None: the first
+        round, or a strategy without state) and the updates combined (checked, sorted by node).
+        Most strategies' global model is `combined`."""
         return combined, None
 
     def _weights(self, updates: list[ClientUpdate]) -> dict[str, float]:

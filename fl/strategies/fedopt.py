@@ -32,7 +32,7 @@ class ServerOptimizer(Strategy):
     def _weights(self, updates):
         return sample_shares(updates)
 
-    def step(self, combined, start, previous: Mapping | None):
+    def step(self, combined, start, previous: Mapping | None, updates=()):
         import torch
 
         previous = previous or {}
