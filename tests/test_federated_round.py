@@ -8,34 +8,26 @@ import asyncio
 import hashlib
 import logging
 
-import numpy as np
-import pytest
 
 from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
 from trustmesh.fl import model_format
 from trustmesh.fl.datasets import dump_npz, federated_digits, make_canary, with_canary
 from trustmesh.compute_node.history_recorder import HistoryRecorder
-from trustmesh.compute_node.node import ComputeNode
-from trustmesh.iot_node.node import IoTNode
 from trustmesh.ledger.block_cursor import BlockCursor
 from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.signing import load_or_create_key
-from trustmesh.scheduling import layout, workflow
+from trustmesh.scheduling import workflow
 from trustmesh.scheduling.handlers import federation_handlers
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchClient, CouchHistory
 from trustmesh.stores.redis_state import BlobStore, FederationCache, connect
-from trustmesh.stores.servers import CouchServer, RedisServer
 
 from helpers.family_scenario import _WORKFLOWS
+from helpers.federation_run import (finals_recorded, start_compute_nodes, start_iot_nodes, stores,  # noqa: F401
+                                    until_every_round_is_final, until_history_is_recorded)
+from helpers.federation_run import until as _until
 
 ROUNDS = 2
-
-
-@pytest.fixture(scope="module")
-def stores():
-    with RedisServer() as redis_server, CouchServer() as couch_server:
-        yield redis_server, couch_server
 
 
 def _definition(keys: dict[str, str]) -> dict:
@@ -84,39 +76,6 @@ def test_rounds_complete_every_digest_verifies_and_raw_data_never_leaks(devnet, 
     assert all(node.completed for node in computes), "both compute nodes took part"
 
 
-async def start_compute_nodes(count: int, tmp_path, couch_url: str, common: dict) -> list[ComputeNode]:
-    computes = [ComputeNode(f"compute-{i}", tmp_path / f"compute-{i}", couch_url=couch_url, **common)
-                for i in range(count)]
-    for node in computes:
-        await node.start()
-    return computes
-
-
-async def start_iot_nodes(names, tmp_path, workflow_id: str, common: dict) -> list[IoTNode]:
-    """iot-1 coordinates; iot-3 brings its own data file (tmp_path / "iot-3.npz")."""
-    iots = [IoTNode(n, tmp_path / n, workflow_id=workflow_id, coordinator=(n == "iot-1"),
-                    data_path=str(tmp_path / "iot-3.npz") if n == "iot-3" else None, **common) for n in names]
-    for node in iots:
-        await node.start()
-    return iots
-
-
-async def until_every_round_is_final(iots, rounds: int) -> None:
-    await asyncio.wait_for(iots[0].finished.wait(), 240)
-    for node in iots:  # every node fetched and verified every global model
-        await asyncio.wait_for(_until(lambda: len(node.global_models) == rounds), 30)
-
-
-async def until_history_is_recorded(computes, rounds: int) -> None:
-    """The CouchDB history follows the chain off the rounds' path: wait for every final round
-    in it before stopping the nodes (and before an audit looks for it)."""
-    await asyncio.wait_for(_until(lambda: _finals_recorded(computes) == rounds), 30)
-
-
-def _finals_recorded(computes) -> int:
-    return sum(kind == "trustmesh/round-finalized" for node in computes for kind, _ in node.recorder.recorded)
-
-
 async def _history_docs(couch_url: str, db: str) -> dict:
     async with CouchClient(couch_url) as couch:
         docs = await couch.all_docs(db)
@@ -137,7 +96,7 @@ async def _check_history_rebuilds_from_the_chain(devnet, computes, couch_url, re
                                             cursor=BlockCursor(tmp_path / f"{node.name}.replay-block")))
         runs = [asyncio.get_running_loop().create_task(r.run()) for r in replayed]
         try:
-            await asyncio.wait_for(_until(lambda: _finals_recorded([_Recorded(r) for r in replayed]) == ROUNDS), 60)
+            await asyncio.wait_for(_until(lambda: finals_recorded([_Recorded(r) for r in replayed]) == ROUNDS), 60)
         finally:
             for task in runs:
                 task.cancel()
@@ -150,11 +109,6 @@ async def _check_history_rebuilds_from_the_chain(devnet, computes, couch_url, re
 class _Recorded:
     def __init__(self, recorder):
         self.recorder = recorder
-
-
-async def _until(predicate, pause: float = 0.1):
-    while not predicate():
-        await asyncio.sleep(pause)
 
 
 def accuracy_of(result) -> float:

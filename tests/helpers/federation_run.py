@@ -1,0 +1,127 @@
+"""Running a whole federation in one test process: the stores, nodes started and waited for, and
+`federate`, a short federated-digits workflow through every real part followed by its audit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from helpers.family_scenario import _WORKFLOWS
+from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
+from trustmesh import audit
+from trustmesh.compute_node.node import ComputeNode
+from trustmesh.endpoints import Endpoints
+from trustmesh.fl.attacks import parse_attack
+from trustmesh.iot_node.node import IoTNode
+from trustmesh.ledger.builders import make_batch
+from trustmesh.ledger.signing import load_or_create_key
+from trustmesh.scheduling import workflow
+from trustmesh.scheduling.handlers import federation_handlers
+from trustmesh.scheduling.reader import FederationReader
+from trustmesh.stores.servers import CouchServer, RedisServer
+
+
+@pytest.fixture(scope="module")
+def stores():
+    with RedisServer() as redis_server, CouchServer() as couch_server:
+        yield redis_server, couch_server
+
+
+async def start_compute_nodes(count: int, tmp_path, couch_url: str, common: dict) -> list[ComputeNode]:
+    computes = [ComputeNode(f"compute-{i}", tmp_path / f"compute-{i}", couch_url=couch_url, **common)
+                for i in range(count)]
+    for node in computes:
+        await node.start()
+    return computes
+
+
+async def start_iot_nodes(names, tmp_path, workflow_id: str, common: dict) -> list[IoTNode]:
+    """iot-1 coordinates; iot-3 brings its own data file (tmp_path / "iot-3.npz")."""
+    iots = [IoTNode(n, tmp_path / n, workflow_id=workflow_id, coordinator=(n == "iot-1"),
+                    data_path=str(tmp_path / "iot-3.npz") if n == "iot-3" else None, **common) for n in names]
+    for node in iots:
+        await node.start()
+    return iots
+
+
+async def until_every_round_is_final(iots, rounds: int) -> None:
+    await asyncio.wait_for(iots[0].finished.wait(), 240)
+    for node in iots:  # every node fetched and verified every global model
+        await asyncio.wait_for(until(lambda: len(node.global_models) == rounds), 30)
+
+
+async def until_history_is_recorded(computes, rounds: int) -> None:
+    """The CouchDB history follows the chain off the rounds' path: wait for every final round
+    in it before stopping the nodes (and before an audit looks for it)."""
+    await asyncio.wait_for(until(lambda: finals_recorded(computes) == rounds), 30)
+
+
+def finals_recorded(computes) -> int:
+    return sum(kind == "trustmesh/round-finalized" for node in computes for kind, _ in node.recorder.recorded)
+
+
+async def until(predicate, pause: float = 0.1):
+    while not predicate():
+        await asyncio.sleep(pause)
+
+
+def federate(devnet, stores, tmp_path, workflow_id: str, *, rounds: int = 2, attack: str | None = "scale:100",
+             epochs: int = 1, federation: dict | None = None, after=None, **changes):
+    """Run a workflow (federated-digits, 5 IoT nodes iot-1..iot-5 with iot-1 coordinating, two
+    compute nodes, `epochs` (1), `rounds`, `federation` and definition `changes`) with iot-5's
+    updates poisoned by both compute nodes with `attack`. Then the audit, which must pass.
+    after(client, keys) runs last against the REST API, while the chain is still up; its return
+    value is returned too. -> (iot-5's key, round results, node loads by key, after's value)."""
+    redis_server, couch_server = stores
+    names = [f"iot-{i}" for i in range(1, 6)]
+    keys = {n: load_or_create_key(tmp_path / n / "keys", n).public_key().as_hex() for n in names}
+    attacker = keys["iot-5"]
+    definition = workflow.load_definition(_WORKFLOWS / "federated-digits.json")
+    definition.update(workflow_id=workflow_id, **changes)
+    definition["hyperparameters"]["epochs"] = epochs
+    definition["federation"].update(participant_nodes=names, coordinator_node="iot-1", expected_nodes=5,
+                                    min_nodes_required=5, rounds=rounds, round_timeout=60, **(federation or {}))
+    definition = workflow.resolve_node_names(definition, keys)
+    planned = rounds
+    if "privacy" in definition:
+        from trustmesh.fl import privacy_block
+
+        planned = privacy_block.planned_rounds(definition)
+
+    async def scenario():
+        common = dict(validator_url=devnet.component_url, rest_url=devnet.rest_url, redis_url=redis_server.url)
+        async with running_processor(devnet.component_url, *federation_handlers()), rest(devnet.rest_url) as client:
+            computes = [ComputeNode(f"compute-{i}", tmp_path / f"compute-{i}", couch_url=couch_server.url,
+                                    attacks={attacker: parse_attack(attack)} if attack else {}, **common)
+                        for i in range(2)]
+            for node in computes:
+                await node.start()
+            owner = load_or_create_key(tmp_path / "owner", "owner")
+            [status] = await submit_and_wait(client, [make_batch(owner, [workflow.make_deploy_transaction(
+                owner, definition)])])
+            assert status["status"] == "COMMITTED", status
+            iots = [IoTNode(n, tmp_path / n, workflow_id=workflow_id, coordinator=(n == "iot-1"), **common)
+                    for n in names]
+            for node in iots:
+                await node.start()
+            try:
+                await until_every_round_is_final(iots, planned)
+                await until_history_is_recorded(computes, planned)  # the audit below reads it
+            finally:
+                for node in iots + computes:
+                    await node.stop()
+            reader = FederationReader(client)
+            index = (await reader.rounds(workflow_id))["rounds"]
+            results = [await reader.round_result(index[str(r)]) for r in range(1, planned + 1)]
+            loads = {key: await reader.node_load(key) or {} for key in keys.values()}
+            report = await audit.audit_workflow(workflow_id, Endpoints(
+                validator=devnet.component_url, rest=devnet.rest_url, redis=redis_server.url, couch=couch_server.url))
+            extra = await after(client, keys) if after is not None else None
+            return results, loads, report, extra
+
+    results, loads, report, extra = run(scenario(), timeout=300)
+    assert report.ok, audit.render_text(report)
+    for result in results:
+        assert set(result["aggregation_weights"]) == set(keys.values())
+    return attacker, results, loads, extra
