@@ -47,8 +47,8 @@ from trustmesh.stores.redis_state import (CURSOR_KEY, BlobStore, DeliveriesLost,
                                           client, task_stream)
 
 from .history_recorder import HistoryRecorder
-from .tasks import (InputNotReady, Recent, TaskContext, TaskInputError, report_metrics, run_task,
-                    starting_model_known)
+from .tasks import (InputNotReady, Recent, TaskContext, TaskInputError, aggregate_inputs_known, report_metrics,
+                    run_task, starting_model_known)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -270,6 +270,7 @@ class ComputeNode:
             return known[task_id]
 
         model_known = None  # whether local_train tasks can start, looked up once when needed
+        seed_known = None   # whether the aggregate can (server-side DP waits for the noise seed)
         runnable = []
         for task_id in assignments["order"]:
             task = tasks[task_id]
@@ -285,6 +286,11 @@ class ComputeNode:
                     model_known = await starting_model_known(self.context, schedule_id)
                 if not model_known:
                     continue
+            if task["kind"] == "aggregate":
+                if seed_known is None:
+                    seed_known = await aggregate_inputs_known(self.context, schedule_id)
+                if not seed_known:
+                    continue
             runnable.append(task_id)
         # Their own statuses side by side: a round's ten trainings become runnable together.
         for task_id, own in zip(runnable, await asyncio.gather(*(status(t) for t in runnable))):
@@ -295,7 +301,7 @@ class ComputeNode:
             await self.queue.publish_once({"schedule_id": schedule_id, "task_id": task_id, "attempt": task["attempt"]},
                                           marker)
             self._queued.add((schedule_id, task_id, task["attempt"]))
-        if model_known is False:
+        if model_known is False or seed_known is False:
             self._waiting.add(schedule_id)  # every block looks again, and so does this node's next aggregate
         else:
             self._waiting.discard(schedule_id)
@@ -383,7 +389,8 @@ class ComputeNode:
             r = outcome.round_result
             txns.append(schedule.make_round_result_transaction(
                 self.signer, sid, outcome.output_digest, r["participants"], r["aggregation_weights"], r["metrics"],
-                task_id=task_id, rejected=r.get("rejected"), server_state_digest=r.get("server_state_digest")))
+                task_id=task_id, rejected=r.get("rejected"), server_state_digest=r.get("server_state_digest"),
+                privacy=r.get("privacy")))
         self._uncommitted[sid, task_id] = txns[0].header_signature
         self.context.reported[sid, task_id] = {"status": "done", "node": self.node, "attempt": attempt,
                                                "output_digest": outcome.output_digest, "metrics": metrics}
@@ -391,7 +398,8 @@ class ComputeNode:
             assignments = (await self.context.round_inputs(sid))["assignments"]
             self.context.global_models[assignments["workflow_id"], assignments["round"]] = {
                 "digest": outcome.output_digest, "schedule_id": sid, "task_id": task_id,
-                "server_state_digest": outcome.round_result.get("server_state_digest")}
+                "server_state_digest": outcome.round_result.get("server_state_digest"),
+                "next_clipping_norm": (outcome.round_result.get("privacy") or {}).get("next_clipping_norm")}
         self._report(txns, message.message_id, (sid, task_id))
         try:  # dependents on this node go on now, not a block later; so do the next round's trainings
             for schedule_id in [sid, *sorted(self._waiting)]:

@@ -29,7 +29,7 @@ from trustmesh.stores.data_bundle import open_bundle
 from trustmesh.stores.data_envelope import EnvelopeError
 from trustmesh.stores.redis_state import BlobCorrupted, BlobNotFound, BlobStore, BlobTooLarge
 
-from trustmesh.fl import model_format, screening, server_state
+from trustmesh.fl import dp_round, model_format, screening, server_state
 from trustmesh.fl.datasets import held_out, load_npz
 from trustmesh.fl.strategies import ClientUpdate, strategy_from_spec
 from trustmesh.fl.attacks import Attack
@@ -196,7 +196,7 @@ async def _global_model(ctx, definition, assignments):
         own = ctx.global_models.get((workflow_id, round_number - 1))
         if own is not None:
             start = StartingModel.of_previous_round(workflow_id, round_number, own["schedule_id"], own["digest"],
-                                                    own.get("server_state_digest"))
+                                                    own.get("server_state_digest"), own.get("next_clipping_norm"))
             built_on = ((own["schedule_id"], own["task_id"]),)
         else:
             try:
@@ -262,6 +262,10 @@ async def train_update(ctx, assignments, task_id, owner, data, definition) -> Ta
         LOGGER.warning("ATTACK (test mode): %s poisons the update of %s… in round %s with %s", ctx.node[:16],
                        owner[:16], assignments["round"], attack)
         state = attack.poison_update(_or_initial(global_state, definition), result.state, seed)
+    block = definition.get("privacy")
+    if block is not None and block["where"] == "client":  # clipped and noised before it leaves the trainer
+        state = dp_round.client_update(block, _or_initial(global_state, definition), state,
+                                       definition["federation"]["min_nodes_required"])
     blob = model_format.serialize(state, workflow_id=assignments["workflow_id"], round=assignments["round"],
                                   model_spec=definition["model"])
     digest = await ctx.blobs.put(blob)
@@ -285,8 +289,9 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
         raise TaskInputError(f"aggregate {task_id} depends on no local_train output")
     checks = definition.get("update_checks")
     strategy = strategy_from_spec(definition.get("strategy") or {"name": "fedavg"})
+    block = definition.get("privacy")
     start_state = start = None
-    if strategy.uses_start or (checks and "max_norm_ratio" in checks):  # the model the round trained from
+    if strategy.uses_start or block or (checks and "max_norm_ratio" in checks):  # the model the round trained from
         global_state, _, start = await _global_model(ctx, definition, assignments)
         start_state = _or_initial(global_state, definition)
     accuracy = screening.held_out_accuracy(definition) if checks and "min_accuracy" in checks else None
@@ -296,9 +301,18 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     if not updates:
         raise TaskInputError(f"aggregate {task_id}: every update was rejected by the update checks")
     previous = await _server_state(ctx, strategy, start)
-    started = time.perf_counter()
-    state, weights = strategy.aggregate(updates)
-    state, kept_state = strategy.step(state, start_state, previous, updates)
+    private = None
+    if block is not None:
+        seed = await _noise_seed(ctx, sid) if block["where"] == "server" else None
+        started = time.perf_counter()
+        state, weights, private = dp_round.aggregate(
+            block, start_state, updates, workflow_id=assignments["workflow_id"], round_number=assignments["round"],
+            seed=seed, norm=dp_round.clipping_norm(block, start.next_clipping_norm))
+        kept_state = None
+    else:
+        started = time.perf_counter()
+        state, weights = strategy.aggregate(updates)
+        state, kept_state = strategy.step(state, start_state, previous, updates)
     rejected.update(strategy.rejections(weights))  # whom a robust rule left out, and why
     weights = {**{node: 0.0 for node in rejected}, **weights}
     compute = time.perf_counter() - started
@@ -315,8 +329,24 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     participants = sorted(weights)
     result = {"participants": participants, "aggregation_weights": {n: float(weights[n]) for n in participants},
               "metrics": {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}, "rejected": rejected,
-              "server_state_digest": server_state_digest}
+              "server_state_digest": server_state_digest, "privacy": private}
     return TaskOutcome(digest, metrics, round_result=result, compute_seconds=compute)
+
+
+async def _noise_seed(ctx, schedule_id: str) -> bytes:
+    """The round's DP noise seed, once its coordinator revealed it (after every update is in)."""
+    record = await ctx.reader.noise_seed(schedule_id)
+    if record is None:
+        raise InputNotReady(f"the noise seed of round {schedule_id[:16]}… is not revealed yet")
+    return bytes.fromhex(record["noise_seed"])
+
+
+async def aggregate_inputs_known(ctx, schedule_id: str) -> bool:
+    """Whether the round's aggregate can run: with server-side DP, once the noise seed is on chain."""
+    definition = (await ctx.round_inputs(schedule_id))["definition"]
+    if (definition.get("privacy") or {}).get("where") != "server":
+        return True
+    return await ctx.reader.noise_seed(schedule_id) is not None
 
 
 async def _server_state(ctx, strategy, start: StartingModel | None):

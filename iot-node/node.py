@@ -30,6 +30,8 @@ Raw data leaves the node only inside envelopes (stores/data_envelope.py), or not
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -38,7 +40,7 @@ import pathlib
 import time
 
 from trustmesh.cancelling import cancel_and_wait
-from trustmesh.fl import model_format
+from trustmesh.fl import model_format, privacy, privacy_block
 from trustmesh.fl.attacks import Attack
 from trustmesh.fl.datasets import Dataset, dump_npz, federated_digits, load_npz
 from trustmesh.ledger.builders import make_batch
@@ -67,6 +69,15 @@ REACTIONS = (events.ROUND_OPENED, events.ROUND_READY, events.ROUND_RESULT,
 TICK = 1.0  # seconds between re-checks that depend on time (timeouts, deadlines): coordinators
 FULL_TICKS = 5  # every 5th tick also re-checks participation, in case an event was missed
 REASSIGN_RETRY = 10.0  # seconds before a refused reassign (no live node to take it) is tried again
+
+
+NOISE_SEED_CONTEXT = b"trustmesh-dp-noise-seed/"
+
+
+def _planned(definition: dict) -> dict:
+    """The federation section with the rounds the workflow will run: fewer than its `rounds`
+    when its privacy budget runs out first (privacy_block.planned_rounds)."""
+    return {**definition["federation"], "rounds": privacy_block.planned_rounds(definition)}
 
 
 async def _claimed(claims: set, key, commit) -> None:
@@ -220,7 +231,7 @@ class IoTNode:
 
     async def _react_to(self, event_type: str, attrs: dict, definition: dict) -> None:
         workflow_id, sid, number = attrs["workflow_id"], attrs["schedule_id"], int(attrs["round"])
-        fed = definition["federation"]
+        fed = _planned(definition)
         if event_type == events.ROUND_OPENED:
             record = {"schedule_id": sid, "round": number, "status": "collecting", "submissions": {},
                       "expected_nodes": attrs["expected_nodes"].split(",")}
@@ -331,9 +342,9 @@ class IoTNode:
                                  record["workflow_id"])
 
     async def _act_on(self, workflow_id: str, definition: dict) -> None:
-        fed = definition.get("federation")
-        if fed is None:
+        if definition.get("federation") is None:
             return  # single-node workflow: no rounds, nothing for IoT nodes to do
+        fed = _planned(definition)
         index = await self.reader.rounds(workflow_id)
         latest = index["latest"]
         sid = index["rounds"].get(str(latest))
@@ -452,6 +463,8 @@ class IoTNode:
         if assignments is None:
             await self._assign(workflow_id, sid, record["round"])
             return
+        if record.get("noise_commitment"):
+            await self._reveal_noise(sid, record["round"], assignments)
         now = time.time()
         deadline_seconds = assignments.get("deadline_seconds") or 300
         grace = 2 * deadline_seconds
@@ -509,8 +522,34 @@ class IoTNode:
         await self._open_round(workflow_id, latest + 1, record["schedule_id"])
 
     async def _open_round(self, workflow_id: str, number: int, previous: str | None) -> None:
+        definition = self._definitions.get(workflow_id) or (await self.reader.workflow(workflow_id) or {}).get(
+            "definition") or {}
+        commitment = None
+        if (definition.get("privacy") or {}).get("where") == "server":  # the aggregator's noise, fixed now
+            commitment = privacy.commitment(self._noise_seed(layout.schedule_id_for(workflow_id, number, self.node)))
         await self._once(("open", workflow_id, number), federation.make_open_round_transaction(
-            self.signer, workflow_id, number, previous_schedule_id=previous), f"open round {number}")
+            self.signer, workflow_id, number, previous_schedule_id=previous, noise_commitment=commitment),
+            f"open round {number}")
+
+    def _noise_seed(self, schedule_id: str) -> bytes:
+        """A round's DP noise seed: from this coordinator's key and the round, so a restarted
+        coordinator reveals the seed it committed to, and nobody else can work it out before."""
+        return hmac.new(bytes.fromhex(self.signer.as_hex()), NOISE_SEED_CONTEXT + schedule_id.encode(),
+                        hashlib.sha256).digest()
+
+    async def _reveal_noise(self, sid: str, number: int, assignments: dict) -> None:
+        """Reveal the round's noise seed once every update is fixed (every local_train done)."""
+        if ("reveal", sid) in self._sent:
+            return
+        for task_id, task in assignments["tasks"].items():
+            if task["kind"] == "local_train":
+                status = await self.reader.task_status(sid, task_id)
+                if status is None or status["status"] != "done":
+                    return
+        if await self.reader.noise_seed(sid) is not None:
+            return
+        await self._once(("reveal", sid), schedule.make_reveal_noise_transaction(
+            self.signer, sid, self._noise_seed(sid).hex()), f"reveal the noise seed of round {number}")
 
     async def _assign(self, workflow_id: str, sid: str, number: int) -> None:
         await self._once(("assign", sid), schedule.make_assign_transaction(

@@ -28,6 +28,7 @@ TASK_FAILED = "trustmesh/task-failed"
 TASK_REASSIGNED = "trustmesh/task-reassigned"
 ROUND_RESULT = "trustmesh/round-result"
 ROUND_FINALIZED = "trustmesh/round-finalized"
+NOISE_REVEALED = "trustmesh/noise-revealed"
 
 _TASK = ("schedule_id", "task_id", "node", "attempt", "kind")
 _PEER = ("node", "name", "encryption_public_key", "cpu_cores", "memory_mb", "revision")
@@ -53,6 +54,7 @@ ATTRIBUTES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     TASK_REASSIGNED: ((*_TASK, "previous_node", "previous_status"), ()),
     ROUND_RESULT: (("schedule_id", "workflow_id", "round", "global_model_digest", "participants"), ()),
     ROUND_FINALIZED: (("schedule_id", "workflow_id", "round", "global_model_digest"), ()),
+    NOISE_REVEALED: (("schedule_id", "workflow_id", "round"), ()),
 }
 
 TASK_STATUS_EVENTS = {"running": TASK_RUNNING, "done": TASK_DONE, "failed": TASK_FAILED}

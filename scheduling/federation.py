@@ -2,12 +2,16 @@
 
 Actions (canonical CBOR map {"action", ...}; unknown fields are refused):
 
-    open_round   {workflow_id, round}                        signer: the workflow's coordinator_node
+    open_round   {workflow_id, round[, noise_commitment]}    signer: the workflow's coordinator_node
     submit       {schedule_id, digest, samples[, metadata]}  signer: one of the round's expected nodes
     close_round  {schedule_id}                               signer: anyone, once the round timed out
 
-Rounds of a workflow are numbered 1, 2, ... up to its federation `rounds`; a round opens only
-when the previous one is finished (ready or timeout). Its id is derived, not drawn:
+Rounds of a workflow are numbered 1, 2, ... up to its federation `rounds`, or fewer when its
+privacy budget allows fewer (fl/privacy_block.planned_rounds: a round whose epsilon would pass
+privacy.epsilon_budget is refused); a round opens only when the previous one is finished (ready
+or timeout). With privacy where "server" the coordinator commits to the round's noise seed as it
+opens it (noise_commitment, sha256 of the seed): the aggregator's noise is fixed before any
+update exists, and the seed is revealed once every update is in (trustmesh-schedule reveal_noise). Its id is derived, not drawn:
 `schedule_id = layout.schedule_id_for(workflow_id, round, coordinator)`.
 
 The round clock is the agreed block time (BlockInfo, `common.chain_time`): every action lists
@@ -21,7 +25,7 @@ State:
          expected_nodes: [keys], min_nodes_required, round_timeout, round_start,
          status: "collecting" | "ready" | "timeout",
          submissions: {node key: {digest, samples, metadata}},
-         submitted_nodes: [keys in arrival order]}
+         submitted_nodes: [keys in arrival order][, noise_commitment]}
     workflow_rounds_address(workflow_id)
         {rounds: {"1": schedule_id, ...}, latest: int}
 
@@ -54,6 +58,8 @@ from typing import Any, Mapping
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_transaction
 from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction, TransactionHandler
+
+from trustmesh.fl import privacy_block
 
 from . import events, layout
 from .common import (
@@ -96,7 +102,7 @@ MAX_METADATA_LIST = 32
 _INT64 = (-(2**63), 2**63 - 1)
 
 _FIELDS = {
-    "open_round": frozenset({"action", "workflow_id", "round"}),
+    "open_round": frozenset({"action", "workflow_id", "round", "noise_commitment"}),
     "submit": frozenset({"action", "schedule_id", "digest", "samples", "metadata"}),
     "close_round": frozenset({"action", "schedule_id"}),
 }
@@ -155,6 +161,30 @@ def parse_metadata(value: Any) -> dict:
         else:
             _check_metadata_scalar(key, item)
     return dict(value)
+
+
+def _noise_commitment(body: Mapping, workflow_id: str, definition: Mapping, number: int) -> str | None:
+    """open_round's privacy rules: the round fits the budget (privacy_block.planned_rounds), and
+    carries noise_commitment exactly when the aggregator adds the noise (where "server")."""
+    block = definition.get("privacy")
+    if block is not None and number > privacy_block.planned_rounds(definition):
+        spent = privacy_block.epsilon_after(block, number)
+        raise InvalidTransaction(
+            f"round {number} of workflow {workflow_id!r} would spend epsilon {spent:.4g} (delta {block['delta']:g}), "
+            f"above its privacy.epsilon_budget {block['epsilon_budget']:g}: the privacy budget is exhausted and "
+            f"the workflow ends with round {number - 1}"
+        )
+    wanted = block is not None and block["where"] == "server"
+    if not wanted:
+        if "noise_commitment" in body:
+            raise InvalidTransaction(f"workflow {workflow_id!r} adds no server-side noise; leave noise_commitment out")
+        return None
+    if "noise_commitment" not in body:
+        raise InvalidTransaction(
+            f"workflow {workflow_id!r} has privacy where \"server\": open_round must carry noise_commitment, the "
+            f"sha256 of the round's noise seed, so the noise is fixed before any update exists"
+        )
+    return require_match(body, "noise_commitment", HEX64, "the sha256 (64 lowercase hex) of the round's noise seed")
 
 
 def federation_config(workflow_id: str, record: Any) -> dict:
@@ -240,6 +270,7 @@ class FederationHandler(TransactionHandler):
             raise InvalidTransaction(
                 f"workflow {workflow_id!r} has {config['rounds']} round(s); round {number} is beyond them"
             )
+        commitment = _noise_commitment(body, workflow_id, workflow["definition"], number)
 
         index = found.get(index_address) or {"rounds": {}, "latest": 0}
         latest = index["latest"]
@@ -293,6 +324,7 @@ class FederationHandler(TransactionHandler):
             "status": COLLECTING,
             "submissions": {},
             "submitted_nodes": [],
+            **({"noise_commitment": commitment} if commitment else {}),
         }
         rounds = dict(index["rounds"])
         rounds[str(number)] = schedule_id
@@ -418,8 +450,11 @@ def decode_workflow_rounds(data: bytes | None) -> dict:
 # --------------------------------------------------------------------------- client
 
 
-def make_open_round_payload(workflow_id: str, round_number: int) -> bytes:
-    return cbor.encode({"action": "open_round", "workflow_id": workflow_id, "round": round_number})
+def make_open_round_payload(workflow_id: str, round_number: int, noise_commitment: str | None = None) -> bytes:
+    body = {"action": "open_round", "workflow_id": workflow_id, "round": round_number}
+    if noise_commitment is not None:
+        body["noise_commitment"] = noise_commitment
+    return cbor.encode(body)
 
 
 def make_submit_payload(schedule_id: str, digest: str, samples: int, metadata: Mapping | None = None) -> bytes:
@@ -449,13 +484,15 @@ def open_round_addresses(workflow_id: str, round_number: int, coordinator: str,
 
 
 def make_open_round_transaction(signer, workflow_id: str, round_number: int, *,
-                                previous_schedule_id: str | None = None, **kwargs):
+                                previous_schedule_id: str | None = None, noise_commitment: str | None = None,
+                                **kwargs):
     """Open round `round_number` of a workflow; the signer must be its coordinator_node.
-    The new round's id is schedule_id_for(workflow_id, round_number, signer's public key)."""
+    The new round's id is schedule_id_for(workflow_id, round_number, signer's public key).
+    noise_commitment: with privacy where "server", sha256 of the round's noise seed."""
     inputs, outputs = open_round_addresses(workflow_id, round_number, signer.public_key().as_hex(),
                                            previous_schedule_id)
-    return make_transaction(signer, FAMILY_NAME, FAMILY_VERSION, make_open_round_payload(workflow_id, round_number),
-                            inputs, outputs, **kwargs)
+    payload = make_open_round_payload(workflow_id, round_number, noise_commitment)
+    return make_transaction(signer, FAMILY_NAME, FAMILY_VERSION, payload, inputs, outputs, **kwargs)
 
 
 def make_submit_transaction(signer, schedule_id: str, digest: str, samples: int,

@@ -8,7 +8,7 @@ Four families (version 1.0, canonical-CBOR payloads, canonical-CBOR state record
 | trustmesh-peer        | PEER_NS                      | compute-node registry, its index, liveness |
 | trustmesh-federation  | FEDERATION_NS                | rounds: schedule_id, submissions, status   |
 | trustmesh-schedule    | SCHEDULE_NS                  | task assignments, task status, node load,  |
-|                       |                              | round results                              |
+|                       |                              | round results, revealed noise seeds        |
 
 Task status and round results live in the schedule family (the issue lists them apart): a task's
 completion changes its node's queue length in the same transaction, which would otherwise need
@@ -48,6 +48,7 @@ ASSIGNMENTS = "00"          # key: schedule_id -> task assignments of that round
 TASK_STATUS = "01"          # key: schedule_id + "/" + task_id
 NODE_LOAD = "02"            # key: node public key -> queue length, done, missed (reputation)
 ROUND_RESULT = "03"         # key: schedule_id
+NOISE_SEED = "04"           # key: schedule_id -> the DP noise seed the coordinator revealed
 
 
 def _address(ns: str, kind: str, key: str) -> str:
@@ -94,6 +95,10 @@ def node_load_address(public_key: str) -> str:
 
 def round_result_address(schedule_id: str) -> str:
     return _address(SCHEDULE_NS, ROUND_RESULT, schedule_id)
+
+
+def noise_seed_address(schedule_id: str) -> str:
+    return _address(SCHEDULE_NS, NOISE_SEED, schedule_id)
 
 
 def schedule_id_for(workflow_id: str, round_number: int, coordinator: str) -> str:

@@ -43,6 +43,10 @@ class FederationReader:
     async def round_result(self, schedule_id: str) -> dict | None:
         return await self._record(layout.round_result_address(schedule_id))
 
+    async def noise_seed(self, schedule_id: str) -> dict | None:
+        """The DP noise seed the round's coordinator revealed: {schedule_id, noise_seed, revealed_at}."""
+        return await self._record(layout.noise_seed_address(schedule_id))
+
     async def node_load(self, node: str) -> dict | None:
         """A node's load and reputation record: queue, done, missed[, last_missed][, rejected]."""
         return await self._record(layout.node_load_address(node))

@@ -45,8 +45,14 @@ Actions (canonical-CBOR map {"action": ..., ...}; unknown fields are refused):
       (fl/screening.py); each has weight 0 and one more `rejected` in its node load record
       (reputation: a participant whose updates keep being refused shows it). server_state_digest: the sha256 of the state a
       server optimizer (fl/strategies/fedopt.py) leaves for the next round. Both are stored in
-      the result only when present. The round is final once the result exists and every
-      evaluate instance is done, whichever comes last.
+      the result only when present. privacy: what a DP round spent and used (PRIVACY_FIELDS;
+      epsilon required). The round is final once the result exists and every evaluate instance
+      is done, whichever comes last.
+  reveal_noise  {schedule_id, noise_seed}
+      From the round's coordinator, once every local_train of the round is done: the seed whose
+      sha256 it committed to when opening the round (federation noise_commitment), so the
+      aggregator's DP noise was fixed before any update existed. Stored at
+      noise_seed_address(sid) {schedule_id, noise_seed, revealed_at}; event trustmesh/noise-revealed.
 
 Deadlines (chain time, BlockInfo): a task without dependencies gets chain_time +
 deadline_seconds; a task with dependencies first gets chain_time + deadline_seconds * (1 + its
@@ -123,7 +129,7 @@ FAMILY_NAME = layout.SCHEDULE_FAMILY
 FAMILY_VERSION = layout.VERSION
 NAMESPACE = layout.SCHEDULE_NS
 
-ACTIONS = ("assign", "report", "reassign", "round_result")
+ACTIONS = ("assign", "report", "reassign", "round_result", "reveal_noise")
 TASK_KINDS = ("local_train", "aggregate", "evaluate", "preprocess")
 REPORT_STATUSES = ("running", "done", "failed")
 DEFAULT_DEADLINE_SECONDS = 300
@@ -132,6 +138,9 @@ MAX_QUEUE_SKEW = 2
 MAX_METRICS = 32
 MAX_REASON_CHARS = 500
 MAX_REJECT_REASON_CHARS = screening.MAX_REASON_CHARS  # per rejected update in a round result
+# a round result's optional `privacy` record (fl/dp_round.py writes it; the audit recomputes it)
+PRIVACY_FIELDS = ("epsilon", "delta", "noise_multiplier", "clipping_norm", "noise_std", "clipped",
+                  "next_clipping_norm")
 
 # prefixes that cover every record of one kind (inputs/outputs of transactions whose exact
 # addresses depend on state the client has not read)
@@ -148,8 +157,9 @@ _FIELDS = {
     "reassign": ({"schedule_id", "task_id"}, set()),
     "round_result": (
         {"schedule_id", "global_model_digest", "participants", "aggregation_weights", "metrics"},
-        {"task_id", "rejected", "server_state_digest"},
+        {"task_id", "rejected", "server_state_digest", "privacy"},
     ),
+    "reveal_noise": ({"schedule_id", "noise_seed"}, set()),
 }
 _RANK = {"assigned": 0, "running": 1, "done": 2, "failed": 2}
 
@@ -342,6 +352,8 @@ class StartingModel:
                   report declares them (make_report_transaction), so the processor can read them
     server_state_digest  the server optimizer's state that round left with it (its round
                   result's server_state_digest), where the next step starts; None: fresh state
+    next_clipping_norm  what adaptive DP clipping chose in that round (its result's privacy
+                  record), the norm this round clips at; None: the workflow's own
     """
 
     workflow_id: str
@@ -350,15 +362,17 @@ class StartingModel:
     source_round: int | None = None
     inputs: tuple[str, ...] = ()
     server_state_digest: str | None = None
+    next_clipping_norm: float | None = None
 
     @classmethod
     def of_previous_round(cls, workflow_id: str, round_number: int, schedule_id: str, digest: str,
-                          server_state_digest: str | None = None) -> "StartingModel":
+                          server_state_digest: str | None = None,
+                          next_clipping_norm: float | None = None) -> "StartingModel":
         """Round `round_number - 1` (schedule_id) has the global model `digest`: what the rule
         reads to find it. A node that reported that model itself knows it before it commits."""
         return cls(workflow_id, round_number, digest, round_number - 1,
                    (layout.workflow_rounds_address(workflow_id), layout.round_result_address(schedule_id)),
-                   server_state_digest)
+                   server_state_digest, next_clipping_norm)
 
 
 async def starting_model(read: Callable[[str], Awaitable[Mapping | None]], workflow_id: str,
@@ -389,7 +403,8 @@ async def starting_model(read: Callable[[str], Awaitable[Mapping | None]], workf
             result = await get(layout.round_result_address(sid)) if isinstance(sid, str) else None
             if result is not None and result.get("global_model_digest"):
                 return StartingModel(workflow_id, round_number, result["global_model_digest"], number, tuple(inputs),
-                                     result.get("server_state_digest"))
+                                     result.get("server_state_digest"),
+                                     (result.get("privacy") or {}).get("next_clipping_norm"))
             record = await get(layout.round_address(sid)) if isinstance(sid, str) else None
             if record is None or record.get("status") != "timeout":
                 raise LineageUnknown(f"round {number} of {workflow_id!r} has no global model on chain yet")
@@ -889,6 +904,7 @@ class ScheduleHandler(TransactionHandler):
             raise InvalidTransaction(f"aggregation_weights sum to {total!r}; they must sum to 1 (within {WEIGHT_TOLERANCE})")
         metrics = _metrics(body, "metrics", required=("accuracy", "loss"))
         rejected = _rejected(body, weights)
+        private = {"privacy": _privacy(body)} if "privacy" in body else {}
         server_state = {}
         if "server_state_digest" in body:
             server_state["server_state_digest"] = require_match(
@@ -945,6 +961,7 @@ class ScheduleHandler(TransactionHandler):
             "aggregate_task": aggregate_id, "global_model_digest": digest, "participants": list(participants),
             "aggregation_weights": dict(weights), "metrics": metrics, "reported_by": signer,
             "recorded_at": now, "final": False, **({"rejected": rejected} if rejected else {}), **server_state,
+            **private,
         }
         final = self._finalize(result, assignments, statuses, now)
         writes = {layout.round_result_address(schedule_id): final or result}
@@ -957,7 +974,55 @@ class ScheduleHandler(TransactionHandler):
             await self._emit_finalized(context, final)
 
 
+    # -- reveal_noise ----------------------------------------------------------------------
+
+    async def _reveal_noise(self, body: dict, signer: str, context) -> None:
+        schedule_id = _schedule_id(body)
+        seed = require_match(body, "noise_seed", HEX64, "the round's noise seed (64 lowercase hex, 32 bytes)")
+        round_ = await read_record(context, layout.round_address(schedule_id))
+        if round_ is None:
+            raise InvalidTransaction(f"no round with schedule id {schedule_id!r} on chain")
+        commitment = round_.get("noise_commitment")
+        if commitment is None:
+            raise InvalidTransaction(f"round {schedule_id!r} has no noise commitment: its workflow adds no "
+                                     f"server-side noise, so there is no seed to reveal")
+        if signer != round_.get("coordinator"):
+            raise InvalidTransaction(f"only the round's coordinator {round_.get('coordinator')}, who committed to "
+                                     f"the seed, may reveal it; not {signer}")
+        if hashlib.sha256(bytes.fromhex(seed)).hexdigest() != commitment:
+            raise InvalidTransaction(f"noise_seed does not hash to the round's noise_commitment {commitment}; "
+                                     f"reveal the seed committed when the round opened")
+        if await read_record(context, layout.noise_seed_address(schedule_id)) is not None:
+            raise InvalidTransaction(f"the noise seed of round {schedule_id!r} is already revealed")
+        assignments = await self._assignments(context, schedule_id)
+        trains = [t for t, task in assignments["tasks"].items() if task["kind"] == "local_train"]
+        statuses = await self._statuses(context, schedule_id, trains)
+        pending = sorted(t for t in trains if statuses[t]["status"] != "done")
+        if pending:
+            raise InvalidTransaction(
+                f"the noise seed is revealed once every update is fixed; local_train task(s) "
+                f"{', '.join(pending)[:300]} of round {schedule_id!r} are not done yet")
+        await write_records(context, {layout.noise_seed_address(schedule_id): {
+            "schedule_id": schedule_id, "noise_seed": seed, "revealed_at": await chain_time(context)}})
+        await emit(context, events.NOISE_REVEALED, schedule_id=schedule_id, workflow_id=assignments["workflow_id"],
+                   round=assignments["round"])
+
+
 # --------------------------------------------------------------------------- clients
+
+
+def _privacy(body: Mapping) -> dict:
+    """The round result's optional `privacy` record: numbers >= 0 under PRIVACY_FIELDS names."""
+    record = require(body, "privacy", dict)
+    for key, value in record.items():
+        if key not in PRIVACY_FIELDS:
+            raise InvalidTransaction(f"payload field 'privacy' has unknown field {shown(key)}; allowed: "
+                                     f"{', '.join(PRIVACY_FIELDS)}")
+        if not _number(value) or value < 0:
+            raise InvalidTransaction(f"payload field 'privacy': {key} must be a finite number >= 0, got {shown(value)}")
+    if "epsilon" not in record:
+        raise InvalidTransaction("payload field 'privacy' lacks 'epsilon', the privacy spent once this round is released")
+    return dict(record)
 
 
 def _rejected(body: Mapping, weights: Mapping[str, Any]) -> dict[str, str]:
@@ -1009,15 +1074,27 @@ def reassign_payload(schedule_id: str, task_id: str) -> bytes:
 def round_result_payload(schedule_id: str, global_model_digest: str, participants: list[str],
                          aggregation_weights: Mapping[str, float], metrics: Mapping[str, float], *,
                          task_id: str | None = None, rejected: Mapping[str, str] | None = None,
-                         server_state_digest: str | None = None) -> bytes:
+                         server_state_digest: str | None = None, privacy: Mapping | None = None) -> bytes:
     """rejected: participants whose update the update checks refused (weight 0), with why; left
     out when none was. server_state_digest: what a server optimizer leaves for the next round."""
     return _encode("round_result", {
         "schedule_id": schedule_id, "global_model_digest": global_model_digest,
         "participants": list(participants), "aggregation_weights": dict(aggregation_weights),
         "metrics": dict(metrics), "task_id": task_id, "rejected": dict(rejected) if rejected else None,
-        "server_state_digest": server_state_digest,
+        "server_state_digest": server_state_digest, "privacy": dict(privacy) if privacy else None,
     })
+
+
+def reveal_noise_payload(schedule_id: str, noise_seed: str) -> bytes:
+    return _encode("reveal_noise", {"schedule_id": schedule_id, "noise_seed": noise_seed})
+
+
+def make_reveal_noise_transaction(signer, schedule_id: str, noise_seed: str, **kwargs):
+    """Signed by the round's coordinator once every local_train of the round is done."""
+    seed_address = layout.noise_seed_address(schedule_id)
+    inputs = [layout.round_address(schedule_id), layout.assignments_address(schedule_id), TASK_STATUS_PREFIX,
+              seed_address, layout.BLOCK_INFO_NS]
+    return _transaction(signer, reveal_noise_payload(schedule_id, noise_seed), inputs, [seed_address], **kwargs)
 
 
 def make_assign_transaction(signer, schedule_id: str, workflow_id: str, *, deadline_seconds: int | None = None,
@@ -1064,7 +1141,8 @@ def make_reassign_transaction(signer, schedule_id: str, task_id: str, **kwargs):
 def make_round_result_transaction(signer, schedule_id: str, global_model_digest: str, participants: list[str],
                                   aggregation_weights: Mapping[str, float], metrics: Mapping[str, float], *,
                                   task_id: str | None = None, rejected: Mapping[str, str] | None = None,
-                                  server_state_digest: str | None = None, **kwargs):
+                                  server_state_digest: str | None = None, privacy: Mapping | None = None,
+                                  **kwargs):
     """Signed by the node of the aggregate task. With rejected updates it also counts them in
     their nodes' load records (reputation), so it declares those."""
     result = layout.round_result_address(schedule_id)
@@ -1075,7 +1153,8 @@ def make_round_result_transaction(signer, schedule_id: str, global_model_digest:
         loads = [layout.node_load_address(node) for node in sorted(rejected)]
         inputs, outputs = inputs + loads, outputs + loads
     payload = round_result_payload(schedule_id, global_model_digest, participants, aggregation_weights, metrics,
-                                   task_id=task_id, rejected=rejected, server_state_digest=server_state_digest)
+                                   task_id=task_id, rejected=rejected, server_state_digest=server_state_digest,
+                                   privacy=privacy)
     return _transaction(signer, payload, inputs, outputs, **kwargs)
 
 

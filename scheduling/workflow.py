@@ -69,7 +69,7 @@ import re
 from importlib import resources
 from typing import Any, Callable, Mapping
 
-from trustmesh.fl import screening
+from trustmesh.fl import privacy_block, screening
 from trustmesh.fl import strategies as strategy_registry
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_transaction
@@ -352,6 +352,19 @@ def _check_strategy(strategy: Any, path: str) -> None:
     _check_parameters(strategy, path, strategy_registry.STRATEGIES[name].parameters, ("name",))
 
 
+def _check_privacy(block: Any, path: str, definition: Mapping) -> None:
+    """fl/privacy_block.py: its choice and number fields, then the rules across fields."""
+    if not isinstance(block, dict):
+        raise DefinitionError(f"{path} must be a map, got {_type_name(block)}")
+    choices, numbers = privacy_block.fields(block)
+    _check_parameters(block, path, numbers, choices)
+    for name in choices:
+        _choice(block[name], f"{path}.{name}", privacy_block.CHOICES[name])
+    problem = privacy_block.problem(block, definition)
+    if problem is not None:
+        raise DefinitionError(f"{path}: {problem}")
+
+
 def _check_parameters(value: Any, path: str, parameters: Mapping, also: tuple[str, ...]) -> None:
     """A map of `parameters` (name -> Number or Integer bounds, from the registry that owns them):
     with `also` (checked by the caller), required ones when `also` names a choice, else optional."""
@@ -430,7 +443,7 @@ def validate_definition(definition: Any, *, allow_node_names: bool = False) -> d
     """
     root = _ROOT
     _fields(definition, root, ("workflow_id", "name", "tasks", "model", "hyperparameters", "data"),
-            ("description", "strategy", "update_checks", "federation"))
+            ("description", "strategy", "update_checks", "privacy", "federation"))
     _identifier(definition["workflow_id"], f"{root}.workflow_id")
     _str(definition["name"], f"{root}.name", MAX_NAME)
     if "description" in definition:
@@ -451,6 +464,8 @@ def validate_definition(definition: Any, *, allow_node_names: bool = False) -> d
     if federated:
         _check_federation(definition["federation"], f"{root}.federation", allow_node_names)
     _check_shape(definition, tasks, federated)
+    if "privacy" in definition:
+        _check_privacy(definition["privacy"], f"{root}.privacy", definition)
     return definition
 
 
@@ -549,6 +564,7 @@ def load_schema() -> dict:
     prints it."""
     schema = json.loads(resources.files(__package__).joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
     schema["$defs"]["strategy"] = strategy_registry.schema_of_strategies()
+    schema["$defs"]["privacy"] = privacy_block.schema()
     schema["$defs"]["update_checks"] = {
         "type": "object", "additionalProperties": False,
         "properties": {name: bounds.schema() for name, bounds in screening.PARAMETERS.items()}}

@@ -39,6 +39,11 @@ def test_every_emitted_event_is_documented_with_its_attributes(recorded):
         if state_name == "aggregated":
             fs.apply(aggregated, signer, family, payload)
 
+    private = fs.Round(privacy={"mechanism": "dp-fedavg", "clipping": "fixed", "clipping_norm": 1.0,
+                                "noise_multiplier": 1.0, "delta": 1e-5, "epsilon_budget": 10.0, "where": "server"})
+    fs.apply(copy.deepcopy(private.states["aggregated"]), private.coordinator, layout.SCHEDULE_FAMILY,
+             schedule.reveal_noise_payload(private.schedule_id, private.noise_seed.hex()))  # a DP round's noise seed
+
     emitted = {name for name, _ in recorded}
     assert emitted == set(events.ATTRIBUTES), sorted(emitted ^ set(events.ATTRIBUTES))
     for name, attributes in recorded:

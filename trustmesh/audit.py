@@ -376,15 +376,18 @@ async def _check_couch_model(audit: RoundAudit, history: CouchHistory, workflow_
 def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strategy_spec: Mapping,
                       result: Mapping, *, workflow_id: str, model_spec: Mapping,
                       update_checks: Mapping | None = None, start_state: Mapping | None = None,
-                      data_spec: Mapping | None = None,
-                      server_state: Mapping | None = None) -> str | None:
+                      data_spec: Mapping | None = None, server_state: Mapping | None = None,
+                      privacy: Mapping | None = None, noise_seed: bytes | None = None,
+                      clipping_norm: float | None = None) -> str | None:
     """Redo what compute-node/tasks.py `_aggregate` stored for round `audit.number`: the
     strategy's weights from the updates must be the on-chain aggregation_weights, and the
     weighted average with the on-chain weights (moved from `start_state` by a server optimizer,
     from the `server_state` the round started with), serialized the same way, must hash to the
     on-chain global_model_digest; a server optimizer's new state to its server_state_digest.
+    With a `privacy` block the round is DP-FedAvg (fl/dp_round.py) instead: clipped at
+    `clipping_norm`, noised from the revealed `noise_seed`, its privacy record recomputed too.
     Returns the recomputed digest (None if it cannot be made)."""
-    from trustmesh.fl import model_format, screening
+    from trustmesh.fl import screening
     from trustmesh.fl import server_state as server_state_format
     from trustmesh.fl.strategies import FedAvg, StrategyError, check_updates, strategy_from_spec
 
@@ -398,6 +401,10 @@ def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strate
     except ValueError as exc:
         audit.fail(f"update checks cannot be redone: {exc}")
         kept, screened = list(updates), {}
+    if privacy is not None:
+        state = _private_aggregation(audit, kept, screened, result, privacy, start_state, workflow_id=workflow_id,
+                                     noise_seed=noise_seed, clipping_norm=clipping_norm)
+        return None if state is None else _check_global_model(audit, state, result, workflow_id, model_spec)
     rejected = dict(screened)
     strategy = FedAvg()  # combines as a weighted average if the workflow's strategy cannot be built
     try:
@@ -424,8 +431,7 @@ def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strate
         if strategy.uses_start and start_state is None:
             raise StrategyError("the model the round trained from is not available")
         state, kept_state = strategy.step(state, start_state, server_state, ordered)
-        blob = model_format.serialize(state, workflow_id=workflow_id, round=audit.number, model_spec=model_spec)
-    except (StrategyError, model_format.ModelFormatError) as exc:
+    except StrategyError as exc:
         audit.fail(f"global model cannot be recomputed from the on-chain weights: {exc}")
         return None
     claimed_state = result.get("server_state_digest")
@@ -438,11 +444,57 @@ def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strate
         audit.check(kept_digest == claimed_state, f"recomputed server state {_short(kept_digest)} of "
                                                   f"{strategy.name} does not match the on-chain server_state_digest "
                                                   f"{_short(claimed_state)}: digest mismatch")
+    return _check_global_model(audit, state, result, workflow_id, model_spec)
+
+
+def _check_global_model(audit: RoundAudit, state: Mapping, result: Mapping, workflow_id: str,
+                        model_spec: Mapping) -> str | None:
+    """The recomputed global model, serialized as the aggregator stores it, against the chain's digest."""
+    from trustmesh.fl import model_format
+
+    try:
+        blob = model_format.serialize(state, workflow_id=workflow_id, round=audit.number, model_spec=model_spec)
+    except model_format.ModelFormatError as exc:
+        audit.fail(f"global model cannot be recomputed: {exc}")
+        return None
     digest = audit.recomputed_global_model = model_format.digest(blob)
     claimed = result.get("global_model_digest")
     audit.check(digest == claimed, f"recomputed global model {_short(digest)} does not match the on-chain "
                                    f"global_model_digest {_short(claimed)}: digest mismatch")
     return digest
+
+
+def _private_aggregation(audit: RoundAudit, kept: Sequence[ClientUpdate], screened: Mapping[str, str],
+                         result: Mapping, block: Mapping, start_state: Mapping | None, *, workflow_id: str,
+                         noise_seed: bytes | None, clipping_norm: float | None):
+    """DP-FedAvg redone (fl/dp_round.py): the weights (1/n), the rejections, the privacy record
+    (epsilon by the same accountant, within privacy.EPSILON_RTOL) and the noisy state, or None."""
+    from trustmesh.fl import dp_round, privacy
+
+    if start_state is None or clipping_norm is None or (block["where"] == "server" and noise_seed is None):
+        audit.fail("the DP aggregation cannot be redone: the starting model, the clipping norm or the revealed "
+                   "noise seed is not available")
+        return None
+    try:
+        state, chosen, record = dp_round.aggregate(block, start_state, kept, workflow_id=workflow_id,
+                                                   round_number=audit.number, seed=noise_seed, norm=clipping_norm)
+    except (ValueError, KeyError) as exc:
+        audit.fail(f"the DP aggregation cannot be redone: {exc}")
+        return None
+    claimed_rejected = dict(result.get("rejected") or {})
+    audit.check(claimed_rejected == dict(screened), f"rejected updates on chain ({_reasons(claimed_rejected)}) are "
+                                                    f"not the ones the update checks reject ({_reasons(screened)})")
+    recomputed = {**{n: 0.0 for n in screened}, **chosen}
+    on_chain = dict(result.get("aggregation_weights") or {})
+    audit.check(on_chain == recomputed, "aggregation weights on chain are not DP-FedAvg's equal shares of the "
+                                        "updates kept")
+    claimed = dict(result.get("privacy") or {})
+    differ = [f"{key} {claimed.get(key)!r} on chain, {value!r} recomputed" for key, value in record.items()
+              if not (privacy.same_epsilon(claimed.get(key, -1.0), value) if key == "epsilon"
+                      else claimed.get(key) == value)]
+    differ += [f"{key} {claimed[key]!r} on chain, none recomputed" for key in claimed if key not in record]
+    audit.check(not differ, f"privacy record on chain is not what this round spent and used: {'; '.join(differ)}")
+    return state
 
 
 def _reasons(rejected: Mapping[str, str]) -> str:
@@ -487,11 +539,34 @@ async def _recompute_aggregation(audit: RoundAudit, wf: _Workflow, rnd: _Round) 
     strategy_spec = rnd.definition.get("strategy") or {"name": "fedavg"}
     kind = STRATEGIES.get(strategy_spec.get("name"))
     uses_start = kind is not None and kind.uses_start
-    start = await _starting_state(audit, wf, rnd) if uses_start or (checks and "max_norm_ratio" in checks) else None
+    block = rnd.definition.get("privacy")
+    needs_start = uses_start or block is not None or (checks and "max_norm_ratio" in checks)
+    start = await _starting_state(audit, wf, rnd) if needs_start else None
     previous = await _previous_server_state(audit, wf, rnd, kind) if uses_start else None
+    private = {}
+    if block is not None:
+        from trustmesh.fl import dp_round
+
+        private = {"privacy": block, "noise_seed": await _noise_seed(audit, wf, rnd) if block["where"] == "server"
+                   else None, "clipping_norm": dp_round.clipping_norm(
+                       block, rnd.start.next_clipping_norm if rnd.start is not None else None)}
     check_aggregation(audit, updates, strategy_spec, rnd.result, workflow_id=wf.workflow_id, model_spec=spec,
                       update_checks=checks, start_state=start, data_spec=rnd.definition.get("data"),
-                      server_state=previous)
+                      server_state=previous, **private)
+
+
+async def _noise_seed(audit: RoundAudit, wf: _Workflow, rnd: _Round) -> bytes | None:
+    """The round's revealed DP noise seed, checked against the commitment the round opened with."""
+    revealed = await wf.reader.noise_seed(rnd.record["schedule_id"])
+    commitment = rnd.record.get("noise_commitment")
+    if not audit.check(revealed is not None and commitment is not None,
+                       "server-side DP round without a committed and revealed noise seed on chain"):
+        return None
+    seed = bytes.fromhex(revealed["noise_seed"])
+    if not audit.check(hashlib.sha256(seed).hexdigest() == commitment,
+                       f"revealed noise seed does not hash to the round's noise_commitment {_short(commitment)}"):
+        return None
+    return seed
 
 
 async def _previous_server_state(audit: RoundAudit, wf: _Workflow, rnd: _Round, kind) -> Mapping | None:

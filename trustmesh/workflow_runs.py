@@ -30,6 +30,7 @@ from trustmesh.ledger.events import (EventSubscriber, EventSubscriptionError, Un
 from trustmesh.ledger.messaging import BadEndpoint
 from trustmesh.ledger.rest_client import BatchTimeoutError, RestClient, RestError
 from trustmesh.ledger.signing import PrivateKey, load_or_create_key, read_private_key
+from trustmesh.fl import privacy_block
 from trustmesh.scheduling import events, workflow
 from trustmesh.scheduling.reader import FederationReader
 
@@ -158,6 +159,7 @@ class RoundView:
     accuracy: float | None = None     # test accuracy of the global model, once evaluated
     global_model: str | None = None
     steps_label: str = "tasks"        # what tasks_done counts ("epochs" for a single-node run)
+    epsilon: float | None = None      # the DP budget spent once this round is released
 
     @property
     def over(self) -> bool:
@@ -177,6 +179,8 @@ class RoundView:
             details.append(f"loss {self.loss:.3f}")
         if self.accuracy is not None:
             details.append(f"accuracy {self.accuracy:.3f}")
+        if self.epsilon is not None:
+            details.append(f"ε {self.epsilon:.3g}")
         return f"{head} {' · '.join(details)}"
 
 
@@ -198,6 +202,7 @@ async def read_round(reader: FederationReader, number: int, schedule_id: str) ->
     if result is not None:
         view.loss = result["metrics"].get("loss")
         view.global_model = result["global_model_digest"]
+        view.epsilon = (result.get("privacy") or {}).get("epsilon")
         evaluations = result.get("evaluations") or {}
         scores = next(iter(evaluations.values()), {}).get("metrics", {}) if evaluations else {}
         view.accuracy = scores.get("accuracy")
@@ -247,7 +252,11 @@ async def follow(validator_url: str, rest: RestClient, workflow_id: str, *, out:
     fed = stored["definition"].get("federation")
     if fed is None:
         raise RunError(f"workflow {workflow_id!r} is single-node: it has no federation rounds to follow")
-    rounds = fed["rounds"]
+    rounds = privacy_block.planned_rounds(stored["definition"])
+    if rounds < fed["rounds"]:
+        budget = stored["definition"]["privacy"]
+        out.write(f"privacy budget: epsilon {budget['epsilon_budget']:g} (delta {budget['delta']:g}) allows {rounds} of "
+                  f"the {fed['rounds']} rounds; the workflow ends then, budget exhausted\n")
     printer = ProgressPrinter(rounds, out)
     subscriber = await _subscribe(validator_url)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -308,6 +317,8 @@ def summary(workflow_id: str, views: list[RoundView], seconds: float, *, federat
              f"test accuracy by round: {curve}"]
     if final.global_model:
         lines.append(f"final global model: sha256 {final.global_model}")
+    if final.epsilon is not None:
+        lines.append(f"privacy spent: epsilon {final.epsilon:.4g} (client-level, at the workflow's delta)")
     if federated:
         lines.append(f"verify it: trustmesh audit {workflow_id}")
     else:

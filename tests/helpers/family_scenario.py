@@ -78,9 +78,13 @@ def apply(state, signer, family, payload):
 
 
 class Round:
-    """Keys and the state after each step of one federated round (3 participants, 2 nodes)."""
+    """Keys and the state after each step of one federated round (3 participants, 2 nodes).
+    privacy: a workflow `privacy` block; with where "server" the round opens committed to
+    `noise_seed` (32 bytes)."""
 
-    def __init__(self):
+    noise_seed = bytes(range(32))
+
+    def __init__(self, privacy: dict | None = None):
         self.coordinator = PrivateKey.generate()
         self.participants = [self.coordinator] + [PrivateKey.generate() for _ in range(2)]
         self.nodes = [PrivateKey.generate() for _ in range(2)]
@@ -89,7 +93,11 @@ class Round:
         fed = definition["federation"]
         fed.update(coordinator_node="iot-1", participant_nodes=list(keys), expected_nodes=3,
                    min_nodes_required=2, round_timeout=60)
+        if privacy is not None:
+            definition["privacy"] = privacy
         self.definition = workflow.resolve_node_names(definition, keys)
+        server_noise = (privacy or {}).get("where") == "server"
+        commitment = hashlib.sha256(self.noise_seed).hexdigest() if server_noise else None
         self.workflow_id = self.definition["workflow_id"]
         self.schedule_id = layout.schedule_id_for(self.workflow_id, 1, self.coordinator.public_key().as_hex())
         self.states: dict[str, dict[str, bytes]] = {}
@@ -101,7 +109,7 @@ class Round:
                 "register", name=f"compute-{i}", encryption_public_key="ab" * 32, cpu_cores=2 + i, memory_mb=4096))
         self.states["registered"] = copy.deepcopy(state)
         apply(state, self.coordinator, layout.FEDERATION_FAMILY,
-              federation.make_open_round_payload(self.workflow_id, 1))
+              federation.make_open_round_payload(self.workflow_id, 1, commitment))
         self.states["collecting"] = copy.deepcopy(state)
         self.states["expired"] = copy.deepcopy(state)
         set_chain_time(self.states["expired"], 1_700_000_000 + 61, block_num=6)
