@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from trustmesh.fl import privacy_block
 from trustmesh.ledger.block_cursor import BlockCursor
 from trustmesh.ledger.events import event_subscription
 from trustmesh.scheduling import events
@@ -111,7 +112,7 @@ class HistoryRecorder:
                   for name, value in evaluation["metrics"].items()}
         await self.history.save_round(workflow_id, number, schedule_id=sid, status="final", metrics=scores)
         workflow = await self.reader.workflow(workflow_id)
-        if number == workflow["definition"]["federation"]["rounds"]:
+        if number == privacy_block.planned_rounds(workflow["definition"]):  # its last round, budget permitting
             await self.history.put_final_model(workflow_id, await self._model(result), round_number=number,
                                                schedule_id=sid, metrics=scores,
                                                expected_digest=result["global_model_digest"])
