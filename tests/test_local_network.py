@@ -203,3 +203,20 @@ def test_bad_torch_threads_are_refused(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["iot-node", "--name", "x", "--data-dir", "/tmp/x"])
     assert "got 'many'" in capsys.readouterr().err
+
+
+def test_a_stopped_local_networks_endpoints_are_not_used(tmp_path, monkeypatch):
+    """After `trustmesh down` (or a crashed supervisor) network.json stays behind; a command must
+    not send its traffic to ports that may belong to anything by now."""
+    from trustmesh import endpoints
+
+    for name in endpoints.ENVIRONMENT.values():
+        monkeypatch.delenv(name, raising=False)
+    written = {"endpoints": {"validator": "tcp://127.0.0.1:1", "rest": "http://127.0.0.1:2",
+                             "redis": "redis://127.0.0.1:3/0", "couch": "http://127.0.0.1:4"}}
+    for pid, running in ((None, False), (os.getpid(), True), (2**22 + 12345, False)):
+        (tmp_path / endpoints.NETWORK_FILE).write_text(json.dumps({**written, "supervisor_pid": pid}))
+        found = endpoints.resolve(tmp_path)
+        assert (found.couch == "http://127.0.0.1:4") is running, (pid, found)
+        if not running:
+            assert found == endpoints.resolve(tmp_path / "nothing-here")  # the loopback defaults

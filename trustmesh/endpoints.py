@@ -1,5 +1,5 @@
 """Where a command finds the network: its flags, then the environment, then the local network
-that `trustmesh up` started (HOME/network.json), then loopback defaults.
+that `trustmesh up` started (HOME/network.json) while it runs, then loopback defaults.
 
     TRUSTMESH_HOME       the local network's folder (default ./.trustmesh)
     TRUSTMESH_VALIDATOR  validator component endpoint   tcp://127.0.0.1:4004
@@ -62,9 +62,26 @@ def local_network(home: str | os.PathLike | None = None) -> dict | None:
         return None
 
 
+def _running(network: dict | None) -> bool:
+    """Whether the local network that wrote `network` still runs (its supervisor is alive): a
+    stopped one's ports may belong to anything by now."""
+    pid = (network or {}).get("supervisor_pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def resolve(home: str | os.PathLike | None = None, **flags: str | None) -> Endpoints:
-    """Endpoints from flags (validator=, rest=, redis=, couch=), environment, local network, defaults."""
-    network = (local_network(home) or {}).get("endpoints", {})
+    """Endpoints from flags (validator=, rest=, redis=, couch=), environment, the local network
+    while it runs, defaults."""
+    network = local_network(home)
+    network = network.get("endpoints", {}) if _running(network) else {}
     chosen = {}
     for name, default in DEFAULTS.items():
         chosen[name] = flags.get(name) or os.environ.get(ENVIRONMENT[name]) or network.get(name) or default
