@@ -1,0 +1,62 @@
+"""A workflow definition's `secure_aggregation` block and who shares with whom in a round.
+
+    {"protocol": "secagg+", "threshold": t, "neighbours": k}
+
+Each participant's secrets are shared among its k neighbours (everybody when k >= participants - 1),
+and any t of them rebuild one. Only with train_on "iot" (the update is masked where it was
+trained, so no node but its owner ever holds it in the clear), FedAvg's sample weights (the
+masked sum is sum n_i x_i), no update checks (they would need each update in the clear), and,
+with privacy, noise added by the clients. The workflow rules and the schema read the fields
+here; the schedule rules, the nodes and the audit read `neighbours`. Pure Python (hashlib).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Mapping, Sequence
+
+from .strategies.base import Integer
+
+PROTOCOLS = ("secagg+",)
+NUMBERS = {"threshold": Integer(low=2, high=1000), "neighbours": Integer(low=2, high=1000)}
+
+
+def problem(block: Mapping, definition: Mapping) -> str | None:
+    """Why a block whose fields are each valid cannot work in this definition, or None."""
+    federation = definition.get("federation")
+    if not isinstance(federation, Mapping) or federation.get("train_on") != "iot":
+        return ('needs federation.train_on "iot": each update is masked where it was trained, so only an '
+                'IoT node that trains its own data keeps its update from every other node')
+    strategy = (definition.get("strategy") or {"name": "fedavg"}).get("name")
+    if strategy != "fedavg":
+        return f"sums the updates with FedAvg's sample weights; leave strategy out or set it to fedavg, not {strategy!r}"
+    if definition.get("update_checks"):
+        return "update_checks need each update in the clear, which secure aggregation hides; leave them out"
+    if (definition.get("privacy") or {}).get("where", "client") != "client":
+        return 'with privacy, the noise must be added by the clients (privacy.where "client"): the aggregator sees only the sum'
+    if block["neighbours"] % 2 and block["neighbours"] < len(federation.get("participant_nodes") or ()) - 1:
+        return "neighbours must be even (half on each side of a participant on the ring), or cover every other participant"
+    smallest = federation.get("min_nodes_required", 1)
+    holders = min(block["neighbours"], smallest - 1)
+    if block["threshold"] > holders:
+        return (f"threshold {block['threshold']} is more than the {holders} neighbours a participant has when a round "
+                f"goes ahead with min_nodes_required {smallest} participants; lower it or raise min_nodes_required")
+    return None
+
+
+def neighbours(schedule_id: str, nodes: Sequence[str], k: int) -> dict[str, list[str]]:
+    """node -> its k neighbours (sorted): the k/2 before and after it on a ring ordered by
+    sha256(schedule_id, node); everybody else when k >= n - 1. Symmetric."""
+    ring = sorted(set(nodes), key=lambda n: hashlib.sha256(f"{schedule_id}/{n}".encode()).digest())
+    n = len(ring)
+    if k >= n - 1:
+        return {node: sorted(x for x in ring if x != node) for node in ring}
+    if k < 2 or k % 2:
+        raise ValueError(f"neighbours must be an even number of at least 2 (or >= participants - 1); got {k}")
+    return {node: sorted({ring[(i + d) % n] for d in range(-(k // 2), k // 2 + 1) if d}) for i, node in enumerate(ring)}
+
+
+def schema() -> dict:
+    return {"type": "object", "additionalProperties": False, "required": ["protocol", *NUMBERS],
+            "properties": {"protocol": {"enum": list(PROTOCOLS)},
+                           **{name: bounds.schema() for name, bounds in NUMBERS.items()}}}
