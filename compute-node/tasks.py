@@ -29,7 +29,7 @@ from trustmesh.stores.data_bundle import open_bundle
 from trustmesh.stores.data_envelope import EnvelopeError
 from trustmesh.stores.redis_state import BlobCorrupted, BlobNotFound, BlobStore, BlobTooLarge
 
-from trustmesh.fl import dp_round, model_format, screening, server_state
+from trustmesh.fl import dp_round, model_format, screening, secagg, server_state
 from trustmesh.fl.datasets import held_out, load_npz
 from trustmesh.fl.strategies import ClientUpdate, strategy_from_spec
 from trustmesh.fl.attacks import Attack
@@ -62,6 +62,9 @@ class TaskOutcome:
     # local_train only: the global model it trained from (digest None: the initial weights) and
     # the chain records that name it; its done report carries both (lineage, schedule.py).
     starting_model: StartingModel | None = None
+    # local_train under secure aggregation: the transaction with its sealed shares, which must
+    # commit in the batch of the done report (an upload never stands without its shares)
+    before_report: tuple = ()
 
 
 class Recent(dict):
@@ -97,6 +100,9 @@ class TaskContext:
     # For tests and benchmarks of robust strategies only (fl/attacks.py): data owner -> the attack
     # this node plays with the updates it trains on that owner's data. Empty unless asked for.
     attacks: Mapping[str, Attack] = field(default_factory=dict)
+
+    # On an IoT node of a securely aggregated workflow: what masks its updates (iot-node/secure_upload.py).
+    secure: Any = None
 
     # What every task of a round reads alike (its assignments' task graph, the workflow definition,
     # the global model it starts from), kept for the last few rounds: a round runs a dozen tasks.
@@ -266,15 +272,34 @@ async def train_update(ctx, assignments, task_id, owner, data, definition) -> Ta
     if block is not None and block["where"] == "client":  # clipped and noised before it leaves the trainer
         state = dp_round.client_update(block, _or_initial(global_state, definition), state,
                                        definition["federation"]["min_nodes_required"])
-    blob = model_format.serialize(state, workflow_id=assignments["workflow_id"], round=assignments["round"],
-                                  model_spec=definition["model"])
+    before: tuple = ()
+    secure = definition.get("secure_aggregation")
+    if secure is not None:  # the update leaves only masked, whatever stores it
+        if ctx.secure is None:
+            raise TaskInputError("a securely aggregated update is masked by its data owner's IoT node; "
+                                 "this node cannot")
+        weight = secure_weight(definition, result.samples)
+        blob, shares = await ctx.secure.mask(assignments["schedule_id"], assignments["workflow_id"], secure,
+                                             state, weight)
+        before = (shares,)
+    else:
+        blob = model_format.serialize(state, workflow_id=assignments["workflow_id"], round=assignments["round"],
+                                      model_spec=definition["model"])
     digest = await ctx.blobs.put(blob)
     reported = {k: result.metrics[k] for k in REPORTED_METRICS + STRATEGY_METRICS if k in result.metrics}
     return TaskOutcome(digest, reported, compute_seconds=compute,
-                       built_on=built_on, starting_model=start)
+                       built_on=built_on, starting_model=start, before_report=before)
+
+
+def secure_weight(definition: Mapping, samples: int) -> int:
+    """What a masked update is multiplied by before the sum: its sample count (FedAvg), or 1
+    with DP, whose mean is unweighted."""
+    return 1 if definition.get("privacy") else int(samples)
 
 
 async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome:
+    if definition.get("secure_aggregation") is not None:
+        return await _secure_aggregate(ctx, assignments, task, definition)
     sid, tasks = assignments["schedule_id"], assignments["tasks"]
     trained = [dep for dep in task["fetch_dependency_outputs"] if tasks[dep]["kind"] == "local_train"]
     statuses = [await ctx.dependency_status(sid, dep) for dep in trained]
@@ -333,6 +358,47 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     return TaskOutcome(digest, metrics, round_result=result, compute_seconds=compute)
 
 
+async def _secure_aggregate(ctx, assignments, task, definition) -> TaskOutcome:
+    """The sum of the masked uploads, unmasked with the shares revealed on chain (fl/secagg.py):
+    no update is seen on its own here."""
+    sid, tasks, block = assignments["schedule_id"], assignments["tasks"], definition["secure_aggregation"]
+    trained = [dep for dep in task["fetch_dependency_outputs"] if tasks[dep]["kind"] == "local_train"]
+    statuses = [await ctx.dependency_status(sid, dep) for dep in trained]
+    owners = [tasks[dep]["data_owner"] for dep in trained]
+    blobs = await asyncio.gather(*(_blob(ctx, s["output_digest"], f"masked update {dep}")
+                                   for dep, s in zip(trained, statuses)))
+    samples = {owner: int(s["metrics"]["samples"]) for owner, s in zip(owners, statuses)}
+    participants = (await ctx.reader.round(sid))["submitted_nodes"]
+    records = {node: await ctx.reader.secagg(sid, node) or {} for node in participants}
+    started = time.perf_counter()
+    state = secagg.aggregate_round(sid, block, participants=participants, records=records,
+                                   uploads=dict(zip(owners, blobs)),
+                                   samples={n: secure_weight(definition, samples[n]) for n in owners},
+                                   template=initial_state(definition["model"], definition["hyperparameters"]["seed"]))
+    compute = time.perf_counter() - started
+    weights = secure_weights(definition, samples)
+    digest = await ctx.blobs.put(model_format.serialize(state, workflow_id=assignments["workflow_id"],
+                                                        round=assignments["round"], model_spec=definition["model"]))
+    total = sum(samples.values())
+    metrics = {name: sum(float(s["metrics"][name]) * samples[o] for o, s in zip(owners, statuses)) / total
+               for name in ("loss", "accuracy")}
+    private = None
+    if definition.get("privacy"):
+        private = dp_round.privacy_record(definition["privacy"], assignments["round"],
+                                          float(definition["privacy"]["clipping_norm"]))
+    result = {"participants": sorted(weights), "aggregation_weights": weights, "rejected": {},
+              "metrics": dict(metrics), "server_state_digest": None, "privacy": private}
+    return TaskOutcome(digest, {**metrics, "samples": total}, round_result=result, compute_seconds=compute)
+
+
+def secure_weights(definition: Mapping, samples: Mapping[str, int]) -> dict[str, float]:
+    """The round result's weights of a securely aggregated round: FedAvg's sample shares, or
+    equal ones with DP (secure_weight)."""
+    weight = {n: secure_weight(definition, s) for n, s in samples.items()}
+    total = sum(weight.values())
+    return {n: weight[n] / total for n in sorted(weight)}
+
+
 async def _noise_seed(ctx, schedule_id: str) -> bytes:
     """The round's DP noise seed, once its coordinator revealed it (after every update is in)."""
     record = await ctx.reader.noise_seed(schedule_id)
@@ -342,8 +408,14 @@ async def _noise_seed(ctx, schedule_id: str) -> bytes:
 
 
 async def aggregate_inputs_known(ctx, schedule_id: str) -> bool:
-    """Whether the round's aggregate can run: with server-side DP, once the noise seed is on chain."""
+    """Whether the round's aggregate can run: with server-side DP, once the noise seed is on chain;
+    with secure aggregation, once `threshold` shares of every participant's self-mask are."""
     definition = (await ctx.round_inputs(schedule_id))["definition"]
+    block = definition.get("secure_aggregation")
+    if block is not None:
+        participants = (await ctx.reader.round(schedule_id))["submitted_nodes"]
+        records = {node: await ctx.reader.secagg(schedule_id, node) or {} for node in participants}
+        return min(secagg.shares_revealed(participants, records).values()) >= block["threshold"]
     if (definition.get("privacy") or {}).get("where") != "server":
         return True
     return await ctx.reader.noise_seed(schedule_id) is not None

@@ -49,13 +49,18 @@ def client_update(block: Mapping, start_state: Mapping, local_state: Mapping, cl
     return state
 
 
+def privacy_record(block: Mapping, round_number: int, norm: float) -> dict:
+    """What every DP round result records: epsilon spent once it is released, and what it used."""
+    return {"epsilon": privacy_block.epsilon_after(block, round_number), "delta": block["delta"],
+            "noise_multiplier": block["noise_multiplier"], "clipping_norm": norm}
+
+
 def aggregate(block: Mapping, start_state: Mapping, updates: Sequence[ClientUpdate], *, workflow_id: str,
               round_number: int, seed: bytes | None, norm: float):
     """(global state, weights node -> 1/n, privacy record) for the round's updates."""
     nodes = sorted(u.node for u in updates)
     weights = {node: 1.0 / len(nodes) for node in nodes}
-    record = {"epsilon": privacy_block.epsilon_after(block, round_number), "delta": block["delta"],
-              "noise_multiplier": block["noise_multiplier"], "clipping_norm": norm}
+    record = privacy_record(block, round_number, norm)
     states = {u.node: u.state for u in updates}
     if block["where"] == "client":
         return privacy.uniform_mean(states), weights, record

@@ -55,6 +55,7 @@ from trustmesh.stores.redis_link import TRANSIENT, RedisLink
 from trustmesh.stores.redis_state import BlobStore, Heartbeats, client
 
 from . import commitment
+from .secure_upload import SecureAggregation
 
 LOGGER = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class IoTNode:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.rest = RestClient(self.rest_url, patience=float("inf"))  # a node waits out every outage
         self.reader = FederationReader(self.rest)
+        self.secure = SecureAggregation(self.signer, self.reader)
         self.redis = client(self.redis_url)
         self.link = RedisLink(self.redis, self.redis_url, self.name)
         await self.link.wait_up()
@@ -311,6 +313,7 @@ class IoTNode:
         trainer = LocalTrainer(self.name, self.signer, validator_url=self.validator_url, reader=self.reader,
                                blobs=self.blobs, commit=self._commit, local_data=self._local_data,
                                workflows=self._workflows, salts=self.salts)
+        trainer.context.secure = self.secure  # masks its updates where a workflow aggregates securely
         if self.attack is not None:
             trainer.context.attacks = {self.node: self.attack}
             LOGGER.warning("ATTACK (test mode): %s poisons every update it trains with %s", self.name, self.attack)
@@ -354,6 +357,10 @@ class IoTNode:
         if record is not None:
             await self._participate(definition, record)
             await self._collect_final(workflow_id, definition, index)
+            if definition.get("secure_aggregation"):  # rounds overlap: the one before may still unmask
+                for number in (latest - 1, latest):
+                    if str(number) in index["rounds"]:
+                        await self._unmask(definition, index["rounds"][str(number)])
         if latest == fed["rounds"]:
             await self._finish_if_over(workflow_id, fed, index)
 
@@ -407,7 +414,9 @@ class IoTNode:
             blob = seal_bundle(data, recipients, schedule_id=sid, sender=self.node)
             metadata = {"format": "npz-bundle-v1", "recipients": len(recipients)}
         digest = await self.blobs.put(blob)
-        txn = federation.make_submit_transaction(self.signer, sid, digest, samples, metadata)
+        txn = [federation.make_submit_transaction(self.signer, sid, digest, samples, metadata)]
+        if definition.get("secure_aggregation"):  # its keys in the batch: a submission never stands without them
+            txn.insert(0, self.secure.keys_transaction(sid, definition["workflow_id"]))
         if not await self._commit(txn, f"submit to round {record['round']}"):
             return False
         LOGGER.info("%s: submitted %d samples to round %d (%s…)", self.name, samples, record["round"], digest[:12])
@@ -558,9 +567,28 @@ class IoTNode:
     async def _once(self, key, txn, what: str) -> None:
         await _claimed(self._sent, key, lambda: self._commit(txn, what))
 
+    async def _unmask(self, definition: dict, sid: str) -> None:
+        """Reveal this node's shares of its neighbours' self-masks once every masked upload of the
+        round is fixed (every local_train done), once."""
+        if ("unmask", sid) in self._sent:
+            return
+        own = await self.reader.secagg(sid, self.node)
+        if own is None or "sealed" not in own or "revealed" in own:
+            return  # not a participant, its own upload not in yet, or revealed already
+        assignments = await self.reader.assignments(sid)
+        for task_id, task in (assignments or {}).get("tasks", {}).items():
+            if task["kind"] == "local_train":
+                status = await self.reader.task_status(sid, task_id)
+                if status is None or status["status"] != "done":
+                    return
+        txn = await self.secure.unmask_transaction(sid, definition["workflow_id"], definition["secure_aggregation"])
+        await self._once(("unmask", sid), txn, f"reveal its shares of round {assignments['round']}")
+
     async def _commit(self, txn, what: str) -> bool:
-        # sent again while the validator does not know it (a restarted one forgot it)
-        [status] = await self.rest.submit_until_final([make_batch(self.signer, [txn])], 60)
+        # sent again while the validator does not know it (a restarted one forgot it); a list of
+        # transactions goes in one batch: they commit together or not at all
+        txns = txn if isinstance(txn, list) else [txn]
+        [status] = await self.rest.submit_until_final([make_batch(self.signer, txns)], 60)
         if status["status"] == "COMMITTED":
             LOGGER.info("%s: %s", self.name, what)
             return True

@@ -49,6 +49,7 @@ TASK_STATUS = "01"          # key: schedule_id + "/" + task_id
 NODE_LOAD = "02"            # key: node public key -> queue length, done, missed (reputation)
 ROUND_RESULT = "03"         # key: schedule_id
 NOISE_SEED = "04"           # key: schedule_id -> the DP noise seed the coordinator revealed
+SECAGG = "05"               # key: schedule_id + "/" + node -> its secure-aggregation keys, shares, reveals
 
 
 def _address(ns: str, kind: str, key: str) -> str:
@@ -99,6 +100,13 @@ def round_result_address(schedule_id: str) -> str:
 
 def noise_seed_address(schedule_id: str) -> str:
     return _address(SCHEDULE_NS, NOISE_SEED, schedule_id)
+
+
+def secagg_address(schedule_id: str, node: str) -> str:
+    return _address(SCHEDULE_NS, SECAGG, f"{schedule_id}/{node}")
+
+
+SECAGG_PREFIX = SCHEDULE_NS + SECAGG  # every participant's secure-aggregation record
 
 
 def schedule_id_for(workflow_id: str, round_number: int, coordinator: str) -> str:

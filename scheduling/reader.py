@@ -47,6 +47,10 @@ class FederationReader:
         """The DP noise seed the round's coordinator revealed: {schedule_id, noise_seed, revealed_at}."""
         return await self._record(layout.noise_seed_address(schedule_id))
 
+    async def secagg(self, schedule_id: str, node: str) -> dict | None:
+        """A participant's secure-aggregation record of a round (scheduling/secagg_rules.py)."""
+        return await self._record(layout.secagg_address(schedule_id, node))
+
     async def node_load(self, node: str) -> dict | None:
         """A node's load and reputation record: queue, done, missed[, last_missed][, rejected]."""
         return await self._record(layout.node_load_address(node))

@@ -107,7 +107,7 @@ from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_transaction
 from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction, TransactionHandler
 
-from . import events, layout, peers
+from . import events, layout, peers, secagg_rules
 from .common import (
     check_fields,
     HEX64,
@@ -129,7 +129,8 @@ FAMILY_NAME = layout.SCHEDULE_FAMILY
 FAMILY_VERSION = layout.VERSION
 NAMESPACE = layout.SCHEDULE_NS
 
-ACTIONS = ("assign", "report", "reassign", "round_result", "reveal_noise")
+ACTIONS = ("assign", "report", "reassign", "round_result", "reveal_noise", "secagg_keys", "secagg_shares",
+           "secagg_unmask")
 TASK_KINDS = ("local_train", "aggregate", "evaluate", "preprocess")
 REPORT_STATUSES = ("running", "done", "failed")
 DEFAULT_DEADLINE_SECONDS = 300
@@ -160,6 +161,9 @@ _FIELDS = {
         {"task_id", "rejected", "server_state_digest", "privacy"},
     ),
     "reveal_noise": ({"schedule_id", "noise_seed"}, set()),
+    "secagg_keys": ({"schedule_id", "c_pk", "s_pk"}, set()),
+    "secagg_shares": ({"schedule_id", "self_commitment", "sealed", "digests"}, set()),
+    "secagg_unmask": ({"schedule_id", "shares"}, set()),
 }
 _RANK = {"assigned": 0, "running": 1, "done": 2, "failed": 2}
 
@@ -974,6 +978,26 @@ class ScheduleHandler(TransactionHandler):
             await self._emit_finalized(context, final)
 
 
+    async def _trains_pending(self, context, schedule_id: str, assignments: Mapping) -> list[str]:
+        """The round's local_train tasks not done yet: until there are none, updates may change."""
+        trains = [t for t, task in assignments["tasks"].items() if task["kind"] == "local_train"]
+        statuses = await self._statuses(context, schedule_id, trains)
+        return sorted(t for t in trains if statuses[t]["status"] != "done")
+
+    # -- secure aggregation (secagg_rules.py) -----------------------------------------------
+
+    async def _secagg_keys(self, body: dict, signer: str, context) -> None:
+        await secagg_rules.keys(body, signer, context, _schedule_id(body))
+
+    async def _secagg_shares(self, body: dict, signer: str, context) -> None:
+        await secagg_rules.shares(body, signer, context, _schedule_id(body))
+
+    async def _secagg_unmask(self, body: dict, signer: str, context) -> None:
+        schedule_id = _schedule_id(body)
+        assignments = await self._assignments(context, schedule_id)
+        done = not await self._trains_pending(context, schedule_id, assignments)
+        await secagg_rules.unmask(body, signer, context, schedule_id, done)
+
     # -- reveal_noise ----------------------------------------------------------------------
 
     async def _reveal_noise(self, body: dict, signer: str, context) -> None:
@@ -995,9 +1019,7 @@ class ScheduleHandler(TransactionHandler):
         if await read_record(context, layout.noise_seed_address(schedule_id)) is not None:
             raise InvalidTransaction(f"the noise seed of round {schedule_id!r} is already revealed")
         assignments = await self._assignments(context, schedule_id)
-        trains = [t for t, task in assignments["tasks"].items() if task["kind"] == "local_train"]
-        statuses = await self._statuses(context, schedule_id, trains)
-        pending = sorted(t for t in trains if statuses[t]["status"] != "done")
+        pending = await self._trains_pending(context, schedule_id, assignments)
         if pending:
             raise InvalidTransaction(
                 f"the noise seed is revealed once every update is fixed; local_train task(s) "
@@ -1083,6 +1105,34 @@ def round_result_payload(schedule_id: str, global_model_digest: str, participant
         "metrics": dict(metrics), "task_id": task_id, "rejected": dict(rejected) if rejected else None,
         "server_state_digest": server_state_digest, "privacy": dict(privacy) if privacy else None,
     })
+
+
+def _secagg_transaction(signer, action: str, schedule_id: str, workflow_id: str, fields: Mapping, *, writes: bool,
+                        **kwargs):
+    """Reads the round, the workflow, every participant's secagg record, assignments and task
+    statuses; writes the signer's own secagg record."""
+    own = layout.secagg_address(schedule_id, signer.public_key().as_hex())
+    inputs = [layout.round_address(schedule_id), layout.workflow_address(workflow_id), layout.SECAGG_PREFIX,
+              layout.assignments_address(schedule_id), TASK_STATUS_PREFIX]
+    return _transaction(signer, _encode(action, {"schedule_id": schedule_id, **fields}), inputs,
+                        [own] if writes else [], **kwargs)
+
+
+def make_secagg_keys_transaction(signer, schedule_id: str, workflow_id: str, c_pk: str, s_pk: str, **kwargs):
+    return _secagg_transaction(signer, "secagg_keys", schedule_id, workflow_id, {"c_pk": c_pk, "s_pk": s_pk},
+                               writes=True, **kwargs)
+
+
+def make_secagg_shares_transaction(signer, schedule_id: str, workflow_id: str, self_commitment: str,
+                                   sealed: Mapping, digests: Mapping, **kwargs):
+    return _secagg_transaction(signer, "secagg_shares", schedule_id, workflow_id,
+                               {"self_commitment": self_commitment, "sealed": dict(sealed), "digests": dict(digests)},
+                               writes=True, **kwargs)
+
+
+def make_secagg_unmask_transaction(signer, schedule_id: str, workflow_id: str, shares: Mapping, **kwargs):
+    return _secagg_transaction(signer, "secagg_unmask", schedule_id, workflow_id, {"shares": dict(shares)},
+                               writes=True, **kwargs)
 
 
 def reveal_noise_payload(schedule_id: str, noise_seed: str) -> bytes:

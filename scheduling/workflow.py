@@ -69,7 +69,7 @@ import re
 from importlib import resources
 from typing import Any, Callable, Mapping
 
-from trustmesh.fl import privacy_block, screening
+from trustmesh.fl import privacy_block, screening, secagg_block
 from trustmesh.fl import strategies as strategy_registry
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_transaction
@@ -365,6 +365,17 @@ def _check_privacy(block: Any, path: str, definition: Mapping) -> None:
         raise DefinitionError(f"{path}: {problem}")
 
 
+def _check_secure_aggregation(block: Any, path: str, definition: Mapping) -> None:
+    """fl/secagg_block.py: protocol, threshold, neighbours, then the rules across the definition."""
+    if not isinstance(block, dict):
+        raise DefinitionError(f"{path} must be a map, got {_type_name(block)}")
+    _check_parameters(block, path, secagg_block.NUMBERS, ("protocol",))
+    _choice(block["protocol"], f"{path}.protocol", secagg_block.PROTOCOLS)
+    problem = secagg_block.problem(block, definition)
+    if problem is not None:
+        raise DefinitionError(f"{path}: {problem}")
+
+
 def _check_parameters(value: Any, path: str, parameters: Mapping, also: tuple[str, ...]) -> None:
     """A map of `parameters` (name -> Number or Integer bounds, from the registry that owns them):
     with `also` (checked by the caller), required ones when `also` names a choice, else optional."""
@@ -443,7 +454,7 @@ def validate_definition(definition: Any, *, allow_node_names: bool = False) -> d
     """
     root = _ROOT
     _fields(definition, root, ("workflow_id", "name", "tasks", "model", "hyperparameters", "data"),
-            ("description", "strategy", "update_checks", "privacy", "federation"))
+            ("description", "strategy", "update_checks", "privacy", "secure_aggregation", "federation"))
     _identifier(definition["workflow_id"], f"{root}.workflow_id")
     _str(definition["name"], f"{root}.name", MAX_NAME)
     if "description" in definition:
@@ -466,6 +477,8 @@ def validate_definition(definition: Any, *, allow_node_names: bool = False) -> d
     _check_shape(definition, tasks, federated)
     if "privacy" in definition:
         _check_privacy(definition["privacy"], f"{root}.privacy", definition)
+    if "secure_aggregation" in definition:
+        _check_secure_aggregation(definition["secure_aggregation"], f"{root}.secure_aggregation", definition)
     return definition
 
 
@@ -565,6 +578,7 @@ def load_schema() -> dict:
     schema = json.loads(resources.files(__package__).joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
     schema["$defs"]["strategy"] = strategy_registry.schema_of_strategies()
     schema["$defs"]["privacy"] = privacy_block.schema()
+    schema["$defs"]["secure_aggregation"] = secagg_block.schema()
     schema["$defs"]["update_checks"] = {
         "type": "object", "additionalProperties": False,
         "properties": {name: bounds.schema() for name, bounds in screening.PARAMETERS.items()}}

@@ -25,6 +25,7 @@ from trustmesh.stores.redis_state import BlobStore, FederationCache, connect
 from helpers.family_scenario import _WORKFLOWS
 from helpers.federation_run import (finals_recorded, start_compute_nodes, start_iot_nodes, stores,  # noqa: F401
                                     until_every_round_is_final, until_history_is_recorded)
+from helpers.federation_run import scan_stores as _scan_for_canary  # noqa: F401  (test_iot_training uses it)
 from helpers.federation_run import until as _until
 
 ROUNDS = 2
@@ -171,32 +172,3 @@ async def _check_every_digest(client, definition, couch_url, redis_url) -> None:
         await redis.aclose()
 
 
-async def _scan_for_canary(client, canary, couch_url, redis_url) -> None:
-    async for address, value in client.list_state():
-        assert not canary.found_in(value), f"raw data in chain state at {address}"
-    redis = await connect(redis_url)
-    try:
-        async for key in redis.scan_iter(count=500):
-            kind = (await redis.type(key)).decode()
-            if kind == "string":
-                values = [await redis.get(key)]
-            elif kind == "list":
-                values = await redis.lrange(key, 0, -1)
-            elif kind == "hash":
-                values = list((await redis.hgetall(key)).values())
-            elif kind == "stream":
-                values = [v for _, fields in await redis.xrange(key) for v in fields.values()]
-            else:
-                values = [m for m in await redis.zrange(key, 0, -1)] if kind == "zset" else []
-            for value in values:
-                assert not canary.found_in(value), f"raw data in Redis key {key!r}"
-    finally:
-        await redis.aclose()
-    async with CouchClient(couch_url) as couch:
-        _, databases = await couch._request("GET", "/_all_dbs", retry=True)
-        for db in databases:
-            for doc in await couch.all_docs(db):
-                assert not canary.found_in(repr(doc).encode()), f"raw data in CouchDB {db}/{doc.get('_id')}"
-                for name in (doc.get("_attachments") or {}):
-                    data = await couch.get_attachment(db, doc["_id"], name)
-                    assert not canary.found_in(data), f"raw data in CouchDB attachment {doc['_id']}/{name}"

@@ -469,7 +469,7 @@ def _private_aggregation(audit: RoundAudit, kept: Sequence[ClientUpdate], screen
                          noise_seed: bytes | None, clipping_norm: float | None):
     """DP-FedAvg redone (fl/dp_round.py): the weights (1/n), the rejections, the privacy record
     (epsilon by the same accountant, within privacy.EPSILON_RTOL) and the noisy state, or None."""
-    from trustmesh.fl import dp_round, privacy
+    from trustmesh.fl import dp_round
 
     if start_state is None or clipping_norm is None or (block["where"] == "server" and noise_seed is None):
         audit.fail("the DP aggregation cannot be redone: the starting model, the clipping norm or the revealed "
@@ -490,8 +490,7 @@ def _private_aggregation(audit: RoundAudit, kept: Sequence[ClientUpdate], screen
                                         "updates kept")
     claimed = dict(result.get("privacy") or {})
     differ = [f"{key} {claimed.get(key)!r} on chain, {value!r} recomputed" for key, value in record.items()
-              if not (privacy.same_epsilon(claimed.get(key, -1.0), value) if key == "epsilon"
-                      else claimed.get(key) == value)]
+              if not privacy_same(key, claimed.get(key), value)]
     differ += [f"{key} {claimed[key]!r} on chain, none recomputed" for key in claimed if key not in record]
     audit.check(not differ, f"privacy record on chain is not what this round spent and used: {'; '.join(differ)}")
     return state
@@ -520,6 +519,9 @@ async def _recompute_aggregation(audit: RoundAudit, wf: _Workflow, rnd: _Round) 
     from trustmesh.fl import model_format
     from trustmesh.fl.strategies import ClientUpdate
 
+    if rnd.definition.get("secure_aggregation") is not None:
+        await _recompute_secure_aggregation(audit, wf, rnd)
+        return
     spec, updates = rnd.definition["model"], []
     for dep in rnd.aggregated():
         owner, status = rnd.tasks[dep].get("data_owner"), rnd.statuses.get(dep) or {}
@@ -553,6 +555,56 @@ async def _recompute_aggregation(audit: RoundAudit, wf: _Workflow, rnd: _Round) 
     check_aggregation(audit, updates, strategy_spec, rnd.result, workflow_id=wf.workflow_id, model_spec=spec,
                       update_checks=checks, start_state=start, data_spec=rnd.definition.get("data"),
                       server_state=previous, **private)
+
+
+async def _recompute_secure_aggregation(audit: RoundAudit, wf: _Workflow, rnd: _Round) -> None:
+    """The masked uploads (verified bytes) summed and unmasked with the shares revealed on chain,
+    as compute-node/tasks.py `_secure_aggregate` did: the weights and the global model's digest
+    must come out as recorded, and no update is ever seen on its own here either."""
+    from trustmesh.compute_node.tasks import secure_weight, secure_weights
+    from trustmesh.fl import dp_round, secagg
+    from trustmesh.fl.training import initial_state
+
+    definition, sid = rnd.definition, rnd.record["schedule_id"]
+    uploads, samples = {}, {}
+    for dep in rnd.aggregated():
+        owner, status = rnd.tasks[dep].get("data_owner"), rnd.statuses.get(dep) or {}
+        blob = rnd.verified.get(status.get("output_digest"))
+        if blob is None:
+            audit.fail(f"secure aggregation not recomputed: the masked update of node {_short(owner)} is not "
+                       f"available intact")
+            return
+        uploads[owner], samples[owner] = blob, int((status.get("metrics") or {}).get("samples", 0))
+    participants = rnd.record.get("submitted_nodes") or []
+    records = {node: await wf.reader.secagg(sid, node) or {} for node in participants}
+    try:
+        state = secagg.aggregate_round(sid, definition["secure_aggregation"], participants=participants,
+                                       records=records, uploads=uploads,
+                                       samples={n: secure_weight(definition, s) for n, s in samples.items()},
+                                       template=initial_state(definition["model"], definition["hyperparameters"]["seed"]))
+    except ValueError as exc:
+        audit.fail(f"secure aggregation cannot be redone from the chain: {exc}")
+        return
+    audit.check(rnd.result.get("aggregation_weights") == secure_weights(definition, samples),
+                "aggregation weights on chain are not the ones secure aggregation summed with")
+    if definition.get("privacy"):
+        expected = dp_round.privacy_record(definition["privacy"], audit.number,
+                                           float(definition["privacy"]["clipping_norm"]))
+        claimed = rnd.result.get("privacy") or {}
+        audit.check(set(claimed) == set(expected) and all(
+            privacy_same(k, claimed[k], v) for k, v in expected.items()),
+            f"privacy record on chain is not what this round spent and used: {claimed} vs {expected}")
+    _check_global_model(audit, state, rnd.result, wf.workflow_id, definition["model"])
+
+
+def privacy_same(key: str, claimed: Any, recomputed: Any) -> bool:
+    """A recorded privacy value against the recomputed one: epsilon within the accountant's
+    tolerance (privacy.same_epsilon), everything else exactly."""
+    from trustmesh.fl import privacy
+
+    if key == "epsilon":
+        return isinstance(claimed, (int, float)) and privacy.same_epsilon(claimed, recomputed)
+    return claimed == recomputed
 
 
 async def _noise_seed(audit: RoundAudit, wf: _Workflow, rnd: _Round) -> bytes | None:

@@ -19,6 +19,8 @@ from trustmesh.ledger.signing import load_or_create_key
 from trustmesh.scheduling import workflow
 from trustmesh.scheduling.handlers import federation_handlers
 from trustmesh.scheduling.reader import FederationReader
+from trustmesh.stores.couch import CouchClient
+from trustmesh.stores.redis_state import connect
 from trustmesh.stores.servers import CouchServer, RedisServer
 
 
@@ -125,3 +127,36 @@ def federate(devnet, stores, tmp_path, workflow_id: str, *, rounds: int = 2, att
     for result in results:
         assert set(result["aggregation_weights"]) == set(keys.values())
     return attacker, results, loads, extra
+
+
+async def scan_stores(client, canary, couch_url, redis_url) -> None:
+    """Every value in chain state, Redis and CouchDB (documents and attachments): canary.found_in
+    must find nothing in any."""
+    async for address, value in client.list_state():
+        assert not canary.found_in(value), f"raw data in chain state at {address}"
+    redis = await connect(redis_url)
+    try:
+        async for key in redis.scan_iter(count=500):
+            kind = (await redis.type(key)).decode()
+            if kind == "string":
+                values = [await redis.get(key)]
+            elif kind == "list":
+                values = await redis.lrange(key, 0, -1)
+            elif kind == "hash":
+                values = list((await redis.hgetall(key)).values())
+            elif kind == "stream":
+                values = [v for _, fields in await redis.xrange(key) for v in fields.values()]
+            else:
+                values = [m for m in await redis.zrange(key, 0, -1)] if kind == "zset" else []
+            for value in values:
+                assert not canary.found_in(value), f"raw data in Redis key {key!r}"
+    finally:
+        await redis.aclose()
+    async with CouchClient(couch_url) as couch:
+        _, databases = await couch._request("GET", "/_all_dbs", retry=True)
+        for db in databases:
+            for doc in await couch.all_docs(db):
+                assert not canary.found_in(repr(doc).encode()), f"raw data in CouchDB {db}/{doc.get('_id')}"
+                for name in (doc.get("_attachments") or {}):
+                    data = await couch.get_attachment(db, doc["_id"], name)
+                    assert not canary.found_in(data), f"raw data in CouchDB attachment {doc['_id']}/{name}"

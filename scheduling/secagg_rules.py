@@ -1,0 +1,128 @@
+"""trustmesh-schedule's secure-aggregation actions (fl/secagg.py is the protocol, fl/secagg_block.py
+the workflow block). Each participant writes only its own record,
+
+    secagg_address(sid, node)  {schedule_id, node, c_pk, s_pk
+                                [, self_commitment, sealed: {holder: {b, s}}, digests: {holder: {b, s}}]
+                                [, revealed: {sender: share}]}
+
+    secagg_keys    {schedule_id, c_pk, s_pk}            its two X25519 public keys, while the round
+                                                        collects (sent in the batch of its submit)
+    secagg_shares  {schedule_id, self_commitment, sealed, digests}
+                                                        once the round is ready: its Shamir shares
+                                                        of b and s_sk sealed for exactly its
+                                                        neighbours, their sha256, and sha256(b)
+    secagg_unmask  {schedule_id, shares: {sender: share}}
+                                                        once every local_train of the round is done
+                                                        (every masked upload fixed): for each
+                                                        neighbour, the b share it sealed for the
+                                                        signer, which must hash to what that
+                                                        neighbour published; a wrong one is refused,
+                                                        naming the signer
+
+Reads: the round record (who submitted), the workflow (the block), task statuses, the records of
+the round's participants (the secagg prefix). Pure apart from the reads and writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Mapping
+
+from trustmesh.fl import secagg_block
+from trustmesh.ledger.processor import InvalidTransaction
+
+from . import layout
+from .common import HEX64, read_record, read_records, require, require_match, shown, write_records
+
+X25519_HEX = HEX64  # a raw X25519 public key: 32 bytes
+SEALED = re.compile(r"\A[0-9a-f]{98}\Z")   # AES-GCM of a 33-byte share: 49 bytes
+SHARE = re.compile(r"\A[0-9a-f]{66}\Z")    # holder index + two 16-byte halves
+KINDS = ("b", "s")
+
+
+async def _round(context, schedule_id: str) -> tuple[dict, dict]:
+    """(round record, secure_aggregation block) or InvalidTransaction."""
+    record = await read_record(context, layout.round_address(schedule_id))
+    if record is None:
+        raise InvalidTransaction(f"no round with schedule id {schedule_id!r} on chain")
+    workflow = await read_record(context, layout.workflow_address(record["workflow_id"])) or {}
+    block = (workflow.get("definition") or {}).get("secure_aggregation")
+    if block is None:
+        raise InvalidTransaction(f"workflow {record['workflow_id']!r} does not aggregate securely; it takes no "
+                                 f"secure-aggregation messages")
+    return record, block
+
+
+async def keys(body: Mapping, signer: str, context, schedule_id: str) -> None:
+    record, _ = await _round(context, schedule_id)
+    c_pk = require_match(body, "c_pk", X25519_HEX, "an X25519 public key (64 lowercase hex)")
+    s_pk = require_match(body, "s_pk", X25519_HEX, "an X25519 public key (64 lowercase hex)")
+    if signer not in record["expected_nodes"]:
+        raise InvalidTransaction(f"node {signer} is not a participant of round {schedule_id!r}")
+    if record["status"] != "collecting":
+        raise InvalidTransaction(f"round {schedule_id!r} is {record['status']}: keys are advertised while it "
+                                 f"collects, with the submission")
+    address = layout.secagg_address(schedule_id, signer)
+    if await read_record(context, address) is not None:
+        raise InvalidTransaction(f"node {signer} already advertised its keys for round {schedule_id!r}")
+    await write_records(context, {address: {"schedule_id": schedule_id, "node": signer, "c_pk": c_pk, "s_pk": s_pk}})
+
+
+async def shares(body: Mapping, signer: str, context, schedule_id: str) -> None:
+    record, block = await _round(context, schedule_id)
+    if record["status"] != "ready":
+        raise InvalidTransaction(f"round {schedule_id!r} is {record['status']}: shares go out once it is ready "
+                                 f"(its participants fixed)")
+    if signer not in record["submitted_nodes"]:
+        raise InvalidTransaction(f"node {signer} did not submit to round {schedule_id!r}")
+    address = layout.secagg_address(schedule_id, signer)
+    own = await read_record(context, address)
+    if own is None:
+        raise InvalidTransaction(f"node {signer} advertised no keys for round {schedule_id!r}")
+    if "sealed" in own:
+        raise InvalidTransaction(f"node {signer} already sent its shares for round {schedule_id!r}")
+    holders = secagg_block.neighbours(schedule_id, record["submitted_nodes"], block["neighbours"])[signer]
+    commitment = require_match(body, "self_commitment", HEX64, "sha256 of its self-mask seed (64 lowercase hex)")
+    sealed, digests = require(body, "sealed", dict), require(body, "digests", dict)
+    for name, value, pattern in (("sealed", sealed, SEALED), ("digests", digests, HEX64)):
+        if sorted(value) != holders:
+            raise InvalidTransaction(f"payload field {name!r} must name exactly the signer's {len(holders)} "
+                                     f"neighbours in round {schedule_id!r}")
+        for holder, pair in value.items():
+            if not isinstance(pair, dict) or sorted(pair) != list(KINDS) or not all(
+                    isinstance(pair[k], str) and pattern.match(pair[k]) for k in KINDS):
+                raise InvalidTransaction(f"payload field {name!r}: the entry for {holder} must be {{b, s}} of "
+                                         f"{'sealed shares' if name == 'sealed' else 'sha256 digests'}; got {shown(pair)}")
+    await write_records(context, {address: {**own, "self_commitment": commitment, "sealed": dict(sealed),
+                                            "digests": dict(digests)}})
+
+
+async def unmask(body: Mapping, signer: str, context, schedule_id: str, statuses_done: bool) -> None:
+    record, block = await _round(context, schedule_id)
+    if signer not in record["submitted_nodes"]:
+        raise InvalidTransaction(f"node {signer} did not submit to round {schedule_id!r}")
+    if not statuses_done:
+        raise InvalidTransaction(f"shares are revealed once every masked upload of round {schedule_id!r} is "
+                                 f"fixed (every local_train done); not yet")
+    revealed = require(body, "shares", dict)
+    graph = secagg_block.neighbours(schedule_id, record["submitted_nodes"], block["neighbours"])
+    address = layout.secagg_address(schedule_id, signer)
+    own = await read_record(context, address)
+    if own is None or "revealed" in own:
+        raise InvalidTransaction(f"node {signer} has no record to reveal into in round {schedule_id!r}, or "
+                                 f"revealed its shares already")
+    senders = {layout.secagg_address(schedule_id, s): s for s in revealed if s in graph.get(signer, ())}
+    if len(senders) != len(revealed):
+        raise InvalidTransaction(f"payload field 'shares' names nodes that are not {signer}'s neighbours in "
+                                 f"round {schedule_id!r}")
+    found = await read_records(context, list(senders))
+    for sender_address, sender in senders.items():
+        share = revealed[sender]
+        published = ((found.get(sender_address) or {}).get("digests") or {}).get(signer, {}).get("b")
+        if not isinstance(share, str) or not SHARE.match(share):
+            raise InvalidTransaction(f"the share of {sender}'s secret must be 66 lowercase hex; got {shown(share)}")
+        if published is None or hashlib.sha256(bytes.fromhex(share)).hexdigest() != published:
+            raise InvalidTransaction(f"node {signer} revealed a share of {sender}'s self-mask that is not the one "
+                                     f"{sender} gave it (its sha256 differs from the published digest)")
+    await write_records(context, {address: {**own, "revealed": dict(revealed)}})
