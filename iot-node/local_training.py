@@ -102,6 +102,9 @@ class LocalTrainer:
         self._state = asyncio.Lock()     # events and re-checks change `pending` one at a time
         self._training = asyncio.Lock()  # one training at a time: an IoT node is small
         self._tasks: list[asyncio.Task] = []
+        # called (in the background) with the schedule id whenever any local_train of a round is done
+        self.on_update_done: Callable[[str], Awaitable[None]] | None = None
+        self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         # Subscribed before chain state is read: whatever commits after the read is in the queue.
@@ -112,7 +115,7 @@ class LocalTrainer:
 
     async def stop(self) -> None:
         runners = [p.runner for p in self.pending.values() if p.runner is not None]
-        await cancel_and_wait([*self._tasks, *runners])
+        await cancel_and_wait([*self._tasks, *runners, *self._background])
         await self.subscriber.close()
 
     # -- following the chain ---------------------------------------------------------------------
@@ -174,6 +177,9 @@ class LocalTrainer:
                 await self._track(attrs["schedule_id"], attrs["task_id"], int(attrs["attempt"]),
                                   fresh=event_type == events.TASK_ASSIGNED)
         elif event_type == events.TASK_DONE:
+            if attrs.get("kind") == "local_train" and self.on_update_done is not None:
+                # a round's last upload may have come: secure aggregation's unmask step looks now
+                self._spawn(self.on_update_done(attrs["schedule_id"]))
             for pending in list(self.pending.values()):
                 if pending.schedule_id == attrs["schedule_id"] and attrs["task_id"] in pending.waiting_for:
                     pending.waiting_for.discard(attrs["task_id"])
@@ -183,6 +189,18 @@ class LocalTrainer:
                 if (pending.workflow_id == attrs["workflow_id"] and pending.round > int(attrs["round"])
                         and not pending.model_ready):
                     await self._maybe_start(pending)
+
+    def _spawn(self, work) -> None:
+        """Run `work` beside the event loop of this runner; a failure is logged, not raised."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+
+        def done(finished: asyncio.Task) -> None:
+            self._background.discard(finished)
+            if not finished.cancelled() and finished.exception() is not None:
+                LOGGER.warning("%s: %s", self.name, finished.exception())
+
+        task.add_done_callback(done)
 
     async def _recheck(self) -> None:
         while True:

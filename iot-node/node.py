@@ -314,6 +314,7 @@ class IoTNode:
                                blobs=self.blobs, commit=self._commit, local_data=self._local_data,
                                workflows=self._workflows, salts=self.salts)
         trainer.context.secure = self.secure  # masks its updates where a workflow aggregates securely
+        trainer.on_update_done = self._unmask_round
         if self.attack is not None:
             trainer.context.attacks = {self.node: self.attack}
             LOGGER.warning("ATTACK (test mode): %s poisons every update it trains with %s", self.name, self.attack)
@@ -566,6 +567,12 @@ class IoTNode:
 
     async def _once(self, key, txn, what: str) -> None:
         await _claimed(self._sent, key, lambda: self._commit(txn, what))
+
+    async def _unmask_round(self, sid: str) -> None:
+        """After a local_train of round `sid` is done: the unmask step, if the round aggregates securely."""
+        definition = (await self.trainer.context.round_inputs(sid))["definition"]
+        if definition.get("secure_aggregation"):
+            await self._unmask(definition, sid)
 
     async def _unmask(self, definition: dict, sid: str) -> None:
         """Reveal this node's shares of its neighbours' self-masks once every masked upload of the
