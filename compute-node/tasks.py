@@ -407,13 +407,17 @@ async def _noise_seed(ctx, schedule_id: str) -> bytes:
     return bytes.fromhex(record["noise_seed"])
 
 
-async def aggregate_inputs_known(ctx, schedule_id: str) -> bool:
+async def aggregate_inputs_known(ctx, schedule_id: str) -> bool | None:
     """Whether the round's aggregate can run: with server-side DP, once the noise seed is on chain;
-    with secure aggregation, once `threshold` shares of every participant's self-mask are."""
+    with secure aggregation, once `threshold` shares of every participant's self-mask are (None:
+    never, the round ended as timeout)."""
     definition = (await ctx.round_inputs(schedule_id))["definition"]
     block = definition.get("secure_aggregation")
     if block is not None:
-        participants = (await ctx.reader.round(schedule_id))["submitted_nodes"]
+        round_ = await ctx.reader.round(schedule_id)
+        if round_["status"] == "timeout":
+            return None  # its unmask step stalled and the round ended: never
+        participants = round_["submitted_nodes"]
         records = {node: await ctx.reader.secagg(schedule_id, node) or {} for node in participants}
         return min(secagg.shares_revealed(participants, records).values()) >= block["threshold"]
     if (definition.get("privacy") or {}).get("where") != "server":

@@ -475,6 +475,8 @@ class IoTNode:
             return
         if record.get("noise_commitment"):
             await self._reveal_noise(sid, record["round"], assignments)
+        if (self._definitions.get(workflow_id) or {}).get("secure_aggregation"):
+            await self._close_if_unmask_stalled(workflow_id, record, assignments)
         now = time.time()
         deadline_seconds = assignments.get("deadline_seconds") or 300
         grace = 2 * deadline_seconds
@@ -567,6 +569,25 @@ class IoTNode:
 
     async def _once(self, key, txn, what: str) -> None:
         await _claimed(self._sent, key, lambda: self._commit(txn, what))
+
+    async def _close_if_unmask_stalled(self, workflow_id: str, record: dict, assignments: dict) -> None:
+        """A securely aggregated round whose uploads are all in but whose unmask step has stayed
+        below the threshold for round_timeout seconds ends as timeout (the rule says why)."""
+        sid, last = record["schedule_id"], 0.0
+        for task_id, task in assignments["tasks"].items():
+            if task["kind"] not in ("local_train", "aggregate"):
+                continue
+            status = await self.reader.task_status(sid, task_id)
+            done = status is not None and status["status"] == "done"
+            if task["kind"] == "aggregate" and done:
+                return  # aggregated: nothing stalled
+            if task["kind"] == "local_train":
+                if not done:
+                    return  # still waiting for uploads, which the deadlines take care of
+                last = max(last, max(e["at"] for e in status["history"] if e["status"] == "done"))
+        if time.time() >= last + record["round_timeout"]:
+            await self._once(("close-stalled", sid, int(time.time()) // 10), federation.make_close_round_transaction(
+                self.signer, sid, secure_workflow=workflow_id), f"end round {record['round']}: its unmask step stalled")
 
     async def _unmask_round(self, sid: str) -> None:
         """After a local_train of round `sid` is done: the unmask step, if the round aggregates securely."""

@@ -45,7 +45,7 @@ ATTRIBUTES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     SUBMISSION_ACCEPTED: (("schedule_id", "workflow_id", "round", "node", "digest", "samples", "metadata",
                            "position"), ()),
     ROUND_READY: ((*_FINISHED, "reason"), ()),
-    ROUND_TIMEOUT: ((*_FINISHED, "min_nodes_required"), ()),
+    ROUND_TIMEOUT: ((*_FINISHED, "min_nodes_required"), ("reason",)),
     TASK_ASSIGNED: ((*_TASK, "workflow_id"), ()),
     ROUND_SCHEDULED: (("schedule_id", "workflow_id", "round", "tasks", "nodes"), ()),
     TASK_RUNNING: (_TASK, ()),

@@ -4,7 +4,11 @@ Actions (canonical CBOR map {"action", ...}; unknown fields are refused):
 
     open_round   {workflow_id, round[, noise_commitment]}    signer: the workflow's coordinator_node
     submit       {schedule_id, digest, samples[, metadata]}  signer: one of the round's expected nodes
-    close_round  {schedule_id}                               signer: anyone, once the round timed out
+    close_round  {schedule_id}                               signer: anyone, once the round timed out;
+                                                             or a ready, securely aggregated round whose
+                                                             unmask step stalled below its threshold
+                                                             (secagg_rules.unmask_stalled): timeout, with
+                                                             the reason in the record and the event
 
 Rounds of a workflow are numbered 1, 2, ... up to its federation `rounds`, or fewer when its
 privacy budget allows fewer (fl/privacy_block.planned_rounds: a round whose epsilon would pass
@@ -25,7 +29,7 @@ State:
          expected_nodes: [keys], min_nodes_required, round_timeout, round_start,
          status: "collecting" | "ready" | "timeout",
          submissions: {node key: {digest, samples, metadata}},
-         submitted_nodes: [keys in arrival order][, noise_commitment]}
+         submitted_nodes: [keys in arrival order][, noise_commitment][, reason]}
     workflow_rounds_address(workflow_id)
         {rounds: {"1": schedule_id, ...}, latest: int}
 
@@ -61,7 +65,7 @@ from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction, T
 
 from trustmesh.fl import privacy_block
 
-from . import events, layout
+from . import events, layout, secagg_rules
 from .common import (
     check_fields,
     HEX64,
@@ -390,9 +394,16 @@ class FederationHandler(TransactionHandler):
         schedule_id = require_match(body, "schedule_id", HEX64, "a schedule_id (64 lowercase hex)")
         record = await _read_round(context, schedule_id)
         where = f"round {record['round']} of workflow {record['workflow_id']!r} ({schedule_id})"
+        now = await chain_time(context)
+        if record["status"] == READY and await _aggregates_securely(context, record):
+            # its unmask step stalled below the threshold: it ends as timeout, saying why
+            reason = await secagg_rules.unmask_stalled(context, record, now)
+            record = {**record, "status": TIMEOUT, "reason": reason}
+            await write_records(context, {layout.round_address(schedule_id): record})
+            await _emit_finished(context, record, reason=reason)
+            return
         if record["status"] != COLLECTING:
             raise InvalidTransaction(f"{where} is already {record['status']}; only a collecting round can be closed")
-        now = await chain_time(context)
         deadline = record["round_start"] + record["round_timeout"]
         if now < deadline:
             raise InvalidTransaction(
@@ -404,6 +415,15 @@ class FederationHandler(TransactionHandler):
         record = {**record, "status": READY if enough else TIMEOUT}
         await write_records(context, {layout.round_address(schedule_id): record})
         await _emit_finished(context, record, reason="closed")
+
+
+async def _aggregates_securely(context, record: Mapping) -> bool:
+    try:
+        workflow = await read_records(context, [layout.workflow_address(record["workflow_id"])])
+    except AuthorizationError:
+        return False  # a plain close_round does not list the workflow: not a secure round's close
+    stored = workflow.get(layout.workflow_address(record["workflow_id"])) or {}
+    return "secure_aggregation" in (stored.get("definition") or {})
 
 
 async def _read_round(context, schedule_id: str) -> dict:
@@ -425,7 +445,8 @@ async def _emit_finished(context, record: dict, *, reason: str) -> None:
     if record["status"] == READY:
         await emit(context, EVENT_ROUND_READY, reason=reason, **common)
     else:
-        await emit(context, EVENT_ROUND_TIMEOUT, min_nodes_required=record["min_nodes_required"], **common)
+        await emit(context, EVENT_ROUND_TIMEOUT, min_nodes_required=record["min_nodes_required"], **common,
+                   **({"reason": record["reason"]} if "reason" in record else {}))
 
 
 # --------------------------------------------------------------------------- readers
@@ -503,8 +524,14 @@ def make_submit_transaction(signer, schedule_id: str, digest: str, samples: int,
                             [address, layout.BLOCK_INFO_NS], [address], **kwargs)
 
 
-def make_close_round_transaction(signer, schedule_id: str, **kwargs):
-    """Close a round whose timeout passed (any signer): ready with enough submissions, else timeout."""
+def make_close_round_transaction(signer, schedule_id: str, *, secure_workflow: str | None = None, **kwargs):
+    """Close a round whose timeout passed (any signer): ready with enough submissions, else timeout.
+    secure_workflow: the workflow of a ready, securely aggregated round whose unmask step stalled
+    (its reads: the workflow, the round's assignments, task statuses and secagg records)."""
     address = layout.round_address(schedule_id)
+    inputs = [address, layout.BLOCK_INFO_NS]
+    if secure_workflow is not None:
+        inputs += [layout.workflow_address(secure_workflow), layout.assignments_address(schedule_id),
+                   layout.SCHEDULE_NS + layout.TASK_STATUS, layout.SECAGG_PREFIX]
     return make_transaction(signer, FAMILY_NAME, FAMILY_VERSION, make_close_round_payload(schedule_id),
-                            [address, layout.BLOCK_INFO_NS], [address], **kwargs)
+                            inputs, [address], **kwargs)

@@ -126,3 +126,41 @@ async def unmask(body: Mapping, signer: str, context, schedule_id: str, statuses
             raise InvalidTransaction(f"node {signer} revealed a share of {sender}'s self-mask that is not the one "
                                      f"{sender} gave it (its sha256 differs from the published digest)")
     await write_records(context, {address: {**own, "revealed": dict(revealed)}})
+
+
+async def unmask_stalled(context, record: Mapping, now: int) -> str:
+    """Why a ready, securely aggregated round may end as timeout (trustmesh-federation close_round):
+    every upload is in, round_timeout seconds passed since the last one, and some participant's
+    self-mask still has fewer than `threshold` shares revealed. Else InvalidTransaction saying why not."""
+    schedule_id = record["schedule_id"]
+    _, block = await _round(context, schedule_id)
+    assignments = await read_record(context, layout.assignments_address(schedule_id))
+    if assignments is None:
+        raise InvalidTransaction(f"round {schedule_id!r} is not assigned yet; it cannot stall in its unmask step")
+    tasks = assignments["tasks"]
+    addresses = {layout.task_status_address(schedule_id, t): t for t in tasks}
+    statuses = {addresses[a]: s for a, s in (await read_records(context, list(addresses))).items()}
+    trains = [t for t, task in tasks.items() if task["kind"] == "local_train"]
+    if any((statuses.get(t) or {}).get("status") != "done" for t in trains):
+        raise InvalidTransaction(f"round {schedule_id!r} still waits for uploads, not for its unmask step")
+    if any(task["kind"] == "aggregate" and (statuses.get(t) or {}).get("status") == "done" for t, task in tasks.items()):
+        raise InvalidTransaction(f"round {schedule_id!r} was aggregated; it did not stall")
+    last = max(entry["at"] for t in trains for entry in statuses[t].get("history", []) if entry["status"] == "done")
+    deadline = last + record["round_timeout"]
+    if now < deadline:
+        raise InvalidTransaction(f"round {schedule_id!r}'s unmask step has {deadline - now} s left (round_timeout "
+                                 f"{record['round_timeout']} s after its last upload); close it after that")
+    participants = record["submitted_nodes"]
+    found = await read_records(context, [layout.secagg_address(schedule_id, n) for n in participants])
+    counts = {n: 0 for n in participants}
+    for holder_record in found.values():
+        for sender in holder_record.get("revealed") or {}:
+            counts[sender] = counts.get(sender, 0) + 1
+    short = sorted((c, n) for n, c in counts.items() if c < block["threshold"])
+    if not short:
+        raise InvalidTransaction(f"every participant of round {schedule_id!r} has {block['threshold']} shares "
+                                 f"revealed; its aggregate goes ahead")
+    count, node = short[0]
+    return (f"secure aggregation: only {count} of the {block['threshold']} shares needed to unmask participant "
+            f"{node} were revealed within {record['round_timeout']} s of the last upload"
+            + (f" ({len(short) - 1} more participant(s) short too)" if len(short) > 1 else ""))

@@ -171,3 +171,29 @@ def test_a_revealed_share_that_is_not_the_one_given_is_refused_naming_its_holder
     apply(state, holder, layout.SCHEDULE_FAMILY, early)  # the right one, once every upload is fixed
     assert schedule.decode_record(state[layout.secagg_address(sid, holder_key)])["revealed"] == {
         sender: given[sender][holder_key].hex()}
+
+
+def test_an_unmask_step_below_the_threshold_ends_the_round_as_timeout_saying_why(devnet, stores, tmp_path,  # noqa: F811
+                                                                                monkeypatch):
+    # everybody neighbours everybody (5 nodes, k = 4) and 3 shares rebuild a self-mask: with iot-3
+    # and iot-4 quiet, the other three have only two holders left who answer
+    unmask = IoTNode._unmask
+
+    async def two_quiet(self, definition, sid):
+        if self.name not in ("iot-3", "iot-4"):
+            await unmask(self, definition, sid)
+
+    monkeypatch.setattr(IoTNode, "_unmask", two_quiet)
+
+    async def round_record(client, keys):
+        from trustmesh.scheduling.reader import FederationReader
+
+        reader = FederationReader(client)
+        return await reader.round((await reader.rounds("digits-secagg-stalled"))["rounds"]["1"])
+
+    _, results, _, record = federate(devnet, stores, tmp_path, "digits-secagg-stalled", rounds=1, attack=None,
+                                     finals=0, federation={"train_on": "iot", "round_timeout": 5},
+                                     secure_aggregation=SECURE, after=round_record)
+    assert results == [None] and record["status"] == "timeout"
+    assert "only 2 of the 3 shares needed to unmask participant" in record["reason"]
+    assert "within 5 s of the last upload" in record["reason"]
