@@ -143,6 +143,17 @@ def _same_model(a: Mapping, b: Mapping, what_a: str, what_b: str) -> None:
 # --------------------------------------------------------------------------- seeds
 
 
+def _same_models(states: Any, what: str) -> tuple[list[str], dict]:
+    """(sorted nodes, node -> checked state) of states that are all the same model."""
+    if not isinstance(states, Mapping) or not states:
+        raise PrivacyError(f"no {what}s to average; a round needs at least one update")
+    nodes = sorted(states)
+    checked = {node: _check_state(states[node], f"node {node}'s {what}") for node in nodes}
+    for node in nodes[1:]:
+        _same_model(checked[nodes[0]], checked[node], f"node {nodes[0]}'s {what}", f"node {node}'s {what}")
+    return nodes, checked
+
+
 def new_seed() -> bytes:
     """A fresh noise seed (32 bytes from the OS's CSPRNG); commit commitment(seed) before the updates."""
     return secrets.token_bytes(SEED_BYTES)
@@ -258,12 +269,7 @@ def noisy_mean(clipped: Mapping[str, Mapping], clipping_norm: float, noise_multi
     IEEE add per element each, divided by n once, and the noise added once."""
     import torch
 
-    if not isinstance(clipped, Mapping) or not clipped:
-        raise PrivacyError("no clipped deltas to average; a round needs at least one update")
-    nodes = sorted(clipped)
-    states = {node: _check_state(clipped[node], f"node {node}'s clipped delta") for node in nodes}
-    for node in nodes[1:]:
-        _same_model(states[nodes[0]], states[node], f"node {nodes[0]}'s delta", f"node {node}'s delta")
+    nodes, states = _same_models(clipped, "clipped delta")
     std = server_noise_std(clipping_norm, noise_multiplier, len(nodes))
     draws = noise(shapes_of(states[nodes[0]]), std, seed, label=label)
     mean = OrderedDict()
@@ -316,12 +322,7 @@ def uniform_mean(states: Mapping[str, Mapping]) -> OrderedDict:
     how the aggregator combines client-side noised updates."""
     import torch
 
-    if not isinstance(states, Mapping) or not states:
-        raise PrivacyError("no states to average; a round needs at least one update")
-    nodes = sorted(states)
-    checked = {node: _check_state(states[node], f"node {node}'s model") for node in nodes}
-    for node in nodes[1:]:
-        _same_model(checked[nodes[0]], checked[node], f"node {nodes[0]}'s model", f"node {node}'s model")
+    nodes, checked = _same_models(states, "model")
     out = OrderedDict()
     for name in checked[nodes[0]]:
         acc = torch.zeros(checked[nodes[0]][name].shape, dtype=torch.float64)
