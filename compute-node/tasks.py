@@ -60,7 +60,7 @@ class TaskOutcome:
     # previous round's aggregate when it started from that aggregate's report, not the chain's.
     built_on: tuple[tuple[str, str], ...] = ()
     # local_train only: the global model it trained from (digest None: the initial weights) and
-    # the chain records that name it; its done report carries both (lineage, schedule.py).
+    # the chain records that name it; its done report carries both (scheduling/schedule/lineage.py).
     starting_model: StartingModel | None = None
     # local_train under secure aggregation: the transaction with its sealed shares, which must
     # commit in the batch of the done report (an upload never stands without its shares)

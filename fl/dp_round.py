@@ -18,7 +18,7 @@ from chose (`next_clipping_norm` in that round result's `privacy`; the block's c
 the first), and records the next one from the noisy count of unclipped updates.
 
 The round result's weights are 1/n for each update used (the mean is unweighted) and its
-`privacy` record says what was spent and used (scheduling/schedule.py PRIVACY_FIELDS).
+`privacy` record says what was spent and used (scheduling/schedule/spec.py PRIVACY_FIELDS).
 """
 
 from __future__ import annotations

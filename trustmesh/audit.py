@@ -53,7 +53,8 @@ from trustmesh.ledger.rest_client import RestClient, RestError
 from trustmesh.scheduling import layout
 from trustmesh.fl.strategies import STRATEGIES
 from trustmesh.scheduling.reader import FederationReader
-from trustmesh.scheduling.schedule import WEIGHT_TOLERANCE, StartingModel, lineage_problem
+from trustmesh.fl.strategies.base import WEIGHT_TOLERANCE
+from trustmesh.scheduling.schedule import StartingModel, lineage_problem
 from trustmesh.stores.couch import CouchClient, CouchError, CouchHistory, DigestMismatch
 from trustmesh.stores.redis_state import BlobCorrupted, BlobError, BlobNotFound, BlobStore, connect
 

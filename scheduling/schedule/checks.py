@@ -1,0 +1,87 @@
+"""Checks of trustmesh-schedule payload fields (pure; InvalidTransaction saying what is wrong)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+from trustmesh.ledger.processor import InvalidTransaction
+
+from ..common import check_fields, HEX64, require, require_match, shown
+from .spec import MAX_METRICS, MAX_REJECT_REASON_CHARS, METRIC_NAME, PRIVACY_FIELDS, TASK_ID, _FIELDS
+
+
+def _check_fields(action: str, body: Mapping) -> None:
+    required, optional = _FIELDS[action]
+    check_fields(body, required | optional | {"action"}, where=f"payload of action {action!r}")
+
+
+def _number(value: Any) -> bool:
+    """A finite metric: floats that are not NaN/inf, and integers a float can hold."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= 2**53
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _metrics(body: Mapping, name: str, *, required: Iterable[str] = ()) -> dict:
+    metrics = require(body, name, dict)
+    if len(metrics) > MAX_METRICS:
+        raise InvalidTransaction(f"payload field {name!r} holds {len(metrics)} entries; at most {MAX_METRICS}")
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not METRIC_NAME.match(key):
+            raise InvalidTransaction(
+                f"payload field {name!r}: metric names are 1-64 characters of letters, digits, "
+                f"'_', '.', ':', '/', '-'; got {str(key)[:80]!r}"
+            )
+        if not _number(value):
+            raise InvalidTransaction(f"payload field {name!r}: metric {key!r} must be a finite number, got {shown(value)}")
+    missing = [k for k in required if k not in metrics]
+    if missing:
+        raise InvalidTransaction(f"payload field {name!r} lacks the metric(s) {', '.join(missing)}")
+    return metrics
+
+
+def _schedule_id(body: Mapping) -> str:
+    return require_match(body, "schedule_id", HEX64, "a schedule_id (64 lowercase hex, layout.schedule_id_for)")
+
+
+def _task_id(body: Mapping) -> str:
+    return require_match(body, "task_id", TASK_ID, "a task instance id from the round's assignments")
+
+
+
+
+def _privacy(body: Mapping) -> dict:
+    """The round result's optional `privacy` record: numbers >= 0 under PRIVACY_FIELDS names."""
+    record = require(body, "privacy", dict)
+    for key, value in record.items():
+        if key not in PRIVACY_FIELDS:
+            raise InvalidTransaction(f"payload field 'privacy' has unknown field {shown(key)}; allowed: "
+                                     f"{', '.join(PRIVACY_FIELDS)}")
+        if not _number(value) or value < 0:
+            raise InvalidTransaction(f"payload field 'privacy': {key} must be a finite number >= 0, got {shown(value)}")
+    if "epsilon" not in record:
+        raise InvalidTransaction("payload field 'privacy' lacks 'epsilon', the privacy spent once this round is released")
+    return dict(record)
+
+
+def _rejected(body: Mapping, weights: Mapping[str, Any]) -> dict[str, str]:
+    """The round result's optional `rejected` map: participants whose update the update checks
+    refused (fl/screening.py), each with weight 0 and a reason a person can read."""
+    if "rejected" not in body:
+        return {}
+    rejected = require(body, "rejected", dict)
+    if not rejected:
+        raise InvalidTransaction("payload field 'rejected' is empty; leave it out when no update was rejected")
+    for node, reason in rejected.items():
+        if node not in weights:
+            raise InvalidTransaction(f"payload field 'rejected' names {shown(node)}, which is not a participant")
+        if weights[node] != 0:
+            raise InvalidTransaction(f"participant {node} is rejected but has aggregation weight {shown(weights[node])}; "
+                                     f"a rejected update weighs 0")
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REJECT_REASON_CHARS:
+            raise InvalidTransaction(f"the reason participant {node} was rejected must be a non-empty text of at most "
+                                     f"{MAX_REJECT_REASON_CHARS} characters, got {shown(reason)}")
+    return dict(rejected)

@@ -1,0 +1,164 @@
+"""trustmesh-schedule payload and transaction builders, and the record decoder (the clients' side)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from trustmesh.ledger import payload as cbor
+from trustmesh.ledger.builders import make_transaction
+
+from .. import layout
+from .spec import FAMILY_NAME, FAMILY_VERSION, NODE_LOAD_PREFIX, TASK_STATUS_PREFIX
+from .lineage import StartingModel
+
+
+def _encode(action: str, fields: Mapping[str, Any]) -> bytes:
+    return cbor.encode({"action": action, **{k: v for k, v in fields.items() if v is not None}})
+
+
+def _transaction(signer, payload: bytes, inputs: list[str], outputs: list[str], **kwargs):
+    return make_transaction(signer, FAMILY_NAME, FAMILY_VERSION, payload, inputs, outputs, **kwargs)
+
+
+def assign_payload(schedule_id: str, deadline_seconds: int | None = None) -> bytes:
+    return _encode("assign", {"schedule_id": schedule_id, "deadline_seconds": deadline_seconds})
+
+
+def report_payload(schedule_id: str, task_id: str, status: str, *, output_digest: str | None = None,
+                   metrics: Mapping[str, float] | None = None, attempt: int | None = None,
+                   reason: str | None = None, base_model_digest: str | None = None) -> bytes:
+    """base_model_digest: a local_train done report's starting model; None (left out) for the
+    initial weights and for every other report."""
+    return _encode("report", {"schedule_id": schedule_id, "task_id": task_id, "status": status,
+                              "output_digest": output_digest, "metrics": dict(metrics) if metrics is not None else None,
+                              "attempt": attempt, "reason": reason, "base_model_digest": base_model_digest})
+
+
+def reassign_payload(schedule_id: str, task_id: str) -> bytes:
+    return _encode("reassign", {"schedule_id": schedule_id, "task_id": task_id})
+
+
+def round_result_payload(schedule_id: str, global_model_digest: str, participants: list[str],
+                         aggregation_weights: Mapping[str, float], metrics: Mapping[str, float], *,
+                         task_id: str | None = None, rejected: Mapping[str, str] | None = None,
+                         server_state_digest: str | None = None, privacy: Mapping | None = None) -> bytes:
+    """rejected: participants whose update the update checks refused (weight 0), with why; left
+    out when none was. server_state_digest: what a server optimizer leaves for the next round."""
+    return _encode("round_result", {
+        "schedule_id": schedule_id, "global_model_digest": global_model_digest,
+        "participants": list(participants), "aggregation_weights": dict(aggregation_weights),
+        "metrics": dict(metrics), "task_id": task_id, "rejected": dict(rejected) if rejected else None,
+        "server_state_digest": server_state_digest, "privacy": dict(privacy) if privacy else None,
+    })
+
+
+def _secagg_transaction(signer, action: str, schedule_id: str, workflow_id: str, fields: Mapping, *, writes: bool,
+                        **kwargs):
+    """Reads the round, the workflow, every participant's secagg record, assignments and task
+    statuses; writes the signer's own secagg record."""
+    own = layout.secagg_address(schedule_id, signer.public_key().as_hex())
+    inputs = [layout.round_address(schedule_id), layout.workflow_address(workflow_id), layout.SECAGG_PREFIX,
+              layout.assignments_address(schedule_id), TASK_STATUS_PREFIX]
+    return _transaction(signer, _encode(action, {"schedule_id": schedule_id, **fields}), inputs,
+                        [own] if writes else [], **kwargs)
+
+
+def make_secagg_keys_transaction(signer, schedule_id: str, workflow_id: str, c_pk: str, s_pk: str, **kwargs):
+    return _secagg_transaction(signer, "secagg_keys", schedule_id, workflow_id, {"c_pk": c_pk, "s_pk": s_pk},
+                               writes=True, **kwargs)
+
+
+def make_secagg_shares_transaction(signer, schedule_id: str, workflow_id: str, self_commitment: str,
+                                   sealed: Mapping, digests: Mapping, **kwargs):
+    return _secagg_transaction(signer, "secagg_shares", schedule_id, workflow_id,
+                               {"self_commitment": self_commitment, "sealed": dict(sealed), "digests": dict(digests)},
+                               writes=True, **kwargs)
+
+
+def make_secagg_unmask_transaction(signer, schedule_id: str, workflow_id: str, shares: Mapping, **kwargs):
+    return _secagg_transaction(signer, "secagg_unmask", schedule_id, workflow_id, {"shares": dict(shares)},
+                               writes=True, **kwargs)
+
+
+def reveal_noise_payload(schedule_id: str, noise_seed: str) -> bytes:
+    return _encode("reveal_noise", {"schedule_id": schedule_id, "noise_seed": noise_seed})
+
+
+def make_reveal_noise_transaction(signer, schedule_id: str, noise_seed: str, **kwargs):
+    """Signed by the round's coordinator once every local_train of the round is done."""
+    seed_address = layout.noise_seed_address(schedule_id)
+    inputs = [layout.round_address(schedule_id), layout.assignments_address(schedule_id), TASK_STATUS_PREFIX,
+              seed_address, layout.BLOCK_INFO_NS]
+    return _transaction(signer, reveal_noise_payload(schedule_id, noise_seed), inputs, [seed_address], **kwargs)
+
+
+def make_assign_transaction(signer, schedule_id: str, workflow_id: str, *, deadline_seconds: int | None = None,
+                            **kwargs):
+    """Reads the workflow, the round, the peer registry and its liveness records (PEER_NS), node
+    loads and BlockInfo; writes assignments, task statuses and node loads."""
+    assignments = layout.assignments_address(schedule_id)
+    inputs = [layout.workflow_address(workflow_id), layout.round_address(schedule_id), layout.PEER_NS,
+              assignments, NODE_LOAD_PREFIX, layout.BLOCK_INFO_NS]
+    outputs = [assignments, TASK_STATUS_PREFIX, NODE_LOAD_PREFIX]
+    return _transaction(signer, assign_payload(schedule_id, deadline_seconds), inputs, outputs, **kwargs)
+
+
+def make_report_transaction(signer, schedule_id: str, task_id: str, status: str, *, output_digest: str | None = None,
+                            metrics: Mapping[str, float] | None = None, attempt: int | None = None,
+                            reason: str | None = None, starting_model: StartingModel | None = None, **kwargs):
+    """Signed by the task's node (its load record is the signer's). A local_train done report
+    passes the StartingModel it trained from (FederationReader.starting_model): its digest
+    becomes base_model_digest, and the records the lineage rule reads become inputs."""
+    node_load = layout.node_load_address(signer.public_key().as_hex())
+    assignments = layout.assignments_address(schedule_id)
+    result = layout.round_result_address(schedule_id)
+    inputs = [assignments, TASK_STATUS_PREFIX, node_load, result, layout.BLOCK_INFO_NS]
+    outputs = [assignments, TASK_STATUS_PREFIX, node_load, result]
+    base = None
+    if starting_model is not None:
+        base = starting_model.digest
+        inputs += [a for a in starting_model.inputs if a not in inputs]
+    payload = report_payload(schedule_id, task_id, status, output_digest=output_digest, metrics=metrics,
+                             attempt=attempt, reason=reason, base_model_digest=base)
+    return _transaction(signer, payload, inputs, outputs, **kwargs)
+
+
+def make_reassign_transaction(signer, schedule_id: str, task_id: str, **kwargs):
+    """Reads the assignments, task statuses, the peer registry *and its liveness records* (all of
+    trustmesh-peer's namespace), node loads and BlockInfo; writes the assignments, the task's
+    status and node loads."""
+    assignments = layout.assignments_address(schedule_id)
+    inputs = [assignments, TASK_STATUS_PREFIX, layout.PEER_NS, NODE_LOAD_PREFIX, layout.BLOCK_INFO_NS]
+    outputs = [assignments, layout.task_status_address(schedule_id, task_id), NODE_LOAD_PREFIX]
+    return _transaction(signer, reassign_payload(schedule_id, task_id), inputs, outputs, **kwargs)
+
+
+def make_round_result_transaction(signer, schedule_id: str, global_model_digest: str, participants: list[str],
+                                  aggregation_weights: Mapping[str, float], metrics: Mapping[str, float], *,
+                                  task_id: str | None = None, rejected: Mapping[str, str] | None = None,
+                                  server_state_digest: str | None = None, privacy: Mapping | None = None,
+                                  **kwargs):
+    """Signed by the node of the aggregate task. With rejected updates it also counts them in
+    their nodes' load records (reputation), so it declares those."""
+    result = layout.round_result_address(schedule_id)
+    inputs = [layout.assignments_address(schedule_id), layout.round_address(schedule_id), TASK_STATUS_PREFIX,
+              result, layout.BLOCK_INFO_NS]
+    outputs = [result]
+    if rejected:
+        loads = [layout.node_load_address(node) for node in sorted(rejected)]
+        inputs, outputs = inputs + loads, outputs + loads
+    payload = round_result_payload(schedule_id, global_model_digest, participants, aggregation_weights, metrics,
+                                   task_id=task_id, rejected=rejected, server_state_digest=server_state_digest,
+                                   privacy=privacy)
+    return _transaction(signer, payload, inputs, outputs, **kwargs)
+
+
+def tasks_of_node(assignments: Mapping, node: str) -> list[str]:
+    """Task ids of an assignments record currently held by `node`, in topological order."""
+    tasks = assignments.get("tasks", {})
+    return [t for t in assignments.get("order", sorted(tasks)) if tasks[t].get("node") == node]
+
+
+def decode_record(data: bytes | None) -> dict | None:
+    """Any record of this family as stored (e.g. RestClient.get_state(assignments_address(sid)))."""
+    return None if data is None else cbor.decode(data, max_bytes=10 * 1024 * 1024)

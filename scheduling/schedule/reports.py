@@ -1,0 +1,297 @@
+"""trustmesh-schedule's rules for task reports (with the lineage check of a local_train done report)
+and round results, and what makes a round final."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from trustmesh.fl.strategies.base import WEIGHT_TOLERANCE  # sum(weights) - 1 allowed: the strategies' own
+from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction
+
+from .. import events, layout
+from ..common import HEX64, PUBLIC_KEY, chain_time, emit, read_record, require, require_int, require_match, shown, write_records
+from .spec import MAX_REASON_CHARS, REPORT_STATUSES, _RANK
+from .checks import _metrics, _number, _privacy, _rejected, _schedule_id, _task_id
+from .task_graph import _final_aggregates
+from .lineage import LineageUnknown, lineage_problem, starting_model
+
+
+class ReportRules:
+    """A ScheduleHandler's report and round_result rules (the handler's shared reads come with it)."""
+
+    # -- report ----------------------------------------------------------------------------
+
+    async def _report(self, body: dict, signer: str, context) -> None:
+        schedule_id = _schedule_id(body)
+        task_id = _task_id(body)
+        status = require(body, "status", str)
+        if status not in REPORT_STATUSES:
+            raise InvalidTransaction(f"payload field 'status' must be one of {', '.join(REPORT_STATUSES)}; got {status[:40]!r}")
+        digest = None
+        if status == "done":
+            digest = require_match(body, "output_digest", HEX64, "the sha256 (64 lowercase hex) of the task's output")
+        elif "output_digest" in body:
+            raise InvalidTransaction(f"output_digest belongs to a 'done' report only, not to {status!r}")
+        metrics = _metrics(body, "metrics") if "metrics" in body else None
+        reason = None
+        if "reason" in body:
+            if status != "failed":
+                raise InvalidTransaction(f"reason belongs to a 'failed' report only, not to {status!r}")
+            reason = require(body, "reason", str)
+            if len(reason) > MAX_REASON_CHARS:
+                raise InvalidTransaction(
+                    f"payload field 'reason' is {len(reason)} characters; at most {MAX_REASON_CHARS} "
+                    f"(longer logs belong off-chain)"
+                )
+        base = None
+        if "base_model_digest" in body:
+            if status != "done":
+                raise InvalidTransaction(f"base_model_digest belongs to a local_train 'done' report only, not to {status!r}")
+            base = require_match(body, "base_model_digest", HEX64,
+                                 "the sha256 (64 lowercase hex) of the global model the task trained from")
+
+        assignments = await self._assignments(context, schedule_id)
+        task = self._task(assignments, schedule_id, task_id)
+        current = (await self._statuses(context, schedule_id, [task_id]))[task_id]
+        if signer != current["node"]:
+            raise InvalidTransaction(
+                f"task {task_id!r} is assigned to node {current['node']} (attempt {current['attempt']}); "
+                f"only that node may report it, not {signer}"
+            )
+        if base is not None and task["kind"] != "local_train":
+            raise InvalidTransaction(
+                f"base_model_digest belongs to a local_train 'done' report only; task {task_id!r} is of kind {task['kind']!r}"
+            )
+        if "attempt" in body:
+            attempt = require_int(body, "attempt", 1, 1 << 31)
+            if attempt != current["attempt"]:
+                raise InvalidTransaction(
+                    f"task {task_id!r} is in attempt {current['attempt']}; this report is for attempt {attempt}"
+                )
+        previous = current["status"]
+        if previous == "done":
+            raise InvalidTransaction(f"task {task_id!r} is already done; a task is reported done once")
+        if previous == "failed":
+            raise InvalidTransaction(
+                f"task {task_id!r} failed in attempt {current['attempt']}; it must be reassigned before it is reported again"
+            )
+        if _RANK[status] <= _RANK[previous]:
+            raise InvalidTransaction(f"task {task_id!r} is already {previous!r}; statuses only move forward")
+
+        statuses = None
+        if status == "done":
+            statuses = await self._statuses(context, schedule_id, assignments["tasks"])
+            waiting = [d for d in task["fetch_dependency_outputs"] if statuses[d]["status"] != "done"]
+            if waiting:
+                shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
+                raise InvalidTransaction(f"task {task_id!r} cannot be done before its dependencies: {shown} not done yet")
+            if task["kind"] == "local_train":
+                await self._check_lineage(context, assignments, task_id, base)
+
+        now = await chain_time(context)
+        entry = {"status": status, "node": signer, "attempt": current["attempt"], "at": now}
+        current["status"] = status
+        if digest is not None:
+            current["output_digest"] = entry["output_digest"] = digest
+        if base is not None:
+            current["base_model_digest"] = base
+        if metrics is not None:
+            current["metrics"] = metrics
+        if reason is not None:
+            current["reason"] = entry["reason"] = reason
+        current["history"].append(entry)
+        writes: dict[str, Any] = {layout.task_status_address(schedule_id, task_id): current}
+
+        if status in ("done", "failed"):
+            load = (await self._loads(context, [signer]))[signer]
+            load["queue"] = max(0, int(load.get("queue", 0)) - 1)
+            counter = "done" if status == "done" else "missed"
+            load[counter] = int(load.get(counter, 0)) + 1
+            writes[layout.node_load_address(signer)] = load
+
+        if status == "done":
+            statuses[task_id] = current
+            # tasks whose inputs are now complete: their deadline starts now
+            changed = False
+            for other_id, other in assignments["tasks"].items():
+                if task_id not in other["fetch_dependency_outputs"]:
+                    continue
+                if statuses[other_id]["status"] not in ("assigned", "running"):
+                    continue
+                if all(statuses[d]["status"] == "done" for d in other["fetch_dependency_outputs"]):
+                    deadline = now + int(assignments["deadline_seconds"])
+                    other["deadline"] = deadline
+                    other_status = statuses[other_id]
+                    other_status["deadline"] = deadline
+                    writes[layout.task_status_address(schedule_id, other_id)] = other_status
+                    changed = True
+            if changed:
+                writes[layout.assignments_address(schedule_id)] = assignments
+            finalized = None
+            if task["kind"] == "evaluate":
+                result = await read_record(context, layout.round_result_address(schedule_id))
+                if result is not None and not result.get("final"):
+                    finalized = self._finalize(result, assignments, statuses, now)
+                    if finalized is not None:
+                        writes[layout.round_result_address(schedule_id)] = finalized
+
+        await write_records(context, writes)
+        event = {"schedule_id": schedule_id, "task_id": task_id, "node": signer,
+                 "attempt": current["attempt"], "kind": task["kind"]}
+        if digest is not None:
+            event["output_digest"] = digest
+        await emit(context, events.TASK_STATUS_EVENTS[status], **event)
+        if status == "done" and finalized is not None:
+            await self._emit_finalized(context, finalized)
+
+    @staticmethod
+    async def _check_lineage(context, assignments: Mapping, task_id: str, base: str | None) -> None:
+        """The lineage rule (`starting_model`) for a local_train reported done from `base`. It
+        reads the workflow's rounds index and the earlier rounds' results and records, which the
+        report declares as inputs (StartingModel.inputs)."""
+        async def read(address: str) -> Mapping | None:
+            try:
+                return await read_record(context, address)
+            except AuthorizationError:
+                raise InvalidTransaction(
+                    f"the lineage rule of task {task_id!r} reads {address} (the workflow's rounds index, or an "
+                    f"earlier round's result or record), which this report does not declare as an input; build "
+                    f"it with make_report_transaction(..., starting_model=reader.starting_model(...))"
+                ) from None
+
+        round_number = int(assignments["round"])
+        try:
+            start = await starting_model(read, str(assignments["workflow_id"]), round_number)
+        except LineageUnknown as exc:
+            raise InvalidTransaction(
+                f"task {task_id!r} of round {round_number} cannot be done before the model it starts from is "
+                f"decided: {exc} (and did not time out)"
+            ) from None
+        problem = lineage_problem(task_id, base, start)
+        if problem is not None:
+            raise InvalidTransaction(
+                f"round {round_number} {problem}; a local_train trains from the latest earlier round's global "
+                f"model and names it in base_model_digest (absent for the initial weights)"
+            )
+
+    @staticmethod
+    def _finalize(result: dict, assignments: Mapping, statuses: Mapping[str, Mapping], now: int) -> dict | None:
+        """The result made final, or None while some evaluate instance is not done."""
+        evaluates = [t for t, a in assignments["tasks"].items() if a["kind"] == "evaluate"]
+        if any(statuses[t]["status"] != "done" for t in evaluates):
+            return None
+        result = dict(result)
+        result["final"] = True
+        result["finalized_at"] = now
+        result["evaluations"] = {
+            t: {"output_digest": statuses[t].get("output_digest"), "metrics": statuses[t].get("metrics", {})}
+            for t in evaluates
+        }
+        return result
+
+    @staticmethod
+    async def _emit_finalized(context, result: Mapping) -> None:
+        await emit(context, events.ROUND_FINALIZED, schedule_id=result["schedule_id"],
+                   workflow_id=result["workflow_id"], round=result["round"],
+                   global_model_digest=result["global_model_digest"])
+
+    # -- round_result ----------------------------------------------------------------------
+
+    async def _round_result(self, body: dict, signer: str, context) -> None:
+        schedule_id = _schedule_id(body)
+        digest = require_match(body, "global_model_digest", HEX64, "the sha256 (64 lowercase hex) of the global model")
+        participants = require(body, "participants", list)
+        if not participants:
+            raise InvalidTransaction("payload field 'participants' is empty; name the nodes whose updates were aggregated")
+        for node in participants:
+            if not isinstance(node, str) or not PUBLIC_KEY.match(node):
+                raise InvalidTransaction(f"payload field 'participants': {shown(node)} is not a node public key")
+        if len(set(participants)) != len(participants):
+            raise InvalidTransaction("payload field 'participants' names a node twice")
+        weights = require(body, "aggregation_weights", dict)
+        if set(weights) != set(participants):
+            missing = sorted(set(participants) - set(weights))
+            extra = sorted(shown(k) for k in set(weights) - set(participants))
+            raise InvalidTransaction(
+                "aggregation_weights must cover exactly the participants"
+                + (f"; missing {', '.join(missing)}" if missing else "")
+                + (f"; not participants: {', '.join(extra)}" if extra else "")
+            )
+        for node in participants:
+            w = weights[node]
+            if not _number(w) or w < 0:
+                raise InvalidTransaction(f"aggregation weight of {node} must be a finite number >= 0, got {shown(w)}")
+        total = math.fsum(weights[n] for n in sorted(participants))
+        if abs(total - 1.0) > WEIGHT_TOLERANCE:
+            raise InvalidTransaction(f"aggregation_weights sum to {total!r}; they must sum to 1 (within {WEIGHT_TOLERANCE})")
+        metrics = _metrics(body, "metrics", required=("accuracy", "loss"))
+        rejected = _rejected(body, weights)
+        private = {"privacy": _privacy(body)} if "privacy" in body else {}
+        server_state = {}
+        if "server_state_digest" in body:
+            server_state["server_state_digest"] = require_match(
+                body, "server_state_digest", HEX64, "the sha256 (64 lowercase hex) of the server optimizer's state")
+
+        assignments = await self._assignments(context, schedule_id)
+        tasks = assignments["tasks"]
+        if "task_id" in body:
+            aggregate_id = _task_id(body)
+            self._task(assignments, schedule_id, aggregate_id)
+            if tasks[aggregate_id]["kind"] != "aggregate":
+                raise InvalidTransaction(f"task {aggregate_id!r} is a {tasks[aggregate_id]['kind']} task, not an aggregate task")
+        else:
+            finals = _final_aggregates(assignments)
+            if not finals:
+                raise InvalidTransaction(f"schedule {schedule_id!r} has no aggregate task, so it has no round result")
+            if len(finals) > 1:
+                raise InvalidTransaction(
+                    f"schedule {schedule_id!r} has several final aggregate tasks ({', '.join(finals)}); "
+                    f"name the one that produced the global model in task_id"
+                )
+            aggregate_id = finals[0]
+        if await read_record(context, layout.round_result_address(schedule_id)) is not None:
+            raise InvalidTransaction(f"the result of round {schedule_id!r} is already recorded; it is recorded once")
+        statuses = await self._statuses(context, schedule_id, tasks)
+        aggregate = statuses[aggregate_id]
+        if signer != aggregate["node"]:
+            raise InvalidTransaction(
+                f"only node {aggregate['node']}, assigned the aggregate task {aggregate_id!r} "
+                f"(attempt {aggregate['attempt']}), may record the round result, not {signer}"
+            )
+        if aggregate["status"] != "done":
+            raise InvalidTransaction(
+                f"aggregate task {aggregate_id!r} is {aggregate['status']!r}; report it done with the "
+                f"global model's digest before recording the round result"
+            )
+        if aggregate.get("output_digest") != digest:
+            raise InvalidTransaction(
+                f"global_model_digest {digest} differs from the output_digest {aggregate.get('output_digest')} "
+                f"that aggregate task {aggregate_id!r} reported done"
+            )
+        round_ = await read_record(context, layout.round_address(schedule_id)) or {}
+        submitted = set(round_.get("submissions") or {})
+        outsiders = [n for n in participants if n not in submitted]
+        if outsiders:
+            raise InvalidTransaction(
+                f"participants {', '.join(outsiders)} did not submit to round {schedule_id!r}; "
+                f"participants must be a subset of the round's submitted nodes"
+            )
+
+        now = await chain_time(context)
+        result = {
+            "schedule_id": schedule_id, "workflow_id": assignments["workflow_id"], "round": assignments["round"],
+            "aggregate_task": aggregate_id, "global_model_digest": digest, "participants": list(participants),
+            "aggregation_weights": dict(weights), "metrics": metrics, "reported_by": signer,
+            "recorded_at": now, "final": False, **({"rejected": rejected} if rejected else {}), **server_state,
+            **private,
+        }
+        final = self._finalize(result, assignments, statuses, now)
+        writes = {layout.round_result_address(schedule_id): final or result}
+        for node, load in (await self._loads(context, sorted(rejected))).items():  # their reputation
+            writes[layout.node_load_address(node)] = {**load, "rejected": load.get("rejected", 0) + 1}
+        await write_records(context, writes)
+        await emit(context, events.ROUND_RESULT, schedule_id=schedule_id, workflow_id=result["workflow_id"],
+                   round=result["round"], global_model_digest=digest, participants=len(participants))
+        if final is not None:
+            await self._emit_finalized(context, final)

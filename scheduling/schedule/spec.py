@@ -1,0 +1,53 @@
+"""trustmesh-schedule's names and limits: actions and their fields, task kinds, bounds; the rules,
+the builders and the tests read them here."""
+
+from __future__ import annotations
+
+import re
+
+from trustmesh.fl import screening
+
+from .. import layout
+
+
+FAMILY_NAME = layout.SCHEDULE_FAMILY
+FAMILY_VERSION = layout.VERSION
+NAMESPACE = layout.SCHEDULE_NS
+
+ACTIONS = ("assign", "report", "reassign", "round_result", "reveal_noise", "secagg_keys", "secagg_shares",
+           "secagg_unmask")
+TASK_KINDS = ("local_train", "aggregate", "evaluate", "preprocess")
+REPORT_STATUSES = ("running", "done", "failed")
+DEFAULT_DEADLINE_SECONDS = 300
+MAX_DEADLINE_SECONDS = 7 * 24 * 3600
+MAX_QUEUE_SKEW = 2
+MAX_METRICS = 32
+MAX_REASON_CHARS = 500
+MAX_REJECT_REASON_CHARS = screening.MAX_REASON_CHARS  # per rejected update in a round result
+# a round result's optional `privacy` record (fl/dp_round.py writes it; the audit recomputes it)
+PRIVACY_FIELDS = ("epsilon", "delta", "noise_multiplier", "clipping_norm", "noise_std", "clipped",
+                  "next_clipping_norm")
+
+# prefixes that cover every record of one kind (inputs/outputs of transactions whose exact
+# addresses depend on state the client has not read)
+TASK_STATUS_PREFIX = NAMESPACE + layout.TASK_STATUS
+NODE_LOAD_PREFIX = NAMESPACE + layout.NODE_LOAD
+
+TASK_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:-]{0,199}\Z")
+METRIC_NAME = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,63}\Z")
+
+_FIELDS = {
+    "assign": ({"schedule_id"}, {"deadline_seconds"}),
+    "report": ({"schedule_id", "task_id", "status"},
+               {"output_digest", "metrics", "attempt", "reason", "base_model_digest"}),
+    "reassign": ({"schedule_id", "task_id"}, set()),
+    "round_result": (
+        {"schedule_id", "global_model_digest", "participants", "aggregation_weights", "metrics"},
+        {"task_id", "rejected", "server_state_digest", "privacy"},
+    ),
+    "reveal_noise": ({"schedule_id", "noise_seed"}, set()),
+    "secagg_keys": ({"schedule_id", "c_pk", "s_pk"}, set()),
+    "secagg_shares": ({"schedule_id", "self_commitment", "sealed", "digests"}, set()),
+    "secagg_unmask": ({"schedule_id", "shares"}, set()),
+}
+_RANK = {"assigned": 0, "running": 1, "done": 2, "failed": 2}
