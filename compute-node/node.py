@@ -38,6 +38,7 @@ from trustmesh.ledger.rest_client import RestClient
 from trustmesh.ledger.signing import load_or_create_key
 from trustmesh.machine import usable_cores
 from trustmesh.scheduling import events, layout, peers, schedule
+from trustmesh.scheduling.schedule import SETTLED
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchClient, CouchHistory
 from trustmesh.stores.data_envelope import load_or_create_keypair
@@ -82,7 +83,7 @@ RECENT_KEPT = 10_000
 async def _all_done(task_ids, status) -> bool:
     for task_id in task_ids:  # stops at the first that is not: each look may be a REST call
         found = await status(task_id)
-        if found is None or found["status"] != "done":
+        if found is None or found["status"] not in SETTLED:  # dropped: a secure round went on without it
             return False
     return True
 

@@ -62,9 +62,6 @@ class TaskOutcome:
     # local_train only: the global model it trained from (digest None: the initial weights) and
     # the chain records that name it; its done report carries both (scheduling/schedule/lineage.py).
     starting_model: StartingModel | None = None
-    # local_train under secure aggregation: the transaction with its sealed shares, which must
-    # commit in the batch of the done report (an upload never stands without its shares)
-    before_report: tuple = ()
 
 
 class Recent(dict):
@@ -272,23 +269,19 @@ async def train_update(ctx, assignments, task_id, owner, data, definition) -> Ta
     if block is not None and block["where"] == "client":  # clipped and noised before it leaves the trainer
         state = dp_round.client_update(block, _or_initial(global_state, definition), state,
                                        definition["federation"]["min_nodes_required"])
-    before: tuple = ()
     secure = definition.get("secure_aggregation")
     if secure is not None:  # the update leaves only masked, whatever stores it
         if ctx.secure is None:
             raise TaskInputError("a securely aggregated update is masked by its data owner's IoT node; "
                                  "this node cannot")
-        weight = secure_weight(definition, result.samples)
-        blob, shares = await ctx.secure.mask(assignments["schedule_id"], assignments["workflow_id"], secure,
-                                             state, weight)
-        before = (shares,)
+        blob = await ctx.secure.mask(assignments["schedule_id"], secure, state, secure_weight(definition, result.samples))
     else:
         blob = model_format.serialize(state, workflow_id=assignments["workflow_id"], round=assignments["round"],
                                       model_spec=definition["model"])
     digest = await ctx.blobs.put(blob)
     reported = {k: result.metrics[k] for k in REPORTED_METRICS + STRATEGY_METRICS if k in result.metrics}
     return TaskOutcome(digest, reported, compute_seconds=compute,
-                       built_on=built_on, starting_model=start, before_report=before)
+                       built_on=built_on, starting_model=start)
 
 
 def secure_weight(definition: Mapping, samples: int) -> int:
@@ -364,6 +357,8 @@ async def _secure_aggregate(ctx, assignments, task, definition) -> TaskOutcome:
     sid, tasks, block = assignments["schedule_id"], assignments["tasks"], definition["secure_aggregation"]
     trained = [dep for dep in task["fetch_dependency_outputs"] if tasks[dep]["kind"] == "local_train"]
     statuses = [await ctx.dependency_status(sid, dep) for dep in trained]
+    uploaded = [(dep, s) for dep, s in zip(trained, statuses) if s["status"] == "done"]  # not the dropped
+    trained, statuses = [dep for dep, _ in uploaded], [s for _, s in uploaded]
     owners = [tasks[dep]["data_owner"] for dep in trained]
     blobs = await asyncio.gather(*(_blob(ctx, s["output_digest"], f"masked update {dep}")
                                    for dep, s in zip(trained, statuses)))

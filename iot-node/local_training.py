@@ -74,6 +74,7 @@ def subscriptions(node: str) -> list:
     return [event_subscription(events.TASK_ASSIGNED, mine),
             event_subscription(events.TASK_REASSIGNED, mine),
             event_subscription(events.TASK_DONE),
+            event_subscription(events.TASK_DROPPED),
             event_subscription(events.ROUND_RESULT),
             event_subscription(events.ROUND_TIMEOUT)]
 
@@ -176,6 +177,9 @@ class LocalTrainer:
                 # its dependencies can be done yet; a reassignment may come at any point.
                 await self._track(attrs["schedule_id"], attrs["task_id"], int(attrs["attempt"]),
                                   fresh=event_type == events.TASK_ASSIGNED)
+        elif event_type == events.TASK_DROPPED:
+            if self.on_update_done is not None:  # a secure round goes on without that upload
+                self._spawn(self.on_update_done(attrs["schedule_id"]))
         elif event_type == events.TASK_DONE:
             if attrs.get("kind") == "local_train" and self.on_update_done is not None:
                 # a round's last upload may have come: secure aggregation's unmask step looks now
@@ -315,17 +319,15 @@ class LocalTrainer:
             return "failed", {"reason": f"local_train {pending.task_id}: {exc}"[:500]}
         # starting_model: the lineage its done report carries (base_model_digest and the records naming it)
         return "done", {"output_digest": outcome.output_digest, "metrics": report_metrics(outcome, started),
-                        "starting_model": outcome.starting_model, "before": list(outcome.before_report)}
+                        "starting_model": outcome.starting_model}
 
     async def _report(self, pending: _Pending, status: str, fields: dict) -> bool:
         """True once the report is committed, or the chain no longer wants it from this node."""
-        fields = dict(fields)
-        before = fields.pop("before", [])  # committed with the report or not at all (secure aggregation's shares)
         for _ in range(REPORT_TRIES):
             attempt = pending.attempt
             txn = schedule.make_report_transaction(self.signer, pending.schedule_id, pending.task_id, status,
                                                    attempt=attempt, **fields)
-            if await self._commit([*before, txn], f"{pending.task_id} {status} (round {pending.round}, attempt {attempt})"):
+            if await self._commit(txn, f"{pending.task_id} {status} (round {pending.round}, attempt {attempt})"):
                 if status == "done":
                     LOGGER.info("%s: %s done (%s…) %s", self.name, pending.task_id, fields["output_digest"][:12],
                                 {k: round(v, 4) if isinstance(v, float) else v for k, v in fields["metrics"].items()})

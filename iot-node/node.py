@@ -247,8 +247,12 @@ class IoTNode:
                 return
             await self._collect_final(workflow_id, definition, {"rounds": {str(number): sid}})
             await self._finish_if_over(workflow_id, fed)
-        elif event_type == events.ROUND_READY and self._coordinates(definition):
-            await asyncio.gather(self._assign(workflow_id, sid, number), self._open_next(workflow_id, fed))
+        elif event_type == events.ROUND_READY:
+            if definition.get("secure_aggregation"):  # its participants are fixed: shares go out now
+                await self._share(definition, {"schedule_id": sid, "round": number, "status": "ready",
+                                               "submitted_nodes": attrs["submitted_nodes"].split(",")})
+            if self._coordinates(definition):
+                await asyncio.gather(self._assign(workflow_id, sid, number), self._open_next(workflow_id, fed))
 
     async def _finish_if_over(self, workflow_id: str, fed, index=None) -> None:
         """Finished once every round is final or timed out: with rounds overlapping, the last
@@ -359,6 +363,7 @@ class IoTNode:
             await self._participate(definition, record)
             await self._collect_final(workflow_id, definition, index)
             if definition.get("secure_aggregation"):  # rounds overlap: the one before may still unmask
+                await self._share(definition, record)
                 for number in (latest - 1, latest):
                     if str(number) in index["rounds"]:
                         await self._unmask(definition, index["rounds"][str(number)])
@@ -475,7 +480,8 @@ class IoTNode:
             return
         if record.get("noise_commitment"):
             await self._reveal_noise(sid, record["round"], assignments)
-        if (self._definitions.get(workflow_id) or {}).get("secure_aggregation"):
+        secure = bool((self._definitions.get(workflow_id) or {}).get("secure_aggregation"))
+        if secure:
             await self._close_if_unmask_stalled(workflow_id, record, assignments)
         now = time.time()
         deadline_seconds = assignments.get("deadline_seconds") or 300
@@ -496,7 +502,12 @@ class IoTNode:
                 if self._reassign_after.get(key, 0) > now:
                     continue  # refused a moment ago (no live node to take it): no batch every tick
                 status = await self.reader.task_status(sid, task_id)
-                if status and status["status"] not in ("done",) and status["attempt"] == task["attempt"]:
+                if status and status["status"] not in schedule.SETTLED and status["attempt"] == task["attempt"]:
+                    if task["kind"] == "local_train" and secure:  # the round goes on without that upload
+                        await self._once(key, schedule.make_drop_update_transaction(self.signer, sid, task_id,
+                                                                                    workflow_id),
+                                         f"drop the late upload {task_id}")
+                        continue
                     await self._once(key, schedule.make_reassign_transaction(self.signer, sid, task_id),
                                      f"reassign late task {task_id}")
                     if key not in self._sent:
@@ -578,16 +589,28 @@ class IoTNode:
             if task["kind"] not in ("local_train", "aggregate"):
                 continue
             status = await self.reader.task_status(sid, task_id)
-            done = status is not None and status["status"] == "done"
-            if task["kind"] == "aggregate" and done:
+            settled = status is not None and status["status"] in schedule.SETTLED
+            if task["kind"] == "aggregate" and settled:
                 return  # aggregated: nothing stalled
             if task["kind"] == "local_train":
-                if not done:
+                if not settled:
                     return  # still waiting for uploads, which the deadlines take care of
-                last = max(last, max(e["at"] for e in status["history"] if e["status"] == "done"))
+                last = max(last, max(e["at"] for e in status["history"] if e["status"] in schedule.SETTLED))
         if time.time() >= last + record["round_timeout"]:
             await self._once(("close-stalled", sid, int(time.time()) // 10), federation.make_close_round_transaction(
                 self.signer, sid, secure_workflow=workflow_id), f"end round {record['round']}: its unmask step stalled")
+
+    async def _share(self, definition: dict, record: dict) -> None:
+        """Once a securely aggregated round is ready (its participants fixed), send this node's
+        sealed shares, before any upload, once."""
+        sid = record["schedule_id"]
+        if record["status"] != "ready" or self.node not in record["submitted_nodes"] or ("share", sid) in self._sent:
+            return
+        own = await self.reader.secagg(sid, self.node)
+        if own is None or "sealed" in own:
+            return
+        txn = await self.secure.shares_transaction(sid, definition["workflow_id"], definition["secure_aggregation"])
+        await self._once(("share", sid), txn, f"send its sealed shares for round {record['round']}")
 
     async def _unmask_round(self, sid: str) -> None:
         """After a local_train of round `sid` is done: the unmask step, if the round aggregates securely."""
@@ -604,12 +627,16 @@ class IoTNode:
         if own is None or "sealed" not in own or "revealed" in own:
             return  # not a participant, its own upload not in yet, or revealed already
         assignments = await self.reader.assignments(sid)
+        uploaded = set()
         for task_id, task in (assignments or {}).get("tasks", {}).items():
             if task["kind"] == "local_train":
                 status = await self.reader.task_status(sid, task_id)
-                if status is None or status["status"] != "done":
+                if status is None or status["status"] not in schedule.SETTLED:
                     return
-        txn = await self.secure.unmask_transaction(sid, definition["workflow_id"], definition["secure_aggregation"])
+                if status["status"] == "done":
+                    uploaded.add(task["data_owner"])
+        txn = await self.secure.unmask_transaction(sid, definition["workflow_id"], definition["secure_aggregation"],
+                                                   uploaded)
         await self._once(("unmask", sid), txn, f"reveal its shares of round {assignments['round']}")
 
     async def _commit(self, txn, what: str) -> bool:

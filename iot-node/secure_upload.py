@@ -2,9 +2,11 @@
 scheduling/secagg_rules.py):
 
     submit     its two X25519 public keys go in the batch of its submission (keys_transaction)
+    ready      once the round's participants are fixed, its shares of its self-mask seed and of its
+               mask key, sealed for its neighbours (shares_transaction): before any upload, so a
+               participant that drops out later is recovered from them
     local_train  its update leaves it only masked (mask): the masked vector is the blob it stores
-               and reports, and its shares, sealed for its neighbours, go in the batch of that
-               report, so an upload never stands without them
+               and reports
     unmask     once every local_train of the round is done, it opens the shares its neighbours
                sealed for it and reveals their self-mask shares (unmask_transaction)
 
@@ -50,13 +52,19 @@ class SecureAggregation:
             found[node] = record
         return found
 
-    async def mask(self, schedule_id: str, workflow_id: str, block: Mapping, state, samples: int):
-        """(the masked upload's bytes, the transaction with this node's sealed shares)."""
+    async def mask(self, schedule_id: str, block: Mapping, state, samples: int) -> bytes:
+        """The masked upload's bytes."""
         _, graph = await self._graph(schedule_id, block)
         mine, theirs = self.secrets(schedule_id), graph[self.node]
         records = await self._records(schedule_id, theirs)
         pair_keys = secagg.pair_keys(mine, self.node, {n: r["s_pk"] for n, r in records.items()}, schedule_id, theirs)
-        masked = secagg.masked_input(state, samples, me=self.node, secrets=mine, pair_keys=pair_keys)
+        return secagg.to_bytes(secagg.masked_input(state, samples, me=self.node, secrets=mine, pair_keys=pair_keys))
+
+    async def shares_transaction(self, schedule_id: str, workflow_id: str, block: Mapping):
+        """This node's shares of its self-mask seed and its mask key, sealed for its neighbours."""
+        _, graph = await self._graph(schedule_id, block)
+        mine, theirs = self.secrets(schedule_id), graph[self.node]
+        records = await self._records(schedule_id, theirs)
         sealed: dict[str, dict[str, str]] = {n: {} for n in theirs}
         digests: dict[str, dict[str, str]] = {n: {} for n in theirs}
         for kind, secret in (("b", mine.self_seed), ("s", mine.s_private)):
@@ -66,12 +74,12 @@ class SecureAggregation:
                 sealed[holder][kind] = secagg.seal_share(key, share, schedule_id=schedule_id, sender=self.node,
                                                          holder=holder).hex()
                 digests[holder][kind] = secagg.share_digest(share)
-        txn = schedule.make_secagg_shares_transaction(self.signer, schedule_id, workflow_id,
-                                                      secagg.commitment(mine.self_seed), sealed, digests)
-        return secagg.to_bytes(masked), txn
+        return schedule.make_secagg_shares_transaction(self.signer, schedule_id, workflow_id,
+                                                       secagg.commitment(mine.self_seed), sealed, digests)
 
-    async def unmask_transaction(self, schedule_id: str, workflow_id: str, block: Mapping):
-        """Reveal, for every neighbour, the self-mask share it sealed for this node."""
+    async def unmask_transaction(self, schedule_id: str, workflow_id: str, block: Mapping, uploaded: set[str]):
+        """Reveal, for every neighbour, the share it sealed for this node: of its self-mask if it
+        uploaded, of its mask key if its upload was dropped."""
         _, graph = await self._graph(schedule_id, block)
         mine, theirs = self.secrets(schedule_id), graph[self.node]
         records = await self._records(schedule_id, theirs)
@@ -79,7 +87,9 @@ class SecureAggregation:
         for sender, record in records.items():
             key = secagg.agree(mine.c_private, record["c_pk"], schedule_id=schedule_id, a=sender, b=self.node,
                                purpose="share")
-            sealed = bytes.fromhex(record["sealed"][self.node]["b"])
+            if "sealed" not in record:
+                continue  # dropped before it sent any shares: nobody holds a share of it
+            sealed = bytes.fromhex(record["sealed"][self.node]["b" if sender in uploaded else "s"])
             revealed[sender] = secagg.open_share(key, sealed, schedule_id=schedule_id, sender=sender,
                                                  holder=self.node).hex()
         return schedule.make_secagg_unmask_transaction(self.signer, schedule_id, workflow_id, revealed)

@@ -29,6 +29,7 @@ TASK_REASSIGNED = "trustmesh/task-reassigned"
 ROUND_RESULT = "trustmesh/round-result"
 ROUND_FINALIZED = "trustmesh/round-finalized"
 NOISE_REVEALED = "trustmesh/noise-revealed"
+TASK_DROPPED = "trustmesh/task-dropped"
 
 _TASK = ("schedule_id", "task_id", "node", "attempt", "kind")
 _PEER = ("node", "name", "encryption_public_key", "cpu_cores", "memory_mb", "revision")
@@ -55,6 +56,7 @@ ATTRIBUTES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ROUND_RESULT: (("schedule_id", "workflow_id", "round", "global_model_digest", "participants"), ()),
     ROUND_FINALIZED: (("schedule_id", "workflow_id", "round", "global_model_digest"), ()),
     NOISE_REVEALED: (("schedule_id", "workflow_id", "round"), ()),
+    TASK_DROPPED: ((*_TASK, "workflow_id"), ()),
 }
 
 TASK_STATUS_EVENTS = {"running": TASK_RUNNING, "done": TASK_DONE, "failed": TASK_FAILED}

@@ -12,12 +12,14 @@ the workflow block). Each participant writes only its own record,
                                                         of b and s_sk sealed for exactly its
                                                         neighbours, their sha256, and sha256(b)
     secagg_unmask  {schedule_id, shares: {sender: share}}
-                                                        once every local_train of the round is done
-                                                        (every masked upload fixed): for each
-                                                        neighbour, the b share it sealed for the
-                                                        signer, which must hash to what that
-                                                        neighbour published; a wrong one is refused,
-                                                        naming the signer
+                                                        once every local_train of the round is
+                                                        settled (every masked upload fixed): for
+                                                        each neighbour, the share it sealed for the
+                                                        signer, of b if it uploaded, of its mask
+                                                        key s_sk if its local_train was dropped;
+                                                        it must hash to what that neighbour
+                                                        published; a wrong one is refused, naming
+                                                        the signer
 
 Reads: the round record (who submitted), the workflow (the block), task statuses, the records of
 the round's participants (the secagg prefix). Pure apart from the reads and writes.
@@ -32,7 +34,7 @@ from typing import Mapping
 from trustmesh.fl import secagg_block
 from trustmesh.ledger.processor import InvalidTransaction
 
-from . import layout
+from . import definition, layout
 from .common import HEX64, read_record, read_records, require, require_match, shown, write_records
 
 X25519_HEX = HEX64  # a raw X25519 public key: 32 bytes
@@ -41,13 +43,13 @@ SHARE = re.compile(r"\A[0-9a-f]{66}\Z")    # holder index + two 16-byte halves
 KINDS = ("b", "s")
 
 
-async def _round(context, schedule_id: str) -> tuple[dict, dict]:
+async def secure_round(context, schedule_id: str) -> tuple[dict, dict]:
     """(round record, secure_aggregation block) or InvalidTransaction."""
     record = await read_record(context, layout.round_address(schedule_id))
     if record is None:
         raise InvalidTransaction(f"no round with schedule id {schedule_id!r} on chain")
     workflow = await read_record(context, layout.workflow_address(record["workflow_id"])) or {}
-    block = (workflow.get("definition") or {}).get("secure_aggregation")
+    block = definition.secure_aggregation(workflow.get("definition"))
     if block is None:
         raise InvalidTransaction(f"workflow {record['workflow_id']!r} does not aggregate securely; it takes no "
                                  f"secure-aggregation messages")
@@ -55,7 +57,7 @@ async def _round(context, schedule_id: str) -> tuple[dict, dict]:
 
 
 async def keys(body: Mapping, signer: str, context, schedule_id: str) -> None:
-    record, _ = await _round(context, schedule_id)
+    record, _ = await secure_round(context, schedule_id)
     c_pk = require_match(body, "c_pk", X25519_HEX, "an X25519 public key (64 lowercase hex)")
     s_pk = require_match(body, "s_pk", X25519_HEX, "an X25519 public key (64 lowercase hex)")
     if signer not in record["expected_nodes"]:
@@ -70,7 +72,7 @@ async def keys(body: Mapping, signer: str, context, schedule_id: str) -> None:
 
 
 async def shares(body: Mapping, signer: str, context, schedule_id: str) -> None:
-    record, block = await _round(context, schedule_id)
+    record, block = await secure_round(context, schedule_id)
     if record["status"] != "ready":
         raise InvalidTransaction(f"round {schedule_id!r} is {record['status']}: shares go out once it is ready "
                                  f"(its participants fixed)")
@@ -98,11 +100,12 @@ async def shares(body: Mapping, signer: str, context, schedule_id: str) -> None:
                                             "digests": dict(digests)}})
 
 
-async def unmask(body: Mapping, signer: str, context, schedule_id: str, statuses_done: bool) -> None:
-    record, block = await _round(context, schedule_id)
+async def unmask(body: Mapping, signer: str, context, schedule_id: str, uploads: Mapping[str, str]) -> None:
+    """uploads: participant -> the status of its local_train (done: it uploaded; dropped: it did not)."""
+    record, block = await secure_round(context, schedule_id)
     if signer not in record["submitted_nodes"]:
         raise InvalidTransaction(f"node {signer} did not submit to round {schedule_id!r}")
-    if not statuses_done:
+    if any(status not in ("done", "dropped") for status in uploads.values()):
         raise InvalidTransaction(f"shares are revealed once every masked upload of round {schedule_id!r} is "
                                  f"fixed (every local_train done); not yet")
     revealed = require(body, "shares", dict)
@@ -119,11 +122,12 @@ async def unmask(body: Mapping, signer: str, context, schedule_id: str, statuses
     found = await read_records(context, list(senders))
     for sender_address, sender in senders.items():
         share = revealed[sender]
-        published = ((found.get(sender_address) or {}).get("digests") or {}).get(signer, {}).get("b")
+        kind, what = ("b", "self-mask") if uploads.get(sender) == "done" else ("s", "mask key")
+        published = ((found.get(sender_address) or {}).get("digests") or {}).get(signer, {}).get(kind)
         if not isinstance(share, str) or not SHARE.match(share):
             raise InvalidTransaction(f"the share of {sender}'s secret must be 66 lowercase hex; got {shown(share)}")
         if published is None or hashlib.sha256(bytes.fromhex(share)).hexdigest() != published:
-            raise InvalidTransaction(f"node {signer} revealed a share of {sender}'s self-mask that is not the one "
+            raise InvalidTransaction(f"node {signer} revealed a share of {sender}'s {what} that is not the one "
                                      f"{sender} gave it (its sha256 differs from the published digest)")
     await write_records(context, {address: {**own, "revealed": dict(revealed)}})
 
@@ -133,7 +137,7 @@ async def unmask_stalled(context, record: Mapping, now: int) -> str:
     every upload is in, round_timeout seconds passed since the last one, and some participant's
     self-mask still has fewer than `threshold` shares revealed. Else InvalidTransaction saying why not."""
     schedule_id = record["schedule_id"]
-    _, block = await _round(context, schedule_id)
+    _, block = await secure_round(context, schedule_id)
     assignments = await read_record(context, layout.assignments_address(schedule_id))
     if assignments is None:
         raise InvalidTransaction(f"round {schedule_id!r} is not assigned yet; it cannot stall in its unmask step")
@@ -141,11 +145,12 @@ async def unmask_stalled(context, record: Mapping, now: int) -> str:
     addresses = {layout.task_status_address(schedule_id, t): t for t in tasks}
     statuses = {addresses[a]: s for a, s in (await read_records(context, list(addresses))).items()}
     trains = [t for t, task in tasks.items() if task["kind"] == "local_train"]
-    if any((statuses.get(t) or {}).get("status") != "done" for t in trains):
+    if any((statuses.get(t) or {}).get("status") not in ("done", "dropped") for t in trains):
         raise InvalidTransaction(f"round {schedule_id!r} still waits for uploads, not for its unmask step")
     if any(task["kind"] == "aggregate" and (statuses.get(t) or {}).get("status") == "done" for t, task in tasks.items()):
         raise InvalidTransaction(f"round {schedule_id!r} was aggregated; it did not stall")
-    last = max(entry["at"] for t in trains for entry in statuses[t].get("history", []) if entry["status"] == "done")
+    last = max((entry["at"] for t in trains for entry in statuses[t].get("history", [])
+                if entry["status"] in ("done", "dropped")), default=record["round_start"])
     deadline = last + record["round_timeout"]
     if now < deadline:
         raise InvalidTransaction(f"round {schedule_id!r}'s unmask step has {deadline - now} s left (round_timeout "

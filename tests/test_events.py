@@ -44,6 +44,16 @@ def test_every_emitted_event_is_documented_with_its_attributes(recorded):
     fs.apply(copy.deepcopy(private.states["aggregated"]), private.coordinator, layout.SCHEDULE_FAMILY,
              schedule.reveal_noise_payload(private.schedule_id, private.noise_seed.hex()))  # a DP round's noise seed
 
+    secure = fs.Round(secure_aggregation={"protocol": "secagg+", "threshold": 2, "neighbours": 2})
+    late = copy.deepcopy(secure.states["late"])  # an hour on: the participants' local_train tasks are overdue
+    by_key = {n.public_key().as_hex(): n for n in secure.nodes}
+    fs.apply(late, by_key[secure.assigned["preprocess"]], layout.SCHEDULE_FAMILY,
+             schedule.report_payload(secure.schedule_id, "preprocess", "done", output_digest="ab" * 32))
+    train = next(t for t in secure.assigned if t.startswith("train:"))
+    fs.set_chain_time(late, 1_700_000_000 + 7200, block_num=8)  # past the deadline preprocess started
+    fs.apply(late, secure.coordinator, layout.SCHEDULE_FAMILY,
+             schedule._encode("drop_update", {"schedule_id": secure.schedule_id, "task_id": train}))
+
     emitted = {name for name, _ in recorded}
     assert emitted == set(events.ATTRIBUTES), sorted(emitted ^ set(events.ATTRIBUTES))
     for name, attributes in recorded:

@@ -197,3 +197,95 @@ def test_an_unmask_step_below_the_threshold_ends_the_round_as_timeout_saying_why
     assert results == [None] and record["status"] == "timeout"
     assert "only 2 of the 3 shares needed to unmask participant" in record["reason"]
     assert "within 5 s of the last upload" in record["reason"]
+
+
+def test_a_participant_that_drops_out_before_uploading_is_left_out_and_its_masks_removed(devnet, stores,  # noqa: F811
+                                                                                          tmp_path, monkeypatch):
+    """iot-5 submits and sends its shares, then never trains: past its deadline the coordinator
+    drops its upload, its neighbours reveal their shares of its mask key, and the round's model is
+    FedAvg of the other four."""
+    plaintexts, masked_input = _Plaintexts(), secagg.masked_input
+
+    def spy(state, samples, **kwargs):
+        plaintexts.add(state, samples, kwargs["me"])
+        return masked_input(state, samples, **kwargs)
+
+    monkeypatch.setattr(secagg, "masked_input", spy)
+    start_trainer = IoTNode._start_trainer
+
+    async def iot_5_never_trains(self):
+        if self.name != "iot-5":
+            await start_trainer(self)
+
+    monkeypatch.setattr(IoTNode, "_start_trainer", iot_5_never_trains)
+    redis_server, _ = stores
+    dropped, results, _, _ = federate(devnet, stores, tmp_path, "digits-secagg-dropout", rounds=1, attack=None,
+                                      task_deadline=2, federation={"train_on": "iot"}, secure_aggregation=SECURE)
+    [result] = results
+    assert dropped not in result["aggregation_weights"] and len(result["aggregation_weights"]) == 4
+    assert len(plaintexts.updates) == 4  # iot-5 never masked anything
+    expected, _ = FedAvg().aggregate([ClientUpdate(n, state, s) for n, s, state in plaintexts.updates])
+    stored = run(_global_model(redis_server.url, result["global_model_digest"]))
+    for name, tensor in expected.items():
+        assert (stored[name] - tensor).abs().max().item() <= 1e-6, name
+
+
+@pytest.fixture(scope="module")
+def secure_round():
+    return Round(secure_aggregation={"protocol": "secagg+", "threshold": 2, "neighbours": 2})
+
+
+def _overdue(scenario, past_deadline: bool = True):
+    """An hour on, preprocess done, then (past_deadline) past the deadline it gave the local_train tasks."""
+    from helpers.family_scenario import set_chain_time
+
+    state = copy.deepcopy(scenario.states["late"])
+    by_key = {n.public_key().as_hex(): n for n in scenario.nodes}
+    apply(state, by_key[scenario.assigned["preprocess"]], layout.SCHEDULE_FAMILY,
+          schedule.report_payload(scenario.schedule_id, "preprocess", "done", output_digest="ab" * 32))
+    if past_deadline:
+        set_chain_time(state, 1_700_000_000 + 7200, block_num=8)
+    return state
+
+
+def _drop(scenario, state, task_id, signer=None):
+    apply(state, signer or scenario.coordinator, layout.SCHEDULE_FAMILY,
+          schedule._encode("drop_update", {"schedule_id": scenario.schedule_id, "task_id": task_id}))
+
+
+def test_the_coordinator_drops_an_overdue_upload_and_the_aggregate_may_go_on(secure_round):
+    state = _overdue(secure_round)
+    trains = sorted(t for t in secure_round.assigned if t.startswith("train:"))
+    _drop(secure_round, state, trains[0])
+    assert schedule.decode_record(state[layout.task_status_address(secure_round.schedule_id, trains[0])])[
+        "status"] == "dropped"
+    with pytest.raises(InvalidTransaction, match="is dropped already"):
+        _drop(secure_round, state, trains[0])
+    owner = {p.public_key().as_hex(): p for p in secure_round.participants}[secure_round.assigned[trains[0]]]
+    with pytest.raises(InvalidTransaction, match="was dropped past its deadline"):  # a late report comes too late
+        apply(state, owner, layout.SCHEDULE_FAMILY, schedule.report_payload(
+            secure_round.schedule_id, trains[0], "done", output_digest="cd" * 32, metrics={"samples": 10}))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not overdue", "is not overdue"),
+    ("not the coordinator", "only the round's coordinator"),
+    ("not an upload", "only a local_train"),
+    ("not a secure workflow", "does not aggregate securely"),
+])
+def test_an_upload_is_dropped_only_by_the_coordinator_past_its_deadline_in_a_secure_round(secure_round, case,
+                                                                                       message):
+    scenario, state = secure_round, _overdue(secure_round)
+    task_id = sorted(t for t in scenario.assigned if t.startswith("train:"))[0]
+    signer = None
+    if case == "not overdue":
+        state = _overdue(scenario, past_deadline=False)
+    elif case == "not the coordinator":
+        signer = scenario.participants[1]
+    elif case == "not an upload":
+        task_id = "aggregate"
+    else:
+        scenario = Round()
+        state = copy.deepcopy(scenario.states["late"])
+    with pytest.raises(InvalidTransaction, match=message):
+        _drop(scenario, state, task_id, signer)

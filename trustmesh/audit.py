@@ -279,7 +279,8 @@ class _Round:
     def aggregated(self) -> list[str]:
         """The local_train instances the aggregate task combined, as `_aggregate` selects them."""
         aggregate = self.tasks.get((self.result or {}).get("aggregate_task")) or {}
-        return [d for d in aggregate.get("fetch_dependency_outputs", []) if self.tasks[d]["kind"] == "local_train"]
+        return [d for d in aggregate.get("fetch_dependency_outputs", []) if self.tasks[d]["kind"] == "local_train"
+                and (self.statuses.get(d) or {}).get("status") != "dropped"]  # a secure round went on without it
 
     def nodes(self) -> set[str]:
         """Every node that held one of the round's tasks, at any attempt."""

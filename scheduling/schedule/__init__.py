@@ -100,7 +100,7 @@ from __future__ import annotations
 from .spec import (  # noqa: F401
     FAMILY_NAME, FAMILY_VERSION, NAMESPACE, ACTIONS, TASK_KINDS, REPORT_STATUSES,
     DEFAULT_DEADLINE_SECONDS, MAX_DEADLINE_SECONDS, MAX_QUEUE_SKEW, MAX_METRICS, MAX_REASON_CHARS,
-    MAX_REJECT_REASON_CHARS, PRIVACY_FIELDS, TASK_STATUS_PREFIX, NODE_LOAD_PREFIX, TASK_ID, METRIC_NAME,
+    MAX_REJECT_REASON_CHARS, PRIVACY_FIELDS, TASK_STATUS_PREFIX, NODE_LOAD_PREFIX, TASK_ID, METRIC_NAME, SETTLED,
 )
 from .placement import (  # noqa: F401
     resource_points, empty_load, responsive, node_score, tie_break, rank_nodes,
@@ -114,6 +114,7 @@ from .handler import (  # noqa: F401
 from .client import (  # noqa: F401
     assign_payload, report_payload, reassign_payload, round_result_payload,
     make_secagg_keys_transaction, make_secagg_shares_transaction, make_secagg_unmask_transaction,
+    make_drop_update_transaction,
     reveal_noise_payload, make_reveal_noise_transaction, make_assign_transaction,
     make_report_transaction, make_reassign_transaction, make_round_result_transaction, tasks_of_node,
     decode_record, _encode,

@@ -80,6 +80,15 @@ def make_secagg_unmask_transaction(signer, schedule_id: str, workflow_id: str, s
                                writes=True, **kwargs)
 
 
+def make_drop_update_transaction(signer, schedule_id: str, task_id: str, workflow_id: str, **kwargs):
+    """The coordinator drops a securely aggregated round's overdue local_train (private_rounds.py)."""
+    assignments = layout.assignments_address(schedule_id)
+    inputs = [layout.round_address(schedule_id), layout.workflow_address(workflow_id), assignments,
+              TASK_STATUS_PREFIX, layout.BLOCK_INFO_NS]
+    payload = _encode("drop_update", {"schedule_id": schedule_id, "task_id": task_id})
+    return _transaction(signer, payload, inputs, [assignments, TASK_STATUS_PREFIX], **kwargs)
+
+
 def reveal_noise_payload(schedule_id: str, noise_seed: str) -> bytes:
     return _encode("reveal_noise", {"schedule_id": schedule_id, "noise_seed": noise_seed})
 

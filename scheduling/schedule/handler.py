@@ -7,9 +7,10 @@ from typing import Any, Iterable, Mapping
 
 from trustmesh.ledger.processor import InvalidTransaction, TransactionHandler
 
+from .. import definition as definitions
 from .. import events, layout, peers
 from ..common import chain_time, emit, parse_payload, read_record, read_records, require_int, signer_of, write_records
-from .spec import ACTIONS, DEFAULT_DEADLINE_SECONDS, FAMILY_NAME, FAMILY_VERSION, MAX_DEADLINE_SECONDS, NAMESPACE
+from .spec import ACTIONS, DEFAULT_DEADLINE_SECONDS, FAMILY_NAME, FAMILY_VERSION, MAX_DEADLINE_SECONDS, NAMESPACE, SETTLED
 from .placement import empty_load, rank_nodes, resource_points, responsive
 from .private_rounds import PrivateRoundRules
 from .reports import ReportRules
@@ -113,10 +114,7 @@ class ScheduleHandler(ReportRules, PrivateRoundRules, TransactionHandler):
             raise InvalidTransaction(f"round {schedule_id!r} names workflow {workflow_id!r}, which is not on chain")
         definition = workflow.get("definition") or {}
         ordered = _workflow_tasks(workflow_id, definition)
-        federation = definition.get("federation") if isinstance(definition, Mapping) else None
-        train_on = (federation or {}).get("train_on", "compute") if isinstance(federation, Mapping) else "compute"
-        if train_on not in ("compute", "iot"):
-            raise InvalidTransaction(f"workflow {workflow_id!r}: federation.train_on must be 'compute' or 'iot', got {train_on!r}")
+        train_on = definitions.train_on(definition, workflow_id)
 
         submissions = round_.get("submissions") or {}
         arrival = [n for n in (round_.get("submitted_nodes") or []) if n in submissions]
@@ -216,8 +214,10 @@ class ScheduleHandler(ReportRules, PrivateRoundRules, TransactionHandler):
         now = await chain_time(context)
         if current["status"] == "done":
             raise InvalidTransaction(f"task {task_id!r} is done; a done task is never reassigned")
+        if current["status"] == "dropped":
+            raise InvalidTransaction(f"task {task_id!r} was dropped; its round went on without it")
         if current["status"] != "failed":
-            waiting = [d for d in deps if statuses[d]["status"] != "done"]
+            waiting = [d for d in deps if statuses[d]["status"] not in SETTLED]
             if waiting:
                 raise InvalidTransaction(
                     f"task {task_id!r} is waiting for its dependencies ({', '.join(waiting[:5])}"

@@ -10,7 +10,8 @@ from trustmesh.ledger.processor import InvalidTransaction
 
 from .. import events, layout, secagg_rules
 from ..common import HEX64, chain_time, emit, read_record, require_match, write_records
-from .checks import _schedule_id
+from .checks import _schedule_id, _task_id
+from .spec import SETTLED
 
 
 class PrivateRoundRules:
@@ -18,10 +19,46 @@ class PrivateRoundRules:
     and secure aggregation's messages (scheduling/secagg_rules.py)."""
 
     async def _trains_pending(self, context, schedule_id: str, assignments: Mapping) -> list[str]:
-        """The round's local_train tasks not done yet: until there are none, updates may change."""
+        """The round's local_train tasks not settled yet (done or dropped): until there are none,
+        the round's uploads may change."""
         trains = [t for t, task in assignments["tasks"].items() if task["kind"] == "local_train"]
         statuses = await self._statuses(context, schedule_id, trains)
-        return sorted(t for t in trains if statuses[t]["status"] != "done")
+        return sorted(t for t in trains if statuses[t]["status"] not in SETTLED)
+
+    # -- drop_update ------------------------------------------------------------------------
+
+    async def _drop_update(self, body: dict, signer: str, context) -> None:
+        """A securely aggregated round goes on without a participant whose local_train is past its
+        deadline: its neighbours then reveal their shares of its mask key instead (secagg_rules)."""
+        schedule_id, task_id = _schedule_id(body), _task_id(body)
+        round_, _ = await secagg_rules.secure_round(context, schedule_id)
+        if signer != round_.get("coordinator"):
+            raise InvalidTransaction(f"only the round's coordinator {round_.get('coordinator')} drops an update, not {signer}")
+        assignments = await self._assignments(context, schedule_id)
+        task = self._task(assignments, schedule_id, task_id)
+        if task["kind"] != "local_train":
+            raise InvalidTransaction(f"task {task_id!r} is a {task['kind']} task; only a local_train (an upload) is dropped")
+        statuses = await self._statuses(context, schedule_id, [task_id, *task["fetch_dependency_outputs"]])
+        current, now = statuses[task_id], await chain_time(context)
+        if current["status"] in SETTLED:
+            raise InvalidTransaction(f"task {task_id!r} is {current['status']} already")
+        waiting = [d for d in task["fetch_dependency_outputs"] if statuses[d]["status"] not in SETTLED]
+        if waiting:
+            raise InvalidTransaction(f"task {task_id!r} waits for {', '.join(waiting)}; it cannot be late yet")
+        if now <= current["deadline"]:
+            raise InvalidTransaction(f"task {task_id!r} is not overdue: its deadline is {current['deadline']}, chain "
+                                     f"time is {now}; drop it after the deadline")
+        current["status"] = "dropped"
+        current["history"].append({"status": "dropped", "node": current["node"], "attempt": current["attempt"],
+                                   "at": now})
+        statuses[task_id] = current
+        writes = {layout.task_status_address(schedule_id, task_id): current}
+        all_statuses = await self._statuses(context, schedule_id, assignments["tasks"])
+        all_statuses[task_id] = current
+        self._start_dependents(assignments, all_statuses, schedule_id, task_id, now, writes)
+        await write_records(context, writes)
+        await emit(context, events.TASK_DROPPED, schedule_id=schedule_id, task_id=task_id, node=current["node"],
+                   attempt=current["attempt"], kind=task["kind"], workflow_id=assignments["workflow_id"])
 
     # -- secure aggregation (secagg_rules.py) -----------------------------------------------
 
@@ -34,8 +71,10 @@ class PrivateRoundRules:
     async def _secagg_unmask(self, body: dict, signer: str, context) -> None:
         schedule_id = _schedule_id(body)
         assignments = await self._assignments(context, schedule_id)
-        done = not await self._trains_pending(context, schedule_id, assignments)
-        await secagg_rules.unmask(body, signer, context, schedule_id, done)
+        trains = {t: task["data_owner"] for t, task in assignments["tasks"].items() if task["kind"] == "local_train"}
+        statuses = await self._statuses(context, schedule_id, trains)
+        uploads = {owner: statuses[t]["status"] for t, owner in trains.items()}
+        await secagg_rules.unmask(body, signer, context, schedule_id, uploads)
 
     # -- reveal_noise ----------------------------------------------------------------------
 

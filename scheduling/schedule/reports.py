@@ -11,7 +11,7 @@ from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction
 
 from .. import events, layout
 from ..common import HEX64, PUBLIC_KEY, chain_time, emit, read_record, require, require_int, require_match, shown, write_records
-from .spec import MAX_REASON_CHARS, REPORT_STATUSES, _RANK
+from .spec import MAX_REASON_CHARS, REPORT_STATUSES, SETTLED, _RANK
 from .checks import _metrics, _number, _privacy, _rejected, _schedule_id, _task_id
 from .task_graph import _final_aggregates
 from .lineage import LineageUnknown, lineage_problem, starting_model
@@ -70,6 +70,8 @@ class ReportRules:
                     f"task {task_id!r} is in attempt {current['attempt']}; this report is for attempt {attempt}"
                 )
         previous = current["status"]
+        if previous == "dropped":
+            raise InvalidTransaction(f"task {task_id!r} was dropped past its deadline; its round went on without it")
         if previous == "done":
             raise InvalidTransaction(f"task {task_id!r} is already done; a task is reported done once")
         if previous == "failed":
@@ -82,7 +84,7 @@ class ReportRules:
         statuses = None
         if status == "done":
             statuses = await self._statuses(context, schedule_id, assignments["tasks"])
-            waiting = [d for d in task["fetch_dependency_outputs"] if statuses[d]["status"] != "done"]
+            waiting = [d for d in task["fetch_dependency_outputs"] if statuses[d]["status"] not in SETTLED]
             if waiting:
                 shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
                 raise InvalidTransaction(f"task {task_id!r} cannot be done before its dependencies: {shown} not done yet")
@@ -112,22 +114,7 @@ class ReportRules:
 
         if status == "done":
             statuses[task_id] = current
-            # tasks whose inputs are now complete: their deadline starts now
-            changed = False
-            for other_id, other in assignments["tasks"].items():
-                if task_id not in other["fetch_dependency_outputs"]:
-                    continue
-                if statuses[other_id]["status"] not in ("assigned", "running"):
-                    continue
-                if all(statuses[d]["status"] == "done" for d in other["fetch_dependency_outputs"]):
-                    deadline = now + int(assignments["deadline_seconds"])
-                    other["deadline"] = deadline
-                    other_status = statuses[other_id]
-                    other_status["deadline"] = deadline
-                    writes[layout.task_status_address(schedule_id, other_id)] = other_status
-                    changed = True
-            if changed:
-                writes[layout.assignments_address(schedule_id)] = assignments
+            self._start_dependents(assignments, statuses, schedule_id, task_id, now, writes)
             finalized = None
             if task["kind"] == "evaluate":
                 result = await read_record(context, layout.round_result_address(schedule_id))
@@ -144,6 +131,27 @@ class ReportRules:
         await emit(context, events.TASK_STATUS_EVENTS[status], **event)
         if status == "done" and finalized is not None:
             await self._emit_finalized(context, finalized)
+
+    @staticmethod
+    def _start_dependents(assignments: dict, statuses: dict, schedule_id: str, task_id: str, now: int,
+                          writes: dict) -> None:
+        """Task `task_id` settled (done, or dropped): the tasks whose inputs are now all settled
+        get their deadline from now (their writes added to `writes`)."""
+        changed = False
+        for other_id, other in assignments["tasks"].items():
+            if task_id not in other["fetch_dependency_outputs"]:
+                continue
+            if statuses[other_id]["status"] not in ("assigned", "running"):
+                continue
+            if all(statuses[d]["status"] in SETTLED for d in other["fetch_dependency_outputs"]):
+                deadline = now + int(assignments["deadline_seconds"])
+                other["deadline"] = deadline
+                other_status = statuses[other_id]
+                other_status["deadline"] = deadline
+                writes[layout.task_status_address(schedule_id, other_id)] = other_status
+                changed = True
+        if changed:
+            writes[layout.assignments_address(schedule_id)] = assignments
 
     @staticmethod
     async def _check_lineage(context, assignments: Mapping, task_id: str, base: str | None) -> None:

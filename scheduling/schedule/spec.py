@@ -14,9 +14,9 @@ FAMILY_NAME = layout.SCHEDULE_FAMILY
 FAMILY_VERSION = layout.VERSION
 NAMESPACE = layout.SCHEDULE_NS
 
-ACTIONS = ("assign", "report", "reassign", "round_result", "reveal_noise", "secagg_keys", "secagg_shares",
+ACTIONS = ("assign", "report", "reassign", "round_result", "reveal_noise", "drop_update", "secagg_keys", "secagg_shares",
            "secagg_unmask")
-TASK_KINDS = ("local_train", "aggregate", "evaluate", "preprocess")
+from ..definition_tasks import TASK_KINDS  # noqa: E402,F401  (the definition's, one list)
 REPORT_STATUSES = ("running", "done", "failed")
 DEFAULT_DEADLINE_SECONDS = 300
 MAX_DEADLINE_SECONDS = 7 * 24 * 3600
@@ -46,8 +46,12 @@ _FIELDS = {
         {"task_id", "rejected", "server_state_digest", "privacy"},
     ),
     "reveal_noise": ({"schedule_id", "noise_seed"}, set()),
+    "drop_update": ({"schedule_id", "task_id"}, set()),
     "secagg_keys": ({"schedule_id", "c_pk", "s_pk"}, set()),
     "secagg_shares": ({"schedule_id", "self_commitment", "sealed", "digests"}, set()),
     "secagg_unmask": ({"schedule_id", "shares"}, set()),
 }
-_RANK = {"assigned": 0, "running": 1, "done": 2, "failed": 2}
+_RANK = {"assigned": 0, "running": 1, "done": 2, "failed": 2, "dropped": 2}
+# what a dependency may be for its dependents to go ahead: done, or (a securely aggregated
+# round's local_train past its deadline) dropped, its upload left out and its masks removed
+SETTLED = ("done", "dropped")

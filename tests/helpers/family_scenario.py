@@ -80,11 +80,12 @@ def apply(state, signer, family, payload):
 class Round:
     """Keys and the state after each step of one federated round (3 participants, 2 nodes).
     privacy: a workflow `privacy` block; with where "server" the round opens committed to
-    `noise_seed` (32 bytes)."""
+    `noise_seed` (32 bytes). secure_aggregation: that block, with train_on "iot" (the
+    participants then train their own data) and all three participants required."""
 
     noise_seed = bytes(range(32))
 
-    def __init__(self, privacy: dict | None = None):
+    def __init__(self, privacy: dict | None = None, secure_aggregation: dict | None = None):
         self.coordinator = PrivateKey.generate()
         self.participants = [self.coordinator] + [PrivateKey.generate() for _ in range(2)]
         self.nodes = [PrivateKey.generate() for _ in range(2)]
@@ -95,6 +96,9 @@ class Round:
                    min_nodes_required=2, round_timeout=60)
         if privacy is not None:
             definition["privacy"] = privacy
+        if secure_aggregation is not None:
+            definition["secure_aggregation"] = secure_aggregation
+            fed.update(train_on="iot", min_nodes_required=3)
         self.definition = workflow.resolve_node_names(definition, keys)
         server_noise = (privacy or {}).get("where") == "server"
         commitment = hashlib.sha256(self.noise_seed).hexdigest() if server_noise else None
@@ -125,7 +129,7 @@ class Round:
         set_chain_time(self.states["late"], 1_700_000_000 + 3600, block_num=7)
         for node in self.nodes:  # still heartbeating an hour on: live, so a late task can move
             apply(self.states["late"], node, layout.PEER_FAMILY, peers.heartbeat_payload())
-        by_key = {n.public_key().as_hex(): n for n in self.nodes}
+        by_key = {n.public_key().as_hex(): n for n in [*self.nodes, *self.participants]}
         order = ["preprocess", *sorted(t for t in tasks if t.startswith("train:")), "aggregate"]
         for task_id in order:
             apply(state, by_key[self.assigned[task_id]], layout.SCHEDULE_FAMILY, schedule.report_payload(

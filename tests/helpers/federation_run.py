@@ -69,7 +69,8 @@ async def until(predicate, pause: float = 0.1):
 
 
 def federate(devnet, stores, tmp_path, workflow_id: str, *, rounds: int = 2, attack: str | None = "scale:100",
-             epochs: int = 1, federation: dict | None = None, after=None, finals: int | None = None, **changes):
+             epochs: int = 1, federation: dict | None = None, after=None, finals: int | None = None,
+             task_deadline: int = 300, **changes):
     """Run a workflow (federated-digits, 5 IoT nodes iot-1..iot-5 with iot-1 coordinating, two
     compute nodes, `epochs` (1), `rounds`, `federation` and definition `changes`) with iot-5's
     updates poisoned by both compute nodes with `attack`. Then the audit, which must pass.
@@ -104,8 +105,8 @@ def federate(devnet, stores, tmp_path, workflow_id: str, *, rounds: int = 2, att
             [status] = await submit_and_wait(client, [make_batch(owner, [workflow.make_deploy_transaction(
                 owner, definition)])])
             assert status["status"] == "COMMITTED", status
-            iots = [IoTNode(n, tmp_path / n, workflow_id=workflow_id, coordinator=(n == "iot-1"), **common)
-                    for n in names]
+            iots = [IoTNode(n, tmp_path / n, workflow_id=workflow_id, coordinator=(n == "iot-1"),
+                            task_deadline=task_deadline, **common) for n in names]
             for node in iots:
                 await node.start()
             try:
@@ -126,7 +127,7 @@ def federate(devnet, stores, tmp_path, workflow_id: str, *, rounds: int = 2, att
     results, loads, report, extra = run(scenario(), timeout=300)
     assert report.ok, audit.render_text(report)
     for result in results:
-        assert result is None or set(result["aggregation_weights"]) == set(keys.values())
+        assert result is None or set(result["aggregation_weights"]) <= set(keys.values())
     return attacker, results, loads, extra
 
 
