@@ -12,7 +12,8 @@ import signal
 import sys
 import time
 
-from trustmesh import audit
+from trustmesh import audit, logs, model_files, workflow_info
+from trustmesh.dashboard import server as dashboard_server
 from trustmesh.endpoints import add_endpoint_flags, from_args, home_dir
 
 
@@ -171,6 +172,8 @@ def _up(args) -> int:
                                 timeout=args.timeout, progress=lambda text: print(f"  {text}", flush=True))
     print(f"local network up in {time.monotonic() - started:.1f} s: REST {state['endpoints']['rest']}, "
           f"validator {state['endpoints']['validator']}; logs in {home / 'logs'}", flush=True)
+    if state["endpoints"].get("dashboard"):
+        print(f"dashboard: {state['endpoints']['dashboard']}/", flush=True)
     return 0
 
 
@@ -385,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema = wf_sub.add_parser("schema", help="print the JSON Schema of workflow definitions, whole "
                                               "(strategies and their parameters from the registry)")
     schema.set_defaults(func=_workflow_schema)
+    workflow_info.register(wf_sub)  # list, show
 
     run = sub.add_parser("run", help="deploy a workflow and follow it to completion, a progress bar per round")
     _workflow_flags(run)
@@ -393,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     audit.register(sub)
+    dashboard_server.register(sub)
+    model_files.register(sub)  # model export, model evaluate
+    logs.register(sub)
 
     demo = sub.add_parser("demo", help="the embedded default: a local network runs federated-digits to "
                                        "completion, the audit checks every round, the network stops")

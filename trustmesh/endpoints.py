@@ -62,10 +62,7 @@ def local_network(home: str | os.PathLike | None = None) -> dict | None:
         return None
 
 
-def _running(network: dict | None) -> bool:
-    """Whether the local network that wrote `network` still runs (its supervisor is alive): a
-    stopped one's ports may belong to anything by now."""
-    pid = (network or {}).get("supervisor_pid")
+def pid_alive(pid: int | None) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -74,7 +71,16 @@ def _running(network: dict | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (exited, not yet reaped) is not alive
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _running(network: dict | None) -> bool:
+    """Whether the local network that wrote `network` still runs (its supervisor is alive): a
+    stopped one's ports may belong to anything by now."""
+    return pid_alive((network or {}).get("supervisor_pid"))
 
 
 def resolve(home: str | os.PathLike | None = None, **flags: str | None) -> Endpoints:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
-from trustmesh.endpoints import NETWORK_FILE, home_dir, local_network
+from trustmesh.endpoints import NETWORK_FILE, home_dir, local_network, pid_alive
 from trustmesh.machine import usable_cores
 from trustmesh.stores.redis_state import Heartbeats, connect
 from trustmesh.stores.servers import CouchServer, RedisServer, ServerError, free_port
@@ -46,6 +46,7 @@ CHECK_INTERVAL = 1.0       # seconds between health checks
 HEARTBEAT_GRACE = 20.0     # a node without a fresh heartbeat this long after its start is unhealthy
 MAX_BACKOFF = 30.0         # seconds between restarts of a process that keeps dying
 STOP_TIMEOUT = 10.0        # SIGTERM, then SIGKILL after this
+DASHBOARD_PORT = 8080      # the dashboard's port when free (else last run's, else any free one)
 
 
 class NetworkError(RuntimeError):
@@ -56,21 +57,6 @@ def _write_json(path: pathlib.Path, value: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value, indent=2))
     os.replace(tmp, path)  # readers never see half a file
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) is not alive
-        return pathlib.Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _tail(path: pathlib.Path, lines: int = 15) -> str:
@@ -204,6 +190,8 @@ class Supervisor:
         # The same ports as last time when they are free, so keys, logs and URLs stay valid.
         ports = {name: previous.get(name) if _port_free(previous.get(name)) else free_port()
                  for name in ("component", "rest")}
+        ports["dashboard"] = next((p for p in (previous.get("dashboard"), DASHBOARD_PORT) if _port_free(p)), None) \
+            or free_port()
         self.ports = ports
         # Deliveries and blobs must outlive a kill -9 of Redis: fsync before every answer
         # (TRUSTMESH_REDIS_APPENDFSYNC=everysec to compare, as bench/bench_round_overhead.py does;
@@ -235,7 +223,11 @@ class Supervisor:
                 self.services.append(Service(name, kind, logs / f"{name}.log", _trustmesh(
                     home, command, "--name", name, "--data-dir", str(home / "nodes" / name),
                     "--torch-threads", str(threads[kind])), node_key=_node_key(home, name)))
-        self.endpoints = {"validator": component, "rest": f"http://{rest}"}
+        # The dashboard, on loopback (no token there); it reads Redis's address from network.json.
+        dashboard = f"127.0.0.1:{ports['dashboard']}"
+        self.services.append(Service("dashboard", "view", logs / "dashboard.log", _trustmesh(
+            home, "dashboard", "--bind", dashboard, "--validator", component, "--rest", f"http://{rest}")))
+        self.endpoints = {"validator": component, "rest": f"http://{rest}", "dashboard": f"http://{dashboard}"}
 
     # -- health ----------------------------------------------------------------------------------
 
@@ -246,6 +238,8 @@ class Supervisor:
             return service.server.healthy()
         if service.name == "validator":
             return _http_ok(self.endpoints["rest"] + "/blocks?limit=1")
+        if service.name == "dashboard":
+            return _http_ok(self.endpoints["dashboard"] + "/api/health")
         if service.node_key is not None:
             return service.node_key in live_nodes
         return True  # processors: alive is all we can see (the validator does not list them)
@@ -352,7 +346,7 @@ class Supervisor:
         self._stopping = True
         self.ready = False
         # Users of a tier first, all of a tier at once: nodes, then the ledger, then the stores.
-        for tier in (("compute", "iot"), ("ledger",), ("store",)):
+        for tier in (("compute", "iot", "view"), ("ledger",), ("store",)):
             group = [s for s in reversed(self.services) if s.kind in tier]
             for service in group:
                 service.terminate()
@@ -403,7 +397,7 @@ def start(home: pathlib.Path, *, compute_nodes: int, iot_nodes: int, timeout: fl
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log.close()
     try:
-        return _wait_ready(home, supervisor, compute_nodes + iot_nodes + 4, timeout, progress)
+        return _wait_ready(home, supervisor, compute_nodes + iot_nodes + 5, timeout, progress)
     except BaseException:  # failed, timed out or interrupted: nothing may keep running
         if supervisor.poll() is None:
             supervisor.terminate()  # it stops what it started, even before network.json exists
