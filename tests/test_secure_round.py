@@ -40,15 +40,21 @@ class _Plaintexts:
         return any(needle in data for needle in self.needles)
 
 
-def test_updates_leave_their_nodes_only_masked_and_the_audit_verifies_the_sum(devnet, stores, tmp_path,  # noqa: F811
-                                                                             monkeypatch):
-    plaintexts, masked_input = _Plaintexts(), secagg.masked_input
+@pytest.fixture
+def plaintexts(monkeypatch):
+    """Every update as it is handed to masking (secagg.masked_input), in that order."""
+    seen, masked_input = _Plaintexts(), secagg.masked_input
 
     def spy(state, samples, **kwargs):
-        plaintexts.add(state, samples, kwargs["me"])
+        seen.add(state, samples, kwargs["me"])
         return masked_input(state, samples, **kwargs)
 
     monkeypatch.setattr(secagg, "masked_input", spy)
+    return seen
+
+
+def test_updates_leave_their_nodes_only_masked_and_the_audit_verifies_the_sum(devnet, stores, tmp_path,  # noqa: F811
+                                                                             monkeypatch, plaintexts):
     # iot-4 goes quiet after uploading: it never reveals its shares of the others' self-masks
     unmask = IoTNode._unmask
 
@@ -123,7 +129,6 @@ def test_a_revealed_share_that_is_not_the_one_given_is_refused_naming_its_holder
     """Shares published by one participant, then a neighbour revealing another in their place."""
     rnd = Round()
     state = copy.deepcopy(rnd.states["registered"])
-    record = schedule.decode_record  # noqa: F841  (decoder of the records below)
     # the workflow aggregates securely: deploy it as an update with the block (train_on iot)
     definition = copy.deepcopy(rnd.definition)
     definition["federation"].update(train_on="iot", min_nodes_required=3)
@@ -200,17 +205,11 @@ def test_an_unmask_step_below_the_threshold_ends_the_round_as_timeout_saying_why
 
 
 def test_a_participant_that_drops_out_before_uploading_is_left_out_and_its_masks_removed(devnet, stores,  # noqa: F811
-                                                                                          tmp_path, monkeypatch):
+                                                                                          tmp_path, monkeypatch,
+                                                                                          plaintexts):
     """iot-5 submits and sends its shares, then never trains: past its deadline the coordinator
     drops its upload, its neighbours reveal their shares of its mask key, and the round's model is
     FedAvg of the other four."""
-    plaintexts, masked_input = _Plaintexts(), secagg.masked_input
-
-    def spy(state, samples, **kwargs):
-        plaintexts.add(state, samples, kwargs["me"])
-        return masked_input(state, samples, **kwargs)
-
-    monkeypatch.setattr(secagg, "masked_input", spy)
     start_trainer = IoTNode._start_trainer
 
     async def iot_5_never_trains(self):
