@@ -47,7 +47,7 @@ from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.events import BLOCK_COMMIT, EventSubscriber, event_subscription
 from trustmesh.ledger.rest_client import RestClient
 from trustmesh.ledger.signing import load_or_create_key
-from trustmesh.scheduling import events, federation, layout, schedule, workflow
+from trustmesh.scheduling import events, federation, layout, rewards, schedule, workflow
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.data_bundle import seal_bundle
 from trustmesh.stores.kept_blobs import KeptBlobs
@@ -445,6 +445,8 @@ class IoTNode:
             (self.data_dir / f"{workflow_id}-round-{number}.safetensors").write_bytes(blob)
             models[number] = digest
             self.on_round(workflow_id, number, result)
+            if definition.get("rewards") and self._coordinates(definition):
+                await self._settle(workflow_id, sid, number)
             LOGGER.info("%s: round %d final, global model %s… verified, accuracy %.3f", self.name, number,
                         digest[:12], result.get("evaluations", {}).get("evaluate", {}).get("metrics", {}).get(
                             "accuracy", result["metrics"].get("accuracy", float("nan"))))
@@ -611,6 +613,14 @@ class IoTNode:
             return
         txn = await self.secure.shares_transaction(sid, definition["workflow_id"], definition["secure_aggregation"])
         await self._once(("share", sid), txn, f"send its sealed shares for round {record['round']}")
+
+    async def _settle(self, workflow_id: str, sid: str, number: int) -> None:
+        """Pay a final round from the workflow's escrow (trustmesh-rewards settle; anyone may send
+        it, the rule decides who gets what), once, when there is an escrow not yet paid for it."""
+        if await self.reader.escrow(workflow_id) is None or await self.reader.settlement(sid) is not None:
+            return
+        await self._once(("settle", sid), rewards.make_settle_transaction(self.signer, sid, workflow_id),
+                         f"settle round {number}'s rewards")
 
     async def _unmask_round(self, sid: str) -> None:
         """After a local_train of round `sid` is done: the unmask step, if the round aggregates securely."""

@@ -22,7 +22,7 @@ Definition (unknown fields are refused at every level, so a typo never passes si
     hyperparameters  {epochs, batch_size, learning_rate > 0, optimizer: sgd|adam, seed}
     strategy         {name, parameters...}: names and parameter bounds from fl/strategies/
     update_checks    optional, fl/screening.py;  privacy  optional, fl/privacy_block.py;
-    secure_aggregation  optional, fl/secagg_block.py
+    secure_aggregation  optional, fl/secagg_block.py;  rewards  optional, fl/rewards_block.py
     data             {dataset: digits|npz, partition: {kind: iid, seed} |
                      {kind: dirichlet, alpha > 0, seed}, test_fraction in (0, 1)}
     federation       {coordinator_node, participant_nodes, expected_nodes, min_nodes_required,
@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from trustmesh.fl import privacy_block, screening, secagg_block
+from trustmesh.fl import privacy_block, rewards_block, screening, secagg_block
 from trustmesh.fl import strategies as strategy_registry
 from trustmesh.ledger.processor import InvalidTransaction
 
@@ -127,6 +127,17 @@ def _check_secure_aggregation(block: Any, path: str, definition: Mapping) -> Non
     _no_problem(path, secagg_block.problem(block, definition))
 
 
+def _check_rewards(block: Any, path: str, definition: Mapping) -> None:
+    """fl/rewards_block.py: integer amounts and basis-point shares, fee_account a public key, then
+    the rules across fields (shares sum to 10000, per_round <= total, a federation to pay)."""
+    fields(block, path, tuple(rewards_block.NUMBERS), rewards_block.OPTIONAL)
+    for name, bound in rewards_block.NUMBERS.items():
+        integer(block[name], f"{path}.{name}", bound.low, bound.high)
+    if "fee_account" in block:
+        node(block["fee_account"], f"{path}.fee_account", False)
+    _no_problem(path, rewards_block.problem(block, definition))
+
+
 def _no_problem(path: str, problem: str | None) -> None:
     if problem is not None:
         raise DefinitionError(f"{path}: {problem}")
@@ -194,7 +205,7 @@ def validate_definition(definition: Any, *, allow_node_names: bool = False) -> d
     """
     root = ROOT
     fields(definition, root, ("workflow_id", "name", "tasks", "model", "hyperparameters", "data"),
-           ("description", "strategy", "update_checks", "privacy", "secure_aggregation", "federation"))
+           ("description", "strategy", "update_checks", "privacy", "secure_aggregation", "rewards", "federation"))
     identifier(definition["workflow_id"], f"{root}.workflow_id")
     text(definition["name"], f"{root}.name", MAX_NAME)
     if "description" in definition:
@@ -222,6 +233,8 @@ def validate_definition(definition: Any, *, allow_node_names: bool = False) -> d
         _check_privacy(definition["privacy"], f"{root}.privacy", definition)
     if "secure_aggregation" in definition:
         _check_secure_aggregation(definition["secure_aggregation"], f"{root}.secure_aggregation", definition)
+    if "rewards" in definition:
+        _check_rewards(definition["rewards"], f"{root}.rewards", definition)
     return definition
 
 
@@ -302,6 +315,11 @@ def privacy(definition: Any) -> Mapping | None:
 def secure_aggregation(definition: Any) -> Mapping | None:
     """The secure-aggregation block (fl/secagg_block.py), or None."""
     return _block(definition, "secure_aggregation")
+
+
+def rewards(definition: Any) -> Mapping | None:
+    """The rewards block (fl/rewards_block.py), or None."""
+    return _block(definition, "rewards")
 
 
 def update_checks(definition: Any) -> Mapping:

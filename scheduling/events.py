@@ -1,4 +1,4 @@
-"""Every event the four families emit: its name and the attributes it carries.
+"""Every event the five families emit: its name and the attributes it carries.
 
 Attributes are strings (Sawtooth event attributes); together they suffice to rebuild the
 off-chain caches (stores/redis_state.py) and to follow a workflow (trustmesh run) without
@@ -30,6 +30,11 @@ ROUND_RESULT = "trustmesh/round-result"
 ROUND_FINALIZED = "trustmesh/round-finalized"
 NOISE_REVEALED = "trustmesh/noise-revealed"
 TASK_DROPPED = "trustmesh/task-dropped"
+# trustmesh-rewards
+ESCROW_FUNDED = "trustmesh/escrow-funded"
+ROUND_SETTLED = "trustmesh/round-settled"
+ESCROW_REFUNDED = "trustmesh/escrow-refunded"
+TRANSFERRED = "trustmesh/transferred"
 
 _TASK = ("schedule_id", "task_id", "node", "attempt", "kind")
 _PEER = ("node", "name", "encryption_public_key", "cpu_cores", "memory_mb", "revision")
@@ -57,6 +62,10 @@ ATTRIBUTES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ROUND_FINALIZED: (("schedule_id", "workflow_id", "round", "global_model_digest"), ()),
     NOISE_REVEALED: (("schedule_id", "workflow_id", "round"), ()),
     TASK_DROPPED: ((*_TASK, "workflow_id"), ()),
+    ESCROW_FUNDED: (("workflow_id", "owner", "amount"), ()),
+    ROUND_SETTLED: (("schedule_id", "workflow_id", "round", "amount", "payees", "remaining"), ()),
+    ESCROW_REFUNDED: (("workflow_id", "owner", "amount"), ()),
+    TRANSFERRED: (("sender", "recipient", "amount"), ()),
 }
 
 TASK_STATUS_EVENTS = {"running": TASK_RUNNING, "done": TASK_DONE, "failed": TASK_FAILED}

@@ -1,6 +1,6 @@
 """Families, namespaces and state addresses of the federation's on-chain rules.
 
-Four families (version 1.0, canonical-CBOR payloads, canonical-CBOR state records):
+Five families (version 1.0, canonical-CBOR payloads, canonical-CBOR state records):
 
 | family                | namespace = sha512(name)[:6] | holds                                      |
 |-----------------------|------------------------------|--------------------------------------------|
@@ -9,6 +9,8 @@ Four families (version 1.0, canonical-CBOR payloads, canonical-CBOR state record
 | trustmesh-federation  | FEDERATION_NS                | rounds: schedule_id, submissions, status   |
 | trustmesh-schedule    | SCHEDULE_NS                  | task assignments, task status, node load,  |
 |                       |                              | round results, revealed noise seeds        |
+| trustmesh-rewards     | REWARDS_NS                   | account balances, escrow per workflow,     |
+|                       |                              | settlement per round (scheduling/rewards)  |
 
 Task status and round results live in the schedule family (the issue lists them apart): a task's
 completion changes its node's queue length in the same transaction, which would otherwise need
@@ -30,11 +32,13 @@ WORKFLOW_FAMILY = "trustmesh-workflow"
 PEER_FAMILY = "trustmesh-peer"
 FEDERATION_FAMILY = "trustmesh-federation"
 SCHEDULE_FAMILY = "trustmesh-schedule"
+REWARDS_FAMILY = "trustmesh-rewards"
 
 WORKFLOW_NS = namespace(WORKFLOW_FAMILY)
 PEER_NS = namespace(PEER_FAMILY)
 FEDERATION_NS = namespace(FEDERATION_FAMILY)
 SCHEDULE_NS = namespace(SCHEDULE_FAMILY)
+REWARDS_NS = namespace(REWARDS_FAMILY)
 BLOCK_INFO_NS = "00b10c"  # agreed block timestamps (round clocks, deadlines)
 
 # kinds: the two hex characters after the namespace
@@ -50,6 +54,9 @@ NODE_LOAD = "02"            # key: node public key -> queue length, done, missed
 ROUND_RESULT = "03"         # key: schedule_id
 NOISE_SEED = "04"           # key: schedule_id -> the DP noise seed the coordinator revealed
 SECAGG = "05"               # key: schedule_id + "/" + node -> its secure-aggregation keys, shares, reveals
+ACCOUNT = "00"              # rewards, key: public key -> integer balance
+ESCROW = "01"               # rewards, key: workflow_id -> the owner's escrow, its terms, what it paid
+SETTLEMENT = "02"           # rewards, key: schedule_id -> what the round paid to whom
 
 
 def _address(ns: str, kind: str, key: str) -> str:
@@ -107,6 +114,22 @@ def secagg_address(schedule_id: str, node: str) -> str:
 
 
 SECAGG_PREFIX = SCHEDULE_NS + SECAGG  # every participant's secure-aggregation record
+
+
+def account_address(public_key: str) -> str:
+    return _address(REWARDS_NS, ACCOUNT, public_key)
+
+
+def escrow_address(workflow_id: str) -> str:
+    return _address(REWARDS_NS, ESCROW, workflow_id)
+
+
+def settlement_address(schedule_id: str) -> str:
+    return _address(REWARDS_NS, SETTLEMENT, schedule_id)
+
+
+ACCOUNT_PREFIX = REWARDS_NS + ACCOUNT  # every account (the sum of all balances)
+ESCROW_PREFIX = REWARDS_NS + ESCROW
 
 
 def schedule_id_for(workflow_id: str, round_number: int, coordinator: str) -> str:

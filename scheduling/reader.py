@@ -51,6 +51,14 @@ class FederationReader:
         """A participant's secure-aggregation record of a round (scheduling/secagg_rules.py)."""
         return await self._record(layout.secagg_address(schedule_id, node))
 
+    async def escrow(self, workflow_id: str) -> dict | None:
+        """A workflow's rewards escrow (scheduling/rewards.py): its owner, terms, paid, remaining."""
+        return await self._record(layout.escrow_address(workflow_id))
+
+    async def settlement(self, schedule_id: str) -> dict | None:
+        """What a round paid to whom, once settled."""
+        return await self._record(layout.settlement_address(schedule_id))
+
     async def node_load(self, node: str) -> dict | None:
         """A node's load and reputation record: queue, done, missed[, last_missed][, rejected]."""
         return await self._record(layout.node_load_address(node))

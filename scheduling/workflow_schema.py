@@ -1,8 +1,8 @@
 """The client's side of the definition rules: strict JSON reading and the published JSON Schema.
 
 `check_definition` is what a client runs before deploying: the JSON Schema
-(scheduling/workflow.schema.json, draft 2020-12, with the strategy, privacy, secure-aggregation
-and update-check definitions made from the registries in fl/), then every rule the processor
+(scheduling/workflow.schema.json, draft 2020-12, with the strategy, privacy, secure-aggregation,
+rewards and update-check definitions made from the registries in fl/), then every rule the processor
 applies (definition.validate_definition). The processor runs only the latter (no jsonschema in
 apply()).
 """
@@ -16,7 +16,7 @@ import re
 from importlib import resources
 from typing import Any
 
-from trustmesh.fl import privacy_block, screening, secagg_block
+from trustmesh.fl import privacy_block, rewards_block, screening, secagg_block
 from trustmesh.fl import strategies as strategy_registry
 
 from .common import shown
@@ -79,6 +79,7 @@ def load_schema() -> dict:
     schema["$defs"]["strategy"] = strategy_registry.schema_of_strategies()
     schema["$defs"]["privacy"] = privacy_block.schema()
     schema["$defs"]["secure_aggregation"] = secagg_block.schema()
+    schema["$defs"]["rewards"] = rewards_block.schema()
     schema["$defs"]["update_checks"] = {
         "type": "object", "additionalProperties": False,
         "properties": {name: bounds.schema() for name, bounds in screening.PARAMETERS.items()}}

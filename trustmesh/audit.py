@@ -885,6 +885,9 @@ async def _audit(workflow_id: str, endpoints: network.Endpoints, progress: Calla
         report.rounds.append(audit)
         nodes |= held
     _check_workflow(report, wf, own, index)
+    from trustmesh.rewards_audit import check_payments  # trustmesh-rewards: every payment by the rule
+
+    await check_payments(report.check, reader, workflow_id, record.get("definition") or {})
     _check_unattributed(report, unattributed)
     report.transactions = (len(own) + sum(len(attributed.get(r.schedule_id, [])) for r in report.rounds)
                            + _check_peer_actions(report, peer_actions, nodes))

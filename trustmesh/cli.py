@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 
-from trustmesh import audit, logs, model_files, workflow_info
+from trustmesh import audit, logs, model_files, rewards_info, workflow_info
 from trustmesh.dashboard import server as dashboard_server
 from trustmesh.endpoints import add_endpoint_flags, from_args, home_dir
 
@@ -400,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard_server.register(sub)
     model_files.register(sub)  # model export, model evaluate
     logs.register(sub)
+    rewards_info.register(sub)  # rewards WORKFLOW, balance [KEY]
 
     demo = sub.add_parser("demo", help="the embedded default: a local network runs federated-digits to "
                                        "completion, the audit checks every round, the network stops")

@@ -31,7 +31,7 @@ from trustmesh.ledger.messaging import BadEndpoint
 from trustmesh.ledger.rest_client import BatchTimeoutError, RestClient, RestError
 from trustmesh.ledger.signing import PrivateKey, load_or_create_key, read_private_key
 from trustmesh.fl import privacy_block
-from trustmesh.scheduling import events, workflow
+from trustmesh.scheduling import events, rewards, workflow
 from trustmesh.scheduling.reader import FederationReader
 
 ROUND_EVENTS = (events.ROUND_OPENED, events.SUBMISSION_ACCEPTED, events.ROUND_READY,
@@ -128,6 +128,8 @@ async def _deploy(rest: RestClient, signer: PrivateKey, definition: dict) -> tup
     me = signer.public_key().as_hex()
     if stored is None:
         txn, outcome = workflow.make_deploy_transaction(signer, definition, check=False), "deployed"
+        if "rewards" in definition:  # the budget is escrowed as the workflow is deployed, in one batch
+            txn, outcome = [txn, rewards.make_escrow_transaction(signer, workflow_id)], "deployed, budget escrowed"
     elif stored["definition"] == definition:
         return "unchanged", stored
     elif stored["owner"] != me:
@@ -136,7 +138,8 @@ async def _deploy(rest: RestClient, signer: PrivateKey, definition: dict) -> tup
     else:
         txn = workflow.make_update_transaction(signer, definition, stored["version"], check=False)
         outcome = "updated"
-    [status] = await rest.wait_for_batches(await rest.submit_batches([make_batch(signer, [txn])]), 60,
+    txns = txn if isinstance(txn, list) else [txn]
+    [status] = await rest.wait_for_batches(await rest.submit_batches([make_batch(signer, txns)]), 60,
                                            raise_invalid=False)
     if status["status"] != "COMMITTED":
         reason = (status.get("invalid_transactions") or [{}])[0].get("message", status["status"])

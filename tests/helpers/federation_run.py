@@ -68,6 +68,14 @@ async def until(predicate, pause: float = 0.1):
         await asyncio.sleep(pause)
 
 
+async def _until_settled(reader: FederationReader, workflow_id: str) -> None:
+    index = (await reader.rounds(workflow_id))["rounds"]
+    for sid in index.values():
+        result = await reader.round_result(sid)
+        while result is not None and result.get("final") and await reader.settlement(sid) is None:
+            await asyncio.sleep(0.1)
+
+
 def federate(devnet, stores, tmp_path, workflow_id: str, *, rounds: int = 2, attack: str | None = "scale:100",
              epochs: int = 1, federation: dict | None = None, after=None, finals: int | None = None,
              task_deadline: int = 300, **changes):
@@ -102,8 +110,12 @@ def federate(devnet, stores, tmp_path, workflow_id: str, *, rounds: int = 2, att
             for node in computes:
                 await node.start()
             owner = load_or_create_key(tmp_path / "owner", "owner")
-            [status] = await submit_and_wait(client, [make_batch(owner, [workflow.make_deploy_transaction(
-                owner, definition)])])
+            deploy = [workflow.make_deploy_transaction(owner, definition)]
+            if "rewards" in definition:  # its budget escrowed with the deployment, as `trustmesh run` does
+                from trustmesh.scheduling import rewards
+
+                deploy.append(rewards.make_escrow_transaction(owner, workflow_id))
+            [status] = await submit_and_wait(client, [make_batch(owner, deploy)])
             assert status["status"] == "COMMITTED", status
             iots = [IoTNode(n, tmp_path / n, workflow_id=workflow_id, coordinator=(n == "iot-1"),
                             task_deadline=task_deadline, **common) for n in names]
@@ -112,6 +124,8 @@ def federate(devnet, stores, tmp_path, workflow_id: str, *, rounds: int = 2, att
             try:
                 await until_every_round_is_final(iots, planned if finals is None else finals)
                 await until_history_is_recorded(computes, planned if finals is None else finals)  # the audit reads it
+                if "rewards" in definition:  # the coordinator pays each final round from the escrow
+                    await asyncio.wait_for(_until_settled(FederationReader(client), workflow_id), 30)
             finally:
                 for node in iots + computes:
                     await node.stop()

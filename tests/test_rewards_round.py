@@ -1,0 +1,87 @@
+"""Incentives end to end: a whole federation (federation_run.federate: real IoT and compute nodes,
+stores, dev validator), one participant a free rider (its compute nodes return the global model
+unchanged), one holding twice the data. The update check min_accuracy rejects the free rider's
+update (the initial model it hands back classifies about one digit in ten), so the round result
+gives it weight 0; FedAvg gives the double-data participant twice the weight of the others.
+The owner escrows the budget with the deployment, the coordinator settles the final round by
+itself, the owner takes back the rest; rewards are ordered as contributions, every unit is
+accounted for, and the audit (with its payment re-check) passes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from helpers import federation_run
+from helpers.federation_run import federate, stores  # noqa: F401  (fixture)
+from trustmesh import audit
+from trustmesh.endpoints import Endpoints
+from trustmesh.fl.datasets import Dataset, dump_npz, federated_digits
+from trustmesh.ledger.builders import make_batch
+from trustmesh.ledger.signing import PrivateKey, load_or_create_key
+from trustmesh.rewards_audit import all_balances, workflow_rewards
+from trustmesh.scheduling import rewards
+from trustmesh.scheduling.reader import FederationReader
+from helpers.ledger_helpers import submit_and_wait
+
+WORKFLOW = "digits-rewards"
+DATA = {"dataset": "digits", "partition": {"kind": "iid", "seed": 7}, "test_fraction": 0.2}
+
+
+def test_rewards_follow_contributions_and_every_unit_is_accounted_for(devnet, stores, tmp_path, monkeypatch):  # noqa: F811
+    shards = federated_digits(DATA, 5).shards
+    double = Dataset(np.concatenate([shards[1].x, shards[2].x]), np.concatenate([shards[1].y, shards[2].y]))
+    (tmp_path / "iot-2.npz").write_bytes(dump_npz(double))
+    real = federation_run.IoTNode
+
+    def iot_node(name, *args, **kwargs):  # iot-2 brings its own file: twice the samples of the others
+        return real(name, *args, data_path=str(tmp_path / "iot-2.npz") if name == "iot-2" else None, **kwargs)
+
+    monkeypatch.setattr(federation_run, "IoTNode", iot_node)
+    fee = PrivateKey.generate().public_key().as_hex()
+    block = {"total": 10_000, "per_round": 7_001, "data_share": 7000, "compute_share": 2000, "fee_share": 1000,
+             "fee_account": fee}
+    redis_server, couch_server = stores
+
+    async def pay(client, keys):
+        owner = load_or_create_key(tmp_path / "owner", "owner")
+        reader = FederationReader(client)
+        sid = (await reader.rounds(WORKFLOW))["rounds"]["1"]
+        for _ in range(100):  # the coordinator settles the final round by itself
+            if await reader.settlement(sid) is not None:
+                break
+            await asyncio.sleep(0.1)
+        [status] = await submit_and_wait(client, [make_batch(owner, [rewards.make_refund_transaction(owner, WORKFLOW)])],
+                                         timeout=60)
+        assert status["status"] == "COMMITTED", status
+        report = await audit.audit_workflow(WORKFLOW, Endpoints(
+            validator=devnet.component_url, rest=devnet.rest_url, redis=redis_server.url, couch=couch_server.url))
+        return (await workflow_rewards(reader, WORKFLOW), await all_balances(reader), report,
+                owner.public_key().as_hex())
+
+    free_rider, results, _, extra = federate(
+        devnet, stores, tmp_path, WORKFLOW, rounds=1, epochs=6, attack="free_rider", data=DATA,
+        strategy={"name": "fedavg"}, update_checks={"min_accuracy": 0.25}, rewards=block, after=pay)
+    found, (accounts, escrows), report, owner = extra
+    assert report.ok, audit.render_text(report)
+    [result] = results
+    assert free_rider in result.get("rejected", {}) and result["aggregation_weights"][free_rider] == 0
+
+    [row] = found["rounds"]
+    payouts = row["settlement"]["payouts"]
+    assert payouts == row["expected"] and sum(sum(p.values()) for p in payouts.values()) == 7_001
+    data = {key: parts.get("data", 0) for key, parts in payouts.items()}
+    keys = {n: load_or_create_key(tmp_path / n / "keys", n).public_key().as_hex() for n in
+            ("iot-1", "iot-2", "iot-3", "iot-4", "iot-5")}
+    honest = [data[keys[n]] for n in ("iot-1", "iot-3", "iot-4")]
+    assert data.get(keys["iot-5"], 0) == 0 and keys["iot-5"] not in payouts  # the free rider earns nothing
+    assert all(data[keys["iot-2"]] > h > 0 for h in honest)                # twice the data earns the most
+    assert abs(data[keys["iot-2"]] - 2 * honest[0]) <= 2
+    assert payouts[fee] == {"fee": 700}
+    computes = {k: p["compute"] for k, p in payouts.items() if "compute" in p}
+    assert sum(computes.values()) == 1400 and len(computes) == 2
+    assert sum(accounts.values()) + sum(escrows.values()) == 0             # every unit accounted for
+    assert escrows[WORKFLOW] == 0 and accounts[owner] == -7_001
+    assert found["escrow"]["refunded"] == 10_000 - 7_001
+    assert report.to_json()["checks"] > 0 and not report.problems
