@@ -25,37 +25,35 @@ training starts from this one's global model as soon as that exists, so the time
 collecting and being scheduled is hidden behind the previous round's work.
 
 Raw data leaves the node only inside envelopes (stores/data_envelope.py), or not at all.
+
+This module is the node itself (its state, its loop, what it follows); the steps of each role are
+IoTNode's two mixins, participant.py and coordinator.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import json
 import logging
-import math
 import os
 import pathlib
-import time
 
 from trustmesh.cancelling import cancel_and_wait
-from trustmesh.fl import model_format, privacy, privacy_block
 from trustmesh.fl.attacks import Attack
-from trustmesh.fl.datasets import Dataset, dump_npz, federated_digits, load_npz
 from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.events import BLOCK_COMMIT, EventSubscriber, event_subscription
 from trustmesh.ledger.rest_client import RestClient
 from trustmesh.ledger.signing import load_or_create_key
-from trustmesh.scheduling import events, federation, layout, rewards, schedule, workflow
+from trustmesh.scheduling import events, layout, workflow
 from trustmesh.scheduling.reader import FederationReader
-from trustmesh.stores.data_bundle import seal_bundle
 from trustmesh.stores.kept_blobs import KeptBlobs
 from trustmesh.stores.redis_link import TRANSIENT, RedisLink
 from trustmesh.stores.redis_state import BlobStore, Heartbeats, client
 
 from . import commitment
+from .coordinator import REASSIGN_RETRY, Coordinator  # noqa: F401  (REASSIGN_RETRY: read here by tests)
+from .participant import Participant
 from .secure_upload import SecureAggregation
+from .steps import claimed, planned
 
 LOGGER = logging.getLogger(__name__)
 
@@ -69,33 +67,7 @@ REACTIONS = (events.ROUND_OPENED, events.ROUND_READY, events.ROUND_RESULT,
              events.ROUND_FINALIZED)
 TICK = 1.0  # seconds between re-checks that depend on time (timeouts, deadlines): coordinators
 FULL_TICKS = 5  # every 5th tick also re-checks participation, in case an event was missed
-REASSIGN_RETRY = 10.0  # seconds before a refused reassign (no live node to take it) is tried again
-
-
-NOISE_SEED_CONTEXT = b"trustmesh-dp-noise-seed/"
-
-
-def _planned(definition: dict) -> dict:
-    """The federation section with the rounds the workflow will run: fewer than its `rounds`
-    when its privacy budget runs out first (privacy_block.planned_rounds)."""
-    return {**definition["federation"], "rounds": privacy_block.planned_rounds(definition)}
-
-
-async def _claimed(claims: set, key, commit) -> None:
-    """Run commit() (True once committed) unless `key` is claimed. The claim is taken before any
-    wait, since a block's reaction and a full check may both get here, and kept only on success."""
-    if key in claims:
-        return
-    claims.add(key)
-    committed = False
-    try:
-        committed = await commit()
-    finally:
-        if not committed:
-            claims.discard(key)
-
-
-class IoTNode:
+class IoTNode(Participant, Coordinator):
     def __init__(self, name: str, data_dir: str | os.PathLike, *, workflow_id: str | None = None,
                  validator_url: str, rest_url: str, redis_url: str, coordinator: bool | None = None,
                  data_path: str | None = None, on_round=None, task_deadline: int | None = None,
@@ -233,7 +205,7 @@ class IoTNode:
 
     async def _react_to(self, event_type: str, attrs: dict, definition: dict) -> None:
         workflow_id, sid, number = attrs["workflow_id"], attrs["schedule_id"], int(attrs["round"])
-        fed = _planned(definition)
+        fed = planned(definition)
         if event_type == events.ROUND_OPENED:
             record = {"schedule_id": sid, "round": number, "status": "collecting", "submissions": {},
                       "expected_nodes": attrs["expected_nodes"].split(",")}
@@ -253,24 +225,6 @@ class IoTNode:
                                                "submitted_nodes": attrs["submitted_nodes"].split(",")})
             if self._coordinates(definition):
                 await asyncio.gather(self._assign(workflow_id, sid, number), self._open_next(workflow_id, fed))
-
-    async def _finish_if_over(self, workflow_id: str, fed, index=None) -> None:
-        """Finished once every round is final or timed out: with rounds overlapping, the last
-        round's result is not the last word."""
-        if workflow_id in self.done:
-            return
-        index = index or await self.reader.rounds(workflow_id)
-        models = self.models.get(workflow_id, {})
-        for number in range(1, fed["rounds"] + 1):
-            if number in models:
-                continue
-            sid = index["rounds"].get(str(number))
-            record = await self.reader.round(sid) if sid else None
-            if record is None or record["status"] != "timeout":
-                return
-        self.done.add(workflow_id)
-        if workflow_id == self.workflow_id:
-            self.finished.set()
 
     async def _tick(self) -> None:
         ticks = 0
@@ -352,7 +306,7 @@ class IoTNode:
     async def _act_on(self, workflow_id: str, definition: dict) -> None:
         if definition.get("federation") is None:
             return  # single-node workflow: no rounds, nothing for IoT nodes to do
-        fed = _planned(definition)
+        fed = planned(definition)
         index = await self.reader.rounds(workflow_id)
         latest = index["latest"]
         sid = index["rounds"].get(str(latest))
@@ -378,276 +332,8 @@ class IoTNode:
         result = await self.reader.round_result(record["schedule_id"])
         return bool(result and result.get("global_model_digest" if model_only else "final"))
 
-    # -- participant -----------------------------------------------------------------------------
-
-    def _local_data(self, definition) -> tuple[bytes, int]:
-        """This node's data as npz bytes; the same definition always gives the same data, so it
-        is prepared once (partitioning the data set every round would cost each node CPU)."""
-        key = json.dumps([definition["data"], definition["federation"]["participant_nodes"]], sort_keys=True)
-        if key not in self._data_cache:
-            data = self._load_data(definition)
-            self._data_cache[key] = (dump_npz(data), len(data))
-        return self._data_cache[key]
-
-    def _load_data(self, definition) -> Dataset:
-        if self.data_path:
-            model = definition["model"]
-            return load_npz(self.data_path, input_dim=model["input_dim"], num_classes=model["num_classes"])
-        participants = definition["federation"]["participant_nodes"]
-        shards = federated_digits(definition["data"], len(participants)).shards
-        return shards[participants.index(self.node)]
-
-    async def _participate(self, definition, record) -> None:
-        sid = record["schedule_id"]
-        if (record["status"] != "collecting" or self.node not in record["expected_nodes"]
-                or self.node in record["submissions"] or sid in self._submitted):
-            return
-        await _claimed(self._submitted, sid, lambda: self._submit(definition, record))
-
-    async def _submit(self, definition, record) -> bool:
-        sid = record["schedule_id"]
-        data, samples = self._local_data(definition)
-        if workflow.train_on(definition) == "iot":
-            # This node trains on its data itself: nothing of it is shipped, not even sealed.
-            blob = commitment.make_commitment(data, samples, schedule_id=sid, node=self.node,
-                                              salt=self.salts.for_round(sid))
-            metadata = {"format": commitment.FORMAT}
-        else:
-            if self._recipients is None:
-                self._recipients = {node: peer["encryption_public_key"]
-                                    for node, peer in (await self.reader.peers()).items()}
-            recipients = self._recipients
-            blob = seal_bundle(data, recipients, schedule_id=sid, sender=self.node)
-            metadata = {"format": "npz-bundle-v1", "recipients": len(recipients)}
-        digest = await self.blobs.put(blob)
-        txn = [federation.make_submit_transaction(self.signer, sid, digest, samples, metadata)]
-        if definition.get("secure_aggregation"):  # its keys in the batch: a submission never stands without them
-            txn.insert(0, self.secure.keys_transaction(sid, definition["workflow_id"]))
-        if not await self._commit(txn, f"submit to round {record['round']}"):
-            return False
-        LOGGER.info("%s: submitted %d samples to round %d (%s…)", self.name, samples, record["round"], digest[:12])
-        return True
-
-    async def _collect_final(self, workflow_id: str, definition, index) -> None:
-        models = self.models.setdefault(workflow_id, {})
-        for number, sid in sorted(index["rounds"].items(), key=lambda kv: int(kv[0])):
-            number = int(number)
-            if number in models:
-                continue
-            result = await self.reader.round_result(sid)
-            if not result or not result.get("final"):
-                continue
-            digest = result["global_model_digest"]
-            blob = await self.blobs.get(digest)  # verified against the chain's digest
-            model_format.verify(blob, digest, definition["model"])
-            if number in models:  # a block's reaction and a full check may both get here
-                continue
-            (self.data_dir / f"{workflow_id}-round-{number}.safetensors").write_bytes(blob)
-            models[number] = digest
-            self.on_round(workflow_id, number, result)
-            if definition.get("rewards") and self._coordinates(definition):
-                await self._settle(workflow_id, sid, number)
-            LOGGER.info("%s: round %d final, global model %s… verified, accuracy %.3f", self.name, number,
-                        digest[:12], result.get("evaluations", {}).get("evaluate", {}).get("metrics", {}).get(
-                            "accuracy", result["metrics"].get("accuracy", float("nan"))))
-
-    # -- coordinator -----------------------------------------------------------------------------
-
-    async def _coordinate(self, workflow_id: str, fed, index, record) -> None:
-        if record is None:
-            if await self.reader.peer_index():  # else no compute node yet: nobody could open the data
-                await self._open_round(workflow_id, 1, None)
-            return
-        latest = index["latest"]
-        if latest > 1:  # rounds overlap: the one before the latest may still be working
-            previous = await self.reader.round(index["rounds"][str(latest - 1)])
-            if previous is not None and not await self._round_over(previous):
-                await self._keep_moving(workflow_id, previous)
-        await self._keep_moving(workflow_id, record)
-        await self._open_next(workflow_id, fed, index, record)
-
-    async def _keep_moving(self, workflow_id: str, record) -> None:
-        """Close a collecting round past its timeout, assign a ready one, move late tasks."""
-        sid = record["schedule_id"]
-        if record["status"] == "collecting":
-            if time.time() >= record["round_start"] + record["round_timeout"]:
-                await self._once(("close", sid, int(time.time())), federation.make_close_round_transaction(
-                    self.signer, sid), f"close round {record['round']}")
-            return
-        if record["status"] != "ready":
-            return
-        assignments = await self.reader.assignments(sid)
-        if assignments is None:
-            await self._assign(workflow_id, sid, record["round"])
-            return
-        if record.get("noise_commitment"):
-            await self._reveal_noise(sid, record["round"], assignments)
-        secure = bool((self._definitions.get(workflow_id) or {}).get("secure_aggregation"))
-        if secure:
-            await self._close_if_unmask_stalled(workflow_id, record, assignments)
-        now = time.time()
-        deadline_seconds = assignments.get("deadline_seconds") or 300
-        grace = 2 * deadline_seconds
-        model_since = None  # when the global model these local_train tasks start from appeared
-        for task_id, task in assignments["tasks"].items():
-            deadline = task["deadline"]
-            if task["kind"] == "local_train" and deadline < now:
-                # Assigned while the previous round trained: its clock starts with that round's
-                # model, not with the preprocess it also waited for.
-                if model_since is None:
-                    model_since = await self._model_since(workflow_id, record["round"])
-                deadline = max(deadline, model_since + deadline_seconds)
-            # Past its deadline a task moves, unless its node is alive and merely slow: then it gets
-            # a grace period, so busy nodes are not made to bounce work between them.
-            if deadline < now and (now > deadline + grace or not await self.heartbeats.is_alive(task["node"])):
-                key = ("reassign", sid, task_id, task["attempt"])
-                if self._reassign_after.get(key, 0) > now:
-                    continue  # refused a moment ago (no live node to take it): no batch every tick
-                status = await self.reader.task_status(sid, task_id)
-                if status and status["status"] not in schedule.SETTLED and status["attempt"] == task["attempt"]:
-                    if task["kind"] == "local_train" and secure:  # the round goes on without that upload
-                        await self._once(key, schedule.make_drop_update_transaction(self.signer, sid, task_id,
-                                                                                    workflow_id),
-                                         f"drop the late upload {task_id}")
-                        continue
-                    await self._once(key, schedule.make_reassign_transaction(self.signer, sid, task_id),
-                                     f"reassign late task {task_id}")
-                    if key not in self._sent:
-                        self._reassign_after = {k: t for k, t in self._reassign_after.items() if t > now}
-                        self._reassign_after[key] = now + REASSIGN_RETRY
-
-    async def _model_since(self, workflow_id: str, number: int) -> float:
-        """Chain time at which round `number`'s starting model was recorded: the previous round's
-        result (infinity while it has none: training cannot start, so it cannot be late)."""
-        if number <= 1:
-            return 0.0
-        index = await self.reader.rounds(workflow_id)
-        sid = index["rounds"].get(str(number - 1))
-        result = await self.reader.round_result(sid) if sid else None
-        if result is not None and result.get("global_model_digest"):
-            return float(result["recorded_at"])
-        record = await self.reader.round(sid) if sid else None
-        return 0.0 if record is not None and record["status"] == "timeout" else math.inf
-
-    async def _open_next(self, workflow_id: str, fed, index=None, record=None) -> None:
-        """Open the round after the latest once the latest is ready (or timed out) and the one
-        before it has its global model (or timed out): one round collects and is scheduled while
-        another trains, never more."""
-        index = index or await self.reader.rounds(workflow_id)
-        latest = index["latest"]
-        if not latest or latest >= fed["rounds"]:
-            return
-        record = record or await self.reader.round(index["rounds"][str(latest)])
-        if record is None or record["status"] not in ("ready", "timeout"):
-            return
-        if latest > 1:
-            previous = await self.reader.round(index["rounds"][str(latest - 1)])
-            if previous is None or not await self._round_over(previous, model_only=True):
-                return
-        await self._open_round(workflow_id, latest + 1, record["schedule_id"])
-
-    async def _open_round(self, workflow_id: str, number: int, previous: str | None) -> None:
-        definition = self._definitions.get(workflow_id) or (await self.reader.workflow(workflow_id) or {}).get(
-            "definition") or {}
-        commitment = None
-        if (definition.get("privacy") or {}).get("where") == "server":  # the aggregator's noise, fixed now
-            commitment = privacy.commitment(self._noise_seed(layout.schedule_id_for(workflow_id, number, self.node)))
-        await self._once(("open", workflow_id, number), federation.make_open_round_transaction(
-            self.signer, workflow_id, number, previous_schedule_id=previous, noise_commitment=commitment),
-            f"open round {number}")
-
-    def _noise_seed(self, schedule_id: str) -> bytes:
-        """A round's DP noise seed: from this coordinator's key and the round, so a restarted
-        coordinator reveals the seed it committed to, and nobody else can work it out before."""
-        return hmac.new(bytes.fromhex(self.signer.as_hex()), NOISE_SEED_CONTEXT + schedule_id.encode(),
-                        hashlib.sha256).digest()
-
-    async def _reveal_noise(self, sid: str, number: int, assignments: dict) -> None:
-        """Reveal the round's noise seed once every update is fixed (every local_train done)."""
-        if ("reveal", sid) in self._sent:
-            return
-        for task_id, task in assignments["tasks"].items():
-            if task["kind"] == "local_train":
-                status = await self.reader.task_status(sid, task_id)
-                if status is None or status["status"] != "done":
-                    return
-        if await self.reader.noise_seed(sid) is not None:
-            return
-        await self._once(("reveal", sid), schedule.make_reveal_noise_transaction(
-            self.signer, sid, self._noise_seed(sid).hex()), f"reveal the noise seed of round {number}")
-
-    async def _assign(self, workflow_id: str, sid: str, number: int) -> None:
-        await self._once(("assign", sid), schedule.make_assign_transaction(
-            self.signer, sid, workflow_id, deadline_seconds=self.task_deadline), f"assign round {number}")
-
     async def _once(self, key, txn, what: str) -> None:
-        await _claimed(self._sent, key, lambda: self._commit(txn, what))
-
-    async def _close_if_unmask_stalled(self, workflow_id: str, record: dict, assignments: dict) -> None:
-        """A securely aggregated round whose uploads are all in but whose unmask step has stayed
-        below the threshold for round_timeout seconds ends as timeout (the rule says why)."""
-        sid, last = record["schedule_id"], 0.0
-        for task_id, task in assignments["tasks"].items():
-            if task["kind"] not in ("local_train", "aggregate"):
-                continue
-            status = await self.reader.task_status(sid, task_id)
-            settled = status is not None and status["status"] in schedule.SETTLED
-            if task["kind"] == "aggregate" and settled:
-                return  # aggregated: nothing stalled
-            if task["kind"] == "local_train":
-                if not settled:
-                    return  # still waiting for uploads, which the deadlines take care of
-                last = max(last, max(e["at"] for e in status["history"] if e["status"] in schedule.SETTLED))
-        if time.time() >= last + record["round_timeout"]:
-            await self._once(("close-stalled", sid, int(time.time()) // 10), federation.make_close_round_transaction(
-                self.signer, sid, secure_workflow=workflow_id), f"end round {record['round']}: its unmask step stalled")
-
-    async def _share(self, definition: dict, record: dict) -> None:
-        """Once a securely aggregated round is ready (its participants fixed), send this node's
-        sealed shares, before any upload, once."""
-        sid = record["schedule_id"]
-        if record["status"] != "ready" or self.node not in record["submitted_nodes"] or ("share", sid) in self._sent:
-            return
-        own = await self.reader.secagg(sid, self.node)
-        if own is None or "sealed" in own:
-            return
-        txn = await self.secure.shares_transaction(sid, definition["workflow_id"], definition["secure_aggregation"])
-        await self._once(("share", sid), txn, f"send its sealed shares for round {record['round']}")
-
-    async def _settle(self, workflow_id: str, sid: str, number: int) -> None:
-        """Pay a final round from the workflow's escrow (trustmesh-rewards settle; anyone may send
-        it, the rule decides who gets what), once, when there is an escrow not yet paid for it."""
-        if await self.reader.escrow(workflow_id) is None or await self.reader.settlement(sid) is not None:
-            return
-        await self._once(("settle", sid), rewards.make_settle_transaction(self.signer, sid, workflow_id),
-                         f"settle round {number}'s rewards")
-
-    async def _unmask_round(self, sid: str) -> None:
-        """After a local_train of round `sid` is done: the unmask step, if the round aggregates securely."""
-        definition = (await self.trainer.context.round_inputs(sid))["definition"]
-        if definition.get("secure_aggregation"):
-            await self._unmask(definition, sid)
-
-    async def _unmask(self, definition: dict, sid: str) -> None:
-        """Reveal this node's shares of its neighbours' self-masks once every masked upload of the
-        round is fixed (every local_train done), once."""
-        if ("unmask", sid) in self._sent:
-            return
-        own = await self.reader.secagg(sid, self.node)
-        if own is None or "sealed" not in own or "revealed" in own:
-            return  # not a participant, its own upload not in yet, or revealed already
-        assignments = await self.reader.assignments(sid)
-        uploaded = set()
-        for task_id, task in (assignments or {}).get("tasks", {}).items():
-            if task["kind"] == "local_train":
-                status = await self.reader.task_status(sid, task_id)
-                if status is None or status["status"] not in schedule.SETTLED:
-                    return
-                if status["status"] == "done":
-                    uploaded.add(task["data_owner"])
-        txn = await self.secure.unmask_transaction(sid, definition["workflow_id"], definition["secure_aggregation"],
-                                                   uploaded)
-        await self._once(("unmask", sid), txn, f"reveal its shares of round {assignments['round']}")
+        await claimed(self._sent, key, lambda: self._commit(txn, what))
 
     async def _commit(self, txn, what: str) -> bool:
         # sent again while the validator does not know it (a restarted one forgot it); a list of
