@@ -45,7 +45,7 @@ ADAPTIVE = [
     {"name": "fedadagrad", "eta": 0.03, "tau": 0.001},
     {"name": "fedadam", "eta": 0.03, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001},
     {"name": "fedyogi", "eta": 0.03, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001},
-    {"name": "qfedavg", "q": 1.0, "learning_rate": 0.1},
+    {"name": "qfedavg", "q": 1.0, "learning_rate": 10.0},  # its 1 / L; the local optimizer here is Adam
 ]
 
 
