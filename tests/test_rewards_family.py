@@ -25,6 +25,8 @@ from trustmesh.ledger.devnet.store import ChainStore
 from trustmesh.ledger.processor import InvalidTransaction
 from trustmesh.ledger.signing import PrivateKey
 from trustmesh.scheduling import federation, layout, peers, rewards, schedule, workflow
+from trustmesh.rewards_audit import all_balances
+from trustmesh.scheduling.reader import FederationReader
 from trustmesh.scheduling.workflow_schema import check_definition
 
 SCENARIO = RewardsRound()
@@ -284,16 +286,6 @@ async def _invalid(client, signer, txn) -> str:
     return status["invalid_transactions"][0]["message"]
 
 
-async def _all_balances(client) -> tuple[dict, dict]:
-    accounts, escrowed = {}, {}
-    async for address, value in client.list_state(layout.REWARDS_NS):
-        record = rewards.decode_record(value)
-        if address.startswith(layout.ACCOUNT_PREFIX):
-            accounts[record["key"]] = record["balance"]
-        elif address.startswith(layout.ESCROW_PREFIX):
-            escrowed[record["workflow_id"]] = record["remaining"]
-    return accounts, escrowed
-
 
 async def _break_every_rule(client) -> None:
     fee = PrivateKey.generate()
@@ -320,7 +312,7 @@ async def _break_every_rule(client) -> None:
     assert "cannot send 101" in await _invalid(client, fee, rewards.make_transfer_transaction(fee, outsider, 101))
     await commit((fee, rewards.make_transfer_transaction(fee, outsider, 100)))
     await commit((owner, rewards.make_refund_transaction(owner, wid)))
-    accounts, escrowed = await _all_balances(client)
+    accounts, escrowed = await all_balances(FederationReader(client))
     assert sum(accounts.values()) + sum(escrowed.values()) == 0
     rejected, light, heavy = run_["weights"]
     assert rejected not in accounts  # weight 0: nothing
