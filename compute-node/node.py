@@ -391,7 +391,7 @@ class ComputeNode:
             txns.append(schedule.make_round_result_transaction(
                 self.signer, sid, outcome.output_digest, r["participants"], r["aggregation_weights"], r["metrics"],
                 task_id=task_id, rejected=r.get("rejected"), server_state_digest=r.get("server_state_digest"),
-                privacy=r.get("privacy")))
+                privacy=r.get("privacy"), contributions=r.get("contributions")))
         self._uncommitted[sid, task_id] = txns[0].header_signature
         self.context.reported[sid, task_id] = {"status": "done", "node": self.node, "attempt": attempt,
                                                "output_digest": outcome.output_digest, "metrics": metrics}

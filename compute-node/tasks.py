@@ -29,7 +29,7 @@ from trustmesh.stores.data_bundle import open_bundle
 from trustmesh.stores.data_envelope import EnvelopeError
 from trustmesh.stores.redis_state import BlobCorrupted, BlobNotFound, BlobStore, BlobTooLarge
 
-from trustmesh.fl import dp_round, model_format, screening, secagg, server_state
+from trustmesh.fl import dp_round, model_format, screening, secagg, server_state, shapley
 from trustmesh.fl.datasets import held_out, load_npz
 from trustmesh.fl.strategies import ClientUpdate, strategy_from_spec
 from trustmesh.fl.attacks import Attack
@@ -347,8 +347,21 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     participants = sorted(weights)
     result = {"participants": participants, "aggregation_weights": {n: float(weights[n]) for n in participants},
               "metrics": {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}, "rejected": rejected,
-              "server_state_digest": server_state_digest, "privacy": private}
+              "server_state_digest": server_state_digest, "privacy": private,
+              "contributions": await _contributions(ctx, definition, assignments, updates)}
     return TaskOutcome(digest, metrics, round_result=result, compute_seconds=compute)
+
+
+async def _contributions(ctx, definition, assignments, updates):
+    """Shapley contribution scores of the updates aggregated (fl/shapley.py) where the workflow's
+    rewards pay by them, from a seed the chain fixes (the schedule id); else None."""
+    terms = definition.get("rewards") or {}
+    if terms.get("score") != "shapley":
+        return None
+    start_state = _or_initial((await _global_model(ctx, definition, assignments))[0], definition)
+    accuracy = screening.held_out_accuracy(definition)
+    return await asyncio.to_thread(shapley.scores, updates, start_state, accuracy,
+                                   seed=bytes.fromhex(assignments["schedule_id"]), permutations=terms["permutations"])
 
 
 async def _secure_aggregate(ctx, assignments, task, definition) -> TaskOutcome:

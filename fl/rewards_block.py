@@ -1,7 +1,12 @@
 """A workflow definition's `rewards` block, and the one rule that splits a round's payment.
 
     {"total": T, "per_round": A, "data_share": d, "compute_share": c, "fee_share": f
-     [, "fee_account": public key (required when f > 0)]}
+     [, "fee_account": public key (required when f > 0)]
+     [, "score": "weight" | "shapley", "permutations": P (with shapley)]}
+
+The data pot goes by the aggregation weight the round result used ("weight", the default), or by
+the contribution scores the aggregator computed and the round result records (`contributions`,
+fl/shapley.py: truncated Monte Carlo Shapley values over P orders; negative scores count as 0).
 
 Amounts are whole units (integers, no fractions anywhere); shares are basis points and
 d + c + f == 10000. The owner escrows T (trustmesh-rewards `escrow`); every round whose result
@@ -29,7 +34,9 @@ NUMBERS = {
     "compute_share": Integer(low=0, high=BASIS_POINTS),
     "fee_share": Integer(low=0, high=BASIS_POINTS),
 }
-OPTIONAL = ("fee_account",)
+OPTIONAL = ("fee_account", "score", "permutations")
+SCORES = ("weight", "shapley")
+PERMUTATIONS = Integer(low=1, high=1000)
 TERMS = (*NUMBERS, *OPTIONAL)  # what an escrow record keeps of the block (the terms it was funded on)
 
 
@@ -47,6 +54,16 @@ def problem(block: Mapping, definition: Mapping) -> str | None:
         return "fee_share is above 0: name the fee_account (a public key) that receives it"
     if block["fee_share"] == 0 and "fee_account" in block:
         return "fee_account receives fee_share, which is 0; leave fee_account out or give it a share"
+    if block.get("score", "weight") == "shapley":
+        if "permutations" not in block:
+            return "score shapley needs permutations, how many orders of the updates it averages over (e.g. 20)"
+        if definition.get("secure_aggregation") or definition.get("privacy"):
+            return ("score shapley evaluates each update on its own, which secure aggregation and differential privacy "
+                    "exist to prevent; use score weight")
+        if (definition.get("data") or {}).get("dataset") != "digits":
+            return "score shapley scores updates on a held-out split every node derives alike, which only digits has"
+    elif "permutations" in block:
+        return "permutations belongs to score shapley; leave it out"
     return None
 
 
@@ -63,6 +80,16 @@ def apportion(amount: int, weights: Mapping[str, Fraction]) -> dict[str, int]:
     for key in sorted(exact, key=lambda k: (-(exact[k] - paid[k]), k))[:left]:
         paid[key] += 1
     return {k: v for k, v in paid.items() if v > 0}
+
+
+def data_weights(terms: Mapping, result: Mapping) -> dict[str, float]:
+    """What the data pot is split by for a round result: its aggregation weights, or (score
+    shapley) its contribution scores, negative ones as 0."""
+    if terms.get("score", "weight") == "shapley":
+        chosen = result.get("contributions") or {}
+        return {k: max(0.0, float(v)) for k, v in chosen.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    weights = result.get("aggregation_weights") or {}
+    return {k: w for k, w in weights.items() if isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0}
 
 
 def split(terms: Mapping, aggregation_weights: Mapping[str, float], tasks_done: Mapping[str, int]) -> dict[str, dict[str, int]]:
@@ -101,4 +128,5 @@ def total_of(payouts: Mapping[str, Mapping[str, int]]) -> int:
 def schema() -> dict:
     return {"type": "object", "additionalProperties": False, "required": list(NUMBERS),
             "properties": {**{name: bounds.schema() for name, bounds in NUMBERS.items()},
-                           "fee_account": {"$ref": "#/$defs/public_key"}}}
+                           "fee_account": {"$ref": "#/$defs/public_key"}, "score": {"enum": list(SCORES)},
+                           "permutations": PERMUTATIONS.schema()}}

@@ -135,6 +135,11 @@ def _check_rewards(block: Any, path: str, definition: Mapping) -> None:
         integer(block[name], f"{path}.{name}", bound.low, bound.high)
     if "fee_account" in block:
         node(block["fee_account"], f"{path}.fee_account", False)
+    if "score" in block:
+        choice(block["score"], f"{path}.score", rewards_block.SCORES)
+    if "permutations" in block:
+        bound = rewards_block.PERMUTATIONS
+        integer(block["permutations"], f"{path}.permutations", bound.low, bound.high)
     _no_problem(path, rewards_block.problem(block, definition))
 
 

@@ -85,9 +85,7 @@ def round_paid(terms: Mapping, result: Mapping, assignments: Mapping | None,
         status = statuses.get(task_id) or {}
         if status.get("status") == "done" and isinstance(status.get("node"), str):
             done[status["node"]] = done.get(status["node"], 0) + 1
-    weights = result.get("aggregation_weights") or {}
-    return rewards_block.split(terms, {k: w for k, w in weights.items() if isinstance(w, (int, float))
-                                       and not isinstance(w, bool) and w >= 0}, done)
+    return rewards_block.split(terms, rewards_block.data_weights(terms, result), done)
 
 
 def check_claim(claimed: Any, payouts: Mapping[str, Mapping[str, int]], round_number: int) -> None:

@@ -557,6 +557,26 @@ async def _recompute_aggregation(audit: RoundAudit, wf: _Workflow, rnd: _Round) 
     check_aggregation(audit, updates, strategy_spec, rnd.result, workflow_id=wf.workflow_id, model_spec=spec,
                       update_checks=checks, start_state=start, data_spec=rnd.definition.get("data"),
                       server_state=previous, **private)
+    if (rnd.definition.get("rewards") or {}).get("score") == "shapley":
+        check_contributions(audit, rnd, updates, start if start is not None else await _starting_state(audit, wf, rnd))
+
+
+def check_contributions(audit: RoundAudit, rnd: _Round, updates: Sequence[ClientUpdate], start: Mapping | None) -> None:
+    """The round result's contribution scores (fl/shapley.py) redone from the same updates (those
+    the update checks kept), the starting model and the seed the chain fixes: exactly equal."""
+    from trustmesh.fl import screening, shapley
+
+    if not audit.check(start is not None, "contribution scores not recomputed: the starting model is not available"):
+        return
+    checks = rnd.definition.get("update_checks")
+    accuracy = screening.held_out_accuracy(rnd.definition)
+    kept, _ = screening.screen(updates, checks, start, accuracy if checks and "min_accuracy" in checks else None)
+    recomputed = shapley.scores(kept, start, accuracy, seed=bytes.fromhex(rnd.record["schedule_id"]),
+                                permutations=rnd.definition["rewards"]["permutations"])
+    claimed = rnd.result.get("contributions") or {}
+    differ = [f"{_short(n)} {claimed.get(n)!r} on chain, {recomputed.get(n)!r} recomputed"
+              for n in sorted(set(claimed) | set(recomputed)) if claimed.get(n) != recomputed.get(n)]
+    audit.check(not differ, f"contribution scores on chain are not the ones recomputed: {'; '.join(differ[:5])}")
 
 
 async def _recompute_secure_aggregation(audit: RoundAudit, wf: _Workflow, rnd: _Round) -> None:

@@ -67,6 +67,18 @@ def _privacy(body: Mapping) -> dict:
     return dict(record)
 
 
+def _contributions(body: Mapping, weights: Mapping[str, Any]) -> dict:
+    """The round result's optional contribution scores (fl/shapley.py): a finite number for some
+    of the participants; the rewards rule pays the data pot by them where a workflow asks."""
+    scores = require(body, "contributions", dict)
+    for node, value in scores.items():
+        if node not in weights:
+            raise InvalidTransaction(f"payload field 'contributions' names {shown(node)}, which is not a participant")
+        if not _number(value):
+            raise InvalidTransaction(f"the contribution of participant {node} must be a finite number, got {shown(value)}")
+    return dict(scores)
+
+
 def _rejected(body: Mapping, weights: Mapping[str, Any]) -> dict[str, str]:
     """The round result's optional `rejected` map: participants whose update the update checks
     refused (fl/screening.py), each with weight 0 and a reason a person can read."""

@@ -41,7 +41,8 @@ def reassign_payload(schedule_id: str, task_id: str) -> bytes:
 def round_result_payload(schedule_id: str, global_model_digest: str, participants: list[str],
                          aggregation_weights: Mapping[str, float], metrics: Mapping[str, float], *,
                          task_id: str | None = None, rejected: Mapping[str, str] | None = None,
-                         server_state_digest: str | None = None, privacy: Mapping | None = None) -> bytes:
+                         server_state_digest: str | None = None, privacy: Mapping | None = None,
+                         contributions: Mapping[str, float] | None = None) -> bytes:
     """rejected: participants whose update the update checks refused (weight 0), with why; left
     out when none was. server_state_digest: what a server optimizer leaves for the next round."""
     return _encode("round_result", {
@@ -49,6 +50,7 @@ def round_result_payload(schedule_id: str, global_model_digest: str, participant
         "participants": list(participants), "aggregation_weights": dict(aggregation_weights),
         "metrics": dict(metrics), "task_id": task_id, "rejected": dict(rejected) if rejected else None,
         "server_state_digest": server_state_digest, "privacy": dict(privacy) if privacy else None,
+        "contributions": dict(contributions) if contributions else None,
     })
 
 
@@ -146,7 +148,7 @@ def make_round_result_transaction(signer, schedule_id: str, global_model_digest:
                                   aggregation_weights: Mapping[str, float], metrics: Mapping[str, float], *,
                                   task_id: str | None = None, rejected: Mapping[str, str] | None = None,
                                   server_state_digest: str | None = None, privacy: Mapping | None = None,
-                                  **kwargs):
+                                  contributions: Mapping[str, float] | None = None, **kwargs):
     """Signed by the node of the aggregate task. With rejected updates it also counts them in
     their nodes' load records (reputation), so it declares those."""
     result = layout.round_result_address(schedule_id)
@@ -158,7 +160,7 @@ def make_round_result_transaction(signer, schedule_id: str, global_model_digest:
         inputs, outputs = inputs + loads, outputs + loads
     payload = round_result_payload(schedule_id, global_model_digest, participants, aggregation_weights, metrics,
                                    task_id=task_id, rejected=rejected, server_state_digest=server_state_digest,
-                                   privacy=privacy)
+                                   privacy=privacy, contributions=contributions)
     return _transaction(signer, payload, inputs, outputs, **kwargs)
 
 

@@ -12,7 +12,7 @@ from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction
 from .. import events, layout
 from ..common import HEX64, PUBLIC_KEY, chain_time, emit, read_record, require, require_int, require_match, shown, write_records
 from .spec import MAX_REASON_CHARS, REPORT_STATUSES, SETTLED, _RANK
-from .checks import _metrics, _number, _privacy, _rejected, _schedule_id, _task_id
+from .checks import _contributions, _metrics, _number, _privacy, _rejected, _schedule_id, _task_id
 from .task_graph import _final_aggregates
 from .lineage import LineageUnknown, lineage_problem, starting_model
 
@@ -236,6 +236,8 @@ class ReportRules:
         metrics = _metrics(body, "metrics", required=("accuracy", "loss"))
         rejected = _rejected(body, weights)
         private = {"privacy": _privacy(body)} if "privacy" in body else {}
+        if "contributions" in body:
+            private["contributions"] = _contributions(body, weights)
         server_state = {}
         if "server_state_digest" in body:
             server_state["server_state_digest"] = require_match(

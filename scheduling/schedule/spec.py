@@ -43,7 +43,7 @@ _FIELDS = {
     "reassign": ({"schedule_id", "task_id"}, set()),
     "round_result": (
         {"schedule_id", "global_model_digest", "participants", "aggregation_weights", "metrics"},
-        {"task_id", "rejected", "server_state_digest", "privacy"},
+        {"task_id", "rejected", "server_state_digest", "privacy", "contributions"},
     ),
     "reveal_noise": ({"schedule_id", "noise_seed"}, set()),
     "drop_update": ({"schedule_id", "task_id"}, set()),
