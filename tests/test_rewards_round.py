@@ -10,6 +10,9 @@ accounted for, and the audit (with its payment re-check) passes."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 
 import numpy as np
 
@@ -23,7 +26,7 @@ from trustmesh.ledger.signing import PrivateKey, load_or_create_key
 from trustmesh.rewards_audit import all_balances, workflow_rewards
 from trustmesh.scheduling import rewards
 from trustmesh.scheduling.reader import FederationReader
-from helpers.ledger_helpers import submit_and_wait
+from helpers.ledger_helpers import rest, run, submit_and_wait
 
 WORKFLOW = "digits-rewards"
 DATA = {"dataset": "digits", "partition": {"kind": "iid", "seed": 7}, "test_fraction": 0.2}
@@ -97,3 +100,32 @@ def test_shapley_scores_pay_the_free_rider_least_and_the_audit_recomputes_them(d
     scores = result["contributions"]
     assert set(scores) == set(result["aggregation_weights"])
     assert scores[free_rider] < min(v for k, v in scores.items() if k != free_rider), scores
+    # the everyday commands read the same from the chain
+    shown = _cli(devnet, "rewards", "digits-shapley", "--json")
+    [row] = shown["rounds"]
+    assert row["settlement"]["amount"] == 5_000 and row["settlement"]["payouts"] == row["expected"]
+    balances = _cli(devnet, "balance", "--json")
+    assert sum(balances["accounts"].values()) + sum(balances["escrows"].values()) == 0
+    assert _cli(devnet, "balance", fee, "--json") == {fee: 500}
+    bad = subprocess.run([sys.executable, "-m", "trustmesh.cli", "rewards", "no-such-workflow", "--rest",
+                          devnet.rest_url], capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in bad.stderr
+    # and the dashboard's nodes page shows each participant's balance
+    nodes = run(_dashboard_nodes(devnet.rest_url))
+    shown_balances = {n["key"]: n["balance"] for n in nodes["iot"]}
+    assert {k: v for k, v in shown_balances.items() if v} == {k: v for k, v in balances["accounts"].items()
+                                                            if k in shown_balances and v}
+
+
+async def _dashboard_nodes(rest_url: str) -> dict:
+    from trustmesh.dashboard import views
+
+    async with rest(rest_url) as client:
+        return views.nodes(await views.read_snapshot(client), None, None, {})
+
+
+def _cli(devnet, *args):
+    done = subprocess.run([sys.executable, "-m", "trustmesh.cli", *args, "--rest", devnet.rest_url],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)

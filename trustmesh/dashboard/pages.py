@@ -350,7 +350,7 @@ def nodes_page(data: Mapping, chain: Mapping, *, partial: bool = False) -> str:
             f'{", " + e(resources["accelerator"]) if resources.get("accelerator") else ""}</td>'
             f'<td>{e(load["queue"])}</td><td>{e(load["done"])}</td><td>{e(load["missed"])}</td>'
             f'<td>{e(load["rejected"])}</td><td>{load["reliability"]:.3f}</td><td>{_num(n.get("restarts"))}</td>'
-            f'<td class="bad">{e(n.get("attack") or "")}</td></tr>')
+            f'<td>{_num(n.get("balance"))}</td><td class="bad">{e(n.get("attack") or "")}</td></tr>')
     iot = []
     for n in data["iot"]:
         load = n["load"]
@@ -358,7 +358,8 @@ def nodes_page(data: Mapping, chain: Mapping, *, partial: bool = False) -> str:
             f'<tr><td>{_key(n)}</td><td>{_beat(n)}</td><td>{e(", ".join(n["workflows"])) or "–"}</td>'
             f'<td>{e(", ".join(n["coordinates"])) or "–"}</td><td>{e(n["submissions"])}</td>'
             f'<td>{e(load["queue"])}</td><td>{e(load["done"])}</td><td>{e(load["rejected"])}</td>'
-            f'<td>{_num(n.get("restarts"))}</td><td class="bad">{e(n.get("attack") or "")}</td></tr>')
+            f'<td>{_num(n.get("restarts"))}</td><td>{_num(n.get("balance"))}</td>'
+            f'<td class="bad">{e(n.get("attack") or "")}</td></tr>')
     warning = f'<p class="bad">{e(data["heartbeat_error"])}</p>' if data.get("heartbeat_error") else ""
     pending = chain.get("pending_batches")
     observed = chain.get("observed") or {}
@@ -382,11 +383,11 @@ def nodes_page(data: Mapping, chain: Mapping, *, partial: bool = False) -> str:
               f'{e(data["liveness_seconds"])} s of chain time (what reassignment trusts); heartbeat: a beat in Redis '
               f'within its time to live; reliability (done + 1) / (done + missed + 1) as the schedule ranks nodes</p>'
             + _table(["node", "heartbeat", "on chain", "resources", "queue", "done", "missed", "rejected",
-                      "reliability", "restarts", "test attack"], compute, cls="compute",
+                      "reliability", "restarts", "balance", "test attack"], compute, cls="compute",
                      empty="no compute node is registered")
             + "<h2>IoT nodes</h2>"
             + _table(["node", "heartbeat", "workflows", "coordinates", "submissions", "queue", "done", "rejected",
-                      "restarts", "test attack"], iot, cls="iot", empty="no workflow names an IoT node")
+                      "restarts", "balance", "test attack"], iot, cls="iot", empty="no workflow names an IoT node")
             + "<h2>Chain</h2>" + chain_facts)
     return _layout("Nodes", body, watch="nodes", partial=partial)
 

@@ -56,6 +56,7 @@ class Snapshot:
     assignments: dict[str, dict] = field(default_factory=dict)   # schedule_id -> assignments
     results: dict[str, dict] = field(default_factory=dict)       # schedule_id -> round result
     loads: dict[str, dict] = field(default_factory=dict)         # node key -> load record
+    balances: dict[str, int] = field(default_factory=dict)       # public key -> trustmesh-rewards balance
     peers: dict[str, dict] = field(default_factory=dict)         # compute node key -> registry record
     last_seen: dict[str, int] = field(default_factory=dict)      # compute node key -> chain time
     block_times: dict[int, int] = field(default_factory=dict)    # block number -> BlockInfo timestamp
@@ -114,6 +115,9 @@ async def read_snapshot(rest: RestClient) -> Snapshot:
             seen = peer_rules.last_seen_of(record)
             if seen is not None and "node" in record:
                 snap.last_seen[record["node"]] = seen
+    for _, record in await _listed(rest, layout.ACCOUNT_PREFIX, head_id):
+        if isinstance(record, dict) and "key" in record:
+            snap.balances[record["key"]] = record.get("balance")
     from trustmesh.ledger import protos as pb
 
     async for address, data in rest.list_state(BLOCK_INFO_PREFIX, head=head_id):
@@ -383,7 +387,7 @@ def nodes(snap: Snapshot, heartbeats: Mapping[str, Mapping] | None, network: Map
         beat = beats.get(key)
         return {**named(key, names), "heartbeat": None if heartbeats is None else beat is not None,
                 "heartbeat_info": beat, "load": _load(snap.loads.get(key)),
-                "restarts": service.get("restarts") if service else None,
+                "restarts": service.get("restarts") if service else None, "balance": snap.balances.get(key),
                 "process": ("up" if service.get("running", True) else "down") if service else None,
                 "attack": (beat or {}).get("attack") or (service or {}).get("attack")}
 
