@@ -377,6 +377,32 @@ async def wait_for_history(couch_url: str, workflow_id: str, digest: str, *, use
     return False
 
 
+async def take_back_escrow(rest: RestClient, owner: PrivateKey, workflow_id: str, out: TextIO,
+                           timeout: float = 60.0) -> None:
+    """The workflow is over: once the coordinator has settled every final round, what is left in
+    the escrow goes back to its owner (trustmesh-rewards refund)."""
+    reader = FederationReader(rest)
+    deadline = time.monotonic() + timeout
+    while True:
+        index = (await reader.rounds(workflow_id))["rounds"]
+        unpaid = [n for n, sid in index.items() if ((await reader.round_result(sid)) or {}).get("final")
+                  and await reader.settlement(sid) is None]
+        escrow = await reader.escrow(workflow_id)
+        if escrow is None or escrow.get("refunded") or not unpaid or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    if escrow is None or escrow.get("refunded"):
+        return
+    [status] = await rest.wait_for_batches(await rest.submit_batches(
+        [make_batch(owner, [rewards.make_refund_transaction(owner, workflow_id)])]), 60, raise_invalid=False)
+    if status["status"] == "COMMITTED":
+        out.write(f"rewards: {escrow['paid']} paid over {len(escrow['settled'])} round(s), "
+                  f"{escrow['remaining']} back to the owner\n")
+    else:
+        reason = (status.get("invalid_transactions") or [{}])[0].get("message", status["status"])
+        out.write(f"rewards: the escrow was not refunded: {reason}\n")
+
+
 async def deploy_and_follow(path: str, *, home: pathlib.Path, nodes_dir: pathlib.Path, validator_url: str,
                             rest_url: str, workflow_id: str | None = None, key_path: str | None = None,
                             timeout: float | None = None, out: TextIO = sys.stdout, couch_url: str | None = None,
@@ -389,6 +415,8 @@ async def deploy_and_follow(path: str, *, home: pathlib.Path, nodes_dir: pathlib
             out.write(f"workflow {definition['workflow_id']} {outcome} (version {record['version']})\n")
             if "federation" in definition:
                 views = await follow(validator_url, rest, definition["workflow_id"], out=out, timeout=timeout)
+                if "rewards" in definition:
+                    await take_back_escrow(rest, user_key(home, key_path), definition["workflow_id"], out)
                 if couch_url and views[-1].status == "final":
                     await wait_for_history(couch_url, definition["workflow_id"], views[-1].global_model,
                                            user=couch_user, password=couch_password, out=out)
