@@ -10,6 +10,7 @@ accounted for, and the audit (with its payment re-check) passes."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from trustmesh.endpoints import Endpoints
 from trustmesh.fl.datasets import Dataset, dump_npz, federated_digits
 from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.signing import PrivateKey, load_or_create_key
+from trustmesh import rewards_audit
 from trustmesh.rewards_audit import all_balances, workflow_rewards
 from trustmesh.scheduling import rewards
 from trustmesh.scheduling.reader import FederationReader
@@ -88,6 +90,22 @@ def test_rewards_follow_contributions_and_every_unit_is_accounted_for(devnet, st
     assert escrows[WORKFLOW] == 0 and accounts[owner] == -7_001
     assert found["escrow"]["refunded"] == 10_000 - 7_001
     assert report.to_json()["checks"] > 0 and not report.problems
+    # the audit's payment re-check names what a tampered chain would show
+    definition = {"rewards": block}
+
+    def problems(found_, accounts_):
+        seen = []
+        rewards_audit.payment_checks(lambda ok, why: ok or seen.append(why), found_, definition, accounts_, escrows)
+        return seen
+
+    assert problems(found, accounts) == []
+    tampered = copy.deepcopy(found)
+    payouts = tampered["rounds"][0]["settlement"]["payouts"]
+    payouts[keys["iot-5"]] = {"data": 100}
+    payouts[keys["iot-2"]]["data"] -= 100
+    assert any("the rule pays" in p for p in problems(tampered, accounts))
+    minted = {**accounts, keys["iot-1"]: accounts.get(keys["iot-1"], 0) + 1}
+    assert any("add to 1, not 0: units appeared" in p for p in problems(found, minted))
 
 
 def test_shapley_scores_pay_the_free_rider_least_and_the_audit_recomputes_them(devnet, stores, tmp_path):  # noqa: F811

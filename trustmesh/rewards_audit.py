@@ -59,6 +59,13 @@ async def check_payments(check: Callable[[bool, str], Any], reader: FederationRe
                          definition: Mapping) -> None:
     """Each problem through check(ok, problem); nothing to check for a workflow without rewards."""
     found = await workflow_rewards(reader, workflow_id)
+    balances = await all_balances(reader) if found["escrow"] is not None else ({}, {})
+    payment_checks(check, found, definition, *balances)
+
+
+def payment_checks(check: Callable[[bool, str], Any], found: Mapping, definition: Mapping,
+                   accounts: Mapping[str, int], escrows: Mapping[str, int]) -> None:
+    """The checks of check_payments on what it read (workflow_rewards, all_balances): pure."""
     escrow = found["escrow"]
     settled = [row for row in found["rounds"] if row["settlement"] is not None]
     if escrow is None:
@@ -86,6 +93,5 @@ async def check_payments(check: Callable[[bool, str], Any], reader: FederationRe
     refunded = escrow.get("refunded", 0)
     check(escrow["remaining"] == escrow["total"] - paid - refunded,
           f"rewards: the escrow holds {escrow['remaining']}, not total {escrow['total']} - paid {paid} - refunded {refunded}")
-    accounts, escrows = await all_balances(reader)
     total = sum(accounts.values()) + sum(escrows.values())
     check(total == 0, f"rewards: all balances plus escrows add to {total}, not 0: units appeared or vanished")
