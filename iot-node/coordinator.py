@@ -152,14 +152,9 @@ class Coordinator:
                         hashlib.sha256).digest()
 
     async def _reveal_noise(self, sid: str, number: int, assignments: dict) -> None:
-        """Reveal the round's noise seed once every update is fixed (every local_train done)."""
-        if ("reveal", sid) in self._sent:
+        """Reveal the round's noise seed once every update is fixed (every local_train settled)."""
+        if ("reveal", sid) in self._sent or await self._settled_uploads(sid, assignments) is None:
             return
-        for task_id, task in assignments["tasks"].items():
-            if task["kind"] == "local_train":
-                status = await self.reader.task_status(sid, task_id)
-                if status is None or status["status"] != "done":
-                    return
         if await self.reader.noise_seed(sid) is not None:
             return
         await self._once(("reveal", sid), schedule.make_reveal_noise_transaction(

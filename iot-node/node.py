@@ -43,7 +43,7 @@ from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.events import BLOCK_COMMIT, EventSubscriber, event_subscription
 from trustmesh.ledger.rest_client import RestClient
 from trustmesh.ledger.signing import load_or_create_key
-from trustmesh.scheduling import events, layout, workflow
+from trustmesh.scheduling import events, layout, schedule, workflow
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.kept_blobs import KeptBlobs
 from trustmesh.stores.redis_link import TRANSIENT, RedisLink
@@ -323,6 +323,20 @@ class IoTNode(Participant, Coordinator):
                         await self._unmask(definition, index["rounds"][str(number)])
         if latest == fed["rounds"]:
             await self._finish_if_over(workflow_id, fed, index)
+
+    async def _settled_uploads(self, sid: str, assignments: dict | None) -> dict[str, str] | None:
+        """data owner -> the status of its local_train ("done": it uploaded, "dropped": it did not)
+        once every one of the round's is settled; None while one is not, or before assignment."""
+        if assignments is None:
+            return None
+        found = {}
+        for task_id, task in assignments["tasks"].items():
+            if task["kind"] == "local_train":
+                status = await self.reader.task_status(sid, task_id)
+                if status is None or status["status"] not in schedule.SETTLED:
+                    return None
+                found[task["data_owner"]] = status["status"]
+        return found
 
     async def _round_over(self, record, *, model_only: bool = False) -> bool:
         """Timed out, or its result is final; with model_only, once its global model is on chain

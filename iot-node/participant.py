@@ -10,7 +10,7 @@ import logging
 
 from trustmesh.fl import model_format
 from trustmesh.fl.datasets import Dataset, dump_npz, federated_digits, load_npz
-from trustmesh.scheduling import federation, schedule, workflow
+from trustmesh.scheduling import federation, workflow
 from trustmesh.stores.data_bundle import seal_bundle
 
 from . import commitment
@@ -120,14 +120,10 @@ class Participant:
         if own is None or "sealed" not in own or "revealed" in own:
             return  # not a participant, its own upload not in yet, or revealed already
         assignments = await self.reader.assignments(sid)
-        uploaded = set()
-        for task_id, task in (assignments or {}).get("tasks", {}).items():
-            if task["kind"] == "local_train":
-                status = await self.reader.task_status(sid, task_id)
-                if status is None or status["status"] not in schedule.SETTLED:
-                    return
-                if status["status"] == "done":
-                    uploaded.add(task["data_owner"])
+        uploads = await self._settled_uploads(sid, assignments)
+        if uploads is None:
+            return
+        uploaded = {owner for owner, status in uploads.items() if status == "done"}
         txn = await self.secure.unmask_transaction(sid, definition["workflow_id"], definition["secure_aggregation"],
                                                    uploaded)
         await self._once(("unmask", sid), txn, f"reveal its shares of round {assignments['round']}")

@@ -38,7 +38,7 @@ class PrivateRoundRules:
         task = self._task(assignments, schedule_id, task_id)
         if task["kind"] != "local_train":
             raise InvalidTransaction(f"task {task_id!r} is a {task['kind']} task; only a local_train (an upload) is dropped")
-        statuses = await self._statuses(context, schedule_id, [task_id, *task["fetch_dependency_outputs"]])
+        statuses = await self._statuses(context, schedule_id, assignments["tasks"])  # its dependents' too, below
         current, now = statuses[task_id], await chain_time(context)
         if current["status"] in SETTLED:
             raise InvalidTransaction(f"task {task_id!r} is {current['status']} already")
@@ -53,9 +53,7 @@ class PrivateRoundRules:
                                    "at": now})
         statuses[task_id] = current
         writes = {layout.task_status_address(schedule_id, task_id): current}
-        all_statuses = await self._statuses(context, schedule_id, assignments["tasks"])
-        all_statuses[task_id] = current
-        self._start_dependents(assignments, all_statuses, schedule_id, task_id, now, writes)
+        self._start_dependents(assignments, statuses, schedule_id, task_id, now, writes)
         await write_records(context, writes)
         await emit(context, events.TASK_DROPPED, schedule_id=schedule_id, task_id=task_id, node=current["node"],
                    attempt=current["attempt"], kind=task["kind"], workflow_id=assignments["workflow_id"])
