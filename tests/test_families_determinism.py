@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
+from helpers.chain_round import trained_round
 from helpers.devnet_process import DevnetProcess
 from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
 from trustmesh.ledger import protos as pb
@@ -17,41 +18,13 @@ from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.devnet.block_info import BlockInfoHandler
 from trustmesh.ledger.devnet.store import ChainStore
 from trustmesh.ledger.signing import PrivateKey
-from trustmesh.scheduling import federation, layout, peers, schedule, workflow
+from trustmesh.scheduling import layout, schedule, workflow
 from helpers.family_scenario import HANDLERS, _WORKFLOWS
 
 
 async def _one_round(client) -> None:
-    coordinator = PrivateKey.generate()
-    participants = [coordinator, PrivateKey.generate(), PrivateKey.generate()]
-    nodes = [PrivateKey.generate(), PrivateKey.generate()]
-    keys = {f"iot-{i + 1}": p.public_key().as_hex() for i, p in enumerate(participants)}
-    definition = workflow.load_definition(_WORKFLOWS / "federated-digits.json")
-    definition["federation"].update(participant_nodes=list(keys), expected_nodes=3, min_nodes_required=2)
-    definition = workflow.resolve_node_names(definition, keys)
-    wid = definition["workflow_id"]
-
-    async def commit(*txns_by_signer):
-        statuses = await submit_and_wait(client, [make_batch(s, [t]) for s, t in txns_by_signer], timeout=60)
-        assert {s["status"] for s in statuses} == {"COMMITTED"}, statuses
-
-    await commit((coordinator, workflow.make_deploy_transaction(coordinator, definition)))
-    await commit(*[(n, peers.make_register_transaction(n, name=f"c{i}", encryption_public_key="ab" * 32,
-                                                       cpu_cores=2, memory_mb=2048)) for i, n in enumerate(nodes)])
-    await commit(*[(n, peers.make_heartbeat_transaction(n)) for n in nodes])  # liveness: chain time replayed
-    await commit((coordinator, federation.make_open_round_transaction(coordinator, wid, 1)))
-    sid = layout.schedule_id_for(wid, 1, coordinator.public_key().as_hex())
-    await commit(*[(p, federation.make_submit_transaction(p, sid, f"{i:064x}", 10 + i))
-                   for i, p in enumerate(participants)])
-    await commit((coordinator, schedule.make_assign_transaction(coordinator, sid, wid)))
-    tasks = schedule.decode_record(await client.get_state(layout.assignments_address(sid)))["tasks"]
-    by_key = {n.public_key().as_hex(): n for n in nodes}
-    order = ["preprocess", *sorted(t for t in tasks if t.startswith("train:")), "aggregate"]
-    for task_id in order:
-        node = by_key[tasks[task_id]["node"]]
-        await commit((node, schedule.make_report_transaction(
-            node, sid, task_id, "done", output_digest=hashlib.sha256(task_id.encode()).hexdigest(),
-            metrics={"loss": 0.5, "accuracy": 0.8})))
+    round_ = await trained_round(client, heartbeats=True, metrics={"loss": 0.5, "accuracy": 0.8})
+    keys, by_key, tasks, sid, commit = (round_[k] for k in ("keys", "by_key", "tasks", "sid", "commit"))
     aggregator = by_key[tasks["aggregate"]["node"]]
     submitted = sorted(keys.values())
     await commit((aggregator, schedule.make_round_result_transaction(

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from helpers import family_scenario as fs
+from helpers.chain_round import trained_round
 from helpers.devnet_process import DevnetProcess
 from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
 from helpers.rewards_scenario import BLOCK, FEE, RewardsRound, balances, escrows
@@ -24,7 +25,7 @@ from trustmesh.ledger.devnet.block_info import BlockInfoHandler
 from trustmesh.ledger.devnet.store import ChainStore
 from trustmesh.ledger.processor import InvalidTransaction
 from trustmesh.ledger.signing import PrivateKey
-from trustmesh.scheduling import federation, layout, peers, rewards, schedule, workflow
+from trustmesh.scheduling import layout, rewards, schedule, workflow
 from trustmesh.rewards_audit import all_balances
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.scheduling.workflow_schema import check_definition
@@ -240,36 +241,10 @@ def test_settle_claims_are_rejected_clearly_or_exact(state, claim):
 
 
 async def _final_round(client, block: dict) -> dict:
-    """Deploy (with `block`), register two nodes, one round made final; the keys by role."""
-    coordinator = PrivateKey.generate()
-    participants = [coordinator, PrivateKey.generate(), PrivateKey.generate()]
-    nodes = [PrivateKey.generate(), PrivateKey.generate()]
-    keys = {f"iot-{i + 1}": p.public_key().as_hex() for i, p in enumerate(participants)}
-    definition = workflow.load_definition(fs._WORKFLOWS / "federated-digits.json")
-    definition["federation"].update(participant_nodes=list(keys), expected_nodes=3, min_nodes_required=2, rounds=1)
-    definition["rewards"] = block
-    definition = workflow.resolve_node_names(definition, keys)
-    wid = definition["workflow_id"]
-
-    async def commit(*txns_by_signer):
-        statuses = await submit_and_wait(client, [make_batch(s, [t]) for s, t in txns_by_signer], timeout=60)
-        assert {s["status"] for s in statuses} == {"COMMITTED"}, statuses
-
-    await commit((coordinator, workflow.make_deploy_transaction(coordinator, definition)))
-    await commit(*[(n, peers.make_register_transaction(n, name=f"c{i}", encryption_public_key="ab" * 32,
-                                                       cpu_cores=2, memory_mb=2048)) for i, n in enumerate(nodes)])
-    await commit((coordinator, rewards.make_escrow_transaction(coordinator, wid)))
-    await commit((coordinator, federation.make_open_round_transaction(coordinator, wid, 1)))
-    sid = layout.schedule_id_for(wid, 1, coordinator.public_key().as_hex())
-    await commit(*[(p, federation.make_submit_transaction(p, sid, f"{i:064x}", 10 + i))
-                   for i, p in enumerate(participants)])
-    await commit((coordinator, schedule.make_assign_transaction(coordinator, sid, wid)))
-    tasks = schedule.decode_record(await client.get_state(layout.assignments_address(sid)))["tasks"]
-    by_key = {n.public_key().as_hex(): n for n in nodes}
-    for task_id in ["preprocess", *sorted(t for t in tasks if t.startswith("train:")), "aggregate"]:
-        node = by_key[tasks[task_id]["node"]]
-        await commit((node, schedule.make_report_transaction(
-            node, sid, task_id, "done", output_digest=hashlib.sha256(task_id.encode()).hexdigest())))
+    """Deploy (with `block`), register two nodes, one round aggregated (not yet evaluated); the keys by role."""
+    round_ = await trained_round(client, rewards_block=block)
+    coordinator, participants, nodes, keys, by_key, sid, wid, tasks, commit = (round_[k] for k in (
+        "coordinator", "participants", "nodes", "keys", "by_key", "sid", "wid", "tasks", "commit"))
     aggregator = by_key[tasks["aggregate"]["node"]]
     light, heavy, rejected = keys["iot-1"], keys["iot-2"], keys["iot-3"]  # iot-1 coordinates (and owns)
     await commit((aggregator, schedule.make_round_result_transaction(
