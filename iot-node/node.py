@@ -43,7 +43,7 @@ from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.events import BLOCK_COMMIT, EventSubscriber, event_subscription
 from trustmesh.ledger.rest_client import RestClient
 from trustmesh.ledger.signing import load_or_create_key
-from trustmesh.scheduling import events, layout, schedule, workflow
+from trustmesh.scheduling import events, schedule, workflow
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.kept_blobs import KeptBlobs
 from trustmesh.stores.redis_link import TRANSIENT, RedisLink
@@ -71,8 +71,11 @@ class IoTNode(Participant, Coordinator):
     def __init__(self, name: str, data_dir: str | os.PathLike, *, workflow_id: str | None = None,
                  validator_url: str, rest_url: str, redis_url: str, coordinator: bool | None = None,
                  data_path: str | None = None, on_round=None, task_deadline: int | None = None,
-                 torch_threads: int | None = None, attack: Attack | None = None):
+                 torch_threads: int | None = None, attack: Attack | None = None, host=None):
         self.name = name
+        # An IoTHost (host.py) when this node shares one process with many: its connections,
+        # event stream and chain reads are the host's.
+        self.host = host
         # For tests and benchmarks only (fl/attacks.py): how this node poisons the updates it trains
         # itself (train_on "iot"); said in its log and status line.
         self.attack = attack
@@ -109,25 +112,32 @@ class IoTNode(Participant, Coordinator):
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.rest = RestClient(self.rest_url, patience=float("inf"))  # a node waits out every outage
-        self.reader = FederationReader(self.rest)
+        if self.host is not None:
+            self.rest, self.reader, self.redis, self.link = self.host.rest, self.host.reader, self.host.redis, self.host.link
+        else:
+            self.rest = RestClient(self.rest_url, patience=float("inf"))  # a node waits out every outage
+            self.reader = FederationReader(self.rest)
+            self.redis = client(self.redis_url)
+            self.link = RedisLink(self.redis, self.redis_url, self.name)
+            await self.link.wait_up()
+            await self.link.mark()
         self.secure = SecureAggregation(self.signer, self.reader)
-        self.redis = client(self.redis_url)
-        self.link = RedisLink(self.redis, self.redis_url, self.name)
-        await self.link.wait_up()
-        await self.link.mark()
         # Its sealed data goes to Redis and stays here too: a Redis that restarts without it gets
         # it back (link.watch -> restore), since the chain names exactly those bytes.
         self.blobs = KeptBlobs(BlobStore(self.redis), self.data_dir / "blobs")
         self.heartbeats = Heartbeats(self.redis)
-        self.subscriber = EventSubscriber(self.validator_url, [event_subscription(e) for e in EVENTS])
-        await self.subscriber.start()
+        if self.host is not None:
+            self.subscriber = self.host.inbox()
+        else:
+            self.subscriber = EventSubscriber(self.validator_url, [event_subscription(e) for e in EVENTS])
+            await self.subscriber.start()
         self.trainer = None  # started by the first workflow that trains on IoT nodes (_act)
         loop = asyncio.get_running_loop()
         # liveness for `trustmesh status` and supervisors
         self._tasks = [loop.create_task(self._follow()), loop.create_task(self._reconcile()),
-                       loop.create_task(self._tick()), loop.create_task(self._beat()),
-                       loop.create_task(self.link.watch(self._redis_restarted))]
+                       loop.create_task(self._tick()), loop.create_task(self._beat())]
+        if self.host is None:  # a host watches Redis for all its nodes
+            self._tasks.append(loop.create_task(self.link.watch(self._redis_restarted)))
         LOGGER.info("IoT node %s (%s…) ready%s", self.name, self.node[:16], " as coordinator" if self.coordinator else "")
 
     async def _beat(self) -> None:
@@ -145,6 +155,8 @@ class IoTNode(Participant, Coordinator):
         await cancel_and_wait([*self._tasks, *self._reactions])
         if self.trainer is not None:
             await self.trainer.stop()
+        if self.host is not None:
+            return  # the host closes what its nodes share
         await self.subscriber.close()
         await self.rest.close()
         await self.redis.aclose()
@@ -250,8 +262,7 @@ class IoTNode(Participant, Coordinator):
             record = await self.reader.workflow(self.workflow_id)
             return [record] if record is not None else []
         found = []
-        async for _, data in self.rest.list_state(layout.WORKFLOW_NS + layout.WORKFLOW_RECORD):
-            record = workflow.decode_record(data)
+        for record in await self.reader.workflows():
             fed = record["definition"].get("federation") or {}
             if self.node == fed.get("coordinator_node") or self.node in (fed.get("participant_nodes") or ()):
                 found.append(record)

@@ -5,6 +5,7 @@ shares of the neighbours' secrets once every upload is settled)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
@@ -17,6 +18,12 @@ from . import commitment
 from .steps import claimed
 
 LOGGER = logging.getLogger("trustmesh.iot_node.node")  # one log for the node, whichever part speaks
+
+
+@functools.lru_cache(maxsize=4)
+def _shards(data_spec: str, count: int) -> list[Dataset]:
+    """The data set's shards, partitioned once per process: the nodes of one IoT host share it."""
+    return federated_digits(json.loads(data_spec), count).shards
 
 
 class Participant:
@@ -36,7 +43,7 @@ class Participant:
             model = definition["model"]
             return load_npz(self.data_path, input_dim=model["input_dim"], num_classes=model["num_classes"])
         participants = definition["federation"]["participant_nodes"]
-        shards = federated_digits(definition["data"], len(participants)).shards
+        shards = _shards(json.dumps(definition["data"], sort_keys=True), len(participants))
         return shards[participants.index(self.node)]
 
     async def _participate(self, definition, record) -> None:

@@ -27,6 +27,11 @@ class FederationReader:
     async def workflow(self, workflow_id: str) -> dict | None:
         return await self._record(layout.workflow_address(workflow_id))
 
+    async def workflows(self) -> list[dict]:
+        """Every deployed workflow's record."""
+        prefix = layout.WORKFLOW_NS + layout.WORKFLOW_RECORD
+        return [cbor.decode(data, max_bytes=_MAX_RECORD) async for _, data in self.rest.list_state(prefix, head=self.head)]
+
     async def rounds(self, workflow_id: str) -> dict:
         """{"rounds": {"1": schedule_id, ...}, "latest": n}; empty before the first round."""
         return await self._record(layout.workflow_rounds_address(workflow_id)) or {"rounds": {}, "latest": 0}

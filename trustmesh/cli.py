@@ -17,7 +17,7 @@ from trustmesh.dashboard import server as dashboard_server
 from trustmesh.endpoints import add_endpoint_flags, from_args, home_dir
 
 
-SERVICES = ("devnet", "processors", "compute-node", "iot-node", "supervise")  # long-running: log INFO
+SERVICES = ("devnet", "processors", "compute-node", "iot-node", "iot-host", "supervise")  # long-running: log INFO
 
 
 class CommandError(RuntimeError):
@@ -155,10 +155,48 @@ def _iot_node(args) -> int:
     return _exit_fast(_run_until_signal(serve()))
 
 
+def _node_range(text: str) -> tuple[int, int]:
+    """FIRST-LAST (or N): which numbered nodes an IoT host runs."""
+    first, _, last = text.partition("-")
+    try:
+        low, high = int(first), int(last or first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FIRST-LAST such as 1-500, got {text!r}") from None
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"expected 1 <= FIRST <= LAST, got {text!r}")
+    return low, high
+
+
+def _iot_host(args) -> int:
+    from trustmesh.iot_node.host import IoTHost
+
+    where = from_args(args)
+    low, high = args.nodes
+    names = [f"{args.prefix}{i}" for i in range(low, high + 1)]
+
+    async def serve():
+        host = IoTHost(names, args.data_root, workflow_id=args.workflow or None, validator_url=where.validator,
+                       rest_url=where.rest, redis_url=where.redis, task_deadline=args.task_deadline,
+                       torch_threads=args.torch_threads)
+        started = time.monotonic()
+        step = max(1, len(names) // 10)
+        await host.start(progress=lambda done, total: done % step == 0 and print(
+            f"started {done}/{total} IoT nodes", flush=True))
+        print(f"IoT host: {len(names)} nodes {names[0]} … {names[-1]} started in {time.monotonic() - started:.1f} s",
+              flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await host.stop()
+
+    return _exit_fast(_run_until_signal(serve()))
+
+
 def _supervise(args) -> int:
     from trustmesh.local_network import Supervisor
 
-    return Supervisor(home_dir(args.home), compute_nodes=args.compute_nodes, iot_nodes=args.iot_nodes).run()
+    return Supervisor(home_dir(args.home), compute_nodes=args.compute_nodes, iot_nodes=args.iot_nodes,
+                      iot_hosts=args.iot_hosts).run()
 
 
 def _up(args) -> int:
@@ -169,9 +207,11 @@ def _up(args) -> int:
     print(f"starting a local network in {home} ({args.compute_nodes} compute nodes, {args.iot_nodes} IoT nodes)",
           flush=True)
     state = local_network.start(home, compute_nodes=args.compute_nodes, iot_nodes=args.iot_nodes,
-                                timeout=args.timeout, progress=lambda text: print(f"  {text}", flush=True))
-    print(f"local network up in {time.monotonic() - started:.1f} s: REST {state['endpoints']['rest']}, "
-          f"validator {state['endpoints']['validator']}; logs in {home / 'logs'}", flush=True)
+                                iot_hosts=args.iot_hosts, timeout=args.timeout,
+                                progress=lambda text: print(f"  {text}", flush=True))
+    print(f"local network up in {time.monotonic() - started:.1f} s, {local_network.memory_mib(state):,.0f} MiB "
+          f"resident: REST {state['endpoints']['rest']}, validator {state['endpoints']['validator']}; "
+          f"logs in {home / 'logs'}", flush=True)
     if state["endpoints"].get("dashboard"):
         print(f"dashboard: {state['endpoints']['dashboard']}/", flush=True)
     return 0
@@ -358,18 +398,38 @@ def build_parser() -> argparse.ArgumentParser:
     iot.add_argument("--exit-when-done", action="store_true", help="exit once the workflow's last round is over")
     iot.set_defaults(func=_iot_node)
 
+    host = sub.add_parser("iot-host", help="run many IoT nodes in one process (local networks and simulations); "
+                                           "each keeps its own keys, data and transactions")
+    add_endpoint_flags(host, ("validator", "rest", "redis"))
+    host.add_argument("--nodes", type=_node_range, required=True, metavar="FIRST-LAST",
+                      help="the numbered nodes to run, e.g. 1-500 for iot-1 … iot-500")
+    host.add_argument("--prefix", default="iot-", help="node names are PREFIX + number (default %(default)s)")
+    host.add_argument("--data-root", required=True,
+                      help="each node's keys (created 0600 at first start) and state go in DATA_ROOT/NAME")
+    host.add_argument("--workflow", default=os.environ.get("TRUSTMESH_WORKFLOW"),
+                      help="serve this workflow only (default: every deployed workflow naming each node)")
+    host.add_argument("--task-deadline", type=int, metavar="SECONDS",
+                      help="coordinator: seconds a compute node gets per task before it is reassigned")
+    host.add_argument("--torch-threads", type=_threads, metavar="N", default=1,
+                      help="threads torch trains with where nodes train themselves (default %(default)s)")
+    host.set_defaults(func=_iot_host)
+
     up = sub.add_parser("up", help="start a local network: validator, processors, Redis, CouchDB-protocol "
                                    "server, compute and IoT nodes, supervised, in the background")
     up.add_argument("--compute-nodes", type=_count, default=2, metavar="N", help="default %(default)s")
-    up.add_argument("--iot-nodes", type=_count, default=10, metavar="M",
+    up.add_argument("--iot-nodes", type=_iot_count, default=10, metavar="M",
                     help="IoT nodes iot-1 … iot-M (default %(default)s, what workflows/federated-digits.json names)")
+    up.add_argument("--iot-hosts", type=_hosts, metavar="K",
+                    help="run the IoT nodes in K host processes, each keeping its nodes' own keys, data and "
+                         "transactions (default: a process per node up to 16 nodes, else one host per core)")
     up.add_argument("--timeout", type=float, default=180, metavar="SECONDS",
                     help="give up if not every process is healthy by then (default %(default)s)")
     up.set_defaults(func=_up)
 
     supervise = sub.add_parser("supervise")  # what `up` runs in the background; not listed
     supervise.add_argument("--compute-nodes", type=_count, default=2)
-    supervise.add_argument("--iot-nodes", type=_count, default=10)
+    supervise.add_argument("--iot-nodes", type=_iot_count, default=10)
+    supervise.add_argument("--iot-hosts", type=_hosts)
     supervise.set_defaults(func=_supervise)
 
     down = sub.add_parser("down", help="stop the local network; nothing is left running, its data stays")
@@ -415,10 +475,17 @@ def _threads(text: str) -> int | None:
     return int(text) or None
 
 
-def _count(text: str) -> int:
-    if not text.isdigit() or int(text) > 100:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 100, got {text!r}")
-    return int(text)
+def _bounded(low: int, high: int):
+    def count(text: str) -> int:
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {text!r}")
+        return int(text)
+    return count
+
+
+_count = _bounded(0, 100)
+_iot_count = _bounded(0, 5000)  # nodes beyond a few dozen share host processes (--iot-hosts)
+_hosts = _bounded(1, 64)
 
 
 def _workflow_flags(parser) -> None:

@@ -7,7 +7,8 @@
     validator    the dev validator (chain in HOME/chain)
     processors   the federation's transaction processors
     compute-N    compute nodes   (keys and state in HOME/nodes/compute-N)
-    iot-N        IoT nodes       (keys and state in HOME/nodes/iot-N)
+    iot-N        IoT nodes       (keys and state in HOME/nodes/iot-N), one process each; or, for
+                 large simulations, iot-host-K processes running many of them each (iot-host)
 
 each on a free loopback port, logging to HOME/logs/NAME.log. It checks each one's health
 (servers answer, nodes' heartbeats are fresh), restarts a process that dies (with backoff), and
@@ -47,6 +48,26 @@ HEARTBEAT_GRACE = 20.0     # a node without a fresh heartbeat this long after it
 MAX_BACKOFF = 30.0         # seconds between restarts of a process that keeps dying
 STOP_TIMEOUT = 10.0        # SIGTERM, then SIGKILL after this
 DASHBOARD_PORT = 8080      # the dashboard's port when free (else last run's, else any free one)
+OWN_PROCESS_UP_TO = 16     # IoT nodes each get their own process up to this many (a device each);
+                           # beyond, by default they share one host process per core
+
+
+def iot_host_count(iot_nodes: int, iot_hosts: int | None) -> int:
+    """Host processes for the IoT nodes; 0: one process per node."""
+    if iot_hosts is None:
+        return 0 if iot_nodes <= OWN_PROCESS_UP_TO else min(iot_nodes, usable_cores())
+    return min(iot_hosts, iot_nodes)
+
+
+def _ranges(count: int, parts: int) -> list[tuple[int, int]]:
+    """1..count split into `parts` contiguous ranges, as even as can be."""
+    size, extra = divmod(count, parts)
+    ranges, first = [], 1
+    for part in range(parts):
+        last = first + size - 1 + (part < extra)
+        ranges.append((first, last))
+        first = last + 1
+    return ranges
 
 
 class NetworkError(RuntimeError):
@@ -105,6 +126,7 @@ class Service:
     next_start: float = 0.0
     healthy: bool = False
     node_key: str | None = None                # compute and IoT nodes: their public key
+    hosted: dict[str, str] = field(default_factory=dict)  # an IoT host: name -> key of each node it runs
     attack: str | None = None                  # a node in attack test mode says so in its heartbeat
 
     @property
@@ -151,6 +173,7 @@ class Service:
         return {"kind": self.kind, "pid": self.pid, "running": self.running, "healthy": self.healthy,
                 "restarts": self.restarts, "started_at": self.started_at, "log": str(self.log_path),
                 **({"node": self.node_key} if self.node_key else {}),
+                **({"nodes": self.hosted} if self.hosted else {}),
                 **({"attack": self.attack} if self.attack else {})}
 
 
@@ -173,9 +196,11 @@ def _node_key(home: pathlib.Path, name: str) -> str:
 
 
 class Supervisor:
-    def __init__(self, home: pathlib.Path, *, compute_nodes: int = 2, iot_nodes: int = 10):
+    def __init__(self, home: pathlib.Path, *, compute_nodes: int = 2, iot_nodes: int = 10,
+                 iot_hosts: int | None = None):
         self.home = home
         self.compute_nodes, self.iot_nodes = compute_nodes, iot_nodes
+        self.iot_hosts = iot_host_count(iot_nodes, iot_hosts)
         self.logs = home / "logs"
         self.services: list[Service] = []
         self.endpoints: dict[str, str] = {}
@@ -216,7 +241,12 @@ class Supervisor:
         # All nodes share this machine: compute nodes split its cores, IoT nodes (small devices,
         # training only for train_on "iot") take one thread each.
         threads = {"compute": max(1, usable_cores() // max(1, self.compute_nodes)), "iot": 1}
-        for kind, count in (("compute", self.compute_nodes), ("iot", self.iot_nodes)):
+        for host, (first, last) in enumerate(_ranges(self.iot_nodes, self.iot_hosts) if self.iot_hosts else (), 1):
+            name = f"iot-host-{host}"
+            self.services.append(Service(name, "iot", logs / f"{name}.log", _trustmesh(
+                home, "iot-host", "--nodes", f"{first}-{last}", "--data-root", str(home / "nodes"),
+                "--torch-threads", "1"), hosted={f"iot-{i}": _node_key(home, f"iot-{i}") for i in range(first, last + 1)}))
+        for kind, count in (("compute", self.compute_nodes), ("iot", 0 if self.iot_hosts else self.iot_nodes)):
             for i in range(1, count + 1):
                 name = f"{kind}-{i}"
                 command = "compute-node" if kind == "compute" else "iot-node"
@@ -242,6 +272,8 @@ class Supervisor:
             return _http_ok(self.endpoints["dashboard"] + "/api/health")
         if service.node_key is not None:
             return service.node_key in live_nodes
+        if service.hosted:
+            return all(key in live_nodes for key in service.hosted.values())
         return True  # processors: alive is all we can see (the validator does not list them)
 
     def _live_nodes(self) -> dict[str, dict]:
@@ -331,7 +363,8 @@ class Supervisor:
             healthy = self._check(service, live)
             if service.node_key in live:
                 service.attack = live[service.node_key].get("attack")
-            if not healthy and service.node_key is not None and now - service.started_at < HEARTBEAT_GRACE:
+            grace = HEARTBEAT_GRACE + len(service.hosted) * 0.05  # a host starts its nodes one by one
+            if not healthy and (service.node_key or service.hosted) and now - service.started_at < grace:
                 healthy = None  # still starting: not yet a problem
             service.healthy = healthy
         if not self.ready and all(s.healthy for s in self.services):
@@ -375,8 +408,8 @@ class Supervisor:
 # ------------------------------------------------------------------------------ the commands
 
 
-def start(home: pathlib.Path, *, compute_nodes: int, iot_nodes: int, timeout: float = 120,
-          progress=lambda text: None) -> dict:
+def start(home: pathlib.Path, *, compute_nodes: int, iot_nodes: int, iot_hosts: int | None = None,
+          timeout: float = 120, progress=lambda text: None) -> dict:
     """Start the supervisor in the background and wait until every process is healthy."""
     home = home_dir(home)
     state = local_network(home)
@@ -392,12 +425,14 @@ def start(home: pathlib.Path, *, compute_nodes: int, iot_nodes: int, timeout: fl
         _write_json(home / NETWORK_FILE, state)
     log = open(home / "logs" / "supervisor.log", "ab")
     supervisor = subprocess.Popen(
-        _trustmesh(home, "supervise", "--compute-nodes", str(compute_nodes), "--iot-nodes", str(iot_nodes)),
+        _trustmesh(home, "supervise", "--compute-nodes", str(compute_nodes), "--iot-nodes", str(iot_nodes),
+                   *(["--iot-hosts", str(iot_hosts)] if iot_hosts is not None else [])),
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log.close()
     try:
-        return _wait_ready(home, supervisor, compute_nodes + iot_nodes + 5, timeout, progress)
+        iot_services = iot_host_count(iot_nodes, iot_hosts) or iot_nodes
+        return _wait_ready(home, supervisor, compute_nodes + iot_services + 5, timeout, progress)
     except BaseException:  # failed, timed out or interrupted: nothing may keep running
         if supervisor.poll() is None:
             supervisor.terminate()  # it stops what it started, even before network.json exists
@@ -463,6 +498,22 @@ def _is_ours(pid: int, home: pathlib.Path) -> bool:
     except OSError:
         return False
     return str(home) in cmdline or cwd.startswith(str(home))
+
+
+def _rss_kib(pid: int | None) -> int:
+    try:
+        for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def memory_mib(state: dict) -> float:
+    """Resident memory of the supervisor and every process it runs, in MiB (Linux /proc)."""
+    pids = [state.get("supervisor_pid"), *(s.get("pid") for s in state.get("services", {}).values())]
+    return sum(_rss_kib(pid) for pid in pids if pid) / 1024
 
 
 def status(home: pathlib.Path) -> dict:

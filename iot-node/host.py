@@ -1,0 +1,218 @@
+"""Many IoT nodes in one process, for local networks and simulations (`trustmesh iot-host`).
+
+Each hosted node is a whole IoTNode: its own key pair (0600, in its own folder), its own data
+shard, its own signed transactions, its own heartbeat. What a host shares among them is what
+would otherwise be multiplied by the number of nodes:
+
+- one event stream from the validator, fanned out to every node (a validator delivers each
+  block once per subscriber);
+- one REST connection pool, whose batch submissions made within a few milliseconds of each
+  other go out in one POST /batches and are waited on with one status request
+  (CoalescingRest), and whose chain-state reads are shared by every node reading the same
+  record at the same chain head (SharedReader);
+- one Redis connection pool, and one watch for a Redis restart that tells every node.
+
+A real deployment runs one IoT node per device, unchanged (`trustmesh iot-node`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import pathlib
+from typing import Sequence
+
+from trustmesh.cancelling import cancel_and_wait
+from trustmesh.ledger.events import EventSubscriber, event_subscription
+from trustmesh.ledger.rest_client import RestClient
+from trustmesh.scheduling.reader import FederationReader
+from trustmesh.stores.redis_link import RedisLink
+from trustmesh.stores.redis_state import client
+
+from .node import EVENTS, IoTNode
+
+LOGGER = logging.getLogger(__name__)
+
+COALESCE_WINDOW = 0.02   # seconds a submission waits for others to share its POST
+MAX_BATCHES_PER_POST = 100  # keeps a POST /batches well inside a REST API's request size limit
+
+
+class CoalescingRest(RestClient):
+    """A RestClient whose single-batch submissions from many nodes share requests. Each batch stays
+    its own, signed by its own node, committed or refused on its own: only the HTTP round trips
+    are shared."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._waiting: list[tuple[object, float, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+        self._sending: set[asyncio.Task] = set()
+        self.posts = 0  # POST /batches made for coalesced submissions (benchmarks and tests read it)
+
+    async def submit_until_final(self, batches: Sequence, timeout: float, **options) -> list[dict]:
+        if len(batches) != 1 or options:
+            return await super().submit_until_final(batches, timeout, **options)
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((batches[0], timeout, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        # shield: a node that stops waiting must not fail the others' shared request
+        return [await asyncio.shield(future)]
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(COALESCE_WINDOW)
+        while self._waiting:
+            group, self._waiting = self._waiting[:MAX_BATCHES_PER_POST], self._waiting[MAX_BATCHES_PER_POST:]
+            task = asyncio.get_running_loop().create_task(self._send(group))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, group) -> None:
+        self.posts += 1
+        try:
+            statuses = await super().submit_until_final([batch for batch, _, _ in group],
+                                                        max(timeout for _, timeout, _ in group))
+        except BaseException as exc:  # each node then handles it as it would its own request's failure
+            for _, _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, future), status in zip(group, statuses):
+            if not future.done():
+                future.set_result(status)
+
+    async def close(self) -> None:
+        await cancel_and_wait([t for t in (self._flusher, *self._sending) if t is not None])
+        await super().close()
+
+
+_ABSENT = object()
+
+
+class SharedReader(FederationReader):
+    """A FederationReader for every node of a host: a record read at the chain head is read once
+    per block, however many nodes ask. The host starts a new generation on each block before
+    any node hears of it, so no node acts on a record older than the block that told it to act.
+
+    Records come back as the same decoded objects to every node: nodes treat what they read
+    from the chain as read-only (they build new dicts to change anything)."""
+
+    def __init__(self, rest: RestClient):
+        super().__init__(rest)
+        self.generation = 0
+        self._cache: dict[str, object] = {}
+        self._reading: dict[str, asyncio.Future] = {}
+        self.reads = 0  # REST reads made (tests and benchmarks compare it with the nodes' asks)
+
+    def new_block(self) -> None:
+        self.generation += 1
+        self._cache.clear()
+        self._reading.clear()
+
+    async def _record(self, address: str):
+        found = self._cache.get(address, _ABSENT)
+        if found is not _ABSENT:
+            return found
+        pending = self._reading.get(address)
+        if pending is None:
+            pending = self._reading[address] = asyncio.get_running_loop().create_task(self._read(address))
+        return await asyncio.shield(pending)
+
+    async def _read(self, address: str):
+        generation = self.generation
+        self.reads += 1
+        try:
+            found = await super()._record(address)
+        finally:
+            if self.generation == generation:
+                self._reading.pop(address, None)
+        if self.generation == generation:  # a block came meanwhile: what we read may be older than it
+            self._cache[address] = found
+        return found
+
+    async def workflows(self) -> list[dict]:
+        found = self._cache.get("workflows", _ABSENT)
+        if found is _ABSENT:
+            generation = self.generation
+            found = await super().workflows()
+            if self.generation == generation:
+                self._cache["workflows"] = found
+        return found
+
+
+class _Inbox:
+    """One hosted node's view of the host's event stream (what IoTNode reads as its subscriber)."""
+
+    def __init__(self):
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    async def next_block(self):
+        return await self.queue.get()
+
+
+class IoTHost:
+    """Runs IoT nodes `names` (data and keys in data_root/NAME) in this process."""
+
+    def __init__(self, names: Sequence[str], data_root: str | os.PathLike, *, validator_url: str, rest_url: str,
+                 redis_url: str, workflow_id: str | None = None, task_deadline: int | None = None,
+                 torch_threads: int | None = None, on_round=None):
+        if not names:
+            raise ValueError("an IoT host needs at least one node name")
+        self.names = list(names)
+        self.data_root = pathlib.Path(data_root)
+        self.validator_url, self.rest_url, self.redis_url = validator_url, rest_url, redis_url
+        self.options = dict(workflow_id=workflow_id, task_deadline=task_deadline, torch_threads=torch_threads,
+                            on_round=on_round)
+        self.nodes: list[IoTNode] = []
+        self._inboxes: list[_Inbox] = []
+        self._tasks: list[asyncio.Task] = []
+
+    def inbox(self) -> _Inbox:
+        """A new node's share of the event stream."""
+        inbox = _Inbox()
+        self._inboxes.append(inbox)
+        return inbox
+
+    async def start(self, progress=None) -> None:
+        """Connect once, then start each node; progress(started, total) after each."""
+        self.rest = CoalescingRest(self.rest_url, patience=math.inf)
+        self.reader = SharedReader(self.rest)
+        self.redis = client(self.redis_url)
+        self.link = RedisLink(self.redis, self.redis_url, f"iot-host-{self.names[0]}")
+        await self.link.wait_up()
+        await self.link.mark()
+        self.subscriber = EventSubscriber(self.validator_url, [event_subscription(e) for e in EVENTS])
+        await self.subscriber.start()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._pump()), loop.create_task(self.link.watch(self._redis_restarted))]
+        for count, name in enumerate(self.names, 1):
+            node = IoTNode(name, self.data_root / name, validator_url=self.validator_url, rest_url=self.rest_url,
+                           redis_url=self.redis_url, host=self, **self.options)
+            await node.start()
+            self.nodes.append(node)
+            if progress is not None:
+                progress(count, len(self.names))
+        LOGGER.info("IoT host: %d nodes (%s … %s) ready", len(self.nodes), self.names[0], self.names[-1])
+
+    async def _pump(self) -> None:
+        while True:
+            block = await self.subscriber.next_block()
+            self.reader.new_block()  # before any node hears of the block
+            for inbox in self._inboxes:
+                inbox.queue.put_nowait(block)
+
+    async def _redis_restarted(self) -> None:
+        for node in self.nodes:
+            await node._redis_restarted()
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._tasks)
+        for node in self.nodes:
+            await node.stop()
+        await self.subscriber.close()
+        await self.rest.close()
+        await self.redis.aclose()

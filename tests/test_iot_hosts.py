@@ -1,0 +1,95 @@
+"""Many IoT nodes per process (iot-node/host.py): `trustmesh up --iot-nodes 50 --iot-hosts 2`
+runs them in two host processes, each node keeping its own key (0600) and signing its own
+transactions; a two-round workflow of all 50 completes and its audit passes. The host's shared
+reads and coalesced submissions are checked in one process against a real dev validator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+
+from helpers.ledger_helpers import rest, run, running_processor
+from test_local_network import ROOT, home, processes_of, trustmesh  # noqa: F401  (home: a fixture)
+from trustmesh.iot_node.host import CoalescingRest, SharedReader
+from trustmesh.ledger.builders import make_batch
+from trustmesh.ledger.intkey import IntkeyHandler, make_intkey_transaction
+from trustmesh.ledger.signing import load_or_create_key
+
+
+def _workflow(tmp_path, workflow_id: str, participants: int, rounds: int):
+    definition = json.loads((ROOT / "workflows" / "federated-digits-100.json").read_text())
+    definition["workflow_id"] = workflow_id
+    definition["hyperparameters"]["epochs"] = 1
+    definition["federation"].update(participant_nodes=[f"iot-{i}" for i in range(1, participants + 1)],
+                                    expected_nodes=participants, min_nodes_required=participants,
+                                    rounds=rounds, round_timeout=300)
+    path = tmp_path / f"{workflow_id}.json"
+    path.write_text(json.dumps(definition))
+    return path
+
+
+def test_fifty_iot_nodes_in_two_host_processes_run_two_audited_rounds(home, tmp_path):  # noqa: F811
+    up = trustmesh(home, "up", "--compute-nodes", "2", "--iot-nodes", "50", "--iot-hosts", "2", timeout=240)
+    assert "MiB resident" in up.stdout, up.stdout
+    services = json.loads((home / "network.json").read_text())["services"]
+    hosts = {name: s for name, s in services.items() if s["kind"] == "iot"}
+    assert sorted(hosts) == ["iot-host-1", "iot-host-2"], sorted(services)
+    hosted = {name: key for s in hosts.values() for name, key in s["nodes"].items()}
+    assert sorted(hosted, key=lambda n: int(n.split("-")[1])) == [f"iot-{i}" for i in range(1, 51)]
+    assert len(set(hosted.values())) == 50, "each node has its own key"
+    for name in ("iot-1", "iot-50"):
+        private = home / "nodes" / name / "keys" / f"{name}.priv"
+        assert stat.S_IMODE(os.stat(private).st_mode) == 0o600
+    assert sum(" iot-host --nodes " in cmd for cmd in processes_of(home)) == 2, "two host processes, not fifty"
+    assert not any(" iot-node " in cmd for cmd in processes_of(home))
+
+    result = trustmesh(home, "run", str(_workflow(tmp_path, "hosted-50", 50, rounds=2)), "--timeout", "300",
+                       timeout=360)
+    assert "2/2 rounds final" in result.stdout, result.stdout
+
+    report = json.loads(trustmesh(home, "audit", "hosted-50", "--json").stdout)
+    assert report["ok"] is True and len(report["rounds"]) == 2
+    # every participant's own signature is on its submission: the audit checks signers, and all 50 took part
+    from trustmesh.ledger import payload as cbor  # noqa: F401  (state_of decodes with it)
+    from test_local_network import state_of
+    from trustmesh.scheduling import layout
+
+    rest_url = json.loads((home / "network.json").read_text())["endpoints"]["rest"]
+    index = state_of(layout.workflow_rounds_address("hosted-50"), rest_url)
+    for sid in index["rounds"].values():
+        assert set(state_of(layout.round_address(sid), rest_url)["submitted_nodes"]) == set(hosted.values())
+
+
+def test_a_hosts_nodes_share_reads_and_requests_but_sign_their_own_batches(devnet, tmp_path):
+    async def scenario():
+        async with running_processor(devnet.component_url, IntkeyHandler()), rest(devnet.rest_url) as client:
+            shared = CoalescingRest(devnet.rest_url)
+            reader = SharedReader(shared)
+            try:
+                signers = [load_or_create_key(tmp_path / f"n{i}", f"n{i}") for i in range(30)]
+                batches = [make_batch(s, [make_intkey_transaction(s, "set", f"k{i}", i)]) for i, s in enumerate(signers)]
+                statuses = await asyncio.gather(*(shared.submit_until_final([b], 30) for b in batches))
+                assert [s["status"] for [s] in statuses] == ["COMMITTED"] * 30
+                assert 1 <= shared.posts <= 3, f"30 submissions took {shared.posts} POSTs"
+                # each batch is its own: signed by its own node
+                for batch, signer in zip(batches, signers):
+                    got = await client.get_batch(batch.header_signature)
+                    assert got["header"]["signer_public_key"] == signer.public_key().as_hex()
+
+                # thirty readers of one record at one head: one REST read; a new block starts afresh
+                from trustmesh.scheduling import layout
+
+                address = layout.workflow_address("nothing-here")
+                found = await asyncio.gather(*(reader._record(address) for _ in range(30)))
+                assert found == [None] * 30 and reader.reads == 1
+                await reader._record(address)
+                assert reader.reads == 1
+                reader.new_block()
+                await reader._record(address)
+                assert reader.reads == 2
+            finally:
+                await shared.close()
+
+    run(scenario(), timeout=60)
