@@ -186,7 +186,7 @@ class ScheduleHandler(ReportRules, PrivateRoundRules, TransactionHandler):
         for task_id, a in tasks.items():
             writes[layout.task_status_address(schedule_id, task_id)] = {
                 "schedule_id": schedule_id, "task_id": task_id, "status": "assigned", "node": a["node"],
-                "attempt": 1, "deadline": a["deadline"],
+                "attempt": 1, "deadline": a["deadline"], "unsettled_inputs": len(a["fetch_dependency_outputs"]),
                 "history": [{"status": "assigned", "node": a["node"], "attempt": 1, "at": now}],
             }
         touched = {a["node"] for a in tasks.values()}

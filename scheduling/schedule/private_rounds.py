@@ -38,12 +38,12 @@ class PrivateRoundRules:
         task = self._task(assignments, schedule_id, task_id)
         if task["kind"] != "local_train":
             raise InvalidTransaction(f"task {task_id!r} is a {task['kind']} task; only a local_train (an upload) is dropped")
-        statuses = await self._statuses(context, schedule_id, assignments["tasks"])  # its dependents' too, below
-        current, now = statuses[task_id], await chain_time(context)
+        current = (await self._statuses(context, schedule_id, [task_id]))[task_id]
+        now = await chain_time(context)
         if current["status"] in SETTLED:
             raise InvalidTransaction(f"task {task_id!r} is {current['status']} already")
-        waiting = [d for d in task["fetch_dependency_outputs"] if statuses[d]["status"] not in SETTLED]
-        if waiting:
+        if await self._unsettled_inputs(context, schedule_id, task, current, {}):
+            waiting = await self._waiting_for(context, schedule_id, task)
             raise InvalidTransaction(f"task {task_id!r} waits for {', '.join(waiting)}; it cannot be late yet")
         if now <= current["deadline"]:
             raise InvalidTransaction(f"task {task_id!r} is not overdue: its deadline is {current['deadline']}, chain "
@@ -51,9 +51,8 @@ class PrivateRoundRules:
         current["status"] = "dropped"
         current["history"].append({"status": "dropped", "node": current["node"], "attempt": current["attempt"],
                                    "at": now})
-        statuses[task_id] = current
         writes = {layout.task_status_address(schedule_id, task_id): current}
-        self._start_dependents(assignments, statuses, schedule_id, task_id, now, writes)
+        await self._start_dependents(context, assignments, schedule_id, task_id, current, now, writes)
         await write_records(context, writes)
         await emit(context, events.TASK_DROPPED, schedule_id=schedule_id, task_id=task_id, node=current["node"],
                    attempt=current["attempt"], kind=task["kind"], workflow_id=assignments["workflow_id"])

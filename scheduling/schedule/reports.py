@@ -81,11 +81,9 @@ class ReportRules:
         if _RANK[status] <= _RANK[previous]:
             raise InvalidTransaction(f"task {task_id!r} is already {previous!r}; statuses only move forward")
 
-        statuses = None
         if status == "done":
-            statuses = await self._statuses(context, schedule_id, assignments["tasks"])
-            waiting = [d for d in task["fetch_dependency_outputs"] if statuses[d]["status"] not in SETTLED]
-            if waiting:
+            if await self._unsettled_inputs(context, schedule_id, task, current, {}):
+                waiting = await self._waiting_for(context, schedule_id, task)
                 shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
                 raise InvalidTransaction(f"task {task_id!r} cannot be done before its dependencies: {shown} not done yet")
             if task["kind"] == "local_train":
@@ -113,13 +111,13 @@ class ReportRules:
             writes[layout.node_load_address(signer)] = load
 
         if status == "done":
-            statuses[task_id] = current
-            self._start_dependents(assignments, statuses, schedule_id, task_id, now, writes)
+            await self._start_dependents(context, assignments, schedule_id, task_id, current, now, writes)
             finalized = None
             if task["kind"] == "evaluate":
                 result = await read_record(context, layout.round_result_address(schedule_id))
                 if result is not None and not result.get("final"):
-                    finalized = self._finalize(result, assignments, statuses, now)
+                    statuses = await self._statuses(context, schedule_id, _evaluates(assignments))
+                    finalized = self._finalize(result, assignments, {**statuses, task_id: current}, now)
                     if finalized is not None:
                         writes[layout.round_result_address(schedule_id)] = finalized
 
@@ -132,21 +130,39 @@ class ReportRules:
         if status == "done" and finalized is not None:
             await self._emit_finalized(context, finalized)
 
-    @staticmethod
-    def _start_dependents(assignments: dict, statuses: dict, schedule_id: str, task_id: str, now: int,
-                          writes: dict) -> None:
-        """Task `task_id` settled (done, or dropped): the tasks whose inputs are now all settled
-        get their deadline from now (their writes added to `writes`)."""
+    async def _unsettled_inputs(self, context, schedule_id: str, task: Mapping, status: Mapping,
+                                known: Mapping[str, Mapping]) -> int:
+        """How many of a task's inputs are not settled yet: its status record counts them down
+        (so a report reads its own dependents, never every task of the round); a record written
+        before that count existed is counted from its inputs' statuses (`known` first)."""
+        if "unsettled_inputs" in status:
+            return int(status["unsettled_inputs"])
+        deps = task["fetch_dependency_outputs"]
+        found = {**await self._statuses(context, schedule_id, [d for d in deps if d not in known]), **known}
+        return sum(found[d]["status"] not in SETTLED for d in deps)
+
+    async def _waiting_for(self, context, schedule_id: str, task: Mapping) -> list[str]:
+        """The task's inputs not settled yet, by name (to say which, when refusing)."""
+        statuses = await self._statuses(context, schedule_id, task["fetch_dependency_outputs"])
+        return [d for d in task["fetch_dependency_outputs"] if statuses[d]["status"] not in SETTLED]
+
+    async def _start_dependents(self, context, assignments: dict, schedule_id: str, task_id: str, current: dict,
+                                now: int, writes: dict) -> None:
+        """Task `task_id` settled (done, or dropped; `current` its new status): each task that
+        takes its output has one unsettled input fewer, and one whose inputs are now all settled
+        gets its deadline from now (their writes added to `writes`)."""
+        dependents = [t for t, other in assignments["tasks"].items() if task_id in other["fetch_dependency_outputs"]]
+        statuses = await self._statuses(context, schedule_id, dependents)
         changed = False
-        for other_id, other in assignments["tasks"].items():
-            if task_id not in other["fetch_dependency_outputs"]:
-                continue
-            if statuses[other_id]["status"] not in ("assigned", "running"):
-                continue
-            if all(statuses[d]["status"] in SETTLED for d in other["fetch_dependency_outputs"]):
+        for other_id in dependents:
+            other, other_status = assignments["tasks"][other_id], statuses[other_id]
+            left = await self._unsettled_inputs(context, schedule_id, other, other_status, {task_id: current})
+            if "unsettled_inputs" in other_status:
+                left = other_status["unsettled_inputs"] = left - 1
+                writes[layout.task_status_address(schedule_id, other_id)] = other_status
+            if left == 0 and other_status["status"] in ("assigned", "running"):
                 deadline = now + int(assignments["deadline_seconds"])
                 other["deadline"] = deadline
-                other_status = statuses[other_id]
                 other_status["deadline"] = deadline
                 writes[layout.task_status_address(schedule_id, other_id)] = other_status
                 changed = True
@@ -185,8 +201,9 @@ class ReportRules:
 
     @staticmethod
     def _finalize(result: dict, assignments: Mapping, statuses: Mapping[str, Mapping], now: int) -> dict | None:
-        """The result made final, or None while some evaluate instance is not done."""
-        evaluates = [t for t, a in assignments["tasks"].items() if a["kind"] == "evaluate"]
+        """The result made final, or None while some evaluate instance is not done (statuses:
+        at least the evaluate instances')."""
+        evaluates = _evaluates(assignments)
         if any(statuses[t]["status"] != "done" for t in evaluates):
             return None
         result = dict(result)
@@ -262,7 +279,7 @@ class ReportRules:
             aggregate_id = finals[0]
         if await read_record(context, layout.round_result_address(schedule_id)) is not None:
             raise InvalidTransaction(f"the result of round {schedule_id!r} is already recorded; it is recorded once")
-        statuses = await self._statuses(context, schedule_id, tasks)
+        statuses = await self._statuses(context, schedule_id, [aggregate_id, *_evaluates(assignments)])
         aggregate = statuses[aggregate_id]
         if signer != aggregate["node"]:
             raise InvalidTransaction(
@@ -305,3 +322,7 @@ class ReportRules:
                    round=result["round"], global_model_digest=digest, participants=len(participants))
         if final is not None:
             await self._emit_finalized(context, final)
+
+
+def _evaluates(assignments: Mapping) -> list[str]:
+    return [t for t, a in assignments["tasks"].items() if a["kind"] == "evaluate"]
