@@ -48,14 +48,17 @@ from trustmesh.stores.redis_state import (CURSOR_KEY, BlobStore, DeliveriesLost,
                                           client, task_stream)
 
 from .history_recorder import HistoryRecorder
-from .tasks import (InputNotReady, Recent, TaskContext, TaskInputError, aggregate_inputs_known, report_metrics,
-                    run_task, starting_model_known)
+from .tasks import (InputNotReady, Recent, TaskContext, TaskInputError, TaskOutcome, aggregate_inputs_known,
+                    report_metrics, run_local_trains, run_task, starting_model_known)
 
 LOGGER = logging.getLogger(__name__)
 
 REPORT_PATIENCE = 600.0  # seconds a report is sent again while the validator does not know it
 LOST_DEPENDENCY = "which is neither committed nor pending"  # the validator's word for a dependency it never saw
 UNEXPECTED_RETRIES = 3  # tries of a task that fails with something other than bad input
+# Messages taken from the stream at once: the local_train tasks of one round among them train
+# together (fl/batched_training.py; ~2x faster than one by one for 10-100 digits clients).
+READ_AT_ONCE = 64
 
 SCHEDULE_EVENTS = (events.TASK_ASSIGNED, events.TASK_DONE, events.TASK_REASSIGNED,
                    events.TASK_FAILED)
@@ -316,11 +319,9 @@ class ComputeNode:
                     await self._redeliver()
                     redeliver = False
                 if not recovered:  # what this node took before it died, or before Redis went away
-                    for message in await self.queue.recover(self.name):
-                        await self._handle_safely(message)
+                    await self._handle_all(await self.queue.recover(self.name))
                     recovered = True
-                for message in await self.queue.read(self.name, block_ms=1000):
-                    await self._handle_safely(message)
+                await self._handle_all(await self.queue.read(self.name, count=READ_AT_ONCE, block_ms=1000))
             except DeliveriesLost:
                 redeliver = True
             except TRANSIENT as exc:
@@ -331,6 +332,71 @@ class ComputeNode:
             except Exception:  # the worker must outlive anything: log it, look again shortly
                 LOGGER.exception("%s: the task worker stumbled; going on", self.name)
                 await asyncio.sleep(1)
+
+    async def _handle_all(self, messages) -> None:
+        """Handle messages in the order read, except that the local_train tasks of one round
+        among them train together, at the first one's turn (each still reported on its own)."""
+        groups: dict[str, list] = {}  # schedule_id -> its local_train messages
+        for message in messages:
+            if await self._kind(message) == "local_train":
+                groups.setdefault(message.task["schedule_id"], []).append(message)
+        handled = set()
+        for message in messages:
+            if message.message_id in handled:
+                continue
+            group = groups.get(message.task["schedule_id"], [])
+            if len(group) > 1 and message in group:
+                handled.update(m.message_id for m in group)
+                await self._handle_trains(group)
+            else:
+                await self._handle_safely(message)
+
+    async def _kind(self, message) -> str | None:
+        """The kind of a message's task as its round's assignments say; None if unknown now
+        (the message then takes the plain path, which finds out)."""
+        try:
+            inputs = await self.context.round_inputs(message.task["schedule_id"])
+            return inputs["assignments"]["tasks"][message.task["task_id"]]["kind"]
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return None
+
+    async def _handle_trains(self, messages) -> None:
+        """local_train tasks of one round trained together; a task whose own input fails is
+        reported failed alone, and one that could not run this way takes the plain path."""
+        try:
+            live = [m for m in messages if await self._still_mine(m)]
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            live = []
+            for message in messages:  # a store or the REST API failing: the plain path retries
+                await self._handle_safely(message)
+        if len(live) == 1:
+            await self._handle_safely(live[0])
+        if len(live) < 2:
+            return
+        started = time.perf_counter()
+        try:
+            outcomes = await run_local_trains(self.context, live[0].task["schedule_id"],
+                                              [m.task["task_id"] for m in live])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the starting model not there yet, an outage: one by one, with their waits
+            LOGGER.info("%s: %d local_train tasks go one by one: %s", self.name, len(live), exc)
+            outcomes = {}
+        if outcomes:
+            LOGGER.info("%s: %d local_train tasks of round %s… trained together", self.name, len(live),
+                        live[0].task["schedule_id"][:16])
+        for message in live:
+            outcome = outcomes.get(message.task["task_id"])
+            if isinstance(outcome, TaskOutcome):
+                await self._done(message, outcome, started)
+            elif isinstance(outcome, TaskInputError):
+                self._failed(message, outcome)
+            else:
+                await self._handle_safely(message)
 
     async def _handle_safely(self, message) -> None:
         # A store or the REST API failing for a moment must not end the worker: try again a few
@@ -356,11 +422,23 @@ class ComputeNode:
                 await asyncio.sleep(min(30, 2 ** attempt))
 
     async def _handle(self, message) -> None:
+        if not await self._still_mine(message):
+            return
+        started = time.perf_counter()
+        try:
+            outcome = await run_task(self.context, message.task["schedule_id"], message.task["task_id"])
+        except TaskInputError as exc:
+            self._failed(message, exc)
+            return
+        await self._done(message, outcome, started)
+
+    async def _still_mine(self, message) -> bool:
+        """Whether the message's task is still this node's to run (acked when it is not)."""
         if message.message_id in self._awaiting_commit:
             # Reported already: a long task's message can look stale to the stream (pending past
             # claim_idle_ms) and come back before its report commits; running it again would
             # hold this worker up for nothing.
-            return
+            return False
         sid, task_id, attempt = message.task["schedule_id"], message.task["task_id"], message.task["attempt"]
         # A task this node queued itself, after reading its status, delivered for the first time
         # and not moved since, needs no second read (the chain would refuse a stale report anyway).
@@ -370,16 +448,18 @@ class ComputeNode:
         if not fresh and (status is None or status["node"] != self.node or status["attempt"] != attempt
                           or status["status"] in ("done", "failed")):
             await self.queue.ack(message.message_id)  # reassigned or already reported: nothing to do
-            return
-        started = time.perf_counter()
-        try:
-            outcome = await run_task(self.context, sid, task_id)
-        except TaskInputError as exc:
-            LOGGER.warning("%s: task %s failed: %s", self.name, task_id, exc)
-            txn = schedule.make_report_transaction(self.signer, sid, task_id, "failed", attempt=attempt,
-                                                   reason=str(exc)[:500])
-            self._report([txn], message.message_id)
-            return
+            return False
+        return True
+
+    def _failed(self, message, exc: TaskInputError) -> None:
+        sid, task_id, attempt = message.task["schedule_id"], message.task["task_id"], message.task["attempt"]
+        LOGGER.warning("%s: task %s failed: %s", self.name, task_id, exc)
+        txn = schedule.make_report_transaction(self.signer, sid, task_id, "failed", attempt=attempt,
+                                               reason=str(exc)[:500])
+        self._report([txn], message.message_id)
+
+    async def _done(self, message, outcome: TaskOutcome, started: float) -> None:
+        sid, task_id, attempt = message.task["schedule_id"], message.task["task_id"], message.task["attempt"]
         metrics = report_metrics(outcome, started)
         built_on = [(sid, d) for d in outcome.dependencies] + list(outcome.built_on)
         waits_for = [self._uncommitted[key] for key in built_on if key in self._uncommitted]

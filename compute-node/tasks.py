@@ -33,6 +33,7 @@ from trustmesh.fl import dp_round, model_format, screening, secagg, server_state
 from trustmesh.fl.datasets import held_out, load_npz
 from trustmesh.fl.strategies import ClientUpdate, strategy_from_spec
 from trustmesh.fl.attacks import Attack
+from trustmesh.fl.batched_training import Client, local_train_many
 from trustmesh.fl.training import derive_seed, evaluate, initial_state, local_train
 
 LOGGER = logging.getLogger(__name__)
@@ -157,12 +158,79 @@ async def run_task(ctx: TaskContext, schedule_id: str, task_id: str) -> TaskOutc
               "aggregate": _aggregate, "evaluate": _evaluate}[task["kind"]]
     try:
         outcome = await runner(ctx, assignments, task_id, task, definition)
-    except (ValueError, LookupError, EnvelopeError) as exc:
-        # Inputs that do not fit (model format, data, strategy, envelopes, a missing earlier
-        # result) fail the same way on every try: report the task failed, saying why.
-        raise TaskInputError(f"{task['kind']} {task_id}: {exc}") from exc
+    except INPUT_ERRORS as exc:
+        raise _input_error(task_id, task, exc) from exc
     outcome.dependencies = tuple(task["fetch_dependency_outputs"])
     return outcome
+
+
+# Inputs that do not fit (model format, data, strategy, envelopes, a missing earlier result)
+# fail the same way on every try: the task is reported failed, saying why.
+INPUT_ERRORS = (ValueError, LookupError, EnvelopeError)
+
+
+def _input_error(task_id: str, task: Mapping, exc: Exception) -> TaskInputError:
+    error = TaskInputError(f"{task['kind']} {task_id}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+async def run_local_trains(ctx: TaskContext, schedule_id: str, task_ids: list[str]) -> dict[str, Any]:
+    """Several local_train tasks of one round trained together (fl/batched_training.py: each
+    update bit-identical to its training alone, so each blob, digest and report is too).
+    task_id -> its TaskOutcome, or the exception run_task raises for that task alone (one
+    client's bad data fails that task only). Raises what stops every one of them alike
+    (the starting model not there yet, a store outage): run them one by one then."""
+    inputs = await ctx.round_inputs(schedule_id)
+    assignments, definition = inputs["assignments"], inputs["definition"]
+    tasks = {task_id: assignments["tasks"][task_id] for task_id in task_ids}
+    global_state, built_on, start = await _global_model(ctx, definition, assignments)
+    opened = await asyncio.gather(*(_open_data(ctx, assignments, tasks[t], definition) for t in task_ids),
+                                  return_exceptions=True)  # side by side; a failure is that task's
+    outcomes: dict[str, Any] = {}
+    ready = []
+    for task_id, data in zip(task_ids, opened):
+        if isinstance(data, INPUT_ERRORS):
+            outcomes[task_id] = _input_error(task_id, tasks[task_id], data)
+        elif isinstance(data, BaseException):
+            outcomes[task_id] = data
+        else:
+            ready.append((task_id, data))
+    hp, spec = definition["hyperparameters"], definition["model"]
+    clients = []
+    for task_id, data in ready:
+        owner = tasks[task_id]["data_owner"]
+        attack = ctx.attacks.get(owner)
+        labels = data.y if attack is None else attack.poison_labels(data.y, spec["num_classes"])
+        clients.append(Client(data.x, labels, derive_seed(hp["seed"], assignments["round"], owner)))
+    options = strategy_from_spec(definition.get("strategy") or {"name": "fedavg"}).training_options()
+
+    def progress(index, p):
+        ctx.progress(f"{ready[index][0]}: epoch {p.epoch}/{p.epochs} step {p.step}/{p.total} loss {p.loss:.3f}")
+
+    started = time.perf_counter()
+    try:
+        results = await asyncio.to_thread(local_train_many, spec, hp, global_state, clients, progress=progress,
+                                          **options)
+    except INPUT_ERRORS as exc:  # a spec or state that does not fit: every task alike, as alone
+        results = [exc] * len(clients)
+    share = (time.perf_counter() - started) / max(1, len(clients))  # each task's compute_seconds: its share
+    for (task_id, _), client, result in zip(ready, clients, results):
+        task = tasks[task_id]
+        try:
+            if isinstance(result, BaseException):
+                raise result
+            outcome = await _store_update(ctx, assignments, task["data_owner"], definition, result, client.seed,
+                                          global_state, built_on, start, share)
+        except INPUT_ERRORS as exc:
+            outcomes[task_id] = _input_error(task_id, task, exc)
+            continue
+        except Exception as exc:  # noqa: BLE001  that task's alone (TaskInputError, a store outage)
+            outcomes[task_id] = exc
+            continue
+        outcome.dependencies = tuple(task["fetch_dependency_outputs"])
+        outcomes[task_id] = outcome
+    return outcomes
 
 
 async def _blob(ctx: TaskContext, digest: str, what: str) -> bytes:
@@ -233,11 +301,16 @@ async def starting_model_known(ctx, schedule_id: str) -> bool:
 
 
 async def _local_train(ctx, assignments, task_id, task, definition) -> TaskOutcome:
+    data = await _open_data(ctx, assignments, task, definition)
+    return await train_update(ctx, assignments, task_id, task["data_owner"], data, definition)
+
+
+async def _open_data(ctx, assignments, task, definition):
+    """A local_train task's data: its owner's blob, verified, opened with this node's key."""
     sid, owner = assignments["schedule_id"], task["data_owner"]
     bundle = await _blob(ctx, task["inputs"][0], f"data of {owner[:16]}…")
-    data = load_npz(open_bundle(bundle, ctx.encryption_key, node=ctx.node, schedule_id=sid, sender=owner),
+    return load_npz(open_bundle(bundle, ctx.encryption_key, node=ctx.node, schedule_id=sid, sender=owner),
                     input_dim=definition["model"]["input_dim"], num_classes=definition["model"]["num_classes"])
-    return await train_update(ctx, assignments, task_id, owner, data, definition)
 
 
 async def train_update(ctx, assignments, task_id, owner, data, definition) -> TaskOutcome:
@@ -259,7 +332,15 @@ async def train_update(ctx, assignments, task_id, owner, data, definition) -> Ta
     options = strategy_from_spec(definition.get("strategy") or {"name": "fedavg"}).training_options()
     result = await asyncio.to_thread(local_train, definition["model"], hp, global_state, data.x, labels,
                                      progress=progress, seed=seed, **options)
-    compute = time.perf_counter() - started
+    return await _store_update(ctx, assignments, owner, definition, result, seed, global_state, built_on, start,
+                               time.perf_counter() - started)
+
+
+async def _store_update(ctx, assignments, owner, definition, result, seed, global_state, built_on, start,
+                        compute: float) -> TaskOutcome:
+    """A trained update as it leaves the trainer (poisoned in attack tests, DP-noised, masked),
+    stored under its digest; the outcome its report carries."""
+    attack = ctx.attacks.get(owner)
     state = result.state
     if attack is not None:
         LOGGER.warning("ATTACK (test mode): %s poisons the update of %s… in round %s with %s", ctx.node[:16],
