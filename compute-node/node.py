@@ -34,7 +34,7 @@ from trustmesh.fl.attacks import Attack
 from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.block_cursor import BlockCursor
 from trustmesh.ledger.events import UnknownBlockError, event_subscription
-from trustmesh.ledger.rest_client import RestClient
+from trustmesh.ledger.coalescing_rest import CoalescingRest
 from trustmesh.ledger.signing import load_or_create_key
 from trustmesh.machine import usable_cores
 from trustmesh.scheduling import events, layout, peers, schedule
@@ -118,12 +118,12 @@ class ComputeNode:
         self._queued = Recent(RECENT_KEPT)  # (schedule_id, task_id, attempt) put in the stream
         self._reassigned = Recent(RECENT_KEPT)  # (schedule_id, task_id) moved since this node started
         self._waiting: set[str] = set()  # rounds whose local_train tasks wait for the previous round's model
-        self._submitting = asyncio.Lock()  # reports go out in the order they were made (see _report)
         self.completed: list[tuple[str, str]] = []  # (schedule_id, task_id), for tests and logs
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.rest = RestClient(self.rest_url, patience=float("inf"))  # a node waits out every outage
+        # A node waits out every outage; its task reports share POSTs and status waits.
+        self.rest = CoalescingRest(self.rest_url, patience=float("inf"))
         self.reader = FederationReader(self.rest)
         self.redis = client(self.redis_url)
         self.link = RedisLink(self.redis, self.redis_url, self.name)
@@ -493,8 +493,8 @@ class ComputeNode:
 
     def _report(self, txns, message_id: str, completed: tuple[str, str] | None = None) -> None:
         """Send a report in the background and go on with the next task at once. Reports go out
-        one at a time in the order they were made (a report may name an earlier one as a
-        transaction dependency, which the validator must have seen first). The message is acked
+        in the order they were made, those made together in one POST (a report may name an
+        earlier one as a transaction dependency, which the validator must have seen first). The message is acked
         when the report is committed: a node that dies before that finds it again on restart."""
         self._awaiting_commit.add(message_id)
         confirm = asyncio.get_running_loop().create_task(self._send(txns, message_id, completed))
@@ -504,11 +504,9 @@ class ComputeNode:
     async def _send(self, txns, message_id: str, completed: tuple[str, str] | None) -> None:
         status = None
         try:
-            batch = make_batch(self.signer, txns)
-            async with self._submitting:  # asyncio locks are fair: first made, first sent
-                await self.rest.submit_batches([batch])
-            # Sent again while the validator does not know it (a restarted one forgot it).
-            [status] = await self.rest.submit_until_final([batch], REPORT_PATIENCE, sent=True)
+            # Reports made together go out together, in the order made (ledger/coalescing_rest.py),
+            # and are sent again while the validator does not know them (a restarted one forgot).
+            [status] = await self.rest.submit_until_final([make_batch(self.signer, txns)], REPORT_PATIENCE)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -8,7 +8,7 @@ would otherwise be multiplied by the number of nodes:
   block once per subscriber);
 - one REST connection pool, whose batch submissions made within a few milliseconds of each
   other go out in one POST /batches and are waited on with one status request
-  (CoalescingRest), and whose chain-state reads are shared by every node reading the same
+  (ledger/coalescing_rest.py), and whose chain-state reads are shared by every node reading the same
   record at the same chain head (SharedReader);
 - one Redis connection pool, and one watch for a Redis restart that tells every node.
 
@@ -26,6 +26,7 @@ from typing import Sequence
 
 from trustmesh.cancelling import cancel_and_wait
 from trustmesh.ledger.events import EventSubscriber, event_subscription
+from trustmesh.ledger.coalescing_rest import CoalescingRest
 from trustmesh.ledger.rest_client import RestClient
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.redis_link import RedisLink
@@ -34,61 +35,6 @@ from trustmesh.stores.redis_state import client
 from .node import EVENTS, IoTNode
 
 LOGGER = logging.getLogger(__name__)
-
-COALESCE_WINDOW = 0.02   # seconds a submission waits for others to share its POST
-MAX_BATCHES_PER_POST = 100  # keeps a POST /batches well inside a REST API's request size limit
-
-
-class CoalescingRest(RestClient):
-    """A RestClient whose single-batch submissions from many nodes share requests. Each batch stays
-    its own, signed by its own node, committed or refused on its own: only the HTTP round trips
-    are shared."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._waiting: list[tuple[object, float, asyncio.Future]] = []
-        self._flusher: asyncio.Task | None = None
-        self._sending: set[asyncio.Task] = set()
-        self.posts = 0  # POST /batches made for coalesced submissions (benchmarks and tests read it)
-
-    async def submit_until_final(self, batches: Sequence, timeout: float, **options) -> list[dict]:
-        if len(batches) != 1 or options:
-            return await super().submit_until_final(batches, timeout, **options)
-        future = asyncio.get_running_loop().create_future()
-        self._waiting.append((batches[0], timeout, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
-        # shield: a node that stops waiting must not fail the others' shared request
-        return [await asyncio.shield(future)]
-
-    async def _flush(self) -> None:
-        await asyncio.sleep(COALESCE_WINDOW)
-        while self._waiting:
-            group, self._waiting = self._waiting[:MAX_BATCHES_PER_POST], self._waiting[MAX_BATCHES_PER_POST:]
-            task = asyncio.get_running_loop().create_task(self._send(group))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-
-    async def _send(self, group) -> None:
-        self.posts += 1
-        try:
-            statuses = await super().submit_until_final([batch for batch, _, _ in group],
-                                                        max(timeout for _, timeout, _ in group))
-        except BaseException as exc:  # each node then handles it as it would its own request's failure
-            for _, _, future in group:
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (_, _, future), status in zip(group, statuses):
-            if not future.done():
-                future.set_result(status)
-
-    async def close(self) -> None:
-        await cancel_and_wait([t for t in (self._flusher, *self._sending) if t is not None])
-        await super().close()
-
 
 _ABSENT = object()
 

@@ -183,43 +183,46 @@ def test_a_task_queued_by_this_node_runs_without_reading_its_status_again(tmp_pa
 
 
 def test_reports_go_out_in_the_order_they_were_made_while_the_next_task_runs(tmp_path):
+    from trustmesh.ledger.coalescing_rest import COALESCE_WINDOW, CoalescingRest
+
     node = ComputeNode("c", tmp_path, validator_url="tcp://127.0.0.1:1", rest_url="http://127.0.0.1:1",
                        redis_url="redis://127.0.0.1:1")
-    sent, acked, calls = [], [], []
+    sent, acked, posts = [], [], []
 
-    class _Rest:
+    class _Rest(CoalescingRest):  # the node's own client; only the HTTP exchange is played here
         async def submit_batches(self, batches):
-            txn = batches[0].transactions[0].header_signature
-            calls.append(txn)
-            await asyncio.sleep(0.05 if len(calls) == 1 else 0)  # the first POST is the slow one
-            sent.append(txn)
-            return [txn]
+            posts.append(len(batches))
+            await asyncio.sleep(0.05 if len(posts) == 1 else 0)  # the first POST is the slow one
+            sent.extend(b.transactions[0].header_signature for b in batches)
+            return [b.header_signature for b in batches]
 
-        async def wait_for_batches(self, ids, timeout, raise_invalid=True):
-            return [{"id": ids[0], "status": "COMMITTED"}]
-
-        async def submit_until_final(self, batches, timeout, *, resubmit_after=10.0, sent=False):
-            return [{"id": batches[0].header_signature, "status": "COMMITTED"}]
+        async def batch_statuses(self, ids, wait=None):
+            return [{"id": i, "status": "COMMITTED"} for i in ids]
 
     class _Queue:
         async def ack(self, message_id):
             acked.append(message_id)
 
-    node.rest, node.queue, node.context = _Rest(), _Queue(), TaskContext("n", None, None, None)
+    node.queue, node.context = _Queue(), TaskContext("n", None, None, None)
     node.link = RedisLink(None, node.redis_url, node.name)  # acks go through it (waiting out Redis)
     from trustmesh.scheduling import schedule
 
     async def scenario():
+        node.rest = _Rest("http://127.0.0.1:1")
         txns = [schedule.make_report_transaction(node.signer, "a" * 64, f"t{i}", "failed", attempt=1, reason="x")
-                for i in range(3)]
-        for i, txn in enumerate(txns):
-            node._report([txn], f"{i}-0")  # returns at once: the caller goes on with its next task
-        assert sent == [] and node._awaiting_commit == {"0-0", "1-0", "2-0"}
+                for i in range(4)]
+        node._report([txns[0]], "0-0")  # returns at once: the caller goes on with its next task
+        assert sent == [] and node._awaiting_commit == {"0-0"}
+        await asyncio.sleep(COALESCE_WINDOW * 4)  # its POST is out (and slow) before the next reports
+        for i, txn in enumerate(txns[1:], 1):
+            node._report([txn], f"{i}-0")
         await asyncio.gather(*node._confirming)
+        await node.rest.close()
         return [t.header_signature for t in txns]
 
     made = asyncio.run(scenario())
-    assert sent == made and acked == ["0-0", "1-0", "2-0"] and not node._awaiting_commit
+    assert posts == [1, 3], "reports made together share a POST"
+    assert sent == made and acked == ["0-0", "1-0", "2-0", "3-0"] and not node._awaiting_commit
 
 
 def test_what_a_node_remembers_of_queued_tasks_is_bounded():
