@@ -34,7 +34,7 @@ def problem(block: Mapping, definition: Mapping) -> str | None:
         return "update_checks need each update in the clear, which secure aggregation hides; leave them out"
     if (definition.get("privacy") or {}).get("where", "client") != "client":
         return 'with privacy, the noise must be added by the clients (privacy.where "client"): the aggregator sees only the sum'
-    if block["neighbours"] % 2 and block["neighbours"] < len(federation.get("participant_nodes") or ()) - 1:
+    if block["neighbours"] % 2 and block["neighbours"] < _participants(federation) - 1:
         return "neighbours must be even (half on each side of a participant on the ring), or cover every other participant"
     smallest = federation.get("min_nodes_required", 1)
     holders = min(block["neighbours"], smallest - 1)
@@ -60,3 +60,12 @@ def schema() -> dict:
     return {"type": "object", "additionalProperties": False, "required": ["protocol", *NUMBERS],
             "properties": {"protocol": {"enum": list(PROTOCOLS)},
                            **{name: bounds.schema() for name, bounds in NUMBERS.items()}}}
+
+
+def _participants(federation: Mapping) -> int:
+    """How many participants: those listed, or a participant group's size (its expected_nodes)."""
+    listed = federation.get("participant_nodes")
+    if isinstance(listed, list):
+        return len(listed)
+    expected = federation.get("expected_nodes")
+    return expected if isinstance(expected, int) and not isinstance(expected, bool) else 0

@@ -25,9 +25,9 @@ Definition (unknown fields are refused at every level, so a typo never passes si
     secure_aggregation  optional, fl/secagg_block.py;  rewards  optional, fl/rewards_block.py
     data             {dataset: digits|npz, partition: {kind: iid, seed} |
                      {kind: dirichlet, alpha > 0, seed}, test_fraction in (0, 1)}
-    federation       {coordinator_node, participant_nodes, expected_nodes, min_nodes_required,
-                     round_timeout (whole seconds), rounds, train_on: compute|iot (optional,
-                     default "compute": where local training runs)}
+    federation       {coordinator_node, participant_nodes | participant_group, expected_nodes,
+                     min_nodes_required, round_timeout (whole seconds), rounds, train_on:
+                     compute|iot (optional, default "compute": where local training runs)}
 
 Federated vs single-node: with `federation` the workflow needs `strategy` and
 `data.partition`, a local_train task, an aggregate task that depends (directly or through other
@@ -40,6 +40,18 @@ opens each round, so `participant_nodes` is exactly the set of nodes that may su
 `expected_nodes == len(participant_nodes)` and nobody is counted twice. Node identities on
 chain are compressed secp256k1 public keys (66 lowercase hex, a point on the curve); files may
 name nodes instead ("iot-1") until `resolve_node_names` maps them to keys.
+
+Participants are listed in one of two ways, exactly one per definition:
+- `participant_nodes`: up to MAX_PARTICIPANTS keys in the definition itself (its payload must fit
+  MAX_PAYLOAD_BYTES);
+- `participant_group`: the id of a *participant group* of up to MAX_GROUP_MEMBERS keys that the
+  workflow's owner registered on chain beforehand, in parts of at most MAX_GROUP_PART_MEMBERS
+  (trustmesh-workflow register_group; the rules: workflow_groups.py). At deploy and update the
+  family reads the group, requires it complete, `expected_nodes` equal to its size and the
+  coordinator among its members, and copies the member list into the workflow record
+  ("participants"), where open_round (federation_config) and the readers take it from.
+`trustmesh workflow deploy` / `trustmesh run` turn a file listing more than MAX_PARTICIPANTS
+participant_nodes into such a group automatically.
 
 Numbers: integers must be integers (5, not 5.0; never booleans); NaN and infinities are refused.
 Canonical CBOR keeps floats exact, so the stored definition equals the submitted one.
@@ -80,6 +92,9 @@ MAX_EPOCHS = 1000
 MAX_BATCH_SIZE = 65_536
 MAX_SEED = 2**32 - 1          # what numpy and torch both take
 MAX_PARTICIPANTS = 512        # ~35 KB of keys, inside the 64 KiB payload limit
+MAX_GROUP_MEMBERS = 10_000    # a participant group (federation.participant_group): ~680 KB of keys in state
+MAX_GROUP_PART_MEMBERS = 500  # keys per register_group transaction: ~34 KB, inside the 64 KiB payload limit
+MAX_GROUP_PARTS = -(-MAX_GROUP_MEMBERS // MAX_GROUP_PART_MEMBERS)  # 20
 MAX_ROUND_TIMEOUT = 7 * 24 * 3600
 MAX_ROUNDS = 10_000           # also bounds a workflow's round index record
 
@@ -164,31 +179,47 @@ def _check_data(data: Any, path: str) -> None:
 
 
 def _check_federation(fed: Any, path: str, allow_names: bool) -> None:
-    fields(fed, path, ("coordinator_node", "participant_nodes", "expected_nodes", "min_nodes_required",
-                       "round_timeout", "rounds"), ("train_on",))
+    fields(fed, path, ("coordinator_node", "expected_nodes", "min_nodes_required", "round_timeout", "rounds"),
+           ("participant_nodes", "participant_group", "train_on"))
     coordinator = node(fed["coordinator_node"], f"{path}.coordinator_node", allow_names)
-    participants = items(fed["participant_nodes"], f"{path}.participant_nodes", 1, MAX_PARTICIPANTS)
-    first: dict[str, int] = {}
-    for i, participant in enumerate(participants):
-        node(participant, f"{path}.participant_nodes[{i}]", allow_names)
-        if participant in first:
+    if ("participant_nodes" in fed) == ("participant_group" in fed):
+        if "participant_nodes" in fed:
             raise DefinitionError(
-                f"{path}.participant_nodes lists {participant} twice (items {first[participant]} and {i}); "
-                f"list each participant once"
+                f"{path} has both participant_nodes and participant_group; give exactly one: the node list "
+                f"(up to {MAX_PARTICIPANTS}) or the id of a registered participant group (up to {MAX_GROUP_MEMBERS})"
             )
-        first[participant] = i
-    expected = integer(fed["expected_nodes"], f"{path}.expected_nodes", 1, MAX_PARTICIPANTS)
-    if expected != len(participants):
         raise DefinitionError(
-            f"{path}.expected_nodes is {expected} but participant_nodes lists {len(participants)} "
-            f"node(s); they must be equal"
+            f"{path} lacks the required field 'participant_nodes' (the participants' keys, up to "
+            f"{MAX_PARTICIPANTS}), or instead 'participant_group' (the id of a registered participant group)"
         )
-    minimum = integer(fed["min_nodes_required"], f"{path}.min_nodes_required", 1, MAX_PARTICIPANTS)
+    if "participant_group" in fed:
+        identifier(fed["participant_group"], f"{path}.participant_group")
+        # the group's size and members are on chain: deploy checks expected_nodes and the coordinator there
+        expected = integer(fed["expected_nodes"], f"{path}.expected_nodes", 1, MAX_GROUP_MEMBERS)
+    else:
+        participants = items(fed["participant_nodes"], f"{path}.participant_nodes", 1, MAX_PARTICIPANTS)
+        first: dict[str, int] = {}
+        for i, participant in enumerate(participants):
+            node(participant, f"{path}.participant_nodes[{i}]", allow_names)
+            if participant in first:
+                raise DefinitionError(
+                    f"{path}.participant_nodes lists {participant} twice (items {first[participant]} and {i}); "
+                    f"list each participant once"
+                )
+            first[participant] = i
+        expected = integer(fed["expected_nodes"], f"{path}.expected_nodes", 1, MAX_PARTICIPANTS)
+        if expected != len(participants):
+            raise DefinitionError(
+                f"{path}.expected_nodes is {expected} but participant_nodes lists {len(participants)} "
+                f"node(s); they must be equal"
+            )
+    minimum = integer(fed["min_nodes_required"], f"{path}.min_nodes_required", 1,
+                      MAX_GROUP_MEMBERS if "participant_group" in fed else MAX_PARTICIPANTS)
     if minimum > expected:
         raise DefinitionError(
             f"{path}.min_nodes_required ({minimum}) must be between 1 and expected_nodes ({expected})"
         )
-    if coordinator not in first:
+    if "participant_nodes" in fed and coordinator not in first:
         raise DefinitionError(
             f"{path}.coordinator_node {coordinator} is not one of participant_nodes; the coordinator "
             f"contributes data too, so list it among the participants"
@@ -352,10 +383,20 @@ def task_order(workflow_id: str, definition: Any) -> list[dict]:
     return topological_order(tasks)
 
 
+def participant_group(definition: Any) -> str | None:
+    """The participant group a federated definition names (federation.participant_group), or None
+    where it lists participant_nodes itself (or is single-node)."""
+    section = federation(definition)
+    group = section.get("participant_group") if isinstance(section, Mapping) else None
+    return group if isinstance(group, str) else None
+
+
 def federation_config(workflow_id: str, record: Any) -> dict:
     """The federation section of a stored workflow record, as open_round uses it:
     {coordinator, participants, min_nodes_required, round_timeout, rounds}.
 
+    participants: federation.participant_nodes, or where the definition names a participant group,
+    the members deploy copied from the group into the record's "participants".
     Each field is held to _check_federation's limits (the record voice of the federation family:
     "... field 'rounds' must be ..."), so a record no deploy could have written is refused."""
     section = federation(stored_definition(workflow_id, record))
@@ -368,24 +409,38 @@ def federation_config(workflow_id: str, record: Any) -> dict:
     if not isinstance(section, dict):
         raise InvalidTransaction(f"{where} must be a map; redeploy the workflow")
     coordinator = require_match(section, "coordinator_node", PUBLIC_KEY, "a 66-hex public key", where=where)
-    participants = require(section, "participant_nodes", list, where=where)
-    if not 1 <= len(participants) <= MAX_PARTICIPANTS:
-        raise InvalidTransaction(f"{where} field 'participant_nodes' must list 1 to {MAX_PARTICIPANTS} node keys")
-    for key in participants:
+    if "participant_group" in section:
+        listed, limit = f"participant group {str(section['participant_group'])[:80]!r}", MAX_GROUP_MEMBERS
+        members = record.get("participants")
+        if not isinstance(members, list):
+            raise InvalidTransaction(
+                f"workflow {workflow_id!r} names {listed} but its record holds no member list "
+                f"('participants'); redeploy it"
+            )
+        where_list, name = f"workflow {workflow_id!r} record", "participants"
+    else:
+        listed, limit = "participant_nodes", MAX_PARTICIPANTS
+        members = require(section, "participant_nodes", list, where=where)
+        where_list, name = where, "participant_nodes"
+    if not 1 <= len(members) <= limit:
+        raise InvalidTransaction(f"{where_list} field {name!r} must list 1 to {limit} node keys")
+    for key in members:
         if not isinstance(key, str) or not PUBLIC_KEY.match(key):
-            raise InvalidTransaction(f"{where} field 'participant_nodes' holds {str(key)[:80]!r}, not a 66-hex public key")
-    if len(set(participants)) != len(participants):
-        raise InvalidTransaction(f"{where} field 'participant_nodes' lists a node twice")
+            raise InvalidTransaction(f"{where_list} field {name!r} holds {str(key)[:80]!r}, not a 66-hex public key")
+    if len(set(members)) != len(members):
+        raise InvalidTransaction(f"{where_list} field {name!r} lists a node twice")
     expected = section.get("expected_nodes")
-    if isinstance(expected, bool) or not isinstance(expected, int) or expected != len(participants):
+    if isinstance(expected, bool) or not isinstance(expected, int) or expected != len(members):
         raise InvalidTransaction(
-            f"{where} field 'expected_nodes' ({str(expected)[:80]}) does not match participant_nodes "
-            f"({len(participants)} nodes); every participant is expected in every round"
+            f"{where} field 'expected_nodes' ({str(expected)[:80]}) does not match {listed} "
+            f"({len(members)} nodes); every participant is expected in every round"
         )
+    if "participant_group" in section and coordinator not in members:
+        raise InvalidTransaction(f"{where} field 'coordinator_node' is not a member of {listed}; redeploy the workflow")
     return {
         "coordinator": coordinator,
-        "participants": list(participants),
-        "min_nodes_required": require_int(section, "min_nodes_required", 1, len(participants), where=where),
+        "participants": list(members),
+        "min_nodes_required": require_int(section, "min_nodes_required", 1, len(members), where=where),
         "round_timeout": require_int(section, "round_timeout", 1, MAX_ROUND_TIMEOUT, where=where),
         "rounds": require_int(section, "rounds", 1, MAX_ROUNDS, where=where),
     }

@@ -4,7 +4,8 @@ Five families (version 1.0, canonical-CBOR payloads, canonical-CBOR state record
 
 | family                | namespace = sha512(name)[:6] | holds                                      |
 |-----------------------|------------------------------|--------------------------------------------|
-| trustmesh-workflow    | WORKFLOW_NS                  | workflow definitions, owner, version       |
+| trustmesh-workflow    | WORKFLOW_NS                  | workflow definitions, owner, version;      |
+|                       |                              | participant groups (per owner)             |
 | trustmesh-peer        | PEER_NS                      | compute-node registry, its index, liveness |
 | trustmesh-federation  | FEDERATION_NS                | rounds: schedule_id, submissions, status   |
 | trustmesh-schedule    | SCHEDULE_NS                  | task assignments, task status, node load,  |
@@ -43,6 +44,7 @@ BLOCK_INFO_NS = "00b10c"  # agreed block timestamps (round clocks, deadlines)
 
 # kinds: the two hex characters after the namespace
 WORKFLOW_RECORD = "00"      # key: workflow_id
+PARTICIPANT_GROUP = "01"    # key: owner public key + "/" + group_id -> a participant group's members
 PEER_RECORD = "00"          # key: node public key (hex)
 PEER_INDEX = "01"           # single record: sorted list of registered node public keys
 PEER_LIVENESS = "02"        # key: node public key -> chain time the node was last seen (heartbeat)
@@ -65,6 +67,14 @@ def _address(ns: str, kind: str, key: str) -> str:
 
 def workflow_address(workflow_id: str) -> str:
     return _address(WORKFLOW_NS, WORKFLOW_RECORD, workflow_id)
+
+
+def participant_group_address(owner: str, group_id: str) -> str:
+    """A participant group (workflow_groups.py): its owner's, so nobody else can take or fill its id."""
+    return _address(WORKFLOW_NS, PARTICIPANT_GROUP, f"{owner}/{group_id}")
+
+
+PARTICIPANT_GROUP_PREFIX = WORKFLOW_NS + PARTICIPANT_GROUP  # every participant group
 
 
 def peer_address(public_key: str) -> str:

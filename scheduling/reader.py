@@ -5,6 +5,8 @@ Nodes and auditors use this; processors read state through their Context instead
 
 from __future__ import annotations
 
+import asyncio
+
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.rest_client import RestClient
 
@@ -24,13 +26,27 @@ class FederationReader:
         data = await self.rest.get_state(address, head=self.head)
         return None if data is None else cbor.decode(data, max_bytes=_MAX_RECORD)
 
-    async def workflow(self, workflow_id: str) -> dict | None:
-        return await self._record(layout.workflow_address(workflow_id))
+    async def workflow(self, workflow_id: str, *, expanded: bool = True) -> dict | None:
+        """A workflow's record. Expanded (the default): a definition that names a participant group
+        (federation.participant_group) comes with federation.participant_nodes filled in with the
+        group's members, in order, as deploy copied them into the record ("participants"), so
+        whoever reads participant_nodes through this reader (IoT and compute nodes, the audit, `run`)
+        reads every workflow alike; participant_group stays in it, saying where they came from.
+        This view is not a definition to deploy (it holds both); expanded=False gives the record
+        exactly as stored."""
+        record = await self._record(layout.workflow_address(workflow_id))
+        return expand(record) if expanded else record
 
-    async def workflows(self) -> list[dict]:
-        """Every deployed workflow's record."""
+    async def workflows(self, *, expanded: bool = True) -> list[dict]:
+        """Every deployed workflow's record (expanded as `workflow` says, unless expanded=False)."""
         prefix = layout.WORKFLOW_NS + layout.WORKFLOW_RECORD
-        return [cbor.decode(data, max_bytes=_MAX_RECORD) async for _, data in self.rest.list_state(prefix, head=self.head)]
+        records = [cbor.decode(data, max_bytes=_MAX_RECORD)
+                   async for _, data in self.rest.list_state(prefix, head=self.head)]
+        return [expand(r) for r in records] if expanded else records
+
+    async def participant_group(self, owner: str, group_id: str) -> dict | None:
+        """A participant group (workflow_groups.py): {group_id, owner, parts, received, members}."""
+        return await self._record(layout.participant_group_address(owner, group_id))
 
     async def rounds(self, workflow_id: str) -> dict:
         """{"rounds": {"1": schedule_id, ...}, "latest": n}; empty before the first round."""
@@ -44,6 +60,13 @@ class FederationReader:
 
     async def task_status(self, schedule_id: str, task_id: str) -> dict | None:
         return await self._record(layout.task_status_address(schedule_id, task_id))
+
+    async def task_statuses(self, schedule_id: str, task_ids) -> dict[str, dict | None]:
+        """task_id -> its status record (None if absent), read side by side: a round of a thousand
+        participants has a thousand tasks, and one read after another takes seconds."""
+        ids = list(task_ids)
+        found = await asyncio.gather(*(self.task_status(schedule_id, t) for t in ids))
+        return dict(zip(ids, found))
 
     async def round_result(self, schedule_id: str) -> dict | None:
         return await self._record(layout.round_result_address(schedule_id))
@@ -96,3 +119,15 @@ class FederationReader:
     async def previous_global_model(self, workflow_id: str, round_number: int) -> str | None:
         """The digest of `starting_model`: None for the seeded initial model."""
         return (await self.starting_model(workflow_id, round_number)).digest
+
+
+def expand(record: dict | None) -> dict | None:
+    """A workflow record whose definition names a participant group, with the group's members (the
+    record's "participants") as federation.participant_nodes; any other record as it is."""
+    if not isinstance(record, dict) or not isinstance(record.get("participants"), list):
+        return record
+    definition = record.get("definition")
+    fed = definition.get("federation") if isinstance(definition, dict) else None
+    if not isinstance(fed, dict) or "participant_group" not in fed:
+        return record
+    return {**record, "definition": {**definition, "federation": {**fed, "participant_nodes": list(record["participants"])}}}

@@ -1,4 +1,5 @@
-"""trustmesh-workflow on the client: node names to keys, payloads, signed transactions, decoding."""
+"""trustmesh-workflow on the client: node names to keys, payloads, signed transactions, decoding,
+and participant groups (a federation larger than MAX_PARTICIPANTS: workflow_groups.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_transaction
 
 from . import layout
+from . import workflow_groups as groups
 from .common import IDENTIFIER, PUBLIC_KEY, shown
-from .definition import ROOT, DefinitionError
+from .definition import MAX_PARTICIPANTS, ROOT, DefinitionError, participant_group
 from .workflow_schema import check_definition
 
 
@@ -70,18 +72,24 @@ def update_payload(definition: Mapping, expected_version: int) -> bytes:
 
 
 def _transaction(signer, definition: Mapping, payload: Callable[[], bytes], check: bool, kwargs: dict):
-    """Signed, with inputs = outputs = the workflow's address; check_definition first if asked."""
+    """Signed, with inputs = outputs = the workflow's address (inputs also the signer's participant
+    group the definition names, if any); check_definition first if asked."""
     if check:
         check_definition(definition)
     workflow_id = definition.get("workflow_id") if isinstance(definition, Mapping) else None
     if not isinstance(workflow_id, str) or not IDENTIFIER.match(workflow_id):
         raise DefinitionError(f"{ROOT}.workflow_id must be an identifier to address the workflow")
     address = layout.workflow_address(workflow_id)
-    return make_transaction(signer, layout.WORKFLOW_FAMILY, layout.VERSION, payload(), [address], [address], **kwargs)
+    inputs = [address]
+    group_id = participant_group(definition)
+    if group_id is not None:
+        inputs.append(layout.participant_group_address(signer.public_key().as_hex(), group_id))
+    return make_transaction(signer, layout.WORKFLOW_FAMILY, layout.VERSION, payload(), inputs, [address], **kwargs)
 
 
 def make_deploy_transaction(signer, definition: Mapping, *, check: bool = True, **kwargs):
-    """A signed deploy transaction (inputs = outputs = the workflow address).
+    """A signed deploy transaction (inputs = outputs = the workflow address; a definition naming a
+    participant group also reads the signer's group of that id, which must be complete).
 
     check=True runs check_definition (schema + processor rules, keys only) first, so a bad
     definition fails here instead of on chain. kwargs go to builders.make_transaction.
@@ -92,6 +100,53 @@ def make_deploy_transaction(signer, definition: Mapping, *, check: bool = True, 
 def make_update_transaction(signer, definition: Mapping, expected_version: int, *, check: bool = True, **kwargs):
     """A signed update transaction replacing the definition stored at `expected_version`."""
     return _transaction(signer, definition, lambda: update_payload(definition, expected_version), check, kwargs)
+
+
+# --------------------------------------------------------------------------- participant groups
+
+
+def register_group_payload(group_id: str, members: list[str], part: int, parts: int) -> bytes:
+    return cbor.encode({"action": "register_group", "group_id": group_id, "members": list(members),
+                        "part": part, "parts": parts})
+
+
+def make_register_group_transaction(signer, group_id: str, members: list[str], part: int, parts: int, **kwargs):
+    """Part `part` of `parts` of the signer's participant group `group_id` (inputs = outputs = its
+    address). Parts go in order; workflow_groups.py has the rules."""
+    address = layout.participant_group_address(signer.public_key().as_hex(), group_id)
+    return make_transaction(signer, layout.WORKFLOW_FAMILY, layout.VERSION,
+                            register_group_payload(group_id, members, part, parts), [address], [address], **kwargs)
+
+
+def make_register_group_transactions(signer, group_id: str, members: list[str], *, first_part: int = 1,
+                                     **kwargs) -> list:
+    """The register_group transactions of a whole member list (parts of MAX_GROUP_PART_MEMBERS), from
+    part `first_part` on (to continue a registration that stopped halfway)."""
+    parts = groups.split_parts(list(members))
+    return [make_register_group_transaction(signer, group_id, chunk, number, len(parts), **kwargs)
+            for number, chunk in enumerate(parts, start=1) if number >= first_part]
+
+
+def needs_group(definition: Mapping) -> bool:
+    """Whether a definition lists more participant_nodes than one definition may (MAX_PARTICIPANTS):
+    `trustmesh workflow deploy` registers them as a participant group and deploys naming it."""
+    fed = definition.get("federation") if isinstance(definition, Mapping) else None
+    nodes = fed.get("participant_nodes") if isinstance(fed, Mapping) else None
+    return isinstance(nodes, list) and len(nodes) > MAX_PARTICIPANTS
+
+
+def check_grouped_definition(definition: Mapping) -> tuple[dict, list[str]]:
+    """The client's full check of a definition listing more than MAX_PARTICIPANTS participant_nodes
+    (keys, not names): (the definition naming their group instead, the member list).
+
+    The grouped definition passes check_definition, and the members what registering and deploying
+    it require (workflow_groups.check_members), so what would fail on chain fails here, before any
+    group part is sent."""
+    groups.check_size(definition["federation"])
+    grouped, members = groups.as_group(definition)
+    check_definition(grouped)
+    groups.check_members(definition["federation"])
+    return grouped, members
 
 
 def decode_record(data: bytes) -> dict:

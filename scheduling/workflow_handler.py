@@ -1,20 +1,22 @@
-"""trustmesh-workflow's processor: deploy and update rules (pure) and the handler around them."""
+"""trustmesh-workflow's processor: deploy and update rules (pure) and the handler around them;
+register_group's rules are in workflow_groups.py."""
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from trustmesh.ledger.processor import InvalidTransaction, TransactionHandler
+from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction, TransactionHandler
 
 from . import events, layout
+from . import workflow_groups as groups
 from .common import check_fields, emit, parse_payload, read_record, shown, signer_of, write_records
-from .definition import validate_definition
+from .definition import participant_group, validate_definition
 
 FAMILY_NAME = layout.WORKFLOW_FAMILY
 FAMILY_VERSION = layout.VERSION
 NAMESPACE = layout.WORKFLOW_NS
 
-ACTIONS = ("deploy", "update")
+ACTIONS = ("deploy", "update", "register_group")
 EVENT_DEPLOYED = events.WORKFLOW_DEPLOYED
 EVENT_UPDATED = events.WORKFLOW_UPDATED
 
@@ -94,13 +96,39 @@ class WorkflowHandler(TransactionHandler):
 
     async def apply(self, transaction, context) -> None:
         action, body = parse_payload(transaction, ACTIONS)
+        signer = signer_of(transaction)
+        if action == "register_group":
+            await self._register_group(body, signer, context)
+            return
         definition, expected = parse_request(action, body)
         address = layout.workflow_address(definition["workflow_id"])
         stored: Any = await read_record(context, address)
-        signer = signer_of(transaction)
         if action == "deploy":
             record, event = deploy(stored, definition, signer), EVENT_DEPLOYED
         else:
             record, event = update(stored, definition, signer, expected), EVENT_UPDATED
+        group_id = participant_group(definition)
+        if group_id is not None:
+            # the group's members go into the record: open_round and the readers take them from there
+            group = await _read_group(context, record["owner"], group_id, action)
+            record["participants"] = groups.group_participants(definition, group, record["owner"])
         await write_records(context, {address: record})
         await emit(context, event, workflow_id=record["workflow_id"], version=record["version"], owner=record["owner"])
+
+    async def _register_group(self, body: Mapping, signer: str, context) -> None:
+        group_id, members, part, parts = groups.register_request(body)
+        address = layout.participant_group_address(signer, group_id)
+        stored = await read_record(context, address)
+        await write_records(context, {address: groups.register_part(stored, group_id, members, part, parts, signer)})
+
+
+async def _read_group(context, owner: str, group_id: str, action: str) -> dict | None:
+    address = layout.participant_group_address(owner, group_id)
+    try:
+        return await read_record(context, address)
+    except AuthorizationError:
+        raise InvalidTransaction(
+            f"this {action} names participant group {group_id!r}: list its address {address} "
+            f"(layout.participant_group_address(owner, group_id)) in the transaction's inputs "
+            f"(make_{action}_transaction does)"
+        ) from None

@@ -52,7 +52,9 @@ from trustmesh.ledger import signing
 from trustmesh.ledger.rest_client import RestClient, RestError
 from trustmesh.scheduling import layout
 from trustmesh.fl.strategies import STRATEGIES
-from trustmesh.scheduling.reader import FederationReader
+from trustmesh.scheduling.definition import participant_group
+from trustmesh.scheduling.reader import FederationReader, expand
+from trustmesh.scheduling.workflow_groups import complete
 from trustmesh.fl.strategies.base import WEIGHT_TOLERANCE
 from trustmesh.scheduling.schedule import StartingModel, lineage_problem
 from trustmesh.stores.couch import CouchClient, CouchError, CouchHistory, DigestMismatch
@@ -253,7 +255,10 @@ class _Workflow:
     history: CouchHistory | None
 
     def definition(self, version: Any) -> dict:
-        return self.definitions.get(version) or self.record["definition"]
+        """The definition a round ran under, as signed; a participant group's members (the record's
+        copy, which `_check_group` holds against the group) listed as its participant_nodes."""
+        signed = self.definitions.get(version) or self.record["definition"]
+        return expand({**self.record, "definition": signed})["definition"]
 
 
 @dataclass
@@ -822,6 +827,20 @@ def _check_workflow(report: AuditReport, wf: _Workflow, actions: Sequence[Signed
                  f"the rounds index lists rounds {numbers} with latest {index['latest']}")
 
 
+async def _check_group(report: AuditReport, wf: _Workflow) -> None:
+    """A workflow naming a participant group: the group is its owner's, complete, and its members
+    are the participants the workflow record holds (and its rounds expected)."""
+    group_id = participant_group(wf.record.get("definition"))
+    if group_id is None:
+        return
+    group = await wf.reader.participant_group(wf.record.get("owner"), group_id)
+    if report.check(group is not None, f"participant group {group_id!r} of the owner is not on chain"):
+        report.check(complete(group), f"participant group {group_id!r} is not complete "
+                                      f"({group.get('received')} of {group.get('parts')} parts)")
+        report.check(group.get("members") == wf.record.get("participants"),
+                     f"the workflow record's participants are not the members of participant group {group_id!r}")
+
+
 def _check_peer_actions(report: AuditReport, actions: Sequence[SignedAction], nodes: set[str]) -> int:
     """Registrations of the nodes that held tasks: signed by the node itself (its key is the record's)."""
     mine = [a for a in actions if a.signer in nodes]
@@ -843,7 +862,7 @@ async def _open_chain(workflow_id: str, rest: RestClient) -> tuple[str, dict]:
     """(head block id, workflow record); AuditError when the chain cannot be read or lacks it."""
     try:
         head = (await rest.head())["header_signature"]
-        record = await FederationReader(rest, head).workflow(workflow_id)
+        record = await FederationReader(rest, head).workflow(workflow_id, expanded=False)  # as stored and signed
     except (RestError, aiohttp.ClientError, ValueError, KeyError, IndexError) as exc:
         raise AuditError(f"cannot read the chain through the REST API at {rest.base_url}: {exc}") from None
     if record is None:
@@ -905,9 +924,10 @@ async def _audit(workflow_id: str, endpoints: network.Endpoints, progress: Calla
         report.rounds.append(audit)
         nodes |= held
     _check_workflow(report, wf, own, index)
+    await _check_group(report, wf)
     from trustmesh.rewards_audit import check_payments  # trustmesh-rewards: every payment by the rule
 
-    await check_payments(report.check, reader, workflow_id, record.get("definition") or {})
+    await check_payments(report.check, reader, workflow_id, (expand(record) or {}).get("definition") or {})
     _check_unattributed(report, unattributed)
     report.transactions = (len(own) + sum(len(attributed.get(r.schedule_id, [])) for r in report.rounds)
                            + _check_peer_actions(report, peer_actions, nodes))

@@ -100,17 +100,36 @@ def node_keys(nodes_dir: pathlib.Path, names: list[str]) -> dict[str, str]:
 
 
 def prepare(path: str, nodes_dir: pathlib.Path, workflow_id: str | None = None) -> dict:
-    """The definition from `path`, renamed if asked, node names resolved, fully checked."""
+    """The definition from `path`, renamed if asked, node names resolved, fully checked.
+
+    A file may list more than MAX_PARTICIPANTS participant_nodes (up to MAX_GROUP_MEMBERS): they
+    are checked as the participant group `deploy` registers for them, and the definition comes
+    back listing them all."""
     definition = workflow.load_definition(path)
     if workflow_id:
         definition["workflow_id"] = workflow_id
     definition = workflow.resolve_node_names(definition, node_keys(nodes_dir, workflow.node_names(definition)))
+    if workflow.needs_group(definition):
+        workflow.check_grouped_definition(definition)
+        return definition
     return workflow.check_definition(definition)
 
 
-async def deploy(rest: RestClient, signer: PrivateKey, definition: dict) -> tuple[str, dict]:
-    """Deploy, or update when the signer owns a different version; ("deployed"|"updated"|"unchanged", record)."""
+async def deploy(rest: RestClient, signer: PrivateKey, definition: dict, *,
+                 out: TextIO | None = None) -> tuple[str, dict]:
+    """Deploy, or update when the signer owns a different version; ("deployed"|"updated"|"unchanged", record).
+
+    A definition listing more than MAX_PARTICIPANTS participant_nodes (too many keys for one
+    payload) is deployed naming a participant group of them instead: the group is registered
+    first, one part per batch, each part's progress written to `out` (stdout by default), and
+    continued where it stopped if an earlier deploy was interrupted. The record returned is the
+    reader's expanded view (participant_nodes listed)."""
     try:
+        if workflow.needs_group(definition):
+            grouped, members = workflow.check_grouped_definition(definition)
+            await _register_group(rest, signer, workflow.participant_group(grouped), members,
+                                  sys.stdout if out is None else out)
+            definition = grouped
         return await _deploy(rest, signer, definition)
     except RestError as exc:
         raise RunError(rest_failure(exc, rest.base_url)) from None
@@ -121,17 +140,55 @@ async def deploy(rest: RestClient, signer: PrivateKey, definition: dict) -> tupl
         raise RunError(f"no network answers at {rest.base_url} ({exc}); `trustmesh up` starts a local one") from None
 
 
+async def _register_group(rest: RestClient, signer: PrivateKey, group_id: str, members: list[str], out: TextIO) -> None:
+    """Register the signer's participant group `group_id` of `members`, part by part; nothing to do
+    when it is complete already (its id is derived from the member list: the same list)."""
+    reader = FederationReader(rest)
+    me = signer.public_key().as_hex()
+    parts = workflow.split_parts(members)
+    stored = await reader.participant_group(me, group_id)
+    name = f"participant group {group_id}"
+    if stored is not None and stored["received"] == stored["parts"]:
+        if stored["members"] != members:
+            raise RunError(f"{name} is registered with other members; deploy from a file naming another group")
+        out.write(f"{name}: {len(members)} members, registered already\n")
+        return
+    done = 0
+    if stored is not None:
+        done = stored["received"]
+        if stored["parts"] != len(parts) or stored["members"] != members[:len(stored["members"])] \
+                or len(stored["members"]) != sum(len(p) for p in parts[:done]):
+            raise RunError(f"{name} was begun on chain with other parts ({stored['received']} of {stored['parts']}) "
+                           f"and cannot be finished with this member list; list the participants in the order "
+                           f"of that registration, or change the list (which names another group)")
+        out.write(f"{name}: continuing at part {done + 1} of {len(parts)}\n")
+    else:
+        out.write(f"{name}: registering {len(members)} participants in {len(parts)} part(s) "
+                  f"(more than {workflow.MAX_PARTICIPANTS} do not fit one definition)\n")
+    registered = sum(len(p) for p in parts[:done])
+    for txn, number in zip(workflow.make_register_group_transactions(signer, group_id, members, first_part=done + 1),
+                           range(done + 1, len(parts) + 1)):
+        [status] = await rest.wait_for_batches(await rest.submit_batches([make_batch(signer, [txn])]), 60,
+                                               raise_invalid=False)
+        if status["status"] != "COMMITTED":
+            reason = (status.get("invalid_transactions") or [{}])[0].get("message", status["status"])
+            raise RunError(f"{name}: part {number} of {len(parts)} was not registered: {reason}")
+        registered += len(parts[number - 1])
+        out.write(f"{name}: part {number}/{len(parts)} committed ({registered}/{len(members)} participants)\n")
+        out.flush()
+
+
 async def _deploy(rest: RestClient, signer: PrivateKey, definition: dict) -> tuple[str, dict]:
     reader = FederationReader(rest)
     workflow_id = definition["workflow_id"]
-    stored = await reader.workflow(workflow_id)
+    stored = await reader.workflow(workflow_id, expanded=False)
     me = signer.public_key().as_hex()
     if stored is None:
         txn, outcome = workflow.make_deploy_transaction(signer, definition, check=False), "deployed"
         if "rewards" in definition:  # the budget is escrowed as the workflow is deployed, in one batch
             txn, outcome = [txn, rewards.make_escrow_transaction(signer, workflow_id)], "deployed, budget escrowed"
     elif stored["definition"] == definition:
-        return "unchanged", stored
+        return "unchanged", await reader.workflow(workflow_id)
     elif stored["owner"] != me:
         raise RunError(f"workflow {workflow_id!r} is deployed by another owner ({stored['owner'][:16]}…) with a "
                        f"different definition; choose another id with --workflow-id")
@@ -199,9 +256,8 @@ async def read_round(reader: FederationReader, number: int, schedule_id: str) ->
     assignments = await reader.assignments(schedule_id)
     if assignments is not None:
         view.tasks_total = len(assignments["order"])
-        for task_id in assignments["order"]:
-            status = await reader.task_status(schedule_id, task_id)
-            view.tasks_done += bool(status and status["status"] == "done")
+        statuses = await reader.task_statuses(schedule_id, assignments["order"])
+        view.tasks_done = sum(bool(s and s["status"] == "done") for s in statuses.values())
     if result is not None:
         view.loss = result["metrics"].get("loss")
         view.global_model = result["global_model_digest"]
@@ -411,7 +467,7 @@ async def deploy_and_follow(path: str, *, home: pathlib.Path, nodes_dir: pathlib
     started = time.monotonic()
     try:
         async with rest_client(rest_url) as rest:
-            outcome, record = await deploy(rest, user_key(home, key_path), definition)
+            outcome, record = await deploy(rest, user_key(home, key_path), definition, out=out)
             out.write(f"workflow {definition['workflow_id']} {outcome} (version {record['version']})\n")
             if "federation" in definition:
                 views = await follow(validator_url, rest, definition["workflow_id"], out=out, timeout=timeout)
