@@ -150,7 +150,7 @@ class ComputeNode:
         # Any node may keep the Redis federation cache: it is filled idempotently from committed events.
         self.cache = FederationCache(self.redis, rest_client=self.rest)
         await self.link.mark()
-        beats = lambda: self.heartbeats.keep_beating(self.node, self._status_info())  # noqa: E731
+        beats = lambda: self.heartbeats.keep_beating(self.node, self._status_info)  # noqa: E731  (read each beat)
         self._tasks = [loop.create_task(self._follow()), loop.create_task(self._work()),
                        loop.create_task(self.link.keep_running(beats)), loop.create_task(self._keep_cache()),
                        loop.create_task(self.link.watch(self._redis_restarted)),
@@ -164,6 +164,8 @@ class ComputeNode:
 
     def _status_info(self) -> dict:
         info = {"name": self.name}
+        # the REST API lists no pending batches: each node says which of its own it waits for
+        info["pending_batches"] = self.rest.pending_summary(signer=self.node)
         if self.attacks:  # never silent: `trustmesh status` shows it
             info["attack"] = ", ".join(f"{attack} on {owner[:16]}…" for owner, attack in sorted(self.attacks.items()))
         return info
@@ -471,7 +473,7 @@ class ComputeNode:
             txns.append(schedule.make_round_result_transaction(
                 self.signer, sid, outcome.output_digest, r["participants"], r["aggregation_weights"], r["metrics"],
                 task_id=task_id, rejected=r.get("rejected"), server_state_digest=r.get("server_state_digest"),
-                privacy=r.get("privacy"), contributions=r.get("contributions")))
+                privacy=r.get("privacy"), contributions=r.get("contributions"), submitted=r.get("submitted")))
         self._uncommitted[sid, task_id] = txns[0].header_signature
         self.context.reported[sid, task_id] = {"status": "done", "node": self.node, "attempt": attempt,
                                                "output_digest": outcome.output_digest, "metrics": metrics}

@@ -145,7 +145,9 @@ class IoTNode(Participant, Coordinator):
         if self.attack is not None:  # never silent: `trustmesh status` shows it
             info["attack"] = f"{self.attack} on its own updates"
         # through Redis outages: liveness resumes with Redis
-        await self.link.keep_running(lambda: self.heartbeats.keep_beating(self.node, info))
+        # the REST API lists no pending batches: each node says which of its own it waits for
+        await self.link.keep_running(lambda: self.heartbeats.keep_beating(
+            self.node, lambda: {**info, "pending_batches": self.rest.pending_summary(signer=self.node)}))
 
     async def _redis_restarted(self) -> None:
         await self.blobs.restore()
@@ -340,14 +342,11 @@ class IoTNode(Participant, Coordinator):
         once every one of the round's is settled; None while one is not, or before assignment."""
         if assignments is None:
             return None
-        found = {}
-        for task_id, task in assignments["tasks"].items():
-            if task["kind"] == "local_train":
-                status = await self.reader.task_status(sid, task_id)
-                if status is None or status["status"] not in schedule.SETTLED:
-                    return None
-                found[task["data_owner"]] = status["status"]
-        return found
+        trains = {t: task["data_owner"] for t, task in assignments["tasks"].items() if task["kind"] == "local_train"}
+        statuses = await self.reader.task_statuses(sid, trains)
+        if any(s is None or s["status"] not in schedule.SETTLED for s in statuses.values()):
+            return None
+        return {owner: statuses[t]["status"] for t, owner in trains.items()}
 
     async def _round_over(self, record, *, model_only: bool = False) -> bool:
         """Timed out, or its result is final; with model_only, once its global model is on chain

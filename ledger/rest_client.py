@@ -18,15 +18,22 @@ before is waited for. A malformed URL is refused when the client is made (BadRes
         ids = await rest.submit_batches([batch])
         await rest.wait_for_batches(ids, timeout=30)      # raises BatchInvalidError / BatchTimeoutError
         value = await rest.get_state(address)             # bytes, or None if nothing is there
+
+The client remembers the batches it submitted that are not final yet (`pending_batches()`,
+`pending_summary()` for a heartbeat): the Sawtooth REST API lists no pending batches, so
+each submitter says what it waits for. A batch leaves that set when a status read says
+COMMITTED or INVALID, or when the call waiting for it gives up (timeout, error, cancelled).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import math
+import time
 from typing import AsyncIterator, Iterable, Sequence
 from urllib.parse import urlencode
 
@@ -42,6 +49,7 @@ LOGGER = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({429, 503})
 FINAL_BATCH_STATUSES = frozenset({"COMMITTED", "INVALID"})
 _MAX_SERVER_WAIT = 60  # seconds per long-poll of /batch_statuses; we loop for longer waits
+MAX_TRACKED = 10_000  # pending batches remembered; beyond, the oldest are forgotten (fire-and-forget callers)
 
 # Sawtooth REST API error codes the client reacts to.
 STATE_NOT_FOUND = 75
@@ -153,6 +161,8 @@ class RestClient:
         self.validator_outage = Outage("the validator behind the REST API", self.base_url, write=quiet)
         self._host = parsed.host
         self._session: aiohttp.ClientSession | None = None
+        # batch id -> (monotonic, wall clock of its first submission, signer), in submission order
+        self._pending: dict[str, tuple[float, float, str]] = {}
 
     async def __aenter__(self) -> "RestClient":
         return self
@@ -284,6 +294,43 @@ class RestClient:
         return {"head": head, "id": ",".join(ids) if ids else None, "limit": page_size,
                 "reverse": "" if reverse else None}
 
+    # -- batches this client waits for ------------------------------------------------------------
+
+    def pending_batches(self, signer: str | None = None) -> list[tuple[str, float]]:
+        """[(batch_id, seconds since its first submission)], oldest first: the batches this
+        client submitted that no status read has seen COMMITTED or INVALID yet and whose
+        waiter has not given up. signer: only the batches that public key signed (nodes
+        that share one client, as an iot-host's do)."""
+        now = time.monotonic()
+        return [(batch_id, now - since) for batch_id, (since, _, by) in self._pending.items()
+                if signer is None or by == signer]
+
+    def pending_summary(self, limit: int = 20, signer: str | None = None) -> dict:
+        """pending_batches() as a small JSON-able map for a heartbeat:
+        {"count": n, "batches": [[batch_id, unix time of first submission], ...]} (the
+        `limit` oldest). Wall-clock times, so a reader ages them by its own clock at read time."""
+        mine = [(batch_id, wall) for batch_id, (_, wall, by) in self._pending.items()
+                if signer is None or by == signer]
+        return {"count": len(mine), "batches": [[batch_id, round(wall, 3)] for batch_id, wall in mine[:max(0, limit)]]}
+
+    def _track(self, batches: Iterable["pb.Batch"]) -> None:
+        now, wall = time.monotonic(), time.time()
+        for batch in batches:
+            if batch.header_signature not in self._pending:  # a resubmission keeps the first time
+                signer = pb.BatchHeader.FromString(batch.header).signer_public_key
+                self._pending[batch.header_signature] = (now, wall, signer)
+        while len(self._pending) > MAX_TRACKED:
+            del self._pending[next(iter(self._pending))]
+
+    def _settle(self, statuses: Iterable[dict]) -> None:
+        for status in statuses:
+            if status.get("status") in FINAL_BATCH_STATUSES:
+                self._pending.pop(status.get("id"), None)
+
+    def _give_up(self, ids: Iterable[str]) -> None:
+        for batch_id in ids:
+            self._pending.pop(batch_id, None)
+
     # -- batches -------------------------------------------------------------------------------
 
     async def submit_batches(self, batches: Sequence["pb.Batch"]) -> list[str]:
@@ -292,6 +339,7 @@ class RestClient:
             raise ValueError("submit_batches needs at least one batch")
         body = pb.BatchList(batches=list(batches)).SerializeToString()
         await self._request("POST", "/batches", body=body, content_type="application/octet-stream", ok=(202,))
+        self._track(batches)  # accepted (202): the validator has it, or drops it as a duplicate
         return [b.header_signature for b in batches]
 
     async def batch_statuses(self, ids: Sequence[str], wait: float | None = None) -> list[dict]:
@@ -309,6 +357,7 @@ class RestClient:
         # POST: any number of ids, none of the URL length limits a GET ?id=... list runs into.
         _, page = await self._request("POST", "/batch_statuses", params=params, body=body,
                                       content_type="application/json", extra_timeout=wait or 0)
+        self._settle(page["data"])
         return page["data"]
 
     async def wait_for_batches(self, ids: Sequence[str], timeout: float, *, raise_invalid: bool = True) -> list[dict]:
@@ -317,8 +366,21 @@ class RestClient:
         UNKNOWN is waited on like PENDING (right after a submission the validator may not have
         queued the batch yet). Raises BatchTimeoutError when some are not final after timeout
         seconds, and BatchInvalidError (naming each rejected transaction and the processor's
-        message) when some are INVALID, unless raise_invalid=False.
+        message) when some are INVALID, unless raise_invalid=False. A batch still not final when
+        this raises is no longer counted as pending by this client (its waiter gave up).
         """
+        with self._given_up_unless_final(ids):
+            return await self._wait_for_batches(ids, timeout, raise_invalid=raise_invalid)
+
+    @contextlib.contextmanager
+    def _given_up_unless_final(self, ids: Sequence[str]):
+        try:
+            yield
+        except BaseException:  # timeout, error, cancelled: nobody waits for these any more
+            self._give_up(ids)
+            raise
+
+    async def _wait_for_batches(self, ids: Sequence[str], timeout: float, *, raise_invalid: bool) -> list[dict]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         pause = 0.05
@@ -347,11 +409,21 @@ class RestClient:
         BatchTimeoutError after `timeout` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        ids = [b.header_signature for b in batches] if sent else await self.submit_batches(batches)
+        if sent:
+            ids = [b.header_signature for b in batches]
+            self._track(batches)
+        else:
+            ids = await self.submit_batches(batches)
+        with self._given_up_unless_final(ids):
+            return await self._until_final(batches, ids, deadline, timeout, resubmit_after)
+
+    async def _until_final(self, batches: Sequence, ids: list[str], deadline: float, timeout: float,
+                           resubmit_after: float) -> list[dict]:
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                return await self.wait_for_batches(ids, max(0.1, min(resubmit_after, deadline - loop.time())),
-                                                   raise_invalid=False)
+                return await self._wait_for_batches(ids, max(0.1, min(resubmit_after, deadline - loop.time())),
+                                                    raise_invalid=False)
             except BatchTimeoutError as exc:
                 if loop.time() >= deadline:
                     raise BatchTimeoutError(exc.statuses, timeout) from None

@@ -93,10 +93,17 @@ LOGGER = logging.getLogger(__name__)
 HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 
 
-def client(url: str, **kwargs) -> aioredis.Redis:
+MAX_CONNECTIONS = 64  # per client: a node that fetches a thousand blobs at once waits for a free one
+
+
+def client(url: str, *, max_connections: int = MAX_CONNECTIONS, **kwargs) -> aioredis.Redis:
     """A redis.asyncio client for `url` (redis://[:password@]host:port/db), bytes in and out;
-    it connects on first use."""
-    return aioredis.Redis.from_url(url, decode_responses=False, **kwargs)
+    it connects on first use. At most max_connections at once: more callers wait their turn
+    instead of opening a connection each (a preprocess of a thousand submissions, an IoT host's
+    hundreds of nodes), which would swamp Redis and this process's sockets."""
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=None,
+                                                    decode_responses=False, **kwargs)
+    return aioredis.Redis.from_pool(pool)
 
 
 async def connect(url: str, **kwargs) -> aioredis.Redis:
@@ -779,10 +786,15 @@ class Heartbeats:
         await self._beat(keys=[self.registry, self.key(node)],
                          args=[node, self.ttl_ms, _canonical_json(dict(info or {}))])
 
-    async def keep_beating(self, node: str, info: Mapping | None = None, *, every: float = 5.0) -> None:
-        """beat() every `every` seconds until cancelled (a node's liveness task)."""
+    async def keep_beating(self, node: str, info: Mapping | Callable[[], Mapping] | None = None, *,
+                           every: float = 5.0) -> None:
+        """beat() every `every` seconds until cancelled (a node's liveness task). info: a map,
+        or a function returning one, called at each beat (what changes: pending batches, load)."""
         while True:
-            await self.beat(node, info)
+            await self.beat(node, info() if callable(info) else info)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # redis-py may swallow a cancel that lands mid-command
+                raise asyncio.CancelledError
             await asyncio.sleep(every)
 
     async def is_alive(self, node: str) -> bool:

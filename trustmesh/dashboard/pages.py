@@ -335,6 +335,50 @@ def _beat(node: Mapping) -> str:
     return '<span class="good">alive</span>' if node["heartbeat"] else '<span class="bad">silent</span>'
 
 
+def _seconds(value: Any) -> str:
+    return "–" if not isinstance(value, (int, float)) else f"{value:.0f} s"
+
+
+def _node_pending(node: Mapping) -> str:
+    mine = node.get("pending") or {}
+    if not mine.get("count"):
+        return "–"
+    return f'{e(mine["count"])} (oldest {_seconds(mine.get("oldest_seconds"))})'
+
+
+STATUS_NOTES = {"PENDING": "queued in the validator",
+                "UNKNOWN": "not known to the validator (a restarted validator forgets; the node sends it again)",
+                None: "as the node's last heartbeat said (not confirmed)"}
+
+
+def _pending_section(pending: Mapping | None) -> str:
+    """Per node: how many batches it waits for, the oldest one's age, and their ids."""
+    if pending is None:
+        return ""
+    parts = ['<h2>Pending batches</h2><p class="note">batches the live nodes submitted and wait for, from their '
+             'heartbeats (the Sawtooth REST API lists none); each id checked with the REST API\'s /batch_statuses, '
+             'so one that became final since the node\'s last beat is not counted</p>']
+    if pending.get("error"):
+        parts.append(f'<p class="bad" id="pending-error">{e(pending["error"])}</p>')
+    rows = []
+    for n in pending.get("nodes") or []:
+        ids = "".join(
+            f'<li data-batch="{e(b["id"])}"><code title="{e(b["id"])}">{e(b["id"][:16])}…</code> '
+            f'<span class="sub" title="{e(STATUS_NOTES.get(b["status"], ""))}">{e(b["status"] or "unconfirmed")}, '
+            f'{_seconds(b["seconds"])}</span></li>' for b in n["batches"])
+        more = n["count"] - len(n["batches"])
+        if more > 0:
+            ids += f'<li class="sub">and {more} more</li>'
+        rows.append(f'<tr data-node="{e(n["key"])}"><td>{_key(n)}</td><td class="count">{e(n["count"])}</td>'
+                    f'<td>{_seconds(n.get("oldest_seconds"))}</td><td><ul class="batches">{ids}</ul></td></tr>')
+    total = pending.get("total")
+    parts.append(f'<p id="pending-total" data-total="{e(total)}">{e(total if total is not None else "unknown")} '
+                 f'pending batch{"" if total == 1 else "es"} across the live nodes</p>')
+    parts.append(_table(["node", "pending", "oldest waiting", "batches"], rows, cls="pending",
+                        empty="no live node waits for a batch"))
+    return "".join(parts)
+
+
 def nodes_page(data: Mapping, chain: Mapping, *, partial: bool = False) -> str:
     compute = []
     for n in data["compute"]:
@@ -350,7 +394,8 @@ def nodes_page(data: Mapping, chain: Mapping, *, partial: bool = False) -> str:
             f'{", " + e(resources["accelerator"]) if resources.get("accelerator") else ""}</td>'
             f'<td>{e(load["queue"])}</td><td>{e(load["done"])}</td><td>{e(load["missed"])}</td>'
             f'<td>{e(load["rejected"])}</td><td>{load["reliability"]:.3f}</td><td>{_num(n.get("restarts"))}</td>'
-            f'<td>{_num(n.get("balance"))}</td><td class="bad">{e(n.get("attack") or "")}</td></tr>')
+            f'<td>{_num(n.get("balance"))}</td><td class="pending">{_node_pending(n)}</td>'
+            f'<td class="bad">{e(n.get("attack") or "")}</td></tr>')
     iot = []
     for n in data["iot"]:
         load = n["load"]
@@ -359,7 +404,7 @@ def nodes_page(data: Mapping, chain: Mapping, *, partial: bool = False) -> str:
             f'<td>{e(", ".join(n["coordinates"])) or "–"}</td><td>{e(n["submissions"])}</td>'
             f'<td>{e(load["queue"])}</td><td>{e(load["done"])}</td><td>{e(load["rejected"])}</td>'
             f'<td>{_num(n.get("restarts"))}</td><td>{_num(n.get("balance"))}</td>'
-            f'<td class="bad">{e(n.get("attack") or "")}</td></tr>')
+            f'<td class="pending">{_node_pending(n)}</td><td class="bad">{e(n.get("attack") or "")}</td></tr>')
     warning = f'<p class="bad">{e(data["heartbeat_error"])}</p>' if data.get("heartbeat_error") else ""
     pending = chain.get("pending_batches")
     observed = chain.get("observed") or {}
@@ -372,8 +417,8 @@ def nodes_page(data: Mapping, chain: Mapping, *, partial: bool = False) -> str:
                         if chain.get("blocks_per_minute") is not None else "–")
                        + (f'; {observed["blocks_last_minute"]} blocks seen live in the last minute'
                           if observed.get("blocks_last_minute") is not None else "")),
-        ("pending batches", e(pending) if pending is not None else
-         "not exposed by the Sawtooth REST API (the validator keeps its queue to itself)"),
+        ("pending batches", (f'{e(pending)} (what the live nodes wait for, confirmed with the REST API)'
+                             if pending is not None else "unknown: the nodes' heartbeats cannot be read")),
         ("event stream", "following the validator" if observed.get("following") else
          f'not connected{": " + e(observed["error"]) if observed.get("error") else " (waiting for the validator)"}'),
         ("endpoints", ", ".join(f"{e(k)} <code>{e(v)}</code>" for k, v in (chain.get("endpoints") or {}).items())),
@@ -383,11 +428,13 @@ def nodes_page(data: Mapping, chain: Mapping, *, partial: bool = False) -> str:
               f'{e(data["liveness_seconds"])} s of chain time (what reassignment trusts); heartbeat: a beat in Redis '
               f'within its time to live; reliability (done + 1) / (done + missed + 1) as the schedule ranks nodes</p>'
             + _table(["node", "heartbeat", "on chain", "resources", "queue", "done", "missed", "rejected",
-                      "reliability", "restarts", "balance", "test attack"], compute, cls="compute",
+                      "reliability", "restarts", "balance", "pending batches", "test attack"], compute, cls="compute",
                      empty="no compute node is registered")
             + "<h2>IoT nodes</h2>"
             + _table(["node", "heartbeat", "workflows", "coordinates", "submissions", "queue", "done", "rejected",
-                      "restarts", "balance", "test attack"], iot, cls="iot", empty="no workflow names an IoT node")
+                      "restarts", "balance", "pending batches", "test attack"], iot, cls="iot",
+                     empty="no workflow names an IoT node")
+            + _pending_section(data.get("pending_batches"))
             + "<h2>Chain</h2>" + chain_facts)
     return _layout("Nodes", body, watch="nodes", partial=partial)
 

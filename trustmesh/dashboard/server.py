@@ -4,12 +4,13 @@ Pages: workflows (/), a workflow (/workflows/ID), a round (/workflows/ID/rounds/
 with ?audit=1), nodes and the chain (/nodes). The same data as JSON under /api/:
 
     /api/health                          the dashboard answers (and whether the chain does)
-    /api/chain                           head, block rate, pending batches
+    /api/chain                           head, block rate, pending batches (total and per node)
     /api/workflows                       every workflow: state, rounds done / total, strategy, ...
     /api/workflows/ID                    one workflow and its rounds
     /api/workflows/ID/rounds/N           one round: record, result, tasks
     /api/workflows/ID/audit[?round=N]    trustmesh/audit.py's audit, run on demand, cached by head
-    /api/nodes                           compute and IoT nodes: liveness, resources, load, reputation
+    /api/nodes                           compute and IoT nodes: liveness, resources, load, reputation,
+                                         pending batches (pending.py: heartbeats + /batch_statuses)
     /api/events                          server-sent events, one `block` event per committed block
 
 Access: on a loopback address no token is asked. On any other address the dashboard refuses to
@@ -51,6 +52,7 @@ from trustmesh import endpoints as network
 from trustmesh.outage import Outage
 
 from . import pages, views
+from .pending import PendingBatches
 
 LOGGER = logging.getLogger(__name__)
 
@@ -292,6 +294,7 @@ class Dashboard:
         self.rest_outage = Outage("the REST API", where.rest)
         self.redis_outage = Outage("Redis", _redacted(where.redis))
         self.rest = RestClient(where.rest, retries=1, timeout=15)  # pages answer, not wait
+        self.pending = PendingBatches(self.rest)
         self.follower = Follower(where.validator, self._on_block)
         self.generation = 0
         self._snapshot: tuple[int, float, views.Snapshot] | None = None
@@ -385,10 +388,15 @@ class Dashboard:
 
     # -- views ----------------------------------------------------------------------------------
 
+    async def pending_batches(self, snap: views.Snapshot) -> dict:
+        """The live nodes' pending batches (their heartbeats), confirmed with the REST API."""
+        names, beats, error = await self.names(snap)
+        return await self.pending.view(beats, names, error)
+
     async def chain(self) -> dict:
         snap = await self.snapshot()
         return views.chain(snap, endpoints={"rest": self.where.rest, "validator": self.where.validator},
-                           observed=self.follower.observed())
+                           observed=self.follower.observed(), pending=await self.pending_batches(snap))
 
     async def workflows(self) -> dict:
         snap = await self.snapshot()
@@ -410,7 +418,14 @@ class Dashboard:
     async def nodes(self) -> dict:
         snap = await self.snapshot()
         names, beats, error = await self.names(snap)
-        return views.nodes(snap, beats, self.network(), names, heartbeat_error=error)
+        found = views.nodes(snap, beats, self.network(), names, heartbeat_error=error)
+        pending = await self.pending.view(beats, names, error)
+        per_node = {row["key"]: row for row in pending["nodes"]}
+        for row in found["compute"] + found["iot"]:
+            mine = per_node.get(row["key"])
+            row["pending"] = {"count": mine["count"] if mine else 0,
+                              "oldest_seconds": mine["oldest_seconds"] if mine else None}
+        return {**found, "pending_batches": pending}
 
     # -- audits ---------------------------------------------------------------------------------
 

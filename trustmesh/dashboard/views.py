@@ -21,6 +21,7 @@ from typing import Any, Mapping
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.rest_client import RestClient
 from trustmesh.scheduling import layout, peers as peer_rules
+from trustmesh.scheduling.reader import expand
 
 LOGGER = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ async def read_snapshot(rest: RestClient) -> Snapshot:
     snap = Snapshot(head_id, int(header.get("block_num", 0)), header.get("state_root_hash", ""), read_at=time.time())
     for _, record in await _listed(rest, layout.WORKFLOW_NS + layout.WORKFLOW_RECORD, head_id):
         if isinstance(record, dict) and "workflow_id" in record:
-            snap.workflows[record["workflow_id"]] = record
+            snap.workflows[record["workflow_id"]] = expand(record)  # a participant group's members listed
     for _, record in await _listed(rest, layout.FEDERATION_NS + layout.ROUND_RECORD, head_id):
         if isinstance(record, dict) and "schedule_id" in record:
             snap.rounds[record["schedule_id"]] = record
@@ -437,12 +438,13 @@ def block_rate(block_times: Mapping[int, int], window: int = RATE_WINDOW) -> flo
 
 
 def chain(snap: Snapshot, *, endpoints: Mapping[str, str | None] | None = None,
-          observed: Mapping | None = None, pending: int | None = None) -> dict:
-    """The chain head, the block rate and what is known of pending batches."""
+          observed: Mapping | None = None, pending: Mapping | None = None) -> dict:
+    """The chain head, the block rate and the pending batches (pending.PendingBatches.view)."""
     latest_time = snap.chain_time
     return {"block": snap.block_num, "head": snap.head_id, "state_root": snap.state_root,
             "chain_time": latest_time,
             "head_age": max(0.0, snap.read_at - latest_time) if latest_time is not None else None,
             "blocks_per_minute": block_rate(snap.block_times),
-            "observed": dict(observed or {}), "pending_batches": pending,
+            "observed": dict(observed or {}), "pending_batches": (pending or {}).get("total"),
+            "pending": dict(pending) if pending is not None else None,
             "endpoints": {k: v for k, v in (endpoints or {}).items() if v}}

@@ -76,4 +76,6 @@
     if (concerns(message)) refresh();
   });
   source.onerror = function () { say("reconnecting…", "down"); };
+  // Heartbeats and pending batches change between blocks too (a stalled chain most of all).
+  if (watch === "nodes") setInterval(refresh, 5000);
 })();
