@@ -87,11 +87,11 @@ class HistoryRecorder:
                                          owner=workflow.get("owner"))
         record = await self.reader.round(sid)
         assignments = await self.reader.assignments(sid)
-        trained = {}  # data owner -> its local_train status
-        for task_id in assignments["order"]:
-            task = assignments["tasks"][task_id]
-            if task["kind"] == "local_train" and task["data_owner"] in result["participants"]:
-                trained[task["data_owner"]] = await self.reader.task_status(sid, task_id)
+        participants = set(result["participants"])
+        trains = {t: task["data_owner"] for t, task in assignments["tasks"].items()
+                  if task["kind"] == "local_train" and task["data_owner"] in participants}
+        statuses = await self.reader.task_statuses(sid, trains)
+        trained = {owner: statuses[t] for t, owner in trains.items()}  # data owner -> its local_train status
         weights = result["aggregation_weights"]
         await self.history.put_round_model(
             workflow_id, number, await self._model(result), schedule_id=sid,
@@ -100,10 +100,10 @@ class HistoryRecorder:
             submissions={n: {"digest": s["digest"], "samples": s["samples"]} for n, s in record["submissions"].items()},
             update_digests={n: s["output_digest"] for n, s in trained.items()},
             metrics={"train_" + k: v for k, v in result["metrics"].items()})
-        await asyncio.gather(*(self.history.record_participation(
-            workflow_id, node, number, schedule_id=sid, included=True, weight=float(weights[node]),
-            digest=status["output_digest"], samples=int(status["metrics"]["samples"]),
-            accuracy=float(status["metrics"]["accuracy"])) for node, status in trained.items()))
+        await self.history.record_participations(workflow_id, number, {
+            node: dict(schedule_id=sid, included=True, weight=float(weights[node]), digest=status["output_digest"],
+                       samples=int(status["metrics"]["samples"]), accuracy=float(status["metrics"]["accuracy"]))
+            for node, status in trained.items()})
         LOGGER.info("history: round %d of %s recorded (%d participants)", number, workflow_id, len(trained))
 
     async def _record_final(self, result) -> None:

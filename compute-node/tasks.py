@@ -376,7 +376,7 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
         return await _secure_aggregate(ctx, assignments, task, definition)
     sid, tasks = assignments["schedule_id"], assignments["tasks"]
     trained = [dep for dep in task["fetch_dependency_outputs"] if tasks[dep]["kind"] == "local_train"]
-    statuses = [await ctx.dependency_status(sid, dep) for dep in trained]
+    statuses = await asyncio.gather(*(ctx.dependency_status(sid, dep) for dep in trained))  # a round's thousand
     blobs = await asyncio.gather(*(_blob(ctx, status["output_digest"], f"update {dep}")  # side by side
                                    for dep, status in zip(trained, statuses)))
     updates = []
@@ -429,8 +429,14 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     result = {"participants": participants, "aggregation_weights": {n: float(weights[n]) for n in participants},
               "metrics": {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}, "rejected": rejected,
               "server_state_digest": server_state_digest, "privacy": private,
-              "contributions": await _contributions(ctx, definition, assignments, updates)}
+              "contributions": await _contributions(ctx, definition, assignments, updates),
+              "submitted": await _submitted(ctx, sid)}
     return TaskOutcome(digest, metrics, round_result=result, compute_seconds=compute)
+
+
+async def _submitted(ctx, schedule_id: str) -> list[str]:
+    """The round's submitted_nodes: a large round's result names its participants by position there."""
+    return (await ctx.reader.round(schedule_id) or {}).get("submitted_nodes") or []
 
 
 async def _contributions(ctx, definition, assignments, updates):
@@ -476,7 +482,8 @@ async def _secure_aggregate(ctx, assignments, task, definition) -> TaskOutcome:
         private = dp_round.privacy_record(definition["privacy"], assignments["round"],
                                           float(definition["privacy"]["clipping_norm"]))
     result = {"participants": sorted(weights), "aggregation_weights": weights, "rejected": {},
-              "metrics": dict(metrics), "server_state_digest": None, "privacy": private}
+              "metrics": dict(metrics), "server_state_digest": None, "privacy": private,
+              "submitted": await _submitted(ctx, assignments["schedule_id"])}
     return TaskOutcome(digest, {**metrics, "samples": total}, round_result=result, compute_seconds=compute)
 
 

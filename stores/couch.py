@@ -244,6 +244,38 @@ class CouchClient:
                             f"still conflicting after {attempts} read-merge-write attempts; nothing was lost, "
                             f"the update was not applied")
 
+    async def update_many(self, db: str, merges: Mapping[str, Callable[[dict | None], dict | None]]) -> None:
+        """update() of many documents in two requests (_all_docs by keys, _bulk_docs) instead of
+        two each: a round of a thousand participants records a thousand entries. A document
+        that conflicts (someone wrote it meanwhile) is updated again on its own."""
+        if not merges:
+            return
+        _, reply = await self._request("POST", self._path(db, "_all_docs"), params={"include_docs": "true"},
+                                       body={"keys": list(merges)}, retry=True)
+        current = {row["key"]: row.get("doc") for row in reply.get("rows", []) if "key" in row}
+        docs = []
+        for doc_id, merge in merges.items():
+            before = current.get(doc_id)
+            new = merge(copy.deepcopy(before))
+            if new is None:
+                continue
+            new = {**new, "_id": doc_id}
+            if before is not None:
+                new["_rev"] = before["_rev"]
+                if "_attachments" in before and "_attachments" not in new:
+                    new["_attachments"] = before["_attachments"]
+            else:
+                new.pop("_rev", None)
+            docs.append(new)
+        _, results = await self._request("POST", self._path(db, "_bulk_docs"), body={"docs": docs}, retry=True)
+        for result in results:
+            if result.get("error") == "conflict":
+                self.conflicts += 1
+                await self.update(db, result["id"], merges[result["id"]])
+            elif result.get("error"):
+                raise CouchError("POST", f"{self.url}{self._path(db, '_bulk_docs')}", 200, str(result["error"]),
+                                 f"{result.get('id')}: {result.get('reason', '')}")
+
     async def all_docs(self, db: str, *, prefix: str | None = None, include_docs: bool = True) -> list[dict]:
         """Documents (include_docs) or rows of a database, in id order; only ids starting with prefix."""
         params = {"include_docs": "true" if include_docs else "false"}
@@ -446,19 +478,30 @@ class CouchHistory:
     async def record_participation(self, workflow_id: str, node: str, round_number: int, **fields: Any) -> dict:
         """Set a node's entry for one round (schedule_id, digest, samples, included, weight, ...);
         entries of other rounds, and other fields of this one, are kept."""
-        def merge(doc):
-            doc = doc or {"type": "participation", "workflow_id": workflow_id, "node": node, "rounds": {}}
-            key = str(int(round_number))
-            doc["rounds"] = {**doc.get("rounds", {}), key: {**doc.get("rounds", {}).get(key, {}), **fields}}
-            return doc
+        return await self.client.update(self.db, self.participation_doc_id(workflow_id, node),
+                                        _participation_merge(workflow_id, node, round_number, fields))
 
-        return await self.client.update(self.db, self.participation_doc_id(workflow_id, node), merge)
+    async def record_participations(self, workflow_id: str, round_number: int, entries: Mapping[str, Mapping]) -> None:
+        """record_participation for many nodes at once: node -> its fields for this round."""
+        await self.client.update_many(self.db, {
+            self.participation_doc_id(workflow_id, node): _participation_merge(workflow_id, node, round_number, fields)
+            for node, fields in entries.items()})
 
     async def get_participation(self, workflow_id: str, node: str) -> dict | None:
         return await self.client.get(self.db, self.participation_doc_id(workflow_id, node))
 
     async def list_participation(self, workflow_id: str) -> list[dict]:
         return await self.client.all_docs(self.db, prefix=f"participation:{workflow_id}:")
+
+
+def _participation_merge(workflow_id: str, node: str, round_number: int, fields: Mapping):
+    """The merge that sets a node's entry for one round, keeping its other rounds and fields."""
+    def merge(doc):
+        doc = doc or {"type": "participation", "workflow_id": workflow_id, "node": node, "rounds": {}}
+        key = str(int(round_number))
+        doc["rounds"] = {**doc.get("rounds", {}), key: {**doc.get("rounds", {}).get(key, {}), **fields}}
+        return doc
+    return merge
 
 
 __all__ = ["CouchClient", "CouchHistory", "CouchError", "CouchConflict", "CouchNotFound", "DigestMismatch",

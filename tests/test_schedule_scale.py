@@ -122,3 +122,55 @@ def test_status_records_written_before_the_count_existed_are_counted_from_their_
         with_count, without = _status(counted, sid, task_id), _status(legacy, sid, task_id)
         with_count.pop("unsettled_inputs")
         assert with_count == without, task_id
+
+
+def _aggregated_round(participants: int):
+    state, sid, holders = _scheduled_round(participants)
+    for task_id in ["preprocess", *sorted(t for t in holders if t.startswith("train:")), "aggregate"]:
+        _done(state, sid, task_id, holders[task_id])
+    submitted = cbor.decode(state[layout.round_address(sid)])["submitted_nodes"]
+    return state, sid, holders, submitted
+
+
+def _result_payload(sid, submitted, **changes):
+    weights = {node: (0.0 if i == 0 else 1 / (len(submitted) - 1)) for i, node in enumerate(submitted)}
+    fields = dict(participants=sorted(submitted), aggregation_weights=weights, metrics={"accuracy": 0.9, "loss": 0.3},
+                  rejected={submitted[0]: "its update's norm is 40x the median"},
+                  contributions={node: 0.1 * i for i, node in enumerate(submitted)}, submitted=submitted)
+    fields.update(changes)
+    return schedule.round_result_payload(sid, hashlib.sha256(b"aggregate").hexdigest(), fields.pop("participants"),
+                                         fields.pop("aggregation_weights"), fields.pop("metrics"), **fields)
+
+
+def test_a_large_round_result_names_participants_by_position_and_records_the_same(monkeypatch):
+    from trustmesh.scheduling.schedule import client
+
+    state, sid, holders, submitted = _aggregated_round(6)
+    keyed_state, positional_state = dict(state), dict(state)
+    keyed = _result_payload(sid, submitted)
+    monkeypatch.setattr(client, "KEYED_RESULT_MAX_BYTES", 0)  # as a thousand participants would make it
+    positional = _result_payload(sid, submitted)
+    assert cbor.decode(positional)["participants"] == sorted(range(6), key=lambda i: submitted[i])
+    assert len(positional) < len(keyed) / 2
+    signer = holders["aggregate"]
+    _apply(keyed_state, signer, layout.SCHEDULE_FAMILY, keyed)
+    _apply(positional_state, signer, layout.SCHEDULE_FAMILY, positional)
+    address = layout.round_result_address(sid)
+    assert cbor.decode(positional_state[address])["rejected"] == {submitted[0]: "its update's norm is 40x the median"}
+    assert positional_state[address] == keyed_state[address]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: {**p, "participants": [*p["participants"][:-1], 6]}, "position 6; the round's submitted_nodes has positions 0 to 5"),
+    (lambda p: {**p, "aggregation_weights": p["aggregation_weights"][:-1]}, "one value per participant"),
+    (lambda p: {**p, "participants": [0, *p["participants"][1:-1], 0], }, "names a node twice"),
+    (lambda p: {**p, "rejected": {"02" + "ab" * 32: "x"}}, "keyed by position too"),
+])
+def test_a_positional_round_result_is_refused_when_its_positions_do_not_fit(monkeypatch, change, message):
+    from trustmesh.scheduling.schedule import client
+
+    state, sid, holders, submitted = _aggregated_round(6)
+    monkeypatch.setattr(client, "KEYED_RESULT_MAX_BYTES", 0)
+    payload = cbor.decode(_result_payload(sid, submitted))
+    with pytest.raises(Exception, match=message):
+        _apply(state, holders["aggregate"], layout.SCHEDULE_FAMILY, cbor.encode(change(payload)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from trustmesh.ledger.processor import InvalidTransaction
 
@@ -97,3 +97,41 @@ def _rejected(body: Mapping, weights: Mapping[str, Any]) -> dict[str, str]:
             raise InvalidTransaction(f"the reason participant {node} was rejected must be a non-empty text of at most "
                                      f"{MAX_REJECT_REASON_CHARS} characters, got {shown(reason)}")
     return dict(rejected)
+
+
+def by_position(body: Mapping, submitted: Sequence[str]) -> Mapping:
+    """A round_result payload in its positional form, as the keyed form the rules check.
+
+    A round of a thousand participants cannot name them and their weights by key inside
+    MAX_PAYLOAD_BYTES, so its result may name each participant by its position in the round's
+    submitted_nodes (ints), give aggregation_weights and contributions as lists in the
+    participants' order, and key rejected by position. The record written is the same either
+    way. A keyed payload comes back as it is."""
+    participants = body.get("participants")
+    if not isinstance(participants, list) or not participants or not all(
+            isinstance(p, int) and not isinstance(p, bool) for p in participants):
+        return body
+    keys = []
+    for position in participants:
+        if not 0 <= position < len(submitted):
+            raise InvalidTransaction(f"payload field 'participants' holds position {position}; the round's "
+                                     f"submitted_nodes has positions 0 to {len(submitted) - 1}")
+        keys.append(submitted[position])
+    keyed = dict(body, participants=keys)
+    for name in ("aggregation_weights", "contributions"):
+        if name not in body:
+            continue
+        values = body[name]
+        if not isinstance(values, list) or len(values) != len(keys):
+            raise InvalidTransaction(f"payload field {name!r} must list one value per participant ({len(keys)}) in "
+                                     f"their order when participants are given by position, got {shown(values)}")
+        keyed[name] = dict(zip(keys, values))
+    if isinstance(body.get("rejected"), dict):
+        rejected = {}
+        for position, reason in body["rejected"].items():
+            if not isinstance(position, int) or isinstance(position, bool) or not 0 <= position < len(submitted):
+                raise InvalidTransaction(f"payload field 'rejected' holds {shown(position)}; with participants given "
+                                         f"by position it is keyed by position too")
+            rejected[submitted[position]] = reason
+        keyed["rejected"] = rejected
+    return keyed

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_transaction
@@ -38,19 +38,37 @@ def reassign_payload(schedule_id: str, task_id: str) -> bytes:
     return _encode("reassign", {"schedule_id": schedule_id, "task_id": task_id})
 
 
+# Above this, a round result names its participants by position (checks.by_position): the keyed
+# form of a thousand participants does not fit the family's 64 KiB payload.
+KEYED_RESULT_MAX_BYTES = 48 * 1024
+
+
 def round_result_payload(schedule_id: str, global_model_digest: str, participants: list[str],
                          aggregation_weights: Mapping[str, float], metrics: Mapping[str, float], *,
                          task_id: str | None = None, rejected: Mapping[str, str] | None = None,
                          server_state_digest: str | None = None, privacy: Mapping | None = None,
-                         contributions: Mapping[str, float] | None = None) -> bytes:
+                         contributions: Mapping[str, float] | None = None,
+                         submitted: Sequence[str] | None = None) -> bytes:
     """rejected: participants whose update the update checks refused (weight 0), with why; left
-    out when none was. server_state_digest: what a server optimizer leaves for the next round."""
-    return _encode("round_result", {
+    out when none was. server_state_digest: what a server optimizer leaves for the next round.
+    submitted: the round's submitted_nodes; with it, a result too large keyed by node names each
+    participant by its position there instead (the record written is the same)."""
+    fields = {
         "schedule_id": schedule_id, "global_model_digest": global_model_digest,
         "participants": list(participants), "aggregation_weights": dict(aggregation_weights),
         "metrics": dict(metrics), "task_id": task_id, "rejected": dict(rejected) if rejected else None,
         "server_state_digest": server_state_digest, "privacy": dict(privacy) if privacy else None,
         "contributions": dict(contributions) if contributions else None,
+    }
+    keyed = _encode("round_result", fields)
+    if submitted is None or len(keyed) <= KEYED_RESULT_MAX_BYTES:
+        return keyed
+    position = {node: i for i, node in enumerate(submitted)}
+    return _encode("round_result", {
+        **fields, "participants": [position[n] for n in participants],
+        "aggregation_weights": [aggregation_weights[n] for n in participants],
+        "rejected": {position[n]: why for n, why in rejected.items()} if rejected else None,
+        "contributions": [contributions[n] for n in participants] if contributions else None,
     })
 
 
@@ -148,9 +166,11 @@ def make_round_result_transaction(signer, schedule_id: str, global_model_digest:
                                   aggregation_weights: Mapping[str, float], metrics: Mapping[str, float], *,
                                   task_id: str | None = None, rejected: Mapping[str, str] | None = None,
                                   server_state_digest: str | None = None, privacy: Mapping | None = None,
-                                  contributions: Mapping[str, float] | None = None, **kwargs):
+                                  contributions: Mapping[str, float] | None = None,
+                                  submitted: Sequence[str] | None = None, **kwargs):
     """Signed by the node of the aggregate task. With rejected updates it also counts them in
-    their nodes' load records (reputation), so it declares those."""
+    their nodes' load records (reputation), so it declares those. submitted: the round's
+    submitted_nodes, so a large result can name participants by position (round_result_payload)."""
     result = layout.round_result_address(schedule_id)
     inputs = [layout.assignments_address(schedule_id), layout.round_address(schedule_id), TASK_STATUS_PREFIX,
               result, layout.BLOCK_INFO_NS]
@@ -160,7 +180,7 @@ def make_round_result_transaction(signer, schedule_id: str, global_model_digest:
         inputs, outputs = inputs + loads, outputs + loads
     payload = round_result_payload(schedule_id, global_model_digest, participants, aggregation_weights, metrics,
                                    task_id=task_id, rejected=rejected, server_state_digest=server_state_digest,
-                                   privacy=privacy, contributions=contributions)
+                                   privacy=privacy, contributions=contributions, submitted=submitted)
     return _transaction(signer, payload, inputs, outputs, **kwargs)
 
 

@@ -12,7 +12,7 @@ from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction
 from .. import events, layout
 from ..common import HEX64, PUBLIC_KEY, chain_time, emit, read_record, require, require_int, require_match, shown, write_records
 from .spec import MAX_REASON_CHARS, REPORT_STATUSES, SETTLED, _RANK
-from .checks import _contributions, _metrics, _number, _privacy, _rejected, _schedule_id, _task_id
+from .checks import _contributions, _metrics, _number, _privacy, _rejected, _schedule_id, _task_id, by_position
 from .task_graph import _final_aggregates
 from .lineage import LineageUnknown, lineage_problem, starting_model
 
@@ -225,6 +225,8 @@ class ReportRules:
 
     async def _round_result(self, body: dict, signer: str, context) -> None:
         schedule_id = _schedule_id(body)
+        round_ = await read_record(context, layout.round_address(schedule_id)) or {}
+        body = by_position(body, round_.get("submitted_nodes") or [])
         digest = require_match(body, "global_model_digest", HEX64, "the sha256 (64 lowercase hex) of the global model")
         participants = require(body, "participants", list)
         if not participants:
@@ -296,7 +298,6 @@ class ReportRules:
                 f"global_model_digest {digest} differs from the output_digest {aggregate.get('output_digest')} "
                 f"that aggregate task {aggregate_id!r} reported done"
             )
-        round_ = await read_record(context, layout.round_address(schedule_id)) or {}
         submitted = set(round_.get("submissions") or {})
         outsiders = [n for n in participants if n not in submitted]
         if outsiders:
