@@ -42,3 +42,16 @@ def decode(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Any:
     if again != data:
         raise PayloadError("payload is CBOR but not canonical (RFC 8949 deterministic encoding)")
     return value
+
+
+def decode_record(data: bytes, *, max_bytes: int) -> Any:
+    """A state record these families wrote (with encode): decoded without decode()'s canonical
+    re-encoding check, which is for what a signer sends. State holds only what processors wrote
+    through encode(), and a round record of a thousand submissions is re-read on every one of
+    them: the check would double the cost of each read. Malformed bytes still raise PayloadError."""
+    if len(data) > max_bytes:
+        raise PayloadError(f"record is {len(data)} bytes; the limit is {max_bytes}")
+    try:
+        return cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises several types for malformed input
+        raise PayloadError(f"record is not valid CBOR: {exc}") from None

@@ -20,6 +20,7 @@ HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 PUBLIC_KEY = re.compile(r"\A0[23][0-9a-f]{64}\Z")
 IDENTIFIER = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 MAX_PAYLOAD_BYTES = 64 * 1024  # definitions and digests only; blobs live off-chain
+MAX_RECORD_BYTES = 10 * 1024 * 1024  # a state record as read back (a round of 10,000 is well inside)
 
 
 def shown(value: Any, limit: int = 80) -> str:
@@ -100,12 +101,12 @@ async def read_record(context, address: str) -> dict | None:
     found = await context.get_state([address])
     if address not in found:
         return None
-    return cbor.decode(found[address], max_bytes=10 * 1024 * 1024)
+    return cbor.decode_record(found[address], max_bytes=MAX_RECORD_BYTES)
 
 
 async def read_records(context, addresses: list[str]) -> dict[str, dict]:
     found = await context.get_state(addresses)
-    return {a: cbor.decode(v, max_bytes=10 * 1024 * 1024) for a, v in found.items()}
+    return {a: cbor.decode_record(v, max_bytes=MAX_RECORD_BYTES) for a, v in found.items()}
 
 
 async def write_records(context, records: Mapping[str, Any]) -> None:

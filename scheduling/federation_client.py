@@ -8,19 +8,19 @@ from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_transaction
 
 from . import layout
+from .common import MAX_RECORD_BYTES
 from .federation_rules import FAMILY_NAME, FAMILY_VERSION
 
-_MAX_RECORD = 10 * 1024 * 1024
 
 
 def decode_round(data: bytes | None) -> dict | None:
     """A round record as stored (e.g. RestClient.get_state(round_address(...)))."""
-    return None if data is None else cbor.decode(data, max_bytes=_MAX_RECORD)
+    return None if data is None else cbor.decode(data, max_bytes=MAX_RECORD_BYTES)
 
 
 def decode_workflow_rounds(data: bytes | None) -> dict:
     """A workflow's round index as stored; {"rounds": {}, "latest": 0} when none was opened."""
-    return {"rounds": {}, "latest": 0} if data is None else cbor.decode(data, max_bytes=_MAX_RECORD)
+    return {"rounds": {}, "latest": 0} if data is None else cbor.decode(data, max_bytes=MAX_RECORD_BYTES)
 
 
 def make_open_round_payload(workflow_id: str, round_number: int, noise_commitment: str | None = None) -> bytes:

@@ -58,6 +58,7 @@ from trustmesh.ledger.processor import InvalidTransaction, TransactionHandler
 
 from . import events, layout
 from .common import (
+    MAX_RECORD_BYTES,
     check_fields,
     HEX64,
     IDENTIFIER,
@@ -252,14 +253,14 @@ def decode_peer_index(data: bytes | None) -> list[str]:
     """The index as stored (e.g. from RestClient.get_state(PEER_INDEX_ADDRESS)); [] when absent."""
     if data is None:
         return []
-    value = cbor.decode(data, max_bytes=10 * 1024 * 1024)
+    value = cbor.decode(data, max_bytes=MAX_RECORD_BYTES)
     if not isinstance(value, list):
         raise ValueError(f"peer index at {layout.PEER_INDEX_ADDRESS} is not a CBOR list")
     return value
 
 
 def decode_peer(data: bytes | None) -> dict | None:
-    return None if data is None else cbor.decode(data, max_bytes=10 * 1024 * 1024)
+    return None if data is None else cbor.decode(data, max_bytes=MAX_RECORD_BYTES)
 
 
 def decode_liveness(data: bytes | None) -> dict | None:

@@ -11,9 +11,9 @@ from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.rest_client import RestClient
 
 from . import layout
+from .common import MAX_RECORD_BYTES
 from .schedule import StartingModel, starting_model
 
-_MAX_RECORD = 10 * 1024 * 1024
 
 
 class FederationReader:
@@ -24,7 +24,7 @@ class FederationReader:
 
     async def _record(self, address: str):
         data = await self.rest.get_state(address, head=self.head)
-        return None if data is None else cbor.decode(data, max_bytes=_MAX_RECORD)
+        return None if data is None else cbor.decode(data, max_bytes=MAX_RECORD_BYTES)
 
     async def workflow(self, workflow_id: str, *, expanded: bool = True) -> dict | None:
         """A workflow's record. Expanded (the default): a definition that names a participant group
@@ -40,7 +40,7 @@ class FederationReader:
     async def workflows(self, *, expanded: bool = True) -> list[dict]:
         """Every deployed workflow's record (expanded as `workflow` says, unless expanded=False)."""
         prefix = layout.WORKFLOW_NS + layout.WORKFLOW_RECORD
-        records = [cbor.decode(data, max_bytes=_MAX_RECORD)
+        records = [cbor.decode(data, max_bytes=MAX_RECORD_BYTES)
                    async for _, data in self.rest.list_state(prefix, head=self.head)]
         return [expand(r) for r in records] if expanded else records
 

@@ -56,6 +56,7 @@ from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction, T
 
 from . import definition, events, layout
 from .common import (
+    MAX_RECORD_BYTES,
     HEX64, IDENTIFIER, PUBLIC_KEY, check_fields, emit, parse_payload, read_records, require_int,
     require_match, shown, signer_of, write_records,
 )
@@ -339,4 +340,4 @@ def make_transfer_transaction(signer, recipient: str, amount: int):
 
 
 def decode_record(data: bytes | None) -> dict | None:
-    return None if data is None else cbor.decode(data, max_bytes=10 * 1024 * 1024)
+    return None if data is None else cbor.decode(data, max_bytes=MAX_RECORD_BYTES)

@@ -11,7 +11,7 @@ from trustmesh.ledger.builders import make_transaction
 
 from . import layout
 from . import workflow_groups as groups
-from .common import IDENTIFIER, PUBLIC_KEY, shown
+from .common import IDENTIFIER, MAX_RECORD_BYTES, PUBLIC_KEY, shown
 from .definition import MAX_PARTICIPANTS, ROOT, DefinitionError, participant_group
 from .workflow_schema import check_definition
 
@@ -151,4 +151,4 @@ def check_grouped_definition(definition: Mapping) -> tuple[dict, list[str]]:
 
 def decode_record(data: bytes) -> dict:
     """The state record {"workflow_id", "owner", "version", "definition"} from its bytes."""
-    return cbor.decode(data, max_bytes=10 * 1024 * 1024)
+    return cbor.decode(data, max_bytes=MAX_RECORD_BYTES)

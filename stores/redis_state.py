@@ -87,6 +87,7 @@ from redis.exceptions import ResponseError
 
 from trustmesh.ledger import payload as cbor
 from trustmesh.scheduling import federation, layout
+from trustmesh.scheduling.common import MAX_RECORD_BYTES
 
 LOGGER = logging.getLogger(__name__)
 
@@ -305,7 +306,7 @@ class FederationCache:
         data = await rest.get_state(layout.workflow_address(workflow_id), head=head)
         if data is None:
             raise FederationCacheGap(f"workflow {workflow_id!r} is not on chain (at head {head or 'now'})")
-        record = cbor.decode(data, max_bytes=10 * 1024 * 1024)
+        record = cbor.decode(data, max_bytes=MAX_RECORD_BYTES)
         app = entry_task(record["definition"])
         self._apps[workflow_id] = app
         return app

@@ -77,13 +77,16 @@ class ChainStore:
         return row[0] if row else None
 
     def blocks_descending(self, from_num: int) -> Iterator["pb.Block"]:
-        """Blocks from from_num down to genesis, read lazily in pages."""
-        num = from_num
+        """Blocks from from_num down to genesis, read lazily in pages. The first page is two
+        blocks: most asks are for the head alone (every REST state read without a head asks for
+        it, paging wants one more), and blocks of a hundred batches are large to read for nothing."""
+        num, size = from_num, 2
         while num >= 0:
             rows = self._db.execute(
-                "SELECT block_num, data FROM blocks WHERE block_num <= ? ORDER BY block_num DESC LIMIT 64",
-                (num,),
+                "SELECT block_num, data FROM blocks WHERE block_num <= ? ORDER BY block_num DESC LIMIT ?",
+                (num, size),
             ).fetchall()
+            size = 64
             if not rows:
                 return
             for block_num, data in rows:

@@ -114,7 +114,7 @@ def by_position(body: Mapping, submitted: Sequence[str]) -> Mapping:
     keys = []
     for position in participants:
         if not 0 <= position < len(submitted):
-            raise InvalidTransaction(f"payload field 'participants' holds position {position}; the round's "
+            raise InvalidTransaction(f"payload field 'participants' holds position {shown(position)}; the round's "
                                      f"submitted_nodes has positions 0 to {len(submitted) - 1}")
         keys.append(submitted[position])
     keyed = dict(body, participants=keys)

@@ -8,6 +8,7 @@ from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_transaction
 
 from .. import layout
+from ..common import MAX_RECORD_BYTES
 from .spec import FAMILY_NAME, FAMILY_VERSION, NODE_LOAD_PREFIX, TASK_STATUS_PREFIX
 from .lineage import StartingModel
 
@@ -192,4 +193,4 @@ def tasks_of_node(assignments: Mapping, node: str) -> list[str]:
 
 def decode_record(data: bytes | None) -> dict | None:
     """Any record of this family as stored (e.g. RestClient.get_state(assignments_address(sid)))."""
-    return None if data is None else cbor.decode(data, max_bytes=10 * 1024 * 1024)
+    return None if data is None else cbor.decode(data, max_bytes=MAX_RECORD_BYTES)

@@ -21,11 +21,11 @@ from typing import Any, Mapping
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.rest_client import RestClient
 from trustmesh.scheduling import layout, peers as peer_rules
+from trustmesh.scheduling.common import MAX_RECORD_BYTES
 from trustmesh.scheduling.reader import expand
 
 LOGGER = logging.getLogger(__name__)
 
-_MAX_RECORD = 10 * 1024 * 1024
 BLOCK_INFO_PREFIX = layout.BLOCK_INFO_NS + "00"
 RATE_WINDOW = 60  # seconds of chain time the block rate is measured over
 
@@ -74,7 +74,7 @@ class Snapshot:
 
 def _decode(address: str, data: bytes) -> Any:
     try:
-        return cbor.decode(data, max_bytes=_MAX_RECORD)
+        return cbor.decode(data, max_bytes=MAX_RECORD_BYTES)
     except Exception as exc:  # one bad record must not hide the others
         LOGGER.warning("record at %s is not canonical CBOR (%s); left out", address, exc)
         return None
