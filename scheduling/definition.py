@@ -67,7 +67,8 @@ from trustmesh.ledger.processor import InvalidTransaction
 
 from .common import PUBLIC_KEY, require, require_int, require_match
 from .definition_fields import (
-    DefinitionError, a_map, choice, fields, identifier, integer, items, node, number, parameters, tagged, text,
+    DefinitionError, a_map, choice, distinct_nodes, fields, identifier, integer, items, node, number, parameters, tagged,
+    text,
 )
 from .definition_tasks import MAX_TASKS, TASK_KINDS, check_tasks, closures, topological_order  # noqa: F401
 
@@ -198,15 +199,7 @@ def _check_federation(fed: Any, path: str, allow_names: bool) -> None:
         expected = integer(fed["expected_nodes"], f"{path}.expected_nodes", 1, MAX_GROUP_MEMBERS)
     else:
         participants = items(fed["participant_nodes"], f"{path}.participant_nodes", 1, MAX_PARTICIPANTS)
-        first: dict[str, int] = {}
-        for i, participant in enumerate(participants):
-            node(participant, f"{path}.participant_nodes[{i}]", allow_names)
-            if participant in first:
-                raise DefinitionError(
-                    f"{path}.participant_nodes lists {participant} twice (items {first[participant]} and {i}); "
-                    f"list each participant once"
-                )
-            first[participant] = i
+        first = distinct_nodes(participants, f"{path}.participant_nodes", allow_names)
         expected = integer(fed["expected_nodes"], f"{path}.expected_nodes", 1, MAX_PARTICIPANTS)
         if expected != len(participants):
             raise DefinitionError(

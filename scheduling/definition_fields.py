@@ -166,3 +166,14 @@ def node(value: Any, path: str, allow_names: bool) -> str:
         f"{path} must be a compressed secp256k1 public key (66 lowercase hex characters starting "
         f"02 or 03){' or a node name' if allow_names else ''}; got {shown(value)}"
     )
+
+
+def distinct_nodes(values: list, path: str, allow_names: bool, *, what: str = "participant") -> dict[str, int]:
+    """Each of `values` a node (node()), none listed twice; node -> its index."""
+    first: dict[str, int] = {}
+    for i, value in enumerate(values):
+        node(value, f"{path}[{i}]", allow_names)
+        if value in first:
+            raise DefinitionError(f"{path} lists {value} twice (items {first[value]} and {i}); list each {what} once")
+        first[value] = i
+    return first

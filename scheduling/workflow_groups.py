@@ -39,7 +39,7 @@ from trustmesh.ledger.processor import InvalidTransaction
 
 from .common import IDENTIFIER, check_fields, require, require_int, require_match, shown
 from .definition import MAX_GROUP_MEMBERS, MAX_GROUP_PART_MEMBERS, MAX_GROUP_PARTS, MAX_PARTICIPANTS, ROOT
-from .definition_fields import DefinitionError, node
+from .definition_fields import DefinitionError, distinct_nodes
 
 FIELDS = ("action", "group_id", "members", "part", "parts")
 WHERE = "register_group payload"
@@ -69,14 +69,7 @@ def register_request(body: Mapping) -> tuple[str, list[str], int, int]:
             f"{WHERE} field 'members' holds {len(members)} keys; a part holds 1 to {MAX_GROUP_PART_MEMBERS} "
             f"(split the group into more parts, at most {MAX_GROUP_PARTS})"
         )
-    first: dict[str, int] = {}
-    for i, member in enumerate(members):
-        node(member, f"{WHERE} field 'members'[{i}]", False)
-        if member in first:
-            raise InvalidTransaction(
-                f"{WHERE} field 'members' lists {member} twice (items {first[member]} and {i}); list each member once"
-            )
-        first[member] = i
+    distinct_nodes(members, f"{WHERE} field 'members'", False, what="member")
     return group_id, list(members), part, parts
 
 
@@ -208,15 +201,7 @@ def check_members(fed: Mapping) -> list[str]:
     the coordinator among them. DefinitionError (in the definition's words) otherwise."""
     path = f"{ROOT}.federation"
     members = check_size(fed)
-    first: dict[str, int] = {}
-    for i, member in enumerate(members):
-        node(member, f"{path}.participant_nodes[{i}]", False)
-        if member in first:
-            raise DefinitionError(
-                f"{path}.participant_nodes lists {member} twice (items {first[member]} and {i}); list each "
-                f"participant once"
-            )
-        first[member] = i
+    first = distinct_nodes(members, f"{path}.participant_nodes", False)
     if fed["expected_nodes"] != len(members):
         raise DefinitionError(
             f"{path}.expected_nodes is {fed['expected_nodes']} but participant_nodes lists {len(members)} "
