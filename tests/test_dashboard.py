@@ -16,8 +16,6 @@ import json
 import os
 import pathlib
 import re
-import selectors
-import shutil
 import signal
 import stat
 import subprocess
@@ -28,6 +26,7 @@ import urllib.request
 
 import pytest
 
+from helpers.dashboard import DashboardProcess, Lines, browser  # noqa: F401  (browser: a fixture)
 from helpers.devnet_process import DevnetProcess
 from helpers.family_scenario import _WORKFLOWS
 from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
@@ -46,7 +45,6 @@ from trustmesh.scheduling.reader import FederationReader
 ROUNDS = 2
 WORKFLOW = "digits-dashboard"
 NAMES = [f"iot-{i}" for i in range(1, 6)]
-_READY = re.compile(r"dashboard ready at (\S+)")
 SCREENSHOTS = os.environ.get("TRUSTMESH_SCREENSHOTS")  # a folder: also save the pages as PNG there
 RUN: dict = {}  # the module's federation, once it ran
 
@@ -59,68 +57,6 @@ def chain(tmp_path_factory):
     node = DevnetProcess(tmp_path_factory.mktemp("dashboard-chain") / "devnet").start()
     yield node
     node.stop()
-
-
-class Lines:
-    """Whole lines from a pipe as they come (os.read: no buffer hides a line from select())."""
-
-    def __init__(self, pipe):
-        self.fd, self.rest = pipe.fileno(), b""
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.fd, selectors.EVENT_READ)
-
-    def read(self, wait: float) -> list[str]:
-        if not self.selector.select(wait):
-            return []
-        data = os.read(self.fd, 65536)
-        *lines, self.rest = (self.rest + data).split(b"\n")
-        return [line.decode() for line in lines]
-
-
-class DashboardProcess:
-    """`trustmesh dashboard` as a child process on a free loopback port."""
-
-    def __init__(self, *args: str, log: pathlib.Path, env: dict | None = None):
-        self.log_path = log
-        with open(log, "ab") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "trustmesh.cli", "dashboard", *args],
-                                         stdout=subprocess.PIPE, stderr=err,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-        self.url = self._ready(30)
-
-    def _ready(self, timeout: float) -> str:
-        lines = Lines(self.proc.stdout)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the dashboard exited {self.proc.returncode}: {self.log_path.read_text()}")
-            for line in lines.read(0.1):
-                match = _READY.search(line)
-                if match:
-                    return match.group(1)
-        self.stop()
-        raise AssertionError(f"the dashboard did not start within {timeout} s: {self.log_path.read_text()}")
-
-    def get(self, path: str, *, token: str | None = None) -> tuple[int, dict | str]:
-        request = urllib.request.Request(self.url.rstrip("/") + path,
-                                         headers={"Authorization": f"Bearer {token}"} if token else {})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                status, body, kind = response.status, response.read(), response.headers.get("Content-Type", "")
-        except urllib.error.HTTPError as exc:
-            status, body, kind = exc.code, exc.read(), exc.headers.get("Content-Type", "")
-        return status, json.loads(body) if "json" in kind else body.decode()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
-        return self.proc.returncode
 
 
 def _endpoint_flags(chain, stores) -> list[str]:  # noqa: F811
@@ -136,25 +72,6 @@ def dashboard(chain, stores, tmp_path_factory):  # noqa: F811
                                env={"TRUSTMESH_HOME": str(folder / "home")})
     yield process
     assert process.stop() == 0, process.log_path.read_text()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        pytest.fail("Debian's chromium and chromium-driver are needed for the browser tests; scripts/install "
-                    "installs them")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1280,1000", "--hide-scrollbars"):
-        options.add_argument(flag)
-    session = webdriver.Chrome(service=Service(driver), options=options)
-    yield session
-    session.quit()
 
 
 # ------------------------------------------------------------------------------ the federation
@@ -334,6 +251,9 @@ def test_the_nodes_page_and_the_json_api(dashboard, browser, finished):
     assert loads[finished["attacker"]]["rejected"] >= ROUNDS  # reputation: its rejected updates
     status, chain_view = dashboard.get("/api/chain")
     assert status == 200 and chain_view["block"] > 0 and chain_view["blocks_per_minute"] is not None
+    # pending batches: what live nodes' heartbeats say they wait for (tests/test_pending_batches.py)
+    assert isinstance(chain_view["pending_batches"], int) and nodes["pending_batches"]["error"] is None
+    assert browser.find_elements("id", "pending-total") and "pending batches" in compute
     status, detail = dashboard.get(f"/api/workflows/{finished['workflow_id']}")
     assert status == 200 and [r["accuracy"] for r in detail["rounds"]] == [accuracy_of(r) for r in finished["results"]]
     assert all(len(r["rejected"]) == 1 and "max_norm_ratio" in next(iter(r["rejected"].values()))
