@@ -18,8 +18,9 @@ import pytest
 from helpers.devnet_process import DevnetProcess
 from helpers.family_scenario import _WORKFLOWS
 from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
-from test_federated_round import until_history_is_recorded
+from helpers.federation_run import until_history_is_recorded
 from trustmesh import audit
+from trustmesh import endpoints as network_endpoints
 from trustmesh.fl import model_format
 from trustmesh.compute_node.node import ComputeNode
 from trustmesh.fl.strategies import ClientUpdate
@@ -461,6 +462,9 @@ def test_an_unreachable_store_exits_2_naming_it(federation, monkeypatch, tmp_pat
     urls[store] = {"redis": f"redis://:secret@127.0.0.1:{port}/0", "rest": f"http://127.0.0.1:{port}",
                    "couch": f"http://127.0.0.1:{port}"}[store]
     argv = [WORKFLOW_ID, "--rest", urls["rest"], "--redis", urls["redis"], "--couch", urls["couch"]]
+    # The audit runs in this process: a REST API that never answered is given up on after
+    # FIRST_CONTACT seconds; 10 s of it are timed in test_outage_waits, here 1 s does.
+    monkeypatch.setattr(network_endpoints, "FIRST_CONTACT", 1.0)
     assert _command(monkeypatch, tmp_path, *argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "Traceback" not in captured.err

@@ -580,6 +580,11 @@ def check_env_documented(project: Project) -> list[str]:
             for name in sorted({name for name, _, _ in references(project.compose)}) if name not in project.env_example]
 
 
+# Workflows for `trustmesh up --iot-nodes N` on one machine (IoT nodes in host processes), not for
+# the compose deployment's ten IoT devices.
+LOCAL_SIMULATIONS = {"federated-digits-100.json"}
+
+
 def check_workflow_nodes(project: Project) -> list[str]:
     """Every node a shipped workflow names runs as an IoT service, and the cli can read its public key."""
     problems = []
@@ -600,6 +605,8 @@ def check_workflow_nodes(project: Project) -> list[str]:
         if not mount or mount["source"] != volume or not mount["read_only"]:
             problems.append(f"cli: does not mount {name}'s volume {volume} read-only at /var/lib/trustmesh/nodes/{node}")
     for path in sorted((project.root / "workflows").glob("*.json")):
+        if path.name in LOCAL_SIMULATIONS:
+            continue
         federation = json.loads(path.read_text()).get("federation", {})
         named = {federation.get("coordinator_node"), *federation.get("participant_nodes", [])} - {None}
         for node in sorted(named - set(iot)):

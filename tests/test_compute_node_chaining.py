@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 from helpers.ledger_helpers import run, running_processor
-from test_federated_round import stores  # noqa: F401  (module-scoped servers)
 from trustmesh.compute_node.node import ComputeNode, _all_done
 from trustmesh.compute_node.tasks import TaskContext
 from trustmesh.scheduling.handlers import federation_handlers

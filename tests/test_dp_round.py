@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers.family_scenario import Round, apply
-from helpers.federation_run import federate, stores  # noqa: F401
+from helpers.federation_run import federate
 from helpers.ledger_helpers import submit_and_wait
 from trustmesh import audit
 from trustmesh.fl import dp_round, model_format, privacy, privacy_block
@@ -31,7 +31,7 @@ SERVER = {"mechanism": "dp-fedavg", "clipping": "fixed", "clipping_norm": 1.0, "
 # --------------------------------------------------------------------------- through every real part
 
 
-def test_server_side_noise_spends_the_budget_and_the_workflow_ends_when_it_is_spent(devnet, stores, tmp_path):  # noqa: F811
+def test_server_side_noise_spends_the_budget_and_the_workflow_ends_when_it_is_spent(devnet, stores, tmp_path):
     async def open_round_3(client, keys):
         coordinator = load_or_create_key(tmp_path / "iot-1" / "keys", "iot-1")
         [status] = await submit_and_wait(client, [make_batch(coordinator, [federation.make_open_round_transaction(
@@ -50,14 +50,14 @@ def test_server_side_noise_spends_the_budget_and_the_workflow_ends_when_it_is_sp
     assert "privacy budget is exhausted" in refused["invalid_transactions"][0]["message"]
 
 
-def test_client_side_noise_leaves_each_participant_already_noised(devnet, stores, tmp_path):  # noqa: F811
+def test_client_side_noise_leaves_each_participant_already_noised(devnet, stores, tmp_path):
     block = {**SERVER, "where": "client", "epsilon_budget": 100.0}
     _, results, _, _ = federate(devnet, stores, tmp_path, "digits-dp-client", rounds=2, attack=None, privacy=block)
     for result in results:
         assert "noise_std" not in result["privacy"] and set(result["aggregation_weights"].values()) == {0.2}
 
 
-def test_adaptive_clipping_carries_its_norm_from_round_to_round(devnet, stores, tmp_path):  # noqa: F811
+def test_adaptive_clipping_carries_its_norm_from_round_to_round(devnet, stores, tmp_path):
     block = {**SERVER, "clipping": "adaptive", "epsilon_budget": 100.0, "target_quantile": 0.5,
              "clipping_learning_rate": 0.2, "count_noise_std": 1.0}
     _, results, _, _ = federate(devnet, stores, tmp_path, "digits-dp-adaptive", rounds=2, attack=None, privacy=block)

@@ -213,22 +213,19 @@ def test_unknown_block_on_resume_reaches_the_caller():
     run(main())
 
 
-def test_a_block_missed_before_the_first_delivery_is_caught_up_after_restart():
+async def test_a_block_missed_before_the_first_delivery_is_caught_up_after_restart():
     """Without last_known_block_ids the subscriber anchors on the head it subscribed at, so a
     block committed while the validator was restarting is replayed even if none had arrived."""
 
-    async def scenario():
-        async with WirePeer() as peer:
-            peer.add_block()
-            head_id, _, _ = peer.add_block()
-            subscriber = EventSubscriber(peer.url, [])
-            await subscriber.start()
-            await peer.wait_for_subscriber()
-            await peer.restart()
-            missed_id, missed_num, _ = peer.add_block()  # committed while we were away
-            block = await asyncio.wait_for(subscriber.next_block(), 5)
-            assert (block.block_id, block.previous_block_id) == (missed_id, head_id)
-            await nothing_more(subscriber)
-            await subscriber.close()
-
-    run(scenario())
+    async with WirePeer() as peer:
+        peer.add_block()
+        head_id, _, _ = peer.add_block()
+        subscriber = EventSubscriber(peer.url, [])
+        await subscriber.start()
+        await peer.wait_for_subscriber()
+        await peer.restart()
+        missed_id, missed_num, _ = peer.add_block()  # committed while we were away
+        block = await asyncio.wait_for(subscriber.next_block(), 5)
+        assert (block.block_id, block.previous_block_id) == (missed_id, head_id)
+        await nothing_more(subscriber)
+        await subscriber.close()

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from test_local_network import home, processes_of, small_workflow, state_of, trustmesh  # noqa: F401 (fixture)
+from helpers.local_network import processes_of, small_workflow, state_of, trustmesh
 
 
 def _services(home):
@@ -91,17 +91,17 @@ def _run_killing(home, tmp_path, workflow_id: str, rounds: int, victims: list[st
     assert processes_of(home) == []
 
 
-def test_one_run_survives_every_part_killed_in_turn(home, tmp_path):  # noqa: F811
+def test_one_run_survives_every_part_killed_in_turn(home, tmp_path):
     _run_killing(home, tmp_path, "fault-every-part", rounds=28, gap=1,
                  victims=["redis", "validator", "processors", "couchdb", "compute-1", "iot-1"])
 
 
-def test_one_run_survives_redis_killed_twice(home, tmp_path):  # noqa: F811
+def test_one_run_survives_redis_killed_twice(home, tmp_path):
     _run_killing(home, tmp_path, "fault-redis-twice", rounds=16, gap=1, victims=["redis", "redis"])
 
 
 @pytest.mark.slow
-def test_redis_killed_twice_without_its_append_only_file(home, tmp_path, monkeypatch):  # noqa: F811
+def test_redis_killed_twice_without_its_append_only_file(home, tmp_path, monkeypatch):
     """Redis restarts empty (no append-only file at all): everything the federation needs is
     re-derived from the chain and the nodes' own copies."""
     monkeypatch.setenv("TRUSTMESH_REDIS_APPENDFSYNC", "off")

@@ -22,22 +22,12 @@ from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchClient, CouchHistory
 from trustmesh.stores.redis_state import BlobStore, FederationCache, connect
 
-from helpers.family_scenario import _WORKFLOWS
-from helpers.federation_run import (finals_recorded, start_compute_nodes, start_iot_nodes, stores,  # noqa: F401
+from helpers.federation_run import (digits_definition, finals_recorded, start_compute_nodes, start_iot_nodes,
                                     until_every_round_is_final, until_history_is_recorded)
-from helpers.federation_run import scan_stores as _scan_for_canary  # noqa: F401  (test_iot_training uses it)
+from helpers.federation_run import scan_stores as _scan_for_canary
 from helpers.federation_run import until as _until
 
 ROUNDS = 2
-
-
-def _definition(keys: dict[str, str]) -> dict:
-    definition = workflow.load_definition(_WORKFLOWS / "federated-digits.json")
-    definition["workflow_id"] = "digits-e2e"
-    definition["hyperparameters"]["epochs"] = 2
-    definition["federation"].update(participant_nodes=list(keys), coordinator_node="iot-1", expected_nodes=3,
-                                    min_nodes_required=2, rounds=ROUNDS, round_timeout=60)
-    return workflow.resolve_node_names(definition, keys)
 
 
 def test_rounds_complete_every_digest_verifies_and_raw_data_never_leaks(devnet, stores, tmp_path, caplog):
@@ -48,7 +38,7 @@ def test_rounds_complete_every_digest_verifies_and_raw_data_never_leaks(devnet, 
     async def scenario():
         names = ["iot-1", "iot-2", "iot-3"]
         keys = {n: load_or_create_key(tmp_path / n / "keys", n).public_key().as_hex() for n in names}
-        definition = _definition(keys)
+        definition = digits_definition(keys, ROUNDS)
         # iot-3 brings its own data file, with a canary row nobody could guess
         shard = federated_digits(definition["data"], 3).shards[2]
         (tmp_path / "iot-3.npz").write_bytes(dump_npz(with_canary(shard, canary)))

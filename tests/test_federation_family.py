@@ -1,4 +1,6 @@
-"""trustmesh-federation through the dev validator: rounds, submissions, timeouts, every rule.
+"""trustmesh-federation: rounds, submissions, timeouts, every rule. A whole happy path through the
+dev validator; each rule on dict state through the handlers' apply() (helpers.dict_ledger), where
+block time is set instead of waited for.
 
 Workflows are deployed through the real trustmesh-workflow family (scheduling/workflow.py).
 """
@@ -8,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
-import json
 import pathlib
 import re
 import time
@@ -18,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers.devnet_process import DevnetProcess
-from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
+from helpers.dict_ledger import DictLedger
+from helpers.ledger_helpers import rest, running_processor, submit_and_wait
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger import protos as pb
 from trustmesh.ledger.builders import make_batch, make_transaction
@@ -50,6 +52,13 @@ def chain(tmp_path_factory):
     node = DevnetProcess(tmp_path_factory.mktemp("federation-family") / "devnet").start()
     yield node
     node.stop()
+
+
+@pytest.fixture
+def client() -> DictLedger:
+    """The rules on dict state through the handlers' apply(), driven like the validator
+    (helpers.dict_ledger); the happy path below runs through the dev validator (`chain`)."""
+    return DictLedger()
 
 
 def federated(workflow_id: str, *, min_nodes: int = 2, timeout: int = 3600, rounds: int = 3) -> dict:
@@ -125,124 +134,117 @@ async def check_rejections(client, cases):
 # --------------------------------------------------------------------------- happy path
 
 
-def test_three_participants_reach_ready_and_rounds_are_numbered(chain):
+async def test_three_participants_reach_ready_and_rounds_are_numbered(chain):
     wf = "fl-happy"
 
-    async def scenario():
-        async with running_processor(chain.component_url, *handlers()), rest(chain.rest_url) as client:
-            await deploy(client, federated(wf, rounds=2))
-            before = int(time.time())
-            opening = make_open_round_transaction(COORDINATOR, wf, 1)
-            await commit(client, batch(COORDINATOR, opening))
-            sid = layout.schedule_id_for(wf, 1, C)
+    async with running_processor(chain.component_url, *handlers()), rest(chain.rest_url) as client:
+        await deploy(client, federated(wf, rounds=2))
+        before = int(time.time())
+        opening = make_open_round_transaction(COORDINATOR, wf, 1)
+        await commit(client, batch(COORDINATOR, opening))
+        sid = layout.schedule_id_for(wf, 1, C)
 
-            record = await round_record(client, sid)
-            assert before - 1 <= record["round_start"] <= int(time.time()) + 1
-            assert record == {
-                "schedule_id": sid, "workflow_id": wf, "workflow_version": 1, "round": 1, "coordinator": C,
-                "expected_nodes": PARTICIPANTS, "min_nodes_required": 2, "round_timeout": 3600,
-                "round_start": record["round_start"], "status": "collecting", "submissions": {},
-                "submitted_nodes": [],
-            }
-            index = federation.decode_workflow_rounds(await client.get_state(layout.workflow_rounds_address(wf)))
-            assert index == {"rounds": {"1": sid}, "latest": 1}
-            assert (await events_of(client, opening))[federation.EVENT_ROUND_OPENED] == {
-                "workflow_id": wf, "round": "1", "schedule_id": sid, "coordinator": C,
-                "expected_nodes": ",".join(PARTICIPANTS), "min_nodes_required": "2", "round_timeout": "3600",
-                "round_start": str(record["round_start"]), "workflow_version": "1",
-            }
+        record = await round_record(client, sid)
+        assert before - 1 <= record["round_start"] <= int(time.time()) + 1
+        assert record == {
+            "schedule_id": sid, "workflow_id": wf, "workflow_version": 1, "round": 1, "coordinator": C,
+            "expected_nodes": PARTICIPANTS, "min_nodes_required": 2, "round_timeout": 3600,
+            "round_start": record["round_start"], "status": "collecting", "submissions": {},
+            "submitted_nodes": [],
+        }
+        index = federation.decode_workflow_rounds(await client.get_state(layout.workflow_rounds_address(wf)))
+        assert index == {"rounds": {"1": sid}, "latest": 1}
+        assert (await events_of(client, opening))[federation.EVENT_ROUND_OPENED] == {
+            "workflow_id": wf, "round": "1", "schedule_id": sid, "coordinator": C,
+            "expected_nodes": ",".join(PARTICIPANTS), "min_nodes_required": "2", "round_timeout": "3600",
+            "round_start": str(record["round_start"]), "workflow_version": "1",
+        }
 
-            # two of three: still collecting, arrival order kept
-            first = make_submit_transaction(P2, sid, digest("p2-update"), 120, {"epochs": 5, "loss": 0.25})
-            second = make_submit_transaction(COORDINATOR, sid, digest("c-update"), 80)
-            await commit(client, batch(P2, first), batch(COORDINATOR, second))
-            record = await round_record(client, sid)
-            assert record["status"] == "collecting"
-            assert record["submitted_nodes"] == [K2, C]
-            assert record["submissions"][K2] == {"digest": digest("p2-update"), "samples": 120,
-                                                 "metadata": {"epochs": 5, "loss": 0.25}}
-            accepted = (await events_of(client, first))[federation.EVENT_SUBMISSION_ACCEPTED]
-            assert accepted == {"schedule_id": sid, "node": K2, "digest": digest("p2-update"), "samples": "120",
-                                "metadata": '{"epochs":5,"loss":0.25}', "workflow_id": wf, "round": "1",
-                                "position": "1"}
-            assert federation.EVENT_ROUND_READY not in await events_of(client, second)
+        # two of three: still collecting, arrival order kept
+        first = make_submit_transaction(P2, sid, digest("p2-update"), 120, {"epochs": 5, "loss": 0.25})
+        second = make_submit_transaction(COORDINATOR, sid, digest("c-update"), 80)
+        await commit(client, batch(P2, first), batch(COORDINATOR, second))
+        record = await round_record(client, sid)
+        assert record["status"] == "collecting"
+        assert record["submitted_nodes"] == [K2, C]
+        assert record["submissions"][K2] == {"digest": digest("p2-update"), "samples": 120,
+                                             "metadata": {"epochs": 5, "loss": 0.25}}
+        accepted = (await events_of(client, first))[federation.EVENT_SUBMISSION_ACCEPTED]
+        assert accepted == {"schedule_id": sid, "node": K2, "digest": digest("p2-update"), "samples": "120",
+                            "metadata": '{"epochs":5,"loss":0.25}', "workflow_id": wf, "round": "1",
+                            "position": "1"}
+        assert federation.EVENT_ROUND_READY not in await events_of(client, second)
 
-            # the last expected node: ready in the same transaction
-            last = make_submit_transaction(P3, sid, digest("p3-update"), 40, {"device": "rpi-4"})
-            await commit(client, batch(P3, last))
-            record = await round_record(client, sid)
-            assert record["status"] == "ready"
-            assert record["submitted_nodes"] == [K2, C, K3]
-            events = await events_of(client, last)
-            assert events[federation.EVENT_SUBMISSION_ACCEPTED]["position"] == "3"
-            assert events[federation.EVENT_ROUND_READY] == {
-                "schedule_id": sid, "workflow_id": wf, "round": "1", "reason": "all-submitted",
-                "submissions": "3", "submitted_nodes": ",".join([K2, C, K3]),
-            }
+        # the last expected node: ready in the same transaction
+        last = make_submit_transaction(P3, sid, digest("p3-update"), 40, {"device": "rpi-4"})
+        await commit(client, batch(P3, last))
+        record = await round_record(client, sid)
+        assert record["status"] == "ready"
+        assert record["submitted_nodes"] == [K2, C, K3]
+        events = await events_of(client, last)
+        assert events[federation.EVENT_SUBMISSION_ACCEPTED]["position"] == "3"
+        assert events[federation.EVENT_ROUND_READY] == {
+            "schedule_id": sid, "workflow_id": wf, "round": "1", "reason": "all-submitted",
+            "submissions": "3", "submitted_nodes": ",".join([K2, C, K3]),
+        }
 
-            # round 2 opens now that round 1 is ready; there is no round 3
-            await commit(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 2)))
-            sid2 = layout.schedule_id_for(wf, 2, C)
-            index = federation.decode_workflow_rounds(await client.get_state(layout.workflow_rounds_address(wf)))
-            assert index == {"rounds": {"1": sid, "2": sid2}, "latest": 2}
-            assert (await round_record(client, sid2))["status"] == "collecting"
-            await check_rejections(client, [
-                (COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 3),
-                 f"workflow '{wf}' has 2 round(s); round 3 is beyond them"),
-            ])
-
-    run(scenario())
+        # round 2 opens now that round 1 is ready; there is no round 3
+        await commit(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 2)))
+        sid2 = layout.schedule_id_for(wf, 2, C)
+        index = federation.decode_workflow_rounds(await client.get_state(layout.workflow_rounds_address(wf)))
+        assert index == {"rounds": {"1": sid, "2": sid2}, "latest": 2}
+        assert (await round_record(client, sid2))["status"] == "collecting"
+        await check_rejections(client, [
+            (COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 3),
+             f"workflow '{wf}' has 2 round(s); round 3 is beyond them"),
+        ])
 
 
 # --------------------------------------------------------------------------- open_round rules
 
 
-def test_open_round_rules(chain):
+async def test_open_round_rules(client):
     wf, single = "fl-open-rules", "single-node-open"
 
-    async def scenario():
-        async with running_processor(chain.component_url, *handlers()), rest(chain.rest_url) as client:
-            await deploy(client, federated(wf), single_node(single))
-            inputs_no_clock, outputs = federation.open_round_addresses(wf, 1, C)
-            inputs_no_clock.remove(layout.BLOCK_INFO_NS)
-            open_body = {"action": "open_round", "workflow_id": wf, "round": 1}
-            await check_rejections(client, [
-                (P2, make_open_round_transaction(P2, wf, 1), f"only the coordinator of workflow '{wf}' ({C})"),
-                (COORDINATOR, make_open_round_transaction(COORDINATOR, "nope", 1), "unknown workflow 'nope'"),
-                (COORDINATOR, make_open_round_transaction(COORDINATOR, single, 1), "is a single-node workflow"),
-                (COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 2),
-                 f"rounds go up by one: the next round of workflow '{wf}' is 1, not 2"),
-                (COORDINATOR, raw(COORDINATOR, {**open_body, "round": 0}, inputs_no_clock),
-                 "field 'round' must be between 1 and"),
-                (COORDINATOR, raw(COORDINATOR, {**open_body, "round": "1"}, inputs_no_clock),
-                 "field 'round' must be an integer"),
-                (COORDINATOR, raw(COORDINATOR, {**open_body, "workflow_id": "bad id"}, inputs_no_clock),
-                 "field 'workflow_id' must be a workflow id"),
-                (COORDINATOR, raw(COORDINATOR, {**open_body, "extra": 1}, inputs_no_clock),
-                 "unknown field(s) 'extra'"),
-                (COORDINATOR, raw(COORDINATOR, {**open_body, "action": "open"}, inputs_no_clock),
-                 "action must be one of close_round, open_round, submit; got 'open'"),
-                (COORDINATOR, raw(COORDINATOR, open_body, inputs_no_clock, outputs),
-                 f"list the namespace {layout.BLOCK_INFO_NS} in the transaction's inputs"),
-            ])
-            assert await client.get_state(layout.workflow_rounds_address(wf)) is None
+    await deploy(client, federated(wf), single_node(single))
+    inputs_no_clock, outputs = federation.open_round_addresses(wf, 1, C)
+    inputs_no_clock.remove(layout.BLOCK_INFO_NS)
+    open_body = {"action": "open_round", "workflow_id": wf, "round": 1}
+    await check_rejections(client, [
+        (P2, make_open_round_transaction(P2, wf, 1), f"only the coordinator of workflow '{wf}' ({C})"),
+        (COORDINATOR, make_open_round_transaction(COORDINATOR, "nope", 1), "unknown workflow 'nope'"),
+        (COORDINATOR, make_open_round_transaction(COORDINATOR, single, 1), "is a single-node workflow"),
+        (COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 2),
+         f"rounds go up by one: the next round of workflow '{wf}' is 1, not 2"),
+        (COORDINATOR, raw(COORDINATOR, {**open_body, "round": 0}, inputs_no_clock),
+         "field 'round' must be between 1 and"),
+        (COORDINATOR, raw(COORDINATOR, {**open_body, "round": "1"}, inputs_no_clock),
+         "field 'round' must be an integer"),
+        (COORDINATOR, raw(COORDINATOR, {**open_body, "workflow_id": "bad id"}, inputs_no_clock),
+         "field 'workflow_id' must be a workflow id"),
+        (COORDINATOR, raw(COORDINATOR, {**open_body, "extra": 1}, inputs_no_clock),
+         "unknown field(s) 'extra'"),
+        (COORDINATOR, raw(COORDINATOR, {**open_body, "action": "open"}, inputs_no_clock),
+         "action must be one of close_round, open_round, submit; got 'open'"),
+        (COORDINATOR, raw(COORDINATOR, open_body, inputs_no_clock, outputs),
+         f"list the namespace {layout.BLOCK_INFO_NS} in the transaction's inputs"),
+    ])
+    assert await client.get_state(layout.workflow_rounds_address(wf)) is None
 
-            await commit(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 1)))
-            sid = layout.schedule_id_for(wf, 1, C)
-            inputs_no_previous, outputs2 = federation.open_round_addresses(wf, 2, C)
-            inputs_no_previous.remove(layout.round_address(sid))
-            await check_rejections(client, [
-                (COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 1),
-                 f"round 1 of workflow '{wf}' was already opened (schedule_id {sid}); the next round is 2"),
-                (COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 2),
-                 f"round 1 of workflow '{wf}' ({sid}) is still collecting; it must be ready or timeout"),
-                (COORDINATOR, raw(COORDINATOR, {**open_body, "round": 2}, inputs_no_previous, outputs2),
-                 f"and the previous round's {layout.round_address(sid)}"),
-            ])
-            index = federation.decode_workflow_rounds(await client.get_state(layout.workflow_rounds_address(wf)))
-            assert index == {"rounds": {"1": sid}, "latest": 1}
-
-    run(scenario())
+    await commit(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 1)))
+    sid = layout.schedule_id_for(wf, 1, C)
+    inputs_no_previous, outputs2 = federation.open_round_addresses(wf, 2, C)
+    inputs_no_previous.remove(layout.round_address(sid))
+    await check_rejections(client, [
+        (COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 1),
+         f"round 1 of workflow '{wf}' was already opened (schedule_id {sid}); the next round is 2"),
+        (COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 2),
+         f"round 1 of workflow '{wf}' ({sid}) is still collecting; it must be ready or timeout"),
+        (COORDINATOR, raw(COORDINATOR, {**open_body, "round": 2}, inputs_no_previous, outputs2),
+         f"and the previous round's {layout.round_address(sid)}"),
+    ])
+    index = federation.decode_workflow_rounds(await client.get_state(layout.workflow_rounds_address(wf)))
+    assert index == {"rounds": {"1": sid}, "latest": 1}
 
 
 def test_federation_config_of_a_stored_workflow_is_checked_defensively():
@@ -274,126 +276,118 @@ def test_federation_config_of_a_stored_workflow_is_checked_defensively():
 # --------------------------------------------------------------------------- submit rules
 
 
-def test_submit_rules(chain):
+async def test_submit_rules(client):
     wf = "fl-submit-rules"
 
-    async def scenario():
-        async with running_processor(chain.component_url, *handlers()), rest(chain.rest_url) as client:
-            await deploy(client, federated(wf))
-            await commit(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 1)))
-            sid = layout.schedule_id_for(wf, 1, C)
-            await commit(client, batch(P2, make_submit_transaction(P2, sid, digest("p2"), 10)))
-            before = await client.get_state(layout.round_address(sid))
-            unknown = "ab" * 32
+    await deploy(client, federated(wf))
+    await commit(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 1)))
+    sid = layout.schedule_id_for(wf, 1, C)
+    await commit(client, batch(P2, make_submit_transaction(P2, sid, digest("p2"), 10)))
+    before = await client.get_state(layout.round_address(sid))
+    unknown = "ab" * 32
 
-            await check_rejections(client, [
-                (P3, make_submit_transaction(P3, unknown, digest("p3"), 10), f"unknown schedule_id {unknown}"),
-                (OUTSIDER, make_submit_transaction(OUTSIDER, sid, digest("o"), 10),
-                 f"signer {OUTSIDER.public_key().as_hex()} is not an expected node of round 1 of workflow '{wf}'"),
-                (P2, make_submit_transaction(P2, sid, digest("p2-again"), 10),
-                 f"node {K2} already submitted to round 1 of workflow '{wf}' ({sid}) (digest {digest('p2')})"),
-                (P3, submit_raw(P3, sid, digest="xyz"), "the sha256 of the off-chain blob as 64 lowercase hex"),
-                (P3, submit_raw(P3, sid, digest=digest("x").upper()), "64 lowercase hex"),
-                (P3, submit_raw(P3, sid, digest=bytes(32)), "field 'digest' must be a string, got bytes"),
-                (P3, submit_raw(P3, sid, samples=0), "field 'samples' must be between 1 and"),
-                (P3, submit_raw(P3, sid, samples=True), "field 'samples' must be an integer, not a boolean"),
-                (P3, submit_raw(P3, sid, samples=None), "lacks the required field 'samples'"),
-                (P3, submit_raw(P3, sid, metadata=[1]), "field 'metadata' must be a map"),
-                (P3, submit_raw(P3, sid, metadata={"pixels": bytes(64)}), "raw data never goes on chain"),
-                (P3, submit_raw(P3, sid, metadata={"notes": "x" * 300}), "is 300 characters; the limit is 256"),
-                (P3, submit_raw(P3, sid, metadata={f"k{i}": "y" * 250 for i in range(5)}),
-                 "bytes encoded; the limit is 1024"),
-                (P3, submit_raw(P3, sid, metadata={"nested": {"a": 1}}),
-                 "metadata value 'nested' must be a string, number, boolean, null or a list of those"),
-                (P3, submit_raw(P3, sid, metadata={"bad key": 1}), "metadata key 'bad key' must be an identifier"),
-                (P3, submit_raw(P3, sid, metadata={"xs": list(range(33))}), "is a list of 33 items; the limit is 32"),
-                (P3, submit_raw(P3, sid, metadata={"loss": float("nan")}), "must be a finite number"),
-                (P3, submit_raw(P3, sid, metadata={"big": 2**64}), "must fit in a signed 64-bit integer"),
-                (P3, submit_raw(P3, sid, blob="raw bytes"), "unknown field(s) 'blob'"),
-                (P3, submit_raw(P3, "not-hex"), "field 'schedule_id' must be a schedule_id (64 lowercase hex)"),
-            ])
-            assert await client.get_state(layout.round_address(sid)) == before
+    await check_rejections(client, [
+        (P3, make_submit_transaction(P3, unknown, digest("p3"), 10), f"unknown schedule_id {unknown}"),
+        (OUTSIDER, make_submit_transaction(OUTSIDER, sid, digest("o"), 10),
+         f"signer {OUTSIDER.public_key().as_hex()} is not an expected node of round 1 of workflow '{wf}'"),
+        (P2, make_submit_transaction(P2, sid, digest("p2-again"), 10),
+         f"node {K2} already submitted to round 1 of workflow '{wf}' ({sid}) (digest {digest('p2')})"),
+        (P3, submit_raw(P3, sid, digest="xyz"), "the sha256 of the off-chain blob as 64 lowercase hex"),
+        (P3, submit_raw(P3, sid, digest=digest("x").upper()), "64 lowercase hex"),
+        (P3, submit_raw(P3, sid, digest=bytes(32)), "field 'digest' must be a string, got bytes"),
+        (P3, submit_raw(P3, sid, samples=0), "field 'samples' must be between 1 and"),
+        (P3, submit_raw(P3, sid, samples=True), "field 'samples' must be an integer, not a boolean"),
+        (P3, submit_raw(P3, sid, samples=None), "lacks the required field 'samples'"),
+        (P3, submit_raw(P3, sid, metadata=[1]), "field 'metadata' must be a map"),
+        (P3, submit_raw(P3, sid, metadata={"pixels": bytes(64)}), "raw data never goes on chain"),
+        (P3, submit_raw(P3, sid, metadata={"notes": "x" * 300}), "is 300 characters; the limit is 256"),
+        (P3, submit_raw(P3, sid, metadata={f"k{i}": "y" * 250 for i in range(5)}),
+         "bytes encoded; the limit is 1024"),
+        (P3, submit_raw(P3, sid, metadata={"nested": {"a": 1}}),
+         "metadata value 'nested' must be a string, number, boolean, null or a list of those"),
+        (P3, submit_raw(P3, sid, metadata={"bad key": 1}), "metadata key 'bad key' must be an identifier"),
+        (P3, submit_raw(P3, sid, metadata={"xs": list(range(33))}), "is a list of 33 items; the limit is 32"),
+        (P3, submit_raw(P3, sid, metadata={"loss": float("nan")}), "must be a finite number"),
+        (P3, submit_raw(P3, sid, metadata={"big": 2**64}), "must fit in a signed 64-bit integer"),
+        (P3, submit_raw(P3, sid, blob="raw bytes"), "unknown field(s) 'blob'"),
+        (P3, submit_raw(P3, "not-hex"), "field 'schedule_id' must be a schedule_id (64 lowercase hex)"),
+    ])
+    assert await client.get_state(layout.round_address(sid)) == before
 
-            # metadata at the edge of the rules is fine
-            ok = {"epochs": 5, "loss": 0.125, "tags": ["a", "b"], "device": None, "gpu": False, "note": "z" * 256}
-            await commit(client, batch(P3, make_submit_transaction(P3, sid, digest("p3"), 7, ok)))
-            assert (await round_record(client, sid))["submissions"][K3]["metadata"] == ok
-
-    run(scenario())
+    # metadata at the edge of the rules is fine
+    ok = {"epochs": 5, "loss": 0.125, "tags": ["a", "b"], "device": None, "gpu": False, "note": "z" * 256}
+    await commit(client, batch(P3, make_submit_transaction(P3, sid, digest("p3"), 7, ok)))
+    assert (await round_record(client, sid))["submissions"][K3]["metadata"] == ok
 
 
 # --------------------------------------------------------------------------- close_round and timeouts
 
 
-def test_close_round_after_timeout_ready_or_timeout(chain):
+async def test_close_round_after_timeout_ready_or_timeout(client):
     enough, short, wait = "fl-close-enough", "fl-close-short", "fl-close-wait"
 
-    async def scenario():
-        async with running_processor(chain.component_url, *handlers()), rest(chain.rest_url) as client:
-            await deploy(client, federated(enough, timeout=1), federated(short, timeout=1), federated(wait))
-            await commit(client, *(batch(COORDINATOR, make_open_round_transaction(COORDINATOR, w, 1))
-                                   for w in (enough, short, wait)))
-            sid_enough, sid_short, sid_wait = (layout.schedule_id_for(w, 1, C) for w in (enough, short, wait))
-            await commit(client,
-                         batch(COORDINATOR, make_submit_transaction(COORDINATOR, sid_enough, digest("c"), 5)),
-                         batch(P2, make_submit_transaction(P2, sid_enough, digest("p2"), 6)),
-                         batch(P2, make_submit_transaction(P2, sid_short, digest("p2s"), 6)))
+    await deploy(client, federated(enough, timeout=1), federated(short, timeout=1), federated(wait))
+    await commit(client, *(batch(COORDINATOR, make_open_round_transaction(COORDINATOR, w, 1))
+                           for w in (enough, short, wait)))
+    sid_enough, sid_short, sid_wait = (layout.schedule_id_for(w, 1, C) for w in (enough, short, wait))
+    await commit(client,
+                 batch(COORDINATOR, make_submit_transaction(COORDINATOR, sid_enough, digest("c"), 5)),
+                 batch(P2, make_submit_transaction(P2, sid_enough, digest("p2"), 6)),
+                 batch(P2, make_submit_transaction(P2, sid_short, digest("p2s"), 6)))
 
-            # too early: the message says how long is left
-            [status] = await submit_and_wait(client, [batch(OUTSIDER, make_close_round_transaction(OUTSIDER, sid_wait))])
-            text = message(status)
-            assert f"round 1 of workflow '{wait}' ({sid_wait}) cannot be closed yet" in text
-            remaining = int(re.search(r"(\d+) s remain", text).group(1))
-            assert 3598 <= remaining <= 3600, text
+    # too early: the message says how long is left
+    [status] = await submit_and_wait(client, [batch(OUTSIDER, make_close_round_transaction(OUTSIDER, sid_wait))])
+    text = message(status)
+    assert f"round 1 of workflow '{wait}' ({sid_wait}) cannot be closed yet" in text
+    remaining = int(re.search(r"(\d+) s remain", text).group(1))
+    assert 3598 <= remaining <= 3600, text
 
-            await asyncio.sleep(1.1)  # past round_start + round_timeout in block time
-            # past its timeout a round takes no more submissions, even before anyone closes it
-            await check_rejections(client, [
-                (P3, make_submit_transaction(P3, sid_short, digest("too-late"), 1),
-                 f"round 1 of workflow '{short}' ({sid_short}) passed its round_timeout"),
-            ])
-            close_enough = make_close_round_transaction(OUTSIDER, sid_enough)  # anyone may close
-            close_short = make_close_round_transaction(P3, sid_short)
-            await commit(client, batch(OUTSIDER, close_enough), batch(P3, close_short))
+    client.advance(2)  # past round_start + round_timeout in block time (on a validator: a 1.1 s sleep)
+    # past its timeout a round takes no more submissions, even before anyone closes it
+    await check_rejections(client, [
+        (P3, make_submit_transaction(P3, sid_short, digest("too-late"), 1),
+         f"round 1 of workflow '{short}' ({sid_short}) passed its round_timeout"),
+    ])
+    close_enough = make_close_round_transaction(OUTSIDER, sid_enough)  # anyone may close
+    close_short = make_close_round_transaction(P3, sid_short)
+    await commit(client, batch(OUTSIDER, close_enough), batch(P3, close_short))
 
-            record = await round_record(client, sid_enough)
-            assert record["status"] == "ready" and record["submitted_nodes"] == [C, K2]
-            assert (await events_of(client, close_enough))[federation.EVENT_ROUND_READY] == {
-                "schedule_id": sid_enough, "workflow_id": enough, "round": "1", "reason": "closed",
-                "submissions": "2", "submitted_nodes": f"{C},{K2}",
-            }
-            record = await round_record(client, sid_short)
-            assert record["status"] == "timeout" and record["submitted_nodes"] == [K2]
-            assert (await events_of(client, close_short))[federation.EVENT_ROUND_TIMEOUT] == {
-                "schedule_id": sid_short, "workflow_id": short, "round": "1", "submissions": "1",
-                "min_nodes_required": "2", "submitted_nodes": K2,
-            }
+    record = await round_record(client, sid_enough)
+    assert record["status"] == "ready" and record["submitted_nodes"] == [C, K2]
+    assert (await events_of(client, close_enough))[federation.EVENT_ROUND_READY] == {
+        "schedule_id": sid_enough, "workflow_id": enough, "round": "1", "reason": "closed",
+        "submissions": "2", "submitted_nodes": f"{C},{K2}",
+    }
+    record = await round_record(client, sid_short)
+    assert record["status"] == "timeout" and record["submitted_nodes"] == [K2]
+    assert (await events_of(client, close_short))[federation.EVENT_ROUND_TIMEOUT] == {
+        "schedule_id": sid_short, "workflow_id": short, "round": "1", "submissions": "1",
+        "min_nodes_required": "2", "submitted_nodes": K2,
+    }
 
-            await check_rejections(client, [
-                (OUTSIDER, make_close_round_transaction(OUTSIDER, sid_enough),
-                 f"round 1 of workflow '{enough}' ({sid_enough}) is already ready; only a collecting round"),
-                (OUTSIDER, make_close_round_transaction(OUTSIDER, sid_short), "is already timeout"),
-                (P3, make_submit_transaction(P3, sid_enough, digest("late"), 1),
-                 f"round 1 of workflow '{enough}' ({sid_enough}) is ready; it no longer accepts submissions"),
-                (P3, make_submit_transaction(P3, sid_short, digest("late"), 1), "is timeout; it no longer accepts"),
-                (OUTSIDER, make_close_round_transaction(OUTSIDER, "cd" * 32), f"unknown schedule_id {'cd' * 32}"),
-                (OUTSIDER, raw(OUTSIDER, {"action": "close_round", "schedule_id": sid_wait},
-                               [layout.round_address(sid_wait)]), "list the namespace 00b10c"),
-            ])
+    await check_rejections(client, [
+        (OUTSIDER, make_close_round_transaction(OUTSIDER, sid_enough),
+         f"round 1 of workflow '{enough}' ({sid_enough}) is already ready; only a collecting round"),
+        (OUTSIDER, make_close_round_transaction(OUTSIDER, sid_short), "is already timeout"),
+        (P3, make_submit_transaction(P3, sid_enough, digest("late"), 1),
+         f"round 1 of workflow '{enough}' ({sid_enough}) is ready; it no longer accepts submissions"),
+        (P3, make_submit_transaction(P3, sid_short, digest("late"), 1), "is timeout; it no longer accepts"),
+        (OUTSIDER, make_close_round_transaction(OUTSIDER, "cd" * 32), f"unknown schedule_id {'cd' * 32}"),
+        (OUTSIDER, raw(OUTSIDER, {"action": "close_round", "schedule_id": sid_wait},
+                       [layout.round_address(sid_wait)]), "list the namespace 00b10c"),
+    ])
 
-            # a timed-out round is finished: the next one opens
-            await commit(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, short, 2)),
-                         batch(COORDINATOR, make_open_round_transaction(COORDINATOR, enough, 2)))
-            index = federation.decode_workflow_rounds(await client.get_state(layout.workflow_rounds_address(short)))
-            assert index == {"rounds": {"1": sid_short, "2": layout.schedule_id_for(short, 2, C)}, "latest": 2}
-            # what round 2 trains from: a timed-out round left no model, so the seeded start; a
-            # ready round without an aggregate result is an error, not a silent fresh start
-            reader = FederationReader(client)
-            assert await reader.previous_global_model(short, 2) is None
-            with pytest.raises(LookupError, match=f"round 1 of '{enough}' has no global model on chain yet"):
-                await reader.previous_global_model(enough, 2)
-
-    run(scenario())
+    # a timed-out round is finished: the next one opens
+    await commit(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, short, 2)),
+                 batch(COORDINATOR, make_open_round_transaction(COORDINATOR, enough, 2)))
+    index = federation.decode_workflow_rounds(await client.get_state(layout.workflow_rounds_address(short)))
+    assert index == {"rounds": {"1": sid_short, "2": layout.schedule_id_for(short, 2, C)}, "latest": 2}
+    # what round 2 trains from: a timed-out round left no model, so the seeded start; a
+    # ready round without an aggregate result is an error, not a silent fresh start
+    reader = FederationReader(client)
+    assert await reader.previous_global_model(short, 2) is None
+    with pytest.raises(LookupError, match=f"round 1 of '{enough}' has no global model on chain yet"):
+        await reader.previous_global_model(enough, 2)
 
 
 def test_client_helpers_declare_exact_addresses():

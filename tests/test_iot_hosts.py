@@ -11,8 +11,9 @@ import os
 import stat
 
 from helpers.ledger_helpers import rest, run, running_processor
-from test_local_network import ROOT, home, processes_of, trustmesh  # noqa: F401  (home: a fixture)
-from trustmesh.iot_node.host import CoalescingRest, SharedReader
+from helpers.local_network import ROOT, processes_of, trustmesh
+from trustmesh.iot_node.host import SharedReader
+from trustmesh.ledger.coalescing_rest import CoalescingRest
 from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.intkey import IntkeyHandler, make_intkey_transaction
 from trustmesh.ledger.signing import load_or_create_key
@@ -53,7 +54,7 @@ def test_fifty_iot_nodes_in_two_host_processes_run_two_audited_rounds(home, tmp_
     assert report["ok"] is True and len(report["rounds"]) == 2
     # every participant's own signature is on its submission: the audit checks signers, and all 50 took part
     from trustmesh.ledger import payload as cbor  # noqa: F401  (state_of decodes with it)
-    from test_local_network import state_of
+    from helpers.local_network import state_of
     from trustmesh.scheduling import layout
 
     rest_url = json.loads((home / "network.json").read_text())["endpoints"]["rest"]

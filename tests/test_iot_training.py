@@ -18,8 +18,9 @@ import os
 import pytest
 
 from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
-from test_federated_round import (_scan_for_canary, start_compute_nodes, start_iot_nodes, stores,  # noqa: F401  (servers)
-                                  until_every_round_is_final, until_history_is_recorded)
+from helpers.federation_run import scan_stores as _scan_for_canary
+from helpers.federation_run import (start_compute_nodes, start_iot_nodes, until_every_round_is_final,
+                                    until_history_is_recorded)
 from trustmesh import audit
 from trustmesh.fl import model_format
 from trustmesh.fl.datasets import dump_npz, federated_digits, make_canary, with_canary

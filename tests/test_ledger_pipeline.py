@@ -13,6 +13,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from helpers.devnet_process import DevnetProcess
 from helpers.ledger_helpers import intkey_batch, rest, run, running_processor, submit_and_wait
 from trustmesh.ledger import intkey
@@ -46,39 +48,34 @@ async def _head_reaches(client, block_num: int) -> None:
         await asyncio.sleep(0.02)
 
 
-def test_kill_during_pipelined_blocks_keeps_head_state_and_statuses_consistent(tmp_path):
-    node = DevnetProcess(tmp_path / "d", "--max-batches-per-block", "20").start()
+@pytest.mark.timeout(180)
+async def test_kill_during_pipelined_blocks_keeps_head_state_and_statuses_consistent(start_devnet):
+    node = start_devnet("--max-batches-per-block", "20")
     batches = _five_key_batches("k", 300)
-    try:
-        async def scenario():
-            async with running_processor(node.component_url, max_occupancy=32), \
-                    rest(node.rest_url, retries=40, backoff=0.1) as client:
-                for i in range(0, len(batches), 50):
-                    await client.submit_batches(batches[i:i + 50])
-                await _head_reaches(client, 4)  # several blocks through the pipeline, then kill -9
-                await asyncio.get_running_loop().run_in_executor(None, node.kill)
-                await asyncio.get_running_loop().run_in_executor(None, node.start)
+    async with running_processor(node.component_url, max_occupancy=32), \
+            rest(node.rest_url, retries=40, backoff=0.1) as client:
+        for i in range(0, len(batches), 50):
+            await client.submit_batches(batches[i:i + 50])
+        await _head_reaches(client, 4)  # several blocks through the pipeline, then kill -9
+        await asyncio.get_running_loop().run_in_executor(None, node.kill)
+        await asyncio.get_running_loop().run_in_executor(None, node.start)
 
-                head = await client.head()
-                ids = [b.header_signature for b in batches]
-                statuses = {s["id"]: s["status"] for s in await client.batch_statuses(ids)}
-                committed = {b for b, s in statuses.items() if s == "COMMITTED"}
-                assert committed and all(s in ("COMMITTED", "UNKNOWN") for s in statuses.values())
-                assert len(committed) < len(batches)  # the kill did land mid-stream
-                # exactly the committed batches' keys are in the head's state (nothing half-written)
-                state = await _intkey_state(client, head["header_signature"])
-                expected = {f"k{b}-{i}": i for b, batch in enumerate(batches)
-                            if batch.header_signature in committed for i in range(5)}
-                assert state == expected
-                # and the chain goes on from there: resubmitting everything commits the rest once
-                for i in range(0, len(batches), 50):
-                    await client.submit_batches(batches[i:i + 50])
-                final = await client.wait_for_batches(ids, 120)
-                assert all(s["status"] == "COMMITTED" for s in final)
-
-        run(scenario(), timeout=180)
-    finally:
-        node.stop()
+        head = await client.head()
+        ids = [b.header_signature for b in batches]
+        statuses = {s["id"]: s["status"] for s in await client.batch_statuses(ids)}
+        committed = {b for b, s in statuses.items() if s == "COMMITTED"}
+        assert committed and all(s in ("COMMITTED", "UNKNOWN") for s in statuses.values())
+        assert len(committed) < len(batches)  # the kill did land mid-stream
+        # exactly the committed batches' keys are in the head's state (nothing half-written)
+        state = await _intkey_state(client, head["header_signature"])
+        expected = {f"k{b}-{i}": i for b, batch in enumerate(batches)
+                    if batch.header_signature in committed for i in range(5)}
+        assert state == expected
+        # and the chain goes on from there: resubmitting everything commits the rest once
+        for i in range(0, len(batches), 50):
+            await client.submit_batches(batches[i:i + 50])
+        final = await client.wait_for_batches(ids, 120)
+        assert all(s["status"] == "COMMITTED" for s in final)
 
 
 # -- the state worker and block N+1 executing beside block N's state root --------------------
@@ -183,31 +180,26 @@ def _state_worker_of(node: DevnetProcess) -> int:
     raise AssertionError("the validator has no state worker process")
 
 
-def test_killed_state_worker_is_replaced_and_nothing_is_lost_or_repeated(tmp_path):
-    node = DevnetProcess(tmp_path / "d", "--max-batches-per-block", "10").start()
+@pytest.mark.timeout(180)
+async def test_killed_state_worker_is_replaced_and_nothing_is_lost_or_repeated(start_devnet):
+    node = start_devnet("--max-batches-per-block", "10")
     batches = _five_key_batches("w", 200)
-    try:
-        async def scenario():
-            async with running_processor(node.component_url, max_occupancy=32), \
-                    rest(node.rest_url, retries=40, backoff=0.1) as client:
-                first = _state_worker_of(node)
-                await client.submit_batches(batches)
-                await _head_reaches(client, 3)
-                os.kill(first, signal.SIGKILL)  # mid-stream: blocks are being rooted and stored
-                final = await client.wait_for_batches([b.header_signature for b in batches], 120)
-                assert all(s["status"] == "COMMITTED" for s in final)
-                assert _state_worker_of(node) != first
-                state = await _intkey_state(client)
-                assert state == {f"w{b}-{i}": i for b in range(200) for i in range(5)}
-                txns = 0
-                async for block in client.list_blocks():
-                    txns += sum(len(b["transactions"]) for b in block["batches"]
-                                if b["header"]["signer_public_key"] == SIGNER.public_key().as_hex())
-                assert txns == 1000  # every transaction exactly once
-
-        run(scenario(), timeout=180)
-    finally:
-        node.stop()
+    async with running_processor(node.component_url, max_occupancy=32), \
+            rest(node.rest_url, retries=40, backoff=0.1) as client:
+        first = _state_worker_of(node)
+        await client.submit_batches(batches)
+        await _head_reaches(client, 3)
+        os.kill(first, signal.SIGKILL)  # mid-stream: blocks are being rooted and stored
+        final = await client.wait_for_batches([b.header_signature for b in batches], 120)
+        assert all(s["status"] == "COMMITTED" for s in final)
+        assert _state_worker_of(node) != first
+        state = await _intkey_state(client)
+        assert state == {f"w{b}-{i}": i for b in range(200) for i in range(5)}
+        txns = 0
+        async for block in client.list_blocks():
+            txns += sum(len(b["transactions"]) for b in block["batches"]
+                        if b["header"]["signer_public_key"] == SIGNER.public_key().as_hex())
+        assert txns == 1000  # every transaction exactly once
     assert "state worker is not running; starting a new one" in node.log()
 
 

@@ -3,7 +3,6 @@ processes, with a compute node killed with SIGKILL in the middle of a round."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import pathlib
@@ -11,67 +10,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def trustmesh(home, *args, timeout=300, check=True, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "trustmesh.cli", "--home", str(home), *args], capture_output=True,
-                            text=True, timeout=timeout, **kwargs)
-    if check and result.returncode != 0:
-        raise AssertionError(f"trustmesh {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def processes_of(home: pathlib.Path) -> list[str]:
-    """Command lines of every process on this machine that belongs to the network in `home`."""
-    found = []
-    for proc in pathlib.Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(proc / "cwd")
-            state = (proc / "stat").read_text().split(") ", 1)[1][0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and (str(home) in cmdline or cwd.startswith(str(home))):
-            found.append(cmdline)
-    return found
-
-
-def small_workflow(tmp_path: pathlib.Path, workflow_id: str, rounds: int) -> pathlib.Path:
-    definition = json.loads((ROOT / "workflows" / "federated-digits.json").read_text())
-    definition["workflow_id"] = workflow_id
-    definition["hyperparameters"]["epochs"] = 1
-    definition["federation"].update(participant_nodes=["iot-1", "iot-2", "iot-3"], expected_nodes=3,
-                                    min_nodes_required=2, rounds=rounds, round_timeout=120)
-    path = tmp_path / f"{workflow_id}.json"
-    path.write_text(json.dumps(definition))
-    return path
-
-
-def state_of(address: str, rest: str):
-    from trustmesh.ledger import payload as cbor
-
-    try:
-        with urllib.request.urlopen(f"{rest}/state/{address}", timeout=5) as response:
-            return cbor.decode(base64.b64decode(json.loads(response.read())["data"]))
-    except urllib.error.HTTPError:
-        return None
-
-
-@pytest.fixture
-def home(tmp_path):
-    home = tmp_path / "net"
-    yield home
-    if (home / "network.json").exists():
-        trustmesh(home, "down", check=False, timeout=120)
-    assert processes_of(home) == [], "the network left processes behind"
+from helpers.local_network import ROOT, processes_of, small_workflow, state_of, trustmesh, trustmesh_together
 
 
 def test_up_run_kill_compute_node_audit_down(home, tmp_path):
@@ -149,23 +91,24 @@ def test_up_run_kill_compute_node_audit_down(home, tmp_path):
 
 
 def test_commands_without_a_network_say_what_to_do(tmp_path):
-    home = tmp_path / "none"
-    status = trustmesh(home, "status", check=False)
-    assert status.returncode == 2 and "trustmesh up" in status.stderr and "Traceback" not in status.stderr
-    down = trustmesh(home, "down", check=False)
-    assert down.returncode == 2 and "no local network" in down.stderr
-    run = trustmesh(home, "run", str(ROOT / "workflows" / "federated-digits.json"), check=False)
-    assert run.returncode == 2 and "no key for nodes iot-1" in run.stderr and "--iot-nodes 10" in run.stderr
-    # with every node's key at hand, the missing network is what gets named
     from trustmesh.ledger.signing import load_or_create_key
     from trustmesh.stores.servers import free_port
 
+    home = tmp_path / "none"
+    # with every node's key at hand (another home), the missing network is what gets named
+    keyed = tmp_path / "keyed"
     for i in range(1, 11):
-        load_or_create_key(home / "nodes" / f"iot-{i}" / "keys", f"iot-{i}")
+        load_or_create_key(keyed / "nodes" / f"iot-{i}" / "keys", f"iot-{i}")
     closed = f"http://127.0.0.1:{free_port()}"
-    for command in (("workflow", "deploy"), ("run",)):
-        result = trustmesh(home, *command, str(ROOT / "workflows" / "federated-digits.json"), "--rest", closed,
-                           check=False)
+    digits = str(ROOT / "workflows" / "federated-digits.json")
+    # all at once: the two that try the closed address wait FIRST_CONTACT seconds each
+    status, down, run, *closed_results = (result for result, _took in trustmesh_together(
+        (home, "status"), (home, "down"), (home, "run", digits),
+        (keyed, "workflow", "deploy", digits, "--rest", closed), (keyed, "run", digits, "--rest", closed)))
+    assert status.returncode == 2 and "trustmesh up" in status.stderr and "Traceback" not in status.stderr
+    assert down.returncode == 2 and "no local network" in down.stderr
+    assert run.returncode == 2 and "no key for nodes iot-1" in run.stderr and "--iot-nodes 10" in run.stderr
+    for result in closed_results:
         assert result.returncode == 2 and f"the network at {closed} did not answer" in result.stderr, result.stderr
         assert "trustmesh up" in result.stderr and "Traceback" not in result.stderr
 

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers.state_data import addr, val
 from trustmesh.ledger.devnet.merkle import (
     EMPTY_ROOT,
     AddressNotFound,
@@ -21,13 +22,6 @@ from trustmesh.ledger.devnet.merkle import (
 
 # --- scenario definitions (data) --------------------------------------------------------
 
-
-def addr(tag: str) -> str:
-    return hashlib.sha512(tag.encode()).hexdigest()[:70]
-
-
-def val(tag: str, n: int) -> bytes:
-    return (hashlib.sha512(tag.encode()).digest() * (n // 64 + 1))[:n]
 
 
 P = "1cf126"

@@ -18,7 +18,7 @@ from trustmesh.ledger.devnet.merkle import (
     decode_node,
     storage_rows,
 )
-from test_merkle import addr
+from helpers.state_data import addr
 from trustmesh.ledger.devnet.node_rows import pack_new_nodes
 from trustmesh.ledger.devnet.store import ChainStore
 

@@ -1,7 +1,8 @@
 """Clients wait out an outage of the REST API (issue 12): with the REST API gone for 20 s in the
-middle of `trustmesh run` and of `trustmesh audit`, both wait, say once on stderr what they wait
-for and that it is back, and finish; neither prints a traceback. An address nothing ever
-answered at fails within FIRST_CONTACT seconds, and a malformed one at once, each with one line.
+middle of `trustmesh run` and of `trustmesh audit` (at the same time, each through a proxy of its
+own), both wait, say once on stderr what they wait for and that it is back, and finish; neither
+prints a traceback. An address nothing ever answered at fails within FIRST_CONTACT seconds, and a
+malformed one at once, each with one line.
 
 Only the commands under test go through a TcpProxy (tests/helpers/tcp_proxy.py) in front of the REST
 API; the network's own nodes keep talking to it directly.
@@ -16,7 +17,7 @@ import sys
 import time
 
 from helpers.tcp_proxy import TcpProxy
-from test_local_network import home, processes_of, small_workflow, state_of, trustmesh  # noqa: F401 (fixture)
+from helpers.local_network import processes_of, small_workflow, state_of, trustmesh, trustmesh_together
 
 OUTAGE = 20.0          # seconds the REST API is away, each time
 WAITING = "waiting for the REST API at"
@@ -49,18 +50,33 @@ def _assert_waited_once(err: str, url: str, cut: list[float], started: float, en
     assert started < cut[0] < cut[1] < ended, "the outage was not inside the command's run"
 
 
-def test_run_and_audit_wait_out_a_rest_api_outage(home, tmp_path):  # noqa: F811
+def test_run_and_audit_wait_out_a_rest_api_outage(home, tmp_path):
+    """The run's outage and the audit's overlap in time (each command has a proxy of its own), so
+    the test waits about 20 s once, not twice: the audit reads a workflow run to the end before,
+    and the workflow run through the outage is audited once it is over."""
     up = trustmesh(home, "up", "--compute-nodes", "2", "--iot-nodes", "3", timeout=240)
     assert "local network up" in up.stdout
     rest = json.loads((home / "network.json").read_text())["endpoints"]["rest"]
-    workflow_id = "outage-wait"
+    workflow_id, audited_id = "outage-wait", "outage-audited"
     workflow = small_workflow(tmp_path, workflow_id, rounds=2)
+    ran = trustmesh(home, "run", str(small_workflow(tmp_path, audited_id, rounds=2)), "--timeout", "300")
+    assert "2/2 rounds final" in ran.stdout, ran.stdout
+    port = int(rest.rsplit(":", 1)[1])
 
-    with TcpProxy(int(rest.rsplit(":", 1)[1])) as proxy:
+    with TcpProxy(port) as proxy, TcpProxy(port) as audit_proxy:
+        # -- audit, once through its proxy to count its requests (the cut comes at the middle one)
+        clean = trustmesh(home, "audit", audited_id, "--json", "--rest", audit_proxy.url)
+        expected = json.loads(clean.stdout)
+        assert expected["ok"] is True and len(expected["rounds"]) == 2, clean.stdout
+        assert WAITING not in clean.stderr and "Traceback" not in clean.stderr, clean.stderr
+        requests = audit_proxy.requests
+        assert requests >= 4, f"the audit made only {requests} REST requests"
+
         # -- run: the REST API goes away once round 1 is assigned, with round 2 still to come
         started = time.monotonic()
         run = subprocess.Popen(_cli(home, "run", str(workflow), "--rest", proxy.url, "--timeout", "300"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        audit = None
         try:
             deadline = time.monotonic() + 120
             while not _round_assigned(rest, workflow_id, 1):
@@ -69,12 +85,20 @@ def test_run_and_audit_wait_out_a_rest_api_outage(home, tmp_path):  # noqa: F811
                 time.sleep(0.1)
             proxy.cut(OUTAGE)
             assert run.poll() is None, "the run was over before the outage began"
+            # -- the audit, meanwhile, loses the REST API at its middle request
+            audit_proxy.cut_at_request(audit_proxy.requests + requests // 2, OUTAGE)
+            audit_started = time.monotonic()
+            audit = subprocess.Popen(_cli(home, "audit", audited_id, "--json", "--rest", audit_proxy.url),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             out, err = run.communicate(timeout=300)
             ended = time.monotonic()
+            audit_out, audit_err = audit.communicate(timeout=180)
+            audit_ended = time.monotonic()
         finally:
-            if run.poll() is None:
-                run.kill()
-                run.communicate()
+            for proc in (run, audit):
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
         print(f"run: {ended - started:.1f} s, cut {proxy.cuts[0][0] - started:.1f}..{proxy.cuts[0][1] - started:.1f}"
               f"\n{out}{err}")
         assert run.returncode == 0, f"run failed:\n{out}\n{err}"
@@ -82,26 +106,18 @@ def test_run_and_audit_wait_out_a_rest_api_outage(home, tmp_path):  # noqa: F811
         assert len(proxy.cuts) == 1
         _assert_waited_once(err, proxy.url, proxy.cuts[0], started, ended)
 
-        # -- audit: once through the proxy to count its requests, then cut at the middle one
-        before = proxy.requests
-        clean = trustmesh(home, "audit", workflow_id, "--json", "--rest", proxy.url)
-        expected = json.loads(clean.stdout)
-        assert expected["ok"] is True and len(expected["rounds"]) == 2, clean.stdout
-        assert WAITING not in clean.stderr and "Traceback" not in clean.stderr, clean.stderr
-        requests = proxy.requests - before
-        assert requests >= 4, f"the audit made only {requests} REST requests"
-        proxy.cut_at_request(proxy.requests + requests // 2, OUTAGE)
-        started = time.monotonic()
-        audit = trustmesh(home, "audit", workflow_id, "--json", "--rest", proxy.url, timeout=180, check=False)
-        ended = time.monotonic()
-        print(f"audit: {ended - started:.1f} s, {requests} requests, cut at the {requests // 2}th: "
-              f"{[[round(t - started, 1) for t in cut] for cut in proxy.cuts[1:]]}\n{audit.stderr}")
-        assert audit.returncode == 0, f"audit failed:\n{audit.stdout}\n{audit.stderr}"
-        report = json.loads(audit.stdout)
-        assert report["ok"] is True and len(report["rounds"]) == 2, audit.stdout
+        print(f"audit: {audit_ended - audit_started:.1f} s, {requests} requests, cut at the {requests // 2}th: "
+              f"{[[round(t - audit_started, 1) for t in cut] for cut in audit_proxy.cuts]}\n{audit_err}")
+        assert audit.returncode == 0, f"audit failed:\n{audit_out}\n{audit_err}"
+        report = json.loads(audit_out)
+        assert report["ok"] is True and len(report["rounds"]) == 2, audit_out
         assert report == expected, "the audit after the outage differs from the one without it"
-        assert len(proxy.cuts) == 2, "the audit never reached the request the proxy was to cut at"
-        _assert_waited_once(audit.stderr, proxy.url, proxy.cuts[1], started, ended)
+        assert len(audit_proxy.cuts) == 1, "the audit never reached the request the proxy was to cut at"
+        _assert_waited_once(audit_err, audit_proxy.url, audit_proxy.cuts[0], audit_started, audit_ended)
+
+    # the workflow run through the outage audits clean
+    after = json.loads(trustmesh(home, "audit", workflow_id, "--json").stdout)
+    assert after["ok"] is True and len(after["rounds"]) == 2, after
 
     down = trustmesh(home, "down", timeout=120)
     assert "stopped" in down.stdout
@@ -130,10 +146,11 @@ def test_an_address_nothing_answers_at_fails_after_first_contact(tmp_path):
     home = _home_with_node_keys(tmp_path)
     workflow = small_workflow(tmp_path, "nobody-home", rounds=1)
     closed = f"http://127.0.0.1:{free_port()}"
-    for command in (("run", str(workflow)), ("audit", "nobody-home")):
-        started = time.monotonic()
-        result = trustmesh(home, *command, "--rest", closed, check=False, timeout=FIRST_CONTACT + 30)
-        took = time.monotonic() - started
+    commands = (("run", str(workflow)), ("audit", "nobody-home"))
+    # both at once: their FIRST_CONTACT windows overlap, each timed on its own
+    results = trustmesh_together(*((home, *command, "--rest", closed, {"timeout": FIRST_CONTACT + 30})
+                                   for command in commands))
+    for command, (result, took) in zip(commands, results):
         name = command[0]
         assert result.returncode == 2, (result.stdout, result.stderr)
         # it tried for FIRST_CONTACT seconds (a network still starting is given that long), no more

@@ -43,93 +43,81 @@ def redis_server(tmp_path):
     server.stop()
 
 
-def test_the_append_only_file_keeps_every_acknowledged_write_through_kill_9(redis_server):
+async def test_the_append_only_file_keeps_every_acknowledged_write_through_kill_9(redis_server):
     assert "always" in redis_server.proc.args
 
-    async def scenario():
-        redis = client(redis_server.url)
-        queue = TaskQueue(redis, "tasks_n1")
-        blobs = BlobStore(redis)
-        digests = [await blobs.put(os.urandom(1000)) for _ in range(50)]
-        ids = [await queue.publish({"task_id": f"t{i}"}) for i in range(50)]
-        [taken] = await queue.read("worker", count=1)
-        await redis.aclose()
-        kill_and_restart(redis_server)  # right after the last answer: nothing may be missing
-        redis = client(redis_server.url)
-        queue, blobs = TaskQueue(redis, "tasks_n1"), BlobStore(redis)
-        assert [await blobs.exists(d) for d in digests] == [True] * 50
-        [pending] = await queue.recover("worker")  # its delivery survived too
-        assert pending.message_id == taken.message_id == ids[0]
-        assert len(await queue.read("worker", count=100)) == 49
-        await redis.aclose()
-
-    run(scenario())
+    redis = client(redis_server.url)
+    queue = TaskQueue(redis, "tasks_n1")
+    blobs = BlobStore(redis)
+    digests = [await blobs.put(os.urandom(1000)) for _ in range(50)]
+    ids = [await queue.publish({"task_id": f"t{i}"}) for i in range(50)]
+    [taken] = await queue.read("worker", count=1)
+    await redis.aclose()
+    kill_and_restart(redis_server)  # right after the last answer: nothing may be missing
+    redis = client(redis_server.url)
+    queue, blobs = TaskQueue(redis, "tasks_n1"), BlobStore(redis)
+    assert [await blobs.exists(d) for d in digests] == [True] * 50
+    [pending] = await queue.recover("worker")  # its delivery survived too
+    assert pending.message_id == taken.message_id == ids[0]
+    assert len(await queue.read("worker", count=100)) == 49
+    await redis.aclose()
 
 
-def test_a_lost_consumer_group_is_made_again_and_reported(redis_server):
-    async def scenario():
-        redis = client(redis_server.url)
-        queue = TaskQueue(redis, "tasks_n1")
-        await queue.publish({"task_id": "a"})
-        await redis.flushall()  # what a Redis restarted without its data looks like
-        with pytest.raises(DeliveriesLost):
-            await queue.read("worker", block_ms=10)
-        # Made again, empty: the publisher re-derives its messages and they flow.
-        await queue.publish({"task_id": "b"})
-        [message] = await queue.read("worker", block_ms=10)
-        assert message.task == {"task_id": "b"}
-        with pytest.raises(DeliveriesLost):
-            await redis.flushall()
-            await queue.recover("worker")
-        await redis.aclose()
-
-    run(scenario())
-
-
-def test_kept_blobs_come_back_after_redis_lost_them(redis_server, tmp_path):
-    async def scenario():
-        redis = client(redis_server.url)
-        kept = KeptBlobs(BlobStore(redis), tmp_path / "blobs")
-        data = [os.urandom(500) for _ in range(5)]
-        digests = [await kept.put(d) for d in data]
-        assert digests == [hashlib.sha256(d).hexdigest() for d in data]
-        assert oct((tmp_path / "blobs" / digests[0]).stat().st_mode & 0o777) == "0o600"
+async def test_a_lost_consumer_group_is_made_again_and_reported(redis_server):
+    redis = client(redis_server.url)
+    queue = TaskQueue(redis, "tasks_n1")
+    await queue.publish({"task_id": "a"})
+    await redis.flushall()  # what a Redis restarted without its data looks like
+    with pytest.raises(DeliveriesLost):
+        await queue.read("worker", block_ms=10)
+    # Made again, empty: the publisher re-derives its messages and they flow.
+    await queue.publish({"task_id": "b"})
+    [message] = await queue.read("worker", block_ms=10)
+    assert message.task == {"task_id": "b"}
+    with pytest.raises(DeliveriesLost):
         await redis.flushall()
-        assert await kept.get(digests[0]) == data[0]  # a reader's miss puts it back
-        assert await BlobStore(redis).get(digests[0]) == data[0]
-        assert await kept.restore() == 4  # the rest, in one go
-        assert [await BlobStore(redis).get(d) for d in digests] == data
-        assert await kept.restore() == 0
-        # A copy that no longer hashes to its name is never put back.
-        (tmp_path / "blobs" / digests[1]).write_bytes(b"tampered")
-        await redis.flushall()
-        await kept.restore()
-        with pytest.raises(BlobNotFound):
-            await kept.get(digests[1])
-        # Someone else's blob is not ours to put back.
-        other = await BlobStore(redis).put(b"not kept here")
-        await redis.flushall()
-        with pytest.raises(BlobNotFound):
-            await kept.get(other)
-        await redis.aclose()
-
-    run(scenario())
+        await queue.recover("worker")
+    await redis.aclose()
 
 
-def test_kept_blobs_are_pruned_to_the_newest(redis_server, tmp_path, monkeypatch):
+async def test_kept_blobs_come_back_after_redis_lost_them(redis_server, tmp_path):
+    redis = client(redis_server.url)
+    kept = KeptBlobs(BlobStore(redis), tmp_path / "blobs")
+    data = [os.urandom(500) for _ in range(5)]
+    digests = [await kept.put(d) for d in data]
+    assert digests == [hashlib.sha256(d).hexdigest() for d in data]
+    assert oct((tmp_path / "blobs" / digests[0]).stat().st_mode & 0o777) == "0o600"
+    await redis.flushall()
+    assert await kept.get(digests[0]) == data[0]  # a reader's miss puts it back
+    assert await BlobStore(redis).get(digests[0]) == data[0]
+    assert await kept.restore() == 4  # the rest, in one go
+    assert [await BlobStore(redis).get(d) for d in digests] == data
+    assert await kept.restore() == 0
+    # A copy that no longer hashes to its name is never put back.
+    (tmp_path / "blobs" / digests[1]).write_bytes(b"tampered")
+    await redis.flushall()
+    await kept.restore()
+    with pytest.raises(BlobNotFound):
+        await kept.get(digests[1])
+    # Someone else's blob is not ours to put back.
+    other = await BlobStore(redis).put(b"not kept here")
+    await redis.flushall()
+    with pytest.raises(BlobNotFound):
+        await kept.get(other)
+    await redis.aclose()
+
+
+async def test_kept_blobs_are_pruned_to_the_newest(redis_server, tmp_path, monkeypatch):
     monkeypatch.setattr("trustmesh.stores.kept_blobs.PRUNE_EVERY", 4)
 
-    async def scenario():
-        redis = client(redis_server.url)
-        kept = KeptBlobs(BlobStore(redis), tmp_path / "blobs", keep=3)
-        digests = []
-        for i in range(8):
-            digests.append(await kept.put(bytes([i]) * 10))
-            os.utime(tmp_path / "blobs" / digests[-1], (1000 + i, 1000 + i))  # a clear order
-        assert set(kept.kept()) == set(digests[5:8])  # pruned at the 4th and the 8th put
-        await redis.aclose()
-
-    run(scenario())
+    redis = client(redis_server.url)
+    kept = KeptBlobs(BlobStore(redis), tmp_path / "blobs", keep=3)
+    digests = []
+    for i in range(8):
+        digests.append(await kept.put(bytes([i]) * 10))
+        os.utime(tmp_path / "blobs" / digests[-1], (1000 + i, 1000 + i))  # a clear order
+    assert set(kept.kept()) == set(digests[5:8])  # pruned at the 4th and the 8th put
+    await redis.aclose()
 
 
 def test_the_link_waits_out_a_restart_says_so_once_and_reports_it(redis_server, capfd):

@@ -132,122 +132,119 @@ def test_entry_task_names_the_app():
     assert federation_key("wf", "s1") == "federation_state_wf_s1"
 
 
-def test_cache_from_committed_events_is_idempotent_and_equals_a_rebuild_from_chain(chain, redis_url):
+async def test_cache_from_committed_events_is_idempotent_and_equals_a_rebuild_from_chain(chain, redis_url):
     wf, short = "cache-main", "cache-timeout"
 
-    async def scenario():
-        async with running_processor(chain.component_url, WorkflowHandler(), FederationHandler()), \
-                rest(chain.rest_url) as client:
-            redis = await fresh(redis_url)
-            await commit(client, batch(COORDINATOR, make_deploy_transaction(COORDINATOR, federated(wf))),
-                         batch(COORDINATOR, make_deploy_transaction(COORDINATOR, federated(short, timeout=3))))
-            await commit(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 1)),
-                         batch(COORDINATOR, make_open_round_transaction(COORDINATOR, short, 1)))
-            sid1, sid_short = layout.schedule_id_for(wf, 1, C), layout.schedule_id_for(short, 1, C)
-            await commit(client,
-                         batch(P2, make_submit_transaction(P2, sid1, digest("p2"), 120, {"epochs": 5, "loss": 0.25})),
-                         batch(COORDINATOR, make_submit_transaction(COORDINATOR, sid1, digest("c"), 80)),
-                         batch(P2, make_submit_transaction(P2, sid_short, digest("p2-short"), 7)))
-            await commit(client, batch(P3, make_submit_transaction(P3, sid1, digest("p3"), 40, {"device": "rpi"})))
-            await commit(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 2)))
-            sid2 = layout.schedule_id_for(wf, 2, C)
-            before_r2_submission = (await client.head())["header_signature"]
-            await commit(client, batch(P3, make_submit_transaction(P3, sid2, digest("p3-r2"), 41)))
-            # past the short workflow's round_timeout in block time (3 s: its submission above must
-            # land before it, even on a loaded machine)
-            await asyncio.sleep(3.1)
-            await commit(client, batch(P2, make_close_round_transaction(P2, sid_short)))
-            head = (await client.head())["header_signature"]
-            blocks = await committed_blocks(chain.component_url, head)
+    async with running_processor(chain.component_url, WorkflowHandler(), FederationHandler()), \
+            rest(chain.rest_url) as client:
+        redis = await fresh(redis_url)
+        await commit(client, batch(COORDINATOR, make_deploy_transaction(COORDINATOR, federated(wf))),
+                     batch(COORDINATOR, make_deploy_transaction(COORDINATOR, federated(short, timeout=3))))
+        await commit(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 1)),
+                     batch(COORDINATOR, make_open_round_transaction(COORDINATOR, short, 1)))
+        sid1, sid_short = layout.schedule_id_for(wf, 1, C), layout.schedule_id_for(short, 1, C)
+        await commit(client,
+                     batch(P2, make_submit_transaction(P2, sid1, digest("p2"), 120, {"epochs": 5, "loss": 0.25})),
+                     batch(COORDINATOR, make_submit_transaction(COORDINATOR, sid1, digest("c"), 80)),
+                     batch(P2, make_submit_transaction(P2, sid_short, digest("p2-short"), 7)))
+        await commit(client, batch(P3, make_submit_transaction(P3, sid1, digest("p3"), 40, {"device": "rpi"})))
+        await commit(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 2)))
+        sid2 = layout.schedule_id_for(wf, 2, C)
+        before_r2_submission = (await client.head())["header_signature"]
+        await commit(client, batch(P3, make_submit_transaction(P3, sid2, digest("p3-r2"), 41)))
+        # past the short workflow's round_timeout in block time (3 s: its submission above must
+        # land before it, even on a loaded machine)
+        await asyncio.sleep(3.1)
+        await commit(client, batch(P2, make_close_round_transaction(P2, sid_short)))
+        head = (await client.head())["header_signature"]
+        blocks = await committed_blocks(chain.component_url, head)
 
-            # -- filled from events ------------------------------------------------------------
-            cache = FederationCache(redis, rest_client=client)
-            outcomes = [o for block in blocks for o in await cache.apply_block(block)]
-            ours = [e for b in blocks for e in b.events
-                    if e.event_type.startswith("trustmesh/round") or e.event_type.startswith("trustmesh/sub")]
-            assert outcomes == ["applied"] * len(ours) and len(outcomes) == 2 + 4 + 1 + 1 + 1 + 1  # opens, submissions, ready, open r2, submission r2, timeout
-            assert await cache.cursor() == (head, blocks[-1].block_num)
+        # -- filled from events ------------------------------------------------------------
+        cache = FederationCache(redis, rest_client=client)
+        outcomes = [o for block in blocks for o in await cache.apply_block(block)]
+        ours = [e for b in blocks for e in b.events
+                if e.event_type.startswith("trustmesh/round") or e.event_type.startswith("trustmesh/sub")]
+        assert outcomes == ["applied"] * len(ours) and len(outcomes) == 2 + 4 + 1 + 1 + 1 + 1  # opens, submissions, ready, open r2, submission r2, timeout
+        assert await cache.cursor() == (head, blocks[-1].block_num)
 
-            assert [s["node"] for s in await cache.submissions(wf, sid1)] == [K2, C, K3]
-            key = submissions_key(wf, sid1, "preprocess")
-            assert [json.loads(x) for x in await redis.lrange(key, 0, -1)] == [
-                {"node": K2, "digest": digest("p2"), "samples": 120, "metadata": {"epochs": 5, "loss": 0.25},
-                 "position": 1},
-                {"node": C, "digest": digest("c"), "samples": 80, "metadata": {}, "position": 2},
-                {"node": K3, "digest": digest("p3"), "samples": 40, "metadata": {"device": "rpi"}, "position": 3},
-            ]
-            state = await cache.round_state(wf, sid1)
-            record = (await client.get_state(layout.round_address(sid1)))
-            round_start = decode_round(record)["round_start"]
-            assert state == {
-                "workflow_id": wf, "schedule_id": sid1, "round": "1", "coordinator": C, "workflow_version": "1",
-                "expected_nodes": "3", "expected_node_keys": ",".join(PARTICIPANTS), "min_nodes_required": "2",
-                "round_timeout": "3600", "round_start_time": str(round_start), "status": "ready",
-                "status_reason": "all-submitted", "submitted_nodes": "3", "app": "preprocess",
-                "submissions_key": key, f"node:{K2}": "1", f"node:{C}": "2", f"node:{K3}": "3",
-            }
-            assert (await cache.round_state(wf, sid2))["status"] == "collecting"
-            assert (await cache.round_state(wf, sid2))["submitted_nodes"] == "1"
-            timed_out = await cache.round_state(short, sid_short)
-            assert (timed_out["status"], timed_out["status_reason"], timed_out["submitted_nodes"]) == \
-                ("timeout", "closed", "1")
+        assert [s["node"] for s in await cache.submissions(wf, sid1)] == [K2, C, K3]
+        key = submissions_key(wf, sid1, "preprocess")
+        assert [json.loads(x) for x in await redis.lrange(key, 0, -1)] == [
+            {"node": K2, "digest": digest("p2"), "samples": 120, "metadata": {"epochs": 5, "loss": 0.25},
+             "position": 1},
+            {"node": C, "digest": digest("c"), "samples": 80, "metadata": {}, "position": 2},
+            {"node": K3, "digest": digest("p3"), "samples": 40, "metadata": {"device": "rpi"}, "position": 3},
+        ]
+        state = await cache.round_state(wf, sid1)
+        record = (await client.get_state(layout.round_address(sid1)))
+        round_start = decode_round(record)["round_start"]
+        assert state == {
+            "workflow_id": wf, "schedule_id": sid1, "round": "1", "coordinator": C, "workflow_version": "1",
+            "expected_nodes": "3", "expected_node_keys": ",".join(PARTICIPANTS), "min_nodes_required": "2",
+            "round_timeout": "3600", "round_start_time": str(round_start), "status": "ready",
+            "status_reason": "all-submitted", "submitted_nodes": "3", "app": "preprocess",
+            "submissions_key": key, f"node:{K2}": "1", f"node:{C}": "2", f"node:{K3}": "3",
+        }
+        assert (await cache.round_state(wf, sid2))["status"] == "collecting"
+        assert (await cache.round_state(wf, sid2))["submitted_nodes"] == "1"
+        timed_out = await cache.round_state(short, sid_short)
+        assert (timed_out["status"], timed_out["status_reason"], timed_out["submitted_nodes"]) == \
+            ("timeout", "closed", "1")
 
-            # -- replaying the same events adds nothing ----------------------------------------
-            filled = await snapshot(redis)
-            again = [o for block in blocks for o in await cache.apply_block(block)]
-            assert again == ["duplicate"] * len(outcomes)
-            assert await snapshot(redis) == filled
-            # events as REST receipts carry them (dicts): also duplicates
-            as_dicts = [{"event_type": e.event_type, "attributes": [{"key": a.key, "value": a.value}
-                                                                    for a in e.attributes]}
-                        for b in blocks for e in b.events if e.event_type.startswith("trustmesh/")]
-            assert {await cache.apply_event(e) for e in as_dicts} == {"duplicate"}
+        # -- replaying the same events adds nothing ----------------------------------------
+        filled = await snapshot(redis)
+        again = [o for block in blocks for o in await cache.apply_block(block)]
+        assert again == ["duplicate"] * len(outcomes)
+        assert await snapshot(redis) == filled
+        # events as REST receipts carry them (dicts): also duplicates
+        as_dicts = [{"event_type": e.event_type, "attributes": [{"key": a.key, "value": a.value}
+                                                                for a in e.attributes]}
+                    for b in blocks for e in b.events if e.event_type.startswith("trustmesh/")]
+        assert {await cache.apply_event(e) for e in as_dicts} == {"duplicate"}
 
-            # -- rebuilt from chain state alone: the same keys, field for field -----------------
-            await redis.flushdb()
-            assert await cache.rebuild_from_chain(client, wf) == [sid1, sid2]
-            assert await rebuild_from_chain(redis, client, short) == [sid_short]
-            expected = {k: v for k, v in filled.items() if k != CURSOR_KEY}
-            assert await snapshot(redis) == expected
-            assert await rebuild_from_chain(redis, client, "never-deployed") == []
+        # -- rebuilt from chain state alone: the same keys, field for field -----------------
+        await redis.flushdb()
+        assert await cache.rebuild_from_chain(client, wf) == [sid1, sid2]
+        assert await rebuild_from_chain(redis, client, short) == [sid_short]
+        expected = {k: v for k, v in filled.items() if k != CURSOR_KEY}
+        assert await snapshot(redis) == expected
+        assert await rebuild_from_chain(redis, client, "never-deployed") == []
 
-            # -- a rebuild from an older head never moves a round backwards --------------------
-            assert await cache.rebuild_round(client, sid2, head=before_r2_submission) is False
-            assert await snapshot(redis) == expected
+        # -- a rebuild from an older head never moves a round backwards --------------------
+        assert await cache.rebuild_round(client, sid2, head=before_r2_submission) is False
+        assert await snapshot(redis) == expected
 
-            # -- events that do not fit: missed ones are rebuilt from chain, or reported -------
-            first_open = next(i for i, b in enumerate(blocks)
-                              if any(e.event_type == "trustmesh/round-opened" for e in b.events))
-            await redis.flushdb()
-            blind = FederationCache(redis, app="preprocess")  # no REST client
-            with pytest.raises(FederationCacheGap, match="does not follow the cached round"):
-                for block in blocks[first_open + 1:]:
-                    await blind.apply_block(block)
-            await redis.flushdb()
-            late = FederationCache(redis, rest_client=client)
-            late_outcomes = [o for b in blocks[first_open + 1:] for o in await late.apply_block(b)]
-            assert "rebuilt" in late_outcomes
-            assert {k: v for k, v in (await snapshot(redis)).items() if k != CURSOR_KEY} == expected
+        # -- events that do not fit: missed ones are rebuilt from chain, or reported -------
+        first_open = next(i for i, b in enumerate(blocks)
+                          if any(e.event_type == "trustmesh/round-opened" for e in b.events))
+        await redis.flushdb()
+        blind = FederationCache(redis, app="preprocess")  # no REST client
+        with pytest.raises(FederationCacheGap, match="does not follow the cached round"):
+            for block in blocks[first_open + 1:]:
+                await blind.apply_block(block)
+        await redis.flushdb()
+        late = FederationCache(redis, rest_client=client)
+        late_outcomes = [o for b in blocks[first_open + 1:] for o in await late.apply_block(b)]
+        assert "rebuilt" in late_outcomes
+        assert {k: v for k, v in (await snapshot(redis)).items() if k != CURSOR_KEY} == expected
 
-            # a block missed in the middle (the first two submissions) is noticed at the third
-            first_submissions = next(i for i, b in enumerate(blocks)
-                                     if any(e.event_type == "trustmesh/submission-accepted" for e in b.events))
-            await redis.flushdb()
-            gappy = FederationCache(redis, rest_client=client)
-            skipped = [o for i, b in enumerate(blocks) if i != first_submissions for o in await gappy.apply_block(b)]
-            assert "rebuilt" in skipped  # e.g. round 1 at its third submission
-            assert {k: v for k, v in (await snapshot(redis)).items() if k != CURSOR_KEY} == expected
+        # a block missed in the middle (the first two submissions) is noticed at the third
+        first_submissions = next(i for i, b in enumerate(blocks)
+                                 if any(e.event_type == "trustmesh/submission-accepted" for e in b.events))
+        await redis.flushdb()
+        gappy = FederationCache(redis, rest_client=client)
+        skipped = [o for i, b in enumerate(blocks) if i != first_submissions for o in await gappy.apply_block(b)]
+        assert "rebuilt" in skipped  # e.g. round 1 at its third submission
+        assert {k: v for k, v in (await snapshot(redis)).items() if k != CURSOR_KEY} == expected
 
-            # a round that vanished from the cache is rebuilt at its next event
-            await redis.hdel(federation_key(wf, sid2), "schedule_id")
-            assert await cache.apply_event(as_dicts[-2]) == "rebuilt"  # the submission to round 2
-            assert {k: v for k, v in (await snapshot(redis)).items() if k != CURSOR_KEY} == expected
-            await redis.aclose()
-
-    run(scenario())
+        # a round that vanished from the cache is rebuilt at its next event
+        await redis.hdel(federation_key(wf, sid2), "schedule_id")
+        assert await cache.apply_event(as_dicts[-2]) == "rebuilt"  # the submission to round 2
+        assert {k: v for k, v in (await snapshot(redis)).items() if k != CURSOR_KEY} == expected
+        await redis.aclose()
 
 
-def test_follow_applies_committed_blocks_and_resumes_after_its_cursor(chain, redis_url):
+async def test_follow_applies_committed_blocks_and_resumes_after_its_cursor(chain, redis_url):
     wf = "cache-follow"
 
     async def until_cursor(cache, head, task):
@@ -260,100 +257,94 @@ def test_follow_applies_committed_blocks_and_resumes_after_its_cursor(chain, red
             await asyncio.sleep(0.025)
         raise AssertionError("follow() did not reach the head")
 
-    async def scenario():
-        async with running_processor(chain.component_url, WorkflowHandler(), FederationHandler()), \
-                rest(chain.rest_url) as client:
-            redis = await fresh(redis_url)
-            cache = FederationCache(redis, rest_client=client)
-            seen = []
+    async with running_processor(chain.component_url, WorkflowHandler(), FederationHandler()), \
+            rest(chain.rest_url) as client:
+        redis = await fresh(redis_url)
+        cache = FederationCache(redis, rest_client=client)
+        seen = []
 
-            async def on_block(block, outcomes):
-                seen.extend(outcomes)
+        async def on_block(block, outcomes):
+            seen.extend(outcomes)
 
-            await commit(client, batch(COORDINATOR, make_deploy_transaction(COORDINATOR, federated(wf))))
-            await commit(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 1)))
-            sid = layout.schedule_id_for(wf, 1, C)
-            follower = asyncio.create_task(cache.follow(chain.component_url, on_block=on_block))
-            await until_cursor(cache, (await client.head())["header_signature"], follower)
-            await commit(client, batch(P2, make_submit_transaction(P2, sid, digest("f-p2"), 3)))
-            await until_cursor(cache, (await client.head())["header_signature"], follower)
-            follower.cancel()
-            await asyncio.gather(follower, return_exceptions=True)
-            assert "duplicate" not in seen and seen.count("applied") >= 2
-            assert [s["node"] for s in await cache.submissions(wf, sid)] == [K2]
+        await commit(client, batch(COORDINATOR, make_deploy_transaction(COORDINATOR, federated(wf))))
+        await commit(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 1)))
+        sid = layout.schedule_id_for(wf, 1, C)
+        follower = asyncio.create_task(cache.follow(chain.component_url, on_block=on_block))
+        await until_cursor(cache, (await client.head())["header_signature"], follower)
+        await commit(client, batch(P2, make_submit_transaction(P2, sid, digest("f-p2"), 3)))
+        await until_cursor(cache, (await client.head())["header_signature"], follower)
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        assert "duplicate" not in seen and seen.count("applied") >= 2
+        assert [s["node"] for s in await cache.submissions(wf, sid)] == [K2]
 
-            # stopped, more blocks commit, started again: it resumes after its cursor, nothing twice
-            await commit(client, batch(COORDINATOR, make_submit_transaction(COORDINATOR, sid, digest("f-c"), 4)))
-            await commit(client, batch(P3, make_submit_transaction(P3, sid, digest("f-p3"), 5)))
-            seen.clear()
-            follower = asyncio.create_task(cache.follow(chain.component_url, on_block=on_block))
-            await until_cursor(cache, (await client.head())["header_signature"], follower)
-            follower.cancel()
-            await asyncio.gather(follower, return_exceptions=True)
-            assert seen == ["applied", "applied", "applied"]  # two submissions and round-ready
-            assert [s["node"] for s in await cache.submissions(wf, sid)] == [K2, C, K3]
-            assert (await cache.round_state(wf, sid))["status"] == "ready"
-            await redis.aclose()
-
-    run(scenario())
+        # stopped, more blocks commit, started again: it resumes after its cursor, nothing twice
+        await commit(client, batch(COORDINATOR, make_submit_transaction(COORDINATOR, sid, digest("f-c"), 4)))
+        await commit(client, batch(P3, make_submit_transaction(P3, sid, digest("f-p3"), 5)))
+        seen.clear()
+        follower = asyncio.create_task(cache.follow(chain.component_url, on_block=on_block))
+        await until_cursor(cache, (await client.head())["header_signature"], follower)
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        assert seen == ["applied", "applied", "applied"]  # two submissions and round-ready
+        assert [s["node"] for s in await cache.submissions(wf, sid)] == [K2, C, K3]
+        assert (await cache.round_state(wf, sid))["status"] == "ready"
+        await redis.aclose()
 
 
 # =========================================================================== blobs
 
 
-def test_blobs_are_content_addressed_and_verified(redis_url):
-    async def scenario():
-        redis = await fresh(redis_url)
-        blobs = BlobStore(redis, max_bytes=1024)
-        data = bytes(range(256)) * 3
-        name = await blobs.put(data)
-        assert name == hashlib.sha256(data).hexdigest()
-        assert await blobs.put(data) == name  # idempotent
-        assert await blobs.get(name) == data and await blobs.exists(name)
-        assert await redis.get(f"blob_{name}") == data
-        empty = await blobs.put(b"")
-        assert await blobs.get(empty) == b""
+async def test_blobs_are_content_addressed_and_verified(redis_url):
+    redis = await fresh(redis_url)
+    blobs = BlobStore(redis, max_bytes=1024)
+    data = bytes(range(256)) * 3
+    name = await blobs.put(data)
+    assert name == hashlib.sha256(data).hexdigest()
+    assert await blobs.put(data) == name  # idempotent
+    assert await blobs.get(name) == data and await blobs.exists(name)
+    assert await redis.get(f"blob_{name}") == data
+    empty = await blobs.put(b"")
+    assert await blobs.get(empty) == b""
 
-        # tampered in Redis directly: refused, never returned
-        await redis.set(f"blob_{name}", b"poisoned model update")
-        with pytest.raises(BlobCorrupted, match=f"blob {name} is corrupted.*refusing to return them"):
-            await blobs.get(name)
-        await redis.set(f"blob_{name}", data[:-1] + b"\x00")
-        with pytest.raises(BlobCorrupted):
-            await blobs.get(name)
-        assert await blobs.put(data) == name  # put() repairs it
-        assert await blobs.get(name) == data
-        await redis.delete(f"blob_{name}")
-        await redis.rpush(f"blob_{name}", b"x")
-        with pytest.raises(BlobCorrupted, match="not a string"):
-            await blobs.get(name)
+    # tampered in Redis directly: refused, never returned
+    await redis.set(f"blob_{name}", b"poisoned model update")
+    with pytest.raises(BlobCorrupted, match=f"blob {name} is corrupted.*refusing to return them"):
+        await blobs.get(name)
+    await redis.set(f"blob_{name}", data[:-1] + b"\x00")
+    with pytest.raises(BlobCorrupted):
+        await blobs.get(name)
+    assert await blobs.put(data) == name  # put() repairs it
+    assert await blobs.get(name) == data
+    await redis.delete(f"blob_{name}")
+    await redis.rpush(f"blob_{name}", b"x")
+    with pytest.raises(BlobCorrupted, match="not a string"):
+        await blobs.get(name)
 
-        # size limit both ways: checked inside Redis before any byte is sent
-        with pytest.raises(BlobTooLarge, match="1025 bytes is over the limit of 1024"):
-            await blobs.put(b"x" * 1025)
-        big = b"y" * 5000
-        big_name = await BlobStore(redis).put(big)
-        with pytest.raises(BlobTooLarge, match="stored as 5000 bytes"):
-            await blobs.get(big_name)
+    # size limit both ways: checked inside Redis before any byte is sent
+    with pytest.raises(BlobTooLarge, match="1025 bytes is over the limit of 1024"):
+        await blobs.put(b"x" * 1025)
+    big = b"y" * 5000
+    big_name = await BlobStore(redis).put(big)
+    with pytest.raises(BlobTooLarge, match="stored as 5000 bytes"):
+        await blobs.get(big_name)
 
-        missing = hashlib.sha256(b"never stored").hexdigest()
-        with pytest.raises(BlobNotFound, match=f"no blob {missing}"):
-            await blobs.get(missing)
-        with pytest.raises(ValueError, match="64 lowercase hex"):
-            await blobs.get("ABC")
-        with pytest.raises(TypeError):
-            await blobs.put("text")
-        assert await blobs.delete(empty) and not await blobs.exists(empty)
+    missing = hashlib.sha256(b"never stored").hexdigest()
+    with pytest.raises(BlobNotFound, match=f"no blob {missing}"):
+        await blobs.get(missing)
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        await blobs.get("ABC")
+    with pytest.raises(TypeError):
+        await blobs.put("text")
+    assert await blobs.delete(empty) and not await blobs.exists(empty)
 
-        expiring = BlobStore(redis, ttl=0.2)
-        short = await expiring.put(b"hot model update")
-        assert 0 < await redis.pttl(f"blob_{short}") <= 200
-        await asyncio.sleep(0.3)
-        with pytest.raises(BlobNotFound):
-            await expiring.get(short)
-        await redis.aclose()
-
-    run(scenario())
+    expiring = BlobStore(redis, ttl=0.2)
+    short = await expiring.put(b"hot model update")
+    assert 0 < await redis.pttl(f"blob_{short}") <= 200
+    await asyncio.sleep(0.3)
+    with pytest.raises(BlobNotFound):
+        await expiring.get(short)
+    await redis.aclose()
 
 
 # =========================================================================== tasks
@@ -415,18 +406,15 @@ def test_a_task_of_a_killed_consumer_is_claimed_by_another(redis_url):
     run(after_crash())
 
 
-def test_publish_once_sets_its_marker_and_adds_the_message_in_one_step(redis_url):
-    async def scenario():
-        redis = await fresh(redis_url)
-        queue = TaskQueue(redis, "tasks_once")
-        first = await queue.publish_once({"task_id": "t"}, "marker_t", ttl_seconds=60)
-        assert first is not None and await queue.publish_once({"task_id": "t"}, "marker_t") is None
-        assert await redis.xlen("tasks_once") == 1 and 0 < await redis.ttl("marker_t") <= 60
-        await redis.delete("marker_t")  # a marker that expired: the task may be published again
-        assert await queue.publish_once({"task_id": "t"}, "marker_t") not in (None, first)
-        await redis.aclose()
-
-    run(scenario())
+async def test_publish_once_sets_its_marker_and_adds_the_message_in_one_step(redis_url):
+    redis = await fresh(redis_url)
+    queue = TaskQueue(redis, "tasks_once")
+    first = await queue.publish_once({"task_id": "t"}, "marker_t", ttl_seconds=60)
+    assert first is not None and await queue.publish_once({"task_id": "t"}, "marker_t") is None
+    assert await redis.xlen("tasks_once") == 1 and 0 < await redis.ttl("marker_t") <= 60
+    await redis.delete("marker_t")  # a marker that expired: the task may be published again
+    assert await queue.publish_once({"task_id": "t"}, "marker_t") not in (None, first)
+    await redis.aclose()
 
 
 def test_a_restarted_consumer_recovers_its_own_pending_task_at_once(redis_url):
@@ -459,61 +447,55 @@ def test_a_restarted_consumer_recovers_its_own_pending_task_at_once(redis_url):
     run(restart())
 
 
-def test_new_tasks_wait_for_a_reader_and_poison_tasks_go_to_the_dead_stream(redis_url):
-    async def scenario():
-        redis = await fresh(redis_url)
-        queue = TaskQueue(redis, "tasks_poison", claim_idle_ms=100, max_deliveries=2)
-        reader = asyncio.create_task(queue.read("w1", block_ms=2000))
-        await asyncio.sleep(0.1)
-        assert not reader.done()
-        poison = await queue.publish({"task_id": "boom"})
-        [first] = await reader
-        assert (first.message_id, first.deliveries) == (poison, 1)
-        await asyncio.sleep(0.15)
-        [second] = await queue.read("w2")  # w1 "crashed"
-        assert second.deliveries == 2
-        await asyncio.sleep(0.15)
-        assert await queue.read("w3") == []  # third delivery: buried instead
-        [dead] = await queue.dead()
-        assert dead["origin_id"] == poison and dead["deliveries"] == "3" and json.loads(dead["task"]) == \
-            {"task_id": "boom"} and "delivered 3 times" in dead["reason"]
-        assert await queue.pending() == [] and await redis.xlen("tasks_poison") == 0
+async def test_new_tasks_wait_for_a_reader_and_poison_tasks_go_to_the_dead_stream(redis_url):
+    redis = await fresh(redis_url)
+    queue = TaskQueue(redis, "tasks_poison", claim_idle_ms=100, max_deliveries=2)
+    reader = asyncio.create_task(queue.read("w1", block_ms=2000))
+    await asyncio.sleep(0.1)
+    assert not reader.done()
+    poison = await queue.publish({"task_id": "boom"})
+    [first] = await reader
+    assert (first.message_id, first.deliveries) == (poison, 1)
+    await asyncio.sleep(0.15)
+    [second] = await queue.read("w2")  # w1 "crashed"
+    assert second.deliveries == 2
+    await asyncio.sleep(0.15)
+    assert await queue.read("w3") == []  # third delivery: buried instead
+    [dead] = await queue.dead()
+    assert dead["origin_id"] == poison and dead["deliveries"] == "3" and json.loads(dead["task"]) == \
+        {"task_id": "boom"} and "delivered 3 times" in dead["reason"]
+    assert await queue.pending() == [] and await redis.xlen("tasks_poison") == 0
 
-        # several consumers share the work; each message goes to exactly one
-        ids = {await queue.publish({"task_id": f"job{i}"}) for i in range(6)}
-        got = await queue.read("w1", count=4) + await queue.read("w2", count=4)
-        assert {m.message_id for m in got} == ids and len(got) == 6
-        for message in got:
-            await queue.ack(message.message_id)
-        await redis.aclose()
-
-    run(scenario())
+    # several consumers share the work; each message goes to exactly one
+    ids = {await queue.publish({"task_id": f"job{i}"}) for i in range(6)}
+    got = await queue.read("w1", count=4) + await queue.read("w2", count=4)
+    assert {m.message_id for m in got} == ids and len(got) == 6
+    for message in got:
+        await queue.ack(message.message_id)
+    await redis.aclose()
 
 
 # =========================================================================== heartbeats
 
 
-def test_heartbeats_expire(redis_url):
-    async def scenario():
-        redis = await fresh(redis_url)
-        beats = Heartbeats(redis, ttl=1.0)
-        await beats.beat("compute-a", {"role": "compute", "queue": 0})
-        await beats.beat("compute-b")
-        assert await beats.live() == {"compute-a": {"role": "compute", "queue": 0}, "compute-b": {}}
-        assert 0 < await redis.pttl("heartbeat_compute-a") <= 1000
-        await asyncio.sleep(0.6)
-        await beats.beat("compute-b", {"queue": 2})  # b keeps beating, a went silent
-        await asyncio.sleep(0.6)
-        assert await beats.live() == {"compute-b": {"queue": 2}}
-        assert not await beats.is_alive("compute-a") and await beats.is_alive("compute-b")
-        assert await redis.zrange("live_nodes", 0, -1) == [b"compute-b"]  # expired members pruned
-        await beats.forget("compute-b")
-        assert await beats.live() == {} and not await beats.is_alive("compute-b")
-        with pytest.raises(ValueError):
-            Heartbeats(redis, ttl=0)
-        await redis.aclose()
-
-    run(scenario())
+async def test_heartbeats_expire(redis_url):
+    redis = await fresh(redis_url)
+    beats = Heartbeats(redis, ttl=1.0)
+    await beats.beat("compute-a", {"role": "compute", "queue": 0})
+    await beats.beat("compute-b")
+    assert await beats.live() == {"compute-a": {"role": "compute", "queue": 0}, "compute-b": {}}
+    assert 0 < await redis.pttl("heartbeat_compute-a") <= 1000
+    await asyncio.sleep(0.6)
+    await beats.beat("compute-b", {"queue": 2})  # b keeps beating, a went silent
+    await asyncio.sleep(0.6)
+    assert await beats.live() == {"compute-b": {"queue": 2}}
+    assert not await beats.is_alive("compute-a") and await beats.is_alive("compute-b")
+    assert await redis.zrange("live_nodes", 0, -1) == [b"compute-b"]  # expired members pruned
+    await beats.forget("compute-b")
+    assert await beats.live() == {} and not await beats.is_alive("compute-b")
+    with pytest.raises(ValueError):
+        Heartbeats(redis, ttl=0)
+    await redis.aclose()
 
 
 def test_redis_server_with_password(tmp_path):

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 from helpers import federation_run
-from helpers.federation_run import federate, stores  # noqa: F401  (fixture)
+from helpers.federation_run import federate
 from trustmesh import audit
 from trustmesh.endpoints import Endpoints
 from trustmesh.fl.datasets import Dataset, dump_npz, federated_digits
@@ -34,7 +34,7 @@ WORKFLOW = "digits-rewards"
 DATA = {"dataset": "digits", "partition": {"kind": "iid", "seed": 7}, "test_fraction": 0.2}
 
 
-def test_rewards_follow_contributions_and_every_unit_is_accounted_for(devnet, stores, tmp_path, monkeypatch):  # noqa: F811
+def test_rewards_follow_contributions_and_every_unit_is_accounted_for(devnet, stores, tmp_path, monkeypatch):
     shards = federated_digits(DATA, 5).shards
     double = Dataset(np.concatenate([shards[1].x, shards[2].x]), np.concatenate([shards[1].y, shards[2].y]))
     (tmp_path / "iot-2.npz").write_bytes(dump_npz(double))
@@ -108,7 +108,7 @@ def test_rewards_follow_contributions_and_every_unit_is_accounted_for(devnet, st
     assert any("add to 1, not 0: units appeared" in p for p in problems(found, minted))
 
 
-def test_shapley_scores_pay_the_free_rider_least_and_the_audit_recomputes_them(devnet, stores, tmp_path):  # noqa: F811
+def test_shapley_scores_pay_the_free_rider_least_and_the_audit_recomputes_them(devnet, stores, tmp_path):
     fee = PrivateKey.generate().public_key().as_hex()
     block = {"total": 10_000, "per_round": 5_000, "data_share": 9000, "compute_share": 0, "fee_share": 1000,
              "fee_account": fee, "score": "shapley", "permutations": 10}

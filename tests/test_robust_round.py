@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import functools
 
-from helpers.federation_run import federate, stores  # noqa: F401
+from helpers.federation_run import federate
 
 ROUNDS = 2
 _federate = functools.partial(federate, rounds=ROUNDS)
 
 
-def test_multi_krum_leaves_out_a_scaling_attacker_and_the_audit_passes(devnet, stores, tmp_path):  # noqa: F811
+def test_multi_krum_leaves_out_a_scaling_attacker_and_the_audit_passes(devnet, stores, tmp_path):
     attacker, results, loads, _ = _federate(devnet, stores, tmp_path, "digits-multi-krum",
                                   strategy={"name": "multi_krum", "f": 1, "m": 3})
     for result in results:
@@ -26,7 +26,7 @@ def test_multi_krum_leaves_out_a_scaling_attacker_and_the_audit_passes(devnet, s
                                                 "with the lowest Krum scores")
 
 
-def test_update_checks_reject_a_scaling_attacker_by_name_and_the_audit_agrees(devnet, stores, tmp_path):  # noqa: F811
+def test_update_checks_reject_a_scaling_attacker_by_name_and_the_audit_agrees(devnet, stores, tmp_path):
     attacker, results, loads, _ = _federate(devnet, stores, tmp_path, "digits-update-checks", strategy={"name": "fedavg"},
                                   update_checks={"max_norm_ratio": 3.0})
     for result in results:
@@ -37,7 +37,7 @@ def test_update_checks_reject_a_scaling_attacker_by_name_and_the_audit_agrees(de
     assert loads[attacker]["rejected"] == ROUNDS  # counted in its node's reputation, once a round
 
 
-def test_a_server_optimizer_carries_its_state_from_round_to_round_and_the_audit_recomputes_it(devnet, stores,  # noqa: F811
+def test_a_server_optimizer_carries_its_state_from_round_to_round_and_the_audit_recomputes_it(devnet, stores,
                                                                                                tmp_path):
     _, results, _, _ = _federate(devnet, stores, tmp_path, "digits-fedadam", attack=None,
                            strategy={"name": "fedadam", "eta": 0.03, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001})
@@ -45,7 +45,7 @@ def test_a_server_optimizer_carries_its_state_from_round_to_round_and_the_audit_
     assert len(set(states)) == ROUNDS, states  # each round left its own state, the audit checked each
 
 
-def test_an_accuracy_floor_rejects_a_noisy_update_by_its_score_and_the_audit_rescores_it(devnet, stores,  # noqa: F811
+def test_an_accuracy_floor_rejects_a_noisy_update_by_its_score_and_the_audit_rescores_it(devnet, stores,
                                                                                           tmp_path):
     # noise:10 leaves a model no better than chance (at most 0.16 of the held-out split over 60
     # seeds); honest six-epoch models score at least 0.39 from round 1 on (measured alike)
@@ -57,7 +57,7 @@ def test_an_accuracy_floor_rejects_a_noisy_update_by_its_score_and_the_audit_res
     assert loads[attacker]["rejected"] == ROUNDS
 
 
-def test_qfedavg_weighs_by_the_reported_starting_loss_and_the_audit_recomputes_it(devnet, stores,  # noqa: F811
+def test_qfedavg_weighs_by_the_reported_starting_loss_and_the_audit_recomputes_it(devnet, stores,
                                                                                   tmp_path):
     _, results, _, _ = _federate(devnet, stores, tmp_path, "digits-qfedavg", attack=None,
                               strategy={"name": "qfedavg", "q": 1.0, "learning_rate": 0.1})

@@ -13,7 +13,7 @@ import pytest
 
 from helpers.family_scenario import Round, apply
 from helpers.ledger_helpers import run
-from helpers.federation_run import federate, scan_stores, stores  # noqa: F401
+from helpers.federation_run import federate, scan_stores
 from trustmesh.fl import model_format, secagg
 from trustmesh.fl.strategies import ClientUpdate, FedAvg
 from trustmesh.iot_node.node import IoTNode
@@ -53,7 +53,7 @@ def plaintexts(monkeypatch):
     return seen
 
 
-def test_updates_leave_their_nodes_only_masked_and_the_audit_verifies_the_sum(devnet, stores, tmp_path,  # noqa: F811
+def test_updates_leave_their_nodes_only_masked_and_the_audit_verifies_the_sum(devnet, stores, tmp_path,
                                                                              monkeypatch, plaintexts):
     # iot-4 goes quiet after uploading: it never reveals its shares of the others' self-masks
     unmask = IoTNode._unmask
@@ -178,7 +178,7 @@ def test_a_revealed_share_that_is_not_the_one_given_is_refused_naming_its_holder
         sender: given[sender][holder_key].hex()}
 
 
-def test_an_unmask_step_below_the_threshold_ends_the_round_as_timeout_saying_why(devnet, stores, tmp_path,  # noqa: F811
+def test_an_unmask_step_below_the_threshold_ends_the_round_as_timeout_saying_why(devnet, stores, tmp_path,
                                                                                 monkeypatch):
     # everybody neighbours everybody (5 nodes, k = 4) and 3 shares rebuild a self-mask: with iot-3
     # and iot-4 quiet, the other three have only two holders left who answer
@@ -204,7 +204,7 @@ def test_an_unmask_step_below_the_threshold_ends_the_round_as_timeout_saying_why
     assert "within 5 s of the last upload" in record["reason"]
 
 
-def test_a_participant_that_drops_out_before_uploading_is_left_out_and_its_masks_removed(devnet, stores,  # noqa: F811
+def test_a_participant_that_drops_out_before_uploading_is_left_out_and_its_masks_removed(devnet, stores,
                                                                                           tmp_path, monkeypatch,
                                                                                           plaintexts):
     """iot-5 submits and sends its shares, then never trains: past its deadline the coordinator

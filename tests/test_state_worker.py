@@ -9,8 +9,7 @@ import signal
 
 import pytest
 
-from helpers.ledger_helpers import run
-from test_merkle import addr
+from helpers.state_data import addr
 from trustmesh.ledger import protos as pb
 from trustmesh.ledger.devnet.merkle import EMPTY_ROOT, MerkleRadix, encode_node
 from trustmesh.ledger.devnet.node_rows import pack_new_nodes
@@ -44,45 +43,39 @@ def _in_memory_tree(nodes: dict[str, bytes]) -> MerkleRadix:
     return MerkleRadix(lambda h: encode_node(None, {}) if h == EMPTY_ROOT else nodes.get(h))
 
 
-def test_roots_and_rows_match_the_in_process_tree_and_chain_on_unstored_parents(store):
+@pytest.mark.timeout(60)
+async def test_roots_and_rows_match_the_in_process_tree_and_chain_on_unstored_parents(store):
     local_nodes: dict[str, bytes] = {}
     local = _in_memory_tree(local_nodes)
 
-    async def scenario():
-        async with running_worker(store) as worker:
-            root, expected = EMPTY_ROOT, EMPTY_ROOT
-            for block in range(3):  # each builds on the last, which is never stored: the worker keeps it
-                sets = {addr(f"b{block}-{i}"): f"{block}/{i}".encode() for i in range(50)}
-                deletes = [addr(f"b{block - 1}-0")] if block else []
-                root, rows = await worker.update(root, sets, deletes)
-                expected, nodes = local.update(expected, sets, deletes)
-                local_nodes.update(nodes)
-                assert root == expected
-                assert await rows == pack_new_nodes(nodes)
-
-    run(scenario(), timeout=60)
+    async with running_worker(store) as worker:
+        root, expected = EMPTY_ROOT, EMPTY_ROOT
+        for block in range(3):  # each builds on the last, which is never stored: the worker keeps it
+            sets = {addr(f"b{block}-{i}"): f"{block}/{i}".encode() for i in range(50)}
+            deletes = [addr(f"b{block - 1}-0")] if block else []
+            root, rows = await worker.update(root, sets, deletes)
+            expected, nodes = local.update(expected, sets, deletes)
+            local_nodes.update(nodes)
+            assert root == expected
+            assert await rows == pack_new_nodes(nodes)
 
 
-def test_a_stopped_worker_is_killed_after_the_timeout_and_a_fresh_one_answers(store):
-    async def scenario():
-        async with running_worker(store, timeout=1.0) as worker:
-            stuck = worker._process.pid
-            os.kill(stuck, signal.SIGSTOP)  # alive, silent: a deadlock looks the same from here
-            with pytest.raises(StateWorkerError, match="no answer for a state root within 1 s"):
-                await worker.update(EMPTY_ROOT, {addr("x"): b"1"}, [])
-            root, rows = await worker.update(EMPTY_ROOT, {addr("x"): b"1"}, [])
-            assert worker._process.pid != stuck and len(await rows) > 0
-            assert root == _in_memory_tree({}).update(EMPTY_ROOT, {addr("x"): b"1"})[0]
-
-    run(scenario(), timeout=60)
+@pytest.mark.timeout(60)
+async def test_a_stopped_worker_is_killed_after_the_timeout_and_a_fresh_one_answers(store):
+    async with running_worker(store, timeout=1.0) as worker:
+        stuck = worker._process.pid
+        os.kill(stuck, signal.SIGSTOP)  # alive, silent: a deadlock looks the same from here
+        with pytest.raises(StateWorkerError, match="no answer for a state root within 1 s"):
+            await worker.update(EMPTY_ROOT, {addr("x"): b"1"}, [])
+        root, rows = await worker.update(EMPTY_ROOT, {addr("x"): b"1"}, [])
+        assert worker._process.pid != stuck and len(await rows) > 0
+        assert root == _in_memory_tree({}).update(EMPTY_ROOT, {addr("x"): b"1"})[0]
 
 
-def test_a_failed_update_is_reported_and_the_worker_goes_on(store):
-    async def scenario():
-        async with running_worker(store) as worker:
-            with pytest.raises(StateWorkerError, match="UnknownStateRoot"):
-                await worker.update("ab" * 32, {addr("x"): b"1"}, [])
-            root, rows = await worker.update(EMPTY_ROOT, {addr("x"): b"1"}, [])
-            assert root != EMPTY_ROOT and await rows
-
-    run(scenario(), timeout=60)
+@pytest.mark.timeout(60)
+async def test_a_failed_update_is_reported_and_the_worker_goes_on(store):
+    async with running_worker(store) as worker:
+        with pytest.raises(StateWorkerError, match="UnknownStateRoot"):
+            await worker.update("ab" * 32, {addr("x"): b"1"}, [])
+        root, rows = await worker.update(EMPTY_ROOT, {addr("x"): b"1"}, [])
+        assert root != EMPTY_ROOT and await rows

@@ -1,7 +1,9 @@
-"""trustmesh-workflow 1.0: deploy and update through a real dev validator, every rule broken once.
+"""trustmesh-workflow 1.0: deploy and update, every rule broken once.
 
-One validator process serves the whole module; each test starts the handler in its own event
-loop and submits its batches together.
+Deploys, events and a sample of the broken rules go through one dev validator process for the
+module (each test starts the handler in its own event loop and submits its batches together);
+every rule on its own runs table-driven on dict state through the handler's apply()
+(helpers.dict_ledger).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers.devnet_process import DevnetProcess
-from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
+from helpers.dict_ledger import DictLedger
+from helpers.ledger_helpers import rest, running_processor, submit_and_wait
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger import protos as pb
 from trustmesh.ledger.builders import make_batch, make_transaction
@@ -92,40 +95,37 @@ def event_attributes(receipt: dict) -> list[tuple[str, dict]]:
 # --------------------------------------------------------------------------- on chain
 
 
-def test_example_workflows_deploy_with_owner_version_and_event(ledger):
+async def test_example_workflows_deploy_with_owner_version_and_event(ledger):
     fed, one = federated(), single()
     wf.check_definition(fed)
     wf.check_definition(one)
 
-    async def scenario():
-        async with running_processor(ledger.component_url, wf.WorkflowHandler()), rest(ledger.rest_url) as client:
-            batches = [batch_of(OWNER, wf.make_deploy_transaction(OWNER, fed)),
-                       batch_of(OTHER, wf.make_deploy_transaction(OTHER, one))]
-            statuses = await submit_and_wait(client, batches)
-            assert [s["status"] for s in statuses] == ["COMMITTED", "COMMITTED"], statuses
+    async with running_processor(ledger.component_url, wf.WorkflowHandler()), rest(ledger.rest_url) as client:
+        batches = [batch_of(OWNER, wf.make_deploy_transaction(OWNER, fed)),
+                   batch_of(OTHER, wf.make_deploy_transaction(OTHER, one))]
+        statuses = await submit_and_wait(client, batches)
+        assert [s["status"] for s in statuses] == ["COMMITTED", "COMMITTED"], statuses
 
-            record = await stored(client, "federated-digits")
-            assert record == {"workflow_id": "federated-digits", "owner": OWNER.public_key().as_hex(),
-                              "version": 1, "definition": fed}
-            # floats survive exactly, and the stored bytes are the canonical encoding
-            assert record["definition"]["hyperparameters"]["learning_rate"] == 0.01
-            assert await client.get_state(layout.workflow_address("federated-digits")) == cbor.encode(record)
-            assert record["definition"]["federation"]["participant_nodes"] == [NODE_KEYS[f"iot-{i}"] for i in range(1, 11)]
-            assert wf.train_on(record["definition"]) == "compute"
+        record = await stored(client, "federated-digits")
+        assert record == {"workflow_id": "federated-digits", "owner": OWNER.public_key().as_hex(),
+                          "version": 1, "definition": fed}
+        # floats survive exactly, and the stored bytes are the canonical encoding
+        assert record["definition"]["hyperparameters"]["learning_rate"] == 0.01
+        assert await client.get_state(layout.workflow_address("federated-digits")) == cbor.encode(record)
+        assert record["definition"]["federation"]["participant_nodes"] == [NODE_KEYS[f"iot-{i}"] for i in range(1, 11)]
+        assert wf.train_on(record["definition"]) == "compute"
 
-            record = await stored(client, "single-node-digits")
-            assert record["owner"] == OTHER.public_key().as_hex() and record["version"] == 1
-            assert record["definition"] == one and not wf.is_federated(record["definition"])
+        record = await stored(client, "single-node-digits")
+        assert record["owner"] == OTHER.public_key().as_hex() and record["version"] == 1
+        assert record["definition"] == one and not wf.is_federated(record["definition"])
 
-            receipts = await client.get_receipts([b.transactions[0].header_signature for b in batches])
-            assert event_attributes(receipts[0]) == [(wf.EVENT_DEPLOYED, {
-                "workflow_id": "federated-digits", "version": "1", "owner": OWNER.public_key().as_hex()})]
-            assert event_attributes(receipts[1])[0][0] == wf.EVENT_DEPLOYED
-
-    run(scenario())
+        receipts = await client.get_receipts([b.transactions[0].header_signature for b in batches])
+        assert event_attributes(receipts[0]) == [(wf.EVENT_DEPLOYED, {
+            "workflow_id": "federated-digits", "version": "1", "owner": OWNER.public_key().as_hex()})]
+        assert event_attributes(receipts[1])[0][0] == wf.EVENT_DEPLOYED
 
 
-def test_update_rules_owner_optimistic_version_and_no_redeploy(ledger):
+async def test_update_rules_owner_optimistic_version_and_no_redeploy():
     wid = "update-rules"
     v1 = federated(wid)
     v2 = copy.deepcopy(v1)
@@ -135,35 +135,32 @@ def test_update_rules_owner_optimistic_version_and_no_redeploy(ledger):
     v3["strategy"] = {"name": "perf_fedavg", "alpha": 0.25}
     owner = OWNER.public_key().as_hex()
 
-    async def scenario():
-        async with running_processor(ledger.component_url, wf.WorkflowHandler()), rest(ledger.rest_url) as client:
-            [status] = await submit_and_wait(client, [update(v1, 1)])
-            assert status["status"] == "INVALID"
-            assert f"workflow '{wid}' is not deployed; deploy it first" in message(status)
+    client = DictLedger()  # the rules on dict state; deploys and events through the validator above
+    [status] = await submit_and_wait(client, [update(v1, 1)])
+    assert status["status"] == "INVALID"
+    assert f"workflow '{wid}' is not deployed; deploy it first" in message(status)
 
-            [status] = await submit_and_wait(client, [deploy(v1)])
-            assert status["status"] == "COMMITTED"
+    [status] = await submit_and_wait(client, [deploy(v1)])
+    assert status["status"] == "COMMITTED"
 
-            # applied in submission order, each batch seeing the ones before it
-            cases = [
-                (update(v2, 1, signer=OTHER), f"only the owner of workflow '{wid}' ({owner}) may update it"),
-                (update(v2, 1), None),
-                (update(v3, 1), "expected_version 1 does not match the stored version 2"),
-                (update(v3, 7), "expected_version 7 does not match the stored version 2"),
-                (update(v3, 2), None),
-                (deploy(v1), f"workflow '{wid}' is already deployed (version 3, owner {owner})"),
-                (deploy(v1, signer=OTHER), f"workflow '{wid}' is already deployed"),
-            ]
-            statuses = await submit_and_wait(client, [b for b, _ in cases])
-            check_outcomes([(f"case {i}", b, m) for i, (b, m) in enumerate(cases)], statuses)
+    # applied in submission order, each batch seeing the ones before it
+    cases = [
+        (update(v2, 1, signer=OTHER), f"only the owner of workflow '{wid}' ({owner}) may update it"),
+        (update(v2, 1), None),
+        (update(v3, 1), "expected_version 1 does not match the stored version 2"),
+        (update(v3, 7), "expected_version 7 does not match the stored version 2"),
+        (update(v3, 2), None),
+        (deploy(v1), f"workflow '{wid}' is already deployed (version 3, owner {owner})"),
+        (deploy(v1, signer=OTHER), f"workflow '{wid}' is already deployed"),
+    ]
+    statuses = await submit_and_wait(client, [b for b, _ in cases])
+    check_outcomes([(f"case {i}", b, m) for i, (b, m) in enumerate(cases)], statuses)
 
-            record = await stored(client, wid)
-            assert record == {"workflow_id": wid, "owner": owner, "version": 3, "definition": v3}
-            receipts = await client.get_receipts([cases[4][0].transactions[0].header_signature])
-            assert event_attributes(receipts[0]) == [(wf.EVENT_UPDATED, {"workflow_id": wid, "version": "3",
-                                                                          "owner": owner})]
-
-    run(scenario())
+    record = await stored(client, wid)
+    assert record == {"workflow_id": wid, "owner": owner, "version": 3, "definition": v3}
+    receipts = await client.get_receipts([cases[4][0].transactions[0].header_signature])
+    assert event_attributes(receipts[0]) == [(wf.EVENT_UPDATED, {"workflow_id": wid, "version": "3",
+                                                                  "owner": owner})]
 
 
 def check_outcomes(cases, statuses):
@@ -303,8 +300,8 @@ BROKEN_PAYLOADS = [
     ("JSON instead of CBOR", json.dumps({"action": "deploy"}).encode(), "payload is not valid CBOR"),
     ("payload not a map", cbor.encode(["deploy"]), "payload must be a CBOR map with an 'action' field"),
     ("unknown action", cbor.encode({"action": "delete", "definition": federated("x")}),
-     "action must be one of deploy, update; got 'delete'"),
-    ("no action", cbor.encode({"definition": federated("x")}), "action must be one of deploy, update; got None"),
+     "action must be one of deploy, register_group, update; got 'delete'"),
+    ("no action", cbor.encode({"definition": federated("x")}), "action must be one of deploy, register_group, update; got None"),
     ("deploy without definition", cbor.encode({"action": "deploy"}), "deploy payload lacks the required field 'definition'"),
     ("deploy with extra field", cbor.encode({"action": "deploy", "definition": federated("x"), "owner": "me"}),
      "deploy payload has unknown field(s) 'owner'"),
@@ -317,7 +314,8 @@ BROKEN_PAYLOADS = [
 ]
 
 
-def test_every_broken_rule_is_rejected_with_its_message(ledger):
+def _broken_cases():
+    """(label, batch, fragment): every broken definition and payload, each to its own workflow id."""
     cases = []
     for i, (label, definition, expected) in enumerate(BROKEN_DEFINITIONS):
         wid = f"broken-{i}"
@@ -326,20 +324,39 @@ def test_every_broken_rule_is_rejected_with_its_message(ledger):
         cases.append((label, batch_of(OWNER, raw_txn(OWNER, wf.deploy_payload(definition), wid)), expected))
     for i, (label, payload, expected) in enumerate(BROKEN_PAYLOADS):
         cases.append((label, batch_of(OWNER, raw_txn(OWNER, payload, f"payload-{i}")), expected))
+    return cases
 
-    async def scenario():
-        async with running_processor(ledger.component_url, wf.WorkflowHandler()), rest(ledger.rest_url) as client:
-            statuses = await submit_and_wait(client, [b for _, b, _ in cases], timeout=60)
-            check_outcomes(cases, statuses)
-            # nothing was written by any of them
-            written = {address async for address, _ in client.list_state(layout.WORKFLOW_NS)}
-            assert not written & {layout.workflow_address(f"broken-{i}") for i in range(len(BROKEN_DEFINITIONS))}
-            assert not written & {layout.workflow_address(f"payload-{i}") for i in range(len(BROKEN_PAYLOADS))}
-            # and valid ones still go through afterwards
-            [status] = await submit_and_wait(client, [deploy(federated("after-the-bad-ones"))])
-            assert status["status"] == "COMMITTED"
 
-    run(scenario())
+BROKEN_CASES = _broken_cases()
+
+
+@pytest.mark.parametrize("label, batch, expected", BROKEN_CASES, ids=[label for label, _, _ in BROKEN_CASES])
+async def test_each_broken_rule_is_rejected_with_its_message(label, batch, expected):
+    """Each rule through the handler's apply() on dict state (helpers.dict_ledger): refused with
+    its message, nothing written, and a valid deploy still goes through afterwards."""
+    client = DictLedger()
+    before = dict(client.state)
+    statuses = await submit_and_wait(client, [batch])
+    check_outcomes([(label, batch, expected)], statuses)
+    assert client.state == before
+    [status] = await submit_and_wait(client, [deploy(federated("after-the-bad-ones"))])
+    assert status["status"] == "COMMITTED"
+
+
+async def test_broken_rules_are_rejected_through_the_dev_validator(ledger):
+    """A sample of the cases above, submitted together, as the validator reports them."""
+    cases = BROKEN_CASES[::6] + BROKEN_CASES[len(BROKEN_DEFINITIONS):]
+
+    async with running_processor(ledger.component_url, wf.WorkflowHandler()), rest(ledger.rest_url) as client:
+        statuses = await submit_and_wait(client, [b for _, b, _ in cases], timeout=60)
+        check_outcomes(cases, statuses)
+        # nothing was written by any of them
+        written = {address async for address, _ in client.list_state(layout.WORKFLOW_NS)}
+        assert not written & {layout.workflow_address(f"broken-{i}") for i in range(len(BROKEN_DEFINITIONS))}
+        assert not written & {layout.workflow_address(f"payload-{i}") for i in range(len(BROKEN_PAYLOADS))}
+        # and valid ones still go through afterwards
+        [status] = await submit_and_wait(client, [deploy(federated("after-the-bad-ones"))])
+        assert status["status"] == "COMMITTED"
 
 
 def test_every_broken_definition_is_refused_by_the_pure_check_without_a_validator():

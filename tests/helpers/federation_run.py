@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from helpers.family_scenario import _WORKFLOWS
+from helpers.servers import stores  # noqa: F401  (re-exported: modules that import the fixture from here)
 from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
 from trustmesh import audit
 from trustmesh.compute_node.node import ComputeNode
@@ -21,13 +20,17 @@ from trustmesh.scheduling.handlers import federation_handlers
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchClient
 from trustmesh.stores.redis_state import connect
-from trustmesh.stores.servers import CouchServer, RedisServer
 
 
-@pytest.fixture(scope="module")
-def stores():
-    with RedisServer() as redis_server, CouchServer() as couch_server:
-        yield redis_server, couch_server
+def digits_definition(keys: dict[str, str], rounds: int = 2) -> dict:
+    """federated-digits as workflow "digits-e2e" for three IoT nodes (`keys`: name -> public key),
+    iot-1 coordinating, 2 epochs, `rounds` rounds."""
+    definition = workflow.load_definition(_WORKFLOWS / "federated-digits.json")
+    definition["workflow_id"] = "digits-e2e"
+    definition["hyperparameters"]["epochs"] = 2
+    definition["federation"].update(participant_nodes=list(keys), coordinator_node="iot-1", expected_nodes=3,
+                                    min_nodes_required=2, rounds=rounds, round_timeout=60)
+    return workflow.resolve_node_names(definition, keys)
 
 
 async def start_compute_nodes(count: int, tmp_path, couch_url: str, common: dict) -> list[ComputeNode]:
