@@ -474,13 +474,23 @@ def test_logs_shows_and_follows_the_local_network_logs(tmp_path, capsys):
     follower = subprocess.Popen([sys.executable, "-m", "trustmesh.cli", "--home", str(tmp_path), "logs", "-f",
                                  "-n", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        time.sleep(1.5)
+        # Until it shows a line it is not following yet (a loaded machine takes a while to start
+        # it): a line written before then is not new to it.
+        lines, pipe, probes = [], Lines(follower.stdout), 0
+        deadline = time.monotonic() + 60
+        while not any("validator | probe" in line for line in lines) and time.monotonic() < deadline:
+            with open(logs / "validator.log", "a") as log:
+                log.write(f"probe {probes}\n")
+            probes += 1
+            lines += pipe.read(0.3)
+        assert any("validator | probe" in line for line in lines), "logs -f never showed a new line"
         with open(logs / "compute-1.log", "a") as log:
             log.write("a new line\n")
         (logs / "iot-1.log").write_text("a node that started later\n")
-        lines, pipe = [], Lines(follower.stdout)
+        wanted = {"compute-1 | a new line", "iot-1     | a node that started later"}
+        lines = []
         deadline = time.monotonic() + 15
-        while len(lines) < 2 and time.monotonic() < deadline:
+        while not wanted <= set(lines) and time.monotonic() < deadline:
             lines += pipe.read(0.2)
         assert "compute-1 | a new line" in lines and "iot-1     | a node that started later" in lines, lines
     finally:
