@@ -57,19 +57,20 @@ def test_a_document_written_meanwhile_is_merged_again_not_overwritten(couch_url)
         async with CouchClient(couch_url) as couch:
             await couch.ensure_db("bulk-c")
             await couch.put("bulk-c", {"_id": "a", "seen": ["first"]})
-            calls = {"n": 0}
+            calls, other = {"n": 0}, []
 
             def merge(doc):
                 calls["n"] += 1
                 if calls["n"] == 1:  # another writer gets in between our read and our write
-                    asyncio.get_running_loop().create_task(couch.update("bulk-c", "a", lambda d: {**d, "seen": [*d["seen"], "other"]}))
+                    other.append(asyncio.get_running_loop().create_task(
+                        couch.update("bulk-c", "a", lambda d: {**d, "seen": [*d["seen"], "other"]})))
                 return {**(doc or {}), "seen": [*(doc or {}).get("seen", []), "ours"]}
 
             original_bulk = couch._request
 
             async def slow_bulk(method, path, **kwargs):
-                if path.endswith("_bulk_docs"):
-                    await asyncio.sleep(0.3)  # the other writer commits first
+                if path.endswith("_bulk_docs") and other:
+                    await other[0]  # the other writer commits first
                 return await original_bulk(method, path, **kwargs)
 
             couch._request = slow_bulk
