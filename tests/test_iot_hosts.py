@@ -45,6 +45,8 @@ def test_fifty_iot_nodes_in_two_host_processes_run_two_audited_rounds(home, tmp_
         assert stat.S_IMODE(os.stat(private).st_mode) == 0o600
     assert sum(" iot-host --nodes " in cmd for cmd in processes_of(home)) == 2, "two host processes, not fifty"
     assert not any(" iot-node " in cmd for cmd in processes_of(home))
+    status = trustmesh(home, "status").stdout
+    assert "iot-host-1" in status and "25 IoT nodes: iot-1 … iot-25" in status, status
 
     result = trustmesh(home, "run", str(_workflow(tmp_path, "hosted-50", 50, rounds=2)), "--timeout", "300",
                        timeout=360)

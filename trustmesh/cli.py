@@ -256,7 +256,8 @@ def _status(args) -> int:
             health = {True: "healthy", False: "UNHEALTHY", None: "starting"}[service.get("healthy")]
             print(f"  {name:<12} {'up' if service['running'] else 'down':<5} pid {service.get('pid') or '-':<8} "
                   f"{health if service['running'] else '':<10} restarts {service.get('restarts', 0)}"
-                  + (f"  ATTACK TEST MODE: {service['attack']}" if service.get("attack") else ""))
+                  + (f"  ATTACK TEST MODE: {service['attack']}" if service.get("attack") else "")
+                  + (_hosted(service["nodes"]) if service.get("nodes") else ""))
         if head and "error" not in head:
             header = head.get("header", {})
             print(f"chain head: block {header.get('block_num')} {head.get('header_signature', '')[:16]}… "
@@ -265,6 +266,12 @@ def _status(args) -> int:
             print(f"chain head: not readable ({head['error']})")
     up = state["supervisor_running"] and all(s["running"] for s in services.values())
     return 0 if up else 1
+
+
+def _hosted(nodes: dict) -> str:
+    """`  50 IoT nodes: iot-1 … iot-50` for an IoT host's status line."""
+    names = sorted(nodes, key=lambda n: (len(n), n))
+    return f"  {len(names)} IoT nodes: {names[0]} … {names[-1]}" if len(names) > 1 else f"  IoT node {names[0]}"
 
 
 def _workflow_schema(args) -> int:
