@@ -10,7 +10,9 @@ would otherwise be multiplied by the number of nodes:
   other go out in one POST /batches and are waited on with one status request
   (ledger/coalescing_rest.py), and whose chain-state reads are shared by every node reading the same
   record at the same chain head (SharedReader);
-- one Redis connection pool, and one watch for a Redis restart that tells every node.
+- one Redis connection pool, and one watch for a Redis restart that tells every node;
+- for nodes that train their own data (train_on "iot"), one subscription to task events, each
+  trainer handed its own assignments and the events that concern every round.
 
 A real deployment runs one IoT node per device, unchanged (`trustmesh iot-node`).
 """
@@ -18,6 +20,7 @@ A real deployment runs one IoT node per device, unchanged (`trustmesh iot-node`)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
@@ -32,6 +35,7 @@ from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.redis_link import RedisLink
 from trustmesh.stores.redis_state import client
 
+from .local_training import OWN_TASK_EVENTS, subscriptions as task_subscriptions
 from .node import EVENTS, IoTNode
 
 LOGGER = logging.getLogger(__name__)
@@ -91,10 +95,22 @@ class SharedReader(FederationReader):
 
 
 class _Inbox:
-    """One hosted node's view of the host's event stream (what IoTNode reads as its subscriber)."""
+    """One hosted node's view of one of the host's event streams (what IoTNode and its trainer
+    read as their subscriber); `node`: only that node's own task assignments are delivered."""
 
-    def __init__(self):
+    def __init__(self, node: str | None = None):
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.node = node
+        self.assignments = 0  # task assignments delivered (a trainer's: its own only)
+
+    def deliver(self, block) -> None:
+        if self.node is not None:  # another node's assignment is not this trainer's business
+            own = [e for e in block.events if e.event_type not in OWN_TASK_EVENTS
+                   or any(a.key == "node" and a.value == self.node for a in e.attributes)]
+            if len(own) != len(block.events):
+                block = dataclasses.replace(block, events=own)
+            self.assignments += sum(e.event_type in OWN_TASK_EVENTS for e in block.events)
+        self.queue.put_nowait(block)
 
     async def next_block(self):
         return await self.queue.get()
@@ -115,13 +131,36 @@ class IoTHost:
                             on_round=on_round)
         self.nodes: list[IoTNode] = []
         self._inboxes: list[_Inbox] = []
+        self._trainer_inboxes: list[_Inbox] = []
         self._tasks: list[asyncio.Task] = []
+        self.task_subscriber: EventSubscriber | None = None  # started by the first node that trains itself
+        self._task_stream_started = asyncio.Lock()
 
     def inbox(self) -> _Inbox:
         """A new node's share of the event stream."""
         inbox = _Inbox()
         self._inboxes.append(inbox)
         return inbox
+
+    async def trainer_inbox(self, node: str) -> _Inbox:
+        """A node's share of the host's task events, for the node's own local training (train_on
+        "iot"): one subscription for every trainer of the host, not one each. Registered before it
+        returns, so a trainer that reads chain state next misses nothing committed after."""
+        async with self._task_stream_started:
+            if self.task_subscriber is None:
+                subscriber = EventSubscriber(self.validator_url, task_subscriptions(None))
+                await subscriber.start()
+                self.task_subscriber = subscriber
+                self._tasks.append(asyncio.get_running_loop().create_task(self._pump_tasks()))
+        inbox = _Inbox(node)
+        self._trainer_inboxes.append(inbox)
+        return inbox
+
+    async def _pump_tasks(self) -> None:
+        while True:
+            block = await self.task_subscriber.next_block()
+            for inbox in self._trainer_inboxes:
+                inbox.deliver(block)
 
     async def start(self, progress=None) -> None:
         """Connect once, then start each node; progress(started, total) after each."""
@@ -149,7 +188,7 @@ class IoTHost:
             block = await self.subscriber.next_block()
             self.reader.new_block()  # before any node hears of the block
             for inbox in self._inboxes:
-                inbox.queue.put_nowait(block)
+                inbox.deliver(block)
 
     async def _redis_restarted(self) -> None:
         for node in self.nodes:
@@ -160,5 +199,7 @@ class IoTHost:
         for node in self.nodes:
             await node.stop()
         await self.subscriber.close()
+        if self.task_subscriber is not None:
+            await self.task_subscriber.close()
         await self.rest.close()
         await self.redis.aclose()

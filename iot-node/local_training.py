@@ -68,23 +68,27 @@ class _Pending:
     runner: asyncio.Task | None = None
 
 
-def subscriptions(node: str) -> list:
-    """Only this node's own local_train assignments, plus what can make them runnable."""
-    mine = [("node", node), ("kind", "local_train")]
-    return [event_subscription(events.TASK_ASSIGNED, mine),
-            event_subscription(events.TASK_REASSIGNED, mine),
-            event_subscription(events.TASK_DONE),
-            event_subscription(events.TASK_DROPPED),
-            event_subscription(events.ROUND_RESULT),
-            event_subscription(events.ROUND_TIMEOUT)]
+# A node's own task events: its local_train assignments (filtered by node); the others concern
+# every trainer alike (what can make a task runnable, or end its round).
+OWN_TASK_EVENTS = (events.TASK_ASSIGNED, events.TASK_REASSIGNED)
+SHARED_TASK_EVENTS = (events.TASK_DONE, events.TASK_DROPPED, events.ROUND_RESULT, events.ROUND_TIMEOUT)
+
+
+def subscriptions(node: str | None) -> list:
+    """Only this node's own local_train assignments, plus what can make them runnable; node None:
+    every node's local_train assignments (an IoT host's one stream for all its trainers)."""
+    mine = ([("node", node)] if node is not None else []) + [("kind", "local_train")]
+    return ([event_subscription(e, mine) for e in OWN_TASK_EVENTS]
+            + [event_subscription(e) for e in SHARED_TASK_EVENTS])
 
 
 class LocalTrainer:
     def __init__(self, name: str, signer, *, validator_url: str, reader: FederationReader, blobs: BlobStore,
                  commit: Callable[..., Awaitable[bool]], local_data: Callable[[dict], tuple[bytes, int]],
-                 workflows: Callable[[], Awaitable[list[dict]]], salts: SaltStore):
+                 workflows: Callable[[], Awaitable[list[dict]]], salts: SaltStore, subscriber=None):
         """commit(txn, what) -> committed?; local_data(definition) -> (npz bytes, samples) of this
-        node; workflows() -> the workflow records this node serves; salts: its commitment salts."""
+        node; workflows() -> the workflow records this node serves; salts: its commitment salts;
+        subscriber: its share of an IoT host's task events (host.py), else its own subscription."""
         self.name = name
         self.signer = signer
         self.node = signer.public_key().as_hex()
@@ -106,18 +110,22 @@ class LocalTrainer:
         # called (in the background) with the schedule id whenever any local_train of a round is done
         self.on_update_done: Callable[[str], Awaitable[None]] | None = None
         self._background: set[asyncio.Task] = set()
+        self.subscriber = subscriber
+        self._own_subscriber = subscriber is None
 
     async def start(self) -> None:
         # Subscribed before chain state is read: whatever commits after the read is in the queue.
-        self.subscriber = EventSubscriber(self.validator_url, subscriptions(self.node))
-        await self.subscriber.start()
+        if self._own_subscriber:
+            self.subscriber = EventSubscriber(self.validator_url, subscriptions(self.node))
+            await self.subscriber.start()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._follow()), loop.create_task(self._recheck())]
 
     async def stop(self) -> None:
         runners = [p.runner for p in self.pending.values() if p.runner is not None]
         await cancel_and_wait([*self._tasks, *runners, *self._background])
-        await self.subscriber.close()
+        if self._own_subscriber:
+            await self.subscriber.close()
 
     # -- following the chain ---------------------------------------------------------------------
 

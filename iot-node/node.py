@@ -283,7 +283,8 @@ class IoTNode(Participant, Coordinator):
             use_threads(self.torch_threads)
         trainer = LocalTrainer(self.name, self.signer, validator_url=self.validator_url, reader=self.reader,
                                blobs=self.blobs, commit=self._commit, local_data=self._local_data,
-                               workflows=self._workflows, salts=self.salts)
+                               workflows=self._workflows, salts=self.salts,
+                               subscriber=await self.host.trainer_inbox(self.node) if self.host else None)
         trainer.context.secure = self.secure  # masks its updates where a workflow aggregates securely
         trainer.on_update_done = self._unmask_round
         if self.attack is not None:

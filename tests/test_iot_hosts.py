@@ -10,7 +10,7 @@ import json
 import os
 import stat
 
-from helpers.ledger_helpers import rest, run, running_processor
+from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
 from helpers.local_network import ROOT, processes_of, trustmesh
 from trustmesh.iot_node.host import SharedReader
 from trustmesh.ledger.coalescing_rest import CoalescingRest
@@ -96,3 +96,49 @@ def test_a_hosts_nodes_share_reads_and_requests_but_sign_their_own_batches(devne
                 await shared.close()
 
     run(scenario(), timeout=60)
+
+
+async def test_hosted_nodes_that_train_their_own_data_share_one_task_stream(devnet, stores, tmp_path):  # noqa: F811
+    """train_on "iot": every hosted node trains its own local_train task, its trainer fed from the
+    host's one task-event subscription (its own assignments only); the round completes, audited."""
+    from helpers.family_scenario import _WORKFLOWS
+    from helpers.federation_run import until_history_is_recorded
+    from trustmesh import audit
+    from trustmesh.compute_node.node import ComputeNode
+    from trustmesh.endpoints import Endpoints
+    from trustmesh.iot_node.host import IoTHost
+    from trustmesh.scheduling import workflow
+    from trustmesh.scheduling.handlers import federation_handlers
+
+    redis_server, couch_server = stores
+    names = [f"iot-{i}" for i in range(1, 5)]
+    keys = {n: load_or_create_key(tmp_path / "nodes" / n / "keys", n).public_key().as_hex() for n in names}
+    definition = workflow.load_definition(_WORKFLOWS / "federated-digits.json")
+    definition["workflow_id"] = "hosted-iot"
+    definition["hyperparameters"]["epochs"] = 1
+    definition["federation"].update(participant_nodes=names, coordinator_node="iot-1", expected_nodes=4,
+                                    min_nodes_required=4, rounds=1, round_timeout=120, train_on="iot")
+    definition = workflow.resolve_node_names(definition, keys)
+    common = dict(validator_url=devnet.component_url, rest_url=devnet.rest_url, redis_url=redis_server.url)
+    async with running_processor(devnet.component_url, *federation_handlers()), rest(devnet.rest_url) as client:
+        compute = ComputeNode("compute-1", tmp_path / "compute-1", couch_url=couch_server.url, **common)
+        await compute.start()
+        host = IoTHost(names, tmp_path / "nodes", workflow_id="hosted-iot", **common)
+        try:
+            owner = load_or_create_key(tmp_path / "owner", "owner")
+            [status] = await submit_and_wait(client, [make_batch(owner, [workflow.make_deploy_transaction(owner, definition)])])
+            assert status["status"] == "COMMITTED", status
+            await host.start()
+            await asyncio.wait_for(host.nodes[0].finished.wait(), 90)
+            await until_history_is_recorded([compute], 1)  # the audit reads it
+            trainers = [node.trainer for node in host.nodes]
+            assert all(t is not None and t.subscriber in host._trainer_inboxes for t in trainers)
+            assert all(len(t.completed) == 1 for t in trainers), [t.completed for t in trainers]  # each its own
+            assert [t.subscriber.assignments for t in trainers] == [1, 1, 1, 1]  # not the others' as well
+            assert host.task_subscriber is not None
+        finally:
+            await host.stop()
+            await compute.stop()
+        report = await audit.audit_workflow("hosted-iot", Endpoints(
+            validator=devnet.component_url, rest=devnet.rest_url, redis=redis_server.url, couch=couch_server.url))
+        assert report.ok, audit.render_text(report)
