@@ -6,13 +6,17 @@
 
 The data pot goes by the aggregation weight the round result used ("weight", the default), or by
 the contribution scores the aggregator computed and the round result records (`contributions`,
-fl/shapley.py: truncated Monte Carlo Shapley values over P orders; negative scores count as 0).
+fl/shapley.py: truncated Monte Carlo Shapley values over P orders; negative scores count as 0,
+and so does the score of an update the aggregation gave weight 0: a robust strategy's rejection
+pays nothing under either score).
 
 Amounts are whole units (integers, no fractions anywhere); shares are basis points and
 d + c + f == 10000. The owner escrows T (trustmesh-rewards `escrow`); every round whose result
-is final pays A out of it (`settle`) while the escrow still holds A; what is left goes back to
-the owner (`refund`) once the workflow has ended. T >= A, so at least one round is paid; a
-budget for fewer rounds than the workflow runs pays the first ones only.
+is final pays at most A out of it (`settle`) while the escrow still holds A; what is left goes
+back to the owner (`refund`) once the workflow has ended. T >= A, so at least one round is paid; a
+budget for fewer rounds than the workflow runs pays the first ones only. A round pays less than A
+only when its data pot has nobody to pay (every weight 0): that pot, and the fee on it, stay in
+the escrow for the owner.
 
 `split` is the rule, read by the rewards processor and by the audit alike: pure Python,
 integers and exact fractions only, so every validator pays the same amounts to the same keys.
@@ -84,24 +88,31 @@ def apportion(amount: int, weights: Mapping[str, Fraction]) -> dict[str, int]:
 
 def data_weights(terms: Mapping, result: Mapping) -> dict[str, float]:
     """What the data pot is split by for a round result: its aggregation weights, or (score
-    shapley) its contribution scores, negative ones as 0."""
+    shapley) its contribution scores, negative ones as 0 and those of an update the aggregation
+    gave weight 0 (rejected, or screened out by a robust strategy) as 0."""
+    weights = {k: w for k, w in (result.get("aggregation_weights") or {}).items() if _number(w) and w >= 0}
     if terms.get("score", "weight") == "shapley":
-        chosen = result.get("contributions") or {}
-        return {k: max(0.0, float(v)) for k, v in chosen.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    weights = result.get("aggregation_weights") or {}
-    return {k: w for k, w in weights.items() if isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0}
+        scores = result.get("contributions") or {}
+        return {k: max(0.0, float(v)) if weights.get(k, 0) > 0 else 0.0 for k, v in scores.items() if _number(v)}
+    return weights
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def split(terms: Mapping, aggregation_weights: Mapping[str, float], tasks_done: Mapping[str, int]) -> dict[str, dict[str, int]]:
-    """One round's payment: {key: {"data"|"compute"|"fee": amount}}, summing to terms["per_round"].
+    """One round's payment: {key: {"data"|"compute"|"fee": amount}}, summing to at most per_round.
 
     fee     = per_round * fee_share // 10000, to fee_account
     compute = per_round * compute_share // 10000, over the nodes by tasks done (the node each done
               task status names; a task moved away from a node pays only the node that finished it)
     data    = the rest, over the participants by the aggregation weight the round result used
               (exact: a float is a binary fraction), so a rejected update (weight 0) earns nothing
-    A pot with nobody to pay (no task done, every weight 0) goes to the data pot, or to the fee
-    account, or stays unpaid in escrow when neither can take it."""
+    A compute pot with no task done goes to the data pot. A data pot with nobody to pay (every
+    weight 0) is not paid: it stays in the escrow and returns to the owner at refund. The fee is
+    fee_share of what the round pays out, so it shrinks with an unpaid data pot, to
+    fee * compute // (data + compute), and never takes a pot it is not a share of."""
     amount = terms["per_round"]
     fee = amount * terms["fee_share"] // BASIS_POINTS
     compute = amount * terms["compute_share"] // BASIS_POINTS
@@ -110,9 +121,8 @@ def split(terms: Mapping, aggregation_weights: Mapping[str, float], tasks_done: 
     task_weights = {k: Fraction(n) for k, n in tasks_done.items()}
     if sum(task_weights.values(), Fraction(0)) <= 0:
         data, compute = data + compute, 0
-    if sum(data_weights.values(), Fraction(0)) <= 0:
-        if fee > 0:
-            fee, data = fee + data, 0
+    if sum(data_weights.values(), Fraction(0)) <= 0 and data + compute > 0:
+        fee, data = fee * compute // (data + compute), 0
     payouts: dict[str, dict[str, int]] = {}
     for pot, paid in (("data", apportion(data, data_weights)), ("compute", apportion(compute, task_weights)),
                       ("fee", {terms["fee_account"]: fee} if fee > 0 else {})):

@@ -21,15 +21,21 @@ Actions (canonical-CBOR map {"action": ..., ...}; unknown fields are refused):
       Anyone. Pays the round's `per_round` out of its workflow's escrow by
       rewards_block.split: data contributors by the aggregation weight the round result used,
       compute nodes by tasks done (the node each done task status names), the fee to
-      fee_account. Only when the round result exists and is `final`; once per round; only while
-      the escrow still holds per_round and was not refunded. payouts (optional): what the sender
+      fee_account; a data pot with nobody to pay stays in the escrow (the rule says how much).
+      Only when the round result exists and is `final`; once per round; only while the escrow
+      still holds per_round and was not refunded. payouts (optional): what the sender
       expects, {key: {data|compute|fee: amount}}; it must equal the rule's payouts exactly, so a
       claim for a key the round does not pay is refused by name.
   refund    {workflow_id}
       Only the workflow's owner, once, after the workflow ended: its last planned round
-      (privacy_block.planned_rounds) was opened and is final or timed out. Every final round
+      (privacy_block.planned_rounds) is final or timed out, or the workflow went quiet (a run
+      stopped early, a round stuck in ready): for round_timeout seconds of block time after the
+      last moment any of its unfinished rounds (and its latest round) was due to move: the end
+      of its collecting window, a task's deadline, a task's last report (`quiet_since`). A
+      coordinator that keeps reassigning late tasks keeps its workflow going. Every final round
       must be settled first (while the escrow can pay it), so an owner cannot take back what
-      its participants earned. Moves the escrow's remaining back to the owner's account.
+      its participants earned. Moves the escrow's remaining back to the owner's account; a
+      round that becomes final after that is paid nothing.
   transfer  {recipient, amount}
       From the signer's account to recipient (a public key, not the signer), 1 <= amount <=
       the signer's balance: nobody sends more than they hold.
@@ -41,8 +47,8 @@ Records (canonical CBOR):
   settlement_address(sid)     {schedule_id, workflow_id, round, amount, payouts: {key: {pot: amount}}}
 
 Events: trustmesh/escrow-funded, trustmesh/round-settled, trustmesh/escrow-refunded,
-trustmesh/transferred. No action reads the block time: a settlement is a function of the
-round's records only.
+trustmesh/transferred. Only refund reads the block time (BlockInfo), to tell a workflow that went
+quiet; a settlement is a function of the round's records only.
 """
 
 from __future__ import annotations
@@ -57,9 +63,10 @@ from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction, T
 from . import definition, events, layout
 from .common import (
     MAX_RECORD_BYTES,
-    HEX64, IDENTIFIER, PUBLIC_KEY, check_fields, emit, parse_payload, read_records, require_int,
+    HEX64, IDENTIFIER, PUBLIC_KEY, chain_time, check_fields, emit, parse_payload, read_records, require_int,
     require_match, shown, signer_of, write_records,
 )
+from .schedule.spec import SETTLED
 
 FAMILY_NAME = layout.REWARDS_FAMILY
 FAMILY_VERSION = layout.VERSION
@@ -105,17 +112,56 @@ def check_claim(claimed: Any, payouts: Mapping[str, Mapping[str, int]], round_nu
                 f"{round_number} (fl/rewards_block.split over the final round result and task statuses)")
 
 
+def over(record: Mapping | None, result: Mapping | None) -> bool:
+    """A round that can change no more: final, or timed out."""
+    return (record or {}).get("status") == "timeout" or bool((result or {}).get("final"))
+
+
+def quiet_since(record: Mapping, statuses: Iterable[Mapping]) -> int:
+    """The last moment (block time) a round was due to move: the end of its collecting window,
+    each unfinished task's deadline, each task's last report or reassignment."""
+    moments = [record["round_start"] + record["round_timeout"]]
+    for status in statuses:
+        moments += [entry["at"] for entry in status.get("history", [])[-1:]]
+        if status.get("status") not in SETTLED and isinstance(status.get("deadline"), int):
+            moments.append(status["deadline"])
+    return max(moments)
+
+
+def rounds_to_watch(index: Mapping | None, rounds: Mapping[str, Mapping], results: Mapping[str, Mapping]) -> list[str]:
+    """The schedule ids whose task statuses decide whether a workflow went quiet: its latest
+    round and every round that is not over."""
+    opened = {int(n): sid for n, sid in ((index or {}).get("rounds") or {}).items()}
+    if not opened:
+        return []
+    latest = opened[max(opened)]
+    return [sid for _, sid in sorted(opened.items()) if sid == latest or not over(rounds.get(sid), results.get(sid))]
+
+
 def workflow_ended(workflow_id: str, stored_definition: Mapping, index: Mapping | None,
-                   rounds: Mapping[str, Mapping], results: Mapping[str, Mapping]) -> str | None:
-    """Why the workflow has not ended yet, or None once its last planned round is final or timed out."""
+                   rounds: Mapping[str, Mapping], results: Mapping[str, Mapping],
+                   statuses: Mapping[str, Iterable[Mapping]] | None = None, now: int | None = None) -> str | None:
+    """Why the workflow has not ended yet, or None once its last planned round is final or timed
+    out, or once it went quiet: `now` (block time) is round_timeout past the quiet_since of every
+    round rounds_to_watch names (`statuses`: schedule_id -> that round's task statuses)."""
     last = privacy_block.planned_rounds(stored_definition)
-    sid = ((index or {}).get("rounds") or {}).get(str(last))
-    if sid is None:
-        return f"workflow {workflow_id!r} has not ended: its last round ({last}) was not opened yet"
-    record, result = rounds.get(sid) or {}, results.get(sid) or {}
-    if record.get("status") == "timeout" or result.get("final"):
+    opened = (index or {}).get("rounds") or {}
+    sid = opened.get(str(last))
+    if sid is not None and over(rounds.get(sid), results.get(sid)):
         return None
-    return f"workflow {workflow_id!r} has not ended: its last round ({last}) is neither final nor timed out"
+    watched = {s: rounds[s] for s in rounds_to_watch(index, rounds, results) if s in rounds}
+    if not watched:
+        return f"workflow {workflow_id!r} has not ended: no round of it was opened yet"
+    quiet = max(quiet_since(record, (statuses or {}).get(s, ())) for s, record in watched.items())
+    stopped = quiet + max(record["round_timeout"] for record in watched.values())
+    if now is not None and now >= stopped:
+        return None
+    why = (f"its last round ({last}) was not opened yet" if sid is None
+           else f"its last round ({last}) is neither final nor timed out")
+    if now is not None:
+        why += (f", and it has not gone quiet: its rounds were due to move until block time {quiet}, so it counts "
+                f"as stopped from {stopped} (round_timeout later); block time is {now}")
+    return f"workflow {workflow_id!r} has not ended: {why}"
 
 
 def _account(records: Mapping[str, Any], key: str) -> dict:
@@ -249,14 +295,16 @@ class RewardsHandler(TransactionHandler):
         results = await read_records(context, [layout.round_result_address(s) for s in sids.values()])
         settled = await read_records(context, [layout.settlement_address(s) for s in sids.values()])
         by_sid = lambda records, f: {s: records[f(s)] for s in sids.values() if f(s) in records}  # noqa: E731
-        why = workflow_ended(workflow_id, stored, index, by_sid(rounds, layout.round_address),
-                             by_sid(results, layout.round_result_address))
+        rounds, results = by_sid(rounds, layout.round_address), by_sid(results, layout.round_result_address)
+        why = workflow_ended(workflow_id, stored, index, rounds, results)
+        if why is not None:  # not over: has it gone quiet? (the round clocks and task deadlines)
+            watched = {sid: await self._statuses(context, sid) for sid in rounds_to_watch(index, rounds, results)}
+            why = workflow_ended(workflow_id, stored, index, rounds, results, watched, await chain_time(context))
         if why is not None:
             raise InvalidTransaction(why + "; the escrow returns to the owner when the workflow ends")
         if escrow["remaining"] >= escrow["terms"]["per_round"]:
             for number, sid in sorted(sids.items()):
-                result = results.get(layout.round_result_address(sid)) or {}
-                if result.get("final") and layout.settlement_address(sid) not in settled:
+                if (results.get(sid) or {}).get("final") and layout.settlement_address(sid) not in settled:
                     raise InvalidTransaction(f"round {number} of workflow {workflow_id!r} is final but not settled; "
                                              f"settle it (schedule_id {sid}) before the refund: its participants "
                                              f"earned it")
@@ -267,6 +315,15 @@ class RewardsHandler(TransactionHandler):
         escrow = {**escrow, "remaining": 0, "refunded": amount}
         await write_records(context, {e_addr: escrow, a_addr: accounts[signer]})
         await emit(context, events.ESCROW_REFUNDED, workflow_id=workflow_id, owner=signer, amount=amount)
+
+    @staticmethod
+    async def _statuses(context, schedule_id: str) -> list[dict]:
+        """A round's task statuses (none before it is assigned)."""
+        a_addr = layout.assignments_address(schedule_id)
+        assignments = (await read_records(context, [a_addr])).get(a_addr) or {}
+        addresses = [layout.task_status_address(schedule_id, t) for t in sorted(assignments.get("tasks", {}))]
+        found = await read_records(context, addresses)
+        return [found[a] for a in addresses if a in found]
 
     async def _transfer(self, body: dict, signer: str, context) -> None:
         recipient = require_match(body, "recipient", PUBLIC_KEY, "a compressed public key (66 hex)")
@@ -330,7 +387,8 @@ def make_refund_transaction(signer, workflow_id: str):
     me = layout.account_address(signer.public_key().as_hex())
     e = layout.escrow_address(workflow_id)
     inputs = [layout.workflow_address(workflow_id), e, me, layout.FEDERATION_NS,
-              layout.SCHEDULE_NS + layout.ROUND_RESULT, layout.REWARDS_NS + layout.SETTLEMENT]
+              layout.SCHEDULE_NS + layout.ROUND_RESULT, layout.SCHEDULE_NS + layout.ASSIGNMENTS,
+              layout.SCHEDULE_NS + layout.TASK_STATUS, layout.REWARDS_NS + layout.SETTLEMENT, layout.BLOCK_INFO_NS]
     return _transaction(signer, refund_payload(workflow_id), inputs, [e, me])
 
 

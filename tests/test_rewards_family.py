@@ -17,7 +17,10 @@ from helpers import family_scenario as fs
 from helpers.chain_round import trained_round
 from helpers.devnet_process import DevnetProcess
 from helpers.ledger_helpers import rest, run, running_processor, submit_and_wait
-from helpers.rewards_scenario import BLOCK, FEE, RewardsRound, balances, escrows
+from helpers.dict_ledger import START, DictLedger
+from helpers.rewards_scenario import (
+    BLOCK, FEE, RewardsRound, balances, escrows, final_with_scores, reassigned_and_final, with_rewards,
+)
 from trustmesh.fl import rewards_block
 from trustmesh.ledger import protos as pb
 from trustmesh.ledger.builders import make_batch
@@ -25,7 +28,8 @@ from trustmesh.ledger.devnet.block_info import BlockInfoHandler
 from trustmesh.ledger.devnet.store import ChainStore
 from trustmesh.ledger.processor import InvalidTransaction
 from trustmesh.ledger.signing import PrivateKey
-from trustmesh.scheduling import layout, rewards, schedule, workflow
+from trustmesh.scheduling import federation, layout, rewards, schedule, workflow
+from trustmesh import rewards_audit
 from trustmesh.rewards_audit import all_balances
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.scheduling.workflow_schema import check_definition
@@ -94,6 +98,19 @@ def test_split_orders_payments_by_weight_and_pays_the_finishing_node():
     payouts = rewards_block.split(terms, {"a": 0.5, "b": 0.25, "c": 0.25, "rejected": 0.0}, {"n1": 2, "n2": 1})
     assert payouts == {"a": {"data": 300}, "b": {"data": 150}, "c": {"data": 150},
                        "n1": {"compute": 200}, "n2": {"compute": 100}, "fee": {"fee": 100}}
+
+
+def test_a_data_pot_nobody_can_take_stays_in_escrow_and_the_fee_is_a_share_of_what_is_paid():
+    """Every data weight 0 (Shapley scores all <= 0): the data pot is not paid; the fee shrinks to
+    fee_share of what the round pays out (compute plus fee), and never takes the data pot."""
+    with_fee = {**BLOCK, "fee_account": "fee"}  # 6000 / 3000 / 1000 of 1000
+    assert rewards_block.split(with_fee, {"a": 0.0, "b": 0.0}, {"n1": 2, "n2": 1}) == {
+        "n1": {"compute": 200}, "n2": {"compute": 100}, "fee": {"fee": 33}}  # 33 / 333 = 10 % (floor)
+    without_fee = {**BLOCK, "data_share": 7000, "fee_share": 0}
+    assert rewards_block.split(without_fee, {"a": 0.0}, {"n1": 1}) == {"n1": {"compute": 300}}
+    assert rewards_block.split(with_fee, {}, {}) == {}  # nothing done, nothing paid, no fee
+    only_fee = {"per_round": 1000, "data_share": 0, "compute_share": 0, "fee_share": 10_000, "fee_account": "fee"}
+    assert rewards_block.split(only_fee, {}, {}) == {"fee": {"fee": 1000}}
 
 
 # --------------------------------------------------------------------------- the workflow block
@@ -170,6 +187,137 @@ def test_each_rule_refuses_with_a_message():
     assert "already refunded" in refusal("refunded", owner, rewards.refund_payload(wid))
     assert "was refunded" in refusal("refunded", owner, rewards.settle_payload(sid),
                                      state=_refunded_unsettled())
+
+
+def test_a_reassigned_task_pays_only_the_node_that_finished_it():
+    scenario = RewardsRound()
+    state, missed, finisher = reassigned_and_final(scenario)
+    sid = scenario.schedule_id
+    tasks = schedule.decode_record(state[layout.assignments_address(sid)])["tasks"]
+    finished = {t: schedule.decode_record(state[layout.task_status_address(sid, t)]) for t in tasks}
+    assert finished["preprocess"]["node"] == finisher != missed == finished["preprocess"]["history"][0]["node"]
+    assert all(s["status"] == "done" for s in finished.values())
+    counts = {node: sum(s["node"] == node for s in finished.values()) for node in (missed, finisher)}
+    fs.apply(state, FEE, layout.REWARDS_FAMILY, rewards.settle_payload(sid))
+    payouts = rewards.decode_record(state[layout.settlement_address(sid)])["payouts"]
+    compute = {k: parts["compute"] for k, parts in payouts.items() if "compute" in parts}
+    # 300 by tasks finished: preprocess counts for the node that finished it, not the one that missed it
+    assert compute == rewards_block.apportion(300, {k: Fraction(n) for k, n in counts.items()})
+    assert compute[finisher] > compute.get(missed, 0) and conserved(state)
+
+
+def test_the_escrow_returns_whole_when_the_last_round_timed_out():
+    scenario = RewardsRound()
+    owner, wid = scenario.owner, scenario.workflow_id
+    state = with_rewards(scenario, "expired")  # round 1 collecting, nobody submitted, its window passed
+    assert "neither final nor timed out" in refusal(None, owner, rewards.refund_payload(wid), state=state)
+    fs.apply(state, FEE, layout.FEDERATION_FAMILY, federation.make_close_round_payload(scenario.schedule_id))
+    assert schedule.decode_record(state[layout.round_address(scenario.schedule_id)])["status"] == "timeout"
+    assert "has no round result yet" in refusal(None, owner, rewards.settle_payload(scenario.schedule_id), state=state)
+    fs.apply(state, owner, layout.REWARDS_FAMILY, rewards.refund_payload(wid))
+    assert escrows(state)[wid]["refunded"] == 2500 and escrows(state)[wid]["remaining"] == 0
+    assert balances(state)[owner.public_key().as_hex()] == 0 and conserved(state)
+
+
+def test_a_workflow_that_went_quiet_gives_the_escrow_back_once_its_rounds_are_round_timeout_past_due():
+    """A run that stopped early leaves its round ready (or scheduled) for ever: the refund waits
+    until block time is round_timeout (60 s here) past the last moment the round was due to move."""
+    scenario = RewardsRound()
+    owner, wid, sid = scenario.owner, scenario.workflow_id, scenario.schedule_id
+    ledger = DictLedger(with_rewards(scenario, "ready"), now=START, block=6)
+    record = schedule.decode_record(ledger.state[layout.round_address(sid)])
+    assert record["status"] == "ready"
+    due = record["round_start"] + record["round_timeout"]  # nothing assigned: its collecting window
+    ledger.advance(due + 59 - ledger.now)
+    assert "has not gone quiet" in _dict_invalid(ledger, owner, rewards.make_refund_transaction(owner, wid))
+    ledger.advance(1)
+    assert _dict_committed(ledger, owner, rewards.make_refund_transaction(owner, wid))
+    assert escrows(ledger.state)[wid]["refunded"] == 2500 and conserved(ledger.state)
+
+    # assigned, its tasks an hour past their deadlines: quiet, unless the coordinator moves a task on
+    late = with_rewards(scenario, "late")
+    assert _dict_committed(DictLedger(copy.deepcopy(late), now=START + 3600, block=8), owner,
+                           rewards.make_refund_transaction(owner, wid))
+    ledger = DictLedger(late, now=START + 3600, block=8)
+    coordinator = scenario.round.coordinator
+    _dict_committed(ledger, coordinator, schedule.make_reassign_transaction(coordinator, sid, "preprocess"))
+    moved = schedule.decode_record(ledger.state[layout.task_status_address(sid, "preprocess")])
+    ledger.advance(moved["deadline"] + 59 - ledger.now)
+    assert "has not gone quiet" in _dict_invalid(ledger, owner, rewards.make_refund_transaction(owner, wid))
+    ledger.advance(1)
+    assert _dict_committed(ledger, owner, rewards.make_refund_transaction(owner, wid))
+
+
+def test_a_workflow_with_no_round_opened_keeps_its_escrow():
+    scenario = RewardsRound()
+    state = with_rewards(scenario, "registered")
+    assert "no round of it was opened yet" in refusal(None, scenario.owner, rewards.refund_payload(scenario.workflow_id),
+                                                       state=state)
+
+
+def _dict_invalid(ledger: DictLedger, signer, txn) -> str:
+    [status] = ledger.submit_now(make_batch(signer, [txn]))
+    assert status["status"] == "INVALID", status
+    return status["invalid_transactions"][0]["message"]
+
+
+def _dict_committed(ledger: DictLedger, signer, txn) -> bool:
+    [status] = ledger.submit_now(make_batch(signer, [txn]))
+    assert status["status"] == "COMMITTED", status
+    return True
+
+
+def _audit_problems(state: dict, workflow_id: str, definition: dict) -> list[str]:
+    found = asyncio.run(rewards_audit.workflow_rewards(FederationReader(DictLedger(state)), workflow_id))
+    seen: list[str] = []
+    rewards_audit.payment_checks(lambda ok, why: ok or seen.append(why), found, definition, balances(state),
+                                 {w: e["remaining"] for w, e in escrows(state).items()})
+    return seen
+
+
+@pytest.mark.parametrize("block, paid", [({"score": "shapley", "permutations": 5}, {"compute": 300, "fee": 33}),
+                                         ({"score": "shapley", "permutations": 5, "data_share": 7000, "fee_share": 0},
+                                          {"compute": 300})])
+def test_a_round_whose_scores_are_all_at_most_0_pays_less_and_the_audit_agrees(block, paid):
+    scenario = RewardsRound(block)
+    sid, wid, owner = scenario.schedule_id, scenario.workflow_id, scenario.owner
+    state = final_with_scores(scenario, {0: 0.0, 1: -0.02, 2: -0.01})
+    fs.apply(state, FEE, layout.REWARDS_FAMILY, rewards.settle_payload(sid))
+    settlement = rewards.decode_record(state[layout.settlement_address(sid)])
+    amount = sum(paid.values())
+    assert settlement["amount"] == amount
+    pots = {pot: sum(p.get(pot, 0) for p in settlement["payouts"].values()) for pot in ("data", "compute", "fee")}
+    assert {k: v for k, v in pots.items() if v} == paid  # no data paid; the fee only on what was paid
+    assert escrows(state)[wid]["remaining"] == 2500 - amount
+    assert _audit_problems(state, wid, scenario.definition) == []  # a settlement below per_round, by the rule
+    fs.apply(state, owner, layout.REWARDS_FAMILY, rewards.refund_payload(wid))
+    assert escrows(state)[wid]["refunded"] == 2500 - amount and conserved(state)  # the data pot went home
+    assert _audit_problems(state, wid, scenario.definition) == []
+
+
+def test_the_audit_names_a_settlement_that_paid_another_amount_than_the_rule():
+    """The audit recomputes the amount from the round's records: a settlement written as if the
+    round paid per_round (the fee taking the unpaid data pot), its escrow and accounts consistent
+    with it so no sum gives it away, is named."""
+    scenario = RewardsRound({"score": "shapley", "permutations": 5})
+    sid, wid = scenario.schedule_id, scenario.workflow_id
+    state = final_with_scores(scenario, {0: -0.01, 1: -0.02, 2: 0.0})
+    fs.apply(state, FEE, layout.REWARDS_FAMILY, rewards.settle_payload(sid))
+    settlement = rewards.decode_record(state[layout.settlement_address(sid)])
+    extra = 1000 - settlement["amount"]
+    payouts = {**settlement["payouts"], scenario.fee: {"fee": settlement["payouts"][scenario.fee]["fee"] + extra}}
+    escrow = escrows(state)[wid]
+    fee_account = rewards.decode_record(state[layout.account_address(scenario.fee)])
+    state[layout.settlement_address(sid)] = cbor2.dumps({**settlement, "amount": 1000, "payouts": payouts}, canonical=True)
+    state[layout.escrow_address(wid)] = cbor2.dumps({**escrow, "paid": 1000, "remaining": 1500}, canonical=True)
+    state[layout.account_address(scenario.fee)] = cbor2.dumps(
+        {**fee_account, "balance": fee_account["balance"] + extra}, canonical=True)
+    assert conserved(state)
+    problems = _audit_problems(state, wid, scenario.definition)
+    assert any("paid 1000; the rule pays 333 of per_round 1000" in p for p in problems), problems
+    # the amount alone (payouts as the rule's): named too
+    state[layout.settlement_address(sid)] = cbor2.dumps({**settlement, "amount": 1000}, canonical=True)
+    assert any("paid 1000; the rule pays 333" in p for p in _audit_problems(state, wid, scenario.definition))
 
 
 def _final_without_escrow():
@@ -262,9 +410,41 @@ async def _invalid(client, signer, txn) -> str:
 
 
 
+async def _second_round_final(client, run_: dict) -> str:
+    """The workflow updated to two rounds, round 2 run to final by the same nodes; its schedule id."""
+    coordinator, wid, commit = run_["coordinator"], run_["wid"], run_["commit"]
+    reader = FederationReader(client)
+    stored = await reader.workflow(wid, expanded=False)
+    definition = copy.deepcopy(stored["definition"])
+    definition["federation"]["rounds"] = 2
+    await commit((coordinator, workflow.make_update_transaction(coordinator, definition, stored["version"])))
+    await commit((coordinator, federation.make_open_round_transaction(coordinator, wid, 2)))
+    sid = layout.schedule_id_for(wid, 2, coordinator.public_key().as_hex())
+    await commit(*[(p, federation.make_submit_transaction(p, sid, f"{i + 5:064x}", 10 + i))
+                   for i, p in enumerate(run_["participants"])])
+    await commit((coordinator, schedule.make_assign_transaction(coordinator, sid, wid)))
+    tasks = schedule.decode_record(await client.get_state(layout.assignments_address(sid)))["tasks"]
+    by_key = {n.public_key().as_hex(): n for n in run_["nodes"]}
+    start = await reader.starting_model(wid, 2)
+    for task_id in ["preprocess", *sorted(t for t in tasks if t.startswith("train:")), "aggregate"]:
+        node = by_key[tasks[task_id]["node"]]
+        await commit((node, schedule.make_report_transaction(
+            node, sid, task_id, "done", output_digest=hashlib.sha256(task_id.encode() + b"2").hexdigest(),
+            starting_model=start if task_id.startswith("train:") else None)))
+    aggregator, evaluator = by_key[tasks["aggregate"]["node"]], by_key[tasks["evaluate"]["node"]]
+    keys = sorted(p.public_key().as_hex() for p in run_["participants"])
+    await commit((aggregator, schedule.make_round_result_transaction(
+        aggregator, sid, hashlib.sha256(b"aggregate2").hexdigest(), keys, {k: 1 / 3 for k in keys},
+        {"accuracy": 0.9, "loss": 0.3})))
+    await commit((evaluator, schedule.make_report_transaction(evaluator, sid, "evaluate", "done",
+                                                              output_digest="35" * 32)))
+    return sid
+
+
 async def _break_every_rule(client) -> None:
     fee = PrivateKey.generate()
-    run_ = await _final_round(client, {**BLOCK, "fee_account": fee.public_key().as_hex()})
+    # per_round above half the total: the escrow pays one round, not two
+    run_ = await _final_round(client, {**BLOCK, "total": 1500, "fee_account": fee.public_key().as_hex()})
     owner, sid, wid, commit = run_["coordinator"], run_["sid"], run_["wid"], run_["commit"]
     stranger = PrivateKey.generate()
     outsider = stranger.public_key().as_hex()
@@ -286,12 +466,16 @@ async def _break_every_rule(client) -> None:
     # overspend: more than an account holds
     assert "cannot send 101" in await _invalid(client, fee, rewards.make_transfer_transaction(fee, outsider, 101))
     await commit((fee, rewards.make_transfer_transaction(fee, outsider, 100)))
+    # overspend: a second final round the escrow (500 left) cannot pay
+    second = await _second_round_final(client, run_)
+    assert "the budget (1500) is spent" in await _invalid(
+        client, stranger, rewards.make_settle_transaction(stranger, second, wid))
     await commit((owner, rewards.make_refund_transaction(owner, wid)))
     accounts, escrowed = await all_balances(FederationReader(client))
     assert sum(accounts.values()) + sum(escrowed.values()) == 0
     rejected, light, heavy = run_["weights"]
     assert rejected not in accounts  # weight 0: nothing
-    assert accounts[heavy] == 450 and accounts[light] == -1000 + 150  # data pot 600 by 0.75 / 0.25; light owns
+    assert accounts[heavy] == 450 and accounts[light] == -1500 + 150 + 500  # data 600 by 0.75 / 0.25; light owns
     assert accounts[outsider] == 100 and accounts[fee.public_key().as_hex()] == 0
     node_keys = [n.public_key().as_hex() for n in run_["nodes"]]
     assert sum(accounts.get(k, 0) for k in node_keys) == 300
@@ -328,3 +512,58 @@ def test_every_rule_breaks_through_the_dev_validator_and_a_replay_gives_the_same
         assert run(replay(), timeout=240) == roots_a
     finally:
         b.stop()
+
+
+# --------------------------------------------------------------------------- taking the escrow back by hand
+
+
+def test_trustmesh_rewards_refund_settles_what_is_owed_then_takes_back_the_rest():
+    from trustmesh import rewards_info
+    from trustmesh.cli import build_parser
+    from trustmesh.workflow_runs import RunError
+
+    args = build_parser().parse_args(["rewards", "wf", "--refund", "--key", "owner.priv"])
+    assert args.func is rewards_info.run_rewards and args.refund and args.key == "owner.priv"
+    owner, wid = SCENARIO.owner, SCENARIO.workflow_id
+    ledger = DictLedger(copy.deepcopy(SCENARIO.states["final"]), now=START, block=6)  # final, nobody settled it
+    assert asyncio.run(rewards_info.refund(ledger, owner, wid)) == \
+        "rewards: 1000 paid over 1 round(s), 1500 back to the owner"
+    assert asyncio.run(rewards_info.refund(ledger, owner, wid)).endswith("refunded already (1500 back to the owner)")
+    assert conserved(ledger.state)
+    other = RewardsRound()
+    stuck = DictLedger(with_rewards(other, "ready"), now=START, block=6)  # a run that stopped early
+    with pytest.raises(RunError, match="was not refunded: .* has not gone quiet"):
+        asyncio.run(rewards_info.refund(stuck, other.owner, wid))
+    with pytest.raises(RunError, match="was not refunded: only the owner"):
+        asyncio.run(rewards_info.refund(stuck, owner, wid))
+
+
+def test_a_run_that_stops_early_says_how_to_take_the_escrow_back(monkeypatch, tmp_path):
+    from contextlib import asynccontextmanager
+
+    from trustmesh import workflow_runs
+
+    definition = copy.deepcopy(SCENARIO.definition)
+
+    @asynccontextmanager
+    async def no_client(_url):
+        yield None
+
+    async def deployed(*_args, **_kwargs):
+        return "deployed, budget escrowed", {"version": 1}
+
+    async def stops(*_args, **_kwargs):
+        raise workflow_runs.RunError("workflow 'federated-digits' did not finish within 5 s (round 1/1); it goes on running")
+
+    monkeypatch.setattr(workflow_runs, "prepare", lambda *_args: definition)
+    monkeypatch.setattr(workflow_runs, "rest_client", no_client)
+    monkeypatch.setattr(workflow_runs, "deploy", deployed)
+    monkeypatch.setattr(workflow_runs, "follow", stops)
+    monkeypatch.setattr(workflow_runs, "user_key", lambda *_args: owner_key)
+    owner_key = SCENARIO.owner
+    with pytest.raises(workflow_runs.RunError) as stopped:
+        asyncio.run(workflow_runs.deploy_and_follow("wf.json", home=tmp_path, nodes_dir=tmp_path, validator_url="",
+                                                    rest_url="", timeout=5, out=open(tmp_path / "out", "w")))
+    message = str(stopped.value)
+    assert "\n" not in message and "it goes on running; its escrow stays on chain" in message
+    assert "`trustmesh rewards federated-digits --refund`" in message

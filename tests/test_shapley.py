@@ -40,8 +40,21 @@ def test_a_free_rider_scores_nothing_and_the_scores_add_up_to_the_rounds_gain(ro
     gain = accuracy(_fedavg(updates)) - accuracy(start)
     assert abs(sum(scores.values()) - gain) <= shapley.TRUNCATION + 1e-12  # efficiency, up to the truncation
     assert shapley.scores(updates, start, accuracy, seed=b"round", permutations=30) == scores  # the seed decides
-    paid = rewards_block.data_weights({"score": "shapley"}, {"contributions": {**scores, "node-0": -0.5}})
+    weights = {u.node: 0.25 for u in updates}
+    paid = rewards_block.data_weights({"score": "shapley"}, {"contributions": {**scores, "node-0": -0.5},
+                                                             "aggregation_weights": weights})
     assert paid["node-0"] == 0.0 and paid["node-2"] == scores["node-2"]  # a negative score is paid as 0
+
+
+def test_an_update_the_aggregation_gave_weight_0_earns_nothing_whatever_its_score():
+    """A robust strategy (or an update check) that set an update aside gave it weight 0; its
+    Shapley score (every screened update is scored) must not pay it."""
+    terms = {"per_round": 1000, "data_share": 10_000, "compute_share": 0, "fee_share": 0, "score": "shapley",
+             "permutations": 5}
+    result = {"contributions": {"kept": 0.1, "trimmed": 0.3, "negative": -0.2},
+              "aggregation_weights": {"kept": 0.5, "trimmed": 0.0, "negative": 0.5}}
+    assert rewards_block.data_weights(terms, result) == {"kept": 0.1, "trimmed": 0.0, "negative": 0.0}
+    assert rewards_block.split(terms, rewards_block.data_weights(terms, result), {}) == {"kept": {"data": 1000}}
 
 
 def _fedavg(updates):

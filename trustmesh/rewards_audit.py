@@ -1,8 +1,9 @@
 """The audit's payment re-check, and what `trustmesh rewards` / `trustmesh balance` read.
 
 Every settlement of a workflow is recomputed from the round's own records (its final result's
-aggregation weights, its task statuses) by the same rule the rewards processor applies
-(fl/rewards_block.split via scheduling/rewards.round_paid); the escrow's paid and remaining must
+aggregation weights or contribution scores, its task statuses) by the same rule the rewards
+processor applies (fl/rewards_block.split via scheduling/rewards.round_paid), payouts and amount
+alike (a round pays less than per_round when its data pot has nobody to pay); the escrow's paid and remaining must
 add up; and over the whole rewards namespace the sum of all balances plus every escrow's
 remaining must be 0 (no unit was created outside an escrow)."""
 
@@ -83,8 +84,9 @@ def payment_checks(check: Callable[[bool, str], Any], found: Mapping, definition
             continue
         check(settlement["payouts"] == row["expected"],
               where + f"paid {settlement['payouts']}; the rule pays {row['expected']}")
-        check(settlement["amount"] == rewards_block.total_of(settlement["payouts"]) == escrow["terms"]["per_round"],
-              where + f"paid {settlement['amount']}, not per_round {escrow['terms']['per_round']}")
+        owed = rewards_block.total_of(row["expected"] or {})  # per_round, less an unpaid data pot (split)
+        check(settlement["amount"] == rewards_block.total_of(settlement["payouts"]) == owed,
+              where + f"paid {settlement['amount']}; the rule pays {owed} of per_round {escrow['terms']['per_round']}")
         check(escrow["settled"].get(str(row["round"])) == row["schedule_id"],
               where + "the escrow does not record this settlement")
         paid += settlement["amount"]

@@ -1,5 +1,7 @@
-"""`trustmesh rewards WORKFLOW` (its escrow, and what each round paid to whom) and
-`trustmesh balance [KEY]` (one account, or every account and escrow), read from the chain."""
+"""`trustmesh rewards WORKFLOW` (its escrow, and what each round paid to whom), `trustmesh rewards
+WORKFLOW --refund` (the owner takes back what is left once the workflow ended or went quiet, e.g.
+after `trustmesh run` stopped early) and `trustmesh balance [KEY]` (one account, or every account
+and escrow), read from the chain."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import json
 import sys
 
 from trustmesh import endpoints as network
+from trustmesh.ledger.builders import make_batch
 from trustmesh.rewards_audit import all_balances, workflow_rewards
+from trustmesh.scheduling import rewards as rewards_family
 from trustmesh.scheduling.reader import FederationReader
 
 
@@ -21,6 +25,42 @@ async def _rewards(rest_url: str, workflow_id: str) -> dict:
 async def _balances(rest_url: str) -> tuple[dict, dict]:
     async with network.command_rest_client(rest_url) as rest:
         return await all_balances(FederationReader(rest))
+
+
+async def refund(rest, owner, workflow_id: str) -> str:
+    """Settle each final round nobody has settled yet (anyone may; the escrow pays what it still
+    can), then send the owner's refund. -> the line to show; RunError with the chain's reason
+    when it refuses (the workflow has not ended, or the key is not the owner's)."""
+    from trustmesh.workflow_runs import RunError
+
+    reader = FederationReader(rest)
+    escrow = await reader.escrow(workflow_id)
+    if escrow is None:
+        raise RunError(f"workflow {workflow_id!r} has no escrow on chain: nothing to take back "
+                       f"(`trustmesh workflow list` shows the workflows deployed)")
+    if escrow.get("refunded"):
+        return f"rewards: the escrow of {workflow_id} was refunded already ({escrow['refunded']} back to the owner)"
+
+    async def send(txn) -> dict:
+        [status] = await rest.wait_for_batches(await rest.submit_batches([make_batch(owner, [txn])]), 60,
+                                               raise_invalid=False)
+        return status
+
+    for _, sid in sorted((await reader.rounds(workflow_id))["rounds"].items(), key=lambda kv: int(kv[0])):
+        if ((await reader.round_result(sid)) or {}).get("final") and await reader.settlement(sid) is None:
+            await send(rewards_family.make_settle_transaction(owner, sid, workflow_id))  # refused once the budget is spent
+    status = await send(rewards_family.make_refund_transaction(owner, workflow_id))
+    if status["status"] != "COMMITTED":
+        reason = (status.get("invalid_transactions") or [{}])[0].get("message", status["status"])
+        raise RunError(f"the escrow of {workflow_id} was not refunded: {reason}")
+    escrow = await reader.escrow(workflow_id)
+    return (f"rewards: {escrow['paid']} paid over {len(escrow['settled'])} round(s), "
+            f"{escrow['refunded']} back to the owner")
+
+
+async def _refund(rest_url: str, key, workflow_id: str) -> str:
+    async with network.command_rest_client(rest_url) as rest:
+        return await refund(rest, key, workflow_id)
 
 
 def rewards_text(workflow_id: str, found: dict) -> str:
@@ -45,6 +85,12 @@ def rewards_text(workflow_id: str, found: dict) -> str:
 
 
 def run_rewards(args: argparse.Namespace) -> int:
+    if args.refund:
+        from trustmesh.workflow_runs import user_key
+
+        owner = user_key(network.home_dir(args.home), args.key)
+        print(asyncio.run(_refund(network.from_args(args).rest, owner, args.workflow_id)))
+        return 0
     found = asyncio.run(_rewards(network.from_args(args).rest, args.workflow_id))
     print(json.dumps(found, indent=2) if args.json else rewards_text(args.workflow_id, found))
     return 0
@@ -71,6 +117,11 @@ def register(subparsers) -> None:
     rewards = subparsers.add_parser("rewards", help="a workflow's escrow and what each round paid to whom")
     rewards.add_argument("workflow_id", metavar="WORKFLOW")
     rewards.add_argument("--json", action="store_true", help="machine-readable")
+    rewards.add_argument("--refund", action="store_true",
+                         help="the owner takes back what the escrow has left (settling any final round first), "
+                              "once the workflow ended or went quiet, e.g. after `trustmesh run` stopped early")
+    rewards.add_argument("--key", help="with --refund: the owner's private key file (default HOME/keys/user.priv, "
+                                       "the key `trustmesh run` deployed with)")
     network.add_endpoint_flags(rewards, ("rest",))
     rewards.set_defaults(func=run_rewards)
     balance = subparsers.add_parser("balance", help="an account's balance (KEY), or every account and escrow")
