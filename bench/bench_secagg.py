@@ -6,13 +6,14 @@
    aggregator's (rebuild every self-mask from revealed shares, sum and unmask), and plain FedAvg's
    weighted average of the same updates; and the largest difference between the securely
    aggregated model and FedAvg's, relative to the largest parameter.
-2. --network: the real thing, twice, one after the other: `trustmesh up` with 10 IoT nodes
-   training their own data (train_on "iot"), plain FedAvg, then the same with secure_aggregation
-   (threshold 4, neighbours 8): round wall time and framework overhead per round
-   (bench_round_overhead.py's measure), medians side by side and their ratio. 50 IoT nodes as
-   50 processes, each with torch, do not fit here; that awaits many nodes per process (issue 17).
+2. --network: the real thing, twice, one after the other: `trustmesh up` with 10 (or
+   --network-participants) IoT nodes training their own data (train_on "iot"), plain FedAvg,
+   then the same with secure_aggregation (threshold 4, neighbours 8): round wall time and
+   framework overhead per round (bench_round_overhead.py's measure), medians side by side and
+   their ratio. Above 16 IoT nodes `up` runs them in IoT host processes (one per core).
 
-Run: .venv/bin/python bench/bench_secagg.py [--participants 10,50] [--network [--rounds 4]]
+Run: .venv/bin/python bench/bench_secagg.py [--participants 10,50] [--network [--rounds 4]
+     [--network-participants 10,50]]
 """
 
 from __future__ import annotations
@@ -59,20 +60,15 @@ def one_round(n: int, spec: dict, seed: int) -> dict:
         masked[node] = secagg.to_bytes(secagg.masked_input(states[node], samples[node], me=node, secrets=mine,
                                                            pair_keys=keys))
         records[node]["self_commitment"] = secagg.commitment(mine.self_seed)
-        for kind, secret in (("b", mine.self_seed), ("s", mine.s_private)):
-            for holder, share in secagg.split_secret(secret, threshold, graph[node]).items():
-                key = secagg.agree(mine.c_private, c_pub[holder], schedule_id=sid, a=node, b=holder, purpose="share")
-                sealed[kind, node, holder] = secagg.seal_share(key, share, schedule_id=sid, sender=node, holder=holder)
+        sealed[node], _ = secagg.seal_shares(mine, node, c_pub, sid, threshold, graph[node])
     client = (time.perf_counter() - started) / n
 
     started = time.perf_counter()
     for holder in nodes:  # each holder opens and reveals (its part of the unmask step)
         revealed = {}
         for sender in graph[holder]:
-            key = secagg.agree(secrets[holder].c_private, c_pub[sender], schedule_id=sid, a=sender, b=holder,
-                               purpose="share")
-            revealed[sender] = secagg.open_share(key, sealed["b", sender, holder], schedule_id=sid, sender=sender,
-                                                 holder=holder).hex()
+            revealed[sender] = secagg.open_share(secrets[holder].c_private, c_pub[sender], sealed[sender][holder]["b"],
+                                                 schedule_id=sid, sender=sender, holder=holder, kind="b").hex()
         records[holder]["revealed"] = revealed
     reveal = (time.perf_counter() - started) / n
 
@@ -103,24 +99,27 @@ def in_process(participants: list[int]) -> None:
     print("target: quantization error <= 1e-4 relative")
 
 
-def network(rounds: int, compute_nodes: int) -> None:
+def network(rounds: int, compute_nodes: int, participants: int) -> None:
     import localnet
     from bench_round_overhead import measure
 
     definition = json.loads((ROOT / "workflows" / "federated-digits.json").read_text())
     definition["federation"].update(rounds=rounds, train_on="iot")
+    if participants != 10:
+        definition["federation"].update(participant_nodes=[f"iot-{i}" for i in range(1, participants + 1)],
+                                        expected_nodes=participants, min_nodes_required=participants - 3)
     secure = {**definition, "secure_aggregation": BLOCK}
     figures = {}
     for label, wanted in (("plain", definition), ("secagg+", secure)):
-        print(f"\n== {label}: 10 IoT nodes training their own data ==", flush=True)
+        print(f"\n== {label}: {participants} IoT nodes training their own data ==", flush=True)
         for _, home, path in localnet.networks(None, [localnet.DEFAULT_POLICY], wanted,
-                                               compute_nodes=compute_nodes, iot_nodes=10):
+                                               compute_nodes=compute_nodes, iot_nodes=participants):
             results = asyncio.run(measure(home, path, "overhead-bench"))
         steady = results[1:] or results
         figures[label] = ([r["wall"] for r in steady], [r["overhead"] for r in steady])
         print(f"  wall per round {localnet.spread(figures[label][0])}; overhead {localnet.spread(figures[label][1])}")
     walls = {label: statistics.median(values[0]) for label, values in figures.items()}
-    print(f"\nround wall time, secagg+ / plain: {walls['secagg+'] / walls['plain']:.2f}x "
+    print(f"\n{participants} participants: round wall time, secagg+ / plain: {walls['secagg+'] / walls['plain']:.2f}x "
           f"({walls['secagg+'] - walls['plain']:+.3f} s per round)")
 
 
@@ -130,11 +129,13 @@ def main(argv=None) -> int:
     parser.add_argument("--network", action="store_true", help="also measure through the real local network")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--compute-nodes", type=int, default=1)
+    parser.add_argument("--network-participants", default="10", help="IoT nodes of the --network runs, e.g. 10,50")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     in_process([int(n) for n in args.participants.split(",")])
     if args.network:
-        network(args.rounds, args.compute_nodes)
+        for participants in (int(n) for n in args.network_participants.split(",")):
+            network(args.rounds, args.compute_nodes, participants)
     return 0
 
 

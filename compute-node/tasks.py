@@ -505,17 +505,27 @@ async def _noise_seed(ctx, schedule_id: str) -> bytes:
 
 async def aggregate_inputs_known(ctx, schedule_id: str) -> bool | None:
     """Whether the round's aggregate can run: with server-side DP, once the noise seed is on chain;
-    with secure aggregation, once `threshold` shares of every participant's self-mask are (None:
-    never, the round ended as timeout)."""
-    definition = (await ctx.round_inputs(schedule_id))["definition"]
+    with secure aggregation, once `threshold` shares of every participant's secret are (None:
+    never, the round ended as timeout or fewer than `threshold` participants uploaded)."""
+    inputs = await ctx.round_inputs(schedule_id)
+    definition = inputs["definition"]
     block = definition.get("secure_aggregation")
     if block is not None:
+        from trustmesh.fl import secagg_block  # the unmask step's conditions, as the chain rules read them
+
         round_ = await ctx.reader.round(schedule_id)
         if round_["status"] == "timeout":
             return None  # its unmask step stalled and the round ended: never
+        trains = [t for t, task in inputs["assignments"]["tasks"].items() if task["kind"] == "local_train"]
+        statuses = [await ctx.dependency_status(schedule_id, t) or {} for t in trains]
+        settled = all(s.get("status") in ("done", "dropped") for s in statuses)
+        if settled and secagg_block.too_few_uploads(sum(s.get("status") == "done" for s in statuses),
+                                                    block["threshold"]):
+            return None  # no sum may be published: the round ends as timeout (secagg_rules.unmask_stalled)
         participants = round_["submitted_nodes"]
         records = {node: await ctx.reader.secagg(schedule_id, node) or {} for node in participants}
-        return min(secagg.shares_revealed(participants, records).values()) >= block["threshold"]
+        return not secagg_block.short_of_shares(participants, secagg_block.revealed_by_sender(records),
+                                                block["threshold"])
     if (definition.get("privacy") or {}).get("where") != "server":
         return True
     return await ctx.reader.noise_seed(schedule_id) is not None

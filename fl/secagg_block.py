@@ -7,13 +7,15 @@ and any t of them rebuild one. Only with train_on "iot" (the update is masked wh
 trained, so no node but its owner ever holds it in the clear), FedAvg's sample weights (the
 masked sum is sum n_i x_i), no update checks (they would need each update in the clear), and,
 with privacy, noise added by the clients. The workflow rules and the schema read the fields
-here; the schedule rules, the nodes and the audit read `neighbours`. Pure Python (hashlib).
+here; the schedule rules, the nodes, the aggregator and the audit read `neighbours` and the
+unmask step's conditions (`wrong_share`, `too_few_uploads`, `short_of_shares`), written once here.
+Pure Python (hashlib).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 from .strategies.base import Integer
 
@@ -54,6 +56,48 @@ def neighbours(schedule_id: str, nodes: Sequence[str], k: int) -> dict[str, list
     if k < 2 or k % 2:
         raise ValueError(f"neighbours must be an even number of at least 2 (or >= participants - 1); got {k}")
     return {node: sorted({ring[(i + d) % n] for d in range(-(k // 2), k // 2 + 1) if d}) for i, node in enumerate(ring)}
+
+
+def share_digest(share: bytes) -> str:
+    """What a participant publishes of each share it seals: its sha256."""
+    return hashlib.sha256(share).hexdigest()
+
+
+def wrong_share(share: bytes, published: str | None, *, sender: str, holder: str, what: str) -> str | None:
+    """Why the share `holder` reveals of `sender`'s `what` (self-mask, mask key) is refused, or None:
+    it must hash to the digest `sender` published for it."""
+    if published is not None and share_digest(share) == published:
+        return None
+    return (f"node {holder} revealed a share of {sender}'s {what} that is not the one {sender} gave it (its "
+            f"sha256 differs from the published digest); it must reveal the share {sender} sealed for it")
+
+
+def too_few_uploads(uploaded: int, threshold: int) -> str | None:
+    """Why a round cannot be unmasked at all, or None: fewer than `threshold` participants
+    uploaded, and a sum of so few would give away single updates (one upload is its own sum)."""
+    if uploaded >= threshold:
+        return None
+    return (f"secure aggregation: only {uploaded} participant(s) uploaded a masked update, fewer than the threshold "
+            f"{threshold}; a sum of so few would reveal single updates, so the round is not aggregated")
+
+
+def revealed_by_sender(records: Mapping[str, Mapping]) -> dict[str, dict[str, str]]:
+    """sender -> {holder: the share it revealed of sender's secret}, from the holders' on-chain
+    records (node -> record with "revealed": {sender: share})."""
+    revealed: dict[str, dict[str, str]] = {}
+    for holder in sorted(records):
+        for sender, share in ((records[holder] or {}).get("revealed") or {}).items():
+            revealed.setdefault(sender, {})[holder] = share
+    return revealed
+
+
+def short_of_shares(participants: Sequence[str], revealed: Mapping[str, Collection],
+                    threshold: int) -> list[tuple[int, str]]:
+    """(shares revealed, participant) for every participant whose secret cannot be rebuilt yet,
+    fewer than `threshold` of its shares revealed (revealed: sender -> its holders that revealed),
+    fewest first. Empty: the unmask step is complete."""
+    return sorted((len(revealed.get(node) or ()), node) for node in participants
+                  if len(revealed.get(node) or ()) < threshold)
 
 
 def schema() -> dict:

@@ -128,8 +128,8 @@ class Participant:
             return  # not a participant, its own upload not in yet, or revealed already
         assignments = await self.reader.assignments(sid)
         uploads = await self._settled_uploads(sid, assignments)
-        if uploads is None:
-            return
+        if uploads is None or uploads.get(self.node) != "done":
+            return  # uploads not all settled yet, or its own was dropped: the chain takes no reveal from it
         uploaded = {owner for owner, status in uploads.items() if status == "done"}
         txn = await self.secure.unmask_transaction(sid, definition["workflow_id"], definition["secure_aggregation"],
                                                    uploaded)

@@ -7,8 +7,10 @@ scheduling/secagg_rules.py):
                participant that drops out later is recovered from them
     local_train  its update leaves it only masked (mask): the masked vector is the blob it stores
                and reports
-    unmask     once every local_train of the round is done, it opens the shares its neighbours
-               sealed for it and reveals their self-mask shares (unmask_transaction)
+    unmask     once every local_train of the round is settled (done, or dropped), and only if its
+               own upload is in, it opens the shares its neighbours sealed for it and reveals, for
+               each, its share of the self-mask (it uploaded) or of the mask key (it was dropped)
+               (unmask_transaction)
 
 Every secret of a round (the key pairs, the self-mask seed) is derived from the node's key and
 the round id, so a restarted node picks up where it was without storing any of them.
@@ -65,17 +67,11 @@ class SecureAggregation:
         _, graph = await self._graph(schedule_id, block)
         mine, theirs = self.secrets(schedule_id), graph[self.node]
         records = await self._records(schedule_id, theirs)
-        sealed: dict[str, dict[str, str]] = {n: {} for n in theirs}
-        digests: dict[str, dict[str, str]] = {n: {} for n in theirs}
-        for kind, secret in (("b", mine.self_seed), ("s", mine.s_private)):
-            for holder, share in secagg.split_secret(secret, block["threshold"], theirs).items():
-                key = secagg.agree(mine.c_private, records[holder]["c_pk"], schedule_id=schedule_id, a=self.node,
-                                   b=holder, purpose="share")
-                sealed[holder][kind] = secagg.seal_share(key, share, schedule_id=schedule_id, sender=self.node,
-                                                         holder=holder).hex()
-                digests[holder][kind] = secagg.share_digest(share)
-        return schedule.make_secagg_shares_transaction(self.signer, schedule_id, workflow_id,
-                                                       secagg.commitment(mine.self_seed), sealed, digests)
+        sealed, digests = secagg.seal_shares(mine, self.node, {n: r["c_pk"] for n, r in records.items()}, schedule_id,
+                                             block["threshold"], theirs)
+        return schedule.make_secagg_shares_transaction(
+            self.signer, schedule_id, workflow_id, secagg.commitment(mine.self_seed),
+            {holder: {kind: blob.hex() for kind, blob in pair.items()} for holder, pair in sealed.items()}, digests)
 
     async def unmask_transaction(self, schedule_id: str, workflow_id: str, block: Mapping, uploaded: set[str]):
         """Reveal, for every neighbour, the share it sealed for this node: of its self-mask if it
@@ -85,11 +81,11 @@ class SecureAggregation:
         records = await self._records(schedule_id, theirs)
         revealed = {}
         for sender, record in records.items():
-            key = secagg.agree(mine.c_private, record["c_pk"], schedule_id=schedule_id, a=sender, b=self.node,
-                               purpose="share")
             if "sealed" not in record:
                 continue  # dropped before it sent any shares: nobody holds a share of it
-            sealed = bytes.fromhex(record["sealed"][self.node]["b" if sender in uploaded else "s"])
-            revealed[sender] = secagg.open_share(key, sealed, schedule_id=schedule_id, sender=sender,
-                                                 holder=self.node).hex()
+            kind = "b" if sender in uploaded else "s"
+            revealed[sender] = secagg.open_share(mine.c_private, record["c_pk"],
+                                                 bytes.fromhex(record["sealed"][self.node][kind]),
+                                                 schedule_id=schedule_id, sender=sender, holder=self.node,
+                                                 kind=kind).hex()
         return schedule.make_secagg_unmask_transaction(self.signer, schedule_id, workflow_id, revealed)

@@ -13,7 +13,8 @@ the workflow block). Each participant writes only its own record,
                                                         neighbours, their sha256, and sha256(b)
     secagg_unmask  {schedule_id, shares: {sender: share}}
                                                         once every local_train of the round is
-                                                        settled (every masked upload fixed): for
+                                                        settled (every masked upload fixed), from
+                                                        a signer whose own upload is in: for
                                                         each neighbour, the share it sealed for the
                                                         signer, of b if it uploaded, of its mask
                                                         key s_sk if its local_train was dropped;
@@ -21,13 +22,16 @@ the workflow block). Each participant writes only its own record,
                                                         published; a wrong one is refused, naming
                                                         the signer
 
+A round where fewer than `threshold` participants uploaded, or whose unmask step stays short of
+`threshold` shares for some participant, ends as timeout (unmask_stalled). The conditions
+themselves (a wrong share, too few uploads, too few shares) are fl/secagg_block.py's.
+
 Reads: the round record (who submitted), the workflow (the block), task statuses, the records of
 the round's participants (the secagg prefix). Pure apart from the reads and writes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Mapping
 
@@ -38,7 +42,7 @@ from . import definition, layout
 from .common import HEX64, read_record, read_records, require, require_match, shown, write_records
 
 X25519_HEX = HEX64  # a raw X25519 public key: 32 bytes
-SEALED = re.compile(r"\A[0-9a-f]{98}\Z")   # AES-GCM of a 33-byte share: 49 bytes
+SEALED = re.compile(r"\A[0-9a-f]{98}\Z")   # AES-GCM-SIV of a 33-byte share: 49 bytes
 SHARE = re.compile(r"\A[0-9a-f]{66}\Z")    # holder index + two 16-byte halves
 KINDS = ("b", "s")
 
@@ -105,16 +109,24 @@ async def unmask(body: Mapping, signer: str, context, schedule_id: str, uploads:
     record, block = await secure_round(context, schedule_id)
     if signer not in record["submitted_nodes"]:
         raise InvalidTransaction(f"node {signer} did not submit to round {schedule_id!r}")
-    if any(status not in ("done", "dropped") for status in uploads.values()):
-        raise InvalidTransaction(f"shares are revealed once every masked upload of round {schedule_id!r} is "
-                                 f"fixed (every local_train done); not yet")
+    pending = sum(status not in ("done", "dropped") for status in uploads.values())
+    if pending:
+        raise InvalidTransaction(f"shares are revealed once every local_train of round {schedule_id!r} is settled: "
+                                 f"done, or dropped by the coordinator past its deadline (a dropped upload counts "
+                                 f"as settled); {pending} are not yet, reveal after them")
+    if uploads.get(signer) != "done":
+        raise InvalidTransaction(f"node {signer}'s own upload in round {schedule_id!r} was dropped: only participants "
+                                 f"whose masked update is in the sum reveal shares")
     revealed = require(body, "shares", dict)
     graph = secagg_block.neighbours(schedule_id, record["submitted_nodes"], block["neighbours"])
     address = layout.secagg_address(schedule_id, signer)
     own = await read_record(context, address)
-    if own is None or "revealed" in own:
-        raise InvalidTransaction(f"node {signer} has no record to reveal into in round {schedule_id!r}, or "
-                                 f"revealed its shares already")
+    if own is None:
+        raise InvalidTransaction(f"node {signer} advertised no keys in round {schedule_id!r}, so it holds no shares "
+                                 f"to reveal")
+    if "revealed" in own:
+        raise InvalidTransaction(f"node {signer} already revealed its shares in round {schedule_id!r}; each "
+                                 f"participant reveals once")
     senders = {layout.secagg_address(schedule_id, s): s for s in revealed if s in graph.get(signer, ())}
     if len(senders) != len(revealed):
         raise InvalidTransaction(f"payload field 'shares' names nodes that are not {signer}'s neighbours in "
@@ -126,16 +138,18 @@ async def unmask(body: Mapping, signer: str, context, schedule_id: str, uploads:
         published = ((found.get(sender_address) or {}).get("digests") or {}).get(signer, {}).get(kind)
         if not isinstance(share, str) or not SHARE.match(share):
             raise InvalidTransaction(f"the share of {sender}'s secret must be 66 lowercase hex; got {shown(share)}")
-        if published is None or hashlib.sha256(bytes.fromhex(share)).hexdigest() != published:
-            raise InvalidTransaction(f"node {signer} revealed a share of {sender}'s {what} that is not the one "
-                                     f"{sender} gave it (its sha256 differs from the published digest)")
+        wrong = secagg_block.wrong_share(bytes.fromhex(share), published, sender=sender, holder=signer, what=what)
+        if wrong:
+            raise InvalidTransaction(wrong)
     await write_records(context, {address: {**own, "revealed": dict(revealed)}})
 
 
 async def unmask_stalled(context, record: Mapping, now: int) -> str:
     """Why a ready, securely aggregated round may end as timeout (trustmesh-federation close_round):
-    every upload is in, round_timeout seconds passed since the last one, and some participant's
-    self-mask still has fewer than `threshold` shares revealed. Else InvalidTransaction saying why not."""
+    every upload is settled and either fewer than `threshold` participants uploaded (at once: no
+    sum may be published), or round_timeout seconds passed since the last one and some
+    participant's secret still has fewer than `threshold` shares revealed. Else
+    InvalidTransaction saying why not."""
     schedule_id = record["schedule_id"]
     _, block = await secure_round(context, schedule_id)
     assignments = await read_record(context, layout.assignments_address(schedule_id))
@@ -149,6 +163,9 @@ async def unmask_stalled(context, record: Mapping, now: int) -> str:
         raise InvalidTransaction(f"round {schedule_id!r} still waits for uploads, not for its unmask step")
     if any(task["kind"] == "aggregate" and (statuses.get(t) or {}).get("status") == "done" for t, task in tasks.items()):
         raise InvalidTransaction(f"round {schedule_id!r} was aggregated; it did not stall")
+    too_few = secagg_block.too_few_uploads(sum(statuses[t]["status"] == "done" for t in trains), block["threshold"])
+    if too_few:
+        return too_few
     last = max((entry["at"] for t in trains for entry in statuses[t].get("history", [])
                 if entry["status"] in ("done", "dropped")), default=record["round_start"])
     deadline = last + record["round_timeout"]
@@ -157,11 +174,7 @@ async def unmask_stalled(context, record: Mapping, now: int) -> str:
                                  f"{record['round_timeout']} s after its last upload); close it after that")
     participants = record["submitted_nodes"]
     found = await read_records(context, [layout.secagg_address(schedule_id, n) for n in participants])
-    counts = {n: 0 for n in participants}
-    for holder_record in found.values():
-        for sender in holder_record.get("revealed") or {}:
-            counts[sender] = counts.get(sender, 0) + 1
-    short = sorted((c, n) for n, c in counts.items() if c < block["threshold"])
+    short = secagg_block.short_of_shares(participants, secagg_block.revealed_by_sender({r["node"]: r for r in found.values()}), block["threshold"])
     if not short:
         raise InvalidTransaction(f"every participant of round {schedule_id!r} has {block['threshold']} shares "
                                  f"revealed; its aggregate goes ahead")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 
 from helpers.family_scenario import _WORKFLOWS
 from helpers.servers import stores  # noqa: F401  (re-exported: modules that import the fixture from here)
@@ -148,11 +149,35 @@ def federate(devnet, stores, tmp_path, workflow_id: str, *, rounds: int = 2, att
     return attacker, results, loads, extra
 
 
-async def scan_stores(client, canary, couch_url, redis_url) -> None:
-    """Every value in chain state, Redis and CouchDB (documents and attachments): canary.found_in
-    must find nothing in any."""
+def encodings(raw: bytes) -> list[bytes]:
+    """The forms bytes take in a store: themselves, hex (either case), base64 at each of its three
+    phases in a longer buffer."""
+    found = [raw, raw.hex().encode(), raw.hex().upper().encode()]
+    for shift in range(3):
+        found.append(base64.b64encode(b"\0" * shift + raw)[4:-4])
+    return found
+
+
+async def scan_stores(client, canary, couch_url, redis_url) -> dict[str, set[str]]:
+    """Every value in chain state, every transaction payload in the blocks, Redis and CouchDB
+    (documents and attachments): canary.found_in must find nothing in any. A canary with
+    `controls_in(blob)` (the names of the expected needles a blob holds) gets back where each was
+    found: store ("chain state", "blocks", "redis", "couchdb") -> names, the scan's positive control."""
+    controls: dict[str, set[str]] = {store: set() for store in ("chain state", "blocks", "redis", "couchdb")}
+    seen = getattr(canary, "controls_in", lambda blob: set())
+
+    def check(store: str, value, where: str) -> None:
+        assert not canary.found_in(value), f"raw data in {where}"
+        controls[store] |= seen(value)
+
     async for address, value in client.list_state():
-        assert not canary.found_in(value), f"raw data in chain state at {address}"
+        check("chain state", value, f"chain state at {address}")
+    async for block in client.list_blocks():
+        for batch in block["batches"]:
+            for txn in batch["transactions"]:
+                where = f"the payload of transaction {txn['header_signature'][:16]} (block {block['header']['block_num']})"
+                check("blocks", txn["payload"], where)  # as the REST API serves it, base64
+                check("blocks", base64.b64decode(txn["payload"]), where)
     redis = await connect(redis_url)
     try:
         async for key in redis.scan_iter(count=500):
@@ -168,14 +193,15 @@ async def scan_stores(client, canary, couch_url, redis_url) -> None:
             else:
                 values = [m for m in await redis.zrange(key, 0, -1)] if kind == "zset" else []
             for value in values:
-                assert not canary.found_in(value), f"raw data in Redis key {key!r}"
+                check("redis", value, f"Redis key {key!r}")
     finally:
         await redis.aclose()
     async with CouchClient(couch_url) as couch:
         _, databases = await couch._request("GET", "/_all_dbs", retry=True)
         for db in databases:
             for doc in await couch.all_docs(db):
-                assert not canary.found_in(repr(doc).encode()), f"raw data in CouchDB {db}/{doc.get('_id')}"
+                check("couchdb", repr(doc).encode(), f"CouchDB {db}/{doc.get('_id')}")
                 for name in (doc.get("_attachments") or {}):
                     data = await couch.get_attachment(db, doc["_id"], name)
-                    assert not canary.found_in(data), f"raw data in CouchDB attachment {doc['_id']}/{name}"
+                    check("couchdb", data, f"CouchDB attachment {doc['_id']}/{name}")
+    return controls
