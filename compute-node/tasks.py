@@ -404,9 +404,11 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     if block is not None:
         seed = await _noise_seed(ctx, sid) if block["where"] == "server" else None
         started = time.perf_counter()
+        earlier = await dp_round.earlier_multipliers(ctx.reader, assignments["workflow_id"], assignments["round"])
         state, weights, private = dp_round.aggregate(
             block, start_state, updates, workflow_id=assignments["workflow_id"], round_number=assignments["round"],
-            seed=seed, norm=dp_round.clipping_norm(block, start.next_clipping_norm))
+            seed=seed, norm=dp_round.clipping_norm(block, start.next_clipping_norm),
+            planned=definition["federation"]["min_nodes_required"], earlier=earlier)
         kept_state = None
     else:
         started = time.perf_counter()
@@ -479,8 +481,10 @@ async def _secure_aggregate(ctx, assignments, task, definition) -> TaskOutcome:
                for name in ("loss", "accuracy")}
     private = None
     if definition.get("privacy"):
-        private = dp_round.privacy_record(definition["privacy"], assignments["round"],
-                                          float(definition["privacy"]["clipping_norm"]))
+        private = dp_round.privacy_record(
+            definition["privacy"], assignments["round"], float(definition["privacy"]["clipping_norm"]),
+            averaged=len(owners), planned=definition["federation"]["min_nodes_required"],
+            earlier=await dp_round.earlier_multipliers(ctx.reader, assignments["workflow_id"], assignments["round"]))
     result = {"participants": sorted(weights), "aggregation_weights": weights, "rejected": {},
               "metrics": dict(metrics), "server_state_digest": None, "privacy": private,
               "submitted": await _submitted(ctx, assignments["schedule_id"])}

@@ -6,24 +6,40 @@ where "server"  the aggregator clips each update's delta from the round's starti
                 drawn from the round's noise seed (committed by the coordinator when it opened
                 the round, revealed once every update was fixed), and applies it to the start.
                 Anyone holding the revealed seed, the starting model and the updates recomputes
-                the global model bit for bit; the noise protects the model given to those who
-                do not hold the updates (outside the consortium).
+                the global model bit for bit.
 where "client"  each participant's trainer clips its own delta and adds noise of std
                 z*C/sqrt(min_nodes_required) before the update leaves it (client_update), from
                 a seed of its own that is never stored: revealing it would undo the noise for
                 whoever aggregates. The aggregator takes the unweighted mean of what it gets.
+
+Threat model. The (epsilon, delta) guarantee is about what the noisy global models reveal of
+one participant's data, and it holds only for someone who does not know the noise:
+  - where "server": the seed is on chain once the round is over (that is what lets the audit
+    recompute the model bit for bit), so whoever reads the chain and the global model can
+    subtract the noise and get the exact mean of the clipped updates (tests/test_dp_round.py
+    shows it). The guarantee covers those who get the models without the chain: models
+    exported outside the consortium. The aggregator also sees every update in the clear.
+  - against members who read the chain, or an aggregator not to be trusted, use where
+    "client": each participant's noise comes from its own seed that nobody else ever learns;
+    with secure_aggregation the aggregator sees only the noisy sum, not any update.
+Either way the round result keeps per-participant values outside the guarantee on chain: each
+local_train report's local loss, accuracy and sample count (the result publishes no clipped
+count: under adaptive clipping only the next norm, computed from the noisy count, is recorded).
 
 Adaptive clipping (server only): round r clips at the norm the round its starting model came
 from chose (`next_clipping_norm` in that round result's `privacy`; the block's clipping_norm for
 the first), and records the next one from the noisy count of unclipped updates.
 
 The round result's weights are 1/n for each update used (the mean is unweighted) and its
-`privacy` record says what was spent and used (scheduling/schedule/spec.py PRIVACY_FIELDS).
+`privacy` record says what was spent and used (scheduling/schedule/spec.py PRIVACY_FIELDS): the
+round's noise multiplier (fewer noised updates than planned under where "client" lower it,
+privacy_block.round_noise_multiplier) and the epsilon of every round so far composed at the
+multipliers their results recorded (earlier_multipliers reads them from the chain).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from . import privacy, privacy_block
 from .strategies.base import ClientUpdate
@@ -49,18 +65,38 @@ def client_update(block: Mapping, start_state: Mapping, local_state: Mapping, cl
     return state
 
 
-def privacy_record(block: Mapping, round_number: int, norm: float) -> dict:
-    """What every DP round result records: epsilon spent once it is released, and what it used."""
-    return {"epsilon": privacy_block.epsilon_after(block, round_number), "delta": block["delta"],
-            "noise_multiplier": block["noise_multiplier"], "clipping_norm": norm}
+def privacy_record(block: Mapping, round_number: int, norm: float, *, averaged: int, planned: int,
+                   earlier: Mapping[int, float] | None = None) -> dict:
+    """What every DP round result records: the round's noise multiplier (averaged of `planned`
+    noised updates), the epsilon of rounds 1..round_number composed (`earlier`: round -> the
+    multiplier an earlier round recorded), delta and the clipping norm used."""
+    z = privacy_block.round_noise_multiplier(block, averaged, planned)
+    spent = privacy_block.epsilon_after(block, round_number, {**(earlier or {}), round_number: z})
+    return {"epsilon": spent, "delta": block["delta"], "noise_multiplier": z, "clipping_norm": norm}
+
+
+async def earlier_multipliers(reader: Any, workflow_id: str, round_number: int) -> dict[int, float]:
+    """round -> the noise multiplier its result recorded, for the rounds before `round_number`
+    that have one (a round that timed out counts at the planned multiplier). `reader`: a
+    scheduling.reader.FederationReader (rounds, round_result)."""
+    index = await reader.rounds(workflow_id)
+    recorded = {}
+    for number in range(1, round_number):
+        sid = index["rounds"].get(str(number))
+        value = privacy_block.recorded_multiplier(await reader.round_result(sid) if sid else None)
+        if value is not None:
+            recorded[number] = value
+    return recorded
 
 
 def aggregate(block: Mapping, start_state: Mapping, updates: Sequence[ClientUpdate], *, workflow_id: str,
-              round_number: int, seed: bytes | None, norm: float):
-    """(global state, weights node -> 1/n, privacy record) for the round's updates."""
+              round_number: int, seed: bytes | None, norm: float, planned: int,
+              earlier: Mapping[int, float] | None = None):
+    """(global state, weights node -> 1/n, privacy record) for the round's updates; `planned`:
+    min_nodes_required, `earlier`: the multipliers earlier rounds recorded (privacy_record)."""
     nodes = sorted(u.node for u in updates)
     weights = {node: 1.0 / len(nodes) for node in nodes}
-    record = privacy_record(block, round_number, norm)
+    record = privacy_record(block, round_number, norm, averaged=len(nodes), planned=planned, earlier=earlier)
     states = {u.node: u.state for u in updates}
     if block["where"] == "client":
         return privacy.uniform_mean(states), weights, record
@@ -72,10 +108,11 @@ def aggregate(block: Mapping, start_state: Mapping, updates: Sequence[ClientUpda
         z = privacy.adaptive_noise_multiplier(z, block["count_noise_std"])
     result = privacy.dp_fedavg(start_state, states, clipping_norm=norm, noise_multiplier=z, seed=seed,
                                label=noise_label(workflow_id, round_number, "server"))
-    record.update(noise_std=result.noise_std, clipped=sum(1 for n in result.norms.values() if n > norm))
+    record["noise_std"] = result.noise_std  # no clipped count: only its noisy version is covered by epsilon
     if adaptive:
         fraction = privacy.unclipped_fraction(result.norms, norm, block["count_noise_std"], seed,
                                               label=noise_label(workflow_id, round_number, "clip-count"))
         record["next_clipping_norm"] = privacy.next_clipping_norm(
             norm, fraction, target_quantile=block["target_quantile"], learning_rate=block["clipping_learning_rate"])
     return result.state, weights, record
+

@@ -15,10 +15,19 @@ clipped updates (client-level DP). Who takes part in a round is not drawn at ran
 amplification by sampling is claimed (sample rate 1). Every opened round counts, also one that
 timed out without a model: epsilon after round r is epsilon(z, 1, r, delta), and a round whose
 epsilon would pass the budget is not opened (the federation rules refuse it).
+Where "client", each participant adds noise for min_nodes_required senders; a round that
+averaged only k < m = min_nodes_required noised updates (one rejected as non-finite, an upload
+dropped by secure aggregation) had noise multiplier z * sqrt(k / m) (round_noise_multiplier).
+Its result records that multiplier and the epsilon of all rounds so far composed
+(epsilon_after with the recorded multipliers), and the coordinator opens the next round only
+if that composition plus one planned round stays within the budget (next_round_fits); it then
+ends the workflow as "budget exhausted" (budget_exhausted). Budget comparisons are
+privacy.within_budget's.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 from . import privacy
@@ -57,6 +66,11 @@ def problem(privacy_block: Mapping, definition: Mapping) -> str | None:
     if not isinstance(federation, Mapping):
         return "privacy protects each participant of a federation; a definition without federation has none"
     z = privacy_block["noise_multiplier"]
+    if privacy_block["where"] == "client" and definition.get("update_checks"):
+        return ("update_checks cannot go with where: client: each participant's noise is sized for "
+                "min_nodes_required noised updates, and every update a check rejects leaves less noise in the "
+                "mean than the recorded epsilon assumes; drop update_checks or use where: server (the aggregator "
+                "then adds the noise after the checks, for the updates kept)")
     if privacy_block["clipping"] == "adaptive":
         if privacy_block["where"] != "server":
             return ("clipping adaptive needs where: server (the clipped count it learns from is "
@@ -85,14 +99,63 @@ def planned_rounds(definition: Mapping) -> int:
     return rounds if block is None else allowed_rounds(block, rounds)
 
 
-def budget_exhausted(definition: Mapping) -> bool:
-    """Whether the privacy budget, not federation.rounds, ends the workflow."""
-    return "privacy" in definition and planned_rounds(definition) < definition["federation"]["rounds"]
+def round_noise_multiplier(privacy_block: Mapping, averaged: int, planned: int) -> float:
+    """The noise multiplier a round had: the block's z, or z * sqrt(averaged / planned) where
+    each of `planned` (min_nodes_required) participants noised its own update and only
+    `averaged` of them were averaged (the noises' sum then has std z * C * sqrt(k / m))."""
+    z = float(privacy_block["noise_multiplier"])
+    if privacy_block["where"] != "client" or averaged >= planned:
+        return z
+    return z * math.sqrt(averaged / planned)
 
 
-def epsilon_after(privacy_block: Mapping, round_number: int) -> float:
-    """The epsilon (at the block's delta) spent once round `round_number` is released."""
-    return privacy.epsilon(privacy_block["noise_multiplier"], SAMPLE_RATE, round_number, privacy_block["delta"])
+def recorded_multiplier(result: Mapping | None) -> float | None:
+    """The noise multiplier a round result's privacy record says the round had, or None."""
+    record = (result or {}).get("privacy")
+    value = record.get("noise_multiplier") if isinstance(record, Mapping) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
+def multipliers(privacy_block: Mapping, round_number: int, recorded: Mapping[int, float] | None = None) -> list[float]:
+    """The noise multiplier of each round 1..round_number: the one its result recorded
+    (`recorded`: round -> multiplier), the planned z for rounds without one."""
+    recorded = recorded or {}
+    z = float(privacy_block["noise_multiplier"])
+    return [float(recorded.get(number, z)) for number in range(1, round_number + 1)]
+
+
+def epsilon_after(privacy_block: Mapping, round_number: int, recorded: Mapping[int, float] | None = None) -> float:
+    """The epsilon (at the block's delta) spent once round `round_number` is released, its
+    rounds composed at their recorded multipliers (the planned z where none is recorded)."""
+    if not recorded:
+        return privacy.epsilon(privacy_block["noise_multiplier"], SAMPLE_RATE, round_number, privacy_block["delta"])
+    return privacy.epsilon_of_rounds(multipliers(privacy_block, round_number, recorded), SAMPLE_RATE,
+                                     privacy_block["delta"])
+
+
+def next_round_fits(privacy_block: Mapping, number: int, recorded: Mapping[int, float] | None = None) -> bool:
+    """Whether round `number` may open: the recorded rounds before it plus it, planned, stay
+    within epsilon_budget (privacy.within_budget)."""
+    return privacy.within_budget(epsilon_after(privacy_block, number, recorded), privacy_block["epsilon_budget"])
+
+
+def budget_exhausted(definition: Mapping, opened: int | None = None,
+                     recorded: Mapping[int, float] | None = None) -> bool:
+    """Whether the privacy budget, not federation.rounds, ends the workflow once `opened`
+    rounds (default: the planned ones) were opened: a next round within federation.rounds
+    would pass the budget, given the multipliers the rounds recorded."""
+    block = definition.get("privacy")
+    if block is None:
+        return False
+    opened = planned_rounds(definition) if opened is None else opened
+    return opened < definition["federation"]["rounds"] and not next_round_fits(block, opened + 1, recorded)
+
+
+def rounds_to_run(definition: Mapping, opened: int, recorded: Mapping[int, float] | None = None) -> int:
+    """The rounds the workflow runs, seen after `opened` rounds: planned_rounds, or `opened`
+    when the recorded rounds leave no budget for the next one."""
+    planned = planned_rounds(definition)
+    return opened if opened < planned and budget_exhausted(definition, opened, recorded) else planned
 
 
 def schema() -> dict:

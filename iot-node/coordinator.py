@@ -15,6 +15,8 @@ import time
 from trustmesh.fl import privacy
 from trustmesh.scheduling import federation, layout, rewards, schedule
 
+from .steps import rounds_to_run
+
 
 LOGGER = logging.getLogger("trustmesh.iot_node.node")  # one log for the node, whichever part speaks
 REASSIGN_RETRY = 10.0  # seconds before a refused reassign (no live node to take it) is tried again
@@ -31,7 +33,11 @@ class Coordinator:
             return
         index = index or await self.reader.rounds(workflow_id)
         models = self.models.get(workflow_id, {})
-        for number in range(1, fed["rounds"] + 1):
+        rounds = fed["rounds"]
+        definition = self._definitions.get(workflow_id)
+        if definition and definition.get("privacy"):  # the recorded epsilon may end it sooner
+            rounds = min(rounds, await rounds_to_run(self.reader, workflow_id, definition, index))
+        for number in range(1, rounds + 1):
             if number in models:
                 continue
             sid = index["rounds"].get(str(number))
@@ -129,6 +135,14 @@ class Coordinator:
         record = record or await self.reader.round(index["rounds"][str(latest)])
         if record is None or record["status"] not in ("ready", "timeout"):
             return
+        definition = self._definitions.get(workflow_id) or {}
+        if definition.get("privacy"):
+            if definition["privacy"]["where"] == "client" and not await self._round_over(record, model_only=True):
+                return  # no overlap: the latest round's recorded epsilon (it may have averaged fewer noised updates) first
+            if latest >= await rounds_to_run(self.reader, workflow_id, definition, index):
+                LOGGER.info("%s: workflow %s stops after round %d: one more round would pass its privacy budget "
+                            "(budget exhausted)", self.name, workflow_id, latest)
+                return
         if latest > 1:
             previous = await self.reader.round(index["rounds"][str(latest - 1)])
             if previous is None or not await self._round_over(previous, model_only=True):

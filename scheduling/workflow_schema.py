@@ -131,6 +131,10 @@ def _schema_message(error) -> str:
     if error.validator == "pattern" and error.validator_value == IDENTIFIER_PATTERN:
         return (f"{shown(error.instance)} is not an identifier (1-64 of A-Z a-z 0-9 . _ -, starting "
                 f"with a letter or digit)")
+    if error.validator == "not" and list(error.schema_path)[:2] == ["properties", "privacy"]:
+        extra = [name for name in privacy_block.ADAPTIVE if name in (error.instance or {})]
+        return (f"holds {', '.join(extra)}, which only clipping \"adaptive\" uses; drop "
+                f"{'it' if len(extra) == 1 else 'them'} or set clipping to \"adaptive\"")
     if error.validator == "not":
         return "holds an aggregate task, which needs a federation (add one or drop the task)"
     if error.validator == "anyOf" and error.validator_value == [{"$ref": "#/$defs/public_key"},

@@ -270,9 +270,36 @@ def test_rounds_within_is_the_last_round_inside_the_budget(z, q):
     for rounds in (1, 7, 12):
         budget = privacy.epsilon(z, q, rounds, DELTA)
         assert privacy.rounds_within(budget, z, q, DELTA) == rounds
-        assert privacy.rounds_within(math.nextafter(budget, 0), z, q, DELTA) == rounds - 1
+        unit = 10.0 ** -privacy.EPSILON_DECIMALS  # budgets count to EPSILON_DECIMALS decimals
+        assert privacy.rounds_within(round(budget, privacy.EPSILON_DECIMALS) - unit, z, q, DELTA) == rounds - 1
     assert privacy.rounds_within(privacy.epsilon(z, q, 1, DELTA) / 2, z, q, DELTA) == 0
     assert privacy.rounds_within(1e9, z, q, DELTA, max_rounds=40) == 40
+
+
+def test_the_budget_comparison_does_not_depend_on_the_last_bits_of_epsilon():
+    """Validators whose scipy builds give epsilon a few ulps apart (EPSILON_RTOL) must agree on
+    a budget set to the epsilon a plan spends, as printed to EPSILON_DECIMALS decimals."""
+    budget = round(privacy.epsilon(1.0, 1.0, 2, DELTA), privacy.EPSILON_DECIMALS)  # 7.08...: as printed
+    for eps in (budget, math.nextafter(budget, math.inf), budget * (1 + privacy.EPSILON_RTOL),
+                budget * (1 - privacy.EPSILON_RTOL), budget + 4e-7):
+        assert privacy.within_budget(eps, budget), eps  # raw comparison: False for the ones above the budget
+    assert not privacy.within_budget(budget + 6e-7, budget)  # a real overspend, past half a unit
+    assert not privacy.within_budget(budget + 1e-6, budget)
+
+
+def test_rounds_with_different_noise_compose_by_the_library():
+    """A round that averaged fewer noised updates (a smaller multiplier) spends more; the same
+    multiplier throughout is exactly epsilon()."""
+    assert privacy.epsilon_of_rounds([1.0, 1.0, 1.0], 1.0, DELTA) == privacy.epsilon(1.0, 1.0, 3, DELTA)
+    assert privacy.epsilon_of_rounds([], 1.0, DELTA) == 0.0
+    reduced = privacy.epsilon_of_rounds([1.0, 1.0 * math.sqrt(3 / 5), 1.0], 1.0, DELTA)
+    assert privacy.epsilon(1.0, 1.0, 3, DELTA) < reduced < privacy.epsilon(math.sqrt(3 / 5), 1.0, 3, DELTA)
+    from dp_accounting import GaussianDpEvent, rdp
+
+    accountant = rdp.RdpAccountant()
+    for z in (1.0, 1.0 * math.sqrt(3 / 5), 1.0):
+        accountant.compose(GaussianDpEvent(z))
+    assert reduced == pytest.approx(accountant.get_epsilon(DELTA), rel=privacy.EPSILON_RTOL)
 
 
 def test_recorded_epsilon_comparison_names_tampering():

@@ -385,14 +385,17 @@ def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strate
                       update_checks: Mapping | None = None, start_state: Mapping | None = None,
                       data_spec: Mapping | None = None, server_state: Mapping | None = None,
                       privacy: Mapping | None = None, noise_seed: bytes | None = None,
-                      clipping_norm: float | None = None) -> str | None:
+                      clipping_norm: float | None = None, planned: int | None = None,
+                      earlier: Mapping[int, float] | None = None) -> str | None:
     """Redo what compute-node/tasks.py `_aggregate` stored for round `audit.number`: the
     strategy's weights from the updates must be the on-chain aggregation_weights, and the
     weighted average with the on-chain weights (moved from `start_state` by a server optimizer,
     from the `server_state` the round started with), serialized the same way, must hash to the
     on-chain global_model_digest; a server optimizer's new state to its server_state_digest.
     With a `privacy` block the round is DP-FedAvg (fl/dp_round.py) instead: clipped at
-    `clipping_norm`, noised from the revealed `noise_seed`, its privacy record recomputed too.
+    `clipping_norm`, noised from the revealed `noise_seed`, its privacy record recomputed too
+    (`planned`: min_nodes_required, default the updates kept; `earlier`: round -> the noise
+    multiplier each earlier round recorded, dp_round.earlier_multipliers).
     Returns the recomputed digest (None if it cannot be made)."""
     from trustmesh.fl import screening
     from trustmesh.fl import server_state as server_state_format
@@ -410,7 +413,8 @@ def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strate
         kept, screened = list(updates), {}
     if privacy is not None:
         state = _private_aggregation(audit, kept, screened, result, privacy, start_state, workflow_id=workflow_id,
-                                     noise_seed=noise_seed, clipping_norm=clipping_norm)
+                                     noise_seed=noise_seed, clipping_norm=clipping_norm, planned=planned,
+                                     earlier=earlier)
         return None if state is None else _check_global_model(audit, state, result, workflow_id, model_spec)
     rejected = dict(screened)
     strategy = FedAvg()  # combines as a weighted average if the workflow's strategy cannot be built
@@ -473,7 +477,8 @@ def _check_global_model(audit: RoundAudit, state: Mapping, result: Mapping, work
 
 def _private_aggregation(audit: RoundAudit, kept: Sequence[ClientUpdate], screened: Mapping[str, str],
                          result: Mapping, block: Mapping, start_state: Mapping | None, *, workflow_id: str,
-                         noise_seed: bytes | None, clipping_norm: float | None):
+                         noise_seed: bytes | None, clipping_norm: float | None, planned: int | None = None,
+                         earlier: Mapping[int, float] | None = None):
     """DP-FedAvg redone (fl/dp_round.py): the weights (1/n), the rejections, the privacy record
     (epsilon by the same accountant, within privacy.EPSILON_RTOL) and the noisy state, or None."""
     from trustmesh.fl import dp_round
@@ -484,7 +489,8 @@ def _private_aggregation(audit: RoundAudit, kept: Sequence[ClientUpdate], screen
         return None
     try:
         state, chosen, record = dp_round.aggregate(block, start_state, kept, workflow_id=workflow_id,
-                                                   round_number=audit.number, seed=noise_seed, norm=clipping_norm)
+                                                   round_number=audit.number, seed=noise_seed, norm=clipping_norm,
+                                                   planned=len(kept) if planned is None else planned, earlier=earlier)
     except (ValueError, KeyError) as exc:
         audit.fail(f"the DP aggregation cannot be redone: {exc}")
         return None
@@ -495,12 +501,19 @@ def _private_aggregation(audit: RoundAudit, kept: Sequence[ClientUpdate], screen
     on_chain = dict(result.get("aggregation_weights") or {})
     audit.check(on_chain == recomputed, "aggregation weights on chain are not DP-FedAvg's equal shares of the "
                                         "updates kept")
-    claimed = dict(result.get("privacy") or {})
-    differ = [f"{key} {claimed.get(key)!r} on chain, {value!r} recomputed" for key, value in record.items()
-              if not privacy_same(key, claimed.get(key), value)]
-    differ += [f"{key} {claimed[key]!r} on chain, none recomputed" for key in claimed if key not in record]
-    audit.check(not differ, f"privacy record on chain is not what this round spent and used: {'; '.join(differ)}")
+    check_privacy_record(audit, result, record)
     return state
+
+
+def check_privacy_record(audit: RoundAudit, result: Mapping, recomputed: Mapping) -> bool:
+    """The round result's privacy record against the recomputed one, field by field (privacy_same),
+    no field more or fewer: what both the plain and the secure DP round check."""
+    claimed = dict(result.get("privacy") or {})
+    differ = [f"{key} {claimed.get(key)!r} on chain, {value!r} recomputed" for key, value in recomputed.items()
+              if not privacy_same(key, claimed.get(key), value)]
+    differ += [f"{key} {claimed[key]!r} on chain, none recomputed" for key in claimed if key not in recomputed]
+    return audit.check(not differ, f"privacy record on chain is not what this round spent and used: "
+                                   f"{'; '.join(differ)}")
 
 
 def _reasons(rejected: Mapping[str, str]) -> str:
@@ -558,7 +571,9 @@ async def _recompute_aggregation(audit: RoundAudit, wf: _Workflow, rnd: _Round) 
 
         private = {"privacy": block, "noise_seed": await _noise_seed(audit, wf, rnd) if block["where"] == "server"
                    else None, "clipping_norm": dp_round.clipping_norm(
-                       block, rnd.start.next_clipping_norm if rnd.start is not None else None)}
+                       block, rnd.start.next_clipping_norm if rnd.start is not None else None),
+                   "planned": rnd.definition["federation"]["min_nodes_required"],
+                   "earlier": await dp_round.earlier_multipliers(wf.reader, wf.workflow_id, audit.number)}
     check_aggregation(audit, updates, strategy_spec, rnd.result, workflow_id=wf.workflow_id, model_spec=spec,
                       update_checks=checks, start_state=start, data_spec=rnd.definition.get("data"),
                       server_state=previous, **private)
@@ -615,12 +630,10 @@ async def _recompute_secure_aggregation(audit: RoundAudit, wf: _Workflow, rnd: _
     audit.check(rnd.result.get("aggregation_weights") == secure_weights(definition, samples),
                 "aggregation weights on chain are not the ones secure aggregation summed with")
     if definition.get("privacy"):
-        expected = dp_round.privacy_record(definition["privacy"], audit.number,
-                                           float(definition["privacy"]["clipping_norm"]))
-        claimed = rnd.result.get("privacy") or {}
-        audit.check(set(claimed) == set(expected) and all(
-            privacy_same(k, claimed[k], v) for k, v in expected.items()),
-            f"privacy record on chain is not what this round spent and used: {claimed} vs {expected}")
+        check_privacy_record(audit, rnd.result, dp_round.privacy_record(
+            definition["privacy"], audit.number, float(definition["privacy"]["clipping_norm"]), averaged=len(uploads),
+            planned=definition["federation"]["min_nodes_required"],
+            earlier=await dp_round.earlier_multipliers(wf.reader, wf.workflow_id, audit.number)))
     _check_global_model(audit, state, rnd.result, wf.workflow_id, definition["model"])
 
 
@@ -641,9 +654,15 @@ async def _noise_seed(audit: RoundAudit, wf: _Workflow, rnd: _Round) -> bytes | 
     if not audit.check(revealed is not None and commitment is not None,
                        "server-side DP round without a committed and revealed noise seed on chain"):
         return None
-    seed = bytes.fromhex(revealed["noise_seed"])
-    if not audit.check(hashlib.sha256(seed).hexdigest() == commitment,
-                       f"revealed noise seed does not hash to the round's noise_commitment {_short(commitment)}"):
+    from trustmesh.fl import privacy
+
+    try:
+        seed = bytes.fromhex(revealed["noise_seed"])
+        matches = privacy.commitment(seed) == commitment
+    except (ValueError, TypeError):  # not 32 bytes of hex: cannot be the committed seed
+        matches = False
+    if not audit.check(matches, f"revealed noise seed does not hash to the round's noise_commitment "
+                                f"{_short(commitment)}"):
         return None
     return seed
 

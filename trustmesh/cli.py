@@ -294,6 +294,8 @@ def _workflow_deploy(args) -> int:
 
     outcome, record = asyncio.run(deploy())
     print(f"workflow {record['workflow_id']} {outcome}: version {record['version']}, owner {record['owner'][:16]}…")
+    if workflow_runs.privacy_notice(definition):
+        print(workflow_runs.privacy_notice(definition))
     return 0
 
 

@@ -20,7 +20,7 @@ import pathlib
 import sys
 import time
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Mapping, TextIO
 
 from trustmesh.endpoints import FIRST_CONTACT
 from trustmesh.endpoints import command_rest_client as rest_client
@@ -220,6 +220,7 @@ class RoundView:
     global_model: str | None = None
     steps_label: str = "tasks"        # what tasks_done counts ("epochs" for a single-node run)
     epsilon: float | None = None      # the DP budget spent once this round is released
+    noise_multiplier: float | None = None  # the DP noise multiplier the round's result recorded
 
     @property
     def over(self) -> bool:
@@ -262,6 +263,7 @@ async def read_round(reader: FederationReader, number: int, schedule_id: str) ->
         view.loss = result["metrics"].get("loss")
         view.global_model = result["global_model_digest"]
         view.epsilon = (result.get("privacy") or {}).get("epsilon")
+        view.noise_multiplier = privacy_block.recorded_multiplier(result)
         evaluations = result.get("evaluations") or {}
         scores = next(iter(evaluations.values()), {}).get("metrics", {}) if evaluations else {}
         view.accuracy = scores.get("accuracy")
@@ -312,10 +314,8 @@ async def follow(validator_url: str, rest: RestClient, workflow_id: str, *, out:
     if fed is None:
         raise RunError(f"workflow {workflow_id!r} is single-node: it has no federation rounds to follow")
     rounds = privacy_block.planned_rounds(stored["definition"])
-    if rounds < fed["rounds"]:
-        budget = stored["definition"]["privacy"]
-        out.write(f"privacy budget: epsilon {budget['epsilon_budget']:g} (delta {budget['delta']:g}) allows {rounds} of "
-                  f"the {fed['rounds']} rounds; the workflow ends then, budget exhausted\n")
+    if budget_header(stored["definition"]):
+        out.write(budget_header(stored["definition"]) + "\n")
     printer = ProgressPrinter(rounds, out)
     subscriber = await _subscribe(validator_url)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -330,7 +330,8 @@ async def follow(validator_url: str, rest: RestClient, workflow_id: str, *, out:
                     continue
                 views[number] = await read_round(reader, number, sid)
                 printer.show(views[number])
-            if len(views) == rounds and all(v.over for v in views.values()):  # rounds overlap
+            if views and all(v.over for v in views.values()) and (  # rounds overlap
+                    len(views) == rounds or budget_ended(stored["definition"], list(views.values()))):
                 return [views[n] for n in sorted(views)]
             if deadline is not None and time.monotonic() > deadline:
                 raise RunError(f"workflow {workflow_id!r} did not finish within {timeout:g} s "
@@ -368,11 +369,39 @@ async def _subscribe(validator_url: str) -> EventSubscriber:
     return subscriber
 
 
-def summary(workflow_id: str, views: list[RoundView], seconds: float, *, federated: bool = True) -> str:
+def budget_header(definition: Mapping) -> str | None:
+    """The line `run` prints first when the privacy budget allows fewer rounds than federation.rounds."""
+    rounds, configured = privacy_block.planned_rounds(definition), definition["federation"]["rounds"]
+    if rounds >= configured:
+        return None
+    budget = definition["privacy"]
+    return (f"privacy budget: epsilon {budget['epsilon_budget']:g} (delta {budget['delta']:g}) allows {rounds} of "
+            f"the {configured} rounds; the workflow ends then, budget exhausted")
+
+
+def budget_ended(definition: Mapping, views: list[RoundView]) -> bool:
+    """Whether the privacy budget ended the workflow after these rounds: one more within
+    federation.rounds would pass it, given the multipliers their results recorded."""
+    recorded = {v.number: v.noise_multiplier for v in views if v.noise_multiplier is not None}
+    return "federation" in definition and privacy_block.budget_exhausted(definition, len(views), recorded)
+
+
+def privacy_notice(definition: Mapping) -> str | None:
+    """The one line deploy and run print for a privacy block whose noise seed goes on chain."""
+    if (definition.get("privacy") or {}).get("where") != "server":
+        return None
+    return ("privacy where \"server\": each round's noise seed is revealed on chain, so whoever reads the chain can "
+            "remove the noise; epsilon covers models given outside the consortium only (where \"client\" "
+            "protects against members)")
+
+
+def summary(workflow_id: str, views: list[RoundView], seconds: float, *, federated: bool = True,
+            definition: Mapping | None = None) -> str:
     curve = ", ".join(f"{v.accuracy:.3f}" if v.accuracy is not None else "–" for v in views)
     final = views[-1]
+    ended = " (budget exhausted)" if definition and federated and budget_ended(definition, views) else ""
     lines = [f"workflow {workflow_id}: {sum(v.status == 'final' for v in views)}/{len(views)} rounds final "
-             f"in {seconds:.1f} s",
+             f"in {seconds:.1f} s{ended}",
              f"test accuracy by round: {curve}"]
     if final.global_model:
         lines.append(f"final global model: sha256 {final.global_model}")
@@ -433,6 +462,11 @@ async def wait_for_history(couch_url: str, workflow_id: str, digest: str, *, use
     return False
 
 
+def escrow_left(workflow_id: str) -> str:
+    return (f"its escrow stays on chain: `trustmesh rewards {workflow_id} --refund` takes back what is left once "
+            f"the workflow has ended or gone quiet")
+
+
 async def take_back_escrow(rest: RestClient, owner: PrivateKey, workflow_id: str, out: TextIO,
                            timeout: float = 60.0) -> None:
     """The workflow is over: once the coordinator has settled every final round, what is left in
@@ -456,7 +490,8 @@ async def take_back_escrow(rest: RestClient, owner: PrivateKey, workflow_id: str
                   f"{escrow['remaining']} back to the owner\n")
     else:
         reason = (status.get("invalid_transactions") or [{}])[0].get("message", status["status"])
-        out.write(f"rewards: the escrow was not refunded: {reason}\n")
+        out.write(f"rewards: the escrow was not refunded: {reason}; `trustmesh rewards {workflow_id} --refund` "
+                  f"tries again\n")
 
 
 async def deploy_and_follow(path: str, *, home: pathlib.Path, nodes_dir: pathlib.Path, validator_url: str,
@@ -469,8 +504,15 @@ async def deploy_and_follow(path: str, *, home: pathlib.Path, nodes_dir: pathlib
         async with rest_client(rest_url) as rest:
             outcome, record = await deploy(rest, user_key(home, key_path), definition, out=out)
             out.write(f"workflow {definition['workflow_id']} {outcome} (version {record['version']})\n")
+            if privacy_notice(definition):
+                out.write(privacy_notice(definition) + "\n")
             if "federation" in definition:
-                views = await follow(validator_url, rest, definition["workflow_id"], out=out, timeout=timeout)
+                try:
+                    views = await follow(validator_url, rest, definition["workflow_id"], out=out, timeout=timeout)
+                except RunError as exc:  # stopped early: take_back_escrow below does not run
+                    if "rewards" not in definition:
+                        raise
+                    raise RunError(f"{exc}; {escrow_left(definition['workflow_id'])}") from None
                 if "rewards" in definition:
                     await take_back_escrow(rest, user_key(home, key_path), definition["workflow_id"], out)
                 if couch_url and views[-1].status == "final":
@@ -482,5 +524,5 @@ async def deploy_and_follow(path: str, *, home: pathlib.Path, nodes_dir: pathlib
     except RestError as exc:  # an outage is waited out: this one is for good
         raise RunError(rest_failure(exc, rest_url)) from None
     out.write(summary(definition["workflow_id"], views, time.monotonic() - started,
-                      federated="federation" in definition) + "\n")
+                      federated="federation" in definition, definition=definition) + "\n")
     return views

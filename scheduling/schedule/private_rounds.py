@@ -3,9 +3,9 @@ once every update is fixed, and secure aggregation's keys, shares and unmask ste
 
 from __future__ import annotations
 
-import hashlib
 from typing import Mapping
 
+from trustmesh.fl import privacy
 from trustmesh.ledger.processor import InvalidTransaction
 
 from .. import events, layout, secagg_rules
@@ -88,7 +88,7 @@ class PrivateRoundRules:
         if signer != round_.get("coordinator"):
             raise InvalidTransaction(f"only the round's coordinator {round_.get('coordinator')}, who committed to "
                                      f"the seed, may reveal it; not {signer}")
-        if hashlib.sha256(bytes.fromhex(seed)).hexdigest() != commitment:
+        if privacy.commitment(bytes.fromhex(seed)) != commitment:  # the audit checks with the same function
             raise InvalidTransaction(f"noise_seed does not hash to the round's noise_commitment {commitment}; "
                                      f"reveal the seed committed when the round opened")
         if await read_record(context, layout.noise_seed_address(schedule_id)) is not None:

@@ -192,6 +192,26 @@ def _planned(block: str, rounds: int) -> int:
         return rounds
 
 
+def _budget_ended(snap: Snapshot, definition: Mapping, rounds: list[dict]) -> bool:
+    """Whether the privacy budget ended the workflow after these rounds (all over): one more
+    within federation.rounds would pass it, given the multipliers the rounds recorded
+    (privacy_block.budget_exhausted)."""
+    if "privacy" not in definition:
+        return False
+    from trustmesh.fl import privacy_block
+
+    recorded = {}
+    for r in rounds:
+        value = privacy_block.recorded_multiplier(snap.results.get(r["schedule_id"]))
+        if value is not None:
+            recorded[r["number"]] = value
+    try:
+        return privacy_block.budget_exhausted(definition, len(rounds), recorded)
+    except Exception as exc:  # noqa: BLE001 - an older or newer block: no budget state
+        LOGGER.warning("cannot tell whether the privacy budget of %s ended it (%s)", definition.get("workflow_id"), exc)
+        return False
+
+
 def round_phase(record: Mapping, assignments: Mapping | None, result: Mapping | None) -> str:
     """collecting | timeout | ready | training | aggregated | final."""
     if result is not None:
@@ -247,10 +267,14 @@ def workflow_row(snap: Snapshot, workflow_id: str, names: Mapping[str, str]) -> 
     last = rounds[-1] if rounds else None
     if not fed:
         state = "single-node"
+    elif rounds and over == len(rounds) and _budget_ended(snap, definition, rounds):
+        total = len(rounds)  # the recorded epsilon may have ended it before the planned rounds
+        timed_out = f", {total - final} round(s) timed out" if final < total else ""
+        spent = next((r["epsilon"] for r in reversed(rounds) if r["epsilon"] is not None), 0.0)
+        state = (f"budget exhausted (epsilon {spent:.4g} of "
+                 f"{definition['privacy']['epsilon_budget']:g} spent after {total} of {configured} rounds{timed_out})")
     elif total is not None and over >= total:
         state = "finished" if final == total else f"finished, {total - final} round(s) timed out"
-        if total < configured:
-            state += f" (the privacy budget allows {total} of {configured} rounds)"
     elif last is None:
         state = "waiting for round 1"
     else:
