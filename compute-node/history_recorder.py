@@ -27,7 +27,7 @@ from trustmesh.scheduling import events
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchHistory
 from trustmesh.stores.redis_link import TRANSIENT
-from trustmesh.stores.redis_state import BlobStore
+from trustmesh.stores.blobs import BlobStore
 
 LOGGER = logging.getLogger(__name__)
 

@@ -44,8 +44,11 @@ from trustmesh.stores.couch import CouchClient, CouchHistory
 from trustmesh.stores.data_envelope import load_or_create_keypair
 from trustmesh.stores.kept_blobs import KeptBlobs
 from trustmesh.stores.redis_link import TRANSIENT, RedisLink
-from trustmesh.stores.redis_state import (CURSOR_KEY, BlobStore, DeliveriesLost, FederationCache, Heartbeats, TaskQueue,
-                                          client, task_stream)
+from trustmesh.stores.blobs import BlobStore
+from trustmesh.stores.federation_cache import CURSOR_KEY, FederationCache
+from trustmesh.stores.heartbeats import Heartbeats
+from trustmesh.stores.redis_client import client
+from trustmesh.stores.task_queue import DeliveriesLost, TaskQueue, task_stream
 
 from .history_recorder import HistoryRecorder
 from .tasks import (InputNotReady, Recent, TaskContext, TaskInputError, TaskOutcome, aggregate_inputs_known,

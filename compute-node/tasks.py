@@ -27,7 +27,7 @@ from trustmesh.scheduling.reader import FederationReader
 from trustmesh.scheduling.schedule import StartingModel
 from trustmesh.stores.data_bundle import open_bundle
 from trustmesh.stores.data_envelope import EnvelopeError
-from trustmesh.stores.redis_state import BlobCorrupted, BlobNotFound, BlobStore, BlobTooLarge
+from trustmesh.stores.blobs import BlobCorrupted, BlobNotFound, BlobStore, BlobTooLarge
 
 from trustmesh.fl import dp_round, model_format, screening, secagg, server_state, shapley
 from trustmesh.fl.datasets import held_out, load_npz

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: the processors ne
 from trustmesh.ledger import payload as cbor
 
 FORMAT_TAG = "server-state/1"
-MAX_BYTES = 64 * 1024 * 1024  # the blob store's own limit (stores/redis_state.py)
+MAX_BYTES = 64 * 1024 * 1024  # the blob store's own limit (stores/blobs.py DEFAULT_MAX_BLOB_BYTES)
 
 
 class ServerStateError(ValueError):

@@ -33,7 +33,7 @@ from trustmesh.ledger.coalescing_rest import CoalescingRest
 from trustmesh.ledger.rest_client import RestClient
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.redis_link import RedisLink
-from trustmesh.stores.redis_state import client
+from trustmesh.stores.redis_client import client
 
 from .local_training import OWN_TASK_EVENTS, subscriptions as task_subscriptions
 from .node import EVENTS, IoTNode

@@ -40,7 +40,7 @@ from trustmesh.compute_node.tasks import (InputNotReady, TaskContext, TaskInputE
 from trustmesh.ledger.events import EventSubscriber, event_subscription
 from trustmesh.scheduling import events, schedule, workflow
 from trustmesh.scheduling.reader import FederationReader
-from trustmesh.stores.redis_state import BlobError, BlobStore
+from trustmesh.stores.blobs import BlobError, BlobStore
 
 from .commitment import SaltStore, check_commitment
 

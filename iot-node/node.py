@@ -47,7 +47,9 @@ from trustmesh.scheduling import events, schedule, workflow
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.kept_blobs import KeptBlobs
 from trustmesh.stores.redis_link import TRANSIENT, RedisLink
-from trustmesh.stores.redis_state import BlobStore, Heartbeats, client
+from trustmesh.stores.blobs import BlobStore
+from trustmesh.stores.heartbeats import Heartbeats
+from trustmesh.stores.redis_client import client
 
 from . import commitment
 from .coordinator import REASSIGN_RETRY, Coordinator  # noqa: F401  (REASSIGN_RETRY: read here by tests)

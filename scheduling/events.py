@@ -1,7 +1,7 @@
 """Every event the five families emit: its name and the attributes it carries.
 
 Attributes are strings (Sawtooth event attributes); together they suffice to rebuild the
-off-chain caches (stores/redis_state.py) and to follow a workflow (trustmesh run) without
+off-chain caches (stores/federation_cache.py) and to follow a workflow (trustmesh run) without
 reading state. Subscribers filter on these names; `ATTRIBUTES` is what each one carries
 (tests/test_events.py checks every emitted event against it).
 """

@@ -15,7 +15,7 @@ import logging
 import os
 import pathlib
 
-from .redis_state import BlobNotFound, BlobStore
+from .blobs import BlobNotFound, BlobStore
 
 LOGGER = logging.getLogger(__name__)
 

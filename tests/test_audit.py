@@ -33,7 +33,7 @@ from trustmesh.scheduling import schedule, workflow
 from trustmesh.scheduling.handlers import federation_handlers
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchClient, CouchHistory, inline_attachment
-from trustmesh.stores.redis_state import connect
+from trustmesh.stores.redis_client import connect
 from trustmesh.stores.servers import CouchServer, RedisServer, free_port
 
 WORKFLOW_ID = "digits-audit"

@@ -158,7 +158,8 @@ def test_a_nodes_local_trains_of_a_round_run_together_as_alone(tmp_path):
     from trustmesh.scheduling.workflow import load_definition
     from trustmesh.stores.data_bundle import seal_bundle
     from trustmesh.stores.data_envelope import load_or_create_keypair
-    from trustmesh.stores.redis_state import BlobStore, client
+    from trustmesh.stores.blobs import BlobStore
+    from trustmesh.stores.redis_client import client
     from trustmesh.stores.servers import RedisServer
 
     from helpers.family_scenario import _WORKFLOWS

@@ -9,7 +9,7 @@ from helpers.ledger_helpers import run, running_processor
 from trustmesh.compute_node.node import ComputeNode, _all_done
 from trustmesh.compute_node.tasks import TaskContext
 from trustmesh.scheduling.handlers import federation_handlers
-from trustmesh.stores.redis_state import TaskMessage
+from trustmesh.stores.task_queue import TaskMessage
 
 
 class _NoReader:

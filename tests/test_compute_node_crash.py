@@ -20,7 +20,8 @@ from trustmesh.ledger.signing import load_or_create_key
 from trustmesh.scheduling import workflow
 from trustmesh.scheduling.handlers import federation_handlers
 from trustmesh.scheduling.reader import FederationReader
-from trustmesh.stores.redis_state import TaskQueue, connect, task_stream
+from trustmesh.stores.redis_client import connect
+from trustmesh.stores.task_queue import TaskQueue, task_stream
 
 
 def _compute_process(name, tmp_path, devnet, redis_url) -> subprocess.Popen:

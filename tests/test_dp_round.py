@@ -59,8 +59,8 @@ def test_client_side_noise_leaves_each_participant_already_noised(devnet, stores
     async def round_1_updates(client, keys):
         """Each update of round 1 as it left its trainer, read back from the blob store."""
         from trustmesh.scheduling.reader import FederationReader
-        from trustmesh.stores.redis_state import BlobStore
-        from trustmesh.stores.redis_state import client as redis_client
+        from trustmesh.stores.blobs import BlobStore
+        from trustmesh.stores.redis_client import client as redis_client
 
         reader, blobs = FederationReader(client), BlobStore(redis_client(redis_server.url))
         sid = (await reader.rounds("digits-dp-client"))["rounds"]["1"]

@@ -20,7 +20,9 @@ from trustmesh.scheduling import workflow
 from trustmesh.scheduling.handlers import federation_handlers
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchClient, CouchHistory
-from trustmesh.stores.redis_state import BlobStore, FederationCache, connect
+from trustmesh.stores.blobs import BlobStore
+from trustmesh.stores.federation_cache import FederationCache
+from trustmesh.stores.redis_client import connect
 
 from helpers.federation_run import (digits_definition, finals_recorded, start_compute_nodes, start_iot_nodes,
                                     until_every_round_is_final, until_history_is_recorded)

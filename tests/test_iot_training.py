@@ -36,7 +36,7 @@ from trustmesh.scheduling import workflow
 from trustmesh.scheduling.handlers import federation_handlers
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.scheduling.schedule import StartingModel
-from trustmesh.stores.redis_state import connect
+from trustmesh.stores.redis_client import connect
 
 from helpers.family_scenario import _WORKFLOWS
 

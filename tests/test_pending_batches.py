@@ -21,7 +21,8 @@ from helpers.devnet_process import DevnetProcess
 from helpers.ledger_helpers import intkey_batch, rest, run, running_processor
 from trustmesh.ledger.rest_client import BatchTimeoutError
 from trustmesh.ledger.signing import PrivateKey
-from trustmesh.stores.redis_state import Heartbeats, connect
+from trustmesh.stores.heartbeats import Heartbeats
+from trustmesh.stores.redis_client import connect
 from trustmesh.stores.servers import RedisServer
 
 SIGNER, OTHER = PrivateKey.generate(), PrivateKey.generate()

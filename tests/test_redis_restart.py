@@ -15,7 +15,9 @@ import pytest
 
 from trustmesh.stores.kept_blobs import KeptBlobs
 from trustmesh.stores.redis_link import RedisLink
-from trustmesh.stores.redis_state import BlobNotFound, BlobStore, DeliveriesLost, TaskQueue, client
+from trustmesh.stores.blobs import BlobNotFound, BlobStore
+from trustmesh.stores.redis_client import client
+from trustmesh.stores.task_queue import DeliveriesLost, TaskQueue
 from trustmesh.stores.servers import RedisServer
 
 

@@ -1,4 +1,4 @@
-"""stores.redis_state against a real redis-server (and the dev validator for the federation cache)."""
+"""The Redis stores (blobs, task_queue, heartbeats, federation_cache) against a real redis-server (and the dev validator for the federation cache)."""
 
 from __future__ import annotations
 
@@ -26,23 +26,19 @@ from trustmesh.scheduling.federation import (
     make_submit_transaction,
 )
 from trustmesh.scheduling.workflow import WorkflowHandler, make_deploy_transaction
-from trustmesh.stores.redis_state import (
+from trustmesh.stores.blobs import BlobCorrupted, BlobNotFound, BlobStore, BlobTooLarge
+from trustmesh.stores.federation_cache import (
     CURSOR_KEY,
-    BlobCorrupted,
-    BlobNotFound,
-    BlobStore,
-    BlobTooLarge,
     FederationCache,
     FederationCacheGap,
-    Heartbeats,
-    TaskQueue,
-    connect,
     entry_task,
     federation_key,
     rebuild_from_chain,
     submissions_key,
-    task_stream,
 )
+from trustmesh.stores.heartbeats import Heartbeats
+from trustmesh.stores.redis_client import connect
+from trustmesh.stores.task_queue import TaskQueue, task_stream
 from trustmesh.stores.servers import CouchServer, RedisServer, ServerNotInstalled, ServerStartError
 
 WORKFLOWS = pathlib.Path(__file__).resolve().parents[1] / "workflows"
@@ -351,7 +347,8 @@ async def test_blobs_are_content_addressed_and_verified(redis_url):
 
 CRASHING_CONSUMER = r"""
 import asyncio, os, signal, sys
-from trustmesh.stores.redis_state import TaskQueue, connect
+from trustmesh.stores.redis_client import connect
+from trustmesh.stores.task_queue import TaskQueue
 
 async def main():
     redis = await connect(sys.argv[1])

@@ -159,7 +159,7 @@ def test_a_task_queued_by_this_node_runs_without_reading_its_status_again(tmp_pa
             return True
 
     node.reader, node.queue, node.context = _Reader(), _Queue(), None
-    from trustmesh.stores.redis_state import TaskMessage
+    from trustmesh.stores.task_queue import TaskMessage
 
     async def no_run(*args):
         raise RuntimeError("ran")

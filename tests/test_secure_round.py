@@ -85,7 +85,8 @@ def test_updates_leave_their_nodes_only_masked_and_the_audit_verifies_the_sum(de
 
     async def scan(client, keys):
         from trustmesh.scheduling.reader import FederationReader
-        from trustmesh.stores.redis_state import BlobStore, connect
+        from trustmesh.stores.blobs import BlobStore
+        from trustmesh.stores.redis_client import connect
 
         reader = FederationReader(client)
         first = await reader.round_result((await reader.rounds("digits-secagg"))["rounds"]["1"])
@@ -126,7 +127,7 @@ async def _tampered_audits(client, keys, redis_url, couch_url, devnet, monkeypat
     from trustmesh import audit
     from trustmesh.endpoints import Endpoints
     from trustmesh.scheduling.reader import FederationReader
-    from trustmesh.stores.redis_state import connect
+    from trustmesh.stores.redis_client import connect
 
     endpoints = Endpoints(validator=devnet.component_url, rest=devnet.rest_url, redis=redis_url, couch=couch_url)
     reader = FederationReader(client)
@@ -169,7 +170,8 @@ def _problems(report) -> list[str]:
 
 
 async def _global_model(redis_url: str, digest: str):
-    from trustmesh.stores.redis_state import BlobStore, connect
+    from trustmesh.stores.blobs import BlobStore
+    from trustmesh.stores.redis_client import connect
 
     redis = await connect(redis_url)
     try:

@@ -58,7 +58,8 @@ from trustmesh.scheduling.workflow_groups import complete
 from trustmesh.fl.strategies.base import WEIGHT_TOLERANCE
 from trustmesh.scheduling.schedule import StartingModel, lineage_problem
 from trustmesh.stores.couch import CouchClient, CouchError, CouchHistory, DigestMismatch
-from trustmesh.stores.redis_state import BlobCorrupted, BlobError, BlobNotFound, BlobStore, connect
+from trustmesh.stores.blobs import BlobCorrupted, BlobError, BlobNotFound, BlobStore
+from trustmesh.stores.redis_client import connect
 
 if TYPE_CHECKING:  # torch-backed; imported where used so `trustmesh --help` stays fast
     from trustmesh.fl.strategies import ClientUpdate

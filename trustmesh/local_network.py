@@ -38,7 +38,8 @@ from redis.exceptions import RedisError
 
 from trustmesh.endpoints import NETWORK_FILE, home_dir, local_network, pid_alive
 from trustmesh.machine import usable_cores
-from trustmesh.stores.redis_state import Heartbeats, connect
+from trustmesh.stores.heartbeats import Heartbeats
+from trustmesh.stores.redis_client import connect
 from trustmesh.stores.servers import CouchServer, RedisServer, ServerError, free_port
 
 LOGGER = logging.getLogger(__name__)

@@ -87,7 +87,7 @@ async def _copies(where: network.Endpoints, workflow_id: str, number: int, diges
     """(source name, bytes or None, why not) from Redis, then CouchDB; raw, checked by the caller."""
     from redis.exceptions import RedisError
 
-    from trustmesh.stores.redis_state import client
+    from trustmesh.stores.redis_client import client
 
     redis = client(where.redis, socket_timeout=10, socket_connect_timeout=5)
     try:

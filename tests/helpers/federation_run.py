@@ -20,7 +20,7 @@ from trustmesh.scheduling import workflow
 from trustmesh.scheduling.handlers import federation_handlers
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchClient
-from trustmesh.stores.redis_state import connect
+from trustmesh.stores.redis_client import connect
 
 
 def digits_definition(keys: dict[str, str], rounds: int = 2) -> dict:

@@ -359,7 +359,8 @@ class Dashboard:
             return self._beats[1], self._beats[2]
         from redis.exceptions import RedisError
 
-        from trustmesh.stores.redis_state import Heartbeats, client
+        from trustmesh.stores.heartbeats import Heartbeats
+        from trustmesh.stores.redis_client import client
 
         try:
             if self._redis is None:
