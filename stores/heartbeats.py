@@ -84,4 +84,3 @@ class Heartbeats:
             pipe.zrem(self.registry, node)
             pipe.delete(self.key(node))
             await pipe.execute()
-
