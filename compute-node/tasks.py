@@ -414,6 +414,9 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
         started = time.perf_counter()
         state, weights = strategy.aggregate(updates)
         state, kept_state = strategy.step(state, start_state, previous, updates)
+        short = strategy.shortfall(len(updates))
+        if short:  # too few updates passed the checks for the rule's guarantee (fl/strategies/krum.py)
+            LOGGER.warning("aggregate %s: %s", task_id, short)
     rejected.update(strategy.rejections(weights))  # whom a robust rule left out, and why
     weights = {**{node: 0.0 for node in rejected}, **weights}
     compute = time.perf_counter() - started

@@ -2,7 +2,10 @@
 
 Before any strategy weighs them, the aggregating node screens the updates; a rejected update
 gets weight 0 in the round result, which names it with the reason (`rejected`), and the audit
-screens the stored updates again with this same function and must find the same. Checks:
+screens the stored updates again with this same function and must find the same. Each reason
+reads "update check NAME: why" (`reason`); `failed_update_check` tells such a reason from a
+robust rule's (a Krum that did not choose an update): only the former counts against the
+node's reputation (the schedule family's round_result rule). Checks (NAME):
 
     finite          always: an update holding NaN or an infinity is rejected (averaged, one such
                     update would make the global model NaN; before, it failed the round)
@@ -29,6 +32,18 @@ from .strategies.base import ClientUpdate, Number
 # rules and the JSON schema, like a strategy's parameters).
 PARAMETERS = {"max_norm_ratio": Number(low=1e-6, high=1e6), "min_accuracy": Number(low=0, high=1)}
 MAX_REASON_CHARS = 200  # what the schedule family accepts per rejected node
+CHECK_REASON = "update check "  # how every reason `screen` gives begins
+
+
+def reason(check: str, why: str) -> str:
+    """A rejected update's reason for failing update check `check` ("finite", a PARAMETERS name)."""
+    return f"{CHECK_REASON}{check}: {why}"[:MAX_REASON_CHARS]
+
+
+def failed_update_check(why: str) -> bool:
+    """Whether a round result's rejection reason is an update check's (it counts in the node's
+    reputation), not a robust rule's choice among valid updates (it does not)."""
+    return isinstance(why, str) and why.startswith(CHECK_REASON)
 
 
 def flat(state: Mapping):
@@ -84,18 +99,19 @@ def screen(updates: Sequence[ClientUpdate], checks: Mapping[str, Any] | None,
     for update in updates:
         values = flat(update.state)
         if not np.isfinite(values).all():
-            rejected[update.node] = "holds NaN or infinite values"
+            rejected[update.node] = reason("finite", "holds NaN or infinite values")
             continue
         if start is not None:
             moved = math.sqrt(squared_norm(values - start))
             if moved > bound:
-                rejected[update.node] = (f"moved {moved:.6g} from the global model, more than max_norm_ratio "
-                                         f"{ratio:g} x its norm ({bound:.6g})")
+                rejected[update.node] = reason("max_norm_ratio", f"moved {moved:.6g} from the global model, more "
+                                               f"than max_norm_ratio {ratio:g} x its norm ({bound:.6g})")
                 continue
         if floor is not None:
             scored = accuracy(update.state)
             if scored < floor:
-                rejected[update.node] = f"scored accuracy {scored:.4f} on the held-out split, below min_accuracy {floor:g}"
+                rejected[update.node] = reason("min_accuracy", f"scored accuracy {scored:.4f} on the held-out split, "
+                                                               f"below min_accuracy {floor:g}")
                 continue
         kept.append(update)
-    return kept, {node: reason[:MAX_REASON_CHARS] for node, reason in rejected.items()}
+    return kept, rejected

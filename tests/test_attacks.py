@@ -52,3 +52,50 @@ def test_a_targeted_attack_names_its_data_owner():
     assert parse_targeted("02ab=scale:10") == ("02ab", Attack("scale", 10.0))
     with pytest.raises(AttackError, match="write OWNER=MODE"):
         parse_targeted("scale:10")
+
+
+# --------------------------------------------------------------------------- never silent
+
+
+def test_a_compute_node_in_attack_mode_says_so_in_its_heartbeat(tmp_path):
+    import types
+
+    from trustmesh.compute_node.node import ComputeNode
+
+    honest = ComputeNode("compute-0", tmp_path / "a", validator_url="tcp://127.0.0.1:9", rest_url="http://127.0.0.1:9",
+                         redis_url="redis://127.0.0.1:9")
+    poisoning = ComputeNode("compute-1", tmp_path / "b", validator_url="tcp://127.0.0.1:9",
+                            rest_url="http://127.0.0.1:9", redis_url="redis://127.0.0.1:9",
+                            attacks={"02" + "ab" * 32: parse_attack("scale:100")})
+    for node in (honest, poisoning):  # the REST client start() makes: only its pending batches are asked for
+        node.rest = types.SimpleNamespace(pending_summary=lambda signer: {"count": 0, "batches": []})
+    assert "attack" not in honest._status_info()
+    assert poisoning._status_info()["attack"] == "scale:100 on 02ababababababab…"  # its key's first 16
+
+
+def test_trustmesh_status_shows_attack_test_mode_for_a_node_that_said_so(tmp_path, capsys):
+    """What the supervisor copied from a node's heartbeat into network.json, on its status line."""
+    import json
+
+    from trustmesh import cli
+    from trustmesh.endpoints import NETWORK_FILE
+
+    service = {"pid": None, "restarts": 0, "healthy": None}
+    (tmp_path / NETWORK_FILE).write_text(json.dumps({"supervisor_pid": None, "endpoints": {}, "services": {
+        "compute-0": service, "compute-1": {**service, "attack": "scale(100) on 02abababababababab…"}}}))
+    cli.main(["--home", str(tmp_path), "status"])  # 1: the network is not running, which status says too
+    lines = capsys.readouterr().out.splitlines()
+    [honest] = [line for line in lines if "compute-0" in line]
+    [poisoning] = [line for line in lines if "compute-1" in line]
+    assert "ATTACK" not in honest
+    assert poisoning.endswith("ATTACK TEST MODE: scale(100) on 02abababababababab…")
+
+
+def test_iot_node_takes_an_attack_only_when_asked():
+    from trustmesh import cli
+
+    parser = cli.build_parser()
+    assert parser.parse_args(["iot-node", "--name", "iot-1", "--data-dir", "d", "--attack", "sign_flip"]).attack == parse_attack("sign_flip")
+    assert parser.parse_args(["iot-node", "--name", "iot-1", "--data-dir", "d"]).attack is None  # never on by default
+    with pytest.raises(SystemExit):
+        parser.parse_args(["iot-node", "--name", "iot-1", "--data-dir", "d", "--attack", "boost"])

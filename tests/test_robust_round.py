@@ -65,3 +65,16 @@ def test_qfedavg_weighs_by_the_reported_starting_loss_and_the_audit_recomputes_i
     # each global model from the round's starting model; each participant's loss differs
     for result in results:
         assert len(set(result["aggregation_weights"].values())) == 5, result["aggregation_weights"]
+
+
+def test_a_refused_deploy_fails_at_once_with_its_reason_and_stops_the_nodes(devnet, stores, tmp_path):
+    import time
+
+    import pytest
+
+    from trustmesh.scheduling.workflow import DefinitionError
+
+    started = time.monotonic()
+    with pytest.raises(DefinitionError, match=r"tolerating f = 2 Byzantine updates takes at least 2f \+ 3 = 7 updates"):
+        _federate(devnet, stores, tmp_path, "digits-refused", strategy={"name": "krum", "f": 2})  # 5 nodes
+    assert time.monotonic() - started < 60  # the nodes it started were stopped: nothing waits for rounds

@@ -16,6 +16,8 @@ from trustmesh.fl.strategies import ClientUpdate
 from trustmesh.ledger.processor import InvalidTransaction
 from trustmesh.scheduling import layout, schedule
 
+NAN = "update check finite: holds NaN or infinite values"  # how screening names a non-finite update
+
 
 def update(node, *values):
     return ClientUpdate(node, OrderedDict(w=torch.tensor(values, dtype=torch.float32)), 10, {})
@@ -25,7 +27,7 @@ def test_non_finite_updates_are_always_rejected_and_the_rest_kept_in_order():
     kept, rejected = screening.screen([update("a", 1, 2), update("b", float("nan"), 0), update("c", 3, float("inf"))],
                                       None)
     assert [u.node for u in kept] == ["a"]
-    assert rejected == {"b": "holds NaN or infinite values", "c": "holds NaN or infinite values"}
+    assert rejected == {"b": NAN, "c": NAN}
 
 
 def test_the_norm_bound_is_relative_to_the_starting_model():
@@ -33,7 +35,8 @@ def test_the_norm_bound_is_relative_to_the_starting_model():
     updates = [update("a", 3, 9), update("b", 3, 9.5)]   # moved 5 and 5.5
     kept, rejected = screening.screen(updates, {"max_norm_ratio": 1.0}, start)
     assert [u.node for u in kept] == ["a"]
-    assert rejected == {"b": "moved 5.5 from the global model, more than max_norm_ratio 1 x its norm (5)"}
+    assert rejected == {"b": "update check max_norm_ratio: moved 5.5 from the global model, more than max_norm_ratio 1 "
+                             "x its norm (5)"}
     with pytest.raises(ValueError, match="needs the global model the round started from"):
         screening.screen(updates, {"max_norm_ratio": 1.0})
 
@@ -60,14 +63,21 @@ def aggregator(scenario):
 
 def test_a_round_result_names_its_rejected_updates_with_weight_zero(scenario):
     state = copy.deepcopy(scenario.states["aggregated"])
-    keys, payload = result_payload(scenario, [0.5, 0.5, 0.0], lambda k: {k[2]: "holds NaN or infinite values"})
+    keys, payload = result_payload(scenario, [0.5, 0.5, 0.0], lambda k: {k[2]: NAN})
     apply(state, aggregator(scenario), layout.SCHEDULE_FAMILY, payload)
     result = schedule.decode_record(state[layout.round_result_address(scenario.schedule_id)])
-    assert result["rejected"] == {keys[2]: "holds NaN or infinite values"}
+    assert result["rejected"] == {keys[2]: NAN}
     # the rejected node's reputation counts it; the others' load records are not touched
     assert schedule.decode_record(state[layout.node_load_address(keys[2])]) == {
         **schedule.empty_load(keys[2]), "rejected": 1}
     assert layout.node_load_address(keys[0]) not in state
+    # an honest update a robust rule merely did not choose is named, and counts nothing against its node
+    state = copy.deepcopy(scenario.states["aggregated"])
+    chose = "krum (f = 1) did not choose it: another update had a lower Krum score"
+    apply(state, aggregator(scenario), layout.SCHEDULE_FAMILY,
+          result_payload(scenario, [0.5, 0.5, 0.0], lambda k: {k[2]: chose})[1])
+    assert schedule.decode_record(state[layout.round_result_address(scenario.schedule_id)])["rejected"] == {keys[2]: chose}
+    assert layout.node_load_address(keys[2]) not in state
     # without rejections the record keeps its shape (and state roots their values)
     state = copy.deepcopy(scenario.states["aggregated"])
     apply(state, aggregator(scenario), layout.SCHEDULE_FAMILY, result_payload(scenario, [0.5, 0.5, 0.0], None)[1])
@@ -109,7 +119,7 @@ def test_the_audit_redoes_the_checks_and_names_a_rejection_that_did_not_happen()
     forged = audit.RoundAudit(number=1)
     audit.check_aggregation(forged, updates, {"name": "fedavg"},
                             {**honest, "aggregation_weights": {"a": 1.0, "b": 0.0, "c": 0.0},
-                             "rejected": {**rejected, "b": "holds NaN or infinite values"}},
+                             "rejected": {**rejected, "b": NAN}},
                             workflow_id="wf", model_spec=spec)
     assert any("are not the ones the update checks and fedavg reject" in p for p in forged.problems), forged.problems
 
@@ -161,7 +171,8 @@ def test_an_update_below_the_accuracy_floor_is_rejected_with_its_score():
     updates = [ClientUpdate("a", trained, 10, {}), ClientUpdate("b", noisy, 10, {})]
     kept, rejected = screening.screen(updates, {"min_accuracy": 0.2}, accuracy=accuracy)
     assert [u.node for u in kept] == ["a"]
-    assert rejected == {"b": f"scored accuracy {accuracy(noisy):.4f} on the held-out split, below min_accuracy 0.2"}
+    assert rejected == {"b": f"update check min_accuracy: scored accuracy {accuracy(noisy):.4f} on the held-out split, "
+                        f"below min_accuracy 0.2"}
     with pytest.raises(ValueError, match="min_accuracy needs the held-out split"):
         screening.screen(updates, {"min_accuracy": 0.2})
     # and the audit, scoring the same updates itself, agrees or names the difference

@@ -90,6 +90,9 @@ class Strategy:
     # names (server_state_digest), so the next round and the audit start from the same bits.
     uses_start: ClassVar[bool] = False
     keeps_state: ClassVar[bool] = False
+    # A Byzantine-robust rule (median, trimmed mean, the Krum family): the dashboard lists the
+    # workflow's rejected updates, an empty list included, for these.
+    robust: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -156,6 +159,11 @@ class Strategy:
         """node -> why, for the updates this rule leaves out (weight 0) when it chooses among them;
         recorded in the round result beside the update checks' rejections. None for most."""
         return {}
+
+    def shortfall(self, n: int) -> str | None:
+        """Why a round whose update checks let n updates through keeps the model it started from
+        instead of combining them (a Byzantine rule whose guarantee needs more, krum.py), or None."""
+        return None
 
     def training_options(self) -> dict:
         """What local training adds for this strategy (keyword arguments of training.local_train,

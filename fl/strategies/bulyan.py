@@ -1,8 +1,8 @@
 """Bulyan (El Mhamdi et al. 2018): Krum chooses theta = n - 2f updates one at a time (each time
 among those left); then, per coordinate, the beta = theta - 2f chosen values closest to their
 median are averaged. Tolerates f Byzantine updates among n >= 4f + 3 (checked against
-federation.min_nodes_required at deploy time). The chosen updates get weight 1/theta in the
-round result, the others 0 (rejected)."""
+federation.min_nodes_required at deploy time), so beta >= 3. The chosen updates get weight
+1/theta in the round result, the others 0 (rejected)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,9 @@ class Bulyan(Byzantine):
     factor = 4
     chosen_by = "not among the n - 2f updates Krum chose in turn"
 
-    def _weights(self, updates):
+    def _choose(self, updates):
         from .averaging import krum_order
 
-        self.check_count(len(updates))
         theta = len(updates) - 2 * self.f
         left, chosen = list(updates), []
         while len(chosen) < theta:
@@ -31,8 +30,10 @@ class Bulyan(Byzantine):
     def combine(self, updates, weights):
         from .averaging import kept, median_rows, state_of_rows, sum_rows
 
+        if self.shortfall(len(weights)):  # `step` keeps the starting model instead
+            return super().combine(updates, weights)
         chosen = kept(updates, weights)
-        beta = max(1, len(chosen) - 2 * self.f)
+        beta = len(chosen) - 2 * self.f
 
         def closest_to_median(rows):
             import torch

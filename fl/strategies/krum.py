@@ -4,28 +4,20 @@ Each update's score is the sum of its squared distances to its n - f - 2 nearest
 the lowest score wins (ties: the smaller node key). The round result gives it weight 1 and every
 other update weight 0 (rejected). Tolerates f Byzantine updates among n >= 2f + 3, so a workflow
 whose rounds may be ready with fewer (federation.min_nodes_required) is refused at deploy time.
+
+`Byzantine` holds what Krum, Multi-Krum and Bulyan share, including a round the update checks
+(fl/screening.py) left short: when fewer updates pass them than the rule's guarantee needs
+(`least`), the rule does not run on them. The round keeps the model it started from as its global
+model (`step`), every update that passed the checks weighs the same and none is rejected by the
+rule (it chose nobody), and the aggregating node logs `shortfall`. The workflow goes on: the next
+round trains from that model, as after a round that timed out. The audit redoes the same.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Mapping
 
 from .base import Integer, Strategy, StrategyError
-
-
-def byzantine_problem(name: str, f: int, federation, *, needs: int, formula: str) -> str | None:
-    """A rule for f Byzantine updates that needs at least `needs` updates per round."""
-    smallest = federation.get("min_nodes_required", 1)
-    if smallest < needs:
-        return (f"tolerating f = {f} Byzantine updates takes at least {formula} = {needs} updates in every "
-                f"round, but federation.min_nodes_required is {smallest}; raise it to {needs} (with enough "
-                f"participants) or lower f")
-    return None
-
-
-def check_count(name: str, n: int, f: int, *, needs: int, formula: str) -> None:
-    if n < needs:
-        raise StrategyError(f"{name} with f = {f} needs at least {formula} = {needs} updates; this round has {n}")
 
 
 class Byzantine(Strategy):
@@ -33,34 +25,62 @@ class Byzantine(Strategy):
     (unnamed: not a strategy itself)."""
 
     factor: ClassVar[int] = 2
+    chosen_by: ClassVar[str] = "another update had a lower Krum score"
+    lowered: ClassVar[str] = "f"  # what a deploy refusal suggests lowering
+    robust = True
+    uses_start = True  # a short round (see the module docstring) keeps the model it started from
 
     @classmethod
-    def least(cls, f: int) -> tuple[int, str]:
-        return cls.factor * f + 3, f"{cls.factor}f + 3"
+    def least(cls, params: Mapping) -> tuple[int, str]:
+        """(the fewest updates a round needs for the guarantee, that rule as a formula)."""
+        return cls.factor * params["f"] + 3, f"{cls.factor}f + 3"
 
     @classmethod
     def federation_problem(cls, spec, federation):
-        needs, formula = cls.least(spec["f"])
-        return byzantine_problem(cls.name, spec["f"], federation, needs=needs, formula=formula)
+        needs, formula = cls.least(spec)
+        smallest = federation.get("min_nodes_required", 1)
+        if smallest < needs:
+            return (f"tolerating f = {spec['f']} Byzantine updates takes at least {formula} = {needs} updates in "
+                    f"every round, but federation.min_nodes_required is {smallest}; raise it to {needs} (with "
+                    f"enough participants) or lower {cls.lowered}")
+        return None
 
-    def check_count(self, n: int) -> None:
-        needs, formula = self.least(self.f)
-        check_count(self.name, n, self.f, needs=needs, formula=formula)
+    def shortfall(self, n):
+        needs, formula = self.least(self.spec())
+        if n >= needs:
+            return None
+        return (f"{self.name} with f = {self.f} needs at least {formula} = {needs} updates and {n} passed the "
+                f"update checks: the round keeps the model it started from")
+
+    def _weights(self, updates):
+        if self.shortfall(len(updates)):
+            return {u.node: 1.0 / len(updates) for u in updates}  # all took part; none was chosen
+        return self._choose(updates)
+
+    def _choose(self, updates) -> dict[str, float]:
+        """The rule itself, on enough updates for its guarantee."""
+        raise NotImplementedError
+
+    def step(self, combined, start, previous=None, updates=()):
+        if not self.shortfall(len(updates)):
+            return combined, None
+        if start is None:
+            raise StrategyError(f"{self.name}: the model the round started from is needed to keep it")
+        return type(start)((name, tensor.clone()) for name, tensor in start.items()), None
 
     def rejections(self, weights):
+        if self.shortfall(len(weights)):
+            return {}
         why = f"{self.name} (f = {self.f}) did not choose it: {self.chosen_by}"
         return {node: why for node, weight in weights.items() if weight == 0}
-
-    chosen_by: ClassVar[str] = "another update had a lower Krum score"
 
 
 class Krum(Byzantine):
     name = "krum"
     parameters = {"f": Integer(low=0, high=1000)}
 
-    def _weights(self, updates):
+    def _choose(self, updates):
         from .averaging import krum_order
 
-        self.check_count(len(updates))
         best = updates[krum_order(updates, self.f)[0]].node
         return {u.node: 1.0 if u.node == best else 0.0 for u in updates}

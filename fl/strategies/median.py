@@ -3,16 +3,30 @@
 Every update takes part with the same weight 1/n in the round result (the median ignores sample
 counts: a node cannot buy influence with a large claimed sample count), and the global model is
 the median of each parameter over the updates, the mean of the two middle values when n is
-even. One attacker among n >= 3 cannot move any coordinate beyond the honest values' range.
+even. f arbitrary updates among n > 2f cannot move any coordinate beyond the honest values'
+range; below 3 updates a round has no such f >= 1 (the median of two is their mean), so a
+workflow whose rounds may be ready with fewer is refused at deploy time.
 """
 
 from __future__ import annotations
 
 from .base import Strategy
 
+LEAST = 3  # the fewest updates per round for which one arbitrary update is outvoted
+
 
 class FedMedian(Strategy):
     name = "median"
+    robust = True
+
+    @classmethod
+    def federation_problem(cls, spec, federation):
+        smallest = federation.get("min_nodes_required", 1)
+        if smallest < LEAST:
+            return (f"a median outvotes one arbitrary update only among at least {LEAST} updates in every round "
+                    f"(with 2 it is their mean), but federation.min_nodes_required is {smallest}; raise it to "
+                    f"{LEAST} (with enough participants)")
+        return None
 
     def _weights(self, updates):
         return {u.node: 1.0 / len(updates) for u in updates}

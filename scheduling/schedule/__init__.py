@@ -42,8 +42,11 @@ Actions (canonical-CBOR map {"action": ..., ...}; unknown fields are refused):
                  task_id?, rejected?, server_state_digest?}
       From the node of the (final) aggregate task, after that task reported done with the same
       digest. rejected: {participant: reason} for updates the update checks refused
-      (fl/screening.py); each has weight 0 and one more `rejected` in its node load record
-      (reputation: a participant whose updates keep being refused shows it). server_state_digest: the sha256 of the state a
+      (fl/screening.py) or a robust rule left out (a Krum that chose another); each has weight 0.
+      A reason screening.failed_update_check recognizes (an update check's) adds one `rejected`
+      to that participant's node load record (reputation: a participant whose updates keep
+      failing the checks shows it); an honest update a rule merely did not choose counts nothing.
+      server_state_digest: the sha256 of the state a
       server optimizer (fl/strategies/fedopt.py) leaves for the next round. Both are stored in
       the result only when present. privacy: what a DP round spent and used (PRIVACY_FIELDS;
       epsilon required). The round is final once the result exists and every evaluate instance
@@ -80,7 +83,7 @@ Records (canonical CBOR):
                               [, output_digest, base_model_digest, metrics, reason]}
   node_load_address(key)    {node, queue, done, missed[, last_missed][, rejected]}  (last_missed:
                             chain time of its latest missed deadline; rejected: how many of its
-                            updates round results left out as rejected)
+                            updates round results name as failing an update check)
   round_result_address(sid) {schedule_id, workflow_id, round, aggregate_task, global_model_digest,
                               participants, aggregation_weights, metrics, reported_by,
                               recorded_at, final[, rejected][, server_state_digest][, finalized_at, evaluations:

@@ -7,6 +7,7 @@ import math
 from typing import Any, Mapping
 
 from trustmesh.fl.strategies.base import WEIGHT_TOLERANCE  # sum(weights) - 1 allowed: the strategies' own
+from trustmesh.fl.screening import failed_update_check  # which rejections count against a node
 from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction
 
 from .. import events, layout
@@ -316,7 +317,8 @@ class ReportRules:
         }
         final = self._finalize(result, assignments, statuses, now)
         writes = {layout.round_result_address(schedule_id): final or result}
-        for node, load in (await self._loads(context, sorted(rejected))).items():  # their reputation
+        refused = sorted(n for n, why in rejected.items() if failed_update_check(why))  # not a Krum's choice
+        for node, load in (await self._loads(context, refused)).items():  # their reputation
             writes[layout.node_load_address(node)] = {**load, "rejected": load.get("rejected", 0) + 1}
         await write_records(context, writes)
         await emit(context, events.ROUND_RESULT, schedule_id=schedule_id, workflow_id=result["workflow_id"],

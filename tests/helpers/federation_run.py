@@ -108,30 +108,33 @@ def federate(devnet, stores, tmp_path, workflow_id: str, *, rounds: int = 2, att
     async def scenario():
         common = dict(validator_url=devnet.component_url, rest_url=devnet.rest_url, redis_url=redis_server.url)
         async with running_processor(devnet.component_url, *federation_handlers()), rest(devnet.rest_url) as client:
-            computes = [ComputeNode(f"compute-{i}", tmp_path / f"compute-{i}", couch_url=couch_server.url,
-                                    attacks={attacker: parse_attack(attack)} if attack else {}, **common)
-                        for i in range(2)]
-            for node in computes:
-                await node.start()
-            owner = load_or_create_key(tmp_path / "owner", "owner")
-            deploy = [workflow.make_deploy_transaction(owner, definition)]
-            if "rewards" in definition:  # its budget escrowed with the deployment, as `trustmesh run` does
-                from trustmesh.scheduling import rewards
-
-                deploy.append(rewards.make_escrow_transaction(owner, workflow_id))
-            [status] = await submit_and_wait(client, [make_batch(owner, deploy)])
-            assert status["status"] == "COMMITTED", status
-            iots = [IoTNode(n, tmp_path / n, workflow_id=workflow_id, coordinator=(n == "iot-1"),
-                            task_deadline=task_deadline, **common) for n in names]
-            for node in iots:
-                await node.start()
+            started = []  # every node started is stopped, whatever fails (a refused deploy included)
             try:
+                for i in range(2):
+                    node = ComputeNode(f"compute-{i}", tmp_path / f"compute-{i}", couch_url=couch_server.url,
+                                       attacks={attacker: parse_attack(attack)} if attack else {}, **common)
+                    await node.start()
+                    started.append(node)
+                computes = list(started)
+                owner = load_or_create_key(tmp_path / "owner", "owner")
+                deploy = [workflow.make_deploy_transaction(owner, definition)]
+                if "rewards" in definition:  # its budget escrowed with the deployment, as `trustmesh run` does
+                    from trustmesh.scheduling import rewards
+
+                    deploy.append(rewards.make_escrow_transaction(owner, workflow_id))
+                [status] = await submit_and_wait(client, [make_batch(owner, deploy)])
+                assert status["status"] == "COMMITTED", f"the deploy was refused: {status}"
+                iots = [IoTNode(n, tmp_path / n, workflow_id=workflow_id, coordinator=(n == "iot-1"),
+                                task_deadline=task_deadline, **common) for n in names]
+                for node in iots:
+                    await node.start()
+                    started.append(node)
                 await until_every_round_is_final(iots, planned if finals is None else finals)
                 await until_history_is_recorded(computes, planned if finals is None else finals)  # the audit reads it
                 if "rewards" in definition:  # the coordinator pays each final round from the escrow
                     await asyncio.wait_for(_until_settled(FederationReader(client), workflow_id), 30)
             finally:
-                for node in iots + computes:
+                for node in reversed(started):
                     await node.stop()
             reader = FederationReader(client)
             index = (await reader.rounds(workflow_id))["rounds"]

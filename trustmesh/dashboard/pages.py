@@ -219,8 +219,10 @@ def workflow_page(detail: Mapping, chain: Mapping, *, partial: bool = False) -> 
 
 
 def _robust(detail: Mapping) -> bool:
-    name = (detail.get("strategy") or {}).get("name")
-    return bool(detail.get("update_checks")) or name in ("median", "trimmed_mean", "krum", "multi_krum", "bulyan")
+    from trustmesh.fl.strategies import STRATEGIES  # pure Python: the registry says which rules are robust
+
+    kind = STRATEGIES.get((detail.get("strategy") or {}).get("name"))
+    return bool(detail.get("update_checks")) or (kind is not None and kind.robust)
 
 
 # ------------------------------------------------------------------------------ a round
