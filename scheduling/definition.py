@@ -75,7 +75,6 @@ from .definition_tasks import MAX_TASKS, TASK_KINDS, check_tasks, closures, topo
 ROOT = "definition"
 
 OPTIMIZERS = ("sgd", "adam")
-STRATEGIES = tuple(sorted(strategy_registry.STRATEGIES))  # at import; the rules read fl/strategies/ each time
 DATASETS = ("digits", "npz")
 PARTITIONS = ("iid", "dirichlet")
 TRAIN_ON = ("compute", "iot")

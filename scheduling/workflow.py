@@ -55,7 +55,7 @@ from .definition import (  # noqa: F401
     DATASETS, DEFAULT_TRAIN_ON, MAX_BATCH_SIZE, MAX_CLASSES, MAX_DESCRIPTION, MAX_EPOCHS, MAX_GROUP_MEMBERS,
     MAX_GROUP_PART_MEMBERS, MAX_GROUP_PARTS, MAX_HIDDEN_LAYERS, MAX_INPUT_DIM, MAX_LAYER_WIDTH, MAX_NAME,
     MAX_PARTICIPANTS, MAX_ROUND_TIMEOUT, MAX_ROUNDS, MAX_SEED, MAX_TASKS, MODEL_CHECKS, OPTIMIZERS, PARTITIONS,
-    STRATEGIES, TASK_KINDS, TRAIN_ON, DefinitionError, is_federated, participant_group, train_on,
+    TASK_KINDS, TRAIN_ON, DefinitionError, is_federated, participant_group, train_on,
     validate_definition,
 )
 from .workflow_client import (  # noqa: F401

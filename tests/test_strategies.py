@@ -219,7 +219,6 @@ def test_the_registry_makes_the_published_strategy_schema_and_loads_no_torch():
     from trustmesh.scheduling import workflow as wf
 
     assert wf.load_schema()["$defs"]["strategy"] == st.schema_of_strategies()
-    assert list(wf.STRATEGIES) == sorted(st.STRATEGIES)
     # the processors validate strategy maps with the registry and never load torch
     code = ("import sys; import trustmesh.scheduling.handlers, trustmesh.fl.strategies; "
             "print('torch' in sys.modules)")

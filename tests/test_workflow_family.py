@@ -28,6 +28,7 @@ from trustmesh.ledger.builders import make_batch, make_transaction
 from trustmesh.ledger.processor import InvalidTransaction
 from trustmesh.ledger.signing import PrivateKey
 from trustmesh.scheduling import common, layout
+from trustmesh.fl import strategies as strategy_registry
 from trustmesh.scheduling import workflow as wf
 
 WORKFLOWS = pathlib.Path(__file__).resolve().parent.parent / "workflows"
@@ -478,7 +479,7 @@ def test_schema_bounds_and_enums_match_the_python_constants():
     assert (hp["epochs"]["maximum"], hp["batch_size"]["maximum"], defs["seed"]["maximum"]) == \
         (wf.MAX_EPOCHS, wf.MAX_BATCH_SIZE, wf.MAX_SEED)
     assert hp["optimizer"]["enum"] == list(wf.OPTIMIZERS)
-    assert defs["strategy"]["properties"]["name"]["enum"] == list(wf.STRATEGIES)
+    assert defs["strategy"]["properties"]["name"]["enum"] == sorted(strategy_registry.STRATEGIES)
     assert defs["data"]["properties"]["dataset"]["enum"] == list(wf.DATASETS)
     assert defs["partition"]["properties"]["kind"]["enum"] == list(wf.PARTITIONS)
     fed = defs["federation"]["properties"]
