@@ -109,6 +109,28 @@ def test_a_round_the_update_checks_left_short_keeps_its_starting_model(spec, n, 
     assert strategy.step(state, start, None, more)[0]["w"].tolist() != [7.0] and strategy.rejections(weights)
 
 
+@pytest.mark.parametrize("spec, n, message", [
+    ({"name": "median"}, 2, "a median outvotes one arbitrary update only among at least 3 updates and 2 passed"),
+    ({"name": "trimmed_mean", "beta": 0.2}, 4, "trimmed_mean with beta = 0.2 trims floor(beta x 4) = 0 values of the "
+                                               "4 updates"),
+])
+def test_a_median_or_trimmed_mean_left_short_keeps_its_starting_model_not_a_plain_mean(spec, n, message):
+    """Below what outvotes one update (the update checks rejected some), a median of two or a mean
+    that trims nothing would be a plain mean: the round keeps the model it started from instead;
+    one update more and the rule combines."""
+    strategy = st.strategy_from_spec(spec)
+    assert strategy.uses_start
+    updates, start = spread(*range(n)), OrderedDict(w=torch.tensor([7.0]))
+    state, _ = strategy.aggregate(updates)
+    kept, _ = strategy.step(state, start, None, updates)
+    assert kept["w"].tolist() == [7.0] and kept["w"] is not start["w"]
+    assert strategy.shortfall(n).startswith(message)
+    assert strategy.shortfall(n + 1) is None
+    more = spread(*range(n + 1))
+    state, _ = strategy.aggregate(more)
+    assert strategy.step(state, start, None, more)[0]["w"].tolist() == state["w"].tolist() != [7.0]
+
+
 def test_the_audit_redoes_a_short_round_and_names_one_that_combined_anyway():
     spec_model = {"type": "mlp", "input_dim": 1, "hidden": [], "num_classes": 2}
     state_of = lambda i: OrderedDict([("layers.0.weight", torch.tensor([[1.0 * i], [2.0]])),  # noqa: E731

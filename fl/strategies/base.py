@@ -148,8 +148,13 @@ class Strategy:
         """(global state, server state or None) from the combined updates, the model the round
         trained from (given when `uses_start`), the state the last round left (None: the first
         round, or a strategy without state) and the updates combined (checked, sorted by node).
-        Most strategies' global model is `combined`."""
-        return combined, None
+        Most strategies' global model is `combined`; a round left short of what the rule's
+        guarantee needs (`shortfall`) keeps the model it started from."""
+        if not self.shortfall(len(updates)):
+            return combined, None
+        if start is None:
+            raise StrategyError(f"{self.name}: the model the round started from is needed to keep it")
+        return type(start)((name, tensor.clone()) for name, tensor in start.items()), None
 
     def _weights(self, updates: list[ClientUpdate]) -> dict[str, float]:
         """The strategy itself: `updates` are checked and sorted by node."""
@@ -162,7 +167,8 @@ class Strategy:
 
     def shortfall(self, n: int) -> str | None:
         """Why a round whose update checks let n updates through keeps the model it started from
-        instead of combining them (a Byzantine rule whose guarantee needs more, krum.py), or None."""
+        instead of combining them (a robust rule whose guarantee needs more: krum.py, median.py,
+        trimmed_mean.py; such a rule sets `uses_start`), or None."""
         return None
 
     def training_options(self) -> dict:

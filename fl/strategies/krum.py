@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Mapping
 
-from .base import Integer, Strategy, StrategyError
+from .base import Integer, Strategy
 
 
 class Byzantine(Strategy):
@@ -60,13 +60,6 @@ class Byzantine(Strategy):
     def _choose(self, updates) -> dict[str, float]:
         """The rule itself, on enough updates for its guarantee."""
         raise NotImplementedError
-
-    def step(self, combined, start, previous=None, updates=()):
-        if not self.shortfall(len(updates)):
-            return combined, None
-        if start is None:
-            raise StrategyError(f"{self.name}: the model the round started from is needed to keep it")
-        return type(start)((name, tensor.clone()) for name, tensor in start.items()), None
 
     def rejections(self, weights):
         if self.shortfall(len(weights)):

@@ -5,7 +5,8 @@ counts: a node cannot buy influence with a large claimed sample count), and the 
 the median of each parameter over the updates, the mean of the two middle values when n is
 even. f arbitrary updates among n > 2f cannot move any coordinate beyond the honest values'
 range; below 3 updates a round has no such f >= 1 (the median of two is their mean), so a
-workflow whose rounds may be ready with fewer is refused at deploy time.
+workflow whose rounds may be ready with fewer is refused at deploy time, and a round the update
+checks (fl/screening.py) leave with fewer keeps the model it started from (`shortfall`, as Krum's).
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ LEAST = 3  # the fewest updates per round for which one arbitrary update is outv
 class FedMedian(Strategy):
     name = "median"
     robust = True
+    uses_start = True  # a short round keeps the model it started from
+
+    def shortfall(self, n):
+        if n >= LEAST:
+            return None
+        return (f"a median outvotes one arbitrary update only among at least {LEAST} updates and {n} passed the "
+                f"update checks: the round keeps the model it started from")
 
     @classmethod
     def federation_problem(cls, spec, federation):

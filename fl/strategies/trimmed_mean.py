@@ -5,7 +5,9 @@ beta in [0, 0.49] (below 0.5, so at least one value is left to average). floor(b
 keeps f arbitrary updates from moving a coordinate beyond the honest values' range; a workflow
 whose smallest round (federation.min_nodes_required) would trim nothing, a plain mean, is refused
 at deploy time. Every update takes part with weight 1/n in the round result; which values a
-coordinate dropped depends on the coordinate, so no node is rejected as a whole.
+coordinate dropped depends on the coordinate, so no node is rejected as a whole. A round the update
+checks (fl/screening.py) leave too small to trim a value keeps the model it started from
+(`shortfall`, as Krum's) instead of publishing a plain mean.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ class FedTrimmedAvg(Strategy):
     name = "trimmed_mean"
     parameters = {"beta": Number(low=0, high=0.49)}
     robust = True
+    uses_start = True  # a short round keeps the model it started from
+
+    def shortfall(self, n):
+        if trimmed(self.beta, n) >= 1:
+            return None
+        return (f"trimmed_mean with beta = {self.beta:g} trims floor(beta x {n}) = 0 values of the {n} updates that "
+                f"passed the update checks: the round keeps the model it started from")
 
     @classmethod
     def federation_problem(cls, spec, federation):
