@@ -394,14 +394,26 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
         global_state, _, start = await _global_model(ctx, definition, assignments)
         start_state = _or_initial(global_state, definition)
     accuracy = screening.held_out_accuracy(definition) if checks and "min_accuracy" in checks else None
+    received = updates
     updates, rejected = await asyncio.to_thread(screening.screen, updates, checks, start_state, accuracy)
     for node, why in sorted(rejected.items()):
         LOGGER.warning("aggregate %s: the update of %s… is rejected: %s", task_id, node[:16], why)
-    if not updates:
-        raise TaskInputError(f"aggregate {task_id}: every update was rejected by the update checks")
+    if not updates and start is None:  # the round keeps the model it trained from (fl/screening.py)
+        global_state, _, start = await _global_model(ctx, definition, assignments)
+        start_state = _or_initial(global_state, definition)
     previous = await _server_state(ctx, strategy, start)
     private = None
-    if block is not None:
+    if not updates:  # every update failed the checks: nothing to combine, no noise, the server state kept
+        LOGGER.warning("aggregate %s: every update was rejected by the update checks; the round keeps the model "
+                       "it started from", task_id)
+        started = time.perf_counter()
+        state, weights, kept_state = start_state, {}, previous
+        if block is not None:
+            earlier = await dp_round.earlier_multipliers(ctx.reader, assignments["workflow_id"], assignments["round"])
+            private = dp_round.kept_start_record(
+                block, assignments["round"], dp_round.clipping_norm(block, start.next_clipping_norm),
+                planned=definition["federation"]["min_nodes_required"], earlier=earlier)
+    elif block is not None:
         seed = await _noise_seed(ctx, sid) if block["where"] == "server" else None
         started = time.perf_counter()
         earlier = await dp_round.earlier_multipliers(ctx.reader, assignments["workflow_id"], assignments["round"])
@@ -427,8 +439,9 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     if kept_state is not None:
         server_state_digest = await ctx.blobs.put(server_state.serialize(
             kept_state, strategy=strategy.name, workflow_id=assignments["workflow_id"], round=assignments["round"]))
-    total = sum(u.samples for u in updates)
-    metrics = {name: sum(float(u.metrics[name]) * u.samples for u in updates) / total for name in ("loss", "accuracy")}
+    reported = updates or received  # the local metrics of the updates used (all of them, when none was)
+    total = sum(u.samples for u in reported)
+    metrics = {name: sum(float(u.metrics[name]) * u.samples for u in reported) / total for name in ("loss", "accuracy")}
     metrics["samples"] = total
     participants = sorted(weights)
     result = {"participants": participants, "aggregation_weights": {n: float(weights[n]) for n in participants},

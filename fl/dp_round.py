@@ -75,6 +75,19 @@ def privacy_record(block: Mapping, round_number: int, norm: float, *, averaged: 
     return {"epsilon": spent, "delta": block["delta"], "noise_multiplier": z, "clipping_norm": norm}
 
 
+def kept_start_record(block: Mapping, round_number: int, norm: float, *, planned: int,
+                      earlier: Mapping[int, float] | None = None) -> dict:
+    """The privacy record of a round whose update checks rejected every update (fl/screening.py):
+    it keeps its starting model and adds no noise, yet is accounted as a planned round (the
+    block's multiplier, as a round that timed out counts): which updates the checks refused
+    depends on the data and is on chain unnoised, so counting it is the safe bound. An adaptive
+    clipping norm is carried over to the next round unchanged."""
+    record = privacy_record(block, round_number, norm, averaged=planned, planned=planned, earlier=earlier)
+    if block["clipping"] == "adaptive":
+        record["next_clipping_norm"] = norm
+    return record
+
+
 async def earlier_multipliers(reader: Any, workflow_id: str, round_number: int) -> dict[int, float]:
     """round -> the noise multiplier its result recorded, for the rounds before `round_number`
     that have one (a round that timed out counts at the planned multiplier). `reader`: a

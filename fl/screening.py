@@ -18,6 +18,13 @@ node's reputation (the schedule family's round_result rule). Checks (NAME):
                     caller passes `accuracy`: models.exact_predictions, so the audit's count
                     is the aggregator's on any machine)
 
+When the checks reject every update, the round keeps the model it started from as its global
+model (re-serialized for this round, as a Krum-family short round does, fl/strategies/krum.py),
+every participant weighs 0 and is named in `rejected`, a server optimizer's state is carried over
+unchanged, and a DP round adds no noise (fl/dp_round.py `kept_start_record`). The workflow goes
+on: the next round trains from that model. `weights_sum_fits` is the schedule family's rule for
+such a result's weights (summing to 0), which the audit applies too.
+
 Pure and deterministic: no torch import at module level (the workflow rules read `PARAMETERS`).
 """
 
@@ -26,7 +33,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping, Sequence
 
-from .strategies.base import ClientUpdate, Number
+from .strategies.base import WEIGHT_TOLERANCE, ClientUpdate, Number
 
 # The workflow definition's optional `update_checks` map: field -> bounds (read by the workflow
 # rules and the JSON schema, like a strategy's parameters).
@@ -44,6 +51,15 @@ def failed_update_check(why: str) -> bool:
     """Whether a round result's rejection reason is an update check's (it counts in the node's
     reputation), not a robust rule's choice among valid updates (it does not)."""
     return isinstance(why, str) and why.startswith(CHECK_REASON)
+
+
+def weights_sum_fits(total: float, participants: Sequence[str], rejected: Mapping[str, str]) -> bool:
+    """Whether a round result's aggregation_weights summing to `total` fit: 1 within
+    WEIGHT_TOLERANCE, or exactly 0 when every participant is rejected (nothing was aggregated:
+    the round kept the model it started from)."""
+    if abs(total - 1.0) <= WEIGHT_TOLERANCE:
+        return True
+    return total == 0 and bool(participants) and all(node in rejected for node in participants)
 
 
 def flat(state: Mapping):

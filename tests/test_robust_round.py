@@ -1,6 +1,7 @@
 """Defences through every real part, five IoT nodes, one of whose updates the compute nodes poison
 (x100 scaling, fl/attacks.py): Multi-Krum (f = 1, m = 3) gives the attacker weight 0 in every
-round; FedAvg behind update checks (max_norm_ratio) rejects it by name. Either way the audit
+round; FedAvg behind update checks (max_norm_ratio) rejects it by name; checks that reject every update
+end each round with the model it started from. Either way the audit
 recomputes the aggregation, and the checks, and passes. A server optimizer (FedAdam) leaves a state
 for the next round that the audit recomputes from the state the round started with."""
 
@@ -35,6 +36,19 @@ def test_update_checks_reject_a_scaling_attacker_by_name_and_the_audit_agrees(de
         assert "more than max_norm_ratio 3 x its norm" in result["rejected"][attacker]
         assert sum(1 for w in result["aggregation_weights"].values() if w > 0) == 4
     assert loads[attacker]["rejected"] == ROUNDS  # counted in its node's reputation, once a round
+
+
+def test_a_round_whose_updates_all_fail_the_checks_keeps_its_starting_model_and_the_workflow_goes_on(
+        devnet, stores, tmp_path):
+    # every honest update moves more than 1e-6 x the starting model's norm: the checks reject all
+    _, results, loads, _ = _federate(devnet, stores, tmp_path, "digits-all-rejected", attack=None,
+                                     strategy={"name": "fedavg"}, update_checks={"max_norm_ratio": 1e-6})
+    for result in results:  # each round ends final; the audit (run by federate) found its starting model kept
+        assert result["final"] is True
+        assert set(result["aggregation_weights"].values()) == {0.0}, result["aggregation_weights"]
+        assert sorted(result["rejected"]) == sorted(result["participants"]) and len(result["participants"]) == 5
+        assert all("more than max_norm_ratio 1e-06 x its norm" in why for why in result["rejected"].values())
+    assert all(loads[node]["rejected"] == ROUNDS for node in results[0]["participants"])
 
 
 def test_a_server_optimizer_carries_its_state_from_round_to_round_and_the_audit_recomputes_it(devnet, stores,

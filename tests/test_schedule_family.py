@@ -556,6 +556,11 @@ async def test_every_rule_is_enforced_with_a_clear_message(client):
         (_result(sid, record_, aggregation_weights={k: 0.5 for k in keys[:2]})[0],
          "must cover exactly the participants; missing"),
         (_result(sid, record_, aggregation_weights={k: 0.3 for k in keys})[0], "they must sum to 1"),
+        # all 0 only when every participant is rejected (tests/test_screening.py records one)
+        (_result(sid, record_, aggregation_weights={k: 0.0 for k in keys})[0], "they must sum to 1"),
+        (_result(sid, record_, aggregation_weights={k: 0.0 for k in keys},
+                 rejected={k: "update check finite: holds NaN or infinite values" for k in keys[:2]})[0],
+         "they must sum to 1"),
         (_result(sid, record_, aggregation_weights={keys[0]: -0.5, keys[1]: 0.5, keys[2]: 1.0})[0],
          "must be a finite number >= 0"),
         (_result(sid, record_, metrics={"loss": 0.3})[0], "lacks the metric(s) accuracy"),

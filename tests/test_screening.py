@@ -90,11 +90,24 @@ def test_a_round_result_names_its_rejected_updates_with_weight_zero(scenario):
     ([0.5, 0.25, 0.25], lambda k: {k[2]: "x"}, "is rejected but has aggregation weight 0.25"),
     ([0.5, 0.5, 0.0], lambda k: {k[2]: " "}, "must be a non-empty text of at most 200 characters"),
     ([0.5, 0.5, 0.0], lambda k: {k[2]: "x" * 201}, "must be a non-empty text of at most 200 characters"),
+    # weights summing to 0: only when every participant is rejected
+    ([0.0, 0.0, 0.0], lambda k: {k[0]: NAN, k[1]: NAN}, r"sum to 0\.0; they must sum to 1"),
+    ([0.0, 0.0, 0.0], None, r"sum to 0\.0; they must sum to 1"),
 ])
 def test_a_rejected_map_that_does_not_fit_is_refused(scenario, weights, rejected, message):
     state = copy.deepcopy(scenario.states["aggregated"])
     with pytest.raises(InvalidTransaction, match=message):
         apply(state, aggregator(scenario), layout.SCHEDULE_FAMILY, result_payload(scenario, weights, rejected)[1])
+
+
+def test_a_round_whose_updates_all_failed_the_checks_records_weights_all_zero(scenario):
+    state = copy.deepcopy(scenario.states["aggregated"])
+    keys, payload = result_payload(scenario, [0.0, 0.0, 0.0], lambda k: {n: NAN for n in k})
+    apply(state, aggregator(scenario), layout.SCHEDULE_FAMILY, payload)
+    result = schedule.decode_record(state[layout.round_result_address(scenario.schedule_id)])
+    assert result["aggregation_weights"] == {k: 0.0 for k in keys} and result["rejected"] == {k: NAN for k in keys}
+    for node in keys:  # each counted in its node's reputation
+        assert schedule.decode_record(state[layout.node_load_address(node)])["rejected"] == 1
 
 
 def test_the_audit_redoes_the_checks_and_names_a_rejection_that_did_not_happen():
@@ -122,6 +135,70 @@ def test_the_audit_redoes_the_checks_and_names_a_rejection_that_did_not_happen()
                              "rejected": {**rejected, "b": NAN}},
                             workflow_id="wf", model_spec=spec)
     assert any("are not the ones the update checks and fedavg reject" in p for p in forged.problems), forged.problems
+
+
+_SPEC = {"type": "mlp", "input_dim": 2, "hidden": [], "num_classes": 2}
+
+
+def _state(scale):
+    return OrderedDict([("layers.0.weight", torch.tensor([[1.0, 2.0], [3.0, 4.0]]) * scale),
+                        ("layers.0.bias", torch.tensor([0.5, -0.5]) * scale)])
+
+
+def _kept_start(start, updates, checks, *, block=None, norm=None, carried=None, strategy="fedavg"):
+    """What compute-node/tasks.py `_aggregate` records for a round whose updates all fail `checks`."""
+    from trustmesh.fl import dp_round, model_format, server_state
+
+    kept, rejected = screening.screen(updates, checks, start)
+    assert kept == []
+    digest = model_format.digest(model_format.serialize(start, workflow_id="wf", round=2, model_spec=_SPEC))
+    result = {"aggregation_weights": {n: 0.0 for n in rejected}, "global_model_digest": digest, "rejected": rejected,
+              "server_state_digest": None if carried is None else server_state.digest(
+                  server_state.serialize(carried, strategy=strategy, workflow_id="wf", round=2))}
+    if block is not None:
+        result["privacy"] = dp_round.kept_start_record(block, 2, norm, planned=2, earlier={1: 1.0})
+    return result
+
+
+@pytest.mark.parametrize("strategy, private", [("fedavg", False), ("fedadam", False), ("fedavg", True)])
+def test_a_round_whose_updates_all_fail_the_checks_keeps_its_starting_model_and_the_audit_agrees(strategy, private):
+    from trustmesh import audit
+    from trustmesh.fl import privacy_block
+
+    block = {"mechanism": "dp-fedavg", "clipping": "fixed", "clipping_norm": 1.0, "noise_multiplier": 1.0,
+             "delta": 1e-5, "epsilon_budget": 8.0, "where": "server"} if private else None
+    start, checks = _state(1.0), {"max_norm_ratio": 0.01}  # both updates moved 10% and 20% of its norm
+    updates = [ClientUpdate(n, _state(s), 10, {}) for n, s in (("a", 1.1), ("b", 1.2))]
+    spec = {"name": "fedavg"} if strategy == "fedavg" else {"name": "fedadam", "eta": 0.03, "beta_1": 0.9,
+                                                           "beta_2": 0.99, "tau": 0.001}
+    carried = None if strategy == "fedavg" else {
+        slot: OrderedDict((name, torch.full_like(t, 0.5, dtype=torch.float64)) for name, t in start.items())
+        for slot in ("m", "v")}
+    result = _kept_start(start, updates, checks, block=block, norm=1.0, carried=carried, strategy=strategy)
+    assert set(result["rejected"]) == {"a", "b"} and all("max_norm_ratio" in w for w in result["rejected"].values())
+    if private:  # no noise, accounted as a planned round at the block's multiplier
+        assert "noise_std" not in result["privacy"] and result["privacy"]["noise_multiplier"] == 1.0
+        assert result["privacy"]["epsilon"] == privacy_block.epsilon_after(block, 2, {1: 1.0})
+    dp = dict(privacy=block, noise_seed=b"\0" * 32, clipping_norm=1.0, planned=2, earlier={1: 1.0}) if private else {}
+
+    def audited(claimed):
+        checked = audit.RoundAudit(number=2)
+        audit.check_aggregation(checked, updates, spec, claimed, workflow_id="wf", model_spec=_SPEC,
+                                update_checks=checks, start_state=start, server_state=carried, **dp)
+        return checked
+
+    checked = audited(result)
+    assert checked.ok and checked.recomputed_global_model == result["global_model_digest"], checked.problems
+    # a global model other than the starting one (here: the rejected updates averaged) is caught
+    from trustmesh.fl import model_format, strategies
+
+    averaged, _ = strategies.FedAvg().aggregate(updates)
+    forged = audited({**result, "global_model_digest": model_format.digest(
+        model_format.serialize(averaged, workflow_id="wf", round=2, model_spec=_SPEC))})
+    assert any("digest mismatch" in p for p in forged.problems), forged.problems
+    if carried is not None:  # a server state not carried over unchanged is caught too
+        moved = audited({**result, "server_state_digest": "ab" * 32})
+        assert any("server state the round started with" in p for p in moved.problems), moved.problems
 
 
 # --------------------------------------------------------------------------- accuracy floor

@@ -12,12 +12,14 @@ Transactions  every committed transaction of the four federation families that c
               in state must have the signed transaction that made it.
 Rounds        the record belongs to the workflow and its schedule_id is derived; submitted nodes
               are participants; local training used exactly the submitted data; the result's
-              participants are the nodes whose updates were aggregated; weights sum to 1.
+              participants are the nodes whose updates were aggregated; weights sum to 1 (to 0
+              when every participant is rejected, screening.weights_sum_fits).
 Blobs         submission bundles, every task output and the global model in Redis, the round's
               global model in CouchDB (when a URL is given): "missing" or "digest mismatch".
 Aggregation   the strategy's weights recomputed from the stored updates and their on-chain
               metrics, the weighted average with the on-chain weights re-serialized exactly as
               compute-node/tasks.py `_aggregate` stores it: its sha256 must be the on-chain digest.
+              A round whose update checks rejected every update must keep its starting model.
 Lineage       which global model each round started from, by the schedule family's lineage rule
               (schedule.starting_model: the latest earlier round's global model, rounds in
               between timed out; the initial weights when there is none): every local_train done
@@ -55,7 +57,7 @@ from trustmesh.fl.strategies import STRATEGIES
 from trustmesh.scheduling.definition import participant_group
 from trustmesh.scheduling.reader import FederationReader, expand
 from trustmesh.scheduling.workflow_groups import complete
-from trustmesh.fl.strategies.base import WEIGHT_TOLERANCE
+from trustmesh.fl import screening
 from trustmesh.scheduling.schedule import StartingModel, lineage_problem
 from trustmesh.stores.couch import CouchClient, CouchError, CouchHistory, DigestMismatch
 from trustmesh.stores.blobs import BlobCorrupted, BlobError, BlobNotFound, BlobStore
@@ -368,7 +370,8 @@ def _check_result(audit: RoundAudit, rnd: _Round) -> None:
     weights = result.get("aggregation_weights") or {}
     audit.check(set(weights) == set(participants), "aggregation_weights name other nodes than the participants")
     total = math.fsum(w for w in weights.values() if isinstance(w, (int, float)))
-    audit.check(abs(total - 1.0) <= WEIGHT_TOLERANCE, f"aggregation weights sum to {total!r}, not 1")
+    audit.check(screening.weights_sum_fits(total, participants, result.get("rejected") or {}),
+                f"aggregation weights sum to {total!r}, not 1")
 
 
 async def _check_couch_model(audit: RoundAudit, history: CouchHistory, workflow_id: str, digest: str) -> None:
@@ -398,7 +401,6 @@ def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strate
     (`planned`: min_nodes_required, default the updates kept; `earlier`: round -> the noise
     multiplier each earlier round recorded, dp_round.earlier_multipliers).
     Returns the recomputed digest (None if it cannot be made)."""
-    from trustmesh.fl import screening
     from trustmesh.fl import server_state as server_state_format
     from trustmesh.fl.strategies import FedAvg, StrategyError, check_updates, strategy_from_spec
 
@@ -412,6 +414,10 @@ def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strate
     except ValueError as exc:
         audit.fail(f"update checks cannot be redone: {exc}")
         kept, screened = list(updates), {}
+    if updates and not kept:
+        return _check_kept_start(audit, screened, result, start_state, strategy_name=strategy_spec.get("name"),
+                                 workflow_id=workflow_id, model_spec=model_spec, server_state=server_state,
+                                 privacy=privacy, clipping_norm=clipping_norm, planned=planned, earlier=earlier)
     if privacy is not None:
         state = _private_aggregation(audit, kept, screened, result, privacy, start_state, workflow_id=workflow_id,
                                      noise_seed=noise_seed, clipping_norm=clipping_norm, planned=planned,
@@ -457,6 +463,45 @@ def check_aggregation(audit: RoundAudit, updates: Sequence[ClientUpdate], strate
                                                   f"{strategy.name} does not match the on-chain server_state_digest "
                                                   f"{_short(claimed_state)}: digest mismatch")
     return _check_global_model(audit, state, result, workflow_id, model_spec)
+
+
+def _check_kept_start(audit: RoundAudit, screened: Mapping[str, str], result: Mapping, start_state: Mapping | None,
+                      *, strategy_name: str | None, workflow_id: str, model_spec: Mapping,
+                      server_state: Mapping | None, privacy: Mapping | None, clipping_norm: float | None,
+                      planned: int | None, earlier: Mapping[int, float] | None) -> str | None:
+    """A round whose update checks rejected every update (fl/screening.py): each is named with its
+    reason and weighs 0, the global model is the starting model re-serialized for this round, a
+    server optimizer's state is carried over unchanged, and a DP round's privacy record is
+    dp_round.kept_start_record's."""
+    from trustmesh.fl import dp_round
+    from trustmesh.fl import server_state as server_state_format
+
+    claimed = dict(result.get("rejected") or {})
+    audit.check(claimed == dict(screened), f"rejected updates on chain ({_reasons(claimed)}) are not the ones the "
+                                           f"update checks reject ({_reasons(screened)})")
+    audit.check(dict(result.get("aggregation_weights") or {}) == {n: 0.0 for n in screened},
+                "aggregation weights on chain are not all 0, though the update checks rejected every update")
+    claimed_state = result.get("server_state_digest")
+    if server_state is None:
+        audit.check(claimed_state is None, f"the round result names a server state {_short(claimed_state)}, but the "
+                                           f"round started without one and combined no update")
+    else:
+        kept_digest = server_state_format.digest(server_state_format.serialize(
+            server_state, strategy=strategy_name, workflow_id=workflow_id, round=audit.number))
+        audit.check(kept_digest == claimed_state, f"the server state the round started with, carried over as "
+                                                  f"{_short(kept_digest)}, is not the on-chain server_state_digest "
+                                                  f"{_short(claimed_state)}: digest mismatch")
+    if privacy is not None:
+        if clipping_norm is None:
+            audit.fail("the privacy record cannot be redone: the clipping norm is not available")
+        else:
+            check_privacy_record(audit, result, dp_round.kept_start_record(
+                privacy, audit.number, clipping_norm, planned=len(screened) if planned is None else planned,
+                earlier=earlier))
+    if start_state is None:
+        audit.fail("global model cannot be recomputed: the model the round started from is not available")
+        return None
+    return _check_global_model(audit, start_state, result, workflow_id, model_spec)
 
 
 def _check_global_model(audit: RoundAudit, state: Mapping, result: Mapping, workflow_id: str,
@@ -563,7 +608,8 @@ async def _recompute_aggregation(audit: RoundAudit, wf: _Workflow, rnd: _Round) 
     kind = STRATEGIES.get(strategy_spec.get("name"))
     uses_start = kind is not None and kind.uses_start
     block = rnd.definition.get("privacy")
-    needs_start = uses_start or block is not None or (checks and "max_norm_ratio" in checks)
+    nothing_weighed = not any((rnd.result.get("aggregation_weights") or {}).values())  # the starting model kept?
+    needs_start = uses_start or block is not None or (checks and "max_norm_ratio" in checks) or nothing_weighed
     start = await _starting_state(audit, wf, rnd) if needs_start else None
     previous = await _previous_server_state(audit, wf, rnd, kind) if uses_start else None
     private = {}

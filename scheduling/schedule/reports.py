@@ -7,7 +7,7 @@ import math
 from typing import Any, Mapping
 
 from trustmesh.fl.strategies.base import WEIGHT_TOLERANCE  # sum(weights) - 1 allowed: the strategies' own
-from trustmesh.fl.screening import failed_update_check  # which rejections count against a node
+from trustmesh.fl.screening import failed_update_check, weights_sum_fits  # which rejections count; the weights' sum
 from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction
 
 from .. import events, layout
@@ -250,11 +250,11 @@ class ReportRules:
             w = weights[node]
             if not _number(w) or w < 0:
                 raise InvalidTransaction(f"aggregation weight of {node} must be a finite number >= 0, got {shown(w)}")
+        rejected = _rejected(body, weights)
         total = math.fsum(weights[n] for n in sorted(participants))
-        if abs(total - 1.0) > WEIGHT_TOLERANCE:
+        if not weights_sum_fits(total, participants, rejected):  # 0 only when the checks rejected every update
             raise InvalidTransaction(f"aggregation_weights sum to {total!r}; they must sum to 1 (within {WEIGHT_TOLERANCE})")
         metrics = _metrics(body, "metrics", required=("accuracy", "loss"))
-        rejected = _rejected(body, weights)
         private = {"privacy": _privacy(body)} if "privacy" in body else {}
         if "contributions" in body:
             private["contributions"] = _contributions(body, weights)
