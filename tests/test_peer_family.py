@@ -18,7 +18,7 @@ from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.builders import make_batch, make_transaction
 from trustmesh.ledger.processor import InvalidTransaction
 from trustmesh.ledger.signing import PrivateKey
-from trustmesh.scheduling import layout, peers
+from trustmesh.scheduling import layout, peers, peers_rules
 from trustmesh.scheduling.peers import PeerHandler, make_register_transaction, make_update_transaction
 
 
@@ -243,7 +243,7 @@ async def test_registry_is_bounded(monkeypatch):
     await client.submit_and_wait([make_batch(k, [make_register_transaction(
         k, name=f"n{i}", encryption_public_key=x25519_key(), cpu_cores=1, memory_mb=1)]) for i, k in enumerate(others)],
         raise_invalid=True)
-    monkeypatch.setattr(peers, "MAX_PEERS", len(await index_of(client)))
+    monkeypatch.setattr(peers_rules, "MAX_PEERS", len(await index_of(client)))  # what the handler reads
     txn = make_register_transaction(node, name="late", encryption_public_key=x25519_key(),
                                     cpu_cores=1, memory_mb=1)
     [status] = await client.submit_and_wait([make_batch(node, [txn])])
