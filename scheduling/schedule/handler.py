@@ -15,7 +15,7 @@ from .placement import empty_load, rank_nodes, resource_points, responsive
 from .private_rounds import PrivateRoundRules
 from .reports import ReportRules
 from .checks import _check_fields, _schedule_id, _task_id
-from .task_graph import _closures, _workflow_tasks
+from .task_graph import _closures, _workflow_tasks, report_view, task_dependents
 
 
 class ScheduleHandler(ReportRules, PrivateRoundRules, TransactionHandler):
@@ -183,11 +183,13 @@ class ScheduleHandler(ReportRules, PrivateRoundRules, TransactionHandler):
             "train_on": train_on, "deadline_seconds": deadline_seconds, "order": list(tasks), "tasks": tasks,
         }
         writes: dict[str, Any] = {layout.assignments_address(schedule_id): record}
+        dependents = task_dependents(tasks)
         for task_id, a in tasks.items():
             writes[layout.task_status_address(schedule_id, task_id)] = {
                 "schedule_id": schedule_id, "task_id": task_id, "status": "assigned", "node": a["node"],
                 "attempt": 1, "deadline": a["deadline"], "unsettled_inputs": len(a["fetch_dependency_outputs"]),
                 "history": [{"status": "assigned", "node": a["node"], "attempt": 1, "at": now}],
+                **report_view(a, dependents[task_id], workflow_id, round_.get("round")),
             }
         touched = {a["node"] for a in tasks.values()}
         for node in sorted(touched):

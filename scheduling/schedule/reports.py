@@ -52,9 +52,13 @@ class ReportRules:
             base = require_match(body, "base_model_digest", HEX64,
                                  "the sha256 (64 lowercase hex) of the global model the task trained from")
 
-        assignments = await self._assignments(context, schedule_id)
-        task = self._task(assignments, schedule_id, task_id)
-        current = (await self._statuses(context, schedule_id, [task_id]))[task_id]
+        tasks = _RoundTasks(self, context, schedule_id)
+        current = await read_record(context, layout.task_status_address(schedule_id, task_id))
+        if current is not None and "kind" in current and "unsettled_inputs" in current:
+            task = {"kind": current["kind"]}  # what its status says (task_graph.report_view) is all a report needs
+        else:  # an unknown task (the assignments say so), or a status from before report_view
+            task = await tasks.entry(task_id)
+            current = (await self._statuses(context, schedule_id, [task_id]))[task_id]
         if signer != current["node"]:
             raise InvalidTransaction(
                 f"task {task_id!r} is assigned to node {current['node']} (attempt {current['attempt']}); "
@@ -84,11 +88,12 @@ class ReportRules:
 
         if status == "done":
             if await self._unsettled_inputs(context, schedule_id, task, current, {}):
-                waiting = await self._waiting_for(context, schedule_id, task)
+                waiting = await self._waiting_for(context, schedule_id, await tasks.entry(task_id))
                 shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
                 raise InvalidTransaction(f"task {task_id!r} cannot be done before its dependencies: {shown} not done yet")
             if task["kind"] == "local_train":
-                await self._check_lineage(context, assignments, task_id, base)
+                await self._check_lineage(context, current if "round" in current else await tasks.record(), task_id,
+                                          base)
 
         now = await chain_time(context)
         entry = {"status": status, "node": signer, "attempt": current["attempt"], "at": now}
@@ -112,11 +117,12 @@ class ReportRules:
             writes[layout.node_load_address(signer)] = load
 
         if status == "done":
-            await self._start_dependents(context, assignments, schedule_id, task_id, current, now, writes)
+            await self._start_dependents(context, tasks, schedule_id, task_id, current, now, writes)
             finalized = None
             if task["kind"] == "evaluate":
                 result = await read_record(context, layout.round_result_address(schedule_id))
                 if result is not None and not result.get("final"):
+                    assignments = await tasks.record()
                     statuses = await self._statuses(context, schedule_id, _evaluates(assignments))
                     finalized = self._finalize(result, assignments, {**statuses, task_id: current}, now)
                     if finalized is not None:
@@ -147,28 +153,34 @@ class ReportRules:
         statuses = await self._statuses(context, schedule_id, task["fetch_dependency_outputs"])
         return [d for d in task["fetch_dependency_outputs"] if statuses[d]["status"] not in SETTLED]
 
-    async def _start_dependents(self, context, assignments: dict, schedule_id: str, task_id: str, current: dict,
+    async def _start_dependents(self, context, tasks: "_RoundTasks", schedule_id: str, task_id: str, current: dict,
                                 now: int, writes: dict) -> None:
         """Task `task_id` settled (done, or dropped; `current` its new status): each task that
         takes its output has one unsettled input fewer, and one whose inputs are now all settled
-        gets its deadline from now (their writes added to `writes`)."""
-        dependents = [t for t, other in assignments["tasks"].items() if task_id in other["fetch_dependency_outputs"]]
+        gets its deadline from now (their writes added to `writes`; the assignments record, which
+        keeps every task's deadline for the coordinator, is read and written only then)."""
+        dependents = current.get("dependents")
+        if dependents is None:  # many of them (a preprocess), or a status from before report_view
+            dependents = [t for t, other in (await tasks.record())["tasks"].items()
+                          if task_id in other["fetch_dependency_outputs"]]
         statuses = await self._statuses(context, schedule_id, dependents)
         changed = False
         for other_id in dependents:
-            other, other_status = assignments["tasks"][other_id], statuses[other_id]
+            other_status = statuses[other_id]
+            other = None if "unsettled_inputs" in other_status else await tasks.entry(other_id)
             left = await self._unsettled_inputs(context, schedule_id, other, other_status, {task_id: current})
             if "unsettled_inputs" in other_status:
                 left = other_status["unsettled_inputs"] = left - 1
                 writes[layout.task_status_address(schedule_id, other_id)] = other_status
             if left == 0 and other_status["status"] in ("assigned", "running"):
+                assignments = await tasks.record()
                 deadline = now + int(assignments["deadline_seconds"])
-                other["deadline"] = deadline
+                assignments["tasks"][other_id]["deadline"] = deadline
                 other_status["deadline"] = deadline
                 writes[layout.task_status_address(schedule_id, other_id)] = other_status
                 changed = True
         if changed:
-            writes[layout.assignments_address(schedule_id)] = assignments
+            writes[layout.assignments_address(schedule_id)] = await tasks.record()
 
     @staticmethod
     async def _check_lineage(context, assignments: Mapping, task_id: str, base: str | None) -> None:
@@ -325,6 +337,24 @@ class ReportRules:
                    round=result["round"], global_model_digest=digest, participants=len(participants))
         if final is not None:
             await self._emit_finalized(context, final)
+
+
+class _RoundTasks:
+    """A round's assignments record for one report: read at most once, and only when the task's
+    status does not say what the report needs (task_graph.report_view)."""
+
+    def __init__(self, rules, context, schedule_id: str):
+        self._rules, self._context, self._schedule_id = rules, context, schedule_id
+        self._record: dict | None = None
+
+    async def record(self) -> dict:
+        if self._record is None:
+            self._record = await self._rules._assignments(self._context, self._schedule_id)
+        return self._record
+
+    async def entry(self, task_id: str) -> dict:
+        """The task's entry in the assignments (InvalidTransaction naming the round's tasks if none)."""
+        return self._rules._task(await self.record(), self._schedule_id, task_id)
 
 
 def _evaluates(assignments: Mapping) -> list[str]:
