@@ -11,6 +11,7 @@ from trustmesh.ledger.processor import InvalidTransaction
 from .. import events, layout, secagg_rules
 from ..common import HEX64, chain_time, emit, read_record, require_match, write_records
 from .checks import _schedule_id, _task_id
+from .reports import RoundTasks
 from .spec import SETTLED
 
 
@@ -52,7 +53,8 @@ class PrivateRoundRules:
         current["history"].append({"status": "dropped", "node": current["node"], "attempt": current["attempt"],
                                    "at": now})
         writes = {layout.task_status_address(schedule_id, task_id): current}
-        await self._start_dependents(context, assignments, schedule_id, task_id, current, now, writes)
+        await self._start_dependents(context, RoundTasks(self, context, schedule_id, assignments), schedule_id, task_id,
+                                     current, now, writes)
         await write_records(context, writes)
         await emit(context, events.TASK_DROPPED, schedule_id=schedule_id, task_id=task_id, node=current["node"],
                    attempt=current["attempt"], kind=task["kind"], workflow_id=assignments["workflow_id"])

@@ -52,7 +52,7 @@ class ReportRules:
             base = require_match(body, "base_model_digest", HEX64,
                                  "the sha256 (64 lowercase hex) of the global model the task trained from")
 
-        tasks = _RoundTasks(self, context, schedule_id)
+        tasks = RoundTasks(self, context, schedule_id)
         current = await read_record(context, layout.task_status_address(schedule_id, task_id))
         if current is not None and "kind" in current and "unsettled_inputs" in current:
             task = {"kind": current["kind"]}  # what its status says (task_graph.report_view) is all a report needs
@@ -153,7 +153,7 @@ class ReportRules:
         statuses = await self._statuses(context, schedule_id, task["fetch_dependency_outputs"])
         return [d for d in task["fetch_dependency_outputs"] if statuses[d]["status"] not in SETTLED]
 
-    async def _start_dependents(self, context, tasks: "_RoundTasks", schedule_id: str, task_id: str, current: dict,
+    async def _start_dependents(self, context, tasks: "RoundTasks", schedule_id: str, task_id: str, current: dict,
                                 now: int, writes: dict) -> None:
         """Task `task_id` settled (done, or dropped; `current` its new status): each task that
         takes its output has one unsettled input fewer, and one whose inputs are now all settled
@@ -339,13 +339,14 @@ class ReportRules:
             await self._emit_finalized(context, final)
 
 
-class _RoundTasks:
+class RoundTasks:
     """A round's assignments record for one report: read at most once, and only when the task's
     status does not say what the report needs (task_graph.report_view)."""
 
-    def __init__(self, rules, context, schedule_id: str):
+    def __init__(self, rules, context, schedule_id: str, record: dict | None = None):
+        """record: the assignments, when the caller has read them already."""
         self._rules, self._context, self._schedule_id = rules, context, schedule_id
-        self._record: dict | None = None
+        self._record = record
 
     async def record(self) -> dict:
         if self._record is None:
