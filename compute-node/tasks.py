@@ -24,12 +24,12 @@ from typing import Any, Callable, Mapping
 
 from trustmesh.ledger import payload as cbor
 from trustmesh.scheduling.reader import FederationReader
-from trustmesh.scheduling.schedule import StartingModel
+from trustmesh.scheduling.schedule import SETTLED, StartingModel
 from trustmesh.stores.data_bundle import open_bundle
 from trustmesh.stores.data_envelope import EnvelopeError
 from trustmesh.stores.blobs import BlobCorrupted, BlobNotFound, BlobStore, BlobTooLarge
 
-from trustmesh.fl import dp_round, model_format, screening, secagg, server_state, shapley
+from trustmesh.fl import dp_round, model_format, screening, secagg, secagg_block, server_state, shapley
 from trustmesh.fl.datasets import held_out, load_npz
 from trustmesh.fl.strategies import ClientUpdate, strategy_from_spec
 from trustmesh.fl.attacks import Attack
@@ -531,14 +531,12 @@ async def aggregate_inputs_known(ctx, schedule_id: str) -> bool | None:
     definition = inputs["definition"]
     block = definition.get("secure_aggregation")
     if block is not None:
-        from trustmesh.fl import secagg_block  # the unmask step's conditions, as the chain rules read them
-
         round_ = await ctx.reader.round(schedule_id)
         if round_["status"] == "timeout":
             return None  # its unmask step stalled and the round ended: never
         trains = [t for t, task in inputs["assignments"]["tasks"].items() if task["kind"] == "local_train"]
-        statuses = [await ctx.dependency_status(schedule_id, t) or {} for t in trains]
-        settled = all(s.get("status") in ("done", "dropped") for s in statuses)
+        statuses = [s or {} for s in await asyncio.gather(*(ctx.dependency_status(schedule_id, t) for t in trains))]
+        settled = all(s.get("status") in SETTLED for s in statuses)
         if settled and secagg_block.too_few_uploads(sum(s.get("status") == "done" for s in statuses),
                                                     block["threshold"]):
             return None  # no sum may be published: the round ends as timeout (secagg_rules.unmask_stalled)

@@ -40,6 +40,7 @@ from trustmesh.ledger.processor import InvalidTransaction
 
 from . import definition, layout
 from .common import HEX64, read_record, read_records, require, require_match, shown, write_records
+from .schedule.spec import SETTLED
 
 X25519_HEX = HEX64  # a raw X25519 public key: 32 bytes
 SEALED = re.compile(r"\A[0-9a-f]{98}\Z")   # AES-GCM-SIV of a 33-byte share: 49 bytes
@@ -109,7 +110,7 @@ async def unmask(body: Mapping, signer: str, context, schedule_id: str, uploads:
     record, block = await secure_round(context, schedule_id)
     if signer not in record["submitted_nodes"]:
         raise InvalidTransaction(f"node {signer} did not submit to round {schedule_id!r}")
-    pending = sum(status not in ("done", "dropped") for status in uploads.values())
+    pending = sum(status not in SETTLED for status in uploads.values())
     if pending:
         raise InvalidTransaction(f"shares are revealed once every local_train of round {schedule_id!r} is settled: "
                                  f"done, or dropped by the coordinator past its deadline (a dropped upload counts "
@@ -159,7 +160,7 @@ async def unmask_stalled(context, record: Mapping, now: int) -> str:
     addresses = {layout.task_status_address(schedule_id, t): t for t in tasks}
     statuses = {addresses[a]: s for a, s in (await read_records(context, list(addresses))).items()}
     trains = [t for t, task in tasks.items() if task["kind"] == "local_train"]
-    if any((statuses.get(t) or {}).get("status") not in ("done", "dropped") for t in trains):
+    if any((statuses.get(t) or {}).get("status") not in SETTLED for t in trains):
         raise InvalidTransaction(f"round {schedule_id!r} still waits for uploads, not for its unmask step")
     if any(task["kind"] == "aggregate" and (statuses.get(t) or {}).get("status") == "done" for t, task in tasks.items()):
         raise InvalidTransaction(f"round {schedule_id!r} was aggregated; it did not stall")
@@ -167,7 +168,7 @@ async def unmask_stalled(context, record: Mapping, now: int) -> str:
     if too_few:
         return too_few
     last = max((entry["at"] for t in trains for entry in statuses[t].get("history", [])
-                if entry["status"] in ("done", "dropped")), default=record["round_start"])
+                if entry["status"] in SETTLED), default=record["round_start"])
     deadline = last + record["round_timeout"]
     if now < deadline:
         raise InvalidTransaction(f"round {schedule_id!r}'s unmask step has {deadline - now} s left (round_timeout "
