@@ -403,20 +403,20 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
         start_state = _or_initial(global_state, definition)
     previous = await _server_state(ctx, strategy, start)
     private = None
+    earlier = None if block is None else await dp_round.earlier_multipliers(  # the epsilon spent so far
+        ctx.reader, assignments["workflow_id"], assignments["round"])
     if not updates:  # every update failed the checks: nothing to combine, no noise, the server state kept
         LOGGER.warning("aggregate %s: every update was rejected by the update checks; the round keeps the model "
                        "it started from", task_id)
         started = time.perf_counter()
         state, weights, kept_state = start_state, {}, previous
         if block is not None:
-            earlier = await dp_round.earlier_multipliers(ctx.reader, assignments["workflow_id"], assignments["round"])
             private = dp_round.kept_start_record(
                 block, assignments["round"], dp_round.clipping_norm(block, start.next_clipping_norm),
                 planned=definition["federation"]["min_nodes_required"], earlier=earlier)
     elif block is not None:
         seed = await _noise_seed(ctx, sid) if block["where"] == "server" else None
         started = time.perf_counter()
-        earlier = await dp_round.earlier_multipliers(ctx.reader, assignments["workflow_id"], assignments["round"])
         state, weights, private = dp_round.aggregate(
             block, start_state, updates, workflow_id=assignments["workflow_id"], round_number=assignments["round"],
             seed=seed, norm=dp_round.clipping_norm(block, start.next_clipping_norm),

@@ -93,13 +93,9 @@ async def earlier_multipliers(reader: Any, workflow_id: str, round_number: int) 
     that have one (a round that timed out counts at the planned multiplier). `reader`: a
     scheduling.reader.FederationReader (rounds, round_result)."""
     index = await reader.rounds(workflow_id)
-    recorded = {}
-    for number in range(1, round_number):
-        sid = index["rounds"].get(str(number))
-        value = privacy_block.recorded_multiplier(await reader.round_result(sid) if sid else None)
-        if value is not None:
-            recorded[number] = value
-    return recorded
+    sids = {number: index["rounds"].get(str(number)) for number in range(1, round_number)}
+    results = {number: await reader.round_result(sid) if sid else None for number, sid in sids.items()}
+    return privacy_block.recorded_multipliers(results)
 
 
 def aggregate(block: Mapping, start_state: Mapping, updates: Sequence[ClientUpdate], *, workflow_id: str,

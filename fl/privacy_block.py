@@ -116,6 +116,13 @@ def recorded_multiplier(result: Mapping | None) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
 
 
+def recorded_multipliers(results: Mapping[int, Mapping | None]) -> dict[int, float]:
+    """round -> the noise multiplier its result recorded, for the rounds (round -> result or
+    None) whose result records one: what epsilon_after composes."""
+    found = {number: recorded_multiplier(result) for number, result in results.items()}
+    return {number: z for number, z in found.items() if z is not None}
+
+
 def multipliers(privacy_block: Mapping, round_number: int, recorded: Mapping[int, float] | None = None) -> list[float]:
     """The noise multiplier of each round 1..round_number: the one its result recorded
     (`recorded`: round -> multiplier), the planned z for rounds without one."""

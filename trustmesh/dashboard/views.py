@@ -200,11 +200,7 @@ def _budget_ended(snap: Snapshot, definition: Mapping, rounds: list[dict]) -> bo
         return False
     from trustmesh.fl import privacy_block
 
-    recorded = {}
-    for r in rounds:
-        value = privacy_block.recorded_multiplier(snap.results.get(r["schedule_id"]))
-        if value is not None:
-            recorded[r["number"]] = value
+    recorded = privacy_block.recorded_multipliers({r["number"]: snap.results.get(r["schedule_id"]) for r in rounds})
     try:
         return privacy_block.budget_exhausted(definition, len(rounds), recorded)
     except Exception as exc:  # noqa: BLE001 - an older or newer block: no budget state
