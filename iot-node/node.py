@@ -41,7 +41,7 @@ from trustmesh.cancelling import cancel_and_wait
 from trustmesh.fl.attacks import Attack
 from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.events import BLOCK_COMMIT, EventSubscriber, event_subscription
-from trustmesh.ledger.rest_client import RestClient
+from trustmesh.ledger.rest_client import RestClient, refusal
 from trustmesh.ledger.signing import load_or_create_key
 from trustmesh.scheduling import events, schedule, workflow
 from trustmesh.scheduling.reader import FederationReader
@@ -370,6 +370,5 @@ class IoTNode(Participant, Coordinator):
         if status["status"] == "COMMITTED":
             LOGGER.info("%s: %s", self.name, what)
             return True
-        LOGGER.info("%s: %s not committed: %s", self.name, what,
-                    (status.get("invalid_transactions") or [{}])[0].get("message", status["status"]))
+        LOGGER.info("%s: %s not committed: %s", self.name, what, refusal(status))
         return False

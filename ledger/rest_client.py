@@ -34,7 +34,7 @@ import json
 import logging
 import math
 import time
-from typing import AsyncIterator, Iterable, Sequence
+from typing import AsyncIterator, Iterable, Mapping, Sequence
 from urllib.parse import urlencode
 
 import aiohttp
@@ -87,6 +87,12 @@ class RestError(Exception):
 
 class BadRestURL(ValueError):
     """The address given for the REST API cannot be one (not http[s]://HOST[:PORT][/PATH])."""
+
+
+def refusal(status: Mapping) -> str:
+    """Why a batch status is not COMMITTED, in one line: its first invalid transaction's message,
+    else the status itself (PENDING, UNKNOWN)."""
+    return (status.get("invalid_transactions") or [{}])[0].get("message", status["status"])
 
 
 class BatchInvalidError(Exception):

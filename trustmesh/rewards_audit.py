@@ -20,6 +20,14 @@ async def read_state(reader: FederationReader, address: str) -> dict | None:
     return rewards.decode_record(await reader.rest.get_state(address, head=reader.head))
 
 
+async def final_unsettled(reader: FederationReader, workflow_id: str) -> list[str]:
+    """Schedule ids of the workflow's rounds that are final and not settled yet, in round order:
+    what the escrow still owes before its owner may take the rest back."""
+    rounds = ((await reader.rounds(workflow_id)) or {}).get("rounds") or {}
+    return [sid for _, sid in sorted(rounds.items(), key=lambda kv: int(kv[0]))
+            if ((await reader.round_result(sid)) or {}).get("final") and await reader.settlement(sid) is None]
+
+
 async def workflow_rewards(reader: FederationReader, workflow_id: str) -> dict:
     """{escrow, rounds: [{round, schedule_id, status, settlement, expected}]} for a workflow; expected
     is what the rule pays for a final round (None otherwise)."""

@@ -12,7 +12,8 @@ import sys
 
 from trustmesh import endpoints as network
 from trustmesh.ledger.builders import make_batch
-from trustmesh.rewards_audit import all_balances, workflow_rewards
+from trustmesh.ledger.rest_client import refusal
+from trustmesh.rewards_audit import all_balances, final_unsettled, workflow_rewards
 from trustmesh.scheduling import rewards as rewards_family
 from trustmesh.scheduling.reader import FederationReader
 
@@ -46,13 +47,11 @@ async def refund(rest, owner, workflow_id: str) -> str:
                                                raise_invalid=False)
         return status
 
-    for _, sid in sorted((await reader.rounds(workflow_id))["rounds"].items(), key=lambda kv: int(kv[0])):
-        if ((await reader.round_result(sid)) or {}).get("final") and await reader.settlement(sid) is None:
-            await send(rewards_family.make_settle_transaction(owner, sid, workflow_id))  # refused once the budget is spent
+    for sid in await final_unsettled(reader, workflow_id):
+        await send(rewards_family.make_settle_transaction(owner, sid, workflow_id))  # refused once the budget is spent
     status = await send(rewards_family.make_refund_transaction(owner, workflow_id))
     if status["status"] != "COMMITTED":
-        reason = (status.get("invalid_transactions") or [{}])[0].get("message", status["status"])
-        raise RunError(f"the escrow of {workflow_id} was not refunded: {reason}")
+        raise RunError(f"the escrow of {workflow_id} was not refunded: {refusal(status)}")
     escrow = await reader.escrow(workflow_id)
     return (f"rewards: {escrow['paid']} paid over {len(escrow['settled'])} round(s), "
             f"{escrow['refunded']} back to the owner")

@@ -28,11 +28,12 @@ from trustmesh.ledger.builders import make_batch
 from trustmesh.ledger.events import (EventSubscriber, EventSubscriptionError, UnknownBlockError,
                                      ValidatorUnreachable, event_subscription)
 from trustmesh.ledger.messaging import BadEndpoint
-from trustmesh.ledger.rest_client import BatchTimeoutError, RestClient, RestError
+from trustmesh.ledger.rest_client import BatchTimeoutError, RestClient, RestError, refusal
 from trustmesh.ledger.signing import PrivateKey, load_or_create_key, read_private_key
 from trustmesh.fl import privacy_block
 from trustmesh.scheduling import events, rewards, workflow
 from trustmesh.scheduling.reader import FederationReader
+from trustmesh.rewards_audit import final_unsettled
 
 ROUND_EVENTS = (events.ROUND_OPENED, events.SUBMISSION_ACCEPTED, events.ROUND_READY,
                 events.ROUND_TIMEOUT, events.ROUND_SCHEDULED, events.TASK_DONE,
@@ -171,8 +172,7 @@ async def _register_group(rest: RestClient, signer: PrivateKey, group_id: str, m
         [status] = await rest.wait_for_batches(await rest.submit_batches([make_batch(signer, [txn])]), 60,
                                                raise_invalid=False)
         if status["status"] != "COMMITTED":
-            reason = (status.get("invalid_transactions") or [{}])[0].get("message", status["status"])
-            raise RunError(f"{name}: part {number} of {len(parts)} was not registered: {reason}")
+            raise RunError(f"{name}: part {number} of {len(parts)} was not registered: {refusal(status)}")
         registered += len(parts[number - 1])
         out.write(f"{name}: part {number}/{len(parts)} committed ({registered}/{len(members)} participants)\n")
         out.flush()
@@ -199,8 +199,7 @@ async def _deploy(rest: RestClient, signer: PrivateKey, definition: dict) -> tup
     [status] = await rest.wait_for_batches(await rest.submit_batches([make_batch(signer, txns)]), 60,
                                            raise_invalid=False)
     if status["status"] != "COMMITTED":
-        reason = (status.get("invalid_transactions") or [{}])[0].get("message", status["status"])
-        raise RunError(f"workflow {workflow_id!r} was not {outcome}: {reason}")
+        raise RunError(f"workflow {workflow_id!r} was not {outcome}: {refusal(status)}")
     return outcome, await reader.workflow(workflow_id)
 
 
@@ -474,9 +473,7 @@ async def take_back_escrow(rest: RestClient, owner: PrivateKey, workflow_id: str
     reader = FederationReader(rest)
     deadline = time.monotonic() + timeout
     while True:
-        index = (await reader.rounds(workflow_id))["rounds"]
-        unpaid = [n for n, sid in index.items() if ((await reader.round_result(sid)) or {}).get("final")
-                  and await reader.settlement(sid) is None]
+        unpaid = await final_unsettled(reader, workflow_id)
         escrow = await reader.escrow(workflow_id)
         if escrow is None or escrow.get("refunded") or not unpaid or time.monotonic() > deadline:
             break
@@ -489,9 +486,8 @@ async def take_back_escrow(rest: RestClient, owner: PrivateKey, workflow_id: str
         out.write(f"rewards: {escrow['paid']} paid over {len(escrow['settled'])} round(s), "
                   f"{escrow['remaining']} back to the owner\n")
     else:
-        reason = (status.get("invalid_transactions") or [{}])[0].get("message", status["status"])
-        out.write(f"rewards: the escrow was not refunded: {reason}; `trustmesh rewards {workflow_id} --refund` "
-                  f"tries again\n")
+        out.write(f"rewards: the escrow was not refunded: {refusal(status)}; `trustmesh rewards {workflow_id} "
+                  f"--refund` tries again\n")
 
 
 async def deploy_and_follow(path: str, *, home: pathlib.Path, nodes_dir: pathlib.Path, validator_url: str,
