@@ -1,8 +1,8 @@
 """Checks of one value of a workflow definition, named by its path ("definition.federation.rounds").
 
-The vocabulary the definition rules (definition.py) are written in. Each check takes the value
-and its path, returns the value when it is good and otherwise raises DefinitionError saying
-which field breaks which rule. (Payload and stored-record fields, addressed as "payload field
+The vocabulary the definition rules (definition_checks.py) are written in. Each check takes
+the value and its path, returns the value when it is good and otherwise raises DefinitionError
+saying which field breaks which rule. (Payload and stored-record fields, addressed as "payload field
 'x'", are checked with common.check_fields / require / require_int / require_match instead.)
 
 Integers must be integers (5, not 5.0; never booleans); NaN and infinities are refused.

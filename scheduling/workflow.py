@@ -1,6 +1,6 @@
 """trustmesh-workflow 1.0: the registry of workflow definitions.
 
-A workflow definition (its fields, limits and rules: definition.py) says which tasks run in
+A workflow definition (its fields, limits and rules: definition_checks.py) says which tasks run in
 which order, which model with which hyperparameters, how the data is split and, for a federated
 workflow, which nodes take part. The processor checks it with `validate_definition`; clients
 check it against the published JSON Schema too (`check_definition`, workflow_schema.py).
@@ -41,7 +41,7 @@ workflow_id, version, owner (register_group emits none). Transaction inputs and 
 workflow address (inputs also the group address where the definition names a group); a
 register_group part: its group's address.
 
-The family in parts: definition.py (+ definition_fields.py, definition_tasks.py) the rules of a
+The family in parts: definition.py (its parts: definition_checks.py, definition_stored.py, definition_fields.py, definition_tasks.py) the rules of a
 definition and the accessors other families and the nodes read it through; workflow_handler.py
 the deploy and update rules and the processor; workflow_client.py payloads, transactions and
 node names; workflow_groups.py the participant-group rules; workflow_schema.py strict JSON and

@@ -27,7 +27,7 @@ address in its inputs; make_deploy_transaction does) and require it complete, ex
 equal to its size and the coordinator among its members (group_participants); the member list is
 then copied into the workflow record as "participants", which open_round fills each round's
 expected_nodes from (definition.federation_config) and readers expand the definition with
-(reader.FederationReader.workflow). Every bound is in definition.py.
+(reader.FederationReader.workflow). Every bound is in definition_checks.py.
 """
 
 from __future__ import annotations
