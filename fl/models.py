@@ -15,6 +15,7 @@ A *state* is an ordered mapping name -> float32 CPU tensor, in the model's state
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import OrderedDict
@@ -177,9 +178,16 @@ def build_model(spec: Mapping, *, seed: int) -> nn.Module:
 
 def model_shapes(spec: Mapping) -> OrderedDict[str, tuple[int, ...]]:
     """name -> shape of every state entry, in state_dict order, without allocating parameters."""
-    kind = model_type(spec)
-    meta = kind.build(spec, "meta")
-    return OrderedDict((name, tuple(t.shape)) for name, t in meta.state_dict().items())
+    return OrderedDict(_shapes_of(json.dumps(spec, sort_keys=True, separators=(",", ":"))))
+
+
+@functools.lru_cache(maxsize=64)
+def _shapes_of(canonical_spec: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    # Every model check asks this: building even a meta-device module costs ~1 ms, a canonical
+    # JSON key microseconds. Specs are few (one per workflow), so a small cache holds them all.
+    spec = json.loads(canonical_spec)
+    meta = model_type(spec).build(spec, "meta")
+    return tuple((name, tuple(t.shape)) for name, t in meta.state_dict().items())
 
 
 def parameter_count(spec_or_model: Mapping | nn.Module) -> int:
