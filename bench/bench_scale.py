@@ -8,6 +8,11 @@ rounds scaled so that each size fits in minutes) deployed and followed to its la
 Per-round wall time = time between two rounds' round-finalized events as this client receives
 them (round 1: from the deploy), so it holds everything: submitting, scheduling, training,
 aggregating, evaluating, every commit. Peak memory is sampled every half second meanwhile.
+CPU per round by part: the CPU time (user + system, children included: the validator's state
+process) that each part of the network (validator, processors, compute nodes, IoT nodes or
+hosts, Redis, CouchDB, dashboard) spent between the end of round 1 and the end of the last
+round, divided by those rounds. Two cores give at most 2 s of CPU per second of wall time, so
+this says where a round's time goes and what a target leaves to spend.
 
 The plain loop is the same training in this process, one torch thread: per round, every
 participant's local_train from the global model (same model, hyperparameters and shards),
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -92,16 +98,56 @@ class PeakMemory:
         self._thread.join()
 
 
-async def follow(home: pathlib.Path, path: pathlib.Path, workflow_id: str, rounds: int) -> list[float]:
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _children() -> dict[int, list[int]]:
+    found: dict[int, list[int]] = {}
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            found.setdefault(parent, []).append(int(entry.name))
+    return found
+
+
+def _cpu_seconds(pid: int, children: dict[int, list[int]]) -> float:
+    """User + system CPU of pid and every live process below it."""
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        own = (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return own + sum(_cpu_seconds(child, children) for child in children.get(pid, ()))
+
+
+def cpu_by_part(home: pathlib.Path) -> dict[str, float]:
+    """part ("validator", "compute", "iot", ...) -> CPU seconds its processes have used so far."""
+    children, parts = _children(), {}
+    for name, service in local_network.status(home).get("services", {}).items():
+        if service.get("pid"):
+            part = name.rstrip("0123456789").rstrip("-").removesuffix("-host")  # compute-2 -> compute
+            parts[part] = parts.get(part, 0.0) + _cpu_seconds(service["pid"], children)
+    return parts
+
+
+async def follow(home: pathlib.Path, path: pathlib.Path, workflow_id: str, rounds: int) -> tuple[list[float], dict]:
+    """(seconds per round, part -> CPU seconds per round after round 1)."""
     async with localnet.following(home, path, workflow_id, (events.ROUND_FINALIZED,)) as run:
-        seen = {0: run.started}
+        seen, cpu = {0: run.started}, {}
         async for arrived, _, attrs in run.events(timeout=900):
             if attrs["workflow_id"] == workflow_id:
                 seen[int(attrs["round"])] = arrived
                 print(f"  round {attrs['round']}/{rounds} final", flush=True)
+                if int(attrs["round"]) in (1, rounds):
+                    cpu[int(attrs["round"])] = cpu_by_part(home)
                 if len(seen) > rounds:
                     break
-    return [seen[r] - seen[r - 1] for r in range(1, rounds + 1)]
+    steady = max(1, rounds - 1)
+    per_round = {part: (cpu[rounds][part] - cpu.get(1, {}).get(part, 0.0)) / steady for part in cpu[rounds]}
+    return [seen[r] - seen[r - 1] for r in range(1, rounds + 1)], per_round
 
 
 def measure(participants: int, base: pathlib.Path, iot_hosts: int | None) -> dict:
@@ -119,7 +165,7 @@ def measure(participants: int, base: pathlib.Path, iot_hosts: int | None) -> dic
     print(f"up in {up_seconds:.1f} s, {up_mib:,.0f} MiB resident", flush=True)
     try:
         with PeakMemory(home) as memory:
-            walls = asyncio.run(follow(home, path, definition["workflow_id"], rounds))
+            walls, cpu = asyncio.run(follow(home, path, definition["workflow_id"], rounds))
     finally:
         local_network.stop(home)
     plain = plain_loop(definition, rounds)
@@ -127,7 +173,7 @@ def measure(participants: int, base: pathlib.Path, iot_hosts: int | None) -> dic
     wall, loop = statistics.median(steady), statistics.median(plain_steady)
     return {"participants": participants, "rounds": rounds, "up_s": up_seconds, "up_mib": up_mib,
             "peak_mib": memory.peak, "walls": walls, "wall": wall, "plain": loop, "ratio": wall / loop,
-            "overhead": wall - loop, "per_participant_ms": 1000 * (wall - loop) / participants}
+            "overhead": wall - loop, "per_participant_ms": 1000 * (wall - loop) / participants, "cpu": cpu}
 
 
 def main(argv=None) -> int:
@@ -154,6 +200,12 @@ def main(argv=None) -> int:
         print(f"{r['participants']:>5} {r['rounds']:>6} {r['up_s']:>6.1f} {r['up_mib']:>7,.0f} {r['peak_mib']:>8,.0f} "
               f"{spread:>22} {r['plain']:>8.3f} {r['ratio']:>5.1f}x {r['overhead']:>10.2f} "
               f"{r['per_participant_ms']:>14.1f}")
+    parts = sorted({part for r in results for part in r["cpu"]}, key=lambda p: -max(r["cpu"].get(p, 0) for r in results))
+    print(f"\nCPU seconds per round by part, after round 1 (two cores: at most 2 s per second of wall time)")
+    print(f"{'P':>5} " + " ".join(f"{p:>10}" for p in parts) + f" {'total':>8} {'plain':>8}")
+    for r in results:
+        print(f"{r['participants']:>5} " + " ".join(f"{r['cpu'].get(p, 0):>10.3f}" for p in parts)
+              + f" {sum(r['cpu'].values()):>8.3f} {r['plain']:>8.3f}")
     by_size = {r["participants"]: r for r in results}
     for size, limit in ((10, 1.0), (100, 2.0)):
         if size in by_size:
