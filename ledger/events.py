@@ -29,6 +29,7 @@ from . import protos as pb
 from trustmesh.outage import Outage
 
 from .messaging import BadEndpoint, ConnectionLost, ValidatorConnection
+from .next_link import next_link
 
 LOGGER = logging.getLogger(__name__)
 
@@ -224,11 +225,7 @@ class EventSubscriber:
     async def _subscribe(self, force: bool = False) -> None:
         """Subscribe on the current link (again if `force`); retried when the link drops."""
         async with self._lock:
-            while not self._closed:
-                await self._wait_connected()
-                if self._closed:
-                    break
-                generation = self._conn.generation
+            while (generation := await next_link(self._conn, self._closing, lambda: self._closed)) is not None:
                 if not force and self._subscribed_generation == generation:
                     return
                 if not self._resume_ids():
@@ -256,16 +253,6 @@ class EventSubscriber:
                 self._subscribed_generation = generation
                 return
             raise SubscriberClosed("subscriber closed")
-
-    async def _wait_connected(self) -> None:
-        if self._conn.connected.is_set():
-            return
-        waiters = [asyncio.ensure_future(self._conn.connected.wait()), asyncio.ensure_future(self._closing.wait())]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
 
     async def _on_reconnect(self) -> None:
         # A restarted validator forgot us; resuming from the last delivered block replays the gap.

@@ -21,6 +21,7 @@ from typing import Iterable, Mapping
 
 from . import protos as pb
 from .messaging import ConnectionLost, ValidatorConnection
+from .next_link import next_link
 
 LOGGER = logging.getLogger(__name__)
 
@@ -96,7 +97,12 @@ class Context:
         self.context_id = context_id
         self._generation = generation  # link generation the TP_PROCESS_REQUEST arrived on
 
-    async def _call(self, request_type: int, response_type: int, request, response_cls, timeout):
+    async def _call(self, request_type: int, response_type: int, request, response_cls, timeout,
+                    what: str, touched: list[str] | None = None, declared: str = ""):
+        """The validator's answer to one context request; raises unless its status is OK.
+
+        what: the request as errors name it; touched/declared: for state requests, the
+        addresses asked for and which declared list ("inputs"/"outputs") had to cover them."""
         # The context only exists in the validator session that sent the request.
         if self._conn.generation != self._generation:
             raise ConnectionLost("the validator that owns this context went away")
@@ -111,7 +117,15 @@ class Context:
                 f"validator answered {pb.message_type_name(request_type)} with "
                 f"{pb.message_type_name(reply.message_type)}"
             )
-        return response_cls.FromString(reply.content)
+        response = response_cls.FromString(reply.content)
+        status = response.status
+        if touched is not None and status == response_cls.AUTHORIZATION_ERROR:
+            raise AuthorizationError(
+                f"{what} of {_describe(touched)}: outside the transaction's declared {declared}"
+            )
+        if status != response_cls.OK:
+            raise InternalError(f"{what} failed with status {status}")
+        return response
 
     async def get_state(self, addresses: Iterable[str], timeout: float | None = None) -> dict[str, bytes]:
         """Values at the given addresses; addresses that are unset (empty) are left out."""
@@ -119,15 +133,8 @@ class Context:
         response = await self._call(
             _MSG.TP_STATE_GET_REQUEST, _MSG.TP_STATE_GET_RESPONSE,
             pb.TpStateGetRequest(context_id=self.context_id, addresses=addresses),
-            pb.TpStateGetResponse, timeout,
+            pb.TpStateGetResponse, timeout, "get_state", touched=addresses, declared="inputs",
         )
-        status = response.status
-        if status == pb.TpStateGetResponse.AUTHORIZATION_ERROR:
-            raise AuthorizationError(
-                f"get_state of {_describe(addresses)}: outside the transaction's declared inputs"
-            )
-        if status != pb.TpStateGetResponse.OK:
-            raise InternalError(f"get_state failed with status {status}")
         return {entry.address: entry.data for entry in response.entries if entry.data}
 
     async def set_state(self, entries: Mapping[str, bytes], timeout: float | None = None) -> list[str]:
@@ -138,14 +145,8 @@ class Context:
             add(address=address, data=data)
         response = await self._call(
             _MSG.TP_STATE_SET_REQUEST, _MSG.TP_STATE_SET_RESPONSE, request, pb.TpStateSetResponse, timeout,
+            "set_state", touched=list(entries), declared="outputs",
         )
-        status = response.status
-        if status == pb.TpStateSetResponse.AUTHORIZATION_ERROR:
-            raise AuthorizationError(
-                f"set_state of {_describe(list(entries))}: outside the transaction's declared outputs"
-            )
-        if status != pb.TpStateSetResponse.OK:
-            raise InternalError(f"set_state failed with status {status}")
         return list(response.addresses)
 
     async def delete_state(self, addresses: Iterable[str], timeout: float | None = None) -> list[str]:
@@ -154,15 +155,8 @@ class Context:
         response = await self._call(
             _MSG.TP_STATE_DELETE_REQUEST, _MSG.TP_STATE_DELETE_RESPONSE,
             pb.TpStateDeleteRequest(context_id=self.context_id, addresses=addresses),
-            pb.TpStateDeleteResponse, timeout,
+            pb.TpStateDeleteResponse, timeout, "delete_state", touched=addresses, declared="outputs",
         )
-        status = response.status
-        if status == pb.TpStateDeleteResponse.AUTHORIZATION_ERROR:
-            raise AuthorizationError(
-                f"delete_state of {_describe(addresses)}: outside the transaction's declared outputs"
-            )
-        if status != pb.TpStateDeleteResponse.OK:
-            raise InternalError(f"delete_state failed with status {status}")
         return list(response.addresses)
 
     async def add_event(
@@ -179,23 +173,19 @@ class Context:
             "attributes": [{"key": k, "value": v} for k, v in attributes],
             "data": data,
         }
-        response = await self._call(
+        await self._call(
             _MSG.TP_EVENT_ADD_REQUEST, _MSG.TP_EVENT_ADD_RESPONSE,
             pb.TpEventAddRequest(context_id=self.context_id, event=event),
-            pb.TpEventAddResponse, timeout,
+            pb.TpEventAddResponse, timeout, f"add_event({event_type!r})",
         )
-        if response.status != pb.TpEventAddResponse.OK:
-            raise InternalError(f"add_event({event_type!r}) failed with status {response.status}")
 
     async def add_receipt_data(self, data: bytes, timeout: float | None = None) -> None:
         """Attach opaque data to this transaction's receipt."""
-        response = await self._call(
+        await self._call(
             _MSG.TP_RECEIPT_ADD_DATA_REQUEST, _MSG.TP_RECEIPT_ADD_DATA_RESPONSE,
             pb.TpReceiptAddDataRequest(context_id=self.context_id, data=data),
-            pb.TpReceiptAddDataResponse, timeout,
+            pb.TpReceiptAddDataResponse, timeout, "add_receipt_data",
         )
-        if response.status != pb.TpReceiptAddDataResponse.OK:
-            raise InternalError(f"add_receipt_data failed with status {response.status}")
 
 
 class TransactionProcessor:
@@ -264,11 +254,7 @@ class TransactionProcessor:
     async def _register(self) -> None:
         """Register on the current link; retried when the link drops mid-way."""
         async with self._register_lock:
-            while not self._closed:
-                await self._wait_connected()
-                if self._closed:
-                    break
-                generation = self._conn.generation
+            while (generation := await next_link(self._conn, self._stopping, lambda: self._closed)) is not None:
                 if self._registered_generation == generation:
                     return  # this validator session already knows us
                 try:
@@ -279,17 +265,6 @@ class TransactionProcessor:
                 self._registered_generation = generation
                 return
             raise ConnectionLost("the processor was stopped before it registered")
-
-    async def _wait_connected(self) -> None:
-        # Wake up on stop() too, or a stop while the validator is down would hang start().
-        if self._conn.connected.is_set():
-            return
-        waiters = [asyncio.ensure_future(self._conn.connected.wait()), asyncio.ensure_future(self._stopping.wait())]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
 
     async def _send_registrations(self) -> None:
         requests = self._register_requests()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from urllib.parse import urlencode
 import aiohttp
 from yarl import URL
 
+from trustmesh.http_session import HttpSession
 from trustmesh.outage import Outage, backoff_delay
 
 from . import protos as pb
@@ -58,6 +60,7 @@ BATCH_NOT_FOUND = 71
 TRANSACTION_NOT_FOUND = 72
 
 
+@dataclasses.dataclass(eq=False, repr=False)  # compared and shown as the exception it is
 class RestError(Exception):
     """A request that failed for good.
 
@@ -65,16 +68,16 @@ class RestError(Exception):
     client timeout); code/title/message come from Sawtooth's error body when there is one.
     """
 
-    def __init__(self, method: str, url: str, status: int, code: int | None, title: str, message: str,
-                 attempts: int = 1, reached: bool = True):
-        self.method = method
-        self.url = url
-        self.status = status
-        self.code = code
-        self.title = title
-        self.message = message
-        self.attempts = attempts
-        self.reached = reached  # False: nothing ever answered this client at that address
+    method: str
+    url: str
+    status: int
+    code: int | None
+    title: str
+    message: str
+    attempts: int = 1
+    reached: bool = True  # False: nothing ever answered this client at that address
+
+    def __post_init__(self):
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -139,7 +142,7 @@ def _short(url: str, limit: int = 200) -> str:
     return url if len(url) <= limit else url[: limit - 3] + "..."
 
 
-class RestClient:
+class RestClient(HttpSession):
     def __init__(self, base_url: str, *, retries: int = 5, backoff: float = 0.1, max_backoff: float = 5.0,
                  timeout: float = 30, patience: float | None = None, first_contact: float | None = None,
                  outage: Outage | None = None):
@@ -166,20 +169,8 @@ class RestClient:
         # A 503 is the REST API saying that its validator does not answer.
         self.validator_outage = Outage("the validator behind the REST API", self.base_url, write=quiet)
         self._host = parsed.host
-        self._session: aiohttp.ClientSession | None = None
         # batch id -> (monotonic, wall clock of its first submission, signer), in submission order
         self._pending: dict[str, tuple[float, float, str]] = {}
-
-    async def __aenter__(self) -> "RestClient":
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     def _delay(self, attempt: int) -> float:
         # "Equal jitter": at least half the exponential step, so retries never bunch at zero.
@@ -197,8 +188,7 @@ class RestClient:
                        content_type: str | None = None, ok: Iterable[int] = (200,),
                        extra_timeout: float = 0) -> tuple[int, dict]:
         """One REST call with retries; returns (status, JSON body) for a status in ok."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
+        session = self._http()
         url = self.base_url + path
         shown = _short(url + ("?" + urlencode(params) if params else ""))
         headers = {"Content-Type": content_type} if content_type else None
@@ -211,8 +201,8 @@ class RestClient:
             outage: Outage | None = None
             unresolvable = False
             try:
-                async with self._session.request(method, url, params=params, data=body, headers=headers,
-                                                 timeout=timeout) as response:
+                async with session.request(method, url, params=params, data=body, headers=headers,
+                                           timeout=timeout) as response:
                     status = response.status
                     raw = await response.read()
             except aiohttp.ClientConnectorDNSError as exc:
@@ -275,9 +265,10 @@ class RestClient:
     async def _get_json(self, path: str, params: dict | None = None) -> dict:
         return (await self._request("GET", path, params=params))[1]
 
-    async def _get_or_none(self, path: str, not_found_code: int, params: dict | None = None) -> dict | None:
+    async def _data_or_none(self, path: str, not_found_code: int, params: dict | None = None):
+        """The `data` of a GET, or None when it answers 404 with not_found_code."""
         try:
-            return await self._get_json(path, params)
+            return (await self._get_json(path, params))["data"]
         except RestError as exc:
             if exc.status == 404 and exc.code == not_found_code:
                 return None
@@ -439,22 +430,20 @@ class RestClient:
                                 len(lost))
                     await self.submit_batches(lost)
 
-    async def list_batches(self, *, head: str | None = None, ids: Sequence[str] | None = None,
-                           page_size: int | None = None, reverse: bool = False) -> AsyncIterator[dict]:
-        async for batch in self._pages("/batches", self._list_params(head, ids, page_size, reverse)):
-            yield batch
+    def list_batches(self, *, head: str | None = None, ids: Sequence[str] | None = None,
+                     page_size: int | None = None, reverse: bool = False) -> AsyncIterator[dict]:
+        return self._pages("/batches", self._list_params(head, ids, page_size, reverse))
 
     async def get_batch(self, batch_id: str) -> dict | None:
-        page = await self._get_or_none(f"/batches/{batch_id}", BATCH_NOT_FOUND)
-        return None if page is None else page["data"]
+        return await self._data_or_none(f"/batches/{batch_id}", BATCH_NOT_FOUND)
 
     # -- state ---------------------------------------------------------------------------------
 
     async def get_state(self, address: str, head: str | None = None) -> bytes | None:
         """The value at a full 70-char address, or None when nothing is stored there."""
         params = {"head": head} if head else None
-        page = await self._get_or_none(f"/state/{address}", STATE_NOT_FOUND, params)
-        return None if page is None else base64.b64decode(page["data"])
+        data = await self._data_or_none(f"/state/{address}", STATE_NOT_FOUND, params)
+        return None if data is None else base64.b64decode(data)
 
     async def list_state(self, prefix: str = "", head: str | None = None, *, page_size: int | None = None,
                          reverse: bool = False) -> AsyncIterator[tuple[str, bytes]]:
@@ -465,29 +454,25 @@ class RestClient:
 
     # -- blocks, transactions, receipts, node --------------------------------------------------
 
-    async def list_blocks(self, *, head: str | None = None, ids: Sequence[str] | None = None,
-                          page_size: int | None = None, reverse: bool = False) -> AsyncIterator[dict]:
+    def list_blocks(self, *, head: str | None = None, ids: Sequence[str] | None = None,
+                    page_size: int | None = None, reverse: bool = False) -> AsyncIterator[dict]:
         """Blocks with JSON headers, newest first (oldest first with reverse=True)."""
-        async for block in self._pages("/blocks", self._list_params(head, ids, page_size, reverse)):
-            yield block
+        return self._pages("/blocks", self._list_params(head, ids, page_size, reverse))
 
     async def get_block(self, block_id: str) -> dict | None:
-        page = await self._get_or_none(f"/blocks/{block_id}", BLOCK_NOT_FOUND)
-        return None if page is None else page["data"]
+        return await self._data_or_none(f"/blocks/{block_id}", BLOCK_NOT_FOUND)
 
     async def head(self) -> dict:
         """The chain head block."""
         page = await self._get_json("/blocks", {"limit": 1})
         return page["data"][0]
 
-    async def list_transactions(self, *, head: str | None = None, ids: Sequence[str] | None = None,
-                                page_size: int | None = None, reverse: bool = False) -> AsyncIterator[dict]:
-        async for txn in self._pages("/transactions", self._list_params(head, ids, page_size, reverse)):
-            yield txn
+    def list_transactions(self, *, head: str | None = None, ids: Sequence[str] | None = None,
+                          page_size: int | None = None, reverse: bool = False) -> AsyncIterator[dict]:
+        return self._pages("/transactions", self._list_params(head, ids, page_size, reverse))
 
     async def get_transaction(self, transaction_id: str) -> dict | None:
-        page = await self._get_or_none(f"/transactions/{transaction_id}", TRANSACTION_NOT_FOUND)
-        return None if page is None else page["data"]
+        return await self._data_or_none(f"/transactions/{transaction_id}", TRANSACTION_NOT_FOUND)
 
     async def get_receipts(self, transaction_ids: Sequence[str]) -> list[dict]:
         """Receipts in the order asked; RestError 404 [code 80] if any one is missing."""

@@ -50,6 +50,8 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from trustmesh.http_session import HttpSession
+
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_DB = "trustmesh"
@@ -85,7 +87,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
-class CouchClient:
+class CouchClient(HttpSession):
     """`async with CouchClient("http://127.0.0.1:5984", user=..., password=...) as couch:`"""
 
     def __init__(self, url: str, *, user: str | None = None, password: str | None = None,
@@ -99,7 +101,6 @@ class CouchClient:
         self.retries = retries
         self.backoff = backoff
         self.conflicts = 0  # 409s that update() absorbed, for tests and metrics
-        self._session: aiohttp.ClientSession | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs) -> "CouchClient":
@@ -108,18 +109,10 @@ class CouchClient:
         return cls(env.get("COUCHDB_URL", "http://127.0.0.1:5984"), user=env.get("COUCHDB_USER") or None,
                    password=env.get("COUCHDB_PASSWORD") or None, **kwargs)
 
-    async def __aenter__(self) -> "CouchClient":
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
     # -- HTTP --------------------------------------------------------------------------------------
+
+    def _session_options(self) -> dict:
+        return {"timeout": self.timeout}
 
     @staticmethod
     def _path(*parts: str) -> str:
@@ -130,8 +123,7 @@ class CouchClient:
                        ok: tuple[int, ...] = (200, 201, 202), raw: bool = False,
                        retry: bool = False) -> tuple[int, Any]:
         """(status, parsed JSON body | bytes when raw) for a status in ok; CouchError otherwise."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self.timeout)
+        session = self._http()
         url = URL(self.url + path, encoded=True)
         if params:
             url = url.with_query({k: v for k, v in params.items() if v is not None})
@@ -147,7 +139,7 @@ class CouchClient:
         while True:
             attempt += 1
             try:
-                async with self._session.request(method, url, data=data, headers=headers) as response:
+                async with session.request(method, url, data=data, headers=headers) as response:
                     status = response.status
                     payload = await response.read()
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
@@ -222,17 +214,9 @@ class CouchClient:
         the new one has no `_attachments`."""
         for attempt in range(1, attempts + 1):
             current = await self.get(db, doc_id)
-            new = merge(copy.deepcopy(current))
+            new = _next_version(doc_id, current, merge)
             if new is None:
                 return current
-            new = dict(new)
-            new["_id"] = doc_id
-            if current is not None:
-                new["_rev"] = current["_rev"]
-                if "_attachments" in current and "_attachments" not in new:
-                    new["_attachments"] = current["_attachments"]
-            else:
-                new.pop("_rev", None)
             try:
                 new["_rev"] = await self.put(db, new)
                 return new
@@ -255,18 +239,9 @@ class CouchClient:
         current = {row["key"]: row.get("doc") for row in reply.get("rows", []) if "key" in row}
         docs = []
         for doc_id, merge in merges.items():
-            before = current.get(doc_id)
-            new = merge(copy.deepcopy(before))
-            if new is None:
-                continue
-            new = {**new, "_id": doc_id}
-            if before is not None:
-                new["_rev"] = before["_rev"]
-                if "_attachments" in before and "_attachments" not in new:
-                    new["_attachments"] = before["_attachments"]
-            else:
-                new.pop("_rev", None)
-            docs.append(new)
+            new = _next_version(doc_id, current.get(doc_id), merge)
+            if new is not None:
+                docs.append(new)
         _, results = await self._request("POST", self._path(db, "_bulk_docs"), body={"docs": docs}, retry=True)
         for result in results:
             if result.get("error") == "conflict":
@@ -304,6 +279,24 @@ class CouchClient:
         return data if status == 200 else None
 
 
+def _next_version(doc_id: str, current: dict | None, merge: Callable[[dict | None], dict | None]) -> dict | None:
+    """merge's new version of a document, to be written over `current` (None: nothing to change).
+
+    It gets the document's _id and current's _rev (none for a new document), and keeps current's
+    attachment stubs when it brings no `_attachments` of its own."""
+    new = merge(copy.deepcopy(current))
+    if new is None:
+        return None
+    new = {**new, "_id": doc_id}
+    if current is not None:
+        new["_rev"] = current["_rev"]
+        if "_attachments" in current and "_attachments" not in new:
+            new["_attachments"] = current["_attachments"]
+    else:
+        new.pop("_rev", None)
+    return new
+
+
 def inline_attachment(data: bytes, content_type: str = MODEL_CONTENT_TYPE) -> dict:
     """An `_attachments` entry that uploads `data` together with the document's fields."""
     return {"content_type": content_type, "data": base64.b64encode(bytes(data)).decode()}
@@ -316,6 +309,25 @@ def _sha256(data: bytes) -> str:
 def _check_expected(what: str, actual: str, expected: str | None) -> None:
     if expected is not None and actual != expected:
         raise DigestMismatch(f"{what}: stored digest {actual} is not the expected {expected} (the chain's)")
+
+
+def _doc_id(kind: str, workflow_id: str, *rest: str) -> str:
+    """kind:workflow_id[:rest]: a workflow's documents of one kind share the prefix
+    _doc_id(kind, workflow_id, "") (its trailing ':' keeps workflow "a" from listing "ab"'s)."""
+    return ":".join(map(str, (kind, workflow_id, *rest)))
+
+
+def _round_fields(doc: dict | None, workflow_id: str, round_number: int, schedule_id: str | None,
+                  metrics: Mapping | None, fields: Mapping) -> dict:
+    """A round document (a new one when doc is None) with fields set and metrics merged name by
+    name, so writers of different metrics never overwrite each other."""
+    doc = doc or {"type": "round", "workflow_id": workflow_id, "round": int(round_number), "metrics": {}}
+    if schedule_id is not None:
+        doc["schedule_id"] = schedule_id
+    doc.update(fields)
+    if metrics:
+        doc["metrics"] = {**doc.get("metrics", {}), **dict(metrics)}
+    return doc
 
 
 class CouchHistory:
@@ -333,19 +345,19 @@ class CouchHistory:
 
     @staticmethod
     def workflow_id_of(workflow_id: str) -> str:
-        return f"workflow:{workflow_id}"
+        return _doc_id("workflow", workflow_id)
 
     @staticmethod
     def round_doc_id(workflow_id: str, round_number: int) -> str:
-        return f"round:{workflow_id}:{int(round_number):06d}"
+        return _doc_id("round", workflow_id, f"{int(round_number):06d}")
 
     @staticmethod
     def final_doc_id(workflow_id: str) -> str:
-        return f"final:{workflow_id}"
+        return _doc_id("final", workflow_id)
 
     @staticmethod
     def participation_doc_id(workflow_id: str, node: str) -> str:
-        return f"participation:{workflow_id}:{node}"
+        return _doc_id("participation", workflow_id, node)
 
     # -- workflows -------------------------------------------------------------------------------
 
@@ -377,13 +389,7 @@ class CouchHistory:
         status, ...); `metrics` is merged name by name, so writers of different metrics never
         overwrite each other."""
         def merge(doc):
-            doc = doc or {"type": "round", "workflow_id": workflow_id, "round": int(round_number), "metrics": {}}
-            if schedule_id is not None:
-                doc["schedule_id"] = schedule_id
-            doc.update(fields)
-            if metrics:
-                doc["metrics"] = {**doc.get("metrics", {}), **dict(metrics)}
-            return doc
+            return _round_fields(doc, workflow_id, round_number, schedule_id, metrics, fields)
 
         return await self.client.update(self.db, self.round_doc_id(workflow_id, round_number), merge)
 
@@ -392,7 +398,7 @@ class CouchHistory:
 
     async def list_rounds(self, workflow_id: str) -> list[dict]:
         """Every round document of a workflow, in round order."""
-        return await self.client.all_docs(self.db, prefix=f"round:{workflow_id}:")
+        return await self.client.all_docs(self.db, prefix=_doc_id("round", workflow_id, ""))
 
     async def put_round_model(self, workflow_id: str, round_number: int, model: bytes, *,
                               schedule_id: str | None = None, expected_digest: str | None = None,
@@ -406,12 +412,7 @@ class CouchHistory:
         _check_expected(f"global model of round {round_number} of {workflow_id!r}", digest, expected_digest)
 
         def merge(doc):
-            doc = doc or {"type": "round", "workflow_id": workflow_id, "round": int(round_number), "metrics": {}}
-            if schedule_id is not None:
-                doc["schedule_id"] = schedule_id
-            doc.update(fields)
-            if metrics:
-                doc["metrics"] = {**doc.get("metrics", {}), **dict(metrics)}
+            doc = _round_fields(doc, workflow_id, round_number, schedule_id, metrics, fields)
             doc["global_model_digest"] = digest
             doc["global_model_bytes"] = len(model)
             doc["_attachments"] = {**doc.get("_attachments", {}),
@@ -491,7 +492,7 @@ class CouchHistory:
         return await self.client.get(self.db, self.participation_doc_id(workflow_id, node))
 
     async def list_participation(self, workflow_id: str) -> list[dict]:
-        return await self.client.all_docs(self.db, prefix=f"participation:{workflow_id}:")
+        return await self.client.all_docs(self.db, prefix=_doc_id("participation", workflow_id, ""))
 
 
 def _participation_merge(workflow_id: str, node: str, round_number: int, fields: Mapping):

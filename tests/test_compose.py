@@ -727,44 +727,24 @@ def test_compose_file_matches_the_compose_specification(project, schema):
     assert check_schema(project, schema) == []
 
 
-def test_every_trustmesh_command_line_parses(project):
-    assert check_commands(project) == []
+# What the real files are held to -> the check that lists how they fall short.
+REAL_FILE_CHECKS = {
+    "every_trustmesh_command_line_parses": check_commands,
+    "variables_set_for_our_services_are_read_by_our_code": check_environment_is_read,
+    "services_volumes_networks_and_profiles_are_declared": check_references,
+    "files_the_compose_file_and_dockerfile_use_exist": check_files,
+    "images_are_pinned": check_images,
+    "four_pbft_validators_each_with_its_processors": check_pbft_network,
+    "secrets_come_from_the_environment": check_secrets,
+    "every_substituted_variable_is_documented": check_env_documented,
+    "every_node_a_shipped_workflow_names_runs_and_resolves": check_workflow_nodes,
+    "readme_commands_name_real_services_and_parse": check_readme,
+}
 
 
-def test_variables_set_for_our_services_are_read_by_our_code(project):
-    assert check_environment_is_read(project) == []
-
-
-def test_services_volumes_networks_and_profiles_are_declared(project):
-    assert check_references(project) == []
-
-
-def test_files_the_compose_file_and_dockerfile_use_exist(project):
-    assert check_files(project) == []
-
-
-def test_images_are_pinned(project):
-    assert check_images(project) == []
-
-
-def test_four_pbft_validators_each_with_its_processors(project):
-    assert check_pbft_network(project) == []
-
-
-def test_secrets_come_from_the_environment(project):
-    assert check_secrets(project) == []
-
-
-def test_every_substituted_variable_is_documented(project):
-    assert check_env_documented(project) == []
-
-
-def test_every_node_a_shipped_workflow_names_runs_and_resolves(project):
-    assert check_workflow_nodes(project) == []
-
-
-def test_readme_commands_name_real_services_and_parse(project):
-    assert check_readme(project) == []
+@pytest.mark.parametrize("check", REAL_FILE_CHECKS.values(), ids=REAL_FILE_CHECKS.keys())
+def test_the_real_files(project, check):
+    assert check(project) == []
 
 
 def test_readme_override_example_is_a_consistent_addition(project, schema):

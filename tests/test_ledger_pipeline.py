@@ -8,6 +8,7 @@ committed batches agree after the restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -31,6 +32,15 @@ from trustmesh.ledger.signing import PrivateKey
 SIGNER = PrivateKey.generate()
 
 
+@contextlib.asynccontextmanager
+async def _intkey_under_kills(node: DevnetProcess):
+    """An intkey processor taking 32 transactions at once, and a REST client that retries long
+    enough to ride out the kills these tests deal the validator."""
+    async with running_processor(node.component_url, max_occupancy=32), \
+            rest(node.rest_url, retries=40, backoff=0.1) as client:
+        yield client
+
+
 def _five_key_batches(prefix: str, count: int) -> list:
     """Batch b sets {prefix}{b}-0 .. -4 to 0 .. 4."""
     return [intkey_batch(SIGNER, *[("set", f"{prefix}{b}-{i}", i) for i in range(5)]) for b in range(count)]
@@ -52,8 +62,7 @@ async def _head_reaches(client, block_num: int) -> None:
 async def test_kill_during_pipelined_blocks_keeps_head_state_and_statuses_consistent(start_devnet):
     node = start_devnet("--max-batches-per-block", "20")
     batches = _five_key_batches("k", 300)
-    async with running_processor(node.component_url, max_occupancy=32), \
-            rest(node.rest_url, retries=40, backoff=0.1) as client:
+    async with _intkey_under_kills(node) as client:
         for i in range(0, len(batches), 50):
             await client.submit_batches(batches[i:i + 50])
         await _head_reaches(client, 4)  # several blocks through the pipeline, then kill -9
@@ -184,8 +193,7 @@ def _state_worker_of(node: DevnetProcess) -> int:
 async def test_killed_state_worker_is_replaced_and_nothing_is_lost_or_repeated(start_devnet):
     node = start_devnet("--max-batches-per-block", "10")
     batches = _five_key_batches("w", 200)
-    async with running_processor(node.component_url, max_occupancy=32), \
-            rest(node.rest_url, retries=40, backoff=0.1) as client:
+    async with _intkey_under_kills(node) as client:
         first = _state_worker_of(node)
         await client.submit_batches(batches)
         await _head_reaches(client, 3)

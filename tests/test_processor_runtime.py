@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import pytest
@@ -19,7 +20,7 @@ from trustmesh.ledger.processor import (
     TransactionProcessor,
 )
 
-from helpers.wire_peer import M, WirePeer, run
+from helpers.wire_peer import M, WirePeer
 
 FAMILY = "tm-test"
 NS = namespace(FAMILY)
@@ -29,6 +30,8 @@ OTHER = make_address(namespace("elsewhere"), "x")
 OK = pb.TpProcessResponse.OK
 INVALID = pb.TpProcessResponse.INVALID_TRANSACTION
 INTERNAL = pb.TpProcessResponse.INTERNAL_ERROR
+
+pytestmark = pytest.mark.timeout(10)  # a broken protocol fails instead of hanging
 
 
 class ScriptedHandler(TransactionHandler):
@@ -45,8 +48,10 @@ class ScriptedHandler(TransactionHandler):
         await self.scripts[transaction.payload.decode()](transaction, context)
 
 
+@contextlib.asynccontextmanager
 async def serving(handler, **kwargs):
-    """A started peer and a processor registered with it (both versions)."""
+    """A started peer and a processor registered with it (both versions): (peer, processor, the
+    processor's identity at the peer); both shut down afterwards."""
     peer = await WirePeer().start()
     processor = TransactionProcessor(peer.url, **kwargs)
     processor.add_handler(handler)
@@ -55,7 +60,10 @@ async def serving(handler, **kwargs):
     except BaseException:
         await peer.close()
         raise
-    return peer, processor, peer.registrations[-1][0]
+    try:
+        yield peer, processor, peer.registrations[-1][0]
+    finally:
+        await shutdown(peer, processor)
 
 
 async def shutdown(peer, processor):
@@ -64,61 +72,49 @@ async def shutdown(peer, processor):
     assert peer.errors == []
 
 
-def test_registers_every_family_version_with_expected_fields(caplog):
-    async def main():
-        caplog.set_level(logging.INFO, logger="trustmesh.ledger.processor")
-        peer, processor, _ = await serving(ScriptedHandler(), max_occupancy=7)
-        try:
-            regs = {r.version: r for _, r in peer.registrations}
-            assert sorted(regs) == ["1.0", "2.0"]
-            for request in regs.values():
-                assert request.family == FAMILY
-                assert list(request.namespaces) == [NS]
-                assert request.max_occupancy == 7
-                assert request.protocol_version == PROTOCOL_VERSION == 1
-                assert request.request_header_style == pb.TpRegisterRequest.EXPANDED
-        finally:
-            await shutdown(peer, processor)
-        assert any("registered tm-test 1.0" in r.message and r.levelno == logging.INFO for r in caplog.records)
-        await peer.expect(M.TP_UNREGISTER_REQUEST, timeout=0.1)  # stop() unregistered
-
-    run(main())
+async def test_registers_every_family_version_with_expected_fields(caplog):
+    caplog.set_level(logging.INFO, logger="trustmesh.ledger.processor")
+    async with serving(ScriptedHandler(), max_occupancy=7) as (peer, processor, _):
+        regs = {r.version: r for _, r in peer.registrations}
+        assert sorted(regs) == ["1.0", "2.0"]
+        for request in regs.values():
+            assert request.family == FAMILY
+            assert list(request.namespaces) == [NS]
+            assert request.max_occupancy == 7
+            assert request.protocol_version == PROTOCOL_VERSION == 1
+            assert request.request_header_style == pb.TpRegisterRequest.EXPANDED
+    assert any("registered tm-test 1.0" in r.message and r.levelno == logging.INFO for r in caplog.records)
+    await peer.expect(M.TP_UNREGISTER_REQUEST, timeout=0.1)  # stop() unregistered
 
 
-def test_other_protocol_version_in_answer_is_logged_and_tolerated(caplog):
-    async def main():
-        peer = await WirePeer().start()
-        peer.register_protocol_version = 0  # an older validator that does not echo the field
-        processor = TransactionProcessor(peer.url)
-        processor.add_handler(ScriptedHandler(ok=lambda t, c: asyncio.sleep(0)))
-        try:
-            await processor.start()
-            identity = await peer.wait_registered(2)
-            assert (await peer.process(identity, FAMILY, "1.0", b"ok")).status == OK
-        finally:
-            await shutdown(peer, processor)
-
-    run(main())
+async def test_other_protocol_version_in_answer_is_logged_and_tolerated(caplog):
+    peer = await WirePeer().start()
+    peer.register_protocol_version = 0  # an older validator that does not echo the field
+    processor = TransactionProcessor(peer.url)
+    processor.add_handler(ScriptedHandler(ok=lambda t, c: asyncio.sleep(0)))
+    try:
+        await processor.start()
+        identity = await peer.wait_registered(2)
+        assert (await peer.process(identity, FAMILY, "1.0", b"ok")).status == OK
+    finally:
+        await shutdown(peer, processor)
     assert any("protocol_version 0" in r.message for r in caplog.records if r.levelno == logging.WARNING)
 
 
-def test_refused_registration_raises_and_closes():
-    async def main():
-        peer = await WirePeer().start()
-        peer.register_status = pb.TpRegisterResponse.ERROR
-        processor = TransactionProcessor(peer.url)
-        processor.add_handler(ScriptedHandler())
-        try:
-            with pytest.raises(RegistrationError, match="refused to register tm-test"):
-                await processor.start()
-            assert processor._conn._socket is None  # start() cleaned up after itself
-        finally:
-            await peer.close()
-
-    run(main())
+async def test_refused_registration_raises_and_closes():
+    peer = await WirePeer().start()
+    peer.register_status = pb.TpRegisterResponse.ERROR
+    processor = TransactionProcessor(peer.url)
+    processor.add_handler(ScriptedHandler())
+    try:
+        with pytest.raises(RegistrationError, match="refused to register tm-test"):
+            await processor.start()
+        assert processor._conn._socket is None  # start() cleaned up after itself
+    finally:
+        await peer.close()
 
 
-def test_ok_with_state_events_and_receipt_data():
+async def test_ok_with_state_events_and_receipt_data():
     async def apply(transaction, context):
         assert transaction.header.family_name == FAMILY
         assert await context.get_state([A, B]) == {A: b"1"}  # B is unset: left out
@@ -127,68 +123,51 @@ def test_ok_with_state_events_and_receipt_data():
         await context.add_event("tm/done", [("k", "v")], b"data")
         await context.add_receipt_data(b"receipt")
 
-    async def main():
-        peer, processor, identity = await serving(ScriptedHandler(work=apply))
-        try:
-            peer.state[A] = b"1"
-            request = peer.make_process_request(FAMILY, "2.0", b"work", inputs=[NS], outputs=[NS])
-            reply = await peer.request(identity, M.TP_PROCESS_REQUEST, request)
-            assert reply.message_type == M.TP_PROCESS_RESPONSE
-            assert pb.TpProcessResponse.FromString(reply.content).status == OK
-            assert peer.state == {B: b"2"}
-            context = peer.contexts[request.context_id]
-            assert [(e.event_type, [(a.key, a.value) for a in e.attributes], e.data) for e in context.events] == [
-                ("tm/done", [("k", "v")], b"data")
-            ]
-            assert context.receipt_data == [b"receipt"]
-        finally:
-            await shutdown(peer, processor)
-
-    run(main())
+    async with serving(ScriptedHandler(work=apply)) as (peer, processor, identity):
+        peer.state[A] = b"1"
+        request = peer.make_process_request(FAMILY, "2.0", b"work", inputs=[NS], outputs=[NS])
+        reply = await peer.request(identity, M.TP_PROCESS_REQUEST, request)
+        assert reply.message_type == M.TP_PROCESS_RESPONSE
+        assert pb.TpProcessResponse.FromString(reply.content).status == OK
+        assert peer.state == {B: b"2"}
+        context = peer.contexts[request.context_id]
+        assert [(e.event_type, [(a.key, a.value) for a in e.attributes], e.data) for e in context.events] == [
+            ("tm/done", [("k", "v")], b"data")
+        ]
+        assert context.receipt_data == [b"receipt"]
 
 
-def test_invalid_transaction_carries_message_and_extended_data():
+async def test_invalid_transaction_carries_message_and_extended_data():
     async def apply(transaction, context):
         raise InvalidTransaction("round 3 is closed", b"\x01\x02")
 
-    async def main():
-        peer, processor, identity = await serving(ScriptedHandler(bad=apply))
-        try:
-            response = await peer.process(identity, FAMILY, "1.0", b"bad")
-            assert (response.status, response.message, response.extended_data) == (
-                INVALID, "round 3 is closed", b"\x01\x02")
-        finally:
-            await shutdown(peer, processor)
-
-    run(main())
+    async with serving(ScriptedHandler(bad=apply)) as (peer, processor, identity):
+        response = await peer.process(identity, FAMILY, "1.0", b"bad")
+        assert (response.status, response.message, response.extended_data) == (
+            INVALID, "round 3 is closed", b"\x01\x02")
 
 
-def test_internal_errors_declared_and_unexpected(caplog):
+async def test_internal_errors_declared_and_unexpected(caplog):
     async def declared(transaction, context):
         raise InternalError("model store offline", b"retry")
 
     async def unexpected(transaction, context):
         raise ValueError("boom")
 
-    async def main():
-        peer, processor, identity = await serving(ScriptedHandler(declared=declared, unexpected=unexpected))
-        try:
-            response = await peer.process(identity, FAMILY, "1.0", b"declared")
-            assert (response.status, response.message, response.extended_data) == (
-                INTERNAL, "model store offline", b"retry")
-            response = await peer.process(identity, FAMILY, "1.0", b"unexpected")
-            assert response.status == INTERNAL
-            assert "ScriptedHandler" in response.message and "tm-test 1.0" in response.message
-            assert "ValueError: boom" in response.message
-        finally:
-            await shutdown(peer, processor)
+    async with serving(ScriptedHandler(declared=declared, unexpected=unexpected)) as (peer, processor, identity):
+        response = await peer.process(identity, FAMILY, "1.0", b"declared")
+        assert (response.status, response.message, response.extended_data) == (
+            INTERNAL, "model store offline", b"retry")
+        response = await peer.process(identity, FAMILY, "1.0", b"unexpected")
+        assert response.status == INTERNAL
+        assert "ScriptedHandler" in response.message and "tm-test 1.0" in response.message
+        assert "ValueError: boom" in response.message
 
-    run(main())
     failures = [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info]
     assert failures and failures[0].exc_info[0] is ValueError  # traceback logged
 
 
-def test_state_access_outside_declared_inputs_outputs():
+async def test_state_access_outside_declared_inputs_outputs():
     seen = []
 
     async def read_outside(transaction, context):
@@ -204,52 +183,34 @@ def test_state_access_outside_declared_inputs_outputs():
     async def delete_outside(transaction, context):
         await context.delete_state([OTHER])
 
-    async def main():
-        handler = ScriptedHandler(read=read_outside, write=write_outside, delete=delete_outside)
-        peer, processor, identity = await serving(handler)
-        try:
-            response = await peer.process(identity, FAMILY, "1.0", b"read", inputs=[NS], outputs=[NS])
+    handler = ScriptedHandler(read=read_outside, write=write_outside, delete=delete_outside)
+    async with serving(handler) as (peer, processor, identity):
+        response = await peer.process(identity, FAMILY, "1.0", b"read", inputs=[NS], outputs=[NS])
+        assert response.status == INVALID
+        assert OTHER in response.message and "outside the transaction's declared inputs" in response.message
+        assert isinstance(seen[0], InvalidTransaction)  # AuthorizationError is an InvalidTransaction
+        for verb in ("write", "delete"):
+            response = await peer.process(identity, FAMILY, "1.0", verb.encode(), inputs=[NS], outputs=[NS])
             assert response.status == INVALID
-            assert OTHER in response.message and "outside the transaction's declared inputs" in response.message
-            assert isinstance(seen[0], InvalidTransaction)  # AuthorizationError is an InvalidTransaction
-            for verb in ("write", "delete"):
-                response = await peer.process(identity, FAMILY, "1.0", verb.encode(), inputs=[NS], outputs=[NS])
-                assert response.status == INVALID
-                assert OTHER in response.message and "declared outputs" in response.message
-            assert OTHER not in peer.state
-        finally:
-            await shutdown(peer, processor)
-
-    run(main())
+            assert OTHER in response.message and "declared outputs" in response.message
+        assert OTHER not in peer.state
 
 
-def test_unknown_family_or_version_is_invalid():
-    async def main():
-        peer, processor, identity = await serving(ScriptedHandler())
-        try:
-            for family, version in (("nobody", "1.0"), (FAMILY, "9.9")):
-                response = await peer.process(identity, family, version, b"x")
-                assert response.status == INVALID
-                assert f"no handler for transaction family {family!r} version {version!r}" in response.message
-        finally:
-            await shutdown(peer, processor)
-
-    run(main())
+async def test_unknown_family_or_version_is_invalid():
+    async with serving(ScriptedHandler()) as (peer, processor, identity):
+        for family, version in (("nobody", "1.0"), (FAMILY, "9.9")):
+            response = await peer.process(identity, family, version, b"x")
+            assert response.status == INVALID
+            assert f"no handler for transaction family {family!r} version {version!r}" in response.message
 
 
-def test_ping_is_answered_with_same_correlation_id():
-    async def main():
-        peer, processor, identity = await serving(ScriptedHandler())
-        try:
-            reply = await peer.request(identity, M.PING_REQUEST, pb.PingRequest())
-            assert reply.message_type == M.PING_RESPONSE  # request() matched the correlation id
-        finally:
-            await shutdown(peer, processor)
-
-    run(main())
+async def test_ping_is_answered_with_same_correlation_id():
+    async with serving(ScriptedHandler()) as (peer, processor, identity):
+        reply = await peer.request(identity, M.PING_REQUEST, pb.PingRequest())
+        assert reply.message_type == M.PING_RESPONSE  # request() matched the correlation id
 
 
-def test_max_occupancy_requests_run_concurrently():
+async def test_max_occupancy_requests_run_concurrently():
     n = 5
     barrier = asyncio.Barrier(n)
 
@@ -258,19 +219,13 @@ def test_max_occupancy_requests_run_concurrently():
         async with asyncio.timeout(2):
             await barrier.wait()
 
-    async def main():
-        peer, processor, identity = await serving(ScriptedHandler(meet=apply), max_occupancy=n)
-        try:
-            responses = await asyncio.gather(
-                *(peer.process(identity, FAMILY, "1.0", b"meet", timeout=3) for _ in range(n)))
-            assert [r.status for r in responses] == [OK] * n
-        finally:
-            await shutdown(peer, processor)
-
-    run(main())
+    async with serving(ScriptedHandler(meet=apply), max_occupancy=n) as (peer, processor, identity):
+        responses = await asyncio.gather(
+            *(peer.process(identity, FAMILY, "1.0", b"meet", timeout=3) for _ in range(n)))
+        assert [r.status for r in responses] == [OK] * n
 
 
-def test_no_more_than_max_occupancy_in_flight():
+async def test_no_more_than_max_occupancy_in_flight():
     active, peak = 0, 0
 
     async def apply(transaction, context):
@@ -280,19 +235,14 @@ def test_no_more_than_max_occupancy_in_flight():
         await asyncio.sleep(0.02)
         active -= 1
 
-    async def main():
-        peer, processor, identity = await serving(ScriptedHandler(busy=apply), max_occupancy=2)
-        try:  # a misbehaving validator sends more than advertised: the rest queue up
-            responses = await asyncio.gather(*(peer.process(identity, FAMILY, "1.0", b"busy") for _ in range(6)))
-            assert [r.status for r in responses] == [OK] * 6
-            assert peak == 2
-        finally:
-            await shutdown(peer, processor)
-
-    run(main())
+    # A misbehaving validator sends more than advertised: the rest queue up.
+    async with serving(ScriptedHandler(busy=apply), max_occupancy=2) as (peer, processor, identity):
+        responses = await asyncio.gather(*(peer.process(identity, FAMILY, "1.0", b"busy") for _ in range(6)))
+        assert [r.status for r in responses] == [OK] * 6
+        assert peak == 2
 
 
-def test_registers_again_after_validator_restart_and_drops_stale_work():
+async def test_registers_again_after_validator_restart_and_drops_stale_work():
     entered, release = asyncio.Event(), asyncio.Event()
     outcome = []
 
@@ -308,52 +258,43 @@ def test_registers_again_after_validator_restart_and_drops_stale_work():
     async def quick(transaction, context):
         assert await context.get_state([A]) == {A: b"kept"}
 
-    async def main():
-        peer, processor, identity = await serving(ScriptedHandler(slow=slow, quick=quick))
-        try:
-            peer.state[A] = b"kept"
-            request = peer.make_process_request(FAMILY, "1.0", b"slow", inputs=[NS])
-            await peer.send(identity, M.TP_PROCESS_REQUEST, request)
-            await asyncio.wait_for(entered.wait(), 2)
+    async with serving(ScriptedHandler(slow=slow, quick=quick)) as (peer, processor, identity):
+        peer.state[A] = b"kept"
+        request = peer.make_process_request(FAMILY, "1.0", b"slow", inputs=[NS])
+        await peer.send(identity, M.TP_PROCESS_REQUEST, request)
+        await asyncio.wait_for(entered.wait(), 2)
 
-            await peer.restart()
-            assert await peer.wait_registered(2) == identity  # both versions, same identity
-            assert {r.version for _, r in peer.registrations} == {"1.0", "2.0"}
+        await peer.restart()
+        assert await peer.wait_registered(2) == identity  # both versions, same identity
+        assert {r.version for _, r in peer.registrations} == {"1.0", "2.0"}
 
-            release.set()  # the stale transaction now fails and must not be answered
-            response = await peer.process(identity, FAMILY, "1.0", b"quick", inputs=[NS])
-            assert response.status == OK
-            await asyncio.sleep(0.1)
-            assert outcome == ["ConnectionLost"]
-            stale = []
-            while peer.received(M.TP_PROCESS_RESPONSE):
-                _, message = await peer.expect(M.TP_PROCESS_RESPONSE)
-                stale.append(message.correlation_id)
-            assert len(stale) == 1  # only the answer to the quick request
-            assert len(peer.registrations) == 2  # registered once per version, not twice
-        finally:
-            await shutdown(peer, processor)
-
-    run(main())
+        release.set()  # the stale transaction now fails and must not be answered
+        response = await peer.process(identity, FAMILY, "1.0", b"quick", inputs=[NS])
+        assert response.status == OK
+        await asyncio.sleep(0.1)
+        assert outcome == ["ConnectionLost"]
+        stale = []
+        while peer.received(M.TP_PROCESS_RESPONSE):
+            _, message = await peer.expect(M.TP_PROCESS_RESPONSE)
+            stale.append(message.correlation_id)
+        assert len(stale) == 1  # only the answer to the quick request
+        assert len(peer.registrations) == 2  # registered once per version, not twice
 
 
-def test_run_until_stop():
-    async def main():
-        peer = await WirePeer().start()
-        processor = TransactionProcessor(peer.url)
-        processor.add_handler(ScriptedHandler(ok=lambda t, c: asyncio.sleep(0)))
-        try:
-            task = asyncio.create_task(processor.run())
-            identity = await peer.wait_registered(2)
-            assert (await peer.process(identity, FAMILY, "1.0", b"ok")).status == OK
-            await processor.stop()
-            await asyncio.wait_for(task, 2)
-            await peer.expect(M.TP_UNREGISTER_REQUEST)
-        finally:
-            await processor.stop()
-            await peer.close()
-
-    run(main())
+async def test_run_until_stop():
+    peer = await WirePeer().start()
+    processor = TransactionProcessor(peer.url)
+    processor.add_handler(ScriptedHandler(ok=lambda t, c: asyncio.sleep(0)))
+    try:
+        task = asyncio.create_task(processor.run())
+        identity = await peer.wait_registered(2)
+        assert (await peer.process(identity, FAMILY, "1.0", b"ok")).status == OK
+        await processor.stop()
+        await asyncio.wait_for(task, 2)
+        await peer.expect(M.TP_UNREGISTER_REQUEST)
+    finally:
+        await processor.stop()
+        await peer.close()
 
 
 def test_handler_configuration_errors():

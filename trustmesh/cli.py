@@ -114,10 +114,7 @@ def _compute_node(args) -> int:
                            redis_url=where.redis, couch_url=where.couch, couch_user=where.couch_user,
                            couch_password=where.couch_password, attacks=dict(args.attack))
         await node.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await node.stop()
+        await _until_stopped(node)
 
     return _exit_fast(_run_until_signal(serve()))
 
@@ -144,13 +141,7 @@ def _iot_node(args) -> int:
                        torch_threads=args.torch_threads, attack=args.attack)
         await node.start()
         print(f"{args.name}: public key {node.node}", flush=True)
-        try:
-            if args.exit_when_done:
-                await node.finished.wait()
-            else:
-                await asyncio.Event().wait()
-        finally:
-            await node.stop()
+        await _until_stopped(node, node.finished if args.exit_when_done else None)
 
     return _exit_fast(_run_until_signal(serve()))
 
@@ -184,10 +175,7 @@ def _iot_host(args) -> int:
             f"started {done}/{total} IoT nodes", flush=True))
         print(f"IoT host: {len(names)} nodes {names[0]} … {names[-1]} started in {time.monotonic() - started:.1f} s",
               flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await host.stop()
+        await _until_stopped(host)
 
     return _exit_fast(_run_until_signal(serve()))
 
@@ -323,6 +311,15 @@ def _demo(args) -> int:
     from trustmesh.demo import main as demo_main
 
     return demo_main(args.home_given)
+
+
+async def _until_stopped(service, done: asyncio.Event | None = None) -> None:
+    """Keep a started node (or host) up until `done` is set, or without one until the signal that
+    cancels us, then stop it."""
+    try:
+        await (done or asyncio.Event()).wait()
+    finally:
+        await service.stop()
 
 
 def _exit_fast(code: int) -> int:

@@ -26,7 +26,7 @@ import re
 import struct
 import sys
 from collections import OrderedDict
-from typing import Mapping
+from typing import Callable, Mapping
 
 from trustmesh import endpoints as network
 
@@ -276,37 +276,40 @@ def _round(text: str) -> int:
     return int(text)
 
 
-def run_export(args: argparse.Namespace) -> int:
+def _run(command: str, args: argparse.Namespace, work: Callable[[], dict], summary: Callable[[dict], str]) -> int:
+    """A `trustmesh model` command: its result as JSON with --json, else in words; exit 2 with one
+    line on stderr when it cannot be done."""
     try:
-        done = asyncio.run(export(network.from_args(args), args.workflow, args.round, pathlib.Path(args.output)))
+        done = work()
     except ModelCommandError as exc:
-        print(f"trustmesh model export: {exc}", file=sys.stderr)
+        print(f"trustmesh model {command}: {exc}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(done, indent=2))
-    else:
-        print(f"exported round {done['round']} of {done['workflow_id']}{'' if done['final'] else ' (not final yet)'} "
-              f"to {done['file']} ({done['format']}, {done['bytes']:,} bytes): sha256 {done['digest']} read from "
-              f"{done['source']}, verified against the chain")
+    print(json.dumps(done, indent=2) if args.json else summary(done))
     return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    def work():
+        return asyncio.run(export(network.from_args(args), args.workflow, args.round, pathlib.Path(args.output)))
+
+    def summary(done):
+        return (f"exported round {done['round']} of {done['workflow_id']}{'' if done['final'] else ' (not final yet)'} "
+                f"to {done['file']} ({done['format']}, {done['bytes']:,} bytes): sha256 {done['digest']} read from "
+                f"{done['source']}, verified against the chain")
+
+    return _run("export", args, work, summary)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    try:
-        scores = evaluate(args.file, args.data)
-    except ModelCommandError as exc:
-        print(f"trustmesh model evaluate: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(scores, indent=2))
-    else:
+    def summary(scores):
         origin = (f" (workflow {scores['workflow_id']}, round {scores['round']})" if "workflow_id" in scores else "")
         model = scores["model"]
-        print(f"{args.file}{origin}: mlp {model['input_dim']}→{'→'.join(map(str, model['hidden']))}"
-              f"{'→' if model['hidden'] else ''}{model['num_classes']}\n"
-              f"accuracy {scores['accuracy']:.4f} · loss {scores['loss']:.4f} · {scores['samples']} samples of "
-              f"{args.data}")
-    return 0
+        return (f"{args.file}{origin}: mlp {model['input_dim']}→{'→'.join(map(str, model['hidden']))}"
+                f"{'→' if model['hidden'] else ''}{model['num_classes']}\n"
+                f"accuracy {scores['accuracy']:.4f} · loss {scores['loss']:.4f} · {scores['samples']} samples of "
+                f"{args.data}")
+
+    return _run("evaluate", args, lambda: evaluate(args.file, args.data), summary)
 
 
 def register(subparsers) -> None:

@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 from google.protobuf.message import DecodeError
 
 from .. import protos as pb
+from ..client_messages import exchange
 from .merkle import MerkleRadix, UnknownStateRoot
 from .store import ChainStore
 
@@ -108,6 +109,11 @@ def _seek(items: Iterator[T], start: str, id_of: Callable[[T], str]) -> Iterator
     return None
 
 
+def _listing(S, fields: dict, name: str, items: list) -> dict:
+    """A list response: an empty one is NO_RESOURCE, which still carries its head/root and paging."""
+    return {**fields, "status": S.NO_RESOURCE} if not items else {**fields, name: items}
+
+
 def _page(items: Iterator[T], limit: int, id_of: Callable[[T], str]) -> tuple[list[T], "pb.ClientPagingResponse"]:
     page = list(itertools.islice(items, limit))
     if not page:
@@ -133,68 +139,14 @@ class ClientQueries:
         self._merkle = merkle
         self._endpoint = endpoint
         self._peers = peers
-        # message type -> (request class, response class, response type, responder)
-        self._routes = {
-            M.CLIENT_STATE_LIST_REQUEST: (
-                pb.ClientStateListRequest, pb.ClientStateListResponse, M.CLIENT_STATE_LIST_RESPONSE,
-                self._state_list),
-            M.CLIENT_STATE_GET_REQUEST: (
-                pb.ClientStateGetRequest, pb.ClientStateGetResponse, M.CLIENT_STATE_GET_RESPONSE,
-                self._state_get),
-            M.CLIENT_BLOCK_LIST_REQUEST: (
-                pb.ClientBlockListRequest, pb.ClientBlockListResponse, M.CLIENT_BLOCK_LIST_RESPONSE,
-                self._block_list),
-            M.CLIENT_BLOCK_GET_BY_ID_REQUEST: (
-                pb.ClientBlockGetByIdRequest, pb.ClientBlockGetResponse, M.CLIENT_BLOCK_GET_RESPONSE,
-                self._block_by_id),
-            M.CLIENT_BLOCK_GET_BY_NUM_REQUEST: (
-                pb.ClientBlockGetByNumRequest, pb.ClientBlockGetResponse, M.CLIENT_BLOCK_GET_RESPONSE,
-                self._block_by_num),
-            M.CLIENT_BLOCK_GET_BY_TRANSACTION_ID_REQUEST: (
-                pb.ClientBlockGetByTransactionIdRequest, pb.ClientBlockGetResponse,
-                M.CLIENT_BLOCK_GET_RESPONSE, self._block_by_transaction),
-            M.CLIENT_BLOCK_GET_BY_BATCH_ID_REQUEST: (
-                pb.ClientBlockGetByBatchIdRequest, pb.ClientBlockGetResponse, M.CLIENT_BLOCK_GET_RESPONSE,
-                self._block_by_batch),
-            M.CLIENT_BATCH_LIST_REQUEST: (
-                pb.ClientBatchListRequest, pb.ClientBatchListResponse, M.CLIENT_BATCH_LIST_RESPONSE,
-                self._batch_list),
-            M.CLIENT_BATCH_GET_REQUEST: (
-                pb.ClientBatchGetRequest, pb.ClientBatchGetResponse, M.CLIENT_BATCH_GET_RESPONSE,
-                self._batch_get),
-            M.CLIENT_TRANSACTION_LIST_REQUEST: (
-                pb.ClientTransactionListRequest, pb.ClientTransactionListResponse,
-                M.CLIENT_TRANSACTION_LIST_RESPONSE, self._transaction_list),
-            M.CLIENT_TRANSACTION_GET_REQUEST: (
-                pb.ClientTransactionGetRequest, pb.ClientTransactionGetResponse,
-                M.CLIENT_TRANSACTION_GET_RESPONSE, self._transaction_get),
-            M.CLIENT_RECEIPT_GET_REQUEST: (
-                pb.ClientReceiptGetRequest, pb.ClientReceiptGetResponse, M.CLIENT_RECEIPT_GET_RESPONSE,
-                self._receipt_get),
-            M.CLIENT_PEERS_GET_REQUEST: (
-                pb.ClientPeersGetRequest, pb.ClientPeersGetResponse, M.CLIENT_PEERS_GET_RESPONSE,
-                self._peers_get),
-            M.CLIENT_STATUS_GET_REQUEST: (
-                pb.ClientStatusGetRequest, pb.ClientStatusGetResponse, M.CLIENT_STATUS_GET_RESPONSE,
-                self._status_get),
-        }
-
-    HANDLED_TYPES = frozenset({
-        M.CLIENT_STATE_LIST_REQUEST, M.CLIENT_STATE_GET_REQUEST,
-        M.CLIENT_BLOCK_LIST_REQUEST, M.CLIENT_BLOCK_GET_BY_ID_REQUEST, M.CLIENT_BLOCK_GET_BY_NUM_REQUEST,
-        M.CLIENT_BLOCK_GET_BY_TRANSACTION_ID_REQUEST, M.CLIENT_BLOCK_GET_BY_BATCH_ID_REQUEST,
-        M.CLIENT_BATCH_LIST_REQUEST, M.CLIENT_BATCH_GET_REQUEST,
-        M.CLIENT_TRANSACTION_LIST_REQUEST, M.CLIENT_TRANSACTION_GET_REQUEST,
-        M.CLIENT_RECEIPT_GET_REQUEST, M.CLIENT_PEERS_GET_REQUEST, M.CLIENT_STATUS_GET_REQUEST,
-    })
 
     def handle(self, message_type: int, content: bytes) -> tuple[int, bytes]:
         """(response message type, serialized response) for one request; message_type must be
         in HANDLED_TYPES. Bad content never raises: it gets the response's error status."""
-        try:
-            request_cls, response_cls, response_type, respond = self._routes[message_type]
-        except KeyError:
-            raise ValueError(f"not a client query: {pb.message_type_name(message_type)}") from None
+        respond = self._RESPONDERS.get(message_type)
+        if respond is None:
+            raise ValueError(f"not a client query: {pb.message_type_name(message_type)}")
+        _, request_cls, response_type, response_cls = exchange(message_type)
         # Peers/status responses have ERROR where the others have INTERNAL_ERROR.
         internal_error = getattr(response_cls, "INTERNAL_ERROR", None) or response_cls.ERROR
         try:
@@ -203,7 +155,7 @@ class ClientQueries:
             LOGGER.info("%s failed to deserialize", request_cls.__name__)
             return response_type, response_cls(status=internal_error).SerializeToString()
         try:
-            fields = respond(request, response_cls)
+            fields = respond(self, request, response_cls)
         except _Failed as failed:
             fields = {"status": failed.status}
         except Exception:  # a reply with a status beats leaving the client to time out
@@ -339,10 +291,8 @@ class ClientQueries:
                 raise _Failed(S.INVALID_PAGING)
             items = iter(())
         page, paging = _page(items, limit, lambda e: e[0])
-        fields = {"state_root": root, "paging": paging}
-        if not page:
-            return {**fields, "status": S.NO_RESOURCE}
-        return {**fields, "entries": [S.Entry(address=a, data=v) for a, v in page]}
+        entries = [S.Entry(address=a, data=v) for a, v in page]
+        return _listing(S, {"state_root": root, "paging": paging}, "entries", entries)
 
     def _state_get(self, request, S):
         root = self._state_root(request, S)
@@ -378,10 +328,7 @@ class ClientQueries:
                 from_num = 0 if reverse else head_num
             page, paging = _page(self._blocks(head_num, from_num, reverse), limit, lambda nb: _block_num_hex(nb[0]))
             blocks = [block for _, block in page]
-        fields = {"head_id": head_id, "paging": paging}
-        if not blocks:
-            return {**fields, "status": S.NO_RESOURCE}
-        return {**fields, "blocks": blocks}
+        return _listing(S, {"head_id": head_id, "paging": paging}, "blocks", blocks)
 
     def _block_by_id(self, request, S):
         _validate_ids([request.block_id], S)
@@ -397,15 +344,14 @@ class ClientQueries:
         return {"block": block} if block is not None else {"status": S.NO_RESOURCE}
 
     def _block_by_transaction(self, request, S):
-        _validate_ids([request.transaction_id], S)
-        location = self._store.transaction_location(request.transaction_id)
-        if location is None:
-            return {"status": S.NO_RESOURCE}
-        return {"block": self._store.block_by_num(location[0])}
+        return self._block_holding(request.transaction_id, self._store.transaction_location, S)
 
     def _block_by_batch(self, request, S):
-        _validate_ids([request.batch_id], S)
-        location = self._store.batch_location(request.batch_id)
+        return self._block_holding(request.batch_id, self._store.batch_location, S)
+
+    def _block_holding(self, item_id: str, locate, S):
+        _validate_ids([item_id], S)
+        location = locate(item_id)
         if location is None:
             return {"status": S.NO_RESOURCE}
         return {"block": self._store.block_by_num(location[0])}
@@ -413,37 +359,25 @@ class ClientQueries:
     # -- batches and transactions ---------------------------------------------------------
 
     def _batch_list(self, request, S):
+        return self._item_list(request, S, request.batch_ids, "batches", _batches_of, self._store.batch_location,
+                               self._fetch_batch)
+
+    def _transaction_list(self, request, S):
+        return self._item_list(request, S, request.transaction_ids, "transactions", _transactions_of,
+                               self._store.transaction_location, self._fetch_transaction)
+
+    def _item_list(self, request, S, ids, field, items_of, locate, fetch):
         head_id, head_num = self._head(request.head_id, S)
-        _validate_ids(request.batch_ids, S)
+        _validate_ids(ids, S)
         reverse = _is_reverse(request.sorting, "default", S)
         limit = _limit(request.paging, S)
-        page, paging = self._list(
-            request, request.batch_ids, head_num, reverse, limit, S,
-            _batches_of, self._store.batch_location, self._fetch_batch,
-        )
-        fields = {"head_id": head_id, "paging": paging}
-        if not page:
-            return {**fields, "status": S.NO_RESOURCE}
-        return {**fields, "batches": page}
+        page, paging = self._list(request, ids, head_num, reverse, limit, S, items_of, locate, fetch)
+        return _listing(S, {"head_id": head_id, "paging": paging}, field, page)
 
     def _batch_get(self, request, S):
         _validate_ids([request.batch_id], S)
         batch = self._fetch_batch(request.batch_id, float("inf"), {})
         return {"batch": batch} if batch is not None else {"status": S.NO_RESOURCE}
-
-    def _transaction_list(self, request, S):
-        head_id, head_num = self._head(request.head_id, S)
-        _validate_ids(request.transaction_ids, S)
-        reverse = _is_reverse(request.sorting, "default", S)
-        limit = _limit(request.paging, S)
-        page, paging = self._list(
-            request, request.transaction_ids, head_num, reverse, limit, S,
-            _transactions_of, self._store.transaction_location, self._fetch_transaction,
-        )
-        fields = {"head_id": head_id, "paging": paging}
-        if not page:
-            return {**fields, "status": S.NO_RESOURCE}
-        return {**fields, "transactions": page}
 
     def _transaction_get(self, request, S):
         _validate_ids([request.transaction_id], S)
@@ -468,3 +402,23 @@ class ClientQueries:
     def _status_get(self, request, S):
         endpoints = sorted(self._peers())
         return {"endpoint": self._endpoint, "peers": [S.Peer(endpoint=e) for e in endpoints]}
+
+    # request type -> responder(self, request, response class) -> response fields; which
+    # classes go with a type is client_messages' rule
+    _RESPONDERS = {
+        M.CLIENT_STATE_LIST_REQUEST: _state_list,
+        M.CLIENT_STATE_GET_REQUEST: _state_get,
+        M.CLIENT_BLOCK_LIST_REQUEST: _block_list,
+        M.CLIENT_BLOCK_GET_BY_ID_REQUEST: _block_by_id,
+        M.CLIENT_BLOCK_GET_BY_NUM_REQUEST: _block_by_num,
+        M.CLIENT_BLOCK_GET_BY_TRANSACTION_ID_REQUEST: _block_by_transaction,
+        M.CLIENT_BLOCK_GET_BY_BATCH_ID_REQUEST: _block_by_batch,
+        M.CLIENT_BATCH_LIST_REQUEST: _batch_list,
+        M.CLIENT_BATCH_GET_REQUEST: _batch_get,
+        M.CLIENT_TRANSACTION_LIST_REQUEST: _transaction_list,
+        M.CLIENT_TRANSACTION_GET_REQUEST: _transaction_get,
+        M.CLIENT_RECEIPT_GET_REQUEST: _receipt_get,
+        M.CLIENT_PEERS_GET_REQUEST: _peers_get,
+        M.CLIENT_STATUS_GET_REQUEST: _status_get,
+    }
+    HANDLED_TYPES = frozenset(_RESPONDERS)

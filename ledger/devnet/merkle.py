@@ -93,8 +93,9 @@ class InvalidNode(ValueError):
 
 # --- encoding ---------------------------------------------------------------------------
 
-def _head(major: int, n: int) -> bytes:
-    """CBOR major-type header as cbor-codec 0.7.1's ``type_len`` writes it (gap included)."""
+def _head(major: int, n: int, *, shortest: bool = False) -> bytes:
+    """CBOR major-type header as cbor-codec 0.7.1's ``type_len`` writes it (gap included), or,
+    with shortest, in shortest form, as the Python ``cbor`` package writes the value wrapper."""
     m = major << 5
     if n < 24:
         return bytes((m | n,))
@@ -102,22 +103,8 @@ def _head(major: int, n: int) -> bytes:
         return bytes((m | 24, n))
     if n < 0x10000:
         return bytes((m | 25,)) + n.to_bytes(2, "big")
-    if 0x100000 <= n <= 0xFFFFFFFF:
-        return bytes((m | 26,)) + n.to_bytes(4, "big")
-    # cbor-codec's match arms skip 0x10000..0xFFFFF, so those fall through to 8 bytes.
-    return bytes((m | 27,)) + n.to_bytes(8, "big")
-
-
-def _canonical_head(major: int, n: int) -> bytes:
-    """Shortest-form header, as the Python ``cbor`` package writes the value wrapper."""
-    m = major << 5
-    if n < 24:
-        return bytes((m | n,))
-    if n < 0x100:
-        return bytes((m | 24, n))
-    if n < 0x10000:
-        return bytes((m | 25,)) + n.to_bytes(2, "big")
-    if n <= 0xFFFFFFFF:
+    # cbor-codec's match arms skip 0x10000..0xFFFFF, so those fall through to 8 bytes there.
+    if n <= 0xFFFFFFFF and (shortest or n >= 0x100000):
         return bytes((m | 26,)) + n.to_bytes(4, "big")
     return bytes((m | 27,)) + n.to_bytes(8, "big")
 
@@ -192,19 +179,10 @@ def _decode_usual(data: bytes) -> tuple[bytes | None, dict[str, str]] | None:
     rest = data[end + 2:]
     if rest == b"\xf6":
         return None, children
-    if not rest or rest[0] >> 5 != 2:
+    try:
+        return _unwrap(rest), children
+    except InvalidNode:  # not a definite byte string: the general decoder says why
         return None
-    info = rest[0] & 0x1F
-    if info < 24:
-        start, length = 1, info
-    elif info <= 27:
-        start = 1 + (1 << (info - 24))
-        length = int.from_bytes(rest[1:start], "big")
-    else:
-        return None
-    if len(rest) != start + length:
-        return None
-    return rest[start:], children
 
 
 def decode_node(data: bytes) -> tuple[bytes | None, dict[str, str]]:
@@ -329,7 +307,7 @@ def _decode_row(key: str, data: bytes) -> list[tuple[str, _Node]]:
 
 def _wrap(value: bytes) -> bytes:
     """State value -> leaf "v": the CBOR byte string Sawtooth's Python layer stores."""
-    return _canonical_head(2, len(value)) + value
+    return _head(2, len(value), shortest=True) + value
 
 
 def _unwrap(stored: bytes) -> bytes:

@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import json
 import logging
 import re
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from aiohttp import hdrs, web
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError
 
 from .. import protos as pb
+from ..client_messages import exchange_of
 from ..messaging import ConnectionLost, ValidatorConnection
 
 LOGGER = logging.getLogger(__name__)
@@ -80,83 +82,89 @@ class ErrorCode(enum.IntEnum):
     RECEIPT_ID_QUERY_INVALID = 83
 
 
+class _Error(NamedTuple):
+    status: int  # HTTP
+    title: str
+    message: str  # some end in ": " or " ", for the detail an ApiError adds
+
+
 E = ErrorCode
-# code -> (HTTP status, title, message): the texts clients see from sawtooth-rest-api 1.2.
-_ERRORS: dict[ErrorCode, tuple[int, str, str]] = {
-    E.UNKNOWN_VALIDATOR_ERROR: (500, "Unknown Validator Error",
+# The texts clients see from sawtooth-rest-api 1.2.
+_ERRORS: dict[ErrorCode, _Error] = {
+    E.UNKNOWN_VALIDATOR_ERROR: _Error(500, "Unknown Validator Error",
         "An unknown error occurred with the validator while processing your request."),
-    E.VALIDATOR_NOT_READY: (503, "Validator Not Ready",
+    E.VALIDATOR_NOT_READY: _Error(503, "Validator Not Ready",
         "The validator has no genesis block, and is not yet ready to be queried. "
         "Try your request again later."),
-    E.VALIDATOR_TIMED_OUT: (503, "Validator Timed Out",
+    E.VALIDATOR_TIMED_OUT: _Error(503, "Validator Timed Out",
         "The request timed out while waiting for a response from the validator. "
         "Your request may or may not have been processed."),
-    E.VALIDATOR_DISCONNECTED: (503, "Validator Disconnected",
+    E.VALIDATOR_DISCONNECTED: _Error(503, "Validator Disconnected",
         "The validator disconnected before sending a response. Try your request again later."),
-    E.VALIDATOR_RESPONSE_INVALID: (500, "Invalid Validator Response",
+    E.VALIDATOR_RESPONSE_INVALID: _Error(500, "Invalid Validator Response",
         "The response from the validator could not be decoded. It may have been corrupted "
         "or compromised."),
-    E.RESOURCE_HEADER_INVALID: (500, "Invalid Resource Header",
+    E.RESOURCE_HEADER_INVALID: _Error(500, "Invalid Resource Header",
         "The resource fetched from the validator had an invalid header, and may be corrupted."),
-    E.STATUS_RESPONSE_MISSING: (500, "Unable to Fetch Statuses",
+    E.STATUS_RESPONSE_MISSING: _Error(500, "Unable to Fetch Statuses",
         "An unknown error occurred while attempting to fetch batch statuses, and nothing "
         "was returned."),
-    E.SUBMITTED_BATCHES_INVALID: (400, "Submitted Batches Invalid",
+    E.SUBMITTED_BATCHES_INVALID: _Error(400, "Submitted Batches Invalid",
         "The submitted BatchList was rejected by the validator. It was poorly formed, or has "
         "an invalid signature."),
-    E.BATCH_QUEUE_FULL: (429, "Unable to Accept Batches",
+    E.BATCH_QUEUE_FULL: _Error(429, "Unable to Accept Batches",
         "The validator cannot currently accept more batches, due to a full queue.  Please "
         "submit your request again."),
-    E.NO_BATCHES_SUBMITTED: (400, "No Batches Submitted",
+    E.NO_BATCHES_SUBMITTED: _Error(400, "No Batches Submitted",
         "The protobuf BatchList you submitted was empty and contained no Batches. You must "
         "submit at least one Batch."),
-    E.BAD_PROTOBUF_SUBMITTED: (400, "Protobuf Not Decodable",
+    E.BAD_PROTOBUF_SUBMITTED: _Error(400, "Protobuf Not Decodable",
         "The protobuf BatchList you submitted was malformed and could not be read."),
-    E.REQUEST_TOO_LARGE: (413, "Request Body Too Large",
+    E.REQUEST_TOO_LARGE: _Error(413, "Request Body Too Large",
         "The request body is larger than this REST API accepts: "),
-    E.SUBMISSION_WRONG_CONTENT_TYPE: (400, "Wrong Content Type",
+    E.SUBMISSION_WRONG_CONTENT_TYPE: _Error(400, "Wrong Content Type",
         "Batches must be submitted in a BatchList protobuf binary, with a 'Content-Type' "
         "header of 'application/octet-stream'."),
-    E.STATUS_WRONG_CONTENT_TYPE: (400, "Wrong Content Type",
+    E.STATUS_WRONG_CONTENT_TYPE: _Error(400, "Wrong Content Type",
         "Requests for batch statuses sent as a POST must have a 'Content-Type' header of "
         "'application/json'."),
-    E.STATUS_BODY_INVALID: (400, "Bad Status Request",
+    E.STATUS_BODY_INVALID: _Error(400, "Bad Status Request",
         "Requests for batch statuses sent as a POST must have a JSON formatted body with an "
         "array of at least one id string."),
-    E.HEAD_NOT_FOUND: (404, "Head Not Found",
+    E.HEAD_NOT_FOUND: _Error(404, "Head Not Found",
         "There is no block with the id specified in the 'head' query parameter."),
-    E.COUNT_INVALID: (400, "Invalid Count Query",
+    E.COUNT_INVALID: _Error(400, "Invalid Count Query",
         "The 'count' query parameter must be a positive, non-zero integer."),
-    E.PAGING_INVALID: (400, "Invalid Paging Query",
+    E.PAGING_INVALID: _Error(400, "Invalid Paging Query",
         "Paging request failed as written. One or more of the 'min', 'max', or 'count' "
         "query parameters were invalid or out of range."),
-    E.SORT_INVALID: (400, "Invalid Sort Query",
+    E.SORT_INVALID: _Error(400, "Invalid Sort Query",
         "The sort request failed as written. Some of the keys specified were not valid."),
-    E.INVALID_RESOURCE_ID: (400, "Invalid Resource Id",
+    E.INVALID_RESOURCE_ID: _Error(400, "Invalid Resource Id",
         "Blockchain items are identified by 128 character hex-strings. A submitted block, "
         "batch, or transaction id was invalid: "),
-    E.INVALID_STATE_ADDRESS: (400, "Invalid State Address",
+    E.INVALID_STATE_ADDRESS: _Error(400, "Invalid State Address",
         "The state address submitted was invalid. To fetch specific state data, you must "
         "submit the full 70-character address."),
-    E.STATUS_ID_QUERY_INVALID: (400, "Id Query Invalid or Missing",
+    E.STATUS_ID_QUERY_INVALID: _Error(400, "Id Query Invalid or Missing",
         "Requests for batch statuses sent as a GET request must have an 'id' query parameter "
         "with a comma-separated list of at least one batch id."),
-    E.BLOCK_NOT_FOUND: (404, "Block Not Found",
+    E.BLOCK_NOT_FOUND: _Error(404, "Block Not Found",
         "There is no block with the id specified in the blockchain."),
-    E.BATCH_NOT_FOUND: (404, "Batch Not Found",
+    E.BATCH_NOT_FOUND: _Error(404, "Batch Not Found",
         "There is no batch with the id specified in the blockchain."),
-    E.TRANSACTION_NOT_FOUND: (404, "Transaction Not Found",
+    E.TRANSACTION_NOT_FOUND: _Error(404, "Transaction Not Found",
         "There is no transaction with the id specified in the blockchain."),
-    E.STATE_NOT_FOUND: (404, "State Not Found", "There is no state data at the address specified."),
-    E.RECEIPT_NOT_FOUND: (404, "Transaction Receipt Not Found",
+    E.STATE_NOT_FOUND: _Error(404, "State Not Found", "There is no state data at the address specified."),
+    E.RECEIPT_NOT_FOUND: _Error(404, "Transaction Receipt Not Found",
         "There is no transaction receipt for the transaction id specified in the receipt store."),
-    E.RECEIPT_WRONG_CONTENT_TYPE: (400, "Wrong Content Type",
+    E.RECEIPT_WRONG_CONTENT_TYPE: _Error(400, "Wrong Content Type",
         "Requests for transaction receipts sent as a POST must have a 'Content-Type' header "
         "of 'application/json'."),
-    E.RECEIPT_BODY_INVALID: (400, "Bad Receipts Request",
+    E.RECEIPT_BODY_INVALID: _Error(400, "Bad Receipts Request",
         "Requests for transaction receipts sent as a POST must have a JSON formatted body "
         "with an array of at least one id string."),
-    E.RECEIPT_ID_QUERY_INVALID: (400, "Id Query Invalid or Missing",
+    E.RECEIPT_ID_QUERY_INVALID: _Error(400, "Id Query Invalid or Missing",
         "Requests for transaction receipts sent as a GET request must have an 'id' query "
         "parameter with a comma-separated list of at least one transaction id."),
 }
@@ -181,8 +189,9 @@ _STATUS_ERRORS = {
 class ApiError(Exception):
     def __init__(self, code: ErrorCode, additional_info: str = ""):
         self.code = code
-        self.status, self.title, message = _ERRORS[code]
-        self.message = message + additional_info
+        error = _ERRORS[code]
+        self.status, self.title = error.status, error.title
+        self.message = error.message + additional_info
         super().__init__(f"{code.value} {self.title}: {self.message}")
 
     def response(self) -> web.Response:
@@ -338,15 +347,22 @@ async def _read_body(request: web.Request) -> bytes:
         raise ApiError(E.REQUEST_TOO_LARGE, f"at most {request.app[_MAX_SIZE]} bytes.") from None
 
 
-async def _json_id_list(request: web.Request, wrong_type: ErrorCode, invalid: ErrorCode) -> list[str]:
+async def _requested_ids(request: web.Request, wrong_type: ErrorCode, body_invalid: ErrorCode,
+                         query_invalid: ErrorCode) -> list[str]:
+    """The ids a status or receipt request asks for: a POST's JSON list, else the `id` query."""
+    if request.method != "POST":
+        ids = _filter_ids(request)
+        if not ids:
+            raise ApiError(query_invalid)
+        return ids
     if _content_type(request) != "application/json":
         raise ApiError(wrong_type)
     try:
         ids = json.loads(await _read_body(request))
     except ValueError:  # also UnicodeDecodeError
-        raise ApiError(invalid) from None
+        raise ApiError(body_invalid) from None
     if not ids or not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise ApiError(invalid)
+        raise ApiError(body_invalid)
     for resource_id in ids:
         _validate_id(resource_id)
     return ids
@@ -375,11 +391,12 @@ class _Handlers:
 
     # -- validator round trip ------------------------------------------------------------------
 
-    async def _query(self, request_type: int, request, response_cls, *, not_found: ErrorCode | None = None):
+    async def _query(self, request, *, not_found: ErrorCode | None = None):
         """Send one CLIENT_* request; return the parsed reply or raise the matching ApiError.
 
         not_found: the error for NO_RESOURCE; None means NO_RESOURCE is just an empty list.
         """
+        request_type, _, _, response_cls = exchange_of(type(request))
         conn = self._conn
         if not conn.connected.is_set():
             # Never queue into a disconnected DEALER: ZMQ would deliver it whenever the validator
@@ -415,15 +432,10 @@ class _Handlers:
     async def _head_to_root(self, head: str | None) -> tuple[str, str]:
         """(block id, state root) of the requested head, or of the chain head."""
         if head:
-            response = await self._query(
-                pb.Message.CLIENT_BLOCK_GET_BY_ID_REQUEST, pb.ClientBlockGetByIdRequest(block_id=head),
-                pb.ClientBlockGetResponse, not_found=E.BLOCK_NOT_FOUND)
+            response = await self._query(pb.ClientBlockGetByIdRequest(block_id=head), not_found=E.BLOCK_NOT_FOUND)
             block = response.block
         else:
-            response = await self._query(
-                pb.Message.CLIENT_BLOCK_LIST_REQUEST,
-                pb.ClientBlockListRequest(paging=pb.ClientPagingControls(limit=1)),
-                pb.ClientBlockListResponse)
+            response = await self._query(pb.ClientBlockListRequest(paging=pb.ClientPagingControls(limit=1)))
             if not response.blocks:
                 raise ApiError(E.VALIDATOR_NOT_READY)
             block = response.blocks[0]
@@ -473,126 +485,96 @@ class _Handlers:
             raise ApiError(E.BAD_PROTOBUF_SUBMITTED) from None
         if not batch_list.batches:
             raise ApiError(E.NO_BATCHES_SUBMITTED)
-        await self._query(
-            pb.Message.CLIENT_BATCH_SUBMIT_REQUEST, pb.ClientBatchSubmitRequest(batches=batch_list.batches),
-            pb.ClientBatchSubmitResponse)
+        await self._query(pb.ClientBatchSubmitRequest(batches=batch_list.batches))
         ids = ",".join(b.header_signature for b in batch_list.batches)
         return _json_response({"link": _build_url(request, path="/batch_statuses", id=ids)}, 202)
 
     async def list_statuses(self, request: web.Request) -> web.Response:
-        if request.method == "POST":
-            ids = await _json_id_list(request, E.STATUS_WRONG_CONTENT_TYPE, E.STATUS_BODY_INVALID)
-        else:
-            ids = _filter_ids(request)
-            if not ids:
-                raise ApiError(E.STATUS_ID_QUERY_INVALID)
+        ids = await _requested_ids(request, E.STATUS_WRONG_CONTENT_TYPE, E.STATUS_BODY_INVALID,
+                                   E.STATUS_ID_QUERY_INVALID)
         query = pb.ClientBatchStatusRequest(batch_ids=ids)
         self._set_wait(request, query)
-        response = await self._query(
-            pb.Message.CLIENT_BATCH_STATUS_REQUEST, query, pb.ClientBatchStatusResponse,
-            not_found=E.STATUS_RESPONSE_MISSING)
+        response = await self._query(query, not_found=E.STATUS_RESPONSE_MISSING)
+        return self._by_ids(request, response.batch_statuses)
+
+    async def list_receipts(self, request: web.Request) -> web.Response:
+        ids = await _requested_ids(request, E.RECEIPT_WRONG_CONTENT_TYPE, E.RECEIPT_BODY_INVALID,
+                                   E.RECEIPT_ID_QUERY_INVALID)
+        response = await self._query(pb.ClientReceiptGetRequest(transaction_ids=ids), not_found=E.RECEIPT_NOT_FOUND)
+        return self._by_ids(request, response.receipts)
+
+    def _by_ids(self, request: web.Request, items) -> web.Response:
+        # Statuses and receipts: ids as "id"; a POST's answer has no link (its ids are in no URL).
         envelope = {} if request.method == "POST" else self._metadata(request)
-        statuses = [_to_dict(s) for s in response.batch_statuses]
-        envelope["data"] = _drop_id_prefixes(_drop_empty_props(statuses))
+        envelope["data"] = _drop_id_prefixes(_drop_empty_props([_to_dict(i) for i in items]))
         return _json_response(envelope)
 
     async def list_state(self, request: web.Request) -> web.Response:
         controls = _paging_controls(request)
         head, root = await self._head_to_root(_head_id(request))
-        query = pb.ClientStateListRequest(
+        response = await self._query(pb.ClientStateListRequest(
             state_root=root, address=request.query.get("address", ""),
-            sorting=_sorting(request, "default"), paging=_paging_message(controls))
-        response = await self._query(pb.Message.CLIENT_STATE_LIST_REQUEST, query, pb.ClientStateListResponse)
+            sorting=_sorting(request, "default"), paging=_paging_message(controls)))
         data = [_to_dict(entry) for entry in response.entries]
         return self._paginated(request, response, controls, data, head)
 
     async def fetch_state(self, request: web.Request) -> web.Response:
         head, root = await self._head_to_root(_head_id(request))
         query = pb.ClientStateGetRequest(state_root=root, address=request.match_info["address"])
-        response = await self._query(
-            pb.Message.CLIENT_STATE_GET_REQUEST, query, pb.ClientStateGetResponse, not_found=E.STATE_NOT_FOUND)
+        response = await self._query(query, not_found=E.STATE_NOT_FOUND)
         envelope = self._metadata(request, head)
         envelope["data"] = _to_dict(response)["value"]
         return _json_response(envelope)
 
-    async def _list(self, request, request_type, query, response_cls, field, expand) -> web.Response:
+    async def list_resources(self, kind: "_ChainResource", request: web.Request) -> web.Response:
+        """/blocks, /batches, /transactions"""
+        # head, ids, then paging: the order their errors take precedence in.
+        head_id, ids = _head_id(request) or "", _filter_ids(request) or []
+        query = kind.list_request(head_id=head_id, sorting=_sorting(request, kind.sort_key),
+                                  **{f"{kind.name}_ids": ids})
         controls = _paging_controls(request)
         query.paging.CopyFrom(_paging_message(controls))
-        response = await self._query(request_type, query, response_cls)
-        data = [expand(item) for item in getattr(response, field)]
+        response = await self._query(query)
+        data = [kind.expand(item) for item in getattr(response, kind.plural)]
         return self._paginated(request, response, controls, data, response.head_id)
 
-    async def list_blocks(self, request: web.Request) -> web.Response:
-        query = pb.ClientBlockListRequest(
-            head_id=_head_id(request) or "", block_ids=_filter_ids(request) or [],
-            sorting=_sorting(request, "block_num"))
-        return await self._list(
-            request, pb.Message.CLIENT_BLOCK_LIST_REQUEST, query, pb.ClientBlockListResponse, "blocks", _expand_block)
-
-    async def list_batches(self, request: web.Request) -> web.Response:
-        query = pb.ClientBatchListRequest(
-            head_id=_head_id(request) or "", batch_ids=_filter_ids(request) or [],
-            sorting=_sorting(request, "default"))
-        return await self._list(
-            request, pb.Message.CLIENT_BATCH_LIST_REQUEST, query, pb.ClientBatchListResponse, "batches", _expand_batch)
-
-    async def list_transactions(self, request: web.Request) -> web.Response:
-        query = pb.ClientTransactionListRequest(
-            head_id=_head_id(request) or "", transaction_ids=_filter_ids(request) or [],
-            sorting=_sorting(request, "default"))
-        return await self._list(
-            request, pb.Message.CLIENT_TRANSACTION_LIST_REQUEST, query, pb.ClientTransactionListResponse,
-            "transactions", _expand_transaction)
-
-    async def fetch_block(self, request: web.Request) -> web.Response:
-        block_id = request.match_info["block_id"]
-        _validate_id(block_id)
-        response = await self._query(
-            pb.Message.CLIENT_BLOCK_GET_BY_ID_REQUEST, pb.ClientBlockGetByIdRequest(block_id=block_id),
-            pb.ClientBlockGetResponse, not_found=E.BLOCK_NOT_FOUND)
-        return _json_response({**self._metadata(request), "data": _expand_block(response.block)})
-
-    async def fetch_batch(self, request: web.Request) -> web.Response:
-        batch_id = request.match_info["batch_id"]
-        _validate_id(batch_id)
-        response = await self._query(
-            pb.Message.CLIENT_BATCH_GET_REQUEST, pb.ClientBatchGetRequest(batch_id=batch_id),
-            pb.ClientBatchGetResponse, not_found=E.BATCH_NOT_FOUND)
-        return _json_response({**self._metadata(request), "data": _expand_batch(response.batch)})
-
-    async def fetch_transaction(self, request: web.Request) -> web.Response:
-        txn_id = request.match_info["transaction_id"]
-        _validate_id(txn_id)
-        response = await self._query(
-            pb.Message.CLIENT_TRANSACTION_GET_REQUEST, pb.ClientTransactionGetRequest(transaction_id=txn_id),
-            pb.ClientTransactionGetResponse, not_found=E.TRANSACTION_NOT_FOUND)
-        return _json_response({**self._metadata(request), "data": _expand_transaction(response.transaction)})
-
-    async def list_receipts(self, request: web.Request) -> web.Response:
-        if request.method == "POST":
-            ids = await _json_id_list(request, E.RECEIPT_WRONG_CONTENT_TYPE, E.RECEIPT_BODY_INVALID)
-        else:
-            ids = _filter_ids(request)
-            if not ids:
-                raise ApiError(E.RECEIPT_ID_QUERY_INVALID)
-        response = await self._query(
-            pb.Message.CLIENT_RECEIPT_GET_REQUEST, pb.ClientReceiptGetRequest(transaction_ids=ids),
-            pb.ClientReceiptGetResponse, not_found=E.RECEIPT_NOT_FOUND)
-        envelope = {} if request.method == "POST" else self._metadata(request)
-        receipts = [_to_dict(r) for r in response.receipts]
-        envelope["data"] = _drop_id_prefixes(_drop_empty_props(receipts))
-        return _json_response(envelope)
+    async def fetch_resource(self, kind: "_ChainResource", request: web.Request) -> web.Response:
+        """/blocks/{block_id}, /batches/{batch_id}, /transactions/{transaction_id}"""
+        resource_id = request.match_info[f"{kind.name}_id"]
+        _validate_id(resource_id)
+        response = await self._query(kind.get_request(**{f"{kind.name}_id": resource_id}), not_found=kind.not_found)
+        return _json_response({**self._metadata(request), "data": kind.expand(getattr(response, kind.name))})
 
     async def fetch_peers(self, request: web.Request) -> web.Response:
-        response = await self._query(
-            pb.Message.CLIENT_PEERS_GET_REQUEST, pb.ClientPeersGetRequest(), pb.ClientPeersGetResponse)
+        response = await self._query(pb.ClientPeersGetRequest())
         return _json_response({**self._metadata(request), "data": list(response.peers)})
 
     async def fetch_status(self, request: web.Request) -> web.Response:
-        response = await self._query(
-            pb.Message.CLIENT_STATUS_GET_REQUEST, pb.ClientStatusGetRequest(), pb.ClientStatusGetResponse)
+        response = await self._query(pb.ClientStatusGetRequest())
         data = {"peers": [{"endpoint": p.endpoint} for p in response.peers], "endpoint": response.endpoint}
         return _json_response({**self._metadata(request), "data": data})
+
+
+class _ChainResource(NamedTuple):
+    """What /{plural} and /{plural}/{name}_id serve."""
+
+    name: str  # the request fields are {name}_ids and {name}_id, the response's one item {name}
+    plural: str  # the path, and the list response's field
+    list_request: type
+    sort_key: str  # what a bare `?reverse` sorts by
+    get_request: type
+    not_found: ErrorCode
+    expand: Callable[[Any], dict]
+
+
+_CHAIN_RESOURCES = (
+    _ChainResource("block", "blocks", pb.ClientBlockListRequest, "block_num", pb.ClientBlockGetByIdRequest,
+                   E.BLOCK_NOT_FOUND, _expand_block),
+    _ChainResource("batch", "batches", pb.ClientBatchListRequest, "default", pb.ClientBatchGetRequest,
+                   E.BATCH_NOT_FOUND, _expand_batch),
+    _ChainResource("transaction", "transactions", pb.ClientTransactionListRequest, "default",
+                   pb.ClientTransactionGetRequest, E.TRANSACTION_NOT_FOUND, _expand_transaction),
+)
 
 
 _MAX_SIZE = web.AppKey("client_max_size", int)
@@ -645,12 +627,9 @@ def create_app(
     app.router.add_post("/batch_statuses", handlers.list_statuses)
     app.router.add_get("/state", handlers.list_state)
     app.router.add_get("/state/{address}", handlers.fetch_state)
-    app.router.add_get("/blocks", handlers.list_blocks)
-    app.router.add_get("/blocks/{block_id}", handlers.fetch_block)
-    app.router.add_get("/batches", handlers.list_batches)
-    app.router.add_get("/batches/{batch_id}", handlers.fetch_batch)
-    app.router.add_get("/transactions", handlers.list_transactions)
-    app.router.add_get("/transactions/{transaction_id}", handlers.fetch_transaction)
+    for kind in _CHAIN_RESOURCES:
+        app.router.add_get(f"/{kind.plural}", functools.partial(handlers.list_resources, kind))
+        app.router.add_get(f"/{kind.plural}/{{{kind.name}_id}}", functools.partial(handlers.fetch_resource, kind))
     app.router.add_get("/receipts", handlers.list_receipts)
     app.router.add_post("/receipts", handlers.list_receipts)
     app.router.add_get("/peers", handlers.fetch_peers)

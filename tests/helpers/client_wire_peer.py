@@ -411,43 +411,37 @@ class ClientWirePeer:
         return R(status=status, head_id=head.header_signature, paging=paging, blocks=blocks)
 
     async def _block_get(self, request, R):
-        self._validate_ids([request.block_id], R)
-        if request.block_id not in self._block_by_id:
-            raise _Failed(R.NO_RESOURCE)
-        return R(status=R.OK, block=self._block_by_id[request.block_id])
+        return self._get_by_id(R, request.block_id, self._block_by_id, "block")
 
     async def _batch_list(self, request, R):
-        head_id = self._head_block(request, R).header_signature
-        self._validate_ids(request.batch_ids, R)
-        batches = self._list_store_resources(
-            request, head_id, list(request.batch_ids), self._batch_by_id, lambda b: list(b.batches))
-        if self._is_reverse(request.sorting, "default", R):
-            batches.reverse()
-        batches, paging = self._paginate(request, batches, lambda b: b.header_signature, R)
-        return R(status=R.OK if batches else R.NO_RESOURCE, head_id=head_id, paging=paging, batches=batches)
+        return self._item_list(request, R, request.batch_ids, self._batch_by_id, lambda b: list(b.batches),
+                               "batches")
 
     async def _batch_get(self, request, R):
-        self._validate_ids([request.batch_id], R)
-        if request.batch_id not in self._batch_by_id:
-            raise _Failed(R.NO_RESOURCE)
-        return R(status=R.OK, batch=self._batch_by_id[request.batch_id])
+        return self._get_by_id(R, request.batch_id, self._batch_by_id, "batch")
 
     async def _txn_list(self, request, R):
-        head_id = self._head_block(request, R).header_signature
-        self._validate_ids(request.transaction_ids, R)
-        txns = self._list_store_resources(
-            request, head_id, list(request.transaction_ids), self._txn_by_id,
-            lambda b: [t for batch in b.batches for t in batch.transactions])
-        if self._is_reverse(request.sorting, "default", R):
-            txns.reverse()
-        txns, paging = self._paginate(request, txns, lambda t: t.header_signature, R)
-        return R(status=R.OK if txns else R.NO_RESOURCE, head_id=head_id, paging=paging, transactions=txns)
+        return self._item_list(request, R, request.transaction_ids, self._txn_by_id,
+                               lambda b: [t for batch in b.batches for t in batch.transactions], "transactions")
 
     async def _txn_get(self, request, R):
-        self._validate_ids([request.transaction_id], R)
-        if request.transaction_id not in self._txn_by_id:
+        return self._get_by_id(R, request.transaction_id, self._txn_by_id, "transaction")
+
+    def _item_list(self, request, R, ids, by_id, items_of, field: str):
+        # Batches or transactions: the same list request but for the ids' and the answer's field.
+        head_id = self._head_block(request, R).header_signature
+        self._validate_ids(ids, R)
+        items = self._list_store_resources(request, head_id, list(ids), by_id, items_of)
+        if self._is_reverse(request.sorting, "default", R):
+            items.reverse()
+        items, paging = self._paginate(request, items, lambda i: i.header_signature, R)
+        return R(status=R.OK if items else R.NO_RESOURCE, head_id=head_id, paging=paging, **{field: items})
+
+    def _get_by_id(self, R, item_id: str, by_id: dict, field: str):
+        self._validate_ids([item_id], R)
+        if item_id not in by_id:
             raise _Failed(R.NO_RESOURCE)
-        return R(status=R.OK, transaction=self._txn_by_id[request.transaction_id])
+        return R(status=R.OK, **{field: by_id[item_id]})
 
     async def _receipt_get(self, request, R):
         # All or nothing, as the 1.2 receipt store handler: one unknown id -> NO_RESOURCE.

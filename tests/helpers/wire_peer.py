@@ -272,19 +272,21 @@ class WirePeer:
 
     async def _on_event_add(self, identity, message):
         request = pb.TpEventAddRequest.FromString(message.content)
-        context = self.contexts.get(request.context_id)
-        status = pb.TpEventAddResponse.ERROR if context is None else pb.TpEventAddResponse.OK
-        if context is not None:
-            context.events.append(request.event)
-        await self.reply(identity, message, M.TP_EVENT_ADD_RESPONSE, pb.TpEventAddResponse(status=status))
+        await self._add_to_receipt(identity, message, request, "events", request.event,
+                                   M.TP_EVENT_ADD_RESPONSE, pb.TpEventAddResponse)
 
     async def _on_receipt_add(self, identity, message):
         request = pb.TpReceiptAddDataRequest.FromString(message.content)
+        await self._add_to_receipt(identity, message, request, "receipt_data", request.data,
+                                   M.TP_RECEIPT_ADD_DATA_RESPONSE, pb.TpReceiptAddDataResponse)
+
+    async def _add_to_receipt(self, identity, message, request, kept_in: str, item, response_type, response_cls):
+        # An event or receipt data: kept with its context, ERROR when that context is unknown.
         context = self.contexts.get(request.context_id)
-        status = pb.TpReceiptAddDataResponse.ERROR if context is None else pb.TpReceiptAddDataResponse.OK
         if context is not None:
-            context.receipt_data.append(request.data)
-        await self.reply(identity, message, M.TP_RECEIPT_ADD_DATA_RESPONSE, pb.TpReceiptAddDataResponse(status=status))
+            getattr(context, kept_in).append(item)
+        status = response_cls.ERROR if context is None else response_cls.OK
+        await self.reply(identity, message, response_type, response_cls(status=status))
 
     # -- event side --------------------------------------------------------------------------
 

@@ -597,16 +597,19 @@ def _html(request: web.Request, render: Callable[[bool], str]) -> web.Response:
     return web.Response(text=render(partial), content_type="text/html")
 
 
+async def _chain_page(request: web.Request, shown, render: Callable[..., str]) -> web.Response:
+    """render(shown, chain, partial=...): a page of what a handler read, with the chain's state."""
+    chain = await request.app[DATA].chain()
+    return _html(request, lambda partial: render(shown, chain, partial=partial))
+
+
 async def _page_workflows(request: web.Request) -> web.Response:
-    data = request.app[DATA]
-    rows, chain = await data.workflows(), await data.chain()
-    return _html(request, lambda partial: pages.workflows_page(rows, chain, partial=partial))
+    return await _chain_page(request, await request.app[DATA].workflows(), pages.workflows_page)
 
 
 async def _page_workflow(request: web.Request) -> web.Response:
-    data = request.app[DATA]
-    detail, chain = await data.workflow(request.match_info["workflow_id"]), await data.chain()
-    return _html(request, lambda partial: pages.workflow_page(detail, chain, partial=partial))
+    detail = await request.app[DATA].workflow(request.match_info["workflow_id"])
+    return await _chain_page(request, detail, pages.workflow_page)
 
 
 async def _page_round(request: web.Request) -> web.Response:
@@ -620,9 +623,7 @@ async def _page_round(request: web.Request) -> web.Response:
 
 
 async def _page_nodes(request: web.Request) -> web.Response:
-    data = request.app[DATA]
-    nodes, chain = await data.nodes(), await data.chain()
-    return _html(request, lambda partial: pages.nodes_page(nodes, chain, partial=partial))
+    return await _chain_page(request, await request.app[DATA].nodes(), pages.nodes_page)
 
 
 async def _page_login(request: web.Request) -> web.Response:
