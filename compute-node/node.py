@@ -64,7 +64,10 @@ UNEXPECTED_RETRIES = 3  # tries of a task that fails with something other than b
 READ_AT_ONCE = 64
 
 SCHEDULE_EVENTS = (events.TASK_ASSIGNED, events.TASK_DONE, events.TASK_REASSIGNED,
-                   events.TASK_FAILED)
+                   events.TASK_FAILED, events.TASK_DROPPED)
+# The status a task event leaves its task in (a reassigned task waits for its new node).
+EVENT_STATUS = {events.TASK_ASSIGNED: "assigned", events.TASK_REASSIGNED: "assigned", events.TASK_DONE: "done",
+                events.TASK_FAILED: "failed", events.TASK_DROPPED: "dropped"}
 
 
 def measured_resources() -> dict:
@@ -121,6 +124,19 @@ class ComputeNode:
         self._queued = Recent(RECENT_KEPT)  # (schedule_id, task_id, attempt) put in the stream
         self._reassigned = Recent(RECENT_KEPT)  # (schedule_id, task_id) moved since this node started
         self._waiting: set[str] = set()  # rounds whose local_train tasks wait for the previous round's model
+        # What enqueue_runnable looks up, kept for the chain as this node has seen it: state only
+        # changes in a block, every block comes through _follow in order, and every change of a
+        # task's status (but to running) comes with a task event. So a round whose assignment
+        # _follow saw has its statuses in those events; in any other round, a status that was not
+        # settled is read at most once per block, and so is a missing starting model (unless this
+        # node made it). At ten participants these were ~70 of the ~120 state reads a round cost
+        # the validator's REST API.
+        self._view = -1  # number of the last block _follow took up
+        self._watched = Recent(RECENT_KEPT)  # rounds whose assignment _follow saw
+        self._event_status = Recent(RECENT_KEPT)  # (schedule_id, task_id) -> {"status", "attempt"} of its last event
+        self._unsettled = Recent(RECENT_KEPT)  # (schedule_id, task_id) -> (view, status read then)
+        self._no_model = Recent(RECENT_KEPT)   # schedule_id -> (view, models made) it was missing at
+        self._models_made = 0  # round results this node aggregated itself
         self.completed: list[tuple[str, str]] = []  # (schedule_id, task_id), for tests and logs
 
     async def start(self) -> None:
@@ -229,23 +245,33 @@ class ComputeNode:
     async def _follow(self) -> None:
         while True:
             block = await self.subscriber.next_block()
-            # A round's assignments change only by assign and reassign; after a block of reports
-            # alone, the copy the tasks read is still good.
-            rounds: dict[str, bool] = {sid: False for sid in self._waiting}  # schedule_id -> re-read
-            for event in block.events:
-                attrs = {a.key: a.value for a in event.attributes}
-                sid = attrs.get("schedule_id")
-                if sid is None:
-                    continue
-                changed = event.event_type in (events.TASK_ASSIGNED, events.TASK_REASSIGNED)
-                rounds[sid] = rounds.get(sid, False) or changed
-                if event.event_type == events.TASK_REASSIGNED:
-                    self._reassigned.add((sid, attrs.get("task_id")))
-            for schedule_id, changed in sorted(rounds.items()):
+            for schedule_id, changed in sorted(self._take_up(block).items()):
                 if changed:
                     self.context.rounds.pop(schedule_id, None)  # nodes or attempts moved: read it again
                 await self._enqueue_through_outages(schedule_id)
             self._cursor.save(block.block_id)
+
+    def _take_up(self, block) -> dict[str, bool]:
+        """What a block's task events say: the rounds to look at again (schedule_id -> whether its
+        assignments moved: they change only by assign and reassign; after a block of reports alone,
+        the copy the tasks read is still good), and each task's status in the rounds watched."""
+        rounds: dict[str, bool] = {sid: False for sid in self._waiting}
+        self._view = block.block_num
+        for event in block.events:
+            attrs = {a.key: a.value for a in event.attributes}
+            sid = attrs.get("schedule_id")
+            if sid is None:
+                continue
+            if event.event_type in EVENT_STATUS:
+                if event.event_type == events.TASK_ASSIGNED:
+                    self._watched.add(sid)
+                self._event_status.put((sid, attrs.get("task_id")),
+                                       {"status": EVENT_STATUS[event.event_type], "attempt": int(attrs["attempt"])})
+            changed = event.event_type in (events.TASK_ASSIGNED, events.TASK_REASSIGNED)
+            rounds[sid] = rounds.get(sid, False) or changed
+            if event.event_type == events.TASK_REASSIGNED:
+                self._reassigned.add((sid, attrs.get("task_id")))
+        return rounds
 
     async def _enqueue_through_outages(self, schedule_id: str) -> None:
         """enqueue_runnable, waiting out Redis; another failure is tried a few times, then left
@@ -274,8 +300,7 @@ class ComputeNode:
 
         async def status(task_id: str) -> dict | None:
             if task_id not in known:
-                known[task_id] = (self.context.reported.get((schedule_id, task_id))
-                                  or await self.context.task_status(schedule_id, task_id))
+                known[task_id] = await self._status_in_view(schedule_id, task_id)
             return known[task_id]
 
         model_known = None  # whether local_train tasks can start, looked up once when needed
@@ -292,7 +317,7 @@ class ComputeNode:
                 continue
             if task["kind"] == "local_train":
                 if model_known is None:
-                    model_known = await starting_model_known(self.context, schedule_id)
+                    model_known = await self._model_known(schedule_id)
                 if not model_known:
                     continue
             if task["kind"] == "aggregate":
@@ -314,6 +339,35 @@ class ComputeNode:
             self._waiting.add(schedule_id)  # every block looks again, and so does this node's next aggregate
         else:
             self._waiting.discard(schedule_id)
+
+    async def _model_known(self, schedule_id: str) -> bool:
+        """starting_model_known, looked up once per block while the model is missing, and at once
+        when this node has made a round's model itself."""
+        stamp = (self._view, self._models_made)
+        if self._no_model.get(schedule_id) == stamp:
+            return False
+        known = await starting_model_known(self.context, schedule_id)
+        if not known:
+            self._no_model.put(schedule_id, stamp)
+        return known
+
+    async def _status_in_view(self, schedule_id: str, task_id: str) -> dict | None:
+        """A task's status for enqueue_runnable: this node's own report, what the task events of a
+        round seen from its assignment say, or read from the chain at most once per block while it
+        is not settled."""
+        key = (schedule_id, task_id)
+        found = self.context.reported.get(key) or self.context.done.get(key)
+        if found is None and schedule_id in self._watched:
+            found = self._event_status.get(key)
+        if found is not None:
+            return found
+        memo = self._unsettled.get(key)
+        if memo is not None and memo[0] == self._view:
+            return memo[1]
+        found = await self.context.task_status(schedule_id, task_id)
+        if found is None or found["status"] not in SETTLED:
+            self._unsettled.put(key, (self._view, found))
+        return found
 
     async def _work(self) -> None:
         redeliver = True  # Redis may have lost this node's stream while the node was down
@@ -486,6 +540,7 @@ class ComputeNode:
                 "digest": outcome.output_digest, "schedule_id": sid, "task_id": task_id,
                 "server_state_digest": outcome.round_result.get("server_state_digest"),
                 "next_clipping_norm": (outcome.round_result.get("privacy") or {}).get("next_clipping_norm")}
+            self._models_made += 1  # the next round's trainings may start from it now, not a block later
         self._report(txns, message.message_id, (sid, task_id))
         try:  # dependents on this node go on now, not a block later; so do the next round's trainings
             for schedule_id in [sid, *sorted(self._waiting)]:

@@ -7,6 +7,9 @@ import asyncio
 
 from helpers.ledger_helpers import run, running_processor
 from trustmesh.compute_node.node import ComputeNode, _all_done
+from trustmesh.ledger import protos as pb
+from trustmesh.ledger.events import BlockEvents
+from trustmesh.scheduling import events
 from trustmesh.compute_node.tasks import TaskContext
 from trustmesh.scheduling.handlers import federation_handlers
 from trustmesh.stores.task_queue import TaskMessage
@@ -73,3 +76,103 @@ def test_a_node_whose_last_block_is_not_on_the_chain_replays_from_genesis(devnet
 
     run(scenario(), timeout=60)
     assert "is not on this chain; replaying every block" in caplog.text
+
+
+class _CountingReader:
+    """Answers task_status from a table and counts the reads: each one is a REST call."""
+
+    def __init__(self, statuses: dict):
+        self.statuses, self.reads = statuses, []
+
+    async def task_status(self, schedule_id, task_id):
+        self.reads.append(task_id)
+        return self.statuses.get(task_id)
+
+
+def _block(number: int, *task_events) -> BlockEvents:
+    """A committed block holding task events (event type, task_id, attempt) of round "s"."""
+    found = [pb.Event(event_type=kind, attributes=[pb.Event.Attribute(key=k, value=str(v)) for k, v in
+                                                   (("schedule_id", "s"), ("task_id", task), ("attempt", attempt))])
+             for kind, task, attempt in task_events]
+    return BlockEvents(f"b{number}", number, "00" * 32, f"b{number - 1}", found)
+
+
+def _node_reading(tmp_path, statuses: dict) -> tuple[ComputeNode, _CountingReader]:
+    node = ComputeNode("c", tmp_path, validator_url="tcp://127.0.0.1:1", rest_url="http://127.0.0.1:1",
+                       redis_url="redis://127.0.0.1:1")
+    reader = _CountingReader(statuses)
+    node.context = TaskContext(node="c", encryption_key=None, reader=reader, blobs=None)
+    return node, reader
+
+
+def test_a_status_that_is_not_settled_is_read_once_per_block_in_a_round_not_watched_from_its_assignment(tmp_path):
+    node, reader = _node_reading(tmp_path, {"train:1": {"status": "assigned", "attempt": 1},
+                                            "train:2": {"status": "done", "attempt": 1}})
+
+    async def looks():
+        node._take_up(_block(7, (events.TASK_DONE, "train:9", 1)))  # a round assigned before this node started
+        for _ in range(3):  # a block's events and this node's own reports each look again
+            assert (await node._status_in_view("s", "train:1"))["status"] == "assigned"
+        assert reader.reads == ["train:1"]  # state only changes in a block: read once in this one
+        node._take_up(_block(8))  # the next block may have moved it
+        assert (await node._status_in_view("s", "train:1"))["status"] == "assigned"
+        assert reader.reads == ["train:1", "train:1"]
+        for _ in range(2):  # done is final: read once, kept
+            assert (await node._status_in_view("s", "train:2"))["status"] == "done"
+        node._take_up(_block(9))
+        assert (await node._status_in_view("s", "train:2"))["status"] == "done"
+        assert reader.reads == ["train:1", "train:1", "train:2"]
+
+    asyncio.run(looks())
+
+
+def test_a_round_watched_from_its_assignment_takes_its_statuses_from_the_task_events(tmp_path):
+    node, reader = _node_reading(tmp_path, {})
+
+    async def status(task_id):
+        return (await node._status_in_view("s", task_id))["status"], (await node._status_in_view("s", task_id))["attempt"]
+
+    async def looks():
+        node._take_up(_block(5, (events.TASK_ASSIGNED, "train:1", 1), (events.TASK_ASSIGNED, "train:2", 1),
+                             (events.TASK_ASSIGNED, "aggregate", 1)))
+        assert await status("train:1") == ("assigned", 1)
+        node._take_up(_block(6, (events.TASK_DONE, "train:1", 1), (events.TASK_FAILED, "train:2", 1)))
+        assert await status("train:1") == ("done", 1)
+        assert await status("train:2") == ("failed", 1)
+        node._take_up(_block(7, (events.TASK_REASSIGNED, "train:2", 2)))
+        assert await status("train:2") == ("assigned", 2)
+        node._take_up(_block(8, (events.TASK_DROPPED, "train:2", 2)))
+        assert await status("train:2") == ("dropped", 2)
+        assert reader.reads == []  # not one chain read
+
+    asyncio.run(looks())
+
+
+def test_a_missing_starting_model_is_looked_up_once_per_block_and_at_once_when_this_node_made_one(
+        tmp_path, monkeypatch):
+    from trustmesh.compute_node import node as node_module
+
+    node = ComputeNode("c", tmp_path, validator_url="tcp://127.0.0.1:1", rest_url="http://127.0.0.1:1",
+                       redis_url="redis://127.0.0.1:1")
+    looked = []
+
+    async def starting_model_known(ctx, schedule_id):  # three chain reads each, in the node
+        looked.append(schedule_id)
+        return False
+
+    monkeypatch.setattr(node_module, "starting_model_known", starting_model_known)
+    node.context = TaskContext(node="c", encryption_key=None, reader=_NoReader(), blobs=None)
+    node._view = 3
+
+    async def looks():
+        for _ in range(3):
+            assert await node._model_known("s2") is False
+        assert looked == ["s2"]
+        node._models_made += 1  # this node's aggregate of the previous round was just reported
+        assert await node._model_known("s2") is False
+        assert looked == ["s2", "s2"]
+        node._view = 4
+        await node._model_known("s2")
+        assert looked == ["s2", "s2", "s2"]
+
+    asyncio.run(looks())
