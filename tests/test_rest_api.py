@@ -248,6 +248,28 @@ async def test_state_fetch():
             assert_error(await call(http, "GET", f"{server.url}/state/{path}"), status, code)
 
 
+async def test_state_fetch_in_the_validators_process_asks_for_the_value_only():
+    # chain_head (the dev validator's own head) stands for fetching the whole head block first
+    peer, chain = seeded()
+    head = chain["blocks"][2]
+    root = pb.BlockHeader.FromString(head.header).state_root_hash
+    asked = []
+
+    def chain_head():
+        asked.append(True)
+        return head.header_signature, root
+
+    async with rest_api(peer, chain_head=chain_head) as (server, http):
+        status, reply = await call(http, "GET", f"{server.url}/state/{chain['a']}")
+        assert (status, reply) == (200, {"data": base64.b64encode(b"4").decode(), "head": head.header_signature,
+                                         "link": f"{server.url}/state/{chain['a']}?head={head.header_signature}"})
+        assert asked and pb.Message.CLIENT_BLOCK_LIST_REQUEST not in peer.received
+        assert peer.received.count(pb.Message.CLIENT_STATE_GET_REQUEST) == 1
+        block1 = chain["blocks"][1].header_signature  # an explicit head is still looked up
+        _, reply = await call(http, "GET", f"{server.url}/state/{chain['a']}?head={block1}")
+        assert base64.b64decode(reply["data"]) == b"1" and reply["head"] == block1
+
+
 # -- blocks, batches, transactions ------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import logging
 import pathlib
 from dataclasses import dataclass, field
 
+from .. import protos as pb
 from ..processor import TransactionProcessor
 from ..signing import load_or_create_key
 from .block_info import NAMESPACE as BLOCK_INFO_NAMESPACE
@@ -48,6 +49,7 @@ class DevValidator:
         self.endpoint: ComponentEndpoint | None = None
         self.chain: Chain | None = None
         self._rest = None
+        self._head_root: tuple[str, str] | None = None  # (block id, state root) of the head last asked for
         self._block_info_tp: TransactionProcessor | None = None
         self._state: StateWorker | None = None
         self._tasks: list[asyncio.Task] = []
@@ -59,6 +61,13 @@ class DevValidator:
     @property
     def rest_url(self) -> str | None:
         return None if self._rest is None else f"http://{self.config.rest_host}:{self._rest.port}"
+
+    def _head_and_root(self) -> tuple[str, str]:
+        """(block id, state root) of the chain head; the header is parsed once per head."""
+        head = self.chain.head
+        if self._head_root is None or self._head_root[0] != head.header_signature:
+            self._head_root = (head.header_signature, pb.BlockHeader.FromString(head.header).state_root_hash)
+        return self._head_root
 
     async def start(self) -> None:
         cfg = self.config
@@ -102,7 +111,8 @@ class DevValidator:
             self._block_info_tp.add_handler(BlockInfoHandler())
             await self._block_info_tp.start()
         if cfg.rest_port is not None:
-            self._rest = await start_rest_api(self.component_url, cfg.rest_host, cfg.rest_port)
+            self._rest = await start_rest_api(self.component_url, cfg.rest_host, cfg.rest_port,
+                                              chain_head=self._head_and_root)
         await self._state.ready()
         head = self.chain.head_header()
         LOGGER.info(
