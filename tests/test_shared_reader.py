@@ -1,0 +1,34 @@
+"""An IoT host's shared reader keeps the list of workflows across blocks that deploy or update none."""
+
+from __future__ import annotations
+
+from trustmesh.iot_node.host import SharedReader
+from trustmesh.ledger import protos as pb
+from trustmesh.ledger.coalescing_rest import CoalescingRest
+from trustmesh.ledger.events import BlockEvents
+from trustmesh.scheduling import events
+
+
+def _block(number: int, *event_types: str) -> BlockEvents:
+    return BlockEvents(f"b{number}", number, "00" * 32, f"b{number - 1}",
+                       [pb.Event(event_type=t) for t in ("sawtooth/block-commit", *event_types)])
+
+
+async def test_the_workflow_list_is_read_again_only_after_a_deploy_or_an_update(devnet):
+    rest = CoalescingRest(devnet.rest_url)
+    reader = SharedReader(rest)
+    try:
+        assert await reader.workflows() == [] and await reader.workflows() == []
+        assert reader.lists == 1  # one block, one listing for all the host's nodes
+        reader.new_block(_block(2, events.TASK_DONE, events.SUBMISSION_ACCEPTED))
+        await reader.workflows()
+        assert reader.lists == 1  # nothing in that block writes a workflow record
+        for number, change in ((3, events.WORKFLOW_DEPLOYED), (4, events.WORKFLOW_UPDATED)):
+            reader.new_block(_block(number, change))
+            await reader.workflows()
+            assert reader.lists == number - 1
+        reader.new_block()  # a block not looked at: read again
+        await reader.workflows()
+        assert reader.lists == 4
+    finally:
+        await rest.close()
