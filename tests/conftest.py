@@ -5,6 +5,7 @@ import pytest
 
 from helpers.devnet_process import DevnetProcess
 from helpers.servers import stores  # noqa: F401  (fixture: Redis and a CouchDB-protocol server per module)
+from helpers.dashboard import chromium  # noqa: F401  (fixture: one headless Chromium per run, for `browser`)
 from helpers.local_network import processes_of, trustmesh
 
 ASYNC_TEST_TIMEOUT = 120  # seconds: a hung coroutine test fails instead of stalling the suite
@@ -70,6 +71,8 @@ def home(tmp_path):
     test, and nothing of it may be left running."""
     home = tmp_path / "net"
     yield home
-    if (home / "network.json").exists():
+    # A test that ran `down` itself leaves nothing to stop: a second `down` (a CLI process) would
+    # only cost time. Whatever still runs there (a failed test's network) is brought down.
+    if (home / "network.json").exists() and processes_of(home):
         trustmesh(home, "down", check=False, timeout=120)
     assert processes_of(home) == [], "the network left processes behind"

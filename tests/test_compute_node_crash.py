@@ -5,6 +5,7 @@ passes on chain, and the round completes either way."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -26,10 +27,14 @@ from trustmesh.stores.task_queue import TaskQueue, task_stream
 
 def _compute_process(name, tmp_path, devnet, redis_url) -> subprocess.Popen:
     log = open(tmp_path / f"{name}.log", "ab")
+    # The two compute nodes share this machine's cores as `trustmesh up` makes them: each with
+    # torch threads for half of them. Each with a thread per core, they oversubscribe a loaded
+    # machine and 40 epochs took 30-50 s instead of 2.
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
     return subprocess.Popen(
         [sys.executable, "-m", "trustmesh.cli", "-v", "compute-node", "--name", name,
          "--data-dir", str(tmp_path / name), "--validator", devnet.component_url, "--rest", devnet.rest_url,
-         "--redis", redis_url], stdout=log, stderr=log)
+         "--redis", redis_url, "--torch-threads", str(threads)], stdout=log, stderr=log)
 
 
 async def _wait_registered(reader, count):

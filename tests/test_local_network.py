@@ -7,13 +7,14 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from helpers.local_network import ROOT, processes_of, small_workflow, state_of, trustmesh, trustmesh_together
+from helpers.local_network import ROOT, processes_of, small_workflow, state_of, trustmesh
 
 
 def test_up_run_kill_compute_node_audit_down(home, tmp_path):
@@ -90,21 +91,59 @@ def test_up_run_kill_compute_node_audit_down(home, tmp_path):
     assert trustmesh(home, "status", check=False).returncode == 1  # known network, nothing running
 
 
-def test_commands_without_a_network_say_what_to_do(tmp_path):
-    from trustmesh.ledger.signing import load_or_create_key
-    from trustmesh.stores.servers import free_port
+class _Started:
+    """A `trustmesh` command started now (as by trustmesh(..., check=False)), its result read later."""
 
-    home = tmp_path / "none"
+    def __init__(self, folder: pathlib.Path, home, *args: str):
+        self.out, self.err = folder.with_suffix(".out"), folder.with_suffix(".err")
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "trustmesh.cli", "--home", str(home), *args],
+                                         stdout=out, stderr=err, text=True)
+
+    def result(self, timeout: float = 300) -> subprocess.CompletedProcess:
+        self.proc.wait(timeout)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.out.read_text(),
+                                           self.err.read_text())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def without_a_network(tmp_path_factory):
+    """The commands of test_commands_without_a_network_say_what_to_do, started with the module:
+    the two that try a closed address wait FIRST_CONTACT seconds each for nothing, and that wait
+    overlaps the module's first test instead of adding to it. -> the closed address and
+    (status, down, run, deploy at the closed address, run at the closed address)."""
+    from trustmesh.ledger.signing import load_or_create_key
+
+    folder = tmp_path_factory.mktemp("without-a-network")
+    home = folder / "none"
     # with every node's key at hand (another home), the missing network is what gets named
-    keyed = tmp_path / "keyed"
+    keyed = folder / "keyed"
     for i in range(1, 11):
         load_or_create_key(keyed / "nodes" / f"iot-{i}" / "keys", f"iot-{i}")
-    closed = f"http://127.0.0.1:{free_port()}"
     digits = str(ROOT / "workflows" / "federated-digits.json")
-    # all at once: the two that try the closed address wait FIRST_CONTACT seconds each
-    status, down, run, *closed_results = (result for result, _took in trustmesh_together(
-        (home, "status"), (home, "down"), (home, "run", digits),
-        (keyed, "workflow", "deploy", digits, "--rest", closed), (keyed, "run", digits, "--rest", closed)))
+    # Bound and never listening: the port refuses every connection, and no server another test
+    # starts meanwhile can take it.
+    with socket.socket() as closed_port:
+        closed_port.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{closed_port.getsockname()[1]}"
+        started = [_Started(folder / f"command-{i}", *call) for i, call in enumerate((
+            (home, "status"), (home, "down"), (home, "run", digits),
+            (keyed, "workflow", "deploy", digits, "--rest", closed), (keyed, "run", digits, "--rest", closed)))]
+        try:
+            yield closed, started
+        finally:
+            for command in started:
+                command.stop()
+
+
+def test_commands_without_a_network_say_what_to_do(without_a_network):
+    closed, started = without_a_network
+    status, down, run, *closed_results = (command.result() for command in started)
     assert status.returncode == 2 and "trustmesh up" in status.stderr and "Traceback" not in status.stderr
     assert down.returncode == 2 and "no local network" in down.stderr
     assert run.returncode == 2 and "no key for nodes iot-1" in run.stderr and "--iot-nodes 10" in run.stderr

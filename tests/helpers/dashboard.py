@@ -83,8 +83,10 @@ class DashboardProcess:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="module")
-def browser():
+@pytest.fixture(scope="session")
+def chromium():
+    """One headless Chromium for the whole run (tests/conftest.py offers it): starting one takes
+    a second or two. Modules take it through `browser`."""
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
         pytest.fail("Debian's chromium and chromium-driver are needed for the browser tests; scripts/install "
@@ -100,3 +102,12 @@ def browser():
     session = webdriver.Chrome(service=Service(driver), options=options)
     yield session
     session.quit()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
+    """The run's Chromium for this module; afterwards it leaves the module's pages (closing their
+    event streams before the module's dashboards stop) and forgets their cookies."""
+    yield chromium
+    chromium.get("about:blank")
+    chromium.delete_all_cookies()
