@@ -41,7 +41,7 @@ class Coordinator:
             if number in models:
                 continue
             sid = index["rounds"].get(str(number))
-            record = await self.reader.round(sid) if sid else None
+            record = await self.reader.round_core(sid) if sid else None
             if record is None or record["status"] != "timeout":
                 return
         self.done.add(workflow_id)
@@ -55,7 +55,7 @@ class Coordinator:
             return
         latest = index["latest"]
         if latest > 1:  # rounds overlap: the one before the latest may still be working
-            previous = await self.reader.round(index["rounds"][str(latest - 1)])
+            previous = await self.reader.round_core(index["rounds"][str(latest - 1)])
             if previous is not None and not await self._round_over(previous):
                 await self._keep_moving(workflow_id, previous)
         await self._keep_moving(workflow_id, record)
@@ -121,7 +121,7 @@ class Coordinator:
         result = await self.reader.round_result(sid) if sid else None
         if result is not None and result.get("global_model_digest"):
             return float(result["recorded_at"])
-        record = await self.reader.round(sid) if sid else None
+        record = await self.reader.round_core(sid) if sid else None
         return 0.0 if record is not None and record["status"] == "timeout" else math.inf
 
     async def _open_next(self, workflow_id: str, fed, index=None, record=None) -> None:
@@ -132,7 +132,7 @@ class Coordinator:
         latest = index["latest"]
         if not latest or latest >= fed["rounds"]:
             return
-        record = record or await self.reader.round(index["rounds"][str(latest)])
+        record = record or await self.reader.round_core(index["rounds"][str(latest)])
         if record is None or record["status"] not in ("ready", "timeout"):
             return
         definition = self._definitions.get(workflow_id) or {}
@@ -144,7 +144,7 @@ class Coordinator:
                             "(budget exhausted)", self.name, workflow_id, latest)
                 return
         if latest > 1:
-            previous = await self.reader.round(index["rounds"][str(latest - 1)])
+            previous = await self.reader.round_core(index["rounds"][str(latest - 1)])
             if previous is None or not await self._round_over(previous, model_only=True):
                 return
         await self._open_round(workflow_id, latest + 1, record["schedule_id"])

@@ -104,6 +104,29 @@ class SharedReader(FederationReader):
                 self._cache["workflows"] = found
         return found
 
+    async def _members(self, schedule_id: str, roster) -> dict:
+        """A round's member records (one listing), read once per block like any record."""
+        key = "members:" + schedule_id
+        found = self._cache.get(key, _ABSENT)
+        if found is not _ABSENT:
+            return found
+        pending = self._reading.get(key)
+        if pending is None:
+            pending = self._reading[key] = asyncio.get_running_loop().create_task(self._list(key, schedule_id, roster))
+        return await asyncio.shield(pending)
+
+    async def _list(self, key: str, schedule_id: str, roster):
+        generation = self.generation
+        self.reads += 1
+        try:
+            found = await super()._members(schedule_id, roster)
+        finally:
+            if self.generation == generation:
+                self._reading.pop(key, None)
+        if self.generation == generation:
+            self._cache[key] = found
+        return found
+
 
 class _Inbox:
     """One hosted node's view of one of the host's event streams (what IoTNode and its trainer

@@ -22,16 +22,29 @@ The round clock is the agreed block time (BlockInfo, `common.chain_time`): every
 `layout.BLOCK_INFO_NS` in its inputs. A round accepts submissions while it is collecting and
 its round_timeout has not passed; after that only close_round decides ready or timeout.
 
-State:
+State (a round in three kinds of record, so a submit reads and writes a few hundred bytes
+whatever the round's size; federation_records.py):
 
-    round_address(schedule_id)
+    round_address(schedule_id)                 the round's core, rewritten by every submit
         {schedule_id, workflow_id, workflow_version, round, coordinator,
-         expected_nodes: [keys], min_nodes_required, round_timeout, round_start,
-         status: "collecting" | "ready" | "timeout",
-         submissions: {node key: {digest, samples, metadata}},
-         submitted_nodes: [keys in arrival order][, noise_commitment][, reason]}
+         expected: count of expected nodes, submitted: count so far,
+         min_nodes_required, round_timeout, round_start,
+         status: "collecting" | "ready" | "timeout"[, noise_commitment][, reason]}
+    round_roster_address(schedule_id)          written once, by open_round
+        {expected_nodes: [keys in the workflow's order]}
+    round_member_address(schedule_id, node)    one per expected node, under round_members_prefix
+        {} (expected, not submitted yet; written by open_round), then
+        {digest, samples, metadata, position (1-based arrival order)} (written by its submit)
     workflow_rounds_address(workflow_id)
         {rounds: {"1": schedule_id, ...}, latest: int}
+
+A submit reads the core and the signer's member record (none: not an expected node; not empty:
+it already submitted) and writes both; the roster and every member are read once per round, when
+it becomes ready or times out (the event names submitted_nodes). Readers get the round assembled
+in one shape (federation_records.assemble; reader.FederationReader.round):
+{...core but the counts, expected_nodes, submissions: {node: {digest, samples, metadata}},
+submitted_nodes: [keys in arrival order]}. Transactions that read a whole round list
+federation_records.round_inputs(schedule_id) (the core, the roster, the members' prefix).
 
 Status: collecting -> ready when the last expected node submits (same transaction), or when
 close_round runs after round_start + round_timeout with >= min_nodes_required submissions;
@@ -53,7 +66,8 @@ Blobs (encrypted data, model updates) never come here: only their sha256 (`diges
 count and a small metadata map (<= 1 KiB encoded, scalars or short lists of scalars, no bytes).
 
 The family in parts: federation_rules.py (names, limits, the rules: pure), federation_handler.py
-(the processor), federation_client.py (payloads, transactions, decoders); a workflow's
+(the processor), federation_client.py (payloads, transactions, decoders), federation_records.py
+(a round's records and their assembled shape); a workflow's
 federation section is read through definition.federation_config. Every name callers used from
 this module before is importable from here.
 """

@@ -9,12 +9,14 @@ from trustmesh.ledger.builders import make_transaction
 
 from . import layout
 from .common import MAX_RECORD_BYTES
+from .federation_records import round_inputs
 from .federation_rules import FAMILY_NAME, FAMILY_VERSION
 
 
 
 def decode_round(data: bytes | None) -> dict | None:
-    """A round record as stored (e.g. RestClient.get_state(round_address(...)))."""
+    """A round's core as stored (e.g. RestClient.get_state(round_address(...))); the round with its
+    lists is reader.FederationReader.round (federation_records.assemble)."""
     return None if data is None else cbor.decode(data, max_bytes=MAX_RECORD_BYTES)
 
 
@@ -44,7 +46,8 @@ def make_close_round_payload(schedule_id: str) -> bytes:
 def open_round_addresses(workflow_id: str, round_number: int, coordinator: str,
                          previous_schedule_id: str | None = None) -> tuple[list[str], list[str]]:
     """(inputs, outputs) of open_round. The previous round's id defaults to the one this
-    coordinator would have opened; pass it when the workflow's coordinator changed in between."""
+    coordinator would have opened; pass it when the workflow's coordinator changed in between.
+    It writes the round's core, its roster and its members (under their prefix)."""
     schedule_id = layout.schedule_id_for(workflow_id, round_number, coordinator)
     index = layout.workflow_rounds_address(workflow_id)
     inputs = [layout.workflow_address(workflow_id), index, layout.round_address(schedule_id)]
@@ -53,7 +56,8 @@ def open_round_addresses(workflow_id: str, round_number: int, coordinator: str,
             previous_schedule_id = layout.schedule_id_for(workflow_id, round_number - 1, coordinator)
         inputs.append(layout.round_address(previous_schedule_id))
     inputs.append(layout.BLOCK_INFO_NS)
-    return inputs, [layout.round_address(schedule_id), index]
+    return inputs, [layout.round_address(schedule_id), index, layout.round_roster_address(schedule_id),
+                     layout.round_members_prefix(schedule_id)]
 
 
 def make_open_round_transaction(signer, workflow_id: str, round_number: int, *,
@@ -70,10 +74,13 @@ def make_open_round_transaction(signer, workflow_id: str, round_number: int, *,
 
 def make_submit_transaction(signer, schedule_id: str, digest: str, samples: int,
                             metadata: Mapping | None = None, **kwargs):
-    """Submit the signer's contribution (sha256 of the off-chain blob, sample count) to a round."""
+    """Submit the signer's contribution (sha256 of the off-chain blob, sample count) to a round.
+    Writes the round's core and the signer's member record; reads those, and the roster and the
+    other members only when it is the last submission (the round-ready event names them all)."""
     address = layout.round_address(schedule_id)
+    member = layout.round_member_address(schedule_id, signer.public_key().as_hex())
     return make_transaction(signer, FAMILY_NAME, FAMILY_VERSION, make_submit_payload(schedule_id, digest, samples, metadata),
-                            [address, layout.BLOCK_INFO_NS], [address], **kwargs)
+                            [*round_inputs(schedule_id), layout.BLOCK_INFO_NS], [address, member], **kwargs)
 
 
 def make_close_round_transaction(signer, schedule_id: str, *, secure_workflow: str | None = None, **kwargs):
@@ -81,7 +88,7 @@ def make_close_round_transaction(signer, schedule_id: str, *, secure_workflow: s
     secure_workflow: the workflow of a ready, securely aggregated round whose unmask step stalled
     (its reads: the workflow, the round's assignments, task statuses and secagg records)."""
     address = layout.round_address(schedule_id)
-    inputs = [address, layout.BLOCK_INFO_NS]
+    inputs = [*round_inputs(schedule_id), layout.BLOCK_INFO_NS]
     if secure_workflow is not None:
         inputs += [layout.workflow_address(secure_workflow), layout.assignments_address(schedule_id),
                    layout.SCHEDULE_NS + layout.TASK_STATUS, layout.SECAGG_PREFIX]

@@ -8,6 +8,7 @@ from typing import Mapping
 from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction, TransactionHandler
 
 from . import definition, layout, secagg_rules
+from . import federation_records as records
 from . import federation_rules as rules
 from .common import chain_time, check_fields, emit, parse_payload, read_records, signer_of, write_records
 
@@ -48,34 +49,42 @@ class FederationHandler(TransactionHandler):
 
         record = rules.new_round(schedule_id, workflow_id, workflow, number, signer, config, commitment,
                                  await chain_time(context))
-        await write_records(context, {address: record, index_address: rules.with_round(index, number, schedule_id)})
-        await emit(context, rules.EVENT_ROUND_OPENED, **rules.round_opened(record))
+        await write_records(context, {address: record, index_address: rules.with_round(index, number, schedule_id),
+                                      **rules.new_members(schedule_id, config)})
+        await emit(context, rules.EVENT_ROUND_OPENED, **rules.round_opened(record, config["participants"]))
 
     async def _submit(self, body: dict, signer: str, context) -> None:
+        """Reads and writes the round's core and the signer's member record only: the same few
+        bytes for the first submission and the thousandth."""
         schedule_id, digest, samples, metadata = rules.submit_request(body)
-        record = await _read_round(context, schedule_id)
-        rules.check_submitter(record, schedule_id, signer)
+        member_address = layout.round_member_address(schedule_id, signer)
+        record, found = await _read_round(context, schedule_id, member_address)
+        member = found.get(member_address)
+        rules.check_submitter(record, member, schedule_id, signer)
         submission = {"digest": digest, "samples": samples, "metadata": metadata}
-        record = rules.accept_submission(record, schedule_id, signer, submission, await chain_time(context))
-        await write_records(context, {layout.round_address(schedule_id): record})
-        await emit(context, rules.EVENT_SUBMISSION_ACCEPTED, **rules.submission_accepted(record, signer))
-        if record["status"] == rules.READY:
-            await _emit_finished(context, record, "all-submitted")
+        record, member = rules.accept_submission(record, schedule_id, signer, submission, await chain_time(context))
+        await write_records(context, {layout.round_address(schedule_id): record, member_address: member})
+        await emit(context, rules.EVENT_SUBMISSION_ACCEPTED, **rules.submission_accepted(record, signer, member))
+        if record["status"] == rules.READY:  # once per round: its members, for the event's submitted_nodes
+            roster, members = await records.read_members(context, schedule_id)
+            await _emit_finished(context, records.assemble(record, roster, {**members, signer: member}),
+                                 "all-submitted")
 
     async def _close_round(self, body: dict, context) -> None:
         schedule_id = rules.schedule_id_of(body)
-        record = await _read_round(context, schedule_id)
+        record, _ = await _read_round(context, schedule_id)
         now = await chain_time(context)
+        roster, members = await records.read_members(context, schedule_id)
         if record["status"] == rules.READY and await _aggregates_securely(context, record):
             # its unmask step stalled below the threshold: it ends as timeout, saying why
-            reason = await secagg_rules.unmask_stalled(context, record, now)
+            reason = await secagg_rules.unmask_stalled(context, records.assemble(record, roster, members), now)
             record = {**record, "status": rules.TIMEOUT, "reason": reason}
             await write_records(context, {layout.round_address(schedule_id): record})
-            await _emit_finished(context, record, reason)
+            await _emit_finished(context, records.assemble(record, roster, members), reason)
             return
         record = rules.close(record, schedule_id, now)
         await write_records(context, {layout.round_address(schedule_id): record})
-        await _emit_finished(context, record, "closed")
+        await _emit_finished(context, records.assemble(record, roster, members), "closed")
 
 
 async def _aggregates_securely(context, record: Mapping) -> bool:
@@ -88,15 +97,24 @@ async def _aggregates_securely(context, record: Mapping) -> bool:
     return definition.secure_aggregation(stored.get("definition")) is not None
 
 
-async def _read_round(context, schedule_id: str) -> dict:
+async def _read_round(context, schedule_id: str, *also: str) -> tuple[dict, dict]:
+    """(the round's core, the records at `also` that exist), in one read."""
     address = layout.round_address(schedule_id)
-    record = (await read_records(context, [address])).get(address)
+    try:
+        found = await read_records(context, [address, *also])
+    except AuthorizationError:
+        raise InvalidTransaction(
+            f"list round {schedule_id}'s address {address}" + (f" and {', '.join(also)}" if also else "")
+            + " in the transaction's inputs (the make_*_transaction helpers do; a submit lists the signer's "
+            "member record)"
+        ) from None
+    record = found.pop(address, None)
     if record is None:
         raise InvalidTransaction(
             f"unknown schedule_id {schedule_id}: no round was opened with it (the coordinator opens "
             f"rounds with open_round; schedule_id = schedule_id_for(workflow_id, round, coordinator))"
         )
-    return record
+    return record, found
 
 
 async def _emit_finished(context, record: dict, reason: str) -> None:

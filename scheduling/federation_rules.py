@@ -195,6 +195,7 @@ def check_can_open(workflow_id: str, number: int, schedule_id: str, index: Mappi
 
 def new_round(schedule_id: str, workflow_id: str, workflow: Mapping, number: int, signer: str, config: Mapping,
               commitment: str | None, now: int) -> dict:
+    """The round's core (federation_records.py): its lists live in the roster and member records."""
     version = workflow.get("version")
     return {
         "schedule_id": schedule_id,
@@ -202,15 +203,22 @@ def new_round(schedule_id: str, workflow_id: str, workflow: Mapping, number: int
         "workflow_version": version if isinstance(version, (int, str)) and not isinstance(version, bool) else None,
         "round": number,
         "coordinator": signer,
-        "expected_nodes": config["participants"],
+        "expected": len(config["participants"]),
+        "submitted": 0,
         "min_nodes_required": config["min_nodes_required"],
         "round_timeout": config["round_timeout"],
         "round_start": now,
         "status": COLLECTING,
-        "submissions": {},
-        "submitted_nodes": [],
         **({"noise_commitment": commitment} if commitment else {}),
     }
+
+
+def new_members(schedule_id: str, config: Mapping) -> dict[str, dict]:
+    """The records open_round writes beside the core: the roster, and one empty member record per
+    expected node (expected, not submitted yet)."""
+    nodes = list(config["participants"])
+    return {layout.round_roster_address(schedule_id): {"expected_nodes": nodes},
+            **{layout.round_member_address(schedule_id, n): {} for n in nodes}}
 
 
 def with_round(index: Mapping, number: int, schedule_id: str) -> dict:
@@ -218,11 +226,11 @@ def with_round(index: Mapping, number: int, schedule_id: str) -> dict:
     return {"rounds": {**index["rounds"], str(number): schedule_id}, "latest": number}
 
 
-def round_opened(record: Mapping) -> dict:
+def round_opened(record: Mapping, expected_nodes: list[str]) -> dict:
     """Attributes of trustmesh/round-opened."""
     return dict(
         workflow_id=record["workflow_id"], round=record["round"], schedule_id=record["schedule_id"],
-        coordinator=record["coordinator"], expected_nodes=",".join(record["expected_nodes"]),
+        coordinator=record["coordinator"], expected_nodes=",".join(expected_nodes),
         min_nodes_required=record["min_nodes_required"], round_timeout=record["round_timeout"],
         round_start=record["round_start"],
         workflow_version="" if record["workflow_version"] is None else record["workflow_version"],
@@ -244,46 +252,48 @@ def _where(record: Mapping, schedule_id: str) -> str:
     return f"round {record['round']} of workflow {record['workflow_id']!r} ({schedule_id})"
 
 
-def check_submitter(record: Mapping, schedule_id: str, signer: str) -> None:
-    """An expected node that has not submitted yet, to a round still collecting."""
+def check_submitter(record: Mapping, member: Mapping | None, schedule_id: str, signer: str) -> None:
+    """An expected node (it has a member record) that has not submitted yet (the record is empty),
+    to a round (its core) still collecting."""
     where = _where(record, schedule_id)
-    if signer not in record["expected_nodes"]:
+    if member is None:
         raise InvalidTransaction(
             f"signer {signer} is not an expected node of {where}; only its participant_nodes may submit"
         )
-    if signer in record["submissions"]:
+    if member:
         raise InvalidTransaction(
-            f"node {signer} already submitted to {where} (digest {record['submissions'][signer]['digest']}); "
+            f"node {signer} already submitted to {where} (digest {member.get('digest')}); "
             f"one submission per node per round"
         )
     if record["status"] != COLLECTING:
         raise InvalidTransaction(f"{where} is {record['status']}; it no longer accepts submissions")
 
 
-def accept_submission(record: Mapping, schedule_id: str, signer: str, submission: Mapping, now: int) -> dict:
-    """The round with the submission {digest, samples, metadata} added; ready once every expected
-    node submitted. Past its timeout a round is closed in effect: a late submission must not
-    change whether close_round finds it ready or timed out."""
+def accept_submission(record: Mapping, schedule_id: str, signer: str, submission: Mapping,
+                      now: int) -> tuple[dict, dict]:
+    """(the round's core counting the submission, the signer's member record holding it
+    {digest, samples, metadata, position}); ready once every expected node submitted. Past its
+    timeout a round is closed in effect: a late submission must not change whether close_round
+    finds it ready or timed out."""
     deadline = record["round_start"] + record["round_timeout"]
     if now >= deadline:
         raise InvalidTransaction(
             f"{_where(record, schedule_id)} passed its round_timeout {now - deadline} s ago; it no longer accepts "
             f"submissions (send close_round)"
         )
-    record = {**record, "submissions": {**record["submissions"], signer: dict(submission)},
-              "submitted_nodes": [*record["submitted_nodes"], signer]}
-    if len(record["submitted_nodes"]) == len(record["expected_nodes"]):
+    position = record["submitted"] + 1
+    record = {**record, "submitted": position}
+    if position == record["expected"]:
         record["status"] = READY
-    return record
+    return record, {**dict(submission), "position": position}
 
 
-def submission_accepted(record: Mapping, signer: str) -> dict:
+def submission_accepted(record: Mapping, signer: str, member: Mapping) -> dict:
     """Attributes of trustmesh/submission-accepted."""
-    submission = record["submissions"][signer]
     return dict(
-        schedule_id=record["schedule_id"], node=signer, digest=submission["digest"], samples=submission["samples"],
-        metadata=json.dumps(submission["metadata"], sort_keys=True, separators=(",", ":"), ensure_ascii=False),
-        workflow_id=record["workflow_id"], round=record["round"], position=len(record["submitted_nodes"]),
+        schedule_id=record["schedule_id"], node=signer, digest=member["digest"], samples=member["samples"],
+        metadata=json.dumps(member["metadata"], sort_keys=True, separators=(",", ":"), ensure_ascii=False),
+        workflow_id=record["workflow_id"], round=record["round"], position=member["position"],
     )
 
 
@@ -291,7 +301,7 @@ def submission_accepted(record: Mapping, signer: str) -> dict:
 
 
 def close(record: Mapping, schedule_id: str, now: int) -> dict:
-    """A collecting round past its timeout: ready with >= min_nodes_required submissions, else timeout."""
+    """A collecting round (its core) past its timeout: ready with >= min_nodes_required submissions, else timeout."""
     where = _where(record, schedule_id)
     if record["status"] != COLLECTING:
         raise InvalidTransaction(f"{where} is already {record['status']}; only a collecting round can be closed")
@@ -302,12 +312,13 @@ def close(record: Mapping, schedule_id: str, now: int) -> dict:
             f"{deadline} = round_start {record['round_start']} + round_timeout {record['round_timeout']}; "
             f"chain time now {now}); send close_round again after that"
         )
-    enough = len(record["submitted_nodes"]) >= record["min_nodes_required"]
+    enough = record["submitted"] >= record["min_nodes_required"]
     return {**record, "status": READY if enough else TIMEOUT}
 
 
 def finished(record: Mapping, reason: str) -> tuple[str, dict]:
-    """(event type, attributes) of a round that became ready or timed out."""
+    """(event type, attributes) of a round that became ready or timed out (the assembled round,
+    federation_records.assemble: its submitted_nodes in arrival order)."""
     common = dict(
         schedule_id=record["schedule_id"], workflow_id=record["workflow_id"], round=record["round"],
         submissions=len(record["submitted_nodes"]), submitted_nodes=",".join(record["submitted_nodes"]),

@@ -7,7 +7,9 @@ Five families (version 1.0, canonical-CBOR payloads, canonical-CBOR state record
 | trustmesh-workflow    | WORKFLOW_NS                  | workflow definitions, owner, version;      |
 |                       |                              | participant groups (per owner)             |
 | trustmesh-peer        | PEER_NS                      | compute-node registry, its index, liveness |
-| trustmesh-federation  | FEDERATION_NS                | rounds: schedule_id, submissions, status   |
+| trustmesh-federation  | FEDERATION_NS                | rounds: a small core (status, counts),     |
+|                       |                              | roster (expected nodes), one record per    |
+|                       |                              | expected node (its submission)             |
 | trustmesh-schedule    | SCHEDULE_NS                  | task assignments, task status, node load,  |
 |                       |                              | round results, revealed noise seeds        |
 | trustmesh-rewards     | REWARDS_NS                   | account balances, escrow per workflow,     |
@@ -18,7 +20,10 @@ completion changes its node's queue length in the same transaction, which would 
 two families to agree.
 
 Every address is namespace + a 2-hex "kind" + 62 hex of sha512 over the record's key, so an
-auditor can compute any address with sha512 alone. Kinds below.
+auditor can compute any address with sha512 alone. Kinds below. One exception: a round's member
+records (ROUND_MEMBER) are kind + 30 hex of sha512(schedule_id) + 32 hex of sha512(node), so a
+round's members share a prefix (round_members_prefix) that a transaction declares instead of
+one address per node, and a reader lists them with one state query.
 """
 
 from __future__ import annotations
@@ -48,8 +53,10 @@ PARTICIPANT_GROUP = "01"    # key: owner public key + "/" + group_id -> a partic
 PEER_RECORD = "00"          # key: node public key (hex)
 PEER_INDEX = "01"           # single record: sorted list of registered node public keys
 PEER_LIVENESS = "02"        # key: node public key -> chain time the node was last seen (heartbeat)
-ROUND_RECORD = "00"         # key: schedule_id
+ROUND_RECORD = "00"         # key: schedule_id -> the round's core (status, counts; no per-node lists)
 WORKFLOW_ROUNDS = "01"      # key: workflow_id -> {round number: schedule_id}
+ROUND_ROSTER = "02"         # key: schedule_id -> {expected_nodes} in the workflow's order, written once
+ROUND_MEMBER = "03"         # key: schedule_id (30 hex) + node (32 hex) -> {} or its submission
 ASSIGNMENTS = "00"          # key: schedule_id -> task assignments of that round
 TASK_STATUS = "01"          # key: schedule_id + "/" + task_id
 NODE_LOAD = "02"            # key: node public key -> queue length, done, missed (reputation)
@@ -93,6 +100,22 @@ def liveness_address(public_key: str) -> str:
 
 def round_address(schedule_id: str) -> str:
     return _address(FEDERATION_NS, ROUND_RECORD, schedule_id)
+
+
+def round_roster_address(schedule_id: str) -> str:
+    """A round's expected nodes, in the workflow's order: written once, when it opens."""
+    return _address(FEDERATION_NS, ROUND_ROSTER, schedule_id)
+
+
+def round_members_prefix(schedule_id: str) -> str:
+    """What every member record of a round starts with (38 hex): a transaction that reads or
+    writes members declares it, a reader lists them under it."""
+    return FEDERATION_NS + ROUND_MEMBER + hashlib.sha512(schedule_id.encode()).hexdigest()[:30]
+
+
+def round_member_address(schedule_id: str, node: str) -> str:
+    """An expected node's record in a round: {} until it submits, then its submission."""
+    return round_members_prefix(schedule_id) + hashlib.sha512(node.encode()).hexdigest()[:32]
 
 
 def workflow_rounds_address(workflow_id: str) -> str:

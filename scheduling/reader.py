@@ -10,7 +10,7 @@ import asyncio
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.rest_client import RestClient
 
-from . import layout
+from . import federation_records, layout
 from .common import MAX_RECORD_BYTES
 from .schedule import StartingModel, starting_model
 
@@ -53,7 +53,24 @@ class FederationReader:
         return await self._record(layout.workflow_rounds_address(workflow_id)) or {"rounds": {}, "latest": 0}
 
     async def round(self, schedule_id: str) -> dict | None:
+        """The round with its lists (federation_records.assemble): its core, its roster and its
+        member records, these listed under the round's prefix (one paged state query). Read at
+        the core's block or later, members are cut to the core's count: the round as of one block."""
+        core = await self.round_core(schedule_id)
+        if core is None:
+            return None
+        roster = await self._record(layout.round_roster_address(schedule_id))
+        return federation_records.assemble(core, roster, await self._members(schedule_id, roster))
+
+    async def round_core(self, schedule_id: str) -> dict | None:
+        """The round's core alone: status, counts, clock (federation.py), without its lists."""
         return await self._record(layout.round_address(schedule_id))
+
+    async def _members(self, schedule_id: str, roster: dict | None) -> dict[str, dict]:
+        # pages of the REST API's largest size (1,000): a round of a thousand in one request
+        found = {address: cbor.decode(data, max_bytes=MAX_RECORD_BYTES) async for address, data
+                 in self.rest.list_state(layout.round_members_prefix(schedule_id), head=self.head, page_size=1000)}
+        return federation_records.members_of(schedule_id, roster, found)
 
     async def assignments(self, schedule_id: str) -> dict | None:
         return await self._record(layout.assignments_address(schedule_id))

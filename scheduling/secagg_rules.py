@@ -26,7 +26,8 @@ A round where fewer than `threshold` participants uploaded, or whose unmask step
 `threshold` shares for some participant, ends as timeout (unmask_stalled). The conditions
 themselves (a wrong share, too few uploads, too few shares) are fl/secagg_block.py's.
 
-Reads: the round record (who submitted), the workflow (the block), task statuses, the records of
+Reads: the round (who submitted: federation_records; keys reads the core and the signer's member
+record only), the workflow (the block), task statuses, the records of
 the round's participants (the secagg prefix). Pure apart from the reads and writes.
 """
 
@@ -38,7 +39,7 @@ from typing import Mapping
 from trustmesh.fl import secagg_block
 from trustmesh.ledger.processor import InvalidTransaction
 
-from . import definition, layout
+from . import definition, federation_records, layout
 from .common import HEX64, read_record, read_records, require, require_match, shown, write_records
 from .schedule.spec import SETTLED
 
@@ -48,9 +49,11 @@ SHARE = re.compile(r"\A[0-9a-f]{66}\Z")    # holder index + two 16-byte halves
 KINDS = ("b", "s")
 
 
-async def secure_round(context, schedule_id: str) -> tuple[dict, dict]:
-    """(round record, secure_aggregation block) or InvalidTransaction."""
-    record = await read_record(context, layout.round_address(schedule_id))
+async def secure_round(context, schedule_id: str, *, whole: bool = True) -> tuple[dict, dict]:
+    """(round record, secure_aggregation block) or InvalidTransaction. whole: the round with its
+    lists (federation_records.assemble); else its core alone."""
+    record = await (federation_records.read_round(context, schedule_id) if whole
+                    else read_record(context, layout.round_address(schedule_id)))
     if record is None:
         raise InvalidTransaction(f"no round with schedule id {schedule_id!r} on chain")
     workflow = await read_record(context, layout.workflow_address(record["workflow_id"])) or {}
@@ -62,10 +65,10 @@ async def secure_round(context, schedule_id: str) -> tuple[dict, dict]:
 
 
 async def keys(body: Mapping, signer: str, context, schedule_id: str) -> None:
-    record, _ = await secure_round(context, schedule_id)
+    record, _ = await secure_round(context, schedule_id, whole=False)  # every participant sends keys: O(1) each
     c_pk = require_match(body, "c_pk", X25519_HEX, "an X25519 public key (64 lowercase hex)")
     s_pk = require_match(body, "s_pk", X25519_HEX, "an X25519 public key (64 lowercase hex)")
-    if signer not in record["expected_nodes"]:
+    if await read_record(context, layout.round_member_address(schedule_id, signer)) is None:  # not expected
         raise InvalidTransaction(f"node {signer} is not a participant of round {schedule_id!r}")
     if record["status"] != "collecting":
         raise InvalidTransaction(f"round {schedule_id!r} is {record['status']}: keys are advertised while it "
@@ -152,7 +155,7 @@ async def unmask_stalled(context, record: Mapping, now: int) -> str:
     participant's secret still has fewer than `threshold` shares revealed. Else
     InvalidTransaction saying why not."""
     schedule_id = record["schedule_id"]
-    _, block = await secure_round(context, schedule_id)
+    _, block = await secure_round(context, schedule_id, whole=False)  # the caller passed the round
     assignments = await read_record(context, layout.assignments_address(schedule_id))
     if assignments is None:
         raise InvalidTransaction(f"round {schedule_id!r} is not assigned yet; it cannot stall in its unmask step")

@@ -53,6 +53,7 @@ import redis.asyncio as aioredis
 
 from trustmesh.ledger import payload as cbor
 from trustmesh.scheduling import federation, layout
+from trustmesh.scheduling.reader import FederationReader
 from trustmesh.scheduling.common import MAX_RECORD_BYTES
 from .redis_client import as_text, canonical_json
 
@@ -360,7 +361,7 @@ class FederationCache:
         """Rewrite one round from chain state; False if the chain has no such round or the cache
         is already further along."""
         head = head or (await rest_client.head())["header_signature"]
-        record = federation.decode_round(await rest_client.get_state(layout.round_address(schedule_id), head=head))
+        record = await FederationReader(rest_client, head).round(schedule_id)
         if record is None:
             return False
         app = await self.app_for(record["workflow_id"], rest_client=rest_client, head=head)
@@ -376,9 +377,9 @@ class FederationCache:
         if not schedule_ids:
             return []
         app = await self.app_for(workflow_id, rest_client=rest_client, head=head)
+        reader = FederationReader(rest_client, head)
         for schedule_id in schedule_ids:
-            data = await rest_client.get_state(layout.round_address(schedule_id), head=head)
-            record = federation.decode_round(data)
+            record = await reader.round(schedule_id)
             if record is None:
                 raise FederationCacheGap(f"round {schedule_id} of workflow {workflow_id!r} is indexed but "
                                          f"missing from state at head {head[:16]}")

@@ -27,7 +27,7 @@ from trustmesh.ledger.builders import make_batch, make_transaction
 from trustmesh.ledger.devnet.block_info import CONFIG_ADDRESS, block_info_address
 from trustmesh.ledger.processor import InvalidTransaction
 from trustmesh.ledger.signing import PrivateKey
-from trustmesh.scheduling import federation, layout, workflow
+from trustmesh.scheduling import federation, federation_records, layout, workflow
 from trustmesh.scheduling.federation import (
     FederationHandler,
     make_close_round_transaction,
@@ -104,6 +104,11 @@ async def deploy(client, *definitions):
 
 
 async def round_record(client, schedule_id) -> dict:
+    """The round as its readers see it: core, roster and members assembled (federation_records)."""
+    return await FederationReader(client).round(schedule_id)
+
+
+async def stored_core(client, schedule_id) -> dict:
     return federation.decode_round(await client.get_state(layout.round_address(schedule_id)))
 
 
@@ -152,6 +157,14 @@ async def test_three_participants_reach_ready_and_rounds_are_numbered(chain):
             "round_start": record["round_start"], "status": "collecting", "submissions": {},
             "submitted_nodes": [],
         }
+        # stored: a small core with counts, the roster once, one empty member record per expected node
+        assert await stored_core(client, sid) == {
+            "schedule_id": sid, "workflow_id": wf, "workflow_version": 1, "round": 1, "coordinator": C,
+            "expected": 3, "submitted": 0, "min_nodes_required": 2, "round_timeout": 3600,
+            "round_start": record["round_start"], "status": "collecting",
+        }
+        assert cbor.decode(await client.get_state(layout.round_roster_address(sid))) == {"expected_nodes": PARTICIPANTS}
+        assert [cbor.decode(await client.get_state(layout.round_member_address(sid, n))) for n in PARTICIPANTS] == [{}] * 3
         index = federation.decode_workflow_rounds(await client.get_state(layout.workflow_rounds_address(wf)))
         assert index == {"rounds": {"1": sid}, "latest": 1}
         assert (await events_of(client, opening))[federation.EVENT_ROUND_OPENED] == {
@@ -169,6 +182,9 @@ async def test_three_participants_reach_ready_and_rounds_are_numbered(chain):
         assert record["submitted_nodes"] == [K2, C]
         assert record["submissions"][K2] == {"digest": digest("p2-update"), "samples": 120,
                                              "metadata": {"epochs": 5, "loss": 0.25}}
+        assert cbor.decode(await client.get_state(layout.round_member_address(sid, K2))) == {
+            "digest": digest("p2-update"), "samples": 120, "metadata": {"epochs": 5, "loss": 0.25}, "position": 1}
+        assert (await stored_core(client, sid))["submitted"] == 2
         accepted = (await events_of(client, first))[federation.EVENT_SUBMISSION_ACCEPTED]
         assert accepted == {"schedule_id": sid, "node": K2, "digest": digest("p2-update"), "samples": "120",
                             "metadata": '{"epochs":5,"loss":0.25}', "workflow_id": wf, "round": "1",
@@ -392,19 +408,23 @@ async def test_close_round_after_timeout_ready_or_timeout(client):
 
 def test_client_helpers_declare_exact_addresses():
     sid = layout.schedule_id_for("w", 2, C)
+    roster, members = layout.round_roster_address(sid), layout.round_members_prefix(sid)
     header = pb.TransactionHeader.FromString(make_open_round_transaction(COORDINATOR, "w", 2).header)
     assert list(header.inputs) == [layout.workflow_address("w"), layout.workflow_rounds_address("w"),
                                    layout.round_address(sid), layout.round_address(layout.schedule_id_for("w", 1, C)),
                                    layout.BLOCK_INFO_NS]
-    assert list(header.outputs) == [layout.round_address(sid), layout.workflow_rounds_address("w")]
+    assert list(header.outputs) == [layout.round_address(sid), layout.workflow_rounds_address("w"), roster, members]
     header = pb.TransactionHeader.FromString(make_open_round_transaction(COORDINATOR, "w", 1).header)
     assert layout.BLOCK_INFO_NS in header.inputs and len(header.inputs) == 4
     header = pb.TransactionHeader.FromString(make_submit_transaction(P2, sid, digest("d"), 1).header)
-    assert list(header.inputs) == [layout.round_address(sid), layout.BLOCK_INFO_NS]
-    assert list(header.outputs) == [layout.round_address(sid)]
+    assert list(header.inputs) == [layout.round_address(sid), roster, members, layout.BLOCK_INFO_NS]
+    assert list(header.outputs) == [layout.round_address(sid), layout.round_member_address(sid, K2)]
     header = pb.TransactionHeader.FromString(make_close_round_transaction(P2, sid).header)
-    assert list(header.inputs) == [layout.round_address(sid), layout.BLOCK_INFO_NS]
+    assert list(header.inputs) == [layout.round_address(sid), roster, members, layout.BLOCK_INFO_NS]
     assert list(header.outputs) == [layout.round_address(sid)]
+    # a round's member addresses: namespace, kind, 30 hex of the round, 32 of the node; one prefix per round
+    assert len(layout.round_member_address(sid, K2)) == 70 and layout.round_member_address(sid, K2).startswith(members)
+    assert len(members) == 38 and members.startswith(layout.FEDERATION_NS + layout.ROUND_MEMBER)
 
 
 # --------------------------------------------------------------------------- any payload: InvalidTransaction only
@@ -444,7 +464,7 @@ def _fuzz_state() -> dict[str, bytes]:
     return {
         layout.workflow_address("fuzz"): cbor.encode({"workflow_id": "fuzz", "owner": C, "version": 1,
                                                       "definition": definition}),
-        layout.round_address(open_sid): cbor.encode(round_record),
+        **{a: cbor.encode(r) for a, r in federation_records.split(round_record).items()},
         CONFIG_ADDRESS: pb.BlockInfoConfig(latest_block=3, oldest_block=0, target_count=256,
                                            sync_tolerance=300).SerializeToString(),
         block_info_address(3): pb.BlockInfo(block_num=3, timestamp=2000).SerializeToString(),
@@ -480,3 +500,113 @@ def test_any_payload_is_applied_or_refused_as_invalid(action, fields, signer):
         assert str(exc)
     for event_type, attributes in context.events:
         assert event_type.startswith("trustmesh/") and all(isinstance(v, str) for _, v in attributes)
+
+
+# --------------------------------------------------------------------------- a submit costs the same at any size
+
+
+class Metered(DictLedger):
+    """DictLedger that counts the state bytes each transaction reads and writes (issue #17: a
+    submit used to read and rewrite the whole round, so a round of n submissions cost O(n²))."""
+
+    def __init__(self):
+        super().__init__()
+        self.metered: list[tuple[int, int]] = []  # (bytes read, bytes written) per transaction
+
+    async def apply_transaction(self, txn, state):
+        from helpers.family_scenario import HANDLERS, DictContext
+
+        header = pb.TransactionHeader.FromString(txn.header)
+        request = pb.TpProcessRequest(header=header, payload=txn.payload, signature=txn.header_signature,
+                                      context_id="dict")
+        usage = [0, 0]
+
+        class Context(DictContext):
+            async def get_state(self, addresses, timeout=None):
+                found = await super().get_state(addresses, timeout)
+                usage[0] += sum(len(v) for v in found.values())
+                return found
+
+            async def set_state(self, entries, timeout=None):
+                usage[1] += sum(len(v) for v in entries.values())
+                return await super().set_state(entries, timeout)
+
+        context = Context(state, header.inputs, header.outputs)
+        await HANDLERS[header.family_name].apply(request, context)
+        self.metered.append(tuple(usage))
+        return context.events
+
+
+def _many(workflow_id: str, keys: list[PrivateKey], min_nodes: int, timeout: int = 3600) -> dict:
+    definition = federated(workflow_id, min_nodes=min_nodes, timeout=timeout)
+    nodes = [k.public_key().as_hex() for k in keys]
+    definition["federation"].update(participant_nodes=nodes, expected_nodes=len(nodes))
+    return definition
+
+
+async def test_a_submit_reads_and_writes_the_same_bytes_at_the_first_and_the_last_of_64():
+    client = Metered()
+    keys = [COORDINATOR] + [PrivateKey.generate() for _ in range(63)]
+    nodes = [k.public_key().as_hex() for k in keys]
+    await deploy(client, _many("fl-64", keys, min_nodes=32))
+    await commit(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, "fl-64", 1)))
+    sid = layout.schedule_id_for("fl-64", 1, C)
+    order = keys[1:][::-1] + [COORDINATOR]  # not the workflow's order: arrival order is what counts
+    metadata = {"epochs": 5, "loss": 0.25}
+
+    client.metered.clear()
+    transactions = []
+    for i, key in enumerate(order):
+        txn = make_submit_transaction(key, sid, digest(f"u{i}"), 100 + i, metadata)
+        transactions.append(txn)
+        await commit(client, batch(key, txn))
+        if i == 0:  # refused, and state unchanged: a node outside the round, the same node again
+            before = dict(client.state)
+            await check_rejections(client, [
+                (OUTSIDER, make_submit_transaction(OUTSIDER, sid, digest("o"), 1),
+                 f"signer {OUTSIDER.public_key().as_hex()} is not an expected node of round 1 of workflow 'fl-64'"),
+                (key, make_submit_transaction(key, sid, digest("again"), 1),
+                 f"already submitted to round 1 of workflow 'fl-64' ({sid}) (digest {digest('u0')})"),
+            ])
+            assert client.state == before
+            del client.metered[1:]
+    reads, writes = [r for r, _ in client.metered], [w for _, w in client.metered]
+    assert len(writes) == 64
+    # every submit writes the core and its own member record: a few hundred bytes, the 1st as the 64th
+    # (up to a byte or two for the count's CBOR width and "ready" instead of "collecting")
+    assert max(writes) - min(writes) <= 8 and max(writes) < 600, writes
+    # and reads the same until the last, which reads the roster and the members once for round-ready
+    assert max(reads[:-1]) - min(reads[:-1]) <= 8 and max(reads[:-1]) < 600, reads
+    assert reads[-1] > 64 * 66, reads[-1]
+
+    arrival = [k.public_key().as_hex() for k in order]
+    events = await events_of(client, transactions[-1])
+    assert events[federation.EVENT_ROUND_READY] == {
+        "schedule_id": sid, "workflow_id": "fl-64", "round": "1", "reason": "all-submitted",
+        "submissions": "64", "submitted_nodes": ",".join(arrival),
+    }
+    record = await round_record(client, sid)
+    assert record["status"] == "ready" and record["submitted_nodes"] == arrival and record["expected_nodes"] == nodes
+    assert record["submissions"][arrival[5]] == {"digest": digest("u5"), "samples": 105, "metadata": metadata}
+
+
+async def test_close_round_with_fewer_than_expected_names_who_submitted():
+    client = DictLedger()
+    keys = [COORDINATOR] + [PrivateKey.generate() for _ in range(63)]
+    await deploy(client, _many("fl-64-close", keys, min_nodes=32, timeout=60))
+    await commit(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, "fl-64-close", 1)))
+    sid = layout.schedule_id_for("fl-64-close", 1, C)
+    arrived = keys[20:60]
+    for i, key in enumerate(arrived):
+        await commit(client, batch(key, make_submit_transaction(key, sid, digest(f"c{i}"), 10)))
+    assert (await round_record(client, sid))["status"] == "collecting"
+    client.advance(61)
+    close = make_close_round_transaction(OUTSIDER, sid)
+    await commit(client, batch(OUTSIDER, close))
+    names = [k.public_key().as_hex() for k in arrived]
+    assert (await events_of(client, close))[federation.EVENT_ROUND_READY] == {
+        "schedule_id": sid, "workflow_id": "fl-64-close", "round": "1", "reason": "closed",
+        "submissions": "40", "submitted_nodes": ",".join(names),
+    }
+    record = await round_record(client, sid)
+    assert record["status"] == "ready" and record["submitted_nodes"] == names and len(record["submissions"]) == 40

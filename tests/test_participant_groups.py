@@ -302,14 +302,14 @@ async def test_open_round_fills_expected_nodes_with_the_group_and_only_members_s
     await run_cases(client, [("deploy", deploy(OWNER, grouped("w", "big", 1000)), None)])
     await run_cases(client, [("open round 1", batch(COORDINATOR, make_open_round_transaction(COORDINATOR, "w", 1)), None)])
     sid = layout.schedule_id_for("w", 1, C)
-    record = federation.decode_round(client.state[layout.round_address(sid)])
+    record = await FederationReader(client).round(sid)
     assert record["expected_nodes"] == KEYS and record["min_nodes_required"] == 3
     await run_cases(client, [
         ("a member", batch(NODES[999], make_submit_transaction(NODES[999], sid, DIGEST, 10)), None),
         ("an outsider", batch(OUTSIDER, make_submit_transaction(OUTSIDER, sid, DIGEST, 10)),
          f"signer {OUTSIDER.public_key().as_hex()} is not an expected node of round 1 of workflow 'w'"),
     ])
-    assert federation.decode_round(client.state[layout.round_address(sid)])["submitted_nodes"] == [KEYS[999]]
+    assert (await FederationReader(client).round(sid))["submitted_nodes"] == [KEYS[999]]
 
 
 def test_federation_config_of_a_group_workflow_is_checked_defensively():

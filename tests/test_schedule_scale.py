@@ -13,7 +13,7 @@ import pytest
 from helpers.family_scenario import _WORKFLOWS, HANDLERS, DictContext, request, set_chain_time
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.signing import PrivateKey
-from trustmesh.scheduling import federation, layout, peers, schedule, workflow
+from trustmesh.scheduling import federation, federation_records, layout, peers, schedule, workflow
 
 
 class CountingContext(DictContext):
@@ -143,7 +143,7 @@ def _aggregated_round(participants: int):
     state, sid, holders = _scheduled_round(participants)
     for task_id in ["preprocess", *sorted(t for t in holders if t.startswith("train:")), "aggregate"]:
         _done(state, sid, task_id, holders[task_id])
-    submitted = cbor.decode(state[layout.round_address(sid)])["submitted_nodes"]
+    submitted = asyncio.run(federation_records.read_round(DictContext(state), sid))["submitted_nodes"]
     return state, sid, holders, submitted
 
 

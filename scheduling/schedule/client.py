@@ -9,6 +9,7 @@ from trustmesh.ledger.builders import make_transaction
 
 from .. import layout
 from ..common import MAX_RECORD_BYTES
+from ..federation_records import round_inputs
 from .spec import FAMILY_NAME, FAMILY_VERSION, NODE_LOAD_PREFIX, TASK_STATUS_PREFIX
 from .lineage import StartingModel
 
@@ -78,7 +79,7 @@ def _secagg_transaction(signer, action: str, schedule_id: str, workflow_id: str,
     """Reads the round, the workflow, every participant's secagg record, assignments and task
     statuses; writes the signer's own secagg record."""
     own = layout.secagg_address(schedule_id, signer.public_key().as_hex())
-    inputs = [layout.round_address(schedule_id), layout.workflow_address(workflow_id), layout.SECAGG_PREFIX,
+    inputs = [*round_inputs(schedule_id), layout.workflow_address(workflow_id), layout.SECAGG_PREFIX,
               layout.assignments_address(schedule_id), TASK_STATUS_PREFIX]
     return _transaction(signer, _encode(action, {"schedule_id": schedule_id, **fields}), inputs,
                         [own] if writes else [], **kwargs)
@@ -127,7 +128,7 @@ def make_assign_transaction(signer, schedule_id: str, workflow_id: str, *, deadl
     """Reads the workflow, the round, the peer registry and its liveness records (PEER_NS), node
     loads and BlockInfo; writes assignments, task statuses and node loads."""
     assignments = layout.assignments_address(schedule_id)
-    inputs = [layout.workflow_address(workflow_id), layout.round_address(schedule_id), layout.PEER_NS,
+    inputs = [layout.workflow_address(workflow_id), *round_inputs(schedule_id), layout.PEER_NS,
               assignments, NODE_LOAD_PREFIX, layout.BLOCK_INFO_NS]
     outputs = [assignments, TASK_STATUS_PREFIX, NODE_LOAD_PREFIX]
     return _transaction(signer, assign_payload(schedule_id, deadline_seconds), inputs, outputs, **kwargs)
@@ -173,7 +174,7 @@ def make_round_result_transaction(signer, schedule_id: str, global_model_digest:
     their nodes' load records (reputation), so it declares those. submitted: the round's
     submitted_nodes, so a large result can name participants by position (round_result_payload)."""
     result = layout.round_result_address(schedule_id)
-    inputs = [layout.assignments_address(schedule_id), layout.round_address(schedule_id), TASK_STATUS_PREFIX,
+    inputs = [layout.assignments_address(schedule_id), *round_inputs(schedule_id), TASK_STATUS_PREFIX,
               result, layout.BLOCK_INFO_NS]
     outputs = [result]
     if rejected:

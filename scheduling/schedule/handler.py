@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping
 from trustmesh.ledger.processor import InvalidTransaction, TransactionHandler
 
 from .. import definition as definitions
-from .. import events, layout, peers
+from .. import events, federation_records, layout, peers
 from ..common import chain_time, emit, parse_payload, read_record, read_records, require_int, signer_of, write_records
 from .spec import ACTIONS, DEFAULT_DEADLINE_SECONDS, FAMILY_NAME, FAMILY_VERSION, MAX_DEADLINE_SECONDS, NAMESPACE, SETTLED
 from .placement import empty_load, rank_nodes, resource_points, responsive
@@ -94,17 +94,16 @@ class ScheduleHandler(ReportRules, PrivateRoundRules, TransactionHandler):
 
         if await read_record(context, layout.assignments_address(schedule_id)) is not None:
             raise InvalidTransaction(f"schedule {schedule_id!r} is already assigned; a round is assigned once")
-        round_ = await read_record(context, layout.round_address(schedule_id))
+        round_ = await read_record(context, layout.round_address(schedule_id))  # its core: status, counts
         if round_ is None:
             raise InvalidTransaction(
                 f"no round with schedule id {schedule_id!r} on chain; the coordinator opens it (trustmesh-federation)"
             )
         status = round_.get("status")
         if status != "ready":
-            submitted = len(round_.get("submissions") or {})
             hint = {
-                "collecting": f"it is still collecting submissions ({submitted} of "
-                              f"{round_.get('expected_nodes')}); assign once it is ready",
+                "collecting": f"it is still collecting submissions ({round_.get('submitted')} of "
+                              f"{round_.get('expected')}); assign once it is ready",
                 "timeout": "it timed out below min_nodes_required; it has nothing to train on",
             }.get(status, "only a ready round can be assigned")
             raise InvalidTransaction(f"round {schedule_id!r} is {status!r}, not 'ready': {hint}")
@@ -116,6 +115,7 @@ class ScheduleHandler(ReportRules, PrivateRoundRules, TransactionHandler):
         ordered = _workflow_tasks(workflow_id, definition)
         train_on = definitions.train_on(definition, workflow_id)
 
+        round_ = federation_records.assemble(round_, *await federation_records.read_members(context, schedule_id))
         submissions = round_.get("submissions") or {}
         arrival = [n for n in (round_.get("submitted_nodes") or []) if n in submissions]
         arrival += sorted(n for n in submissions if n not in arrival)

@@ -32,7 +32,7 @@ class PrivateRoundRules:
         """A securely aggregated round goes on without a participant whose local_train is past its
         deadline: its neighbours then reveal their shares of its mask key instead (secagg_rules)."""
         schedule_id, task_id = _schedule_id(body), _task_id(body)
-        round_, _ = await secagg_rules.secure_round(context, schedule_id)
+        round_, _ = await secagg_rules.secure_round(context, schedule_id, whole=False)
         if signer != round_.get("coordinator"):
             raise InvalidTransaction(f"only the round's coordinator {round_.get('coordinator')} drops an update, not {signer}")
         assignments = await self._assignments(context, schedule_id)

@@ -10,7 +10,7 @@ from trustmesh.fl.strategies.base import WEIGHT_TOLERANCE  # sum(weights) - 1 al
 from trustmesh.fl.screening import failed_update_check, weights_sum_fits  # which rejections count; the weights' sum
 from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction
 
-from .. import events, layout
+from .. import events, federation_records, layout
 from ..common import HEX64, PUBLIC_KEY, chain_time, emit, read_record, require, require_int, require_match, shown, write_records
 from .spec import MAX_REASON_CHARS, REPORT_STATUSES, SETTLED, _RANK
 from .checks import _contributions, _metrics, _number, _privacy, _rejected, _schedule_id, _task_id, by_position
@@ -238,7 +238,7 @@ class ReportRules:
 
     async def _round_result(self, body: dict, signer: str, context) -> None:
         schedule_id = _schedule_id(body)
-        round_ = await read_record(context, layout.round_address(schedule_id)) or {}
+        round_ = await federation_records.read_round(context, schedule_id) or {}
         body = by_position(body, round_.get("submitted_nodes") or [])
         digest = require_match(body, "global_model_digest", HEX64, "the sha256 (64 lowercase hex) of the global model")
         participants = require(body, "participants", list)

@@ -96,6 +96,11 @@ class DictLedger:
     async def get_state(self, address: str, *_args, **_kwargs) -> bytes | None:
         return self.state.get(address)
 
+    async def list_state(self, prefix: str = "", *_args, **_kwargs):
+        """(address, value) under prefix, in address order (FederationReader.round lists a round's members)."""
+        for address in sorted(a for a in self.state if a.startswith(prefix)):
+            yield address, self.state[address]
+
     async def get_receipts(self, ids) -> list[dict]:
         return [{"id": i, "events": [{"event_type": kind, "attributes": [{"key": k, "value": v} for k, v in attrs]}
                                      for kind, attrs in self.receipts[i]]} for i in ids]

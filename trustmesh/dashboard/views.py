@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.rest_client import RestClient
-from trustmesh.scheduling import layout, peers as peer_rules
+from trustmesh.scheduling import federation_records, layout, peers as peer_rules
 from trustmesh.scheduling.common import MAX_RECORD_BYTES
 from trustmesh.scheduling.reader import expand
 
@@ -98,9 +98,15 @@ async def read_snapshot(rest: RestClient) -> Snapshot:
     for _, record in await _listed(rest, layout.WORKFLOW_NS + layout.WORKFLOW_RECORD, head_id):
         if isinstance(record, dict) and "workflow_id" in record:
             snap.workflows[record["workflow_id"]] = expand(record)  # a participant group's members listed
-    for _, record in await _listed(rest, layout.FEDERATION_NS + layout.ROUND_RECORD, head_id):
-        if isinstance(record, dict) and "schedule_id" in record:
-            snap.rounds[record["schedule_id"]] = record
+    cores = [r for _, r in await _listed(rest, layout.FEDERATION_NS + layout.ROUND_RECORD, head_id)
+             if isinstance(r, dict) and isinstance(r.get("schedule_id"), str)]
+    rosters = dict(await _listed(rest, layout.FEDERATION_NS + layout.ROUND_ROSTER, head_id))
+    members = dict(await _listed(rest, layout.FEDERATION_NS + layout.ROUND_MEMBER, head_id))
+    for core in cores:  # each round with its lists (federation_records.assemble)
+        sid = core["schedule_id"]
+        roster = rosters.get(layout.round_roster_address(sid))
+        roster = roster if isinstance(roster, dict) else None
+        snap.rounds[sid] = federation_records.assemble(core, roster, federation_records.members_of(sid, roster, members))
     # not the whole namespace: task statuses (kind 01) are many, and read per round
     for kind, into, key in ((layout.ASSIGNMENTS, snap.assignments, "schedule_id"),
                             (layout.ROUND_RESULT, snap.results, "schedule_id"),
