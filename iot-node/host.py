@@ -73,26 +73,30 @@ class SharedReader(FederationReader):
                 e.event_type in WORKFLOW_WRITES for e in block.events):
             self._cache["workflows"] = workflows
 
-    async def _record(self, address: str):
-        found = self._cache.get(address, _ABSENT)
+    async def _once(self, key: str, read, *, counted: bool = True):
+        """read() made once per block for every node that asks for `key` meanwhile."""
+        found = self._cache.get(key, _ABSENT)
         if found is not _ABSENT:
             return found
-        pending = self._reading.get(address)
+        pending = self._reading.get(key)
         if pending is None:
-            pending = self._reading[address] = asyncio.get_running_loop().create_task(self._read(address))
+            pending = self._reading[key] = asyncio.get_running_loop().create_task(self._settle(key, read, counted))
         return await asyncio.shield(pending)
 
-    async def _read(self, address: str):
+    async def _settle(self, key: str, read, counted: bool):
         generation = self.generation
-        self.reads += 1
+        self.reads += counted
         try:
-            found = await super()._record(address)
+            found = await read()
         finally:
             if self.generation == generation:
-                self._reading.pop(address, None)
+                self._reading.pop(key, None)
         if self.generation == generation:  # a block came meanwhile: what we read may be older than it
-            self._cache[address] = found
+            self._cache[key] = found
         return found
+
+    async def _record(self, address: str):
+        return await self._once(address, lambda: super(SharedReader, self)._record(address))
 
     async def workflows(self) -> list[dict]:
         found = self._cache.get("workflows", _ABSENT)
@@ -106,26 +110,13 @@ class SharedReader(FederationReader):
 
     async def _members(self, schedule_id: str, roster) -> dict:
         """A round's member records (one listing), read once per block like any record."""
-        key = "members:" + schedule_id
-        found = self._cache.get(key, _ABSENT)
-        if found is not _ABSENT:
-            return found
-        pending = self._reading.get(key)
-        if pending is None:
-            pending = self._reading[key] = asyncio.get_running_loop().create_task(self._list(key, schedule_id, roster))
-        return await asyncio.shield(pending)
+        return await self._once("members:" + schedule_id, lambda: super(SharedReader, self)._members(schedule_id, roster))
 
-    async def _list(self, key: str, schedule_id: str, roster):
-        generation = self.generation
-        self.reads += 1
-        try:
-            found = await super()._members(schedule_id, roster)
-        finally:
-            if self.generation == generation:
-                self._reading.pop(key, None)
-        if self.generation == generation:
-            self._cache[key] = found
-        return found
+    async def round(self, schedule_id: str) -> dict | None:
+        """The assembled round, once per block for all the host's nodes: assembling a round of a
+        thousand members for each of a thousand nodes was a million steps a block."""
+        return await self._once("round:" + schedule_id, lambda: super(SharedReader, self).round(schedule_id),
+                                counted=False)
 
 
 class _Inbox:

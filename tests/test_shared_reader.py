@@ -32,3 +32,27 @@ async def test_the_workflow_list_is_read_again_only_after_a_deploy_or_an_update(
         assert reader.lists == 4
     finally:
         await rest.close()
+
+
+async def test_a_round_is_assembled_once_per_block_for_all_the_hosts_nodes(devnet, monkeypatch):
+    from trustmesh.scheduling.reader import FederationReader
+
+    assembled = []
+    plain_round = FederationReader.round
+
+    async def counted(self, schedule_id):
+        assembled.append(schedule_id)
+        return await plain_round(self, schedule_id)
+
+    monkeypatch.setattr(FederationReader, "round", counted)
+    rest = CoalescingRest(devnet.rest_url)
+    reader = SharedReader(rest)
+    try:
+        sid = "ab" * 32
+        assert [await reader.round(sid) for _ in range(5)] == [None] * 5  # five nodes ask in one block
+        assert assembled == [sid]
+        reader.new_block(_block(2))
+        await reader.round(sid)
+        assert assembled == [sid, sid]
+    finally:
+        await rest.close()
