@@ -42,7 +42,7 @@ from localnet import ROOT
 from trustmesh import local_network
 from trustmesh.scheduling import events
 
-ROUNDS = {10: 6, 100: 4, 1000: 3}  # rounds per size: enough for a steady state, few enough to fit
+ROUNDS = {10: 6, 100: 4, 1000: 5}  # rounds per size: a steady state (at 1,000 rounds alternate long and short: four after the first), few enough to fit
 
 
 def scaled_definition(participants: int, rounds: int) -> dict:
