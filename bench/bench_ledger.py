@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import re
 import asyncio
-import os
 import pathlib
 import statistics
 import subprocess
@@ -25,7 +24,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
-from devnet_process import DevnetProcess  # noqa: E402
+from helpers.devnet_process import DevnetProcess  # noqa: E402
+import proc_stats  # noqa: E402
 
 from trustmesh.ledger.builders import make_batch  # noqa: E402
 from trustmesh.ledger.events import EventSubscriber, event_subscription  # noqa: E402
@@ -100,23 +100,6 @@ async def latency(rest_url: str, component_url: str, signer, samples: int) -> li
     return results
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
-                    kids.append(int(entry))
-            except OSError:
-                pass
-    return kids
-
-
 def _block_phases(log: str) -> dict[str, float]:
     """Time in each phase of a block, from the validator's 'committed block' log lines. The
     phases of consecutive blocks overlap (chain.py pipelines them): shares, not a timeline."""
@@ -149,10 +132,10 @@ def main() -> None:
                                    variant])
             try:
                 time.sleep(1.0)  # let the processor register
-                pids = {"validator": [node.proc.pid], "state worker": _children(node.proc.pid), "processor": [tp.pid]}
-                before = {k: sum(map(_cpu_seconds, v)) for k, v in pids.items()}
+                pids = {"validator": [node.proc.pid], "state worker": proc_stats.children().get(node.proc.pid, []), "processor": [tp.pid]}
+                before = {k: sum(map(proc_stats.cpu_seconds, v)) for k, v in pids.items()}
                 tps, txns = asyncio.run(throughput(node.rest_url, batches, args.concurrency))
-                cpu = {k: (sum(map(_cpu_seconds, v)) - before[k]) / txns * 1e6 for k, v in pids.items()}
+                cpu = {k: (sum(map(proc_stats.cpu_seconds, v)) - before[k]) / txns * 1e6 for k, v in pids.items()}
                 lat = (asyncio.run(latency(node.rest_url, node.component_url, signer, args.latency_samples))
                        if variant == "events" else None)
             finally:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import pathlib
 import statistics
 import sys
@@ -38,6 +37,7 @@ import threading
 import time
 
 import localnet
+import proc_stats
 from localnet import ROOT
 from trustmesh import local_network
 from trustmesh.scheduling import events
@@ -98,38 +98,13 @@ class PeakMemory:
         self._thread.join()
 
 
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _children() -> dict[int, list[int]]:
-    found: dict[int, list[int]] = {}
-    for entry in pathlib.Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # gone meanwhile
-            found.setdefault(parent, []).append(int(entry.name))
-    return found
-
-
-def _cpu_seconds(pid: int, children: dict[int, list[int]]) -> float:
-    """User + system CPU of pid and every live process below it."""
-    try:
-        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        own = (int(fields[11]) + int(fields[12])) / _TICKS
-    except (OSError, IndexError, ValueError):
-        return 0.0
-    return own + sum(_cpu_seconds(child, children) for child in children.get(pid, ()))
-
-
 def cpu_by_part(home: pathlib.Path) -> dict[str, float]:
     """part ("validator", "compute", "iot", ...) -> CPU seconds its processes have used so far."""
-    children, parts = _children(), {}
+    below, parts = proc_stats.children(), {}
     for name, service in local_network.status(home).get("services", {}).items():
         if service.get("pid"):
             part = name.rstrip("0123456789").rstrip("-").removesuffix("-host")  # compute-2 -> compute
-            parts[part] = parts.get(part, 0.0) + _cpu_seconds(service["pid"], children)
+            parts[part] = parts.get(part, 0.0) + proc_stats.cpu_seconds_below(service["pid"], below)
     return parts
 
 
