@@ -99,14 +99,11 @@ class SharedReader(FederationReader):
         return await self._once(address, lambda: super(SharedReader, self)._record(address))
 
     async def workflows(self) -> list[dict]:
-        found = self._cache.get("workflows", _ABSENT)
-        if found is _ABSENT:
-            generation = self.generation
-            self.lists += 1
-            found = await super().workflows()
-            if self.generation == generation:
-                self._cache["workflows"] = found
-        return found
+        return await self._once("workflows", self._list_workflows, counted=False)
+
+    async def _list_workflows(self) -> list[dict]:
+        self.lists += 1
+        return await super().workflows()
 
     async def _members(self, schedule_id: str, roster) -> dict:
         """A round's member records (one listing), read once per block like any record."""
