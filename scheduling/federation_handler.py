@@ -74,15 +74,16 @@ class FederationHandler(TransactionHandler):
         schedule_id = rules.schedule_id_of(body)
         record, _ = await _read_round(context, schedule_id)
         now = await chain_time(context)
-        roster, members = await records.read_members(context, schedule_id)
         if record["status"] == rules.READY and await _aggregates_securely(context, record):
             # its unmask step stalled below the threshold: it ends as timeout, saying why
+            roster, members = await records.read_members(context, schedule_id)
             reason = await secagg_rules.unmask_stalled(context, records.assemble(record, roster, members), now)
             record = {**record, "status": rules.TIMEOUT, "reason": reason}
             await write_records(context, {layout.round_address(schedule_id): record})
             await _emit_finished(context, records.assemble(record, roster, members), reason)
             return
-        record = rules.close(record, schedule_id, now)
+        record = rules.close(record, schedule_id, now)  # refused early without reading the members
+        roster, members = await records.read_members(context, schedule_id)
         await write_records(context, {layout.round_address(schedule_id): record})
         await _emit_finished(context, records.assemble(record, roster, members), "closed")
 
