@@ -403,11 +403,37 @@ def test_decoded_nodes_are_cached():
     reads = store.reads
     m2.get(root, SHARED[0])
     assert store.reads == reads
-    tiny = MerkleRadix(store.read, cache_size=2)
+    tiny = MerkleRadix(store.read, cache_size=2, value_cache_bytes=0)
     tiny.get(root, SHARED[0])
     reads = store.reads
     tiny.get(root, SHARED[0])
     assert store.reads == reads + 36  # a 2-node LRU keeps nothing of a 36-node path
+
+
+def test_values_read_at_a_root_are_kept_by_root_and_address():
+    store, m, first = build({SHARED[0]: b"a", SHARED[1]: b"b"})
+    second = apply(m, store, first, {SHARED[0]: b"A"})
+    reader = MerkleRadix(store.read, cache_size=2)  # its node cache keeps nothing of a path
+    absent = "00" * 35
+    assert [reader.get(first, SHARED[0]), reader.get(second, SHARED[0]), reader.get(first, absent)] == [b"a", b"A", None]
+    assert reader.get_many(second, [SHARED[1], absent]) == {SHARED[1]: b"b"}
+    reads = store.reads
+    assert [reader.get(first, SHARED[0]), reader.get(second, SHARED[0]), reader.get(first, absent)] == [b"a", b"A", None]
+    assert reader.get_many(second, [SHARED[0], SHARED[1], absent]) == {SHARED[0]: b"A", SHARED[1]: b"b"}
+    assert reader.get_many(first, [SHARED[0]]) == {SHARED[0]: b"a"}
+    assert store.reads == reads  # no descent: every one was read at its root before
+    with pytest.raises(InvalidAddress):
+        reader.get(first, SHARED[0].upper())  # a bad address is refused, cached or not
+
+
+def test_the_value_cache_holds_at_most_its_bytes():
+    items = {f"{i:070x}": bytes(100) for i in range(50)}
+    store, m, root = build({**items, SHARED[0]: bytes(500)})
+    reader = MerkleRadix(store.read, value_cache_bytes=3200)
+    reader.get_many(root, list(items))
+    assert reader._values_bytes <= 3200 and len(reader._values) == 10  # the newest ten (100 bytes + 200 each)
+    reader.get(root, SHARED[0])  # bigger than an eighth of the limit: read, never kept
+    assert (root, SHARED[0]) not in reader._values
 
 
 # --- property test against a dict model -------------------------------------------------

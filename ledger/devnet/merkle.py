@@ -346,6 +346,14 @@ _DELETE = object()  # marks a delete in update()'s change list
 _Node = tuple[bytes | None, dict[str, str]]  # (raw value, children), as decode_node returns
 
 
+VALUE_CACHE_BYTES = 64 * 2**20  # values kept by (root, address): a few rounds' records at 1,000 participants
+_UNKNOWN = object()
+
+
+def _kept_size(value: bytes | None) -> int:
+    return 200 + (len(value) if value is not None else 0)  # the key's two strings and the entry, roughly
+
+
 class _Walk:
     """One read or update under one root. The other nodes of a chain row wait in ``pending``
     until the walk reaches them, so it never relies on the shared cache keeping them."""
@@ -361,10 +369,16 @@ class _Walk:
 class MerkleRadix:
     """Read and update Merkle-Radix state trees stored as content-addressed nodes."""
 
-    def __init__(self, read_node: Callable[[str], bytes | None], cache_size: int = 100_000):
+    def __init__(self, read_node: Callable[[str], bytes | None], cache_size: int = 100_000,
+                 value_cache_bytes: int = VALUE_CACHE_BYTES):
         self._read_node = read_node
         self._cache_size = cache_size
         self._cache: OrderedDict[str, _Node] = OrderedDict()
+        # (root, address) -> value (None: absent). A root's values never change, and one root is
+        # read again and again: every batch of a block reads its inputs (the round's records) at
+        # the parent's root, and REST readers ask for the head's. A hit skips the 35-node descent.
+        self._values: OrderedDict[tuple[str, str], bytes | None] = OrderedDict()
+        self._values_bytes, self._values_limit = 0, value_cache_bytes
         self._lock = threading.Lock()  # REST reads and block building may share one instance
 
     # --- node access -------------------------------------------------------------------
@@ -449,6 +463,14 @@ class MerkleRadix:
     def get(self, root: str, address: str) -> bytes | None:
         """The value at ``address`` under ``root``, or None if it holds none."""
         _check_address(address)
+        known = self._values.get((root, address), _UNKNOWN)
+        if known is not _UNKNOWN:
+            return known
+        value = self._descend(root, address)
+        self._keep_values(root, {address: value})
+        return value
+
+    def _descend(self, root: str, address: str) -> bytes | None:
         walk = _Walk(root)
         value, children = self._root(walk)
         for i in range(0, ADDRESS_LENGTH, TOKEN_SIZE):
@@ -464,9 +486,38 @@ class MerkleRadix:
         for a in wanted:
             _check_address(a)
         found: dict[str, bytes] = {}
-        walk = _Walk(root)
-        self._collect(walk, self._root(walk), 0, wanted, 0, len(wanted), found)
+        missing = []
+        for a in wanted:
+            known = self._values.get((root, a), _UNKNOWN)
+            if known is _UNKNOWN:
+                missing.append(a)
+            elif known is not None:
+                found[a] = known
+        if missing:
+            read: dict[str, bytes] = {}
+            walk = _Walk(root)
+            self._collect(walk, self._root(walk), 0, missing, 0, len(missing), read)
+            self._keep_values(root, {a: read.get(a) for a in missing})
+            found.update(read)
         return found
+
+    def _keep_values(self, root: str, values: Mapping[str, bytes | None]) -> None:
+        kept = self._values
+        if not self._values_limit:
+            return
+        with self._lock:
+            for address, value in values.items():
+                size = _kept_size(value)
+                if size > self._values_limit // 8:
+                    continue  # one huge record would push out everything else
+                old = kept.pop((root, address), _UNKNOWN)
+                if old is not _UNKNOWN:
+                    self._values_bytes -= _kept_size(old)
+                kept[(root, address)] = value
+                self._values_bytes += size
+            while self._values_bytes > self._values_limit:  # oldest out first
+                _, value = kept.popitem(last=False)
+                self._values_bytes -= _kept_size(value)
 
     def _collect(self, walk, node, depth, wanted, lo, hi, found) -> None:
         value, children = node
