@@ -1,7 +1,9 @@
 """Mirrors committed rounds into the CouchDB history: what the chain holds, after it holds it.
 
 A compute node records the rounds whose result it reported (so two nodes never write the same
-round), from committed chain data and the content-addressed blobs, never from memory:
+round), from committed chain data and the content-addressed blobs, never from what a task
+computed (the trainings' done statuses may be the node's copies of committed ones: final, and
+one REST read each otherwise):
 
     round-result      workflow:{id} (definition, version, owner), round:{id}:{n} with the global
                       model attached (participants, weights, update and submission digests,
@@ -36,8 +38,11 @@ EVENTS = (events.ROUND_RESULT, events.ROUND_FINALIZED)
 
 class HistoryRecorder:
     def __init__(self, node: str, reader: FederationReader, blobs: BlobStore, history: CouchHistory, *,
-                 validator_url: str, cursor: BlockCursor):
+                 validator_url: str, cursor: BlockCursor, task_statuses=None):
         self.node, self.reader, self.blobs, self.history = node, reader, blobs, history
+        # (schedule_id, task ids) -> statuses; a done status is final, so a copy of one the
+        # chain committed is as good as reading it again (the compute node passes its own).
+        self.task_statuses = task_statuses or reader.task_statuses
         self.validator_url = validator_url
         self.cursor = cursor
         self.recorded: list[tuple[str, str]] = []  # (event type, schedule_id), for tests and logs
@@ -90,7 +95,7 @@ class HistoryRecorder:
         participants = set(result["participants"])
         trains = {t: task["data_owner"] for t, task in assignments["tasks"].items()
                   if task["kind"] == "local_train" and task["data_owner"] in participants}
-        statuses = await self.reader.task_statuses(sid, trains)
+        statuses = await self.task_statuses(sid, trains)
         trained = {owner: statuses[t] for t, owner in trains.items()}  # data owner -> its local_train status
         weights = result["aggregation_weights"]
         await self.history.put_round_model(

@@ -151,20 +151,23 @@ class ComputeNode:
         self.blobs = KeptBlobs(BlobStore(self.redis), self.data_dir / "blobs")
         self.queue = TaskQueue(self.redis, task_stream(self.node))
         self.heartbeats = Heartbeats(self.redis)
+        self.context = TaskContext(self.node, self.encryption_key, self.reader, self.blobs,
+                                   progress=lambda text: LOGGER.debug("%s: %s", self.name, text),
+                                   attacks=self.attacks)
         self.recorder = None
         if self.couch_url:
             self.couch = CouchClient(self.couch_url, user=self.couch_auth[0], password=self.couch_auth[1])
             history = CouchHistory(self.couch)
             await history.ensure()
+            # The trainings' statuses through the tasks' memory of done ones: the node that records a
+            # round aggregated it, and its aggregate read them all (a REST read each, per round).
             self.recorder = HistoryRecorder(self.node, self.reader, self.blobs, history, validator_url=self.validator_url,
-                                            cursor=BlockCursor(self.data_dir / f"{self.name}.history-block"))
+                                            cursor=BlockCursor(self.data_dir / f"{self.name}.history-block"),
+                                            task_statuses=self.context.task_statuses)
         await self._register()
         # The schedule events from the last block this node handled, replaying what it missed.
         self.subscriber = await self._cursor.subscribe(self.validator_url, [event_subscription(e) for e in SCHEDULE_EVENTS],
                                                        new_from_genesis=False, who=self.name)
-        self.context = TaskContext(self.node, self.encryption_key, self.reader, self.blobs,
-                                   progress=lambda text: LOGGER.debug("%s: %s", self.name, text),
-                                   attacks=self.attacks)
         loop = asyncio.get_running_loop()
         # Any node may keep the Redis federation cache: it is filled idempotently from committed events.
         self.cache = FederationCache(self.redis, rest_client=self.rest)

@@ -122,6 +122,11 @@ class TaskContext:
                 self.remember_done(schedule_id, task_id, status)
         return status
 
+    async def task_statuses(self, schedule_id: str, task_ids) -> dict[str, dict | None]:
+        """task_id -> task_status, side by side."""
+        ids = list(task_ids)
+        return dict(zip(ids, await asyncio.gather(*(self.task_status(schedule_id, t) for t in ids))))
+
     async def dependency_status(self, schedule_id: str, task_id: str) -> dict | None:
         return self.reported.get((schedule_id, task_id)) or await self.task_status(schedule_id, task_id)
 

@@ -48,6 +48,9 @@ def test_rounds_complete_every_digest_verifies_and_raw_data_never_leaks(devnet, 
         common = dict(validator_url=devnet.component_url, rest_url=devnet.rest_url, redis_url=redis_server.url)
         async with running_processor(devnet.component_url, *federation_handlers()), rest(devnet.rest_url) as client:
             computes = await start_compute_nodes(2, tmp_path, couch_server.url, common)
+            # the trainings' statuses a round's history needs come from the statuses its aggregate
+            # read (no second REST read each); the replay below, from the chain alone, must match
+            assert all(node.recorder.task_statuses == node.context.task_statuses for node in computes)
             owner = load_or_create_key(tmp_path / "owner", "owner")
             [status] = await submit_and_wait(client, [make_batch(owner, [workflow.make_deploy_transaction(
                 owner, definition)])])
