@@ -234,7 +234,10 @@ class IoTNode(Participant, Coordinator):
             if event_type == events.ROUND_RESULT:
                 return
             await self._collect_final(workflow_id, definition, {"rounds": {str(number): sid}})
-            await self._finish_if_over(workflow_id, fed)
+            # Over only once the last round is final (a privacy budget, or a round that timed
+            # out, may end it otherwise: the full check sees that): not ~3 reads a node a round.
+            if definition.get("privacy") or fed["rounds"] in self.models.get(workflow_id, {}):
+                await self._finish_if_over(workflow_id, fed)
         elif event_type == events.ROUND_READY:
             if definition.get("secure_aggregation"):  # its participants are fixed: shares go out now
                 await self._share(definition, {"schedule_id": sid, "round": number, "status": "ready",

@@ -11,7 +11,7 @@ import pytest
 from trustmesh.compute_node.node import ComputeNode
 from trustmesh.compute_node.tasks import InputNotReady, TaskContext, _global_model, starting_model_known
 from trustmesh.iot_node.node import IoTNode
-from trustmesh.scheduling import layout
+from trustmesh.scheduling import events, layout
 from trustmesh.scheduling.schedule import StartingModel
 from trustmesh.stores.redis_link import RedisLink
 
@@ -136,6 +136,22 @@ def test_a_workflow_is_finished_only_when_every_round_is_over(tmp_path):
     assert not node.finished.is_set()
     node.models[WF][2] = "b"
     asyncio.run(node._finish_if_over(WF, {"rounds": 3}))
+    assert node.finished.is_set()
+
+
+def test_a_participant_reads_only_a_rounds_result_when_a_round_before_the_last_is_final(tmp_path):
+    """Not whether the workflow is over (its rounds index and a round): ~3 reads a node a round."""
+    chain = _Chain({1: _round(1, SID1, "ready"), 2: _round(2, SID2, "ready")}, {SID1: {"final": False}})
+    node = IoTNode("p", tmp_path, validator_url="tcp://127.0.0.1:1", rest_url="http://127.0.0.1:1",
+                   redis_url="redis://127.0.0.1:1", coordinator=False)
+    node.reader, node.workflow_id = chain, WF
+    definition = {"federation": {"rounds": 2}}
+    asyncio.run(node._react_to(events.ROUND_FINALIZED, {"workflow_id": WF, "schedule_id": SID1, "round": "1"},
+                               definition))
+    assert chain.reads == ["round_result"]
+    node.models[WF] = {1: "a", 2: "b"}  # both final (as _collect_final records them): now it looks
+    asyncio.run(node._react_to(events.ROUND_FINALIZED, {"workflow_id": WF, "schedule_id": SID2, "round": "2"},
+                               definition))
     assert node.finished.is_set()
 
 
