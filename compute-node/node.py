@@ -21,6 +21,7 @@ back, without a block between their tasks.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import pathlib
@@ -257,7 +258,9 @@ class ComputeNode:
     def _take_up(self, block) -> dict[str, bool]:
         """What a block's task events say: the rounds to look at again (schedule_id -> whether its
         assignments moved: they change only by assign and reassign; after a block of reports alone,
-        the copy the tasks read is still good), and each task's status in the rounds watched."""
+        the copy the tasks read is still good), each task's status in the rounds watched, and every
+        done status whole (an aggregate and the history need a round's trainings' digests and metrics:
+        a REST read each otherwise)."""
         rounds: dict[str, bool] = {sid: False for sid in self._waiting}
         self._view = block.block_num
         for event in block.events:
@@ -270,6 +273,10 @@ class ComputeNode:
                     self._watched.add(sid)
                 self._event_status.put((sid, attrs.get("task_id")),
                                        {"status": EVENT_STATUS[event.event_type], "attempt": int(attrs["attempt"])})
+            if event.event_type == events.TASK_DONE and "metrics" in attrs:  # the whole done status, as committed
+                self.context.remember_done(sid, attrs["task_id"], {
+                    "status": "done", "node": attrs["node"], "attempt": int(attrs["attempt"]),
+                    "output_digest": attrs["output_digest"], "metrics": json.loads(attrs["metrics"])})
             changed = event.event_type in (events.TASK_ASSIGNED, events.TASK_REASSIGNED)
             rounds[sid] = rounds.get(sid, False) or changed
             if event.event_type == events.TASK_REASSIGNED:

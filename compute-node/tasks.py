@@ -106,8 +106,9 @@ class TaskContext:
     # the global model it starts from), kept for the last few rounds: a round runs a dozen tasks.
     rounds: Recent = field(default_factory=lambda: Recent(ROUNDS_CACHED))
 
-    # Statuses seen "done" (final: statuses only move forward), the most recent DONE_KEPT: a
-    # round's aggregate reads ten of them that this node mostly reported itself.
+    # Statuses seen "done" (final: statuses only move forward), the most recent DONE_KEPT: from this
+    # node's own reports and the task-done events it follows; a round's aggregate, then its history,
+    # reads every training's.
     done: Recent = field(default_factory=lambda: Recent(DONE_KEPT))
 
     def remember_done(self, schedule_id: str, task_id: str, status: dict) -> None:
@@ -143,7 +144,7 @@ class TaskContext:
 
 
 ROUNDS_CACHED = 4
-DONE_KEPT = 1000
+DONE_KEPT = 4096  # two rounds of 1,000 participants with room to spare (a status: ~300 bytes)
 
 
 def report_metrics(outcome: TaskOutcome, started: float) -> dict:

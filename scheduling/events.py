@@ -8,6 +8,9 @@ reading state. Subscribers filter on these names; `ATTRIBUTES` is what each one 
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 # trustmesh-workflow
 WORKFLOW_DEPLOYED = "trustmesh/workflow-deployed"
 WORKFLOW_UPDATED = "trustmesh/workflow-updated"
@@ -55,7 +58,7 @@ ATTRIBUTES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     TASK_ASSIGNED: ((*_TASK, "workflow_id"), ()),
     ROUND_SCHEDULED: (("schedule_id", "workflow_id", "round", "tasks", "nodes"), ()),
     TASK_RUNNING: (_TASK, ()),
-    TASK_DONE: ((*_TASK, "output_digest"), ()),
+    TASK_DONE: ((*_TASK, "output_digest"), ("metrics",)),  # metrics: as the status records them
     TASK_FAILED: (_TASK, ()),
     TASK_REASSIGNED: ((*_TASK, "previous_node", "previous_status"), ()),
     ROUND_RESULT: (("schedule_id", "workflow_id", "round", "global_model_digest", "participants"), ()),
@@ -69,3 +72,8 @@ ATTRIBUTES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 TASK_STATUS_EVENTS = {"running": TASK_RUNNING, "done": TASK_DONE, "failed": TASK_FAILED}
+
+
+def json_attribute(value: Any) -> str:
+    """A structured attribute (a submission's metadata, a report's metrics) as canonical JSON."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

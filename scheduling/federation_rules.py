@@ -4,7 +4,6 @@ order and writes; each refusal is an InvalidTransaction saying what to do."""
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Mapping
 
@@ -292,7 +291,7 @@ def submission_accepted(record: Mapping, signer: str, member: Mapping) -> dict:
     """Attributes of trustmesh/submission-accepted."""
     return dict(
         schedule_id=record["schedule_id"], node=signer, digest=member["digest"], samples=member["samples"],
-        metadata=json.dumps(member["metadata"], sort_keys=True, separators=(",", ":"), ensure_ascii=False),
+        metadata=events.json_attribute(member["metadata"]),
         workflow_id=record["workflow_id"], round=record["round"], position=member["position"],
     )
 

@@ -176,3 +176,16 @@ def test_a_missing_starting_model_is_looked_up_once_per_block_and_at_once_when_t
         assert looked == ["s2", "s2", "s2"]
 
     asyncio.run(looks())
+
+
+def test_a_task_done_event_gives_the_whole_done_status_so_the_aggregate_reads_none(tmp_path):
+    node, reader = _node_reading(tmp_path, {})
+    done = pb.Event(event_type=events.TASK_DONE, attributes=[pb.Event.Attribute(key=k, value=v) for k, v in (
+        ("schedule_id", "s"), ("task_id", "train:1"), ("attempt", "2"), ("node", "c2"), ("kind", "local_train"),
+        ("output_digest", "ab" * 32), ("metrics", '{"accuracy":0.5,"samples":14}'))])
+    node._take_up(BlockEvents("b5", 5, "00" * 32, "b4", [done]))
+    status = asyncio.run(node.context.dependency_status("s", "train:1"))
+    assert status == {"status": "done", "node": "c2", "attempt": 2, "output_digest": "ab" * 32,
+                      "metrics": {"accuracy": 0.5, "samples": 14}}
+    assert reader.reads == []
+

@@ -426,6 +426,7 @@ async def test_round_runs_to_a_final_result_when_evaluate_finishes_last(chain):
                                                       "metrics": {"accuracy": 0.9}}}
         events = dict(await events_of(client, evaluate))
         assert events["trustmesh/task-done"]["output_digest"] == output("evaluate")
+        assert events["trustmesh/task-done"]["metrics"] == '{"accuracy":0.9}'  # as the status records them
         assert events["trustmesh/round-finalized"] == {
             "schedule_id": sid, "workflow_id": workflow_id, "round": "1",
             "global_model_digest": output(f"{sid}/global")}

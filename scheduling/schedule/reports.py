@@ -133,6 +133,8 @@ class ReportRules:
                  "attempt": current["attempt"], "kind": task["kind"]}
         if digest is not None:
             event["output_digest"] = digest
+        if status == "done" and metrics is not None:  # so a follower has the done status without reading it
+            event["metrics"] = events.json_attribute(metrics)
         await emit(context, events.TASK_STATUS_EVENTS[status], **event)
         if status == "done" and finalized is not None:
             await self._emit_finalized(context, finalized)
