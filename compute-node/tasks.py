@@ -191,17 +191,18 @@ async def run_local_trains(ctx: TaskContext, schedule_id: str, task_ids: list[st
     assignments, definition = inputs["assignments"], inputs["definition"]
     tasks = {task_id: assignments["tasks"][task_id] for task_id in task_ids}
     global_state, built_on, start = await _global_model(ctx, definition, assignments)
-    opened = await asyncio.gather(*(_open_data(ctx, assignments, tasks[t], definition) for t in task_ids),
-                                  return_exceptions=True)  # side by side; a failure is that task's
+    bundles = await _blobs(ctx, [_data_input(tasks[t]) for t in task_ids])  # one round trip, not one each
     outcomes: dict[str, Any] = {}
     ready = []
-    for task_id, data in zip(task_ids, opened):
-        if isinstance(data, INPUT_ERRORS):
-            outcomes[task_id] = _input_error(task_id, tasks[task_id], data)
-        elif isinstance(data, BaseException):
-            outcomes[task_id] = data
-        else:
-            ready.append((task_id, data))
+    for task_id, bundle in zip(task_ids, bundles):  # a failure is that task's
+        try:
+            if isinstance(bundle, Exception):  # not in Redis (yet), not intact
+                raise bundle
+            ready.append((task_id, _open_bundle(ctx, assignments, tasks[task_id], definition, bundle)))
+        except INPUT_ERRORS as exc:
+            outcomes[task_id] = _input_error(task_id, tasks[task_id], exc)
+        except Exception as exc:  # noqa: BLE001  InputNotReady, TaskInputError, ...
+            outcomes[task_id] = exc
     hp, spec = definition["hyperparameters"], definition["model"]
     clients = []
     for task_id, data in ready:
@@ -239,14 +240,38 @@ async def run_local_trains(ctx: TaskContext, schedule_id: str, task_ids: list[st
     return outcomes
 
 
+BLOB_ERRORS = (BlobNotFound, BlobCorrupted, BlobTooLarge, ValueError)
+
+
+def _blob_error(exc: Exception, digest: str, what: str) -> InputNotReady | TaskInputError:
+    """What a blob that cannot be read means for the task that needs it."""
+    if isinstance(exc, BlobNotFound):
+        # Lost with a Redis that restarted empty: its holder puts it back from its own copy.
+        return InputNotReady(f"{what} {digest[:16]}… is not in Redis (yet): {exc}")
+    return TaskInputError(f"{what} {digest[:16]}… is not available intact: {exc}")
+
+
 async def _blob(ctx: TaskContext, digest: str, what: str) -> bytes:
     try:
         return await ctx.blobs.get(digest)  # verifies the sha256 before returning
-    except BlobNotFound as exc:
-        # Lost with a Redis that restarted empty: its holder puts it back from its own copy.
-        raise InputNotReady(f"{what} {digest[:16]}… is not in Redis (yet): {exc}") from None
-    except (BlobCorrupted, BlobTooLarge, ValueError) as exc:
-        raise TaskInputError(f"{what} {digest[:16]}… is not available intact: {exc}") from None
+    except BLOB_ERRORS as exc:
+        raise _blob_error(exc, digest, what) from None
+
+
+async def _blobs(ctx: TaskContext, wanted: list[tuple[str, str]]) -> list[bytes | InputNotReady | TaskInputError]:
+    """_blob of each (digest, what), read together (BlobStore.get_many: one Redis round trip for
+    a round's hundreds, not one each): its bytes, or the error _blob would raise for it."""
+    found = await ctx.blobs.get_many([digest for digest, _ in wanted])
+    return [_blob_error(result, digest, what) if isinstance(result, BLOB_ERRORS) else result
+            for (digest, what), result in zip(wanted, found)]
+
+
+def _every(results: list) -> list[bytes]:
+    """The bytes of _blobs, or the first of its errors raised."""
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results
 
 
 async def _preprocess(ctx, assignments, task_id, task, definition) -> TaskOutcome:
@@ -255,8 +280,8 @@ async def _preprocess(ctx, assignments, task_id, task, definition) -> TaskOutcom
     for node in round_record["submitted_nodes"]:
         submission = round_record["submissions"][node]
         manifest[node] = {"digest": submission["digest"], "samples": submission["samples"]}
-    await asyncio.gather(*(_blob(ctx, entry["digest"], f"submission of {node[:16]}…")  # side by side
-                           for node, entry in manifest.items()))
+    _every(await _blobs(ctx, [(entry["digest"], f"submission of {node[:16]}…")  # together
+                              for node, entry in manifest.items()]))
     digest = await ctx.blobs.put(cbor.encode({"schedule_id": assignments["schedule_id"], "submissions": manifest}))
     samples = sum(entry["samples"] for entry in manifest.values())
     return TaskOutcome(digest, {"submissions": len(manifest), "samples": samples})
@@ -313,8 +338,16 @@ async def _local_train(ctx, assignments, task_id, task, definition) -> TaskOutco
 
 async def _open_data(ctx, assignments, task, definition):
     """A local_train task's data: its owner's blob, verified, opened with this node's key."""
+    return _open_bundle(ctx, assignments, task, definition, await _blob(ctx, *_data_input(task)))
+
+
+def _data_input(task) -> tuple[str, str]:
+    """(digest, what) of a local_train task's data blob, for _blob and _blobs."""
+    return task["inputs"][0], f"data of {task['data_owner'][:16]}…"
+
+
+def _open_bundle(ctx, assignments, task, definition, bundle: bytes):
     sid, owner = assignments["schedule_id"], task["data_owner"]
-    bundle = await _blob(ctx, task["inputs"][0], f"data of {owner[:16]}…")
     return load_npz(open_bundle(bundle, ctx.encryption_key, node=ctx.node, schedule_id=sid, sender=owner),
                     input_dim=definition["model"]["input_dim"], num_classes=definition["model"]["num_classes"])
 
@@ -383,8 +416,8 @@ async def _aggregate(ctx, assignments, task_id, task, definition) -> TaskOutcome
     sid, tasks = assignments["schedule_id"], assignments["tasks"]
     trained = [dep for dep in task["fetch_dependency_outputs"] if tasks[dep]["kind"] == "local_train"]
     statuses = await asyncio.gather(*(ctx.dependency_status(sid, dep) for dep in trained))  # a round's thousand
-    blobs = await asyncio.gather(*(_blob(ctx, status["output_digest"], f"update {dep}")  # side by side
-                                   for dep, status in zip(trained, statuses)))
+    blobs = _every(await _blobs(ctx, [(status["output_digest"], f"update {dep}")  # together
+                                      for dep, status in zip(trained, statuses)]))
     updates = []
     for dep, status, blob in zip(trained, statuses, blobs):
         state = model_format.load(blob, status["output_digest"], definition["model"]).state

@@ -15,7 +15,7 @@ import logging
 import os
 import pathlib
 
-from .blobs import BlobNotFound, BlobStore
+from .blobs import BlobError, BlobNotFound, BlobStore
 
 LOGGER = logging.getLogger(__name__)
 
@@ -80,13 +80,30 @@ class KeptBlobs:
     async def get(self, digest: str) -> bytes:
         try:
             return await self.blobs.get(digest)
-        except BlobNotFound:
-            data = await asyncio.to_thread(self._read, digest)
-            if data is None:
+        except BlobNotFound as missing:
+            found = await self._put_back(digest, missing)
+            if found is missing:
                 raise
-            LOGGER.info("blob %s… was not in Redis; put back from this node's copy", digest[:16])
-            await self.blobs.put(data)
-            return data
+            return found
+
+    async def get_many(self, digests: list[str]) -> list[bytes | BlobError | ValueError]:
+        """BlobStore.get_many, with what Redis lacks put back from this node's copies as get() does."""
+        results = await self.blobs.get_many(digests)
+        lost = {digest: result for digest, result in zip(digests, results) if isinstance(result, BlobNotFound)}
+        if lost:  # after a Redis restart many at once: the disk reads side by side
+            found = dict(zip(lost, await asyncio.gather(*(self._put_back(d, m) for d, m in lost.items()))))
+            results = [found.get(digest, result) if isinstance(result, BlobNotFound) else result
+                       for digest, result in zip(digests, results)]
+        return results
+
+    async def _put_back(self, digest: str, missing: BlobNotFound) -> bytes | BlobNotFound:
+        """A blob Redis lacks: this node's copy, put back into Redis; `missing` when there is none."""
+        data = await asyncio.to_thread(self._read, digest)
+        if data is None:
+            return missing
+        LOGGER.info("blob %s… was not in Redis; put back from this node's copy", digest[:16])
+        await self.blobs.put(data)
+        return data
 
     async def exists(self, digest: str) -> bool:
         return await self.blobs.exists(digest)
