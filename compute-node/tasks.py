@@ -517,8 +517,8 @@ async def _secure_aggregate(ctx, assignments, task, definition) -> TaskOutcome:
     uploaded = [(dep, s) for dep, s in zip(trained, statuses) if s["status"] == "done"]  # not the dropped
     trained, statuses = [dep for dep, _ in uploaded], [s for _, s in uploaded]
     owners = [tasks[dep]["data_owner"] for dep in trained]
-    blobs = await asyncio.gather(*(_blob(ctx, s["output_digest"], f"masked update {dep}")
-                                   for dep, s in zip(trained, statuses)))
+    blobs = _every(await _blobs(ctx, [(s["output_digest"], f"masked update {dep}")  # together
+                                      for dep, s in zip(trained, statuses)]))
     samples = {owner: int(s["metrics"]["samples"]) for owner, s in zip(owners, statuses)}
     participants = (await ctx.reader.round(sid))["submitted_nodes"]
     records = {node: await ctx.reader.secagg(sid, node) or {} for node in participants}
