@@ -35,16 +35,19 @@ anything.
 Each event is applied by one Lua script (atomic) and idempotently: a round is opened once
 (`schedule_id` field), a submission is keyed by its node (`node:<key>`, one submission per node
 per round on chain) and must land at its on-chain `position`, a status moves collecting ->
-ready|timeout once. Replaying any events adds nothing. An event that does not fit (the cache
-missed earlier events: started late, Redis flushed) makes the cache rebuild that round from chain
-state when it has a REST client, else raises FederationCacheGap. A rebuild never moves a round
-backwards (fewer submissions, or collecting after final), so it cannot undo an event applied
-meanwhile. Elements and hash fields hold only what chain state holds, so a cache filled from
-events equals one rebuilt from the chain.
+ready|timeout once. Replaying any events adds nothing. apply_block() sends a block's consecutive
+submissions together (one pipeline reads their rounds' list keys, one runs their scripts and
+records the cursor), so a block costs a few Redis round trips however many submissions it holds.
+An event that does not fit (the cache missed earlier events: started late, Redis flushed) makes
+the cache rebuild that round from chain state when it has a REST client, else raises
+FederationCacheGap. A rebuild never moves a round backwards (fewer submissions, or collecting
+after final), so it cannot undo an event applied meanwhile. Elements and hash fields hold only
+what chain state holds, so a cache filled from events equals one rebuilt from the chain.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from typing import Any, Awaitable, Callable, Mapping
@@ -96,6 +99,13 @@ class FederationCacheGap(RuntimeError):
 def _submission_element(node: str, digest: str, samples: int, metadata: Mapping, position: int) -> str:
     return canonical_json({"node": node, "digest": digest, "samples": int(samples),
                             "metadata": dict(metadata), "position": int(position)})
+
+
+def _submit_args(attrs: Mapping[str, str]) -> list[str]:
+    """ARGV of _SUBMIT for a submission-accepted event."""
+    element = _submission_element(attrs["node"], attrs["digest"], int(attrs["samples"]),
+                                  json.loads(attrs.get("metadata") or "{}"), int(attrs["position"]))
+    return [attrs["node"], attrs["position"], element]
 
 
 def _round_fields(record: Mapping, app: str) -> dict[str, str]:
@@ -158,6 +168,17 @@ redis.call('HSET', KEYS[1], 'node:' .. ARGV[1], ARGV[2], 'submitted_nodes', n + 
 return 1
 """
 
+# KEYS[1] the cursor, then each submission's round hash; ARGV block_id, block_num, then each
+# submission's node and position. Records the block only if every submission is in the cache: one
+# that did not fit is applied after this script, and the cursor must not claim it before that.
+_CURSOR = """
+for i = 2, #KEYS do
+  if redis.call('HGET', KEYS[i], 'node:' .. ARGV[2 * i - 1]) ~= ARGV[2 * i] then return 0 end
+end
+redis.call('HSET', KEYS[1], 'block_id', ARGV[1], 'block_num', ARGV[2])
+return 1
+"""
+
 # KEYS[1] hash; ARGV status, submission count, reason. 1 set, 0 already, -1 not cached, -2 does not fit.
 _FINISH = """
 if redis.call('HEXISTS', KEYS[1], 'schedule_id') == 0 then return -1 end
@@ -204,6 +225,7 @@ class FederationCache:
         self._submit = redis.register_script(_SUBMIT)
         self._finish = redis.register_script(_FINISH)
         self._rebuild = redis.register_script(_REBUILD)
+        self._cursor = redis.register_script(_CURSOR)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -257,7 +279,12 @@ class FederationCache:
         event_type, attrs = _event_parts(event)
         if event_type not in FEDERATION_EVENTS:
             return IGNORED
-        result = await self._apply(event_type, attrs)
+        return await self._apply_event(event_type, attrs)
+
+    async def _apply_event(self, event_type: str, attrs: Mapping[str, str], result: int | None = None) -> str:
+        """apply_event() of a parsed event; `result`: its script's, when a pipeline already ran it."""
+        if result is None:
+            result = await self._apply(event_type, attrs)
         if result == 1:
             return APPLIED
         if result == 0:
@@ -300,22 +327,64 @@ class FederationCache:
             list_key = await self.redis.hget(hash_key, "submissions_key")
             if list_key is None:
                 return -1
-            element = _submission_element(attrs["node"], attrs["digest"], int(attrs["samples"]),
-                                          json.loads(attrs.get("metadata") or "{}"), int(attrs["position"]))
-            return await self._submit(keys=[hash_key, list_key], args=[attrs["node"], attrs["position"], element])
+            return await self._submit(keys=[hash_key, list_key], args=_submit_args(attrs))
         status = federation.READY if event_type == federation.EVENT_ROUND_READY else federation.TIMEOUT
         reason = attrs.get("reason", "closed") if status == federation.READY else "closed"
         return await self._finish(keys=[hash_key], args=[status, attrs["submissions"], reason])
 
     async def apply_block(self, block) -> list[str]:
         """Apply the federation events of one committed block (BlockEvents), in order, then
-        record the block as the cursor. Safe to repeat."""
-        outcomes = []
-        for event in block.events:
-            if event.event_type in FEDERATION_EVENTS:
-                outcomes.append(await self.apply_event(event))
-        await self.redis.hset(CURSOR_KEY, mapping={"block_id": block.block_id, "block_num": str(block.block_num)})
+        record the block as the cursor. Safe to repeat. Outcomes as apply_event() one by one."""
+        events = [_event_parts(e) for e in block.events if e.event_type in FEDERATION_EVENTS]
+        cursor = {"block_id": block.block_id, "block_num": str(block.block_num)}
+        runs = [list(run) for _, run in itertools.groupby(
+            events, key=lambda e: e[0] == federation.EVENT_SUBMISSION_ACCEPTED)]
+        outcomes, recorded = [], False
+        for number, run in enumerate(runs, start=1):
+            if run[0][0] == federation.EVENT_SUBMISSION_ACCEPTED:
+                # the cursor rides on the block's last pipeline when the block ends with submissions
+                applied, recorded = await self._apply_submissions([attrs for _, attrs in run],
+                                                                  cursor if number == len(runs) else None)
+                outcomes += applied
+            else:
+                for event_type, attrs in run:
+                    outcomes.append(await self._apply_event(event_type, attrs))
+        if not recorded:
+            await self.redis.hset(CURSOR_KEY, mapping=cursor)
         return outcomes
+
+    async def _apply_submissions(self, run: list[Mapping[str, str]],
+                                 cursor: Mapping[str, str] | None) -> tuple[list[str], bool]:
+        """Consecutive submission events in two pipelines (redis-py adds a SCRIPT EXISTS before
+        the second) instead of two round trips each: their rounds' list keys, then their _SUBMIT
+        scripts in order and _CURSOR when `cursor` is given. Non-transactional is enough: each
+        script is atomic and idempotent. Returns their outcomes and whether the cursor was recorded."""
+        hash_keys = [federation_key(attrs["workflow_id"], attrs["schedule_id"]) for attrs in run]
+        rounds = list(dict.fromkeys(hash_keys))
+        lookup = self.redis.pipeline(transaction=False)
+        for hash_key in rounds:
+            lookup.hget(hash_key, "submissions_key")
+        list_keys = dict(zip(rounds, await lookup.execute()))
+        pipe = self.redis.pipeline(transaction=False)
+        for hash_key, attrs in zip(hash_keys, run):
+            if list_keys[hash_key] is not None:
+                await self._submit(keys=[hash_key, list_keys[hash_key]], args=_submit_args(attrs), client=pipe)
+        if cursor is not None:
+            await self._cursor(keys=[CURSOR_KEY, *hash_keys], client=pipe,
+                               args=[cursor["block_id"], cursor["block_num"],
+                                     *(v for attrs in run for v in (attrs["node"], attrs["position"]))])
+        replies = iter(await pipe.execute())
+        results = [next(replies) if list_keys[hash_key] is not None else -1 for hash_key in hash_keys]
+        outcomes = []
+        for attrs, result in zip(run, results):
+            # A submission that did not fit wrote nothing: the per-event path runs it again (an
+            # earlier one's rebuild of its round may have made it fit) and else rebuilds its round
+            # or raises, as if the block were applied event by event. Later submissions to other
+            # rounds were applied meanwhile, which a rebuild (of this round's keys only) does not
+            # change; if this raises they stay applied, and replaying them adds nothing.
+            outcomes.append(await self._apply_event(federation.EVENT_SUBMISSION_ACCEPTED, attrs,
+                                                    result if result >= 0 else None))
+        return outcomes, cursor is not None and next(replies) == 1
 
     @staticmethod
     def subscriptions() -> list:
