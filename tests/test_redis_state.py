@@ -463,12 +463,14 @@ async def test_new_tasks_wait_for_a_reader_and_poison_tasks_go_to_the_dead_strea
         {"task_id": "boom"} and "delivered 3 times" in dead["reason"]
     assert await queue.pending() == [] and await redis.xlen("tasks_poison") == 0
 
-    # several consumers share the work; each message goes to exactly one
-    ids = {await queue.publish({"task_id": f"job{i}"}) for i in range(6)}
-    got = await queue.read("w1", count=4) + await queue.read("w2", count=4)
+    # several consumers share the work; each message goes to exactly one (a queue whose messages
+    # do not look abandoned after 100 ms: a GC pause between the two reads must not hand w1's to w2)
+    shared = TaskQueue(redis, "tasks_shared", claim_idle_ms=60_000)
+    ids = {await shared.publish({"task_id": f"job{i}"}) for i in range(6)}
+    got = await shared.read("w1", count=4) + await shared.read("w2", count=4)
     assert {m.message_id for m in got} == ids and len(got) == 6
     for message in got:
-        await queue.ack(message.message_id)
+        await shared.ack(message.message_id)
     await redis.aclose()
 
 
