@@ -8,7 +8,7 @@ and what follows from it (the rounds its budget allows, the epsilon after each).
 The workflow rules (scheduling/workflow.py) and the JSON schema read the fields from here, as
 they read strategies' parameters from their registry; the federation rules, the coordinator,
 `trustmesh run` and the audit read `planned_rounds` and `epsilon_after` from here. Pure
-Python: the accountant (dp-accounting, fl/privacy.py) needs no torch.
+Python: the accountant (dp-accounting, fl/privacy_accountant.py) needs no torch.
 
 Accounting: one round is one Gaussian mechanism with noise multiplier z on the participants'
 clipped updates (client-level DP). Who takes part in a round is not drawn at random, so no
