@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from trustmesh.iot_node.host import SharedReader
 from trustmesh.ledger import protos as pb
 from trustmesh.ledger.coalescing_rest import CoalescingRest
@@ -56,3 +58,30 @@ async def test_a_round_is_assembled_once_per_block_for_all_the_hosts_nodes(devne
         assert assembled == [sid, sid]
     finally:
         await rest.close()
+
+
+async def test_the_host_tells_its_reader_of_each_block_before_its_nodes_hear_of_it(devnet, tmp_path):
+    from trustmesh.iot_node.host import IoTHost
+
+    host = IoTHost(["n1"], tmp_path, validator_url="tcp://127.0.0.1:1", rest_url=devnet.rest_url,
+                   redis_url="redis://127.0.0.1:1")
+    arriving = asyncio.Queue()
+
+    class Stream:  # the validator's event stream as the host's subscriber hands it over
+        async def next_block(self):
+            return await arriving.get()
+
+    host.subscriber, host.reader = Stream(), SharedReader(CoalescingRest(devnet.rest_url))
+    inbox = host.inbox()
+    pump = asyncio.get_running_loop().create_task(host._pump())
+    try:
+        await host.reader.workflows()
+        for number, kind, lists in ((2, events.TASK_DONE, 1), (3, events.WORKFLOW_DEPLOYED, 2)):
+            arriving.put_nowait(_block(number, kind))
+            assert (await inbox.next_block()).block_num == number
+            assert host.reader.generation == number - 1  # a new generation before the node's turn
+            await host.reader.workflows()
+            assert host.reader.lists == lists  # kept across a block that writes no workflow: the block was passed
+    finally:
+        pump.cancel()
+        await host.reader.rest.close()
