@@ -11,7 +11,7 @@ import re
 from typing import Any, Iterable, Mapping
 
 from trustmesh.ledger import payload as cbor
-from trustmesh.ledger.block_info import latest_block_timestamp
+from trustmesh.ledger.block_info import CONFIG_ADDRESS, block_info_address, latest_block_timestamp, read_block_info_config
 from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction
 
 from . import layout
@@ -129,6 +129,28 @@ async def chain_time(context) -> int:
             "for round clocks and deadlines"
         )
     return timestamp
+
+
+CLOCK_CONFIG_ADDRESS = CONFIG_ADDRESS  # chain_time's first read: a rule may prefetch it with its own
+
+
+async def prefetch(context, addresses: list[str]) -> None:
+    """Read `addresses` in one request where the context can (the processor's Context: each
+    request is a round trip through the validator); a context that cannot, e.g. a dict in a
+    test, is read as the rule goes."""
+    ahead = getattr(context, "prefetch", None)
+    if ahead is not None and addresses:
+        await ahead(addresses)
+
+
+async def clock_address(context) -> list[str]:
+    """chain_time's second read (the head's BlockInfo), to prefetch with a rule's next reads;
+    none where the config is missing or not readable (chain_time then says why)."""
+    try:
+        config = await read_block_info_config(context)
+    except AuthorizationError:
+        return []
+    return [] if config is None else [block_info_address(config.latest_block)]
 
 
 async def emit(context, event_type: str, **attributes: Any) -> None:

@@ -10,7 +10,8 @@ from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction, T
 from . import definition, layout, secagg_rules
 from . import federation_records as records
 from . import federation_rules as rules
-from .common import chain_time, check_fields, emit, parse_payload, read_records, signer_of, write_records
+from .common import (CLOCK_CONFIG_ADDRESS, chain_time, check_fields, emit, parse_payload, prefetch, read_records,
+                     signer_of, write_records)
 
 
 class FederationHandler(TransactionHandler):
@@ -58,6 +59,8 @@ class FederationHandler(TransactionHandler):
         bytes for the first submission and the thousandth."""
         schedule_id, digest, samples, metadata = rules.submit_request(body)
         member_address = layout.round_member_address(schedule_id, signer)
+        # the round's core, the member record and the clock's config in one round trip, not two
+        await prefetch(context, [layout.round_address(schedule_id), member_address, CLOCK_CONFIG_ADDRESS])
         record, found = await _read_round(context, schedule_id, member_address)
         member = found.get(member_address)
         rules.check_submitter(record, member, schedule_id, signer)

@@ -8,6 +8,7 @@ Workflows are deployed through the real trustmesh-workflow family (scheduling/wo
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import hashlib
 import pathlib
@@ -139,8 +140,17 @@ async def check_rejections(client, cases):
 # --------------------------------------------------------------------------- happy path
 
 
-async def test_three_participants_reach_ready_and_rounds_are_numbered(chain):
+async def test_three_participants_reach_ready_and_rounds_are_numbered(chain, monkeypatch):
     wf = "fl-happy"
+    from trustmesh.ledger import processor as runtime
+
+    asked = []  # the context of each state request the processor makes (a round trip through the validator)
+    plain_call = runtime.Context._call
+
+    async def counted(self, request_type, *args, **kwargs):
+        if request_type == pb.Message.TP_STATE_GET_REQUEST:
+            asked.append(self.context_id)
+        return await plain_call(self, request_type, *args, **kwargs)
 
     async with running_processor(chain.component_url, *handlers()), rest(chain.rest_url) as client:
         await deploy(client, federated(wf, rounds=2))
@@ -176,7 +186,11 @@ async def test_three_participants_reach_ready_and_rounds_are_numbered(chain):
         # two of three: still collecting, arrival order kept
         first = make_submit_transaction(P2, sid, digest("p2-update"), 120, {"epochs": 5, "loss": 0.25})
         second = make_submit_transaction(COORDINATOR, sid, digest("c-update"), 80)
+        monkeypatch.setattr(runtime.Context, "_call", counted)
         await commit(client, batch(P2, first), batch(COORDINATOR, second))
+        monkeypatch.undo()
+        # each submit: its round's core, its member record and the clock's config, then the clock's block
+        assert sorted(collections.Counter(asked).values()) == [2, 2], asked
         record = await round_record(client, sid)
         assert record["status"] == "collecting"
         assert record["submitted_nodes"] == [K2, C]

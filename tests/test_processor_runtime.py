@@ -137,6 +137,20 @@ async def test_ok_with_state_events_and_receipt_data():
         assert context.receipt_data == [b"receipt"]
 
 
+async def test_a_context_asks_for_an_address_once_until_it_writes_it_and_prefetches_in_one_request():
+    async def apply(transaction, context):
+        await context.prefetch([A, B, OTHER])  # OTHER is not a declared input: nothing fails, nothing kept
+        await context.prefetch([A, B])
+        assert await context.get_state([A]) == {A: b"1"} and await context.get_state([B, A]) == {A: b"1"}
+        await context.set_state({A: b"2"})
+        assert await context.get_state([A, B]) == {A: b"2"}  # its own write: asked again
+
+    async with serving(ScriptedHandler(work=apply)) as (peer, processor, identity):
+        peer.state[A] = b"1"
+        assert (await peer.process(identity, FAMILY, "1.0", b"work", inputs=[NS], outputs=[NS])).status == OK
+        assert peer.gets == [[A, B, OTHER], [A, B], [A]]
+
+
 async def test_invalid_transaction_carries_message_and_extended_data():
     async def apply(transaction, context):
         raise InvalidTransaction("round 3 is closed", b"\x01\x02")

@@ -11,7 +11,8 @@ from trustmesh.fl.screening import failed_update_check, weights_sum_fits  # whic
 from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction
 
 from .. import events, federation_records, layout
-from ..common import HEX64, PUBLIC_KEY, chain_time, emit, read_record, require, require_int, require_match, shown, write_records
+from ..common import (CLOCK_CONFIG_ADDRESS, HEX64, PUBLIC_KEY, chain_time, clock_address, emit, prefetch, read_record,
+                      require, require_int, require_match, shown, write_records)
 from .spec import MAX_REASON_CHARS, REPORT_STATUSES, SETTLED, _RANK
 from .checks import _contributions, _metrics, _number, _privacy, _rejected, _schedule_id, _task_id, by_position
 from .task_graph import _final_aggregates
@@ -53,7 +54,16 @@ class ReportRules:
                                  "the sha256 (64 lowercase hex) of the global model the task trained from")
 
         tasks = RoundTasks(self, context, schedule_id)
-        current = await read_record(context, layout.task_status_address(schedule_id, task_id))
+        # A report's reads in three round trips through the validator, not seven: what it names
+        # (its status, its node's load, the clock's config), then what those name (see below).
+        status_address = layout.task_status_address(schedule_id, task_id)
+        await prefetch(context, [status_address, layout.node_load_address(signer), CLOCK_CONFIG_ADDRESS])
+        current = await read_record(context, status_address)
+        if current is not None and status == "done":  # its dependents, its lineage's index, the clock
+            ahead = [layout.task_status_address(schedule_id, d) for d in current.get("dependents") or ()]
+            if current.get("kind") == "local_train" and int(current.get("round", 1)) > 1:
+                ahead.append(layout.workflow_rounds_address(str(current.get("workflow_id"))))
+            await prefetch(context, ahead + await clock_address(context))
         if current is not None and "kind" in current and "unsettled_inputs" in current:
             task = {"kind": current["kind"]}  # what its status says (task_graph.report_view) is all a report needs
         else:  # an unknown task (the assignments say so), or a status from before report_view

@@ -70,6 +70,7 @@ class WirePeer:
         # validator-side state
         self.state: dict[str, bytes] = {}
         self.contexts: dict[str, Context] = {}
+        self.gets: list[list[str]] = []  # the addresses of each state get request, in order
         self.registrations: list[tuple[bytes, pb.TpRegisterRequest]] = []
         self.subscribers: dict[bytes, list] = {}  # identity -> subscriptions (listening)
         self.chain: list[tuple[str, int, pb.EventList]] = []  # committed blocks: (id, num, events)
@@ -239,6 +240,7 @@ class WirePeer:
 
     async def _on_state_get(self, identity, message):
         request = pb.TpStateGetRequest.FromString(message.content)
+        self.gets.append(list(request.addresses))
         context = self.contexts.get(request.context_id)
         if context is None or not self._covered(context.inputs, request.addresses):
             response = pb.TpStateGetResponse(status=pb.TpStateGetResponse.AUTHORIZATION_ERROR)
