@@ -189,3 +189,28 @@ def test_a_task_done_event_gives_the_whole_done_status_so_the_aggregate_reads_no
                       "metrics": {"accuracy": 0.5, "samples": 14}}
     assert reader.reads == []
 
+
+def test_a_batch_of_trainings_looks_once_for_what_it_lets_run(tmp_path, monkeypatch):
+    """Not once after each: a node given 500 of a round's trainings walked the round's 1,000 tasks 500 times."""
+    from trustmesh.compute_node import node as node_module
+    from trustmesh.compute_node.tasks import TaskOutcome
+
+    node = ComputeNode("c", tmp_path, validator_url="tcp://127.0.0.1:1", rest_url="http://127.0.0.1:1",
+                       redis_url="redis://127.0.0.1:1")
+    node.context = TaskContext(node="c", encryption_key=None, reader=_NoReader(), blobs=None)
+    looks, reported = [], []
+
+    async def enqueue_runnable(schedule_id):
+        looks.append(schedule_id)
+
+    async def trained(ctx, schedule_id, task_ids):  # what run_local_trains gives back: an outcome per task
+        return {t: TaskOutcome("ab" * 32, {"samples": 3, "accuracy": 0.5, "loss": 0.1}) for t in task_ids}
+
+    node.enqueue_runnable = enqueue_runnable
+    node._report = lambda txns, message_id, completed=None: reported.append(message_id)
+    monkeypatch.setattr(node_module, "run_local_trains", trained)
+    node._queued = {("s", f"train:{i}", 1) for i in range(5)}  # queued by this node: no status read first
+    asyncio.run(node._handle_trains([TaskMessage(f"{i}-0", {"schedule_id": "s", "task_id": f"train:{i}", "attempt": 1}, 1)
+                                     for i in range(5)]))
+    assert reported == [f"{i}-0" for i in range(5)] and looks == ["s"]
+
