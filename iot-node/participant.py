@@ -26,13 +26,22 @@ def _shards(data_spec: str, count: int) -> list[Dataset]:
     return federated_digits(json.loads(data_spec), count).shards
 
 
+async def fetch_verified_model(blobs, digest: str, model_spec) -> bytes:
+    blob = await blobs.get(digest)  # verified against the chain's digest
+    model_format.verify(blob, digest, model_spec)
+    return blob
+
+
 class Participant:
     """The participant half of IoTNode: methods only; the node's state lives in IoTNode."""
 
     def _local_data(self, definition) -> tuple[bytes, int]:
         """This node's data as npz bytes; the same definition always gives the same data, so it
         is prepared once (partitioning the data set every round would cost each node CPU)."""
-        key = json.dumps([definition["data"], definition["federation"]["participant_nodes"]], sort_keys=True)
+        # What picks the shard: the data spec, the participant count and this node's place among them
+        # (not the whole list as text: 66 KB of JSON per node per round at 1,000 participants).
+        participants = definition["federation"]["participant_nodes"]
+        key = json.dumps([definition["data"], len(participants), participants.index(self.node)], sort_keys=True)
         if key not in self._data_cache:
             data = self._load_data(definition)
             self._data_cache[key] = (dump_npz(data), len(data))
@@ -87,8 +96,7 @@ class Participant:
             if not result or not result.get("final"):
                 continue
             digest = result["global_model_digest"]
-            blob = await self.blobs.get(digest)  # verified against the chain's digest
-            model_format.verify(blob, digest, definition["model"])
+            blob = await self._verified_model(digest, definition["model"])
             if number in models:  # a block's reaction and a full check may both get here
                 continue
             (self.data_dir / f"{workflow_id}-round-{number}.safetensors").write_bytes(blob)
@@ -99,6 +107,13 @@ class Participant:
             LOGGER.info("%s: round %d final, global model %s… verified, accuracy %.3f", self.name, number,
                         digest[:12], result.get("evaluations", {}).get("evaluate", {}).get("metrics", {}).get(
                             "accuracy", result["metrics"].get("accuracy", float("nan"))))
+
+    async def _verified_model(self, digest: str, model_spec) -> bytes:
+        """A global model, its bytes checked against the chain's digest and its spec; in a host,
+        fetched and checked once for all its nodes (IoTHost.verified_model)."""
+        if self.host is not None:
+            return await self.host.verified_model(digest, model_spec, self.blobs)
+        return await fetch_verified_model(self.blobs, digest, model_spec)
 
     async def _share(self, definition: dict, record: dict) -> None:
         """Once a securely aggregated round is ready (its participants fixed), send this node's

@@ -143,3 +143,41 @@ async def test_hosted_nodes_that_train_their_own_data_share_one_task_stream(devn
         report = await audit.audit_workflow("hosted-iot", Endpoints(
             validator=devnet.component_url, rest=devnet.rest_url, redis=redis_server.url, couch=couch_server.url))
         assert report.ok, audit.render_text(report)
+
+
+async def test_a_hosts_nodes_fetch_and_check_a_global_model_once_for_all(tmp_path):
+    from trustmesh.fl import model_format
+    from trustmesh.fl.training import initial_state
+    from trustmesh.iot_node.host import IoTHost
+    from trustmesh.iot_node.node import IoTNode
+    from trustmesh.stores.blobs import BlobNotFound, BlobStore
+    from trustmesh.stores.redis_client import client
+    from trustmesh.stores.servers import RedisServer
+
+    spec = {"type": "mlp", "input_dim": 64, "hidden": [8], "num_classes": 10}
+    model = model_format.serialize(initial_state(spec, 1), workflow_id="wf", round=1, model_spec=spec)
+    host = IoTHost(["n1"], tmp_path, validator_url="tcp://127.0.0.1:1", rest_url="http://127.0.0.1:1",
+                   redis_url="redis://127.0.0.1:1")
+    with RedisServer() as server:
+        redis = client(server.url)
+        blobs = BlobStore(redis)
+        try:
+            digest = await blobs.put(model)
+            await blobs.get(digest)  # loads the read script (its first EVALSHA is refused: NOSCRIPT)
+            before = (await redis.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+            nodes = [IoTNode(f"n{i}", tmp_path / f"n{i}", validator_url="tcp://127.0.0.1:1", rest_url="http://127.0.0.1:1",
+                             redis_url=server.url, host=host) for i in range(3)]
+            for node in nodes:
+                node.blobs = blobs
+            found = await asyncio.gather(*(node._verified_model(digest, spec) for node in nodes for _ in range(10)))
+            after = (await redis.info("commandstats"))["cmdstat_evalsha"]["calls"]
+            assert found == [model] * 30 and after - before == 1  # thirty nodes, one fetch
+            missing = "ab" * 32
+            for _ in range(2):  # a fetch that failed is not kept: each ask tries again
+                try:
+                    await host.verified_model(missing, spec, blobs)
+                except BlobNotFound:
+                    pass
+            assert (await redis.info("commandstats"))["cmdstat_evalsha"]["calls"] - after == 2
+        finally:
+            await redis.aclose()
