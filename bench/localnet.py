@@ -62,9 +62,9 @@ def homes(keep: str | None, names: list[str]) -> Iterator[dict[str, pathlib.Path
         except Exception:
             if not keep:  # the logs say what went wrong: keep them
                 kept = pathlib.Path(tempfile.mkdtemp(prefix="trustmesh-bench-logs-"))
-                for name in names:
-                    if (base / name / "logs").is_dir():
-                        shutil.copytree(base / name / "logs", kept / name)
+                for name in names:  # NAME/logs, or NAME/*/logs where a bench keeps several networks there
+                    for logs in sorted(p for p in (base / name).rglob("logs") if p.is_dir()):
+                        shutil.copytree(logs, kept / logs.parent.relative_to(base))
                 print(f"logs kept in {kept}", file=sys.stderr)
             raise
 
