@@ -214,3 +214,33 @@ def test_a_batch_of_trainings_looks_once_for_what_it_lets_run(tmp_path, monkeypa
                                      for i in range(5)]))
     assert reported == [f"{i}-0" for i in range(5)] and looks == ["s"]
 
+
+
+def test_an_aggregate_this_node_made_lets_it_look_for_the_next_rounds_model_again_at_once(tmp_path, monkeypatch):
+    """Not a block later: the node that aggregated round r can start round r+1's trainings from it."""
+    from trustmesh.compute_node import node as node_module
+    from trustmesh.compute_node.tasks import TaskOutcome
+
+    node = ComputeNode("c", tmp_path, validator_url="tcp://127.0.0.1:1", rest_url="http://127.0.0.1:1",
+                       redis_url="redis://127.0.0.1:1")
+    node.context = TaskContext(node="c", encryption_key=None, reader=_NoReader(), blobs=None)
+    node.context.rounds["s1"] = {"assignments": {"schedule_id": "s1", "workflow_id": "wf", "round": 1}}
+    looks = []
+
+    async def model_known(ctx, schedule_id):  # round 2's starting model: there once round 1 is aggregated
+        looks.append(schedule_id)
+        return ("wf", 1) in ctx.global_models
+
+    async def enqueue_runnable(schedule_id):
+        pass
+
+    monkeypatch.setattr(node_module, "starting_model_known", model_known)
+    node.enqueue_runnable = enqueue_runnable
+    node._report = lambda txns, message_id, completed=None: None
+    node._take_up(_block(4))
+    assert not asyncio.run(node._model_known("s2")) and not asyncio.run(node._model_known("s2"))
+    assert looks == ["s2"]  # missing: looked up once in this block
+    result = {"participants": [node.node], "aggregation_weights": {node.node: 1.0}, "metrics": {"loss": 0.1, "accuracy": 0.5}}
+    asyncio.run(node._done(TaskMessage("9-0", {"schedule_id": "s1", "task_id": "aggregate", "attempt": 1}, 1),
+                           TaskOutcome("ab" * 32, {"samples": 3, "accuracy": 0.5, "loss": 0.1}, round_result=result), 0.0))
+    assert asyncio.run(node._model_known("s2")) and looks == ["s2", "s2"]  # the same block, looked up again
