@@ -163,8 +163,8 @@ def apply(m, store, root, sets, deletes=()):
     return new_root
 
 
-def build(items):
-    store, m = tree()
+def build(items, store_class=Store):
+    store, m = tree(store_class=store_class)
     return store, m, apply(m, store, EMPTY_ROOT, items)
 
 
@@ -431,9 +431,33 @@ def test_the_value_cache_holds_at_most_its_bytes():
     store, m, root = build({**items, SHARED[0]: bytes(500)})
     reader = MerkleRadix(store.read, value_cache_bytes=3200)
     reader.get_many(root, list(items))
-    assert reader._values_bytes <= 3200 and len(reader._values) == 10  # the newest ten (100 bytes + 200 each)
+    assert reader._values.bytes <= 3200 and len(reader._values.entries) == 10  # the newest ten (100 bytes + 200 each)
     reader.get(root, SHARED[0])  # bigger than an eighth of the limit: read, never kept
-    assert (root, SHARED[0]) not in reader._values
+    assert (root, SHARED[0]) not in reader._values.entries
+
+
+def test_a_listing_reads_each_leaf_chain_once_across_roots():
+    """A sparse tree hangs each leaf under a chain of one-child nodes; a listing keeps each chain's
+    leaf by the chain's top hash, so listing again at a later root reads only what changed."""
+    members = {f"1cf126{i:02x}" + f"{i * 7919:062x}": bytes([i]) * 20 for i in range(64)}
+    for store_class in (Store, RowStore):
+        store, m, first = build(members, store_class=store_class)
+        changed = next(iter(members))
+        second = apply(m, store, first, {changed: b"new", "ab" * 35: b"elsewhere"})
+        reader = MerkleRadix(store.read, cache_size=8)  # its node cache keeps next to nothing
+        assert list(reader.leaves(first, "1cf126")) == sorted(members.items())
+        reads = store.reads
+        expected = sorted({**members, changed: b"new"}.items())
+        assert list(reader.leaves(second, "1cf126")) == expected
+        assert store.reads - reads <= 40  # the changed path (at most its 36 nodes), not 64 chains
+        assert list(reader.leaves(second, "1cf126", reverse=True)) == expected[::-1]
+        assert list(reader.leaves(second, "1cf126", start=expected[10][0])) == expected[10:]
+        assert list(MerkleRadix(store.read).leaves(second, "1cf126")) == expected  # as a fresh reader reads it
+        nothing = MerkleRadix(store.read, tail_cache_bytes=0)
+        list(nothing.leaves(first, "1cf126"))
+        reads = store.reads
+        list(nothing.leaves(first, "1cf126"))
+        assert store.reads - reads >= 64  # without it, every chain is read again
 
 
 # --- property test against a dict model -------------------------------------------------

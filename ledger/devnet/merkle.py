@@ -347,11 +347,48 @@ _Node = tuple[bytes | None, dict[str, str]]  # (raw value, children), as decode_
 
 
 VALUE_CACHE_BYTES = 64 * 2**20  # values kept by (root, address): a few rounds' records at 1,000 participants
+TAIL_CACHE_BYTES = 32 * 2**20  # single leaves kept by the node they hang under: ~200,000 small records
 _UNKNOWN = object()
 
 
 def _kept_size(value: bytes | None) -> int:
     return 200 + (len(value) if value is not None else 0)  # the key's two strings and the entry, roughly
+
+
+def _tail_size(tail: tuple[str, bytes]) -> int:
+    return 250 + len(tail[0]) + len(tail[1])  # hash, suffix, value and the entry, roughly
+
+
+class _Kept:
+    """An LRU map bounded by the bytes its entries hold (size(value)); one entry larger than an
+    eighth of the bound is not kept, since it would push out everything else. Safe to share
+    between threads (REST reads and block building)."""
+
+    def __init__(self, limit: int, size: Callable[[object], int]):
+        self.entries: OrderedDict = OrderedDict()
+        self.bytes, self.limit, self._size = 0, limit, size
+        self._lock = threading.Lock()
+
+    def get(self, key, default=None):
+        return self.entries.get(key, default)
+
+    def keep(self, items: Mapping) -> None:
+        if not self.limit:
+            return
+        entries = self.entries
+        with self._lock:
+            for key, value in items.items():
+                size = self._size(value)
+                if size > self.limit // 8:
+                    continue
+                old = entries.pop(key, _UNKNOWN)
+                if old is not _UNKNOWN:
+                    self.bytes -= self._size(old)
+                entries[key] = value
+                self.bytes += size
+            while self.bytes > self.limit:  # oldest out first
+                _, value = entries.popitem(last=False)
+                self.bytes -= self._size(value)
 
 
 class _Walk:
@@ -370,15 +407,19 @@ class MerkleRadix:
     """Read and update Merkle-Radix state trees stored as content-addressed nodes."""
 
     def __init__(self, read_node: Callable[[str], bytes | None], cache_size: int = 100_000,
-                 value_cache_bytes: int = VALUE_CACHE_BYTES):
+                 value_cache_bytes: int = VALUE_CACHE_BYTES, tail_cache_bytes: int = TAIL_CACHE_BYTES):
         self._read_node = read_node
         self._cache_size = cache_size
         self._cache: OrderedDict[str, _Node] = OrderedDict()
         # (root, address) -> value (None: absent). A root's values never change, and one root is
         # read again and again: every batch of a block reads its inputs (the round's records) at
         # the parent's root, and REST readers ask for the head's. A hit skips the 35-node descent.
-        self._values: OrderedDict[tuple[str, str], bytes | None] = OrderedDict()
-        self._values_bytes, self._values_limit = 0, value_cache_bytes
+        self._values = _Kept(value_cache_bytes, _kept_size)
+        # node hash -> (address suffix, wrapped value) of the one leaf below a node with no other:
+        # a sparse tree hangs each leaf under a chain of ~15-30 one-child nodes, stored as one row
+        # that must be read and hashed again at every listing (a round's 1,000 member records
+        # took ~40 ms a listing). A node's hash fixes everything below it, so this never goes stale.
+        self._tails = _Kept(tail_cache_bytes, _tail_size)
         self._lock = threading.Lock()  # REST reads and block building may share one instance
 
     # --- node access -------------------------------------------------------------------
@@ -502,22 +543,7 @@ class MerkleRadix:
         return found
 
     def _keep_values(self, root: str, values: Mapping[str, bytes | None]) -> None:
-        kept = self._values
-        if not self._values_limit:
-            return
-        with self._lock:
-            for address, value in values.items():
-                size = _kept_size(value)
-                if size > self._values_limit // 8:
-                    continue  # one huge record would push out everything else
-                old = kept.pop((root, address), _UNKNOWN)
-                if old is not _UNKNOWN:
-                    self._values_bytes -= _kept_size(old)
-                kept[(root, address)] = value
-                self._values_bytes += size
-            while self._values_bytes > self._values_limit:  # oldest out first
-                _, value = kept.popitem(last=False)
-                self._values_bytes -= _kept_size(value)
+        self._values.keep({(root, address): value for address, value in values.items()})
 
     def _collect(self, walk, node, depth, wanted, lo, hi, found) -> None:
         value, children = node
@@ -584,15 +610,30 @@ class MerkleRadix:
                 yield path, _unwrap(value)
             return
         push_children(path, children, partial)
+        tails = self._tails
         while stack:
             p, h = stack.pop()
-            # A scan touches every node once; caching them would only evict the hot ones.
-            value, children = self._child(walk, h, p, remember=len(p) <= 4)
-            if value is not None:  # like Sawtooth: a node with a value is a leaf
-                if self._in_range(p, start, reverse):
-                    yield p, _unwrap(value)
-                continue
-            push_children(p, children, "")
+            tail = tails.get(h)
+            if tail is not None:
+                address, value = p + tail[0], tail[1]
+            else:
+                top, top_path = h, p
+                # A scan touches every node once; caching them would only evict the hot ones.
+                value, children = self._child(walk, h, p, remember=len(p) <= 4)
+                while value is None and len(children) == 1:  # a chain of one-child nodes: follow it
+                    [(token, h)] = children.items()
+                    p += token
+                    value, children = self._child(walk, h, p, remember=False)
+                if value is None:
+                    if len(p) > 4:  # a node with several children: far fewer of them than of leaves
+                        self._remember([(h, (value, children))])
+                    push_children(p, children, "")
+                    continue
+                address = p
+                tails.keep({top: (p[len(top_path):], value)})
+            # like Sawtooth: a node with a value is a leaf
+            if self._in_range(address, start, reverse):
+                yield address, _unwrap(value)
 
     @staticmethod
     def _in_range(address: str, start: str | None, reverse: bool) -> bool:
