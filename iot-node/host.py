@@ -10,7 +10,8 @@ would otherwise be multiplied by the number of nodes:
   other go out in one POST /batches and are waited on with one status request
   (ledger/coalescing_rest.py), and whose chain-state reads are shared by every node reading the same
   record at the same chain head (SharedReader);
-- one Redis connection pool, and one watch for a Redis restart that tells every node;
+- one Redis connection pool, one watch for a Redis restart that tells every node, and one
+  heartbeat for all of them every few seconds (one round trip);
 - for nodes that train their own data (train_on "iot"), one subscription to task events, each
   trainer handed its own assignments and the events that concern every round.
 
@@ -26,7 +27,7 @@ import logging
 import math
 import os
 import pathlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 from trustmesh.cancelling import cancel_and_wait
 from trustmesh.ledger.events import EventSubscriber, event_subscription
@@ -34,6 +35,7 @@ from trustmesh.ledger.coalescing_rest import CoalescingRest
 from trustmesh.ledger.rest_client import RestClient
 from trustmesh.scheduling import events
 from trustmesh.scheduling.reader import FederationReader
+from trustmesh.stores.heartbeats import Heartbeats
 from trustmesh.stores.redis_link import RedisLink
 from trustmesh.stores.redis_client import client
 
@@ -144,6 +146,8 @@ class _Inbox:
 class IoTHost:
     """Runs IoT nodes `names` (data and keys in data_root/NAME) in this process."""
 
+    beat_every = 5.0  # seconds between the host's heartbeats for its nodes (each lives 15 s)
+
     def __init__(self, names: Sequence[str], data_root: str | os.PathLike, *, validator_url: str, rest_url: str,
                  redis_url: str, workflow_id: str | None = None, task_deadline: int | None = None,
                  torch_threads: int | None = None, on_round=None):
@@ -161,6 +165,7 @@ class IoTHost:
         self.task_subscriber: EventSubscriber | None = None  # started by the first node that trains itself
         self._task_stream_started = asyncio.Lock()
         self._models: dict[tuple, asyncio.Task] = {}  # (digest, spec) -> its fetch and check, the last few
+        self.beats: dict[str, Callable[[], dict]] = {}  # node -> its heartbeat's info(), beaten by the host for all
 
     def inbox(self) -> _Inbox:
         """A new node's share of the event stream."""
@@ -214,7 +219,11 @@ class IoTHost:
         self.subscriber = EventSubscriber(self.validator_url, [event_subscription(e) for e in EVENTS])
         await self.subscriber.start()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._pump()), loop.create_task(self.link.watch(self._redis_restarted))]
+        heartbeats = Heartbeats(self.redis)
+        beat_all = lambda: heartbeats.keep_beating_many(  # noqa: E731
+            lambda: {n: info() for n, info in self.beats.items()}, every=self.beat_every)
+        self._tasks = [loop.create_task(self._pump()), loop.create_task(self.link.watch(self._redis_restarted)),
+                       loop.create_task(self.link.keep_running(beat_all))]  # through Redis outages
         for count, name in enumerate(self.names, 1):
             node = IoTNode(name, self.data_root / name, validator_url=self.validator_url, rest_url=self.rest_url,
                            redis_url=self.redis_url, host=self, **self.options)

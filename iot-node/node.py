@@ -146,10 +146,16 @@ class IoTNode(Participant, Coordinator):
         info = {"name": self.name, "role": "iot"}
         if self.attack is not None:  # never silent: `trustmesh status` shows it
             info["attack"] = f"{self.attack} on its own updates"
-        # through Redis outages: liveness resumes with Redis
         # the REST API lists no pending batches: each node says which of its own it waits for
-        await self.link.keep_running(lambda: self.heartbeats.keep_beating(
-            self.node, lambda: {**info, "pending_batches": self.rest.pending_summary(signer=self.node)}))
+        def current() -> dict:
+            return {**info, "pending_batches": self.rest.pending_summary(signer=self.node)}
+
+        if self.host is not None:  # its first beat now; then the host's, for all its nodes in one go
+            await self.link.call(lambda: self.heartbeats.beat(self.node, current()))
+            self.host.beats[self.node] = current
+            return
+        # through Redis outages: liveness resumes with Redis
+        await self.link.keep_running(lambda: self.heartbeats.keep_beating(self.node, current))
 
     async def _redis_restarted(self) -> None:
         await self.blobs.restore()
@@ -157,6 +163,8 @@ class IoTNode(Participant, Coordinator):
 
     async def stop(self) -> None:
         await cancel_and_wait([*self._tasks, *self._reactions])
+        if self.host is not None:
+            self.host.beats.pop(self.node, None)
         if self.trainer is not None:
             await self.trainer.stop()
         if self.host is not None:

@@ -56,12 +56,31 @@ class Heartbeats:
         await self._beat(keys=[self.registry, self.key(node)],
                          args=[node, self.ttl_ms, canonical_json(dict(info or {}))])
 
+    async def beat_many(self, infos: Mapping[str, Mapping | None]) -> None:
+        """beat() for many nodes in one round trip (the nodes of an IoT host: 500 calls every
+        few seconds were a tenth of a host's CPU)."""
+        if len(infos) <= 1:
+            for node, info in infos.items():
+                await self.beat(node, info)
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for node, info in infos.items():
+                await self._beat(keys=[self.registry, self.key(node)],
+                                 args=[node, self.ttl_ms, canonical_json(dict(info or {}))], client=pipe)
+            await pipe.execute()
+
     async def keep_beating(self, node: str, info: Mapping | Callable[[], Mapping] | None = None, *,
                            every: float = 5.0) -> None:
         """beat() every `every` seconds until cancelled (a node's liveness task). info: a map,
         or a function returning one, called at each beat (what changes: pending batches, load)."""
+        await self.keep_beating_many(lambda: {node: info() if callable(info) else info}, every=every)
+
+    async def keep_beating_many(self, infos: Callable[[], Mapping[str, Mapping | None]], *,
+                                every: float = 5.0) -> None:
+        """beat_many(infos()) every `every` seconds until cancelled: {node: info} of the nodes
+        alive now, asked at each beat."""
         while True:
-            await self.beat(node, info() if callable(info) else info)
+            await self.beat_many(infos())
             task = asyncio.current_task()
             if task is not None and task.cancelling():  # redis-py may swallow a cancel that lands mid-command
                 raise asyncio.CancelledError

@@ -103,13 +103,14 @@ async def test_hosted_nodes_that_train_their_own_data_share_one_task_stream(devn
     """train_on "iot": every hosted node trains its own local_train task, its trainer fed from the
     host's one task-event subscription (its own assignments only); the round completes, audited."""
     from helpers.family_scenario import _WORKFLOWS
-    from helpers.federation_run import until_history_is_recorded
+    from helpers.federation_run import until, until_history_is_recorded
     from trustmesh import audit
     from trustmesh.compute_node.node import ComputeNode
     from trustmesh.endpoints import Endpoints
     from trustmesh.iot_node.host import IoTHost
     from trustmesh.scheduling import workflow
     from trustmesh.scheduling.handlers import federation_handlers
+    from trustmesh.stores.heartbeats import Heartbeats
 
     redis_server, couch_server = stores
     names = [f"iot-{i}" for i in range(1, 5)]
@@ -129,7 +130,19 @@ async def test_hosted_nodes_that_train_their_own_data_share_one_task_stream(devn
             owner = load_or_create_key(tmp_path / "owner", "owner")
             [status] = await submit_and_wait(client, [make_batch(owner, [workflow.make_deploy_transaction(owner, definition)])])
             assert status["status"] == "COMMITTED", status
+            host.beat_every = 0.2
             await host.start()
+            # the host beats for all its nodes: a node whose heartbeat is gone is soon live again
+            await asyncio.wait_for(until(lambda: len(host.beats) == 4), 10)
+            assert sorted(host.beats) == sorted(keys.values())
+            beats = Heartbeats(host.redis)
+            await beats.forget(keys["iot-3"])
+            assert not await beats.is_alive(keys["iot-3"])
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                if await beats.is_alive(keys["iot-3"]):
+                    break
+            assert (await beats.live())[keys["iot-3"]]["role"] == "iot"
             await asyncio.wait_for(host.nodes[0].finished.wait(), 90)
             await until_history_is_recorded([compute], 1)  # the audit reads it
             trainers = [node.trainer for node in host.nodes]
@@ -140,6 +153,7 @@ async def test_hosted_nodes_that_train_their_own_data_share_one_task_stream(devn
         finally:
             await host.stop()
             await compute.stop()
+        assert host.beats == {}  # a stopped node is no longer beaten for
         report = await audit.audit_workflow("hosted-iot", Endpoints(
             validator=devnet.component_url, rest=devnet.rest_url, redis=redis_server.url, couch=couch_server.url))
         assert report.ok, audit.render_text(report)

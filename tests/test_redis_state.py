@@ -497,6 +497,21 @@ async def test_heartbeats_expire(redis_url):
     await redis.aclose()
 
 
+async def test_many_nodes_beat_in_one_round_trip_even_after_redis_forgot_the_script(redis_url):
+    redis = await fresh(redis_url)
+    beats = Heartbeats(redis, ttl=5.0)
+    infos = {f"iot-{i}": {"role": "iot", "n": i} for i in range(50)}
+    await beats.beat_many(infos)
+    assert await beats.live() == infos
+    await redis.script_flush()  # as after a Redis restart: the pipeline loads the script again
+    await beats.beat_many({"iot-1": {"role": "iot", "n": -1}, "iot-2": None})
+    live = await beats.live()
+    assert live["iot-1"] == {"role": "iot", "n": -1} and live["iot-2"] == {} and len(live) == 50
+    assert 4000 < await redis.pttl("heartbeat_iot-49") <= 5000
+    await beats.beat_many({})  # nothing to say: nothing sent
+    await redis.aclose()
+
+
 def test_redis_server_with_password(tmp_path):
     with RedisServer(password="s3cret p@ss", work_dir=tmp_path / "redis") as server:
         assert server.url.startswith("redis://:s3cret%20p%40ss@127.0.0.1:")
