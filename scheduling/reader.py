@@ -15,6 +15,12 @@ from .common import MAX_RECORD_BYTES
 from .schedule import StartingModel, starting_model
 
 
+def _decoded(data: bytes):
+    """A state record (written by a processor through cbor.encode): decoded without re-encoding
+    it to check it is canonical, a check for what signers send. A round's task assignments are
+    ~400 KB at 1,000 participants, read by every IoT host and compute node at each block."""
+    return cbor.decode_record(data, max_bytes=MAX_RECORD_BYTES)
+
 
 class FederationReader:
     def __init__(self, rest: RestClient, head: str | None = None):
@@ -24,7 +30,7 @@ class FederationReader:
 
     async def _record(self, address: str):
         data = await self.rest.get_state(address, head=self.head)
-        return None if data is None else cbor.decode(data, max_bytes=MAX_RECORD_BYTES)
+        return None if data is None else _decoded(data)
 
     async def workflow(self, workflow_id: str, *, expanded: bool = True) -> dict | None:
         """A workflow's record. Expanded (the default): a definition that names a participant group
@@ -40,8 +46,7 @@ class FederationReader:
     async def workflows(self, *, expanded: bool = True) -> list[dict]:
         """Every deployed workflow's record (expanded as `workflow` says, unless expanded=False)."""
         prefix = layout.WORKFLOW_NS + layout.WORKFLOW_RECORD
-        records = [cbor.decode(data, max_bytes=MAX_RECORD_BYTES)
-                   async for _, data in self.rest.list_state(prefix, head=self.head)]
+        records = [_decoded(data) async for _, data in self.rest.list_state(prefix, head=self.head)]
         return [expand(r) for r in records] if expanded else records
 
     async def participant_group(self, owner: str, group_id: str) -> dict | None:
@@ -68,7 +73,7 @@ class FederationReader:
 
     async def _members(self, schedule_id: str, roster: dict | None) -> dict[str, dict]:
         # pages of the REST API's largest size (1,000): a round of a thousand in one request
-        found = {address: cbor.decode(data, max_bytes=MAX_RECORD_BYTES) async for address, data
+        found = {address: _decoded(data) async for address, data
                  in self.rest.list_state(layout.round_members_prefix(schedule_id), head=self.head, page_size=1000)}
         return federation_records.members_of(schedule_id, roster, found)
 
