@@ -30,7 +30,7 @@ import pathlib
 from typing import Callable, Sequence
 
 from trustmesh.cancelling import cancel_and_wait
-from trustmesh.ledger.events import EventSubscriber, event_subscription
+from trustmesh.ledger.events import BLOCK_COMMIT, EventSubscriber, event_subscription
 from trustmesh.ledger.coalescing_rest import CoalescingRest
 from trustmesh.ledger.rest_client import RestClient
 from trustmesh.scheduling import events
@@ -237,6 +237,8 @@ class IoTHost:
         while True:
             block = await self.subscriber.next_block()
             self.reader.new_block(block)  # before any node hears of the block
+            if all(e.event_type == BLOCK_COMMIT for e in block.events):
+                continue  # every block carries one; alone it asks nothing of a node (IoTNode._react)
             for inbox in self._inboxes:
                 inbox.deliver(block)
 

@@ -82,6 +82,10 @@ async def test_the_host_tells_its_reader_of_each_block_before_its_nodes_hear_of_
             assert host.reader.generation == number - 1  # a new generation before the node's turn
             await host.reader.workflows()
             assert host.reader.lists == lists  # kept across a block that writes no workflow: the block was passed
+        # a block with nothing but its commit event asks nothing of the nodes: not handed to 500 of them
+        arriving.put_nowait(_block(4))
+        arriving.put_nowait(_block(5, events.ROUND_OPENED))
+        assert (await inbox.next_block()).block_num == 5 and host.reader.generation == 4
     finally:
         pump.cancel()
         await host.reader.rest.close()
