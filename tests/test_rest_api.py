@@ -197,6 +197,18 @@ async def test_state_list_envelope_and_paging_follow_sawtooth():
         assert values == {chain["a"]: b"4", chain["b"]: b"2", chain["c"]: b"3"}
 
 
+async def test_state_values_are_in_standard_base64_as_sawtooth_writes_them():
+    peer, _ = seeded()
+    value = b"\xfb\xff\xbf\xfe"  # "+/+//g==": where url-safe base64 would differ
+    async with rest_api(peer) as (server, http):
+        await submit(http, server, make_test_batch(SIGNER, {address("b64"): value}))
+        peer.commit_pending()
+        _, page = await call(http, "GET", f"{server.url}/state?address={address('b64')}")
+        assert page["data"] == [{"address": address("b64"), "data": "+/+//g=="}]
+        _, reply = await call(http, "GET", f"{server.url}/state/{address('b64')}")
+        assert reply["data"] == "+/+//g=="
+
+
 async def test_state_list_reverse_head_prefix_and_empty_result():
     peer, chain = seeded()
     block1 = chain["blocks"][1].header_signature

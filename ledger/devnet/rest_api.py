@@ -22,6 +22,7 @@ Deliberate differences, all where the real one answers 500 or misbehaves:
 from __future__ import annotations
 
 import asyncio
+import base64
 import enum
 import functools
 import json
@@ -208,6 +209,11 @@ def _json_response(envelope: dict, status: int = 200) -> web.Response:
 def _to_dict(message) -> dict:
     """Protobuf -> JSON dict the way sawtooth-rest-api does (bytes base64, int64 as str)."""
     return MessageToDict(message, always_print_fields_with_no_presence=True, preserving_proto_field_name=True)
+
+
+def _base64(data: bytes) -> str:
+    """bytes as _to_dict writes them (standard base64, padded)."""
+    return base64.b64encode(data).decode("ascii")
 
 
 def _header(header_cls, resource) -> dict:
@@ -519,7 +525,8 @@ class _Handlers:
         response = await self._query(pb.ClientStateListRequest(
             state_root=root, address=request.query.get("address", ""),
             sorting=_sorting(request, "default"), paging=_paging_message(controls)))
-        data = [_to_dict(entry) for entry in response.entries]
+        # what _to_dict gives, built directly: a page of a thousand entries took ~20 ms through it
+        data = [{"address": entry.address, "data": _base64(entry.data)} for entry in response.entries]
         return self._paginated(request, response, controls, data, head)
 
     async def fetch_state(self, request: web.Request) -> web.Response:
@@ -527,7 +534,7 @@ class _Handlers:
         query = pb.ClientStateGetRequest(state_root=root, address=request.match_info["address"])
         response = await self._query(query, not_found=E.STATE_NOT_FOUND)
         envelope = self._metadata(request, head)
-        envelope["data"] = _to_dict(response)["value"]
+        envelope["data"] = _base64(response.value)
         return _json_response(envelope)
 
     async def list_resources(self, kind: "_ChainResource", request: web.Request) -> web.Response:
