@@ -337,14 +337,15 @@ class ComputeNode:
                     continue
             runnable.append(task_id)
         # Their own statuses side by side: a round's ten trainings become runnable together.
+        publish = []
         for task_id, own in zip(runnable, await asyncio.gather(*(status(t) for t in runnable))):
             task = tasks[task_id]
             if own is None or own["status"] in ("done", "failed") or own["attempt"] != task["attempt"]:
                 continue
             marker = f"enqueued_{self.node}_{schedule_id}_{task_id}_{task['attempt']}"
-            await self.queue.publish_once({"schedule_id": schedule_id, "task_id": task_id, "attempt": task["attempt"]},
-                                          marker)
-            self._queued.add((schedule_id, task_id, task["attempt"]))
+            publish.append(({"schedule_id": schedule_id, "task_id": task_id, "attempt": task["attempt"]}, marker))
+        await self.queue.publish_once_many(publish)  # in one round trip
+        self._queued.update((schedule_id, task["task_id"], task["attempt"]) for task, _ in publish)
         if model_known is False or seed_known is False:
             self._waiting.add(schedule_id)  # every block looks again, and so does this node's next aggregate
         else:

@@ -110,6 +110,19 @@ class TaskQueue:
                                               args=[canonical_json(dict(task)), ttl_seconds])
         return as_text(message_id) if message_id else None
 
+    async def publish_once_many(self, tasks: list[tuple[Mapping, str]], ttl_seconds: int = 24 * 3600) -> list[str | None]:
+        """publish_once for each (task, marker), in one round trip (a round's hundreds of
+        trainings become runnable together); each its own script call, so each stands alone."""
+        if len(tasks) <= 1:
+            return [await self.publish_once(task, marker, ttl_seconds) for task, marker in tasks]
+        await self.ensure_group()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for task, marker in tasks:
+                await self._publish_once(keys=[self.stream, marker], args=[canonical_json(dict(task)), ttl_seconds],
+                                         client=pipe)
+            found = await pipe.execute()
+        return [as_text(message_id) if message_id else None for message_id in found]
+
     async def _deliveries(self, message_id: str) -> int:
         entries = await self.redis.xpending_range(self.stream, self.group, message_id, message_id, 1)
         return int(entries[0]["times_delivered"]) if entries else 1

@@ -414,6 +414,21 @@ async def test_publish_once_sets_its_marker_and_adds_the_message_in_one_step(red
     await redis.aclose()
 
 
+async def test_publish_once_many_publishes_each_unmarked_task_once_in_one_round_trip(redis_url):
+    redis = await fresh(redis_url)
+    queue = TaskQueue(redis, "tasks_many")
+    assert await queue.publish_once_many([]) == []
+    await queue.publish_once({"task_id": "t1"}, "marker_t1")
+    await redis.script_flush()  # as after a Redis restart: the pipeline loads the script again
+    found = await queue.publish_once_many([({"task_id": f"t{i}"}, f"marker_t{i}") for i in range(4)], ttl_seconds=60)
+    assert found[1] is None and all(found[i] is not None for i in (0, 2, 3))  # t1 was published before
+    messages = await queue.read("worker", count=10)
+    assert [m.task["task_id"] for m in messages] == ["t1", "t0", "t2", "t3"]
+    assert 0 < await redis.ttl("marker_t3") <= 60
+    assert await queue.publish_once_many([({"task_id": "t0"}, "marker_t0"), ({"task_id": "t2"}, "marker_t2")]) == [None, None]
+    await redis.aclose()
+
+
 def test_a_restarted_consumer_recovers_its_own_pending_task_at_once(redis_url):
     stream = "tasks_restart"
 
