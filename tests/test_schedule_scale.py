@@ -189,3 +189,20 @@ def test_a_positional_round_result_is_refused_when_its_positions_do_not_fit(monk
     payload = cbor.decode(_result_payload(sid, submitted))
     with pytest.raises(Exception, match=message):
         _apply(state, holders["aggregate"], layout.SCHEDULE_FAMILY, cbor.encode(change(payload)))
+
+
+def test_a_record_a_rule_only_looks_at_is_decoded_once_per_stored_bytes():
+    """The lineage rule reads the previous round's result (~150 KB at 1,000 participants) in each
+    of the next round's 1,000 reports: decoded once for the same bytes, read anew when they change."""
+    from trustmesh.ledger.processor import AuthorizationError
+    from trustmesh.scheduling.common import read_record_to_look_at
+
+    address = layout.round_result_address("ab" * 15)
+    state = {address: cbor.encode({"global_model_digest": "a" * 64, "participants": list(range(1000))})}
+    first = asyncio.run(read_record_to_look_at(DictContext(state), address))
+    assert asyncio.run(read_record_to_look_at(DictContext(dict(state)), address)) is first
+    state[address] = cbor.encode({"global_model_digest": "b" * 64, "participants": []})
+    assert asyncio.run(read_record_to_look_at(DictContext(state), address))["global_model_digest"] == "b" * 64
+    assert asyncio.run(read_record_to_look_at(DictContext({}), address)) is None
+    with pytest.raises(AuthorizationError):  # a read outside the declared inputs is still refused
+        asyncio.run(read_record_to_look_at(DictContext(state, inputs=("00",)), address))

@@ -12,7 +12,7 @@ from trustmesh.ledger.processor import AuthorizationError, InvalidTransaction
 
 from .. import events, federation_records, layout
 from ..common import (CLOCK_CONFIG_ADDRESS, HEX64, PUBLIC_KEY, chain_time, clock_address, emit, prefetch, read_record,
-                      require, require_int, require_match, shown, write_records)
+                      read_record_to_look_at, require, require_int, require_match, shown, write_records)
 from .spec import MAX_REASON_CHARS, REPORT_STATUSES, SETTLED, _RANK
 from .checks import _contributions, _metrics, _number, _privacy, _rejected, _schedule_id, _task_id, by_position
 from .task_graph import _final_aggregates
@@ -201,7 +201,7 @@ class ReportRules:
         report declares as inputs (StartingModel.inputs)."""
         async def read(address: str) -> Mapping | None:
             try:
-                return await read_record(context, address)
+                return await read_record_to_look_at(context, address)
             except AuthorizationError:
                 raise InvalidTransaction(
                     f"the lineage rule of task {task_id!r} reads {address} (the workflow's rounds index, or an "
