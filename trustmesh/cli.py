@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 
-from trustmesh import audit, logs, model_files, rewards_info, workflow_info
+from trustmesh import audit, heap, logs, model_files, rewards_info, workflow_info
 from trustmesh.dashboard import server as dashboard_server
 from trustmesh.endpoints import add_endpoint_flags, from_args, home_dir
 
@@ -54,6 +54,7 @@ def _devnet(args) -> int:
     )
 
     def ready(validator):
+        heap.settle()
         # One parseable line on stdout, so scripts and supervisors know where to connect.
         print(f"devnet ready component={validator.component_url} rest={validator.rest_url}", flush=True)
 
@@ -68,6 +69,7 @@ def _processors(args) -> int:
         processor = TransactionProcessor(args.endpoint, max_occupancy=args.max_occupancy)
         for handler in federation_handlers():
             processor.add_handler(handler)
+        heap.settle()
         await processor.run()
 
     return _run_until_signal(serve())
@@ -114,6 +116,7 @@ def _compute_node(args) -> int:
                            redis_url=where.redis, couch_url=where.couch, couch_user=where.couch_user,
                            couch_password=where.couch_password, attacks=dict(args.attack))
         await node.start()
+        heap.settle()
         await _until_stopped(node)
 
     return _exit_fast(_run_until_signal(serve()))
@@ -140,6 +143,7 @@ def _iot_node(args) -> int:
                        data_path=args.data, on_round=report, task_deadline=args.task_deadline,
                        torch_threads=args.torch_threads, attack=args.attack)
         await node.start()
+        heap.settle()
         print(f"{args.name}: public key {node.node}", flush=True)
         await _until_stopped(node, node.finished if args.exit_when_done else None)
 
@@ -173,6 +177,7 @@ def _iot_host(args) -> int:
         step = max(1, len(names) // 10)
         await host.start(progress=lambda done, total: done % step == 0 and print(
             f"started {done}/{total} IoT nodes", flush=True))
+        heap.settle()
         print(f"IoT host: {len(names)} nodes {names[0]} … {names[-1]} started in {time.monotonic() - started:.1f} s",
               flush=True)
         await _until_stopped(host)
@@ -332,6 +337,9 @@ def _exit_fast(code: int) -> int:
 
 
 def _run_until_signal(coro) -> int:
+    """Run a service (the validator, processors, a node, an IoT host) until SIGINT or SIGTERM."""
+    heap.for_a_service()
+
     async def main():
         task = asyncio.ensure_future(coro)
         loop = asyncio.get_running_loop()

@@ -2,7 +2,7 @@
 packed node rows out, over one end of a socket pair, until told to stop or the other end
 goes away.
 
-It imports only what it uses (merkle.py, node_rows.py): it starts beside the validator, and
+It imports only what it uses (merkle.py, node_rows.py, trustmesh/heap.py): it starts beside the validator, and
 the first block waits for it.
 """
 
@@ -13,6 +13,8 @@ import signal
 import sqlite3
 import sys
 from multiprocessing.connection import Connection
+
+from trustmesh import heap
 
 from .merkle import MerkleRadix
 from .node_rows import pack_new_nodes
@@ -38,6 +40,8 @@ def serve(conn, db_path: str) -> None:
         return row[0] if row else None
 
     merkle = MerkleRadix(read_node)
+    heap.for_a_service()  # its node cache holds ~100,000 decoded nodes: not walked every few seconds
+    heap.settle()
     conn.send(("ready", True, None))
     while True:
         try:
