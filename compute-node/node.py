@@ -345,7 +345,8 @@ class ComputeNode:
             marker = f"enqueued_{self.node}_{schedule_id}_{task_id}_{task['attempt']}"
             publish.append(({"schedule_id": schedule_id, "task_id": task_id, "attempt": task["attempt"]}, marker))
         await self.queue.publish_once_many(publish)  # in one round trip
-        self._queued.update((schedule_id, task["task_id"], task["attempt"]) for task, _ in publish)
+        for task, _ in publish:
+            self._queued.add((schedule_id, task["task_id"], task["attempt"]))
         if model_known is False or seed_known is False:
             self._waiting.add(schedule_id)  # every block looks again, and so does this node's next aggregate
         else:

@@ -244,3 +244,38 @@ def test_an_aggregate_this_node_made_lets_it_look_for_the_next_rounds_model_agai
     asyncio.run(node._done(TaskMessage("9-0", {"schedule_id": "s1", "task_id": "aggregate", "attempt": 1}, 1),
                            TaskOutcome("ab" * 32, {"samples": 3, "accuracy": 0.5, "loss": 0.1}, round_result=result), 0.0))
     assert asyncio.run(node._model_known("s2")) and looks == ["s2", "s2"]  # the same block, looked up again
+
+
+def test_tasks_made_runnable_together_are_published_once_and_remembered(tmp_path):
+    """One Redis round trip for the lot (publish_once_many); each remembered as queued, so the next
+    look (after the next block, or this node's next report) publishes nothing again."""
+    from trustmesh.stores.redis_client import connect
+    from trustmesh.stores.servers import RedisServer
+    from trustmesh.stores.task_queue import TaskQueue
+
+    async def looks(url):
+        node, reader = _node_reading(tmp_path, {t: {"status": "assigned", "attempt": 1} for t in ("p:1", "p:2")})
+        tasks = {t: {"kind": "preprocess", "node": "c", "attempt": 1, "fetch_dependency_outputs": []}
+                 for t in ("p:1", "p:2")}
+        node.context.rounds["s"] = {"assignments": {"schedule_id": "s", "order": ["p:1", "p:2"], "tasks": tasks}}
+        node.node = "c"
+        redis = await connect(url)
+        node.queue = TaskQueue(redis, "tasks_c")
+        published = []
+        many = node.queue.publish_once_many
+
+        async def counted(items, *args):
+            published.append(len(items))
+            return await many(items, *args)
+
+        node.queue.publish_once_many = counted
+        try:
+            await node.enqueue_runnable("s")
+            await node.enqueue_runnable("s")
+            assert published == [2, 0] and await redis.xlen("tasks_c") == 2
+            assert {("s", "p:1", 1), ("s", "p:2", 1)} <= set(node._queued)
+        finally:
+            await redis.aclose()
+
+    with RedisServer() as server:
+        asyncio.run(looks(server.url))
