@@ -110,7 +110,8 @@ class TaskQueue:
                                               args=[canonical_json(dict(task)), ttl_seconds])
         return as_text(message_id) if message_id else None
 
-    async def publish_once_many(self, tasks: list[tuple[Mapping, str]], ttl_seconds: int = 24 * 3600) -> list[str | None]:
+    async def publish_once_many(self, tasks: list[tuple[Mapping, str]],
+                                ttl_seconds: int = 24 * 3600) -> list[str | None]:
         """publish_once for each (task, marker), in one round trip (a round's hundreds of
         trainings become runnable together); each its own script call, so each stands alone."""
         if len(tasks) <= 1:

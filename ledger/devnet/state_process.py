@@ -2,8 +2,8 @@
 packed node rows out, over one end of a socket pair, until told to stop or the other end
 goes away.
 
-It imports only what it uses (merkle.py, node_rows.py, trustmesh/heap.py): it starts beside the validator, and
-the first block waits for it.
+It imports only what it uses (merkle.py, node_rows.py, trustmesh/heap.py): it starts beside
+the validator, and the first block waits for it.
 """
 
 from __future__ import annotations
