@@ -51,10 +51,13 @@ class Heartbeats:
     def key(self, node: str) -> str:
         return self.prefix + node
 
+    def _beat_call(self, node: str, info: Mapping | None) -> dict:
+        """_BEAT's KEYS and ARGV for one node's beat."""
+        return {"keys": [self.registry, self.key(node)], "args": [node, self.ttl_ms, canonical_json(dict(info or {}))]}
+
     async def beat(self, node: str, info: Mapping | None = None) -> None:
         """Say `node` is alive for the next ttl seconds; info: a small JSON-able map (role, load...)."""
-        await self._beat(keys=[self.registry, self.key(node)],
-                         args=[node, self.ttl_ms, canonical_json(dict(info or {}))])
+        await self._beat(**self._beat_call(node, info))
 
     async def beat_many(self, infos: Mapping[str, Mapping | None]) -> None:
         """beat() for many nodes in one round trip (the nodes of an IoT host: 500 calls every
@@ -65,8 +68,7 @@ class Heartbeats:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for node, info in infos.items():
-                await self._beat(keys=[self.registry, self.key(node)],
-                                 args=[node, self.ttl_ms, canonical_json(dict(info or {}))], client=pipe)
+                await self._beat(**self._beat_call(node, info), client=pipe)
             await pipe.execute()
 
     async def keep_beating(self, node: str, info: Mapping | Callable[[], Mapping] | None = None, *,

@@ -106,9 +106,12 @@ class TaskQueue:
         """Append a task unless `marker` is set, setting it in the same step (one script), so a
         crash can never leave the marker without the message; None if it was published before."""
         await self.ensure_group()
-        message_id = await self._publish_once(keys=[self.stream, marker],
-                                              args=[canonical_json(dict(task)), ttl_seconds])
+        message_id = await self._publish_once(**self._publish_call(task, marker, ttl_seconds))
         return as_text(message_id) if message_id else None
+
+    def _publish_call(self, task: Mapping, marker: str, ttl_seconds: int) -> dict:
+        """_PUBLISH_ONCE's KEYS and ARGV for one task."""
+        return {"keys": [self.stream, marker], "args": [canonical_json(dict(task)), ttl_seconds]}
 
     async def publish_once_many(self, tasks: list[tuple[Mapping, str]],
                                 ttl_seconds: int = 24 * 3600) -> list[str | None]:
@@ -119,8 +122,7 @@ class TaskQueue:
         await self.ensure_group()
         async with self.redis.pipeline(transaction=False) as pipe:
             for task, marker in tasks:
-                await self._publish_once(keys=[self.stream, marker], args=[canonical_json(dict(task)), ttl_seconds],
-                                         client=pipe)
+                await self._publish_once(**self._publish_call(task, marker, ttl_seconds), client=pipe)
             found = await pipe.execute()
         return [as_text(message_id) if message_id else None for message_id in found]
 
