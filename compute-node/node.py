@@ -39,7 +39,7 @@ from trustmesh.ledger.coalescing_rest import CoalescingRest
 from trustmesh.ledger.signing import load_or_create_key
 from trustmesh.machine import usable_cores
 from trustmesh.scheduling import events, layout, peers, schedule
-from trustmesh.scheduling.schedule import SETTLED
+from trustmesh.scheduling.schedule import MAX_REPORTS_PER_TRANSACTION, SETTLED
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.couch import CouchClient, CouchHistory
 from trustmesh.stores.data_envelope import load_or_create_keypair
@@ -460,13 +460,13 @@ class ComputeNode:
         if outcomes:
             LOGGER.info("%s: %d local_train tasks of round %s… trained together", self.name, len(live),
                         live[0].task["schedule_id"][:16])
+        self._done_together([(m, outcomes[m.task["task_id"]]) for m in live
+                             if isinstance(outcomes.get(m.task["task_id"]), TaskOutcome)], started)
         for message in live:
             outcome = outcomes.get(message.task["task_id"])
-            if isinstance(outcome, TaskOutcome):
-                await self._done(message, outcome, started, queue_next=False)
-            elif isinstance(outcome, TaskInputError):
+            if isinstance(outcome, TaskInputError):
                 self._failed(message, outcome)
-            else:
+            elif not isinstance(outcome, TaskOutcome):
                 await self._handle_safely(message)
         # What these trainings let run, looked for once: after each of a round's 500, that look
         # walked the round's 1,000 tasks (a fifth of a compute node's CPU at 1,000 participants).
@@ -530,25 +530,66 @@ class ComputeNode:
         LOGGER.warning("%s: task %s failed: %s", self.name, task_id, exc)
         txn = schedule.make_report_transaction(self.signer, sid, task_id, "failed", attempt=attempt,
                                                reason=str(exc)[:500])
-        self._report([txn], message.message_id)
+        self._report([txn], [message.message_id])
 
-    async def _done(self, message, outcome: TaskOutcome, started: float, *, queue_next: bool = True) -> None:
+    def _done_fields(self, message, outcome: TaskOutcome, started: float) -> tuple[dict, list[str]]:
+        """A done report's fields (make_report_transaction's from task_id on; a local_train's
+        starting_model is its lineage), and this node's uncommitted report transactions it must
+        come after. Until its report is committed, the task counts as done for this node."""
         sid, task_id, attempt = message.task["schedule_id"], message.task["task_id"], message.task["attempt"]
         metrics = report_metrics(outcome, started)
         built_on = [(sid, d) for d in outcome.dependencies] + list(outcome.built_on)
-        waits_for = [self._uncommitted[key] for key in built_on if key in self._uncommitted]
-        txns = [schedule.make_report_transaction(self.signer, sid, task_id, "done", output_digest=outcome.output_digest,
-                                                 metrics=metrics, attempt=attempt, dependencies=waits_for,
-                                                 starting_model=outcome.starting_model)]  # lineage of a local_train
+        waits_for = list(dict.fromkeys(self._uncommitted[key] for key in built_on if key in self._uncommitted))
+        return {"task_id": task_id, "status": "done", "output_digest": outcome.output_digest, "metrics": metrics,
+                "attempt": attempt, "starting_model": outcome.starting_model}, waits_for
+
+    def _reporting(self, schedule_id: str, fields: dict, txn_id: str) -> None:
+        """A done report is on its way in transaction txn_id: until it is committed (or refused),
+        this node's own tasks count it done and name that transaction as their dependency."""
+        self._uncommitted[schedule_id, fields["task_id"]] = txn_id
+        self.context.reported[schedule_id, fields["task_id"]] = {
+            "status": "done", "node": self.node, "attempt": fields["attempt"],
+            "output_digest": fields["output_digest"], "metrics": fields["metrics"]}
+
+    def _done_alone(self, message, fields: dict, waits_for: list[str]) -> None:
+        sid = message.task["schedule_id"]
+        txn = schedule.make_report_transaction(self.signer, sid, **fields, dependencies=waits_for)
+        self._reporting(sid, fields, txn.header_signature)
+        self._report([txn], [message.message_id], [(sid, fields["task_id"])])
+
+    def _done_together(self, done: list[tuple], started: float) -> None:
+        """Done reports of one round's trainings made together: one report_many transaction per
+        MAX_REPORTS_PER_TRANSACTION of them, instead of one transaction each (a lone one goes as a
+        plain report). Should the chain refuse one, its reports go again one by one, so that one
+        report the chain refuses does not hold up the others."""
+        for first in range(0, len(done), MAX_REPORTS_PER_TRANSACTION):
+            part = done[first:first + MAX_REPORTS_PER_TRANSACTION]
+            made = [(message, *self._done_fields(message, outcome, started)) for message, outcome in part]
+            if len(made) == 1:
+                self._done_alone(*made[0])
+                continue
+            sid = part[0][0].task["schedule_id"]
+            waits_for = list(dict.fromkeys(txn_id for _, _, waits in made for txn_id in waits))
+            txn = schedule.make_report_many_transaction(self.signer, sid, [fields for _, fields, _ in made],
+                                                        dependencies=waits_for)
+            for _, fields, _ in made:
+                self._reporting(sid, fields, txn.header_signature)
+            self._report([txn], [m.message_id for m, _, _ in made], [(sid, f["task_id"]) for _, f, _ in made],
+                         one_by_one=made)
+            LOGGER.info("%s: %d local_train tasks of round %s… reported in one transaction", self.name, len(made),
+                        sid[:16])
+
+    async def _done(self, message, outcome: TaskOutcome, started: float, *, queue_next: bool = True) -> None:
+        sid, task_id = message.task["schedule_id"], message.task["task_id"]
+        fields, waits_for = self._done_fields(message, outcome, started)
+        txns = [schedule.make_report_transaction(self.signer, sid, **fields, dependencies=waits_for)]
         if outcome.round_result is not None:  # same batch: the result stands or falls with the report
             r = outcome.round_result
             txns.append(schedule.make_round_result_transaction(
                 self.signer, sid, outcome.output_digest, r["participants"], r["aggregation_weights"], r["metrics"],
                 task_id=task_id, rejected=r.get("rejected"), server_state_digest=r.get("server_state_digest"),
                 privacy=r.get("privacy"), contributions=r.get("contributions"), submitted=r.get("submitted")))
-        self._uncommitted[sid, task_id] = txns[0].header_signature
-        self.context.reported[sid, task_id] = {"status": "done", "node": self.node, "attempt": attempt,
-                                               "output_digest": outcome.output_digest, "metrics": metrics}
+        self._reporting(sid, fields, txns[0].header_signature)
         if outcome.round_result is not None:
             assignments = (await self.context.round_inputs(sid))["assignments"]
             self.context.global_models[assignments["workflow_id"], assignments["round"]] = {
@@ -556,7 +597,7 @@ class ComputeNode:
                 "server_state_digest": outcome.round_result.get("server_state_digest"),
                 "next_clipping_norm": (outcome.round_result.get("privacy") or {}).get("next_clipping_norm")}
             self._models_made += 1  # the next round's trainings may start from it now, not a block later
-        self._report(txns, message.message_id, (sid, task_id))
+        self._report(txns, [message.message_id], [(sid, task_id)])
         if queue_next:
             await self._queue_next(sid, task_id)
         LOGGER.info("%s: %s done (%s…) %s", self.name, task_id, outcome.output_digest[:12],
@@ -571,17 +612,20 @@ class ComputeNode:
             LOGGER.warning("%s: could not queue the tasks after %s now; the next block will", self.name, after,
                            exc_info=True)
 
-    def _report(self, txns, message_id: str, completed: tuple[str, str] | None = None) -> None:
+    def _report(self, txns, message_ids: list[str], completed: list[tuple[str, str]] = (), *,
+                one_by_one: list[tuple] = ()) -> None:
         """Send a report in the background and go on with the next task at once. Reports go out
         in the order they were made, those made together in one POST (a report may name an
-        earlier one as a transaction dependency, which the validator must have seen first). The message is acked
-        when the report is committed: a node that dies before that finds it again on restart."""
-        self._awaiting_commit.add(message_id)
-        confirm = asyncio.get_running_loop().create_task(self._send(txns, message_id, completed))
+        earlier one as a transaction dependency, which the validator must have seen first). The
+        messages are acked when the report is committed: a node that dies before that finds them
+        again on restart. one_by_one: a report_many's (message, fields, waits_for), sent again
+        as plain reports should the chain refuse it."""
+        self._awaiting_commit.update(message_ids)
+        confirm = asyncio.get_running_loop().create_task(self._send(txns, message_ids, completed, one_by_one))
         self._confirming.add(confirm)
         confirm.add_done_callback(self._confirming.discard)
 
-    async def _send(self, txns, message_id: str, completed: tuple[str, str] | None) -> None:
+    async def _send(self, txns, message_ids: list[str], completed: list[tuple[str, str]], one_by_one) -> None:
         status = None
         try:
             # Reports made together go out together, in the order made (ledger/coalescing_rest.py),
@@ -592,29 +636,35 @@ class ComputeNode:
         except Exception:
             LOGGER.exception("%s: report %s… not sent or not answered; the task stays pending", self.name,
                              txns[0].header_signature[:16])
-        finally:  # the chain answers for this task from now on (a claim of the message asks it)
-            self._awaiting_commit.discard(message_id)
-            if completed is not None:
-                self._uncommitted.pop(completed, None)
-                reported = self.context.reported.pop(completed, None)
-                if status is not None and status["status"] == "COMMITTED" and reported is not None:
-                    self.context.remember_done(*completed, reported)  # as the chain now has it
-                for key, model in list(self.context.global_models.items()):
-                    if (model["schedule_id"], model["task_id"]) == completed:
-                        del self.context.global_models[key]
+        finally:  # the chain answers for these tasks from now on (a claim of a message asks it)
+            self._awaiting_commit.difference_update(message_ids)
+            committed = status is not None and status["status"] == "COMMITTED"
+            for key in completed:
+                self._uncommitted.pop(key, None)
+                reported = self.context.reported.pop(key, None)
+                if committed and reported is not None:
+                    self.context.remember_done(*key, reported)  # as the chain now has it
+                for model_key, model in list(self.context.global_models.items()):
+                    if (model["schedule_id"], model["task_id"]) == key:
+                        del self.context.global_models[model_key]
         if status is None:
             return
-        if status["status"] != "COMMITTED":
+        if not committed:
             problems = status.get("invalid_transactions") or []
             LOGGER.warning("%s: report not committed: %s", self.name, problems)
             if any(LOST_DEPENDENCY in (p.get("message") or "") for p in problems):
                 # An earlier report it named was lost with a validator restart (and is being sent
-                # again): leave the message pending; the stream hands it out again and the task
-                # runs once more with a report the chain can take.
+                # again): leave the messages pending; the stream hands them out again and the
+                # tasks run once more with reports the chain can take.
                 return
-        await self.link.call(lambda: self.queue.ack(message_id))
-        if completed is not None and status["status"] == "COMMITTED":
-            self.completed.append(completed)
+            if one_by_one:
+                LOGGER.warning("%s: sending its %d reports one by one", self.name, len(one_by_one))
+                for message, fields, waits_for in one_by_one:
+                    self._done_alone(message, fields, waits_for)
+                return
+        await self.link.call(lambda: self.queue.ack(*message_ids))
+        if committed:
+            self.completed.extend(completed)
 
     async def stop(self) -> None:
         await cancel_and_wait([*self._tasks, *self._confirming])

@@ -205,13 +205,14 @@ class TaskQueue:
             messages += await self._decode(entries, counted=True)
         return messages
 
-    async def ack(self, message_id: str) -> bool:
-        """Done with a task: acknowledge and delete it. False if it was not pending (already acked)."""
+    async def ack(self, *message_ids: str) -> bool:
+        """Done with these tasks (one, or those of one report): acknowledge and delete them, in
+        one round trip. False if any was not pending (already acked)."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.stream, self.group, message_id)
-            pipe.xdel(self.stream, message_id)
+            pipe.xack(self.stream, self.group, *message_ids)
+            pipe.xdel(self.stream, *message_ids)
             acked, _ = await pipe.execute()
-        return bool(acked)
+        return acked == len(message_ids)
 
     async def pending(self, consumer: str | None = None, *, count: int = 100) -> list[dict]:
         """Pending messages: [{message_id, consumer, idle_ms, deliveries}]."""

@@ -8,6 +8,7 @@ import asyncio
 from helpers.ledger_helpers import run, running_processor
 from trustmesh.compute_node.node import ComputeNode, _all_done
 from trustmesh.ledger import protos as pb
+from trustmesh.ledger import payload as cbor
 from trustmesh.ledger.events import BlockEvents
 from trustmesh.scheduling import events
 from trustmesh.compute_node.tasks import TaskContext
@@ -207,12 +208,14 @@ def test_a_batch_of_trainings_looks_once_for_what_it_lets_run(tmp_path, monkeypa
         return {t: TaskOutcome("ab" * 32, {"samples": 3, "accuracy": 0.5, "loss": 0.1}) for t in task_ids}
 
     node.enqueue_runnable = enqueue_runnable
-    node._report = lambda txns, message_id, completed=None: reported.append(message_id)
+    node._report = lambda txns, message_ids, completed=(), **kw: reported.append(
+        ([cbor.decode(t.payload)["action"] for t in txns], message_ids))
     monkeypatch.setattr(node_module, "run_local_trains", trained)
     node._queued = {("s", f"train:{i}", 1) for i in range(5)}  # queued by this node: no status read first
     asyncio.run(node._handle_trains([TaskMessage(f"{i}-0", {"schedule_id": "s", "task_id": f"train:{i}", "attempt": 1}, 1)
                                      for i in range(5)]))
-    assert reported == [f"{i}-0" for i in range(5)] and looks == ["s"]
+    assert looks == ["s"]
+    assert reported == [(["report_many"], [f"{i}-0" for i in range(5)])]  # one transaction for the five
 
 
 
@@ -236,7 +239,7 @@ def test_an_aggregate_this_node_made_lets_it_look_for_the_next_rounds_model_agai
 
     monkeypatch.setattr(node_module, "starting_model_known", model_known)
     node.enqueue_runnable = enqueue_runnable
-    node._report = lambda txns, message_id, completed=None: None
+    node._report = lambda txns, message_ids, completed=(), **kw: None
     node._take_up(_block(4))
     assert not asyncio.run(node._model_known("s2")) and not asyncio.run(node._model_known("s2"))
     assert looks == ["s2"]  # missing: looked up once in this block

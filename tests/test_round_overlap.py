@@ -220,8 +220,8 @@ def test_reports_go_out_in_the_order_they_were_made_while_the_next_task_runs(tmp
             return [{"id": i, "status": "COMMITTED"} for i in ids]
 
     class _Queue:
-        async def ack(self, message_id):
-            acked.append(message_id)
+        async def ack(self, *message_ids):
+            acked.extend(message_ids)
 
     node.queue, node.context = _Queue(), TaskContext("n", None, None, None)
     node.link = RedisLink(None, node.redis_url, node.name)  # acks go through it (waiting out Redis)
@@ -231,11 +231,11 @@ def test_reports_go_out_in_the_order_they_were_made_while_the_next_task_runs(tmp
         node.rest = _Rest("http://127.0.0.1:1")
         txns = [schedule.make_report_transaction(node.signer, "a" * 64, f"t{i}", "failed", attempt=1, reason="x")
                 for i in range(4)]
-        node._report([txns[0]], "0-0")  # returns at once: the caller goes on with its next task
+        node._report([txns[0]], ["0-0"])  # returns at once: the caller goes on with its next task
         assert sent == [] and node._awaiting_commit == {"0-0"}
         await asyncio.sleep(COALESCE_WINDOW * 4)  # its POST is out (and slow) before the next reports
         for i, txn in enumerate(txns[1:], 1):
-            node._report([txn], f"{i}-0")
+            node._report([txn], [f"{i}-0"])
         await asyncio.gather(*node._confirming)
         await node.rest.close()
         return [t.header_signature for t in txns]
@@ -243,6 +243,55 @@ def test_reports_go_out_in_the_order_they_were_made_while_the_next_task_runs(tmp
     made = asyncio.run(scenario())
     assert posts == [1, 3], "reports made together share a POST"
     assert sent == made and acked == ["0-0", "1-0", "2-0", "3-0"] and not node._awaiting_commit
+
+
+def test_trainings_made_together_are_reported_in_one_transaction_and_one_by_one_if_it_is_refused(tmp_path):
+    """One report_many for a round's trainings made together; should the chain refuse it (one of
+    its reports, say, for a task moved meanwhile), each report goes again alone, so the others
+    still commit, and every message is acked once its own report is settled."""
+    from trustmesh.compute_node.tasks import TaskOutcome
+    from trustmesh.ledger import payload as cbor
+    from trustmesh.ledger.coalescing_rest import CoalescingRest
+    from trustmesh.stores.task_queue import TaskMessage
+
+    node = ComputeNode("c", tmp_path, validator_url="tcp://127.0.0.1:1", rest_url="http://127.0.0.1:1",
+                       redis_url="redis://127.0.0.1:1")
+    sent, refused, acked = [], set(), []
+
+    class _Rest(CoalescingRest):  # the chain refuses the first batch (the report_many), takes the rest
+        async def submit_batches(self, batches):
+            if not sent:
+                refused.update(b.header_signature for b in batches)
+            sent.extend([cbor.decode(t.payload)["action"] for t in b.transactions] for b in batches)
+            return [b.header_signature for b in batches]
+
+        async def batch_statuses(self, ids, wait=None):
+            return [{"id": i, "status": "INVALID", "invalid_transactions": [
+                        {"message": "report 2 of 3 (task 't1'): task 't1' is assigned to node 02ab…"}]}
+                    if i in refused else {"id": i, "status": "COMMITTED"} for i in ids]
+
+    class _Queue:
+        async def ack(self, *message_ids):
+            acked.append(sorted(message_ids))
+
+    node.queue, node.context = _Queue(), TaskContext("n", None, None, None)
+    node.link = RedisLink(None, node.redis_url, node.name)
+    sid = "a" * 64
+    messages = [TaskMessage(f"{i}-0", {"schedule_id": sid, "task_id": f"t{i}", "attempt": 1}, 1) for i in range(3)]
+
+    async def scenario():
+        node.rest = _Rest("http://127.0.0.1:1")
+        node._done_together([(m, TaskOutcome("ab" * 32, {"samples": 3})) for m in messages], 0.0)
+        assert node._awaiting_commit == {"0-0", "1-0", "2-0"} and len(set(node._uncommitted.values())) == 1
+        while node._confirming:  # the report_many, then the three sent again alone
+            await asyncio.gather(*list(node._confirming))
+        await node.rest.close()
+
+    asyncio.run(scenario())
+    assert sent[0] == ["report_many"] and sent[1:] == [["report"]] * 3
+    assert sorted(acked) == [["0-0"], ["1-0"], ["2-0"]]  # each once, after its own report committed
+    assert sorted(node.completed) == [(sid, f"t{i}") for i in range(3)]
+    assert not node._awaiting_commit and not node._uncommitted and not node.context.reported
 
 
 def test_what_a_node_remembers_of_queued_tasks_is_bounded():

@@ -39,7 +39,7 @@ import hashlib
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import aiohttp
@@ -51,6 +51,7 @@ from trustmesh import endpoints as network
 from trustmesh.ledger import payload as cbor
 from trustmesh.ledger import protos as pb
 from trustmesh.ledger import signing
+from trustmesh.ledger.processor import InvalidTransaction
 from trustmesh.ledger.rest_client import RestClient, RestError
 from trustmesh.scheduling import layout
 from trustmesh.fl.strategies import STRATEGIES
@@ -59,6 +60,7 @@ from trustmesh.scheduling.reader import FederationReader, expand
 from trustmesh.scheduling.workflow_groups import complete
 from trustmesh.fl import screening
 from trustmesh.scheduling.schedule import StartingModel, lineage_problem
+from trustmesh.scheduling.schedule.checks import reports_in
 from trustmesh.stores.couch import CouchClient, CouchError, CouchHistory, DigestMismatch
 from trustmesh.stores.blobs import BlobCorrupted, BlobError, BlobNotFound, BlobStore
 from trustmesh.stores.redis_client import connect
@@ -794,7 +796,19 @@ _SIGNER_RULES: dict[str, Callable[[SignedAction, _Round], tuple[bool, str]]] = {
 }  # close_round, assign and reassign: anyone may send them
 
 
+def _as_reports(a: SignedAction) -> list[SignedAction]:
+    """A verified report_many stands for the reports it lists, each checked as a report signed
+    by its signer (schedule.reports_in, as the rule reads it); any other action for itself."""
+    if a.problem is not None or a.family != layout.SCHEDULE_FAMILY or a.action != "report_many":
+        return [a]
+    try:
+        return [replace(a, body=body) for body in reports_in(a.body)]
+    except InvalidTransaction as exc:  # the validator never commits one: say so rather than skip it
+        return [replace(a, problem=f"its reports do not read as reports ({exc.message})")]
+
+
 def _check_round_transactions(audit: RoundAudit, actions: Sequence[SignedAction], rnd: _Round) -> None:
+    actions = [each for a in actions for each in _as_reports(a)]
     for a in actions:
         if not audit.check(a.problem is None, f"{a}: {a.problem}"):
             continue

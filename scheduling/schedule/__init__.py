@@ -25,6 +25,12 @@ Actions (canonical-CBOR map {"action": ..., ...}; unknown fields are refused):
       of the latest earlier round that has a round result, every round in between having timed
       out. base_model_digest is absent when training started from the initial weights (no
       earlier round has a model); it belongs to local_train done reports only.
+  report_many   {schedule_id, reports: [{task_id, status, ...report's other fields}, ...]}
+      1 to MAX_REPORTS_PER_TRANSACTION reports of one round by one node, distinct tasks: each is
+      exactly the report it lists (same fields, same rule), applied in order, each seeing what
+      the earlier ones wrote; one invalid report makes the whole transaction invalid, its message
+      saying which. A compute node sends the trainings of a round it made together this way: one
+      transaction through the validator instead of one each. The audit reads each as a report.
   reassign      {schedule_id, task_id}
       Anyone, once chain time is past the task's deadline and the task is not done (and, for a
       task that is not failed, once its dependencies are done: a task waiting for inputs cannot
@@ -103,7 +109,8 @@ from __future__ import annotations
 from .spec import (  # noqa: F401
     FAMILY_NAME, FAMILY_VERSION, NAMESPACE, ACTIONS, TASK_KINDS, REPORT_STATUSES,
     DEFAULT_DEADLINE_SECONDS, MAX_DEADLINE_SECONDS, MAX_QUEUE_SKEW, MAX_METRICS, MAX_REASON_CHARS,
-    MAX_REJECT_REASON_CHARS, PRIVACY_FIELDS, TASK_STATUS_PREFIX, NODE_LOAD_PREFIX, TASK_ID, METRIC_NAME, SETTLED,
+    MAX_REJECT_REASON_CHARS, MAX_REPORTS_PER_TRANSACTION, PRIVACY_FIELDS, TASK_STATUS_PREFIX, NODE_LOAD_PREFIX,
+    TASK_ID, METRIC_NAME, SETTLED,
 )
 from .placement import (  # noqa: F401
     resource_points, empty_load, responsive, node_score, tie_break, rank_nodes,
@@ -115,10 +122,11 @@ from .handler import (  # noqa: F401
     ScheduleHandler,
 )
 from .client import (  # noqa: F401
-    assign_payload, report_payload, reassign_payload, round_result_payload,
+    assign_payload, report_fields, report_payload, report_many_payload, reassign_payload, round_result_payload,
     make_secagg_keys_transaction, make_secagg_shares_transaction, make_secagg_unmask_transaction,
     make_drop_update_transaction,
     reveal_noise_payload, make_reveal_noise_transaction, make_assign_transaction,
-    make_report_transaction, make_reassign_transaction, make_round_result_transaction, tasks_of_node,
+    make_report_transaction, make_report_many_transaction, make_reassign_transaction, make_round_result_transaction,
+    tasks_of_node,
     decode_record, _encode,
 )

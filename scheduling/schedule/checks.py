@@ -8,7 +8,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from trustmesh.ledger.processor import InvalidTransaction
 
 from ..common import check_fields, HEX64, require, require_match, shown
-from .spec import MAX_METRICS, MAX_REJECT_REASON_CHARS, METRIC_NAME, PRIVACY_FIELDS, TASK_ID, _FIELDS
+from .spec import (MAX_METRICS, MAX_REJECT_REASON_CHARS, MAX_REPORTS_PER_TRANSACTION, METRIC_NAME, PRIVACY_FIELDS,
+                   TASK_ID, _FIELDS)
 
 
 def _check_fields(action: str, body: Mapping) -> None:
@@ -49,6 +50,32 @@ def _schedule_id(body: Mapping) -> str:
 
 def _task_id(body: Mapping) -> str:
     return require_match(body, "task_id", TASK_ID, "a task instance id from the round's assignments")
+
+
+def reports_in(body: Mapping) -> list[dict]:
+    """A report_many's reports as the report bodies they stand for, in order: each is checked and
+    applied as that report would be (the rule), and the audit reads each as one signed report."""
+    schedule_id = _schedule_id(body)
+    reports = require(body, "reports", list)
+    if not 1 <= len(reports) <= MAX_REPORTS_PER_TRANSACTION:
+        raise InvalidTransaction(f"payload field 'reports' holds {len(reports)} reports; a report_many carries "
+                                 f"1 to {MAX_REPORTS_PER_TRANSACTION} (send more in several)")
+    bodies, seen = [], set()
+    for position, entry in enumerate(reports):
+        if not isinstance(entry, dict):
+            raise InvalidTransaction(f"payload field 'reports': entry {position} must be a map, got {shown(entry)}")
+        if "schedule_id" in entry or "action" in entry:
+            raise InvalidTransaction(f"payload field 'reports': entry {position} names its own schedule_id or "
+                                     f"action; the report_many's schedule_id holds for all its reports")
+        report = {"action": "report", "schedule_id": schedule_id, **entry}
+        _check_fields("report", report)
+        task_id = _task_id(report)
+        if task_id in seen:
+            raise InvalidTransaction(f"payload field 'reports': task {task_id!r} is reported twice; once per "
+                                     f"report_many")
+        seen.add(task_id)
+        bodies.append(report)
+    return bodies
 
 
 

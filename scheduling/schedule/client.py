@@ -26,14 +26,25 @@ def assign_payload(schedule_id: str, deadline_seconds: int | None = None) -> byt
     return _encode("assign", {"schedule_id": schedule_id, "deadline_seconds": deadline_seconds})
 
 
-def report_payload(schedule_id: str, task_id: str, status: str, *, output_digest: str | None = None,
-                   metrics: Mapping[str, float] | None = None, attempt: int | None = None,
-                   reason: str | None = None, base_model_digest: str | None = None) -> bytes:
-    """base_model_digest: a local_train done report's starting model; None (left out) for the
-    initial weights and for every other report."""
-    return _encode("report", {"schedule_id": schedule_id, "task_id": task_id, "status": status,
-                              "output_digest": output_digest, "metrics": dict(metrics) if metrics is not None else None,
-                              "attempt": attempt, "reason": reason, "base_model_digest": base_model_digest})
+def report_fields(task_id: str, status: str, *, output_digest: str | None = None,
+                  metrics: Mapping[str, float] | None = None, attempt: int | None = None,
+                  reason: str | None = None, base_model_digest: str | None = None) -> dict:
+    """One report's fields but its schedule_id (what a report_many lists); those left None are
+    left out. base_model_digest: a local_train done report's starting model; None for the initial
+    weights and for every other report."""
+    fields = {"task_id": task_id, "status": status, "output_digest": output_digest,
+              "metrics": dict(metrics) if metrics is not None else None, "attempt": attempt, "reason": reason,
+              "base_model_digest": base_model_digest}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def report_payload(schedule_id: str, task_id: str, status: str, **fields) -> bytes:
+    return _encode("report", {"schedule_id": schedule_id, **report_fields(task_id, status, **fields)})
+
+
+def report_many_payload(schedule_id: str, reports: Sequence[Mapping[str, Any]]) -> bytes:
+    """reports: report_fields(...) of each, in the order the rule applies them."""
+    return _encode("report_many", {"schedule_id": schedule_id, "reports": [dict(r) for r in reports]})
 
 
 def reassign_payload(schedule_id: str, task_id: str) -> bytes:
@@ -134,24 +145,44 @@ def make_assign_transaction(signer, schedule_id: str, workflow_id: str, *, deadl
     return _transaction(signer, assign_payload(schedule_id, deadline_seconds), inputs, outputs, **kwargs)
 
 
+def _report_addresses(signer, schedule_id: str, starting_models: Sequence[StartingModel | None]):
+    """Inputs and outputs of reports by `signer` in one round: the records the rule writes, and
+    those the lineage rule reads for each StartingModel."""
+    node_load = layout.node_load_address(signer.public_key().as_hex())
+    assignments = layout.assignments_address(schedule_id)
+    result = layout.round_result_address(schedule_id)
+    inputs = [assignments, TASK_STATUS_PREFIX, node_load, result, layout.BLOCK_INFO_NS]
+    outputs = [assignments, TASK_STATUS_PREFIX, node_load, result]
+    for model in starting_models:
+        if model is not None:
+            inputs += [a for a in model.inputs if a not in inputs]
+    return inputs, outputs
+
+
 def make_report_transaction(signer, schedule_id: str, task_id: str, status: str, *, output_digest: str | None = None,
                             metrics: Mapping[str, float] | None = None, attempt: int | None = None,
                             reason: str | None = None, starting_model: StartingModel | None = None, **kwargs):
     """Signed by the task's node (its load record is the signer's). A local_train done report
     passes the StartingModel it trained from (FederationReader.starting_model): its digest
     becomes base_model_digest, and the records the lineage rule reads become inputs."""
-    node_load = layout.node_load_address(signer.public_key().as_hex())
-    assignments = layout.assignments_address(schedule_id)
-    result = layout.round_result_address(schedule_id)
-    inputs = [assignments, TASK_STATUS_PREFIX, node_load, result, layout.BLOCK_INFO_NS]
-    outputs = [assignments, TASK_STATUS_PREFIX, node_load, result]
-    base = None
-    if starting_model is not None:
-        base = starting_model.digest
-        inputs += [a for a in starting_model.inputs if a not in inputs]
+    inputs, outputs = _report_addresses(signer, schedule_id, [starting_model])
     payload = report_payload(schedule_id, task_id, status, output_digest=output_digest, metrics=metrics,
-                             attempt=attempt, reason=reason, base_model_digest=base)
+                             attempt=attempt, reason=reason,
+                             base_model_digest=starting_model.digest if starting_model is not None else None)
     return _transaction(signer, payload, inputs, outputs, **kwargs)
+
+
+def make_report_many_transaction(signer, schedule_id: str, reports: Sequence[Mapping[str, Any]], **kwargs):
+    """Several reports of one round by one node, in one transaction (at most
+    MAX_REPORTS_PER_TRANSACTION). reports: make_report_transaction's arguments after status, as a
+    map with task_id and status; a local_train done report passes its starting_model likewise."""
+    inputs, outputs = _report_addresses(signer, schedule_id, [r.get("starting_model") for r in reports])
+    entries = []
+    for r in reports:
+        fields = {k: v for k, v in r.items() if k != "starting_model"}
+        model = r.get("starting_model")
+        entries.append(report_fields(base_model_digest=model.digest if model is not None else None, **fields))
+    return _transaction(signer, report_many_payload(schedule_id, entries), inputs, outputs, **kwargs)
 
 
 def make_reassign_transaction(signer, schedule_id: str, task_id: str, **kwargs):

@@ -14,7 +14,9 @@ from .. import events, federation_records, layout
 from ..common import (CLOCK_CONFIG_ADDRESS, HEX64, PUBLIC_KEY, chain_time, clock_address, emit, prefetch, read_record,
                       read_record_to_look_at, require, require_int, require_match, shown, write_records)
 from .spec import MAX_REASON_CHARS, REPORT_STATUSES, SETTLED, _RANK
-from .checks import _contributions, _metrics, _number, _privacy, _rejected, _schedule_id, _task_id, by_position
+from ..staged_writes import StagedWrites
+from .checks import (_contributions, _metrics, _number, _privacy, _rejected, _schedule_id, _task_id, by_position,
+                     reports_in)
 from .task_graph import _final_aggregates
 from .lineage import LineageUnknown, lineage_problem, starting_model
 
@@ -148,6 +150,26 @@ class ReportRules:
         await emit(context, events.TASK_STATUS_EVENTS[status], **event)
         if status == "done" and finalized is not None:
             await self._emit_finalized(context, finalized)
+
+    # -- report_many -------------------------------------------------------------------------
+
+    async def _report_many(self, body: dict, signer: str, context) -> None:
+        """Each report applied in order as a report transaction of its own would be, each seeing
+        what the earlier ones wrote, and all written together: the trainings of one round that a
+        node made together pass the validator as one transaction, not one each."""
+        reports = reports_in(body)
+        schedule_id = reports[0]["schedule_id"]
+        # every status the reports read first, in one round trip (each report's own prefetch then finds them)
+        await prefetch(context, [layout.task_status_address(schedule_id, r["task_id"]) for r in reports]
+                       + [layout.node_load_address(signer), CLOCK_CONFIG_ADDRESS])
+        staged = StagedWrites(context)
+        for position, report in enumerate(reports):
+            try:
+                await self._report(report, signer, staged)
+            except InvalidTransaction as exc:
+                raise InvalidTransaction(f"report {position + 1} of {len(reports)} (task {report['task_id']!r}): "
+                                         f"{exc.message}", exc.extended_data) from None
+        await staged.commit()
 
     async def _unsettled_inputs(self, context, schedule_id: str, task: Mapping, status: Mapping,
                                 known: Mapping[str, Mapping]) -> int:

@@ -14,8 +14,8 @@ FAMILY_NAME = layout.SCHEDULE_FAMILY
 FAMILY_VERSION = layout.VERSION
 NAMESPACE = layout.SCHEDULE_NS
 
-ACTIONS = ("assign", "report", "reassign", "round_result", "reveal_noise", "drop_update", "secagg_keys", "secagg_shares",
-           "secagg_unmask")
+ACTIONS = ("assign", "report", "report_many", "reassign", "round_result", "reveal_noise", "drop_update",
+           "secagg_keys", "secagg_shares", "secagg_unmask")
 from ..definition_tasks import TASK_KINDS  # noqa: E402,F401  (the definition's, one list)
 REPORT_STATUSES = ("running", "done", "failed")
 DEFAULT_DEADLINE_SECONDS = 300
@@ -23,6 +23,9 @@ MAX_DEADLINE_SECONDS = 7 * 24 * 3600
 MAX_QUEUE_SKEW = 2
 MAX_METRICS = 32
 MAX_REASON_CHARS = 500
+# reports one report_many carries: a compute node's trainings of one round made together (its
+# batch of up to 64 is ~20 KB of payload, well inside the family's 64 KiB)
+MAX_REPORTS_PER_TRANSACTION = 64
 MAX_REJECT_REASON_CHARS = screening.MAX_REASON_CHARS  # per rejected update in a round result
 # a round result's optional `privacy` record (fl/dp_round.py writes it; the audit recomputes it)
 PRIVACY_FIELDS = ("epsilon", "delta", "noise_multiplier", "clipping_norm", "noise_std", "clipped",
@@ -40,6 +43,7 @@ _FIELDS = {
     "assign": ({"schedule_id"}, {"deadline_seconds"}),
     "report": ({"schedule_id", "task_id", "status"},
                {"output_digest", "metrics", "attempt", "reason", "base_model_digest"}),
+    "report_many": ({"schedule_id", "reports"}, set()),  # reports: [report's fields but schedule_id]
     "reassign": ({"schedule_id", "task_id"}, set()),
     "round_result": (
         {"schedule_id", "global_model_digest", "participants", "aggregation_weights", "metrics"},
