@@ -535,7 +535,7 @@ class ComputeNode:
     def _done_fields(self, message, outcome: TaskOutcome, started: float) -> tuple[dict, list[str]]:
         """A done report's fields (make_report_transaction's from task_id on; a local_train's
         starting_model is its lineage), and this node's uncommitted report transactions it must
-        come after. Until its report is committed, the task counts as done for this node."""
+        come after."""
         sid, task_id, attempt = message.task["schedule_id"], message.task["task_id"], message.task["attempt"]
         metrics = report_metrics(outcome, started)
         built_on = [(sid, d) for d in outcome.dependencies] + list(outcome.built_on)
