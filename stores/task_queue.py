@@ -116,11 +116,13 @@ class TaskQueue:
     async def publish_once_many(self, tasks: list[tuple[Mapping, str]],
                                 ttl_seconds: int = 24 * 3600) -> list[str | None]:
         """publish_once for each (task, marker), in one round trip (a round's hundreds of
-        trainings become runnable together); each its own script call, so each stands alone."""
+        trainings become runnable together); each its own script call, so each stands alone.
+        In MULTI/EXEC: a worker blocked reading the stream wakes once all are in and takes them
+        together, not after the first script (it then trained one alone before the rest)."""
         if len(tasks) <= 1:
             return [await self.publish_once(task, marker, ttl_seconds) for task, marker in tasks]
         await self.ensure_group()
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.redis.pipeline(transaction=True) as pipe:
             for task, marker in tasks:
                 await self._publish_once(**self._publish_call(task, marker, ttl_seconds), client=pipe)
             found = await pipe.execute()

@@ -429,6 +429,24 @@ async def test_publish_once_many_publishes_each_unmarked_task_once_in_one_round_
     await redis.aclose()
 
 
+async def test_a_worker_blocked_on_the_stream_takes_tasks_published_together_in_one_read(redis_url):
+    """A compute node waiting for work wakes once a round's trainings are all in, and trains them
+    together: woken after the first of them, it trained that one alone before the rest."""
+    redis = await fresh(redis_url)
+    queue = TaskQueue(redis, "tasks_together")
+    await queue.ensure_group()
+    waiting = asyncio.ensure_future(queue.read("worker", count=64, block_ms=5000))
+    await asyncio.sleep(0.2)  # the read is blocked in Redis
+    await queue.publish_once_many([({"task_id": f"t{i}"}, f"marker_t{i}") for i in range(20)])
+    messages = await asyncio.wait_for(waiting, 10)
+    assert [m.task["task_id"] for m in messages] == [f"t{i}" for i in range(20)]
+    # and acked together, in one round trip: True only when every one was still pending
+    assert await queue.ack(*[m.message_id for m in messages[:10]]) is True
+    assert await queue.ack(*[m.message_id for m in messages[5:]]) is False
+    assert await queue.pending() == []
+    await redis.aclose()
+
+
 def test_a_restarted_consumer_recovers_its_own_pending_task_at_once(redis_url):
     stream = "tasks_restart"
 
