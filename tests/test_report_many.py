@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 
 from helpers.dict_ledger import DictLedger
-from test_schedule_family import (COMPUTE, COORDINATOR, IOT, LINEAR, SIMPLE, assignments, batch, expect_invalid, ledger,
-                                  ok, open_round, output, pub, raw, register_batches, report, task_status)
+from test_schedule_family import (COMPUTE, COORDINATOR, IOT, LINEAR, SIMPLE, assigned, batch, count_requests,
+                                  expect_invalid, ledger, ok, output, pub, raw, register_batches, report, task_status)
 from test_schedule_family import chain  # noqa: F401  (the module's validator with both compute nodes registered)
 from trustmesh import audit
 from trustmesh.scheduling import schedule
-from trustmesh.scheduling.schedule import MAX_REPORTS_PER_TRANSACTION, make_assign_transaction
+from trustmesh.scheduling.schedule import MAX_REPORTS_PER_TRANSACTION
 
 NODE = COMPUTE[0]  # the only compute node registered: every task of the round is its
 
@@ -22,9 +22,7 @@ NODE = COMPUTE[0]  # the only compute node registered: every task of the round i
 async def _assigned(workflow_id: str, tasks=SIMPLE) -> tuple[DictLedger, str, dict]:
     ledger = DictLedger()
     await ok(ledger, register_batches()[0])
-    sid = await open_round(ledger, workflow_id, tasks)
-    await ok(ledger, batch(COORDINATOR, make_assign_transaction(COORDINATOR, sid, workflow_id)))
-    return ledger, sid, await assignments(ledger, sid)
+    return ledger, *await assigned(ledger, workflow_id, tasks)
 
 
 def _trains(record_: dict) -> list[str]:
@@ -161,31 +159,19 @@ def test_a_full_report_many_fits_the_family_payload_limit(count):
 async def test_through_the_validator_a_report_many_reads_in_two_round_trips_and_writes_in_one(chain, monkeypatch):
     """However many reports it carries: every status and the node's load at once, then what those
     name (the aggregate's status, the clock); all writes in one request at the end."""
-    from trustmesh.ledger import processor as runtime
-    from trustmesh.ledger import protos as pb
-
-    asked = []
-    plain_call = runtime.Context._call
-
-    async def counted(self, request_type, *args, **kwargs):
-        asked.append(pb.message_type_name(request_type))
-        return await plain_call(self, request_type, *args, **kwargs)
-
-    workflow_id = "many-trips"
     async with ledger(chain) as client:
-        sid = await open_round(client, workflow_id, SIMPLE)
-        await ok(client, batch(COORDINATOR, make_assign_transaction(COORDINATOR, sid, workflow_id)))
-        record_ = await assignments(client, sid)
+        sid, record_ = await assigned(client, "many-trips")
         by_node: dict[str, list[str]] = {}
         for t in _trains(record_):
             by_node.setdefault(record_["tasks"][t]["node"], []).append(t)
         node_key, trains = max(by_node.items(), key=lambda item: len(item[1]))
         signer = next(k for k in COMPUTE if pub(k) == node_key)
         assert len(trains) >= 2, by_node  # three trainings on two compute nodes
-        monkeypatch.setattr(runtime.Context, "_call", counted)
+        requests = count_requests(monkeypatch)
         txn = schedule.make_report_many_transaction(signer, sid, [_fields(t) for t in trains])
         await ok(client, batch(signer, txn))
         monkeypatch.undo()
+        asked = [kind for _, kind in requests]
         assert [(await task_status(client, sid, t))["status"] for t in trains] == ["done"] * len(trains)
     assert asked.count("TP_STATE_GET_REQUEST") == 2 and asked.count("TP_STATE_SET_REQUEST") == 1, asked
     assert asked.count("TP_EVENT_ADD_REQUEST") == len(trains)

@@ -184,6 +184,30 @@ async def open_round(client, workflow_id, tasks, *, submitters=IOT, **options) -
     return sid
 
 
+async def assigned(client, workflow_id: str, tasks=SIMPLE) -> tuple[str, dict]:
+    """A round of `tasks` opened, submitted to by every IoT node and assigned: (schedule_id, its assignments)."""
+    sid = await open_round(client, workflow_id, tasks)
+    await ok(client, batch(COORDINATOR, make_assign_transaction(COORDINATOR, sid, workflow_id)))
+    return sid, await assignments(client, sid)
+
+
+def count_requests(monkeypatch) -> list[tuple[str, str]]:
+    """(context id, message type) of each request a processor's context sends the validator from
+    now on: each is a round trip through the validator."""
+    from trustmesh.ledger import processor as runtime
+    from trustmesh.ledger import protos as pb
+
+    asked = []
+    plain_call = runtime.Context._call
+
+    async def counted(self, request_type, *args, **kwargs):
+        asked.append((self.context_id, pb.message_type_name(request_type)))
+        return await plain_call(self, request_type, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.Context, "_call", counted)
+    return asked
+
+
 def signer_of_node(node_key: str) -> PrivateKey:
     return {pub(k): k for k in [*IOT, *COMPUTE]}[node_key]
 
@@ -435,26 +459,13 @@ async def test_round_runs_to_a_final_result_when_evaluate_finishes_last(chain):
 async def test_a_training_report_reads_state_in_two_round_trips_through_the_validator(chain, monkeypatch):
     """Its status, its node's load and the clock's config together, then its dependents' statuses
     and the clock's block together: five requests, each a round trip through the validator, before."""
-    from trustmesh.ledger import processor as runtime
-    from trustmesh.ledger import protos as pb
-
-    asked = []
-    plain_call = runtime.Context._call
-
-    async def counted(self, request_type, *args, **kwargs):
-        if request_type == pb.Message.TP_STATE_GET_REQUEST:
-            asked.append(self.context_id)
-        return await plain_call(self, request_type, *args, **kwargs)
-
-    workflow_id = "few-trips"
     async with ledger(chain) as client:
-        sid = await open_round(client, workflow_id, SIMPLE)
-        await ok(client, batch(COORDINATOR, make_assign_transaction(COORDINATOR, sid, workflow_id)))
-        record_ = await assignments(client, sid)
+        sid, record_ = await assigned(client, "few-trips")
         train = next(t for t, a in record_["tasks"].items() if a["kind"] == "local_train")
-        monkeypatch.setattr(runtime.Context, "_call", counted)
+        asked = count_requests(monkeypatch)
         await ok(client, report(sid, record_, train, "done", output_digest=output(train)))
-    assert len(asked) == 2 and len(set(asked)) == 1, asked
+    reads = [context for context, kind in asked if kind == "TP_STATE_GET_REQUEST"]
+    assert len(reads) == 2 and len(set(reads)) == 1, asked
 
 
 async def test_round_is_final_at_once_when_evaluate_finished_before_the_result(client):
