@@ -16,7 +16,6 @@ import itertools
 import logging
 import os
 import uuid
-import weakref
 from typing import Awaitable, Callable
 
 import zmq
@@ -53,27 +52,6 @@ _SNDMORE = int(zmq.SNDMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
-
-
-_BATCH_CONTEXTS: "weakref.WeakSet[zmq.asyncio.Context]" = weakref.WeakSet()
-
-
-def shared_context() -> zmq.asyncio.Context:
-    """The process's ZMQ context, its I/O thread scheduled SCHED_BATCH (set before the thread
-    starts, with the first socket). libzmq wakes that thread for each message sent; an ordinary
-    thread that sleeps between messages preempts the sender at once, so on a loaded two-core
-    machine each send cost the validator ~120 µs of its event loop, ~18% of its time at 100
-    participants. A batch thread runs when the sender yields instead. A ROUTER/DEALER echo over
-    loopback beside two CPU burners: 14–17 µs a send before, ~4 µs after."""
-    ctx = zmq.asyncio.Context.instance()
-    if ctx not in _BATCH_CONTEXTS:  # a new instance after the last was terminated is set up too
-        _BATCH_CONTEXTS.add(ctx)
-        try:
-            ctx.set(zmq.THREAD_SCHED_POLICY, os.SCHED_BATCH)
-            ctx.set(zmq.THREAD_PRIORITY, 0)  # the only priority SCHED_BATCH has
-        except (zmq.ZMQError, AttributeError):  # a libzmq without these options: the default
-            pass
-    return ctx
 
 
 class SocketPump:
@@ -244,7 +222,7 @@ class ValidatorConnection:
         self._on_reconnect = on_reconnect
         # A stable identity lets the validator's ROUTER hand the route over on reconnect.
         self._identity = (identity or f"trustmesh-{os.getpid()}-{uuid.uuid4().hex[:8]}").encode()
-        self._ctx = shared_context()
+        self._ctx = zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
         self._pump: SocketPump | None = None
         self._pending: dict[str, asyncio.Future] = {}

@@ -18,7 +18,7 @@ import zmq
 import zmq.asyncio
 
 from .. import protos as pb
-from ..messaging import SocketPump, shared_context
+from ..messaging import SocketPump
 from .batch_checks import check_batches
 from .chain import NULL_BLOCK_ID, Chain, QueueFull
 from .client_queries import ClientQueries
@@ -81,7 +81,7 @@ class ComponentEndpoint:
     # -- socket plumbing ---------------------------------------------------------------
 
     async def start(self) -> None:
-        sock = shared_context().socket(zmq.ROUTER)
+        sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished peer must fail loudly
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a reconnecting peer takes over its identity
