@@ -579,7 +579,7 @@ class ComputeNode:
             LOGGER.info("%s: %d local_train tasks of round %s… reported in one transaction", self.name, len(made),
                         sid[:16])
 
-    async def _done(self, message, outcome: TaskOutcome, started: float, *, queue_next: bool = True) -> None:
+    async def _done(self, message, outcome: TaskOutcome, started: float) -> None:
         sid, task_id = message.task["schedule_id"], message.task["task_id"]
         fields, waits_for = self._done_fields(message, outcome, started)
         txns = [schedule.make_report_transaction(self.signer, sid, **fields, dependencies=waits_for)]
@@ -598,8 +598,7 @@ class ComputeNode:
                 "next_clipping_norm": (outcome.round_result.get("privacy") or {}).get("next_clipping_norm")}
             self._models_made += 1  # the next round's trainings may start from it now, not a block later
         self._report(txns, [message.message_id], [(sid, task_id)])
-        if queue_next:
-            await self._queue_next(sid, task_id)
+        await self._queue_next(sid, task_id)
         LOGGER.info("%s: %s done (%s…) %s", self.name, task_id, outcome.output_digest[:12],
                     {k: round(v, 4) if isinstance(v, float) else v for k, v in outcome.metrics.items()})
 
