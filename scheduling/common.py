@@ -97,12 +97,15 @@ def _names(kinds) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+async def _stored(context, address: str) -> bytes | None:
+    """The bytes stored at `address`, or None where nothing is."""
+    return (await context.get_state([address])).get(address)
+
+
 async def read_record(context, address: str) -> dict | None:
     """A state record written by these families, or None where nothing is stored."""
-    found = await context.get_state([address])
-    if address not in found:
-        return None
-    return cbor.decode_record(found[address], max_bytes=MAX_RECORD_BYTES)
+    data = await _stored(context, address)
+    return None if data is None else cbor.decode_record(data, max_bytes=MAX_RECORD_BYTES)
 
 
 _LOOKED_AT: "OrderedDict[bytes, Any]" = OrderedDict()  # stored bytes -> decoded, for read_record_to_look_at
@@ -114,10 +117,9 @@ async def read_record_to_look_at(context, address: str) -> Mapping | None:
     stored bytes are decoded once for every transaction that reads them. A round's result (~150 KB
     at 1,000 participants) is read by the lineage rule of each of the next round's 1,000 reports.
     Deterministic: what comes back depends on the stored bytes alone."""
-    found = await context.get_state([address])
-    if address not in found:
+    data = await _stored(context, address)
+    if data is None:
         return None
-    data = found[address]
     record = _LOOKED_AT.get(data)
     if record is None:
         record = _LOOKED_AT[data] = cbor.decode_record(data, max_bytes=MAX_RECORD_BYTES)
