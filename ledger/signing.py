@@ -108,15 +108,36 @@ def verify(public_key_hex: str, signature_hex: str, message: bytes) -> bool:
 
 
 def write_key_files(directory: os.PathLike | str, name: str, key: PrivateKey) -> pathlib.Path:
-    """Write NAME.priv (0600, created that way, never world-readable) and NAME.pub."""
+    """Write NAME.priv (0600, created that way, never world-readable) and NAME.pub.
+
+    The key is written whole to a private temporary file and then hard-linked into place, so a
+    process reading NAME.priv meanwhile (another command of the same home starting at the same
+    moment) finds either no file or the whole key, never an empty one; and the link fails with
+    FileExistsError if a key is there already, so a key is never overwritten."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     priv_path = directory / f"{name}.priv"
-    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key.as_hex() + "\n")
-    (directory / f"{name}.pub").write_text(key.public_key().as_hex() + "\n")
+    _publish(priv_path, key.as_hex() + "\n", 0o600, replace=False)
+    _publish(directory / f"{name}.pub", key.public_key().as_hex() + "\n", 0o644, replace=True)
     return priv_path
+
+
+def _publish(path: pathlib.Path, text: str, mode: int, *, replace: bool) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # whatever the umask
+            os.write(fd, text.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if replace:
+            os.replace(temporary, path)
+        else:
+            os.link(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def read_private_key(path: os.PathLike | str) -> PrivateKey:

@@ -1,5 +1,6 @@
 """Our secp256k1 signing against the reference sawtooth_signing library, both ways."""
 
+import multiprocessing
 import os
 import stat
 
@@ -101,3 +102,26 @@ def test_unreadable_key_file_error_names_the_file(tmp_path):
         read_private_key(tmp_path / "bad.priv")
     with pytest.raises(SigningError, match="missing.priv"):
         read_private_key(tmp_path / "missing.priv")
+
+
+def _key_when_released(directory, barrier) -> str:
+    barrier.wait()
+    try:
+        return load_or_create_key(directory, "user").as_hex()
+    except SigningError as exc:
+        return f"error: {exc}"
+
+
+def test_commands_starting_together_all_get_the_one_key(tmp_path):
+    # Several commands of one home started at once (as CI did) each load-or-create the user key:
+    # none may read a key file another is still writing, and all must end up with the same key.
+    context = multiprocessing.get_context("fork")
+    with context.Manager() as manager, context.Pool(6) as pool:
+        for attempt in range(12):
+            directory = tmp_path / f"attempt-{attempt}"
+            barrier = manager.Barrier(6)
+            keys = pool.starmap(_key_when_released, [(directory, barrier)] * 6)
+            assert len(set(keys)) == 1 and not keys[0].startswith("error"), keys
+            assert read_private_key(directory / "user.priv").as_hex() == keys[0]
+            assert (directory / "user.pub").read_text().strip() == PrivateKey.from_hex(keys[0]).public_key().as_hex()
+            assert sorted(p.name for p in directory.iterdir()) == ["user.priv", "user.pub"]  # no temporaries left
