@@ -21,6 +21,7 @@ import re
 import secrets
 
 from trustmesh.ledger import payload as cbor
+from trustmesh.whole_files import write_whole
 
 FORMAT = "local-commitment-v2"  # the submission's metadata "format"
 VERSION = 2
@@ -47,19 +48,10 @@ class SaltStore:
             return self.of_round(schedule_id)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         salt = secrets.token_bytes(SALT_BYTES)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, salt)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename too: a salt lost after its commitment was submitted
-        finally:           # would leave the round untrainable
-            os.close(dir_fd)
+        # synced to disk, its name too: a salt lost after its commitment was submitted would leave
+        # the round untrainable; if another call made one meanwhile, that one is the round's
+        if not write_whole(path, salt, mode=0o600, exclusive=True):
+            return self.of_round(schedule_id)
         return salt
 
     def of_round(self, schedule_id: str) -> bytes:

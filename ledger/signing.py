@@ -16,6 +16,8 @@ import coincurve
 from coincurve._libsecp256k1 import lib as _secp256k1
 from coincurve.ecdsa import deserialize_compact
 
+from trustmesh.whole_files import write_whole
+
 
 class SigningError(ValueError):
     """A key or signature that cannot be used, with the reason."""
@@ -108,36 +110,16 @@ def verify(public_key_hex: str, signature_hex: str, message: bytes) -> bool:
 
 
 def write_key_files(directory: os.PathLike | str, name: str, key: PrivateKey) -> pathlib.Path:
-    """Write NAME.priv (0600, created that way, never world-readable) and NAME.pub.
-
-    The key is written whole to a private temporary file and then hard-linked into place, so a
-    process reading NAME.priv meanwhile (another command of the same home starting at the same
-    moment) finds either no file or the whole key, never an empty one; and the link fails with
-    FileExistsError if a key is there already, so a key is never overwritten."""
+    """Write NAME.priv (0600 from the start) and NAME.pub, each whole or not at all: a command
+    starting beside another of the same home finds no key or the whole key, never an empty file.
+    Raises FileExistsError if NAME.priv is there already: a key is never replaced."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     priv_path = directory / f"{name}.priv"
-    _publish(priv_path, key.as_hex() + "\n", 0o600, replace=False)
-    _publish(directory / f"{name}.pub", key.public_key().as_hex() + "\n", 0o644, replace=True)
+    if not write_whole(priv_path, key.as_hex() + "\n", mode=0o600, exclusive=True):
+        raise FileExistsError(f"{priv_path} exists; a key is never replaced")
+    write_whole(directory / f"{name}.pub", key.public_key().as_hex() + "\n", mode=0o644)
     return priv_path
-
-
-def _publish(path: pathlib.Path, text: str, mode: int, *, replace: bool) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # whatever the umask
-            os.write(fd, text.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if replace:
-            os.replace(temporary, path)
-        else:
-            os.link(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def read_private_key(path: os.PathLike | str) -> PrivateKey:

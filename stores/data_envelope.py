@@ -45,6 +45,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from trustmesh.whole_files import write_whole
+
 MAGIC = b"TMDE"
 VERSION = 1
 SUITE_X25519_HKDF_SHA256_AES256GCM = 1
@@ -110,22 +112,14 @@ def public_key_hex(key: PublicKeyLike) -> str:
 
 
 def save_private_key(key: X25519PrivateKey, path: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
-    """Write the private key as PEM with mode 0600 (atomically: never a readable half-written file)."""
+    """Write the private key as PEM with mode 0600, whole or not at all (never a readable
+    half-written file); unless overwrite, only if no key is there (EnvelopeKeyError)."""
     path = pathlib.Path(path)
-    if path.exists() and not overwrite:
-        raise EnvelopeKeyError(f"{path} exists; refusing to overwrite a private key (overwrite=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        os.write(fd, pem)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+    if not write_whole(path, pem, mode=0o600, exclusive=not overwrite):
+        raise EnvelopeKeyError(f"{path} exists; refusing to overwrite a private key (overwrite=True to replace it)")
     return path
 
 
@@ -151,19 +145,20 @@ def generate_keypair(path: str | os.PathLike, *, overwrite: bool = False) -> tup
     key = generate_private_key()
     path = save_private_key(key, path, overwrite=overwrite)
     public = public_key_hex(key)
-    pub_path = path.with_name(path.name + ".pub")
-    pub_path.write_text(public + "\n")
-    os.chmod(pub_path, 0o644)
+    write_whole(path.with_name(path.name + ".pub"), public + "\n", mode=0o644)
     return key, public
 
 
 def load_or_create_keypair(path: str | os.PathLike) -> tuple[X25519PrivateKey, str]:
     """The key pair at `path`, generated on first use."""
     path = pathlib.Path(path)
-    if path.exists():
-        key = load_private_key(path)
-        return key, public_key_hex(key)
-    return generate_keypair(path)
+    if not path.exists():
+        try:
+            return generate_keypair(path)
+        except EnvelopeKeyError:  # made meanwhile by another process of the same node: that is the key
+            pass
+    key = load_private_key(path)
+    return key, public_key_hex(key)
 
 
 # --------------------------------------------------------------------------- envelopes

@@ -15,6 +15,8 @@ import logging
 import os
 import pathlib
 
+from trustmesh.whole_files import write_whole
+
 from .blobs import BlobError, BlobNotFound, BlobStore
 
 LOGGER = logging.getLogger(__name__)
@@ -49,11 +51,9 @@ class KeptBlobs:
         if path.exists():
             os.utime(path)  # newest again: pruning keeps what is in use
             return
-        temporary = path.with_suffix(".part")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(temporary, path)  # whole or absent, never half a blob under its name
+        # whole or absent, never half a blob under its name; not synced: Redis and the chain's
+        # digests are the other copies, and a copy that does not hash to its name is never read
+        write_whole(path, data, mode=0o600, durable=False)
 
     def _read(self, digest: str) -> bytes | None:
         """The kept copy, if there is one that still hashes to its name."""

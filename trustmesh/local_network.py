@@ -41,6 +41,7 @@ from trustmesh.machine import usable_cores
 from trustmesh.stores.heartbeats import Heartbeats
 from trustmesh.stores.redis_client import connect
 from trustmesh.stores.servers import CouchServer, RedisServer, ServerError, free_port
+from trustmesh.whole_files import write_whole
 
 LOGGER = logging.getLogger(__name__)
 
@@ -76,9 +77,7 @@ class NetworkError(RuntimeError):
 
 
 def _write_json(path: pathlib.Path, value: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)  # readers never see half a file
+    write_whole(path, json.dumps(value, indent=2), mode=0o600, durable=False)  # readers never see half a file
 
 
 def _tail(path: pathlib.Path, lines: int = 15) -> str:

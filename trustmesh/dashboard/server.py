@@ -36,7 +36,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
 import pathlib
 import re
 import secrets
@@ -50,6 +49,7 @@ from aiohttp import web
 
 from trustmesh import endpoints as network
 from trustmesh.outage import Outage
+from trustmesh.whole_files import write_whole
 
 from . import pages, views
 from .pending import PendingBatches
@@ -110,13 +110,13 @@ def load_tokens(path: pathlib.Path, *, create: bool = True, say: Callable[[str],
         token = secrets.token_urlsafe(32)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write("# trustmesh dashboard: read-only bearer tokens, one a line\n" + token + "\n")
+            created = write_whole(path, "# trustmesh dashboard: read-only bearer tokens, one a line\n" + token + "\n",
+                                  mode=0o600, exclusive=True)
         except OSError as exc:
             raise DashboardError(f"cannot create the token file {path}: {exc.strerror or exc}") from None
-        say(f"created {path} (mode 0600) with a new read-only token; readers send it as "
-            f"`Authorization: Bearer <token>` or enter it at /login")
+        if created:  # else another dashboard of this home made it meanwhile: its token is the one
+            say(f"created {path} (mode 0600) with a new read-only token; readers send it as "
+                f"`Authorization: Bearer <token>` or enter it at /login")
     try:
         mode = path.stat().st_mode
         text = path.read_text()
