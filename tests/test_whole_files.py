@@ -1,5 +1,6 @@
 """write_whole: readers find a file whole or not at all; an exclusive write never replaces one."""
 
+import errno
 import multiprocessing
 import os
 import stat
@@ -55,3 +56,15 @@ def test_the_mode_is_the_one_asked_for_whatever_the_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "node.pub").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "node.priv").stat().st_mode) == 0o600
     assert (tmp_path / "node.priv").read_text() == "secret, replaced\n"
+
+
+def test_without_hard_links_an_exclusive_write_still_never_replaces_a_file(tmp_path, monkeypatch):
+    # Some file systems mounted into containers refuse link(2); there the file is created in place.
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr("os.link", no_links)
+    path = tmp_path / "node.priv"
+    assert write_whole(path, "first\n", mode=0o600, exclusive=True)
+    assert not write_whole(path, "second\n", mode=0o600, exclusive=True)
+    assert path.read_text() == "first\n" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["node.priv"]

@@ -9,9 +9,13 @@ and two writers never share a temporary.
 
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
 import secrets
+
+# A file system without hard links (some mounted into containers) says so with one of these.
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
 def write_whole(path: os.PathLike | str, data: bytes | str, *, mode: int = 0o600, exclusive: bool = False,
@@ -29,9 +33,7 @@ def write_whole(path: os.PathLike | str, data: bytes | str, *, mode: int = 0o600
     try:
         try:
             os.fchmod(fd, mode)
-            unwritten = memoryview(data)
-            while unwritten:
-                unwritten = unwritten[os.write(fd, unwritten):]
+            _write_all(fd, data)
             if durable:
                 os.fsync(fd)
         finally:
@@ -41,6 +43,11 @@ def write_whole(path: os.PathLike | str, data: bytes | str, *, mode: int = 0o600
                 os.link(temporary, path)
             except FileExistsError:
                 return False
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                if not _create_exclusive(path, data, mode, durable):
+                    return False
         else:
             os.replace(temporary, path)
     finally:
@@ -52,3 +59,26 @@ def write_whole(path: os.PathLike | str, data: bytes | str, *, mode: int = 0o600
         finally:
             os.close(folder)
     return True
+
+
+def _create_exclusive(path: pathlib.Path, data: bytes, mode: int, durable: bool) -> bool:
+    """The exclusive write where hard links cannot be made: created in place with O_EXCL (still
+    never a replaced file, though a reader could then see it before its bytes are all there)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        return False
+    try:
+        os.fchmod(fd, mode)
+        _write_all(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    unwritten = memoryview(data)
+    while unwritten:
+        unwritten = unwritten[os.write(fd, unwritten):]
