@@ -374,7 +374,8 @@ class CouchHistory:
             fields["owner"] = owner
 
         def merge(doc):
-            return {**(doc or {}), **fields}
+            new = {**(doc or {}), **fields}
+            return None if new == doc else new  # recorded already (each round asks): no new revision
 
         return await self.client.update(self.db, self.workflow_id_of(workflow_id), merge)
 

@@ -141,6 +141,11 @@ async def test_history_documents(couch_url):
         definition = {"workflow_id": wf, "tasks": [{"id": "train", "kind": "local_train", "depends_on": []}]}
         doc = await history.save_workflow(wf, definition, version=1, owner=nodes[0], name="digits")
         assert doc["_id"] == f"workflow:{wf}" and doc["version"] == 1 and len(doc["definition_digest"]) == 64
+        # every round's recorder saves it again: the same fields make no new revision, a change does
+        again = await history.save_workflow(wf, definition, version=1, owner=nodes[0], name="digits")
+        assert again["_rev"] == doc["_rev"]
+        changed = await history.save_workflow(wf, definition, version=2, owner=nodes[0], name="digits")
+        assert changed["_rev"] != doc["_rev"] and changed["version"] == 2
 
         models = {}
         for number in (1, 2, 10):
