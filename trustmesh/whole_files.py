@@ -31,13 +31,7 @@ def write_whole(path: os.PathLike | str, data: bytes | str, *, mode: int = 0o600
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        try:
-            os.fchmod(fd, mode)
-            _write_all(fd, data)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fill(fd, data, mode, durable)
         if exclusive:
             try:
                 os.link(temporary, path)
@@ -68,17 +62,18 @@ def _create_exclusive(path: pathlib.Path, data: bytes, mode: int, durable: bool)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
         return False
+    _fill(fd, data, mode, durable)
+    return True
+
+
+def _fill(fd: int, data: bytes, mode: int, durable: bool) -> None:
+    """Write all of data to a new file's fd with mode (whatever the umask), synced if durable; closes it."""
     try:
         os.fchmod(fd, mode)
-        _write_all(fd, data)
+        unwritten = memoryview(data)
+        while unwritten:
+            unwritten = unwritten[os.write(fd, unwritten):]
         if durable:
             os.fsync(fd)
     finally:
         os.close(fd)
-    return True
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    unwritten = memoryview(data)
-    while unwritten:
-        unwritten = unwritten[os.write(fd, unwritten):]
