@@ -39,7 +39,7 @@ from trustmesh.stores.heartbeats import Heartbeats
 from trustmesh.stores.redis_link import RedisLink
 from trustmesh.stores.redis_client import client
 
-from .local_training import OWN_TASK_EVENTS, subscriptions as task_subscriptions
+from .trainer_events import OWN_TASK_EVENTS, subscriptions as task_subscriptions
 from .node import EVENTS, IoTNode
 from .participant import fetch_verified_model
 

@@ -37,12 +37,13 @@ from trustmesh.cancelling import cancel_and_wait
 from trustmesh.fl.datasets import load_npz
 from trustmesh.compute_node.tasks import (InputNotReady, TaskContext, TaskInputError, report_metrics,
                                           starting_model_known, train_update)
-from trustmesh.ledger.events import EventSubscriber, event_subscription
+from trustmesh.ledger.events import EventSubscriber
 from trustmesh.scheduling import events, schedule, workflow
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.stores.blobs import BlobError, BlobStore
 
 from .commitment import SaltStore, check_commitment
+from .trainer_events import subscriptions
 
 LOGGER = logging.getLogger(__name__)
 
@@ -66,20 +67,6 @@ class _Pending:
     model_ready: bool = False
     said_waiting: bool = False        # logged once that it waits for the previous global model
     runner: asyncio.Task | None = None
-
-
-# A node's own task events: its local_train assignments (filtered by node); the others concern
-# every trainer alike (what can make a task runnable, or end its round).
-OWN_TASK_EVENTS = (events.TASK_ASSIGNED, events.TASK_REASSIGNED)
-SHARED_TASK_EVENTS = (events.TASK_DONE, events.TASK_DROPPED, events.ROUND_RESULT, events.ROUND_TIMEOUT)
-
-
-def subscriptions(node: str | None) -> list:
-    """Only this node's own local_train assignments, plus what can make them runnable; node None:
-    every node's local_train assignments (an IoT host's one stream for all its trainers)."""
-    mine = ([("node", node)] if node is not None else []) + [("kind", "local_train")]
-    return ([event_subscription(e, mine) for e in OWN_TASK_EVENTS]
-            + [event_subscription(e) for e in SHARED_TASK_EVENTS])
 
 
 class LocalTrainer:
