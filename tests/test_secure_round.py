@@ -16,6 +16,7 @@ from helpers.ledger_helpers import run
 from helpers.federation_run import encodings, federate, scan_stores
 from trustmesh import audit
 from trustmesh.fl import model_format, secagg
+from trustmesh.fl.training import initial_state
 from trustmesh.fl.strategies import ClientUpdate, FedAvg
 from trustmesh.iot_node.node import IoTNode
 from trustmesh.ledger.processor import InvalidTransaction
@@ -28,25 +29,49 @@ class _Plaintexts:
     """Every update handed to masking, in the forms it would leave a node unmasked: float32,
     float64, and the fixed-point vector a masked upload holds when its masks are zero, each raw,
     in hex and in base64 (found_in: none may turn up in a store). And the positive controls
-    (controls_in): the masked uploads, their digests, the global model, where the scan must find them."""
+    (controls_in): the masked uploads, their digests, the global model, where the scan must find them.
+
+    The needles are 16 consecutive values of each update that no public model holds (public: the
+    initial model, each round's global model). Weights training left as they were (a hidden unit
+    no sample of a node activates) equal the round's starting model, which is public: found there,
+    they would say nothing about the update, and a needle of them once failed this test."""
 
     def __init__(self):
-        self.needles: list[bytes] = []
         self.updates: list[tuple[str, int, dict]] = []  # (node, weight, state) in the order masked
         self.controls: dict[str, list[bytes]] = {}
+        self._public: list[bytes] = []
+        self._needles: list[bytes] | None = None
 
     def add(self, state, samples: int, node: str, masked) -> None:
         self.updates.append((node, samples, state))
-        first = next(iter(state.values())).detach().numpy().ravel()[:16]
-        quantized = secagg.to_bytes(secagg.quantize(state, samples))[:128]
-        for raw in (first.astype("<f4").tobytes(), first.astype("<f8").tobytes(), quantized):
-            self.needles += encodings(raw)
+        self._needles = None
         blob = secagg.to_bytes(masked)
         self.control("masked upload", blob[:128])
         self.controls.setdefault("masked upload digest", []).append(hashlib.sha256(blob).hexdigest().encode())
 
+    def public(self, model: bytes) -> None:
+        """A model anyone may read (its float32 bytes, or a blob holding them)."""
+        self._public.append(bytes(model))
+        self._needles = None
+
     def control(self, name: str, raw: bytes) -> None:
         self.controls.setdefault(name, []).extend(encodings(raw))
+
+    @property
+    def needles(self) -> list[bytes]:
+        if self._needles is None:
+            self._needles = []
+            for node, samples, state in self.updates:
+                values, quantized = secagg.flat(state), secagg.to_bytes(secagg.quantize(state, samples))
+                start = next((i for i in range(0, len(values) - 15, 16)
+                              if not any(values[i:i + 16].astype("<f4").tobytes() in model for model in self._public)),
+                             None)
+                assert start is not None, f"every value of {node[:16]}'s update is in a public model"
+                window = values[start:start + 16]
+                for raw in (window.astype("<f4").tobytes(), window.astype("<f8").tobytes(),
+                            quantized[8 * start:8 * start + 128]):
+                    self._needles += encodings(raw)
+        return self._needles
 
     def found_in(self, blob) -> bool:
         data = blob.encode() if isinstance(blob, str) else bytes(blob)
@@ -89,10 +114,17 @@ def test_updates_leave_their_nodes_only_masked_and_the_audit_verifies_the_sum(de
         from trustmesh.stores.redis_client import connect
 
         reader = FederationReader(client)
-        first = await reader.round_result((await reader.rounds("digits-secagg"))["rounds"]["1"])
+        rounds = (await reader.rounds("digits-secagg"))["rounds"]
+        definition = (await reader.workflow("digits-secagg"))["definition"]
+        initial = initial_state(definition["model"], definition["hyperparameters"]["seed"])
+        plaintexts.public(secagg.flat(initial).astype("<f4").tobytes())
         redis = await connect(redis_server.url)
         try:
-            plaintexts.control("global model", (await BlobStore(redis).get(first["global_model_digest"]))[-128:])
+            for number, sid in sorted(rounds.items()):
+                model = await BlobStore(redis).get((await reader.round_result(sid))["global_model_digest"])
+                plaintexts.public(model)
+                if number == "1":
+                    plaintexts.control("global model", model[-128:])
         finally:
             await redis.aclose()
         found = await scan_stores(client, plaintexts, couch_server.url, redis_server.url)
