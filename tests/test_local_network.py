@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -202,3 +203,81 @@ def test_a_stopped_local_networks_endpoints_are_not_used(tmp_path, monkeypatch):
         assert (found.couch == "http://127.0.0.1:4") is running, (pid, found)
         if not running:
             assert found == endpoints.resolve(tmp_path / "nothing-here")  # the loopback defaults
+
+
+class _Dashboard:
+    """A dashboard of another local network on a port: answers /api/health naming its own REST API."""
+
+    def __init__(self, rest: str):
+        import http.server
+        import threading
+
+        class Health(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = json.dumps({"ok": True, "rest": rest}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_another_networks_dashboard_on_our_port_is_not_ours_and_ours_moves(tmp_path):
+    # Two local networks started at the same moment can both see port 8080 free; the one whose
+    # dashboard loses the race must not take the other's for its own, and comes back on a free port.
+    from trustmesh.local_network import Service, Supervisor
+
+    other = _Dashboard("http://127.0.0.1:1111")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        supervisor = Supervisor(tmp_path / "net", compute_nodes=0, iot_nodes=0)
+        supervisor.ports = {"dashboard": other.port}
+        supervisor.endpoints = {"rest": "http://127.0.0.1:2222", "dashboard": f"http://127.0.0.1:{other.port}"}
+        dashboard = Service("dashboard", "view", tmp_path / "dashboard.log",
+                            ["trustmesh", "dashboard", "--bind", f"127.0.0.1:{other.port}", "--rest", "x"],
+                            proc=sleeper)
+        assert not supervisor._check(dashboard, {})  # it answers, but for another chain
+        supervisor.endpoints["rest"] = "http://127.0.0.1:1111"
+        assert supervisor._check(dashboard, {})  # the same answer naming our REST API: ours
+        supervisor._move_dashboard_if_taken(dashboard)
+        moved = supervisor.ports["dashboard"]
+        assert moved != other.port and dashboard.command[3] == f"127.0.0.1:{moved}"
+        assert supervisor.endpoints["dashboard"] == f"http://127.0.0.1:{moved}"
+        supervisor._move_dashboard_if_taken(dashboard)  # free: it stays
+        assert supervisor.ports["dashboard"] == moved
+    finally:
+        other.close()
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_two_networks_started_together_each_get_their_own_dashboard(tmp_path):
+    from helpers.local_network import trustmesh_together
+
+    homes = [tmp_path / "one", tmp_path / "two"]
+    try:
+        ups = trustmesh_together(*((home, "up", "--compute-nodes", "0", "--iot-nodes", "0", "--timeout", "90")
+                                   for home in homes))
+        for (result, _), home in zip(ups, homes):
+            assert result.returncode == 0, result.stdout + result.stderr
+        answers = []
+        for home in homes:
+            endpoints = json.loads((home / "network.json").read_text())["endpoints"]
+            with urllib.request.urlopen(endpoints["dashboard"] + "/api/health", timeout=10) as response:
+                answers.append((endpoints["dashboard"], json.loads(response.read())["rest"], endpoints["rest"]))
+        assert answers[0][0] != answers[1][0]  # two dashboards, each answering for its own chain
+        assert all(answered == ours for _, answered, ours in answers), answers
+    finally:
+        for home in homes:
+            trustmesh(home, "down", check=False)

@@ -99,13 +99,20 @@ def _port_free(port: int | None) -> bool:
     return True
 
 
-def _http_ok(url: str) -> bool:
+def _http_json(url: str):
+    """What a 200 answer's JSON body holds (True if it is not JSON), or None for no such answer."""
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=2) as response:
-            return response.status == 200
+            if response.status != 200:
+                return None
+            body = response.read()
     except (OSError, urllib.error.URLError, ValueError):
-        return False
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return True
 
 
 # ------------------------------------------------------------------------------ the processes
@@ -267,9 +274,10 @@ class Supervisor:
         if service.server is not None:
             return service.server.healthy()
         if service.name == "validator":
-            return _http_ok(self.endpoints["rest"] + "/blocks?limit=1")
-        if service.name == "dashboard":
-            return _http_ok(self.endpoints["dashboard"] + "/api/health")
+            return _http_json(self.endpoints["rest"] + "/blocks?limit=1") is not None
+        if service.name == "dashboard":  # ours, not another network's that took the port first
+            health = _http_json(self.endpoints["dashboard"] + "/api/health")
+            return isinstance(health, dict) and health.get("rest") == self.endpoints["rest"]
         if service.node_key is not None:
             return service.node_key in live_nodes
         if service.hosted:
@@ -356,6 +364,7 @@ class Supervisor:
                 backoff = min(MAX_BACKOFF, 2 ** min(service.restarts, 5) / 4)
                 service.next_start = now + backoff
                 LOGGER.warning("%s is not running; restart %d", service.name, service.restarts)
+                self._move_dashboard_if_taken(service)
                 try:
                     service.start()
                 except ServerError as exc:
@@ -371,6 +380,16 @@ class Supervisor:
             self.ready = True
             LOGGER.info("local network ready: %s", self.endpoints)
         self._save()
+
+    def _move_dashboard_if_taken(self, service: Service) -> None:
+        """A dashboard that could not listen because its port was taken meanwhile (by another
+        local network started at the same moment: `_plan` saw the port free) comes back on a free one."""
+        if service.name != "dashboard" or _port_free(self.ports["dashboard"]):
+            return
+        taken, port = self.ports["dashboard"], free_port()
+        service.command[service.command.index("--bind") + 1] = f"127.0.0.1:{port}"
+        self.ports["dashboard"], self.endpoints["dashboard"] = port, f"http://127.0.0.1:{port}"
+        LOGGER.warning("the dashboard's port %d is taken by another process; it moves to %d", taken, port)
 
     def _on_signal(self, signum, frame) -> None:
         self._stopping = True
