@@ -99,20 +99,23 @@ def _port_free(port: int | None) -> bool:
     return True
 
 
-def _http_json(url: str):
-    """What a 200 answer's JSON body holds (True if it is not JSON), or None for no such answer."""
+def _http_body(url: str) -> bytes | None:
+    """The body of a 200 answer from `url`, or None for no such answer."""
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=2) as response:
-            if response.status != 200:
-                return None
-            body = response.read()
+            return response.read() if response.status == 200 else None
     except (OSError, urllib.error.URLError, ValueError):
         return None
+
+
+def _names_rest(health: bytes | None, rest: str) -> bool:
+    """Whether a dashboard's /api/health answer says it reads the chain at `rest`."""
     try:
-        return json.loads(body)
+        answer = json.loads(health) if health is not None else None
     except ValueError:
-        return True
+        return False
+    return isinstance(answer, dict) and answer.get("rest") == rest
 
 
 # ------------------------------------------------------------------------------ the processes
@@ -274,10 +277,9 @@ class Supervisor:
         if service.server is not None:
             return service.server.healthy()
         if service.name == "validator":
-            return _http_json(self.endpoints["rest"] + "/blocks?limit=1") is not None
+            return _http_body(self.endpoints["rest"] + "/blocks?limit=1") is not None
         if service.name == "dashboard":  # ours, not another network's that took the port first
-            health = _http_json(self.endpoints["dashboard"] + "/api/health")
-            return isinstance(health, dict) and health.get("rest") == self.endpoints["rest"]
+            return _names_rest(_http_body(self.endpoints["dashboard"] + "/api/health"), self.endpoints["rest"])
         if service.node_key is not None:
             return service.node_key in live_nodes
         if service.hosted:
