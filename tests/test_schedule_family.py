@@ -326,6 +326,35 @@ def test_assignment_is_deterministic_and_spread_across_compute_nodes(tmp_path):
     assert scheduled["schedule_id"] == sid and scheduled["tasks"] == "6" and scheduled["nodes"] == "2"
 
 
+async def test_a_rounds_trainings_go_by_capacity_even_to_a_node_still_busy(client):
+    """A node still queueing the last round's trainings gets its share of this round's: they start
+    from the last round's model, so that queue is done before they can run. By queue, the idle
+    node took all of them and the round trained on one core of two."""
+    workflow_id = "spread-trainings"
+    sid = await open_round(client, workflow_id, LINEAR)
+    busy, idle = pub(COMPUTE[1]), pub(COMPUTE[0])
+    client.state[layout.node_load_address(busy)] = cbor.encode({**schedule.empty_load(busy), "queue": 12})
+    await ok(client, batch(COORDINATOR, make_assign_transaction(COORDINATOR, sid, workflow_id)))
+    tasks = (await assignments(client, sid))["tasks"]
+    trained_on = [a["node"] for a in tasks.values() if a["kind"] == "local_train"]
+    assert sorted(trained_on) == sorted([idle, idle, busy])  # 24 and 12 points: two to one
+    assert {a["node"] for a in tasks.values() if a["kind"] != "local_train"} == {idle}  # the rest by queue
+    assert (await load(client, busy))["queue"] == 13
+
+
+def test_spread_trainings_follows_capacity_and_reliability():
+    sid = "cd" * 32
+    points = {"a": 24, "b": 12}
+    loads = {"a": {**schedule.empty_load("a"), "queue": 40}, "b": schedule.empty_load("b")}
+    order = schedule.spread_trainings(sid, points, loads, 9)
+    assert order.count("a") == 6 and order.count("b") == 3  # queue does not count, points do
+    assert order[:3].count("a") == 2  # interleaved, not one node first
+    loads["a"].update(done=1, missed=3)  # reliability 2/5: capacity 9.6 against 12
+    assert schedule.spread_trainings(sid, points, loads, 9).count("a") == 4
+    assert schedule.spread_trainings(sid, points, loads, 0) == []
+    assert schedule.spread_trainings(sid, {"only": 1}, {}, 3) == ["only"] * 3
+
+
 def test_rank_nodes_scoring_and_spread():
     sid = "ab" * 32
     points = {"big": 24, "small": 12, "tiny": 1}

@@ -10,8 +10,9 @@ Actions (canonical-CBOR map {"action": ..., ...}; unknown fields are refused):
       local_train task (task_id "<task>:<node key[:16]>", input = that submission's digest), one
       for each aggregate / evaluate / preprocess task. An instance's fetch_dependency_outputs
       lists every instance of every task it depends on *transitively*. local_train instances go
-      to the submitting IoT node itself when federation.train_on == "iot"; everything else goes
-      to registered compute nodes (trustmesh-peer index) by `rank_nodes` (below), among the
+      to the submitting IoT node itself when federation.train_on == "iot", else are spread over
+      compute nodes by `spread_trainings` (below); everything else goes to registered compute
+      nodes (trustmesh-peer index) by `rank_nodes` (below). Both choose among the
       *responsive* ones (`responsive`: seen on chain within peers.LIVENESS_SECONDS of chain time,
       and no deadline missed since) when any is, else among all registered ones (their tasks
       wait for them to return).
@@ -78,6 +79,15 @@ eligible (so an idle node is never passed over for long), highest score first, t
 sha256(schedule_id + node key) ascending. Assign updates the simulated queues after every
 instance, so one transaction spreads its instances.
 
+A round's local_train instances (train_on "compute") are spread by capacity, not by queue:
+
+    capacity    = points * reliability   (the score at queue 0)
+
+each next one goes to the node with the least (instances of this round it holds + 1) / capacity,
+ties as above. They start from the previous round's model, so a node's queue of the workflow's
+earlier rounds is empty before they can run; ranked by queue, all of a round's trainings went
+to the node that was not still training the last round, and the round trained on one core.
+
 Records (canonical CBOR):
   assignments_address(sid)  {schedule_id, workflow_id, round, train_on, deadline_seconds,
                               order: [task_id, ...] (topological; canonical CBOR sorts map keys),
@@ -113,7 +123,7 @@ from .spec import (  # noqa: F401
     TASK_ID, METRIC_NAME, SETTLED,
 )
 from .placement import (  # noqa: F401
-    resource_points, empty_load, responsive, node_score, tie_break, rank_nodes,
+    resource_points, empty_load, responsive, node_score, capacity, tie_break, rank_nodes, spread_trainings,
 )
 from .lineage import (  # noqa: F401
     LineageUnknown, StartingModel, starting_model, lineage_problem,

@@ -11,7 +11,7 @@ from .. import definition as definitions
 from .. import events, federation_records, layout, peers
 from ..common import chain_time, emit, parse_payload, read_record, read_records, require_int, signer_of, write_records
 from .spec import ACTIONS, DEFAULT_DEADLINE_SECONDS, FAMILY_NAME, FAMILY_VERSION, MAX_DEADLINE_SECONDS, NAMESPACE, SETTLED
-from .placement import empty_load, rank_nodes, resource_points, responsive
+from .placement import empty_load, rank_nodes, resource_points, responsive, spread_trainings
 from .private_rounds import PrivateRoundRules
 from .reports import ReportRules
 from .checks import _check_fields, _schedule_id, _task_id
@@ -170,9 +170,13 @@ class ScheduleHandler(ReportRules, PrivateRoundRules, TransactionHandler):
         loads = await self._loads(context, list(compute) + [a["data_owner"] for a in tasks.values() if "data_owner" in a])
         live = await self._responsive(context, compute, loads, now)
         pool = {n: p for n, p in compute.items() if n in live} or compute
+        trainings = [t for t, a in tasks.items() if a["kind"] == "local_train"] if train_on != "iot" else []
+        spread = dict(zip(trainings, spread_trainings(schedule_id, pool, loads, len(trainings))))
         for task_id, assignment in tasks.items():
             if assignment["kind"] == "local_train" and train_on == "iot":
                 node = assignment["data_owner"]
+            elif task_id in spread:
+                node = spread[task_id]
             else:
                 node = rank_nodes(schedule_id, pool, loads)[0]
             assignment["node"] = node

@@ -49,6 +49,11 @@ def node_score(points: int, load: Mapping) -> Fraction:
     return Fraction(points * (done + 1), (done + missed + 1) * (queue + 1))
 
 
+def capacity(points: int, load: Mapping) -> Fraction:
+    """What a node can take on at once: its score with an empty queue (points * reliability)."""
+    return node_score(points, {**load, "queue": 0})
+
+
 def tie_break(schedule_id: str, node: str) -> str:
     return hashlib.sha256((schedule_id + node).encode()).hexdigest()
 
@@ -65,3 +70,24 @@ def rank_nodes(schedule_id: str, candidates: Mapping[str, int], loads: Mapping[s
     eligible = [n for n in candidates if queue[n] <= limit]
     return sorted(eligible, key=lambda n: (-node_score(candidates[n], loads.get(n, empty_load(n))),
                                            tie_break(schedule_id, n)))
+
+
+def spread_trainings(schedule_id: str, candidates: Mapping[str, int], loads: Mapping[str, Mapping],
+                     count: int) -> list[str]:
+    """The nodes of a round's `count` local_train instances, in order: each goes to the node
+    holding the fewest of them per unit of capacity (ties by tie_break), so they are split in
+    proportion to capacity.
+
+    Not by queue, as the round's other tasks are: a round trains from the previous round's model,
+    so what a node still queues for earlier rounds of the workflow is done before any of these
+    can start. By queue, the node busy with the last round's trainings got none of this round's
+    (10 of 10 on the other node at ten participants), and the round trained on one core of two.
+    """
+    weight = {n: capacity(p, loads.get(n, empty_load(n))) for n, p in candidates.items()}
+    given = {n: 0 for n in candidates}
+    order = []
+    for _ in range(count):
+        node = min(candidates, key=lambda n: (Fraction(given[n] + 1) / weight[n], tie_break(schedule_id, n)))
+        given[node] += 1
+        order.append(node)
+    return order
