@@ -426,6 +426,32 @@ def test_values_read_at_a_root_are_kept_by_root_and_address():
         reader.get(first, SHARED[0].upper())  # a bad address is refused, cached or not
 
 
+def test_a_learned_child_reads_what_its_block_left_alone_from_its_parent():
+    """The validator tells its reader which root each block made from which (learn_child): a
+    record the block did not change reads as the parent's, with no descent."""
+    store, m, first = build({SHARED[0]: b"a", SHARED[1]: b"b", SHARED[2]: b"c"})
+    reader = MerkleRadix(store.read, cache_size=2)  # its node cache keeps nothing of a path
+    assert reader.get_many(first, SHARED[:3]) == {SHARED[0]: b"a", SHARED[1]: b"b", SHARED[2]: b"c"}
+    sets, deletes = {SHARED[0]: b"A", SHARED[3]: b"d"}, [SHARED[1]]
+    second = apply(m, store, first, sets, deletes)
+    reader.learn_child(second, first, sets, deletes)
+    third = apply(m, store, second, {SHARED[4]: b"e"})
+    reader.learn_child(third, second, {SHARED[4]: b"e"})
+    reads = store.reads
+    assert [reader.get(third, a) for a in SHARED[:5]] == [b"A", None, b"c", b"d", b"e"]  # two hops up for c
+    assert reader.get_many(second, SHARED[:4]) == {SHARED[0]: b"A", SHARED[2]: b"c", SHARED[3]: b"d"}
+    assert store.reads == reads  # not one descent
+    assert reader.get(third, SHARED[5]) is None and store.reads > reads  # never read nor changed: the tree
+    # set and deleted by one update: deleted, as update has it
+    fourth = apply(m, store, third, {SHARED[2]: b"x"}, [SHARED[2]])
+    reader.learn_child(fourth, third, {SHARED[2]: b"x"}, [SHARED[2]])
+    assert reader.get(fourth, SHARED[2]) is None and MerkleRadix(store.read).get(fourth, SHARED[2]) is None
+    # a root nobody said anything about still descends (and an unknown one is refused)
+    assert MerkleRadix(store.read).get(third, SHARED[2]) == b"c"
+    with pytest.raises(UnknownStateRoot):
+        reader.get("ab" * 32, SHARED[0])
+
+
 def test_the_value_cache_holds_at_most_its_bytes():
     items = {f"{i:070x}": bytes(100) for i in range(50)}
     store, m, root = build({**items, SHARED[0]: bytes(500)})
@@ -501,4 +527,11 @@ def test_matches_dict_model(store_class, history):
     assert root == build(final)[2] if final else root == EMPTY_ROOT
     for old_root, old_model in seen:  # every earlier root still reads as it was
         assert m.get_many(old_root, list(final) + list(old_model)) == old_model
+    # a reader told each update's parent reads every root as it is, whatever it read before
+    learned, parent = MerkleRadix(store.read, cache_size=2), EMPTY_ROOT
+    for (sets, deletes), (child, model_then) in zip(steps, seen):
+        learned.learn_child(child, parent, sets, deletes)
+        assert {a: learned.get(child, a) for a in model} == {a: model_then.get(a) for a in model}
+        assert learned.get_many(child, list(model_then) + list(final)) == model_then
+        parent = child
         assert list(m.leaves(old_root, reverse=True)) == sorted(old_model.items(), reverse=True)

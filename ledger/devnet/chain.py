@@ -414,6 +414,8 @@ class Chain:
             receipts = [r for o in valid for r in o.receipts]
             committed = [o.checked for o in valid if o.checked.id in building.batch_ids]
             if await self._store_block(building.block, rows, receipts, committed, execute_ms, state_ms):
+                # Reads at the new root of what this block left alone are then the parent's.
+                self.merkle.learn_child(new_root, parent_header.state_root_hash, sets, deletes)
                 building.durable.set_result(True)
         finally:
             if not building.durable.done():
