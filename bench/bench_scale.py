@@ -2,7 +2,7 @@
 local network, beside the same training in a plain in-process loop.
 
 For each participant count P: `trustmesh up --compute-nodes 2 --iot-nodes P` (IoT nodes in one
-process each up to 16, else in one host process per core; `--iot-hosts` to choose), timing
+host process per core, up's default; `--iot-hosts` to choose, 0 for a process each), timing
 start-up and reading the resident memory of every process; then the workflow (IID shards, its
 rounds scaled so that each size fits in minutes) deployed and followed to its last round.
 Per-round wall time = time between two rounds' round-finalized events as this client receives

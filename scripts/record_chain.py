@@ -4,7 +4,7 @@
     .venv/bin/python scripts/record_chain.py --rounds 3 --out /tmp/short.cbor.gz --keep-home /tmp/rec
 
 It starts a local network (`trustmesh up`: dev validator with BlockInfo injection, the four
-families, Redis, CouchDB-protocol server, compute and IoT nodes, each its own process), runs
+families, Redis, CouchDB-protocol server, compute nodes, IoT nodes in host processes), runs
 workflows/federated-digits.json unchanged (or cut to --rounds) to the end with `trustmesh run`,
 stops the network, and reads the validator's store (HOME/chain). The REST API is not used to read
 blocks: it returns headers decoded to JSON, and a replay needs the signed bytes as they were.

@@ -93,7 +93,7 @@ def _run_killing(home, tmp_path, workflow_id: str, rounds: int, victims: list[st
 
 def test_one_run_survives_every_part_killed_in_turn(home, tmp_path):
     _run_killing(home, tmp_path, "fault-every-part", rounds=28, gap=1,
-                 victims=["redis", "validator", "processors", "couchdb", "compute-1", "iot-1"])
+                 victims=["redis", "validator", "processors", "couchdb", "compute-1", "iot-host-1"])  # the coordinator's
 
 
 def test_one_run_survives_redis_killed_twice(home, tmp_path):

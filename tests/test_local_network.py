@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from helpers.local_network import ROOT, processes_of, small_workflow, state_of, trustmesh
+from helpers.local_network import ROOT, processes_of, service_running, small_workflow, state_of, trustmesh
 
 
 def test_up_run_kill_compute_node_audit_down(home, tmp_path):
@@ -26,14 +26,18 @@ def test_up_run_kill_compute_node_audit_down(home, tmp_path):
     network = json.loads((home / "network.json").read_text())
     rest = network["endpoints"]["rest"]
     status = trustmesh(home, "status")
-    assert "chain head: block" in status.stdout and status.stdout.count(" up ") == 10, status.stdout  # 9 + the dashboard
+    # the stores, the validator, the processors, two compute nodes, the dashboard, and the three
+    # IoT nodes in one host process per core (a process each with --iot-hosts 0)
+    hosts = [name for name in network["services"] if name.startswith("iot-host-")]
+    assert len(hosts) == min(3, len(os.sched_getaffinity(0))) and "iot-1" not in network["services"], network
+    assert "chain head: block" in status.stdout and status.stdout.count(" up ") == 7 + len(hosts), status.stdout
     # Nodes share this machine: the compute nodes split its cores (and register what they use);
     # IoT nodes leave torch unloaded until they train.
     share = max(1, len(os.sched_getaffinity(0)) // 2)
     for name in ("compute-1", "compute-2"):
         record = state_of(layout.peer_address(network["services"][name]["node"]), rest)
         assert record["resources"]["cpu_cores"] == share, record
-    for name in ("iot-1", "compute-1"):
+    for name in (service_running(network["services"], "iot-1"), "compute-1"):
         maps = pathlib.Path(f"/proc/{network['services'][name]['pid']}/maps").read_text()
         assert ("libtorch" in maps) == name.startswith("compute"), name
 

@@ -54,8 +54,11 @@ def test_run_and_audit_wait_out_a_rest_api_outage(home, tmp_path):
     """The run's outage and the audit's overlap in time (each command has a proxy of its own), so
     the test waits about 20 s once, not twice: the audit reads a workflow run to the end before,
     and the workflow run through the outage is audited once it is over."""
-    up = trustmesh(home, "up", "--compute-nodes", "2", "--iot-nodes", "3", timeout=240)
+    # IoT nodes a process each, as devices run them (the default hosts them: test_local_network)
+    up = trustmesh(home, "up", "--compute-nodes", "2", "--iot-nodes", "3", "--iot-hosts", "0", timeout=240)
     assert "local network up" in up.stdout
+    services = json.loads((home / "network.json").read_text())["services"]
+    assert {"iot-1", "iot-2", "iot-3"} <= set(services) and not any(n.startswith("iot-host") for n in services)
     rest = json.loads((home / "network.json").read_text())["endpoints"]["rest"]
     workflow_id, audited_id = "outage-wait", "outage-audited"
     workflow = small_workflow(tmp_path, workflow_id, rounds=2)

@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="IoT nodes iot-1 … iot-M (default %(default)s, what workflows/federated-digits.json names)")
     up.add_argument("--iot-hosts", type=_hosts, metavar="K",
                     help="run the IoT nodes in K host processes, each keeping its nodes' own keys, data and "
-                         "transactions (default: a process per node up to 16 nodes, else one host per core)")
+                         "transactions (default: one per core); 0: a process per node, as devices run them")
     up.add_argument("--timeout", type=float, default=180, metavar="SECONDS",
                     help="give up if not every process is healthy by then (default %(default)s)")
     up.set_defaults(func=_up)
@@ -499,7 +499,7 @@ def _bounded(low: int, high: int):
 
 _count = _bounded(0, 100)
 _iot_count = _bounded(0, 5000)  # nodes beyond a few dozen share host processes (--iot-hosts)
-_hosts = _bounded(1, 64)
+_hosts = _bounded(0, 64)
 
 
 def _workflow_flags(parser) -> None:

@@ -42,6 +42,11 @@ def processes_of(home: pathlib.Path) -> list[str]:
     return found
 
 
+def service_running(services: dict, node: str) -> str:
+    """The name of the service a node runs in: its own (`iot-2`) or the host that has it (`iot-host-1`)."""
+    return next(name for name, s in services.items() if name == node or node in s.get("nodes", {}))
+
+
 def small_workflow(tmp_path: pathlib.Path, workflow_id: str, rounds: int) -> pathlib.Path:
     definition = json.loads((ROOT / "workflows" / "federated-digits.json").read_text())
     definition["workflow_id"] = workflow_id
