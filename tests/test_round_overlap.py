@@ -294,6 +294,55 @@ def test_trainings_made_together_are_reported_in_one_transaction_and_one_by_one_
     assert not node._awaiting_commit and not node._uncommitted and not node.context.reported
 
 
+def test_a_refused_report_built_on_the_nodes_own_report_is_left_to_run_again(tmp_path):
+    """A training made on the aggregate this node had just reported names that report as its
+    dependency; when the chain refuses the aggregate, it refuses the training too (its lineage
+    lacks the round result). That message stays pending, so the stream hands it out again and the
+    task runs once more on what the chain then holds; acked, the task waited for its deadline
+    (a Redis that came back empty twice left a round so). A refused report built on nothing of
+    this node's is final: its message is acked."""
+    from trustmesh.compute_node.tasks import TaskOutcome
+    from trustmesh.ledger.coalescing_rest import CoalescingRest
+    from trustmesh.stores.task_queue import TaskMessage
+
+    node = ComputeNode("c", tmp_path, validator_url="tcp://127.0.0.1:1", rest_url="http://127.0.0.1:1",
+                       redis_url="redis://127.0.0.1:1")
+    acked = []
+
+    class _Rest(CoalescingRest):  # the chain refuses every report
+        async def submit_batches(self, batches):
+            return [b.header_signature for b in batches]
+
+        async def batch_statuses(self, ids, wait=None):
+            return [{"id": i, "status": "INVALID", "invalid_transactions": [
+                        {"message": "the lineage rule of task 'train:x' reads ... no round result"}]} for i in ids]
+
+    class _Queue:
+        async def ack(self, *message_ids):
+            acked.extend(message_ids)
+
+    node.queue, node.context = _Queue(), TaskContext("n", None, None, None)
+    node.link = RedisLink(None, node.redis_url, node.name)
+    sid, next_sid = "a" * 64, "b" * 64
+    aggregate = TaskMessage("1-0", {"schedule_id": sid, "task_id": "aggregate", "attempt": 1}, 1)
+    training = TaskMessage("2-0", {"schedule_id": next_sid, "task_id": "train:x", "attempt": 1}, 1)
+
+    async def scenario():
+        node.rest = _Rest("http://127.0.0.1:1")
+        node._done_alone(aggregate, node._done_fields(aggregate, TaskOutcome("ab" * 32, {"samples": 3}), 0.0)[0], [])
+        built_on = TaskOutcome("cd" * 32, {"samples": 3}, built_on=[(sid, "aggregate")])
+        fields, waits_for = node._done_fields(training, built_on, 0.0)
+        assert waits_for == [node._uncommitted[sid, "aggregate"]]  # it names the aggregate's report
+        node._done_alone(training, fields, waits_for)
+        while node._confirming:
+            await asyncio.gather(*list(node._confirming))
+        await node.rest.close()
+
+    asyncio.run(scenario())
+    assert acked == ["1-0"], "the training's message stays pending; the aggregate's refusal is final"
+    assert not node._awaiting_commit and not node._uncommitted and not node.context.reported
+
+
 def test_what_a_node_remembers_of_queued_tasks_is_bounded():
     from trustmesh.compute_node.tasks import Recent
 
