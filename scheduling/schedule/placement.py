@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 from fractions import Fraction
 from typing import Any, Mapping
@@ -84,10 +85,12 @@ def spread_trainings(schedule_id: str, candidates: Mapping[str, int], loads: Map
     (10 of 10 on the other node at ten participants), and the round trained on one core of two.
     """
     weight = {n: capacity(p, loads.get(n, empty_load(n))) for n, p in candidates.items()}
-    given = {n: 0 for n in candidates}
+    # (what the node would hold per unit of capacity with one more, tie-break, node, held), least first
+    heap = [(1 / weight[n], tie_break(schedule_id, n), n, 0) for n in candidates]
+    heapq.heapify(heap)
     order = []
-    for _ in range(count):
-        node = min(candidates, key=lambda n: (Fraction(given[n] + 1) / weight[n], tie_break(schedule_id, n)))
-        given[node] += 1
+    for _ in range(count if heap else 0):
+        _, tie, node, held = heapq.heappop(heap)
         order.append(node)
+        heapq.heappush(heap, ((held + 2) / weight[node], tie, node, held + 1))
     return order
