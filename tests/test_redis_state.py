@@ -119,6 +119,15 @@ async def committed_blocks(url: str, head_id: str) -> list:
     raise AssertionError("subscriber ended before the head")
 
 
+def test_the_client_parses_replies_in_c():
+    """hiredis (pyproject.toml) installed, redis-py reads replies with it, not its Python parser."""
+    from redis._parsers.hiredis import _AsyncHiredisParser
+
+    from trustmesh.stores.redis_client import client
+
+    assert isinstance(client("redis://127.0.0.1:1").connection_pool.make_connection()._parser, _AsyncHiredisParser)
+
+
 def test_entry_task_names_the_app():
     assert entry_task(workflow.load_definition(WORKFLOWS / "federated-digits.json")) == "preprocess"
     assert entry_task({"tasks": [{"id": "b", "depends_on": ["a"]}, {"id": "a", "depends_on": []}]}) == "a"
