@@ -46,7 +46,8 @@ from trustmesh.stores.data_envelope import load_or_create_keypair
 from trustmesh.stores.kept_blobs import KeptBlobs
 from trustmesh.stores.redis_link import TRANSIENT, RedisLink
 from trustmesh.stores.blobs import BlobStore
-from trustmesh.stores.federation_cache import CURSOR_KEY, FederationCache
+from trustmesh.stores.federation_cache import CURSOR_KEY, KEEPER_KEY, FederationCache
+from trustmesh.stores.lease import Lease
 from trustmesh.stores.heartbeats import Heartbeats
 from trustmesh.stores.redis_client import client
 from trustmesh.stores.task_queue import DeliveriesLost, TaskQueue, task_stream
@@ -63,6 +64,7 @@ UNEXPECTED_RETRIES = 3  # tries of a task that fails with something other than b
 # Messages taken from the stream at once: the local_train tasks of one round among them train
 # together (fl/batched_training.py; ~2x faster than one by one for 10-100 digits clients).
 READ_AT_ONCE = 64
+CACHE_LEASE_SECONDS = 10.0  # the federation cache's keeper renews its lease every third of this
 
 SCHEDULE_EVENTS = (events.TASK_ASSIGNED, events.TASK_DONE, events.TASK_REASSIGNED,
                    events.TASK_FAILED, events.TASK_DROPPED)
@@ -170,7 +172,8 @@ class ComputeNode:
         self.subscriber = await self._cursor.subscribe(self.validator_url, [event_subscription(e) for e in SCHEDULE_EVENTS],
                                                        new_from_genesis=False, who=self.name)
         loop = asyncio.get_running_loop()
-        # Any node may keep the Redis federation cache: it is filled idempotently from committed events.
+        # The Redis federation cache, filled idempotently from committed events: any node may keep
+        # it, one at a time does (_keep_cache).
         self.cache = FederationCache(self.redis, rest_client=self.rest)
         await self.link.mark()
         beats = lambda: self.heartbeats.keep_beating(self.node, self._status_info)  # noqa: E731  (read each beat)
@@ -231,9 +234,13 @@ class ComputeNode:
         LOGGER.info("%s: deliveries re-derived from the chain (%d round(s) with tasks here)", self.name, len(rounds))
 
     async def _keep_cache(self) -> None:
+        """Keep the federation cache filled while this node holds its lease; else look again now
+        and then, to take over once the keeper is gone."""
+        lease = Lease(self.redis, KEEPER_KEY, self.node, ttl=CACHE_LEASE_SECONDS)
         while True:
             try:
-                await self.cache.follow(self.validator_url)
+                await self.cache.follow_while(self.validator_url, lease, renew_every=CACHE_LEASE_SECONDS / 3)
+                await asyncio.sleep(CACHE_LEASE_SECONDS / 3)
             except asyncio.CancelledError:
                 raise
             except TRANSIENT as exc:

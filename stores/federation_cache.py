@@ -10,8 +10,9 @@ Why it exists although no node of ours reads it: the design (ARCHITECTURE.md, "D
 publishes these two keys as the place where submissions accumulate in arrival order, for tools
 that watch a federation without walking the chain (a dashboard, a monitoring script, the design
 seed's consumers). Our nodes and the audit read the chain itself, so the cache is never on a
-round's path and never trusted: any compute node keeps it filled, and a test checks that the
-cache filled from events equals one rebuilt from chain state. The keys:
+round's path and never trusted: one compute node at a time keeps it filled (the holder of a
+lease, stores/lease.py; another takes over within seconds of its end), and a test checks that
+the cache filled from events equals one rebuilt from chain state. The keys:
 
     iot_data_{workflow}_{schedule}_{app}_federated      list, one canonical-JSON element per
                                                         accepted submission, in arrival order:
@@ -24,6 +25,7 @@ cache filled from events equals one rebuilt from chain state. The keys:
         submitted_nodes (count), app, submissions_key (the list's name),
         node:<key> (that node's 1-based position; the idempotency marker)
     trustmesh_federation_cache_cursor                   hash {block_id, block_num}: last block applied
+    trustmesh_federation_cache_keeper                   the keeping node's key (a lease, PX ttl)
 
 `app` is the workflow's entry task: the first task of `definition["tasks"]` with no
 `depends_on` (the design seed's `dependency_graph["start"]`, the task that consumes the
@@ -47,6 +49,7 @@ what chain state holds, so a cache filled from events equals one rebuilt from th
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -54,10 +57,13 @@ from typing import Any, Awaitable, Callable, Mapping
 
 import redis.asyncio as aioredis
 
+from trustmesh.cancelling import cancel_and_wait
 from trustmesh.ledger import payload as cbor
 from trustmesh.scheduling import federation, layout
 from trustmesh.scheduling.reader import FederationReader
 from trustmesh.scheduling.common import MAX_RECORD_BYTES
+
+from .lease import Lease
 from .redis_client import as_text, canonical_json
 
 LOGGER = logging.getLogger(__name__)
@@ -70,6 +76,7 @@ FEDERATION_EVENTS = (
     federation.EVENT_ROUND_TIMEOUT,
 )
 CURSOR_KEY = "trustmesh_federation_cache_cursor"
+KEEPER_KEY = "trustmesh_federation_cache_keeper"  # the lease of the node that keeps the cache filled
 NODE_FIELD = "node:"
 
 
@@ -406,6 +413,22 @@ class FederationCache:
                 outcomes = await self.apply_block(block)
                 if on_block is not None:
                     await on_block(block, outcomes)
+
+    async def follow_while(self, validator_url: str, lease: Lease, *, renew_every: float,
+                           **follow_options) -> None:
+        """follow() while `lease` is ours, renewed every `renew_every` seconds; returns at once if
+        another holds it, and as soon as another takes it. Every compute node may keep the cache
+        and one is enough: each keeper costs an event stream and a few scripts per block."""
+        if not await lease.hold():
+            return
+        following = asyncio.ensure_future(self.follow(validator_url, **follow_options))
+        try:
+            while not (await asyncio.wait([following], timeout=renew_every))[0]:
+                if not await lease.hold():
+                    return
+            following.result()  # follow() ended: raise what ended it
+        finally:
+            await cancel_and_wait([following])
 
     # -- rebuilding from chain state -------------------------------------------------------------
 

@@ -300,6 +300,77 @@ async def test_follow_applies_committed_blocks_and_resumes_after_its_cursor(chai
 # =========================================================================== blobs
 
 
+async def test_a_lease_has_one_holder_until_it_lapses(redis_url):
+    from trustmesh.stores.lease import Lease
+
+    redis = await fresh(redis_url)
+    first, second = (Lease(redis, "job", name, ttl=0.3) for name in ("first", "second"))
+    assert await first.hold() and not await second.hold()
+    await asyncio.sleep(0.2)
+    assert await first.hold()  # renewed: another 0.3 s from now
+    await asyncio.sleep(0.2)
+    assert not await second.hold()
+    await asyncio.sleep(0.4)  # the first stopped renewing: it lapses
+    assert await second.hold() and not await first.hold()
+    await redis.flushall()  # a Redis that came back empty: the next to ask takes it
+    assert await first.hold() and not await second.hold()
+    with pytest.raises(ValueError):
+        Lease(redis, "job", "x", ttl=0)
+    await redis.aclose()
+
+
+async def test_one_node_at_a_time_keeps_the_cache_and_another_takes_over(chain, redis_url):
+    """Two keepers of one cache (two compute nodes): the one without the lease does nothing and
+    returns; the holder follows until another takes the lease, then stops."""
+    from trustmesh.stores.federation_cache import KEEPER_KEY
+    from trustmesh.stores.lease import Lease
+
+    wf = "cache-keeper"
+    async with running_processor(chain.component_url, WorkflowHandler(), FederationHandler()), \
+            rest(chain.rest_url) as client:
+        redis = await fresh(redis_url)
+        applied = {"a": 0, "b": 0}
+
+        def counter(name):
+            async def on_block(block, outcomes):
+                applied[name] += 1
+            return on_block
+
+        keepers = {name: (FederationCache(redis, rest_client=client), Lease(redis, KEEPER_KEY, name, ttl=1.0))
+                   for name in ("a", "b")}
+
+        def keep(name):
+            cache, lease = keepers[name]
+            return asyncio.create_task(cache.follow_while(chain.component_url, lease, renew_every=0.05,
+                                                          on_block=counter(name)))
+
+        holder = keep("a")
+        await asyncio.sleep(0.2)
+        await asyncio.wait_for(keep("b"), 5)  # "a" holds it: "b" returns at once
+        await commit(client, batch(COORDINATOR, make_deploy_transaction(COORDINATOR, federated(wf))))
+        head = (await client.head())["header_signature"]
+        for _ in range(200):
+            if (await keepers["a"][0].cursor() or [None])[0] == head:
+                break
+            await asyncio.sleep(0.025)
+        assert applied["a"] >= 1 and applied["b"] == 0 and not holder.done()
+        await redis.set(KEEPER_KEY, "b")  # another took it (the holder lapsed, say): "a" stops
+        await asyncio.wait_for(holder, 5)
+        taken_over = keep("b")
+        await commit(client, batch(COORDINATOR, make_open_round_transaction(COORDINATOR, wf, 1)))
+        head = (await client.head())["header_signature"]
+        for _ in range(200):
+            if (await keepers["b"][0].cursor() or [None])[0] == head:
+                break
+            await asyncio.sleep(0.025)
+        assert applied["b"] >= 1 and not taken_over.done()
+        taken_over.cancel()
+        await asyncio.gather(taken_over, return_exceptions=True)
+        sid = layout.schedule_id_for(wf, 1, C)
+        assert (await keepers["a"][0].round_state(wf, sid))["status"] == "collecting"
+        await redis.aclose()
+
+
 async def test_blobs_are_content_addressed_and_verified(redis_url):
     redis = await fresh(redis_url)
     blobs = BlobStore(redis, max_bytes=1024)
