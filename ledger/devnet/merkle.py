@@ -429,8 +429,8 @@ class MerkleRadix:
         # root -> (its parent root, {address: value or None} that made it from the parent), as
         # learn_child is told. A block changes a few records; its readers ask mostly for others
         # (the workflow, the round, the assignments), which then are the parent's, and those the
-        # value cache above often holds: each block's new root used to cost them all a descent
-        # again (~20% of the validator's CPU at ten participants).
+        # value cache above often holds: each block's new root used to send them all down the
+        # tree again (at ten participants ~110 descents of ~35 nodes a round, ~8 now).
         self._lineage = _Kept(LINEAGE_BYTES, _changes_size)
         self._lock = threading.Lock()  # REST reads and block building may share one instance
 
