@@ -124,6 +124,10 @@ class ComputeNode:
         self._confirming: set[asyncio.Task] = set()  # reports submitted, not yet seen committed
         self._awaiting_commit: set[str] = set()  # their task messages, acked once the report commits
         self._uncommitted: dict[tuple[str, str], str] = {}  # own reports in flight: report txn id
+        # (schedule_id, task_id) of own reports the chain refused (until one of that task commits),
+        # and what each task's report rests on: its inputs and the model it started from.
+        self._refused = Recent(RECENT_KEPT)
+        self._rests_on = Recent(RECENT_KEPT)
         self._queued = Recent(RECENT_KEPT)  # (schedule_id, task_id, attempt) put in the stream
         self._reassigned = Recent(RECENT_KEPT)  # (schedule_id, task_id) moved since this node started
         self._waiting: set[str] = set()  # rounds whose local_train tasks wait for the previous round's model
@@ -546,6 +550,7 @@ class ComputeNode:
         sid, task_id, attempt = message.task["schedule_id"], message.task["task_id"], message.task["attempt"]
         metrics = report_metrics(outcome, started)
         built_on = [(sid, d) for d in outcome.dependencies] + list(outcome.built_on)
+        self._rests_on.put((sid, task_id), built_on)
         waits_for = list(dict.fromkeys(self._uncommitted[key] for key in built_on if key in self._uncommitted))
         return {"task_id": task_id, "status": "done", "output_digest": outcome.output_digest, "metrics": metrics,
                 "attempt": attempt, "starting_model": outcome.starting_model}, waits_for
@@ -650,6 +655,10 @@ class ComputeNode:
             committed = status is not None and status["status"] == "COMMITTED"
             for key in completed:
                 self._uncommitted.pop(key, None)
+                if committed:
+                    self._refused.pop(key, None)
+                elif status is not None:
+                    self._refused.add(key)
                 reported = self.context.reported.pop(key, None)
                 if committed and reported is not None:
                     self.context.remember_done(*key, reported)  # as the chain now has it
@@ -671,12 +680,12 @@ class ComputeNode:
                 for message, fields, waits_for in one_by_one:
                     self._done_alone(message, fields, waits_for)
                 return
-            if built_on:
-                # Built on a report of this node's that the chain may have refused too (a round's
-                # training on the aggregate it had just made): what the chain said lacking may be
-                # that report's doing. Acked, the task would wait for its deadline (five minutes)
-                # to move; left pending, the stream hands it out again and it runs once more from
-                # what the chain then holds, built on nothing uncommitted if it is refused again.
+            if built_on or any(base in self._refused for key in completed for base in self._rests_on.get(key, ())):
+                # Built on a report of this node's that was not committed, and that the chain may
+                # have refused (a round's training on the aggregate it had just made): what the
+                # chain says lacking may be that report's doing. Acked, the task would wait for its
+                # deadline (five minutes) to move; left pending, the stream hands it out again and
+                # it runs once more from what the chain then holds (at most max_deliveries times).
                 return
         await self.link.call(lambda: self.queue.ack(*message_ids))
         if committed:

@@ -299,8 +299,9 @@ def test_a_refused_report_built_on_the_nodes_own_report_is_left_to_run_again(tmp
     dependency; when the chain refuses the aggregate, it refuses the training too (its lineage
     lacks the round result). That message stays pending, so the stream hands it out again and the
     task runs once more on what the chain then holds; acked, the task waited for its deadline
-    (a Redis that came back empty twice left a round so). A refused report built on nothing of
-    this node's is final: its message is acked."""
+    (a Redis that came back empty twice left a round so). So does a training that ended after the
+    aggregate's refusal, though its report names no transaction of the aggregate's any more. A
+    refused report built on nothing of this node's is final: its message is acked."""
     from trustmesh.compute_node.tasks import TaskOutcome
     from trustmesh.ledger.coalescing_rest import CoalescingRest
     from trustmesh.stores.task_queue import TaskMessage
@@ -327,6 +328,13 @@ def test_a_refused_report_built_on_the_nodes_own_report_is_left_to_run_again(tmp
     aggregate = TaskMessage("1-0", {"schedule_id": sid, "task_id": "aggregate", "attempt": 1}, 1)
     training = TaskMessage("2-0", {"schedule_id": next_sid, "task_id": "train:x", "attempt": 1}, 1)
 
+    later = TaskMessage("3-0", {"schedule_id": next_sid, "task_id": "train:y", "attempt": 1}, 1)
+    alone = TaskMessage("4-0", {"schedule_id": next_sid, "task_id": "train:z", "attempt": 1}, 1)
+
+    async def settle():
+        while node._confirming:
+            await asyncio.gather(*list(node._confirming))
+
     async def scenario():
         node.rest = _Rest("http://127.0.0.1:1")
         node._done_alone(aggregate, node._done_fields(aggregate, TaskOutcome("ab" * 32, {"samples": 3}), 0.0)[0], [])
@@ -334,12 +342,19 @@ def test_a_refused_report_built_on_the_nodes_own_report_is_left_to_run_again(tmp
         fields, waits_for = node._done_fields(training, built_on, 0.0)
         assert waits_for == [node._uncommitted[sid, "aggregate"]]  # it names the aggregate's report
         node._done_alone(training, fields, waits_for)
-        while node._confirming:
-            await asyncio.gather(*list(node._confirming))
+        await settle()
+        # a training that ended after the aggregate's refusal names no transaction, but it rests
+        # on that aggregate all the same
+        fields, waits_for = node._done_fields(later, built_on, 0.0)
+        assert waits_for == []
+        node._done_alone(later, fields, waits_for)
+        fields, waits_for = node._done_fields(alone, TaskOutcome("ef" * 32, {"samples": 3}), 0.0)
+        node._done_alone(alone, fields, waits_for)
+        await settle()
         await node.rest.close()
 
     asyncio.run(scenario())
-    assert acked == ["1-0"], "the training's message stays pending; the aggregate's refusal is final"
+    assert acked == ["1-0", "4-0"], "the trainings on the refused aggregate stay pending; the others are final"
     assert not node._awaiting_commit and not node._uncommitted and not node.context.reported
 
 
