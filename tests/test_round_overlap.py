@@ -327,7 +327,6 @@ def test_a_refused_report_built_on_the_nodes_own_report_is_left_to_run_again(tmp
     sid, next_sid = "a" * 64, "b" * 64
     aggregate = TaskMessage("1-0", {"schedule_id": sid, "task_id": "aggregate", "attempt": 1}, 1)
     training = TaskMessage("2-0", {"schedule_id": next_sid, "task_id": "train:x", "attempt": 1}, 1)
-
     later = TaskMessage("3-0", {"schedule_id": next_sid, "task_id": "train:y", "attempt": 1}, 1)
     alone = TaskMessage("4-0", {"schedule_id": next_sid, "task_id": "train:z", "attempt": 1}, 1)
 
