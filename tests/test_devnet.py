@@ -367,3 +367,38 @@ def test_submissions_are_checked_off_the_event_loop_and_queued_in_arrival_order(
     loop_thread = run(scenario())
     assert queued == [[b.header_signature for b in big], [small[0].header_signature]]
     assert checked_on and all(t is not loop_thread for t in checked_on)
+
+
+async def test_the_rest_api_in_the_validators_process_asks_its_queries_directly(tmp_path):
+    """An in-process REST API answers client queries through the validator's query handler in
+    place, not through its ZMQ endpoint; a REST API in its own process (create_app without
+    `queries`) gets the same bodies over ZMQ."""
+    from trustmesh.ledger.devnet.chain import ChainSettings
+    from trustmesh.ledger.devnet.node import DevnetConfig, DevValidator
+    from trustmesh.ledger.devnet.rest_api import start_rest_api
+
+    validator = DevValidator(DevnetConfig(data_dir=tmp_path / "chain", endpoint="tcp://127.0.0.1:0", rest_port=0,
+                                          block_info=False, chain=ChainSettings()))
+    await validator.start()
+    over_zmq = await start_rest_api(validator.component_url, "127.0.0.1", 0)
+    asked = []
+    handle = validator.endpoint._client_query
+    validator.endpoint._client_query = lambda identity, message: asked.append(message.message_type) or handle(
+        identity, message)
+    try:
+        signer = PrivateKey.generate()
+        async with running_processor(validator.component_url), rest(validator.rest_url) as direct, \
+                rest(f"http://127.0.0.1:{over_zmq.port}") as remote:
+            await submit_and_wait(direct, [intkey_batch(signer, ("set", "k", 7))], raise_invalid=True)
+            address = intkey.address("k")
+            head = (await direct.head())["header_signature"]
+            answers = [await direct.get_state(address, head=head), [b async for b in direct.list_state(address[:6])]]
+            assert cbor.decode(answers[0]) == {"k": 7}
+            assert asked == [], "the in-process REST API went through the endpoint"
+            assert [await remote.get_state(address, head=head), [b async for b in remote.list_state(address[:6])]] \
+                == answers
+            assert asked, "a REST API in its own process asks over ZMQ"
+    finally:
+        validator.endpoint._client_query = handle
+        await over_zmq.close()
+        await validator.stop()

@@ -112,7 +112,7 @@ class DevValidator:
             await self._block_info_tp.start()
         if cfg.rest_port is not None:
             self._rest = await start_rest_api(self.component_url, cfg.rest_host, cfg.rest_port,
-                                              chain_head=self._head_and_root)
+                                              chain_head=self._head_and_root, queries=endpoint.queries)
         await self._state.ready()
         head = self.chain.head_header()
         LOGGER.info(
