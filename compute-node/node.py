@@ -567,7 +567,7 @@ class ComputeNode:
         sid = message.task["schedule_id"]
         txn = schedule.make_report_transaction(self.signer, sid, **fields, dependencies=waits_for)
         self._reporting(sid, fields, txn.header_signature)
-        self._report([txn], [message.message_id], [(sid, fields["task_id"])], built_on=waits_for)
+        self._report([txn], [message.message_id], [(sid, fields["task_id"])], waits_for=waits_for)
 
     def _done_together(self, done: list[tuple], started: float) -> None:
         """Done reports of one round's trainings made together: one report_many transaction per
@@ -587,7 +587,7 @@ class ComputeNode:
             for _, fields, _ in made:
                 self._reporting(sid, fields, txn.header_signature)
             self._report([txn], [m.message_id for m, _, _ in made], [(sid, f["task_id"]) for _, f, _ in made],
-                         one_by_one=made, built_on=waits_for)
+                         one_by_one=made, waits_for=waits_for)
             LOGGER.info("%s: %d local_train tasks of round %s… reported in one transaction", self.name, len(made),
                         sid[:16])
 
@@ -609,7 +609,7 @@ class ComputeNode:
                 "server_state_digest": outcome.round_result.get("server_state_digest"),
                 "next_clipping_norm": (outcome.round_result.get("privacy") or {}).get("next_clipping_norm")}
             self._models_made += 1  # the next round's trainings may start from it now, not a block later
-        self._report(txns, [message.message_id], [(sid, task_id)], built_on=waits_for)
+        self._report(txns, [message.message_id], [(sid, task_id)], waits_for=waits_for)
         await self._queue_next(sid, task_id)
         LOGGER.info("%s: %s done (%s…) %s", self.name, task_id, outcome.output_digest[:12],
                     {k: round(v, 4) if isinstance(v, float) else v for k, v in outcome.metrics.items()})
@@ -624,22 +624,22 @@ class ComputeNode:
                            exc_info=True)
 
     def _report(self, txns, message_ids: list[str], completed: list[tuple[str, str]] = (), *,
-                one_by_one: list[tuple] = (), built_on: list[str] = ()) -> None:
+                one_by_one: list[tuple] = (), waits_for: list[str] = ()) -> None:
         """Send a report in the background and go on with the next task at once. Reports go out
         in the order they were made, those made together in one POST (a report may name an
         earlier one as a transaction dependency, which the validator must have seen first). The
         messages are acked when the report is committed: a node that dies before that finds them
         again on restart. one_by_one: a report_many's (message, fields, waits_for), sent again
-        as plain reports should the chain refuse it. built_on: this node's uncommitted report
+        as plain reports should the chain refuse it. waits_for: this node's uncommitted report
         transactions these reports name as dependencies (their tasks ran on those outputs)."""
         self._awaiting_commit.update(message_ids)
         confirm = asyncio.get_running_loop().create_task(self._send(txns, message_ids, completed, one_by_one,
-                                                                    built_on))
+                                                                    waits_for))
         self._confirming.add(confirm)
         confirm.add_done_callback(self._confirming.discard)
 
     async def _send(self, txns, message_ids: list[str], completed: list[tuple[str, str]], one_by_one,
-                    built_on) -> None:
+                    waits_for) -> None:
         status = None
         try:
             # Reports made together go out together, in the order made (ledger/coalescing_rest.py),
@@ -680,7 +680,7 @@ class ComputeNode:
                 for message, fields, waits_for in one_by_one:
                     self._done_alone(message, fields, waits_for)
                 return
-            if built_on or any(base in self._refused for key in completed for base in self._rests_on.get(key, ())):
+            if waits_for or any(base in self._refused for key in completed for base in self._rests_on.get(key, ())):
                 # Built on a report of this node's that was not committed, and that the chain may
                 # have refused (a round's training on the aggregate it had just made): what the
                 # chain says lacking may be that report's doing. Acked, the task would wait for its

@@ -565,7 +565,7 @@ class MerkleRadix:
             _check_address(a)
         found: dict[str, bytes] = {}
         missing = []
-        inherited: dict[str, bytes | None] = {}
+        newly_known: dict[str, bytes | None] = {}  # at this root: inherited or read
         for a in wanted:
             known = self._values.get((root, a), _UNKNOWN)
             if known is _UNKNOWN:
@@ -573,17 +573,17 @@ class MerkleRadix:
                 if known is _UNKNOWN:
                     missing.append(a)
                     continue
-                inherited[a] = known
+                newly_known[a] = known
             if known is not None:
                 found[a] = known
         if missing:
             read: dict[str, bytes] = {}
             walk = _Walk(root)
             self._collect(walk, self._root(walk), 0, missing, 0, len(missing), read)
-            inherited.update((a, read.get(a)) for a in missing)
+            newly_known.update((a, read.get(a)) for a in missing)
             found.update(read)
-        if inherited:
-            self._keep_values(root, inherited)
+        if newly_known:
+            self._keep_values(root, newly_known)
         return found
 
     def _keep_values(self, root: str, values: Mapping[str, bytes | None]) -> None:

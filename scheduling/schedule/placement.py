@@ -85,12 +85,12 @@ def spread_trainings(schedule_id: str, candidates: Mapping[str, int], loads: Map
     (10 of 10 on the other node at ten participants), and the round trained on one core of two.
     """
     weight = {n: capacity(p, loads.get(n, empty_load(n))) for n, p in candidates.items()}
-    # (what the node would hold per unit of capacity with one more, tie-break, node, held), least first
-    heap = [(1 / weight[n], tie_break(schedule_id, n), n, 0) for n in candidates]
+    # (per unit of capacity what the node would hold with the next one, tie-break, node, that count)
+    heap = [(1 / weight[n], tie_break(schedule_id, n), n, 1) for n in candidates]
     heapq.heapify(heap)
     order = []
     for _ in range(count if heap else 0):
         _, tie, node, held = heapq.heappop(heap)
         order.append(node)
-        heapq.heappush(heap, ((held + 2) / weight[node], tie, node, held + 1))
+        heapq.heappush(heap, ((held + 1) / weight[node], tie, node, held + 1))
     return order
